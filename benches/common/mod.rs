@@ -1,0 +1,112 @@
+//! Shared bench plumbing: the device (or a printed skip), timing through `iter_custom` with a
+//! stream synchronize before each clock read, medians kept per benchmark, and the closing table
+//! that sets each kernel against the device-to-device copy of the same bytes.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bitexact::Device;
+use criterion::Criterion;
+
+/// Samples per benchmark; the recorder keeps the last this many (criterion's measurement
+/// phase), dropping its warm-up calls.
+pub const SAMPLES: usize = 20;
+
+/// Criterion settings that fit a lease: short warm-up, 20 samples of about a second in all.
+pub fn criterion() -> Criterion {
+    Criterion::default()
+        .sample_size(SAMPLES)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_millis(1200))
+        .configure_from_args()
+}
+
+/// The device, or `None` after printing `SKIP: no CUDA device`.
+pub fn device() -> Option<Device> {
+    match Device::new(0) {
+        Ok(d) => {
+            d.warm_up().expect("compiling the kernels");
+            println!("device: {} ({})", d.name(), d.arch());
+            Some(d)
+        }
+        Err(e) => {
+            println!("SKIP: no CUDA device ({e})");
+            None
+        }
+    }
+}
+
+static SAMPLES_NS: Mutex<BTreeMap<String, Vec<f64>>> = Mutex::new(BTreeMap::new());
+
+/// Runs `f` `iters` times between two synchronizes and returns the elapsed time, recording the
+/// per-iteration time under `key` for the closing table.
+pub fn timed(dev: &Device, key: &str, iters: u64, mut f: impl FnMut(u64)) -> Duration {
+    dev.synchronize().expect("synchronize");
+    let t = Instant::now();
+    for i in 0..iters {
+        f(i);
+    }
+    dev.synchronize().expect("synchronize");
+    let el = t.elapsed();
+    SAMPLES_NS
+        .lock()
+        .unwrap()
+        .entry(key.to_string())
+        .or_default()
+        .push(el.as_nanos() as f64 / iters.max(1) as f64);
+    el
+}
+
+/// Median per-iteration time (ns) of `key` over its last [`SAMPLES`] samples.
+pub fn median_ns(key: &str) -> Option<f64> {
+    let map = SAMPLES_NS.lock().unwrap();
+    let v = map.get(key)?;
+    let mut last: Vec<f64> = v[v.len().saturating_sub(SAMPLES)..].to_vec();
+    last.sort_by(f64::total_cmp);
+    last.get(last.len() / 2).copied()
+}
+
+/// Number of buffer sets to rotate through so that one pass over all of them (`bytes` each)
+/// exceeds the 50 MB L2 of an H100 several times over: timings then measure DRAM, not L2.
+pub fn rotation(bytes: usize) -> usize {
+    (256usize << 20).div_ceil(bytes.max(1)).clamp(1, 16)
+}
+
+/// One row of the closing table.
+pub struct Row {
+    pub kernel: String,
+    pub n: usize,
+    pub bytes: usize,
+    pub key: String,
+    pub copy_key: String,
+}
+
+/// Prints the closing table: per row the median time, GB/s (bytes read + written, 10^9), the
+/// copy rate of the same bytes measured in this run, and the ratio.
+pub fn print_table(title: &str, rows: &[Row]) {
+    println!();
+    println!("## {title}");
+    println!();
+    println!("| kernel | N | bytes moved | median time | GB/s | copy GB/s | ratio to copy |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for r in rows {
+        let (Some(t), Some(tc)) = (median_ns(&r.key), median_ns(&r.copy_key)) else {
+            continue;
+        };
+        let gbs = r.bytes as f64 / t;
+        let copy = r.bytes as f64 / tc;
+        println!(
+            "| {} | {} | {:.2} MB | {:.2} us | {:.0} | {:.0} | {:.2} |",
+            r.kernel,
+            r.n,
+            r.bytes as f64 / 1e6,
+            t / 1e3,
+            gbs,
+            copy,
+            gbs / copy
+        );
+    }
+}

@@ -1,0 +1,104 @@
+//! Bench of `moe_weighted_reduce` (`cuda/moe_reduce.cu`), dim 2048, 8 routed experts plus a
+//! shared term.
+//!
+//! Napkin math: per output element `na` partials + 1 shared read and 1 write, so
+//! `4 * (na + 2)` bytes (40 at na = 8); the weights are noise. Memory-bound: the ceiling is a
+//! device-to-device copy of `N * dim * (na + 2) / 2` floats, which reads and writes the same
+//! total bytes, measured in the same run. Buffers rotate so that the working set exceeds L2.
+
+mod common;
+
+use bitexact::kernels::moe_reduce::moe_weighted_reduce_version;
+use bitexact::GpuTensor;
+use criterion::{BenchmarkId, Throughput};
+
+const DIM: usize = 2048;
+const NA: usize = 8;
+const TOKENS: [usize; 6] = [1, 8, 64, 512, 2048, 4096];
+
+struct Set {
+    partial: GpuTensor<f32>,
+    weight: GpuTensor<f32>,
+    shared: GpuTensor<f32>,
+    out: GpuTensor<f32>,
+}
+
+fn main() {
+    let Some(dev) = common::device() else { return };
+    let mut c = common::criterion();
+    let mut rows = Vec::new();
+    let mut group = c.benchmark_group("moe_reduce");
+    for &n in &TOKENS {
+        let bytes = 4 * n * DIM * (NA + 2);
+        let sets = common::rotation(bytes);
+        let ph: Vec<f32> = (0..n * NA * DIM)
+            .map(|i| (i % 13) as f32 * 0.25 - 1.5)
+            .collect();
+        let wh: Vec<f32> = (0..n * NA).map(|i| 0.125 + (i % 5) as f32 * 0.01).collect();
+        let sh: Vec<f32> = (0..n * DIM).map(|i| (i % 11) as f32 * 0.5).collect();
+        let mut data: Vec<Set> = (0..sets)
+            .map(|_| Set {
+                partial: GpuTensor::from_host(&dev, &ph, &[n, NA, DIM]).unwrap(),
+                weight: GpuTensor::from_host(&dev, &wh, &[n, NA]).unwrap(),
+                shared: GpuTensor::from_host(&dev, &sh, &[n, DIM]).unwrap(),
+                out: GpuTensor::zeros(&dev, &[n, DIM]).unwrap(),
+            })
+            .collect();
+        let half = bytes / 8;
+        let mut copy_src: Vec<GpuTensor<f32>> = (0..sets)
+            .map(|_| GpuTensor::zeros(&dev, &[half]).unwrap())
+            .collect();
+        let mut copy_dst: Vec<GpuTensor<f32>> = (0..sets)
+            .map(|_| GpuTensor::zeros(&dev, &[half]).unwrap())
+            .collect();
+        group.throughput(Throughput::Bytes(bytes as u64));
+        for version in [1u32, 2] {
+            let key = format!("moe_reduce/v{version}/{n}");
+            group.bench_function(BenchmarkId::new(format!("v{version}"), n), |b| {
+                b.iter_custom(|iters| {
+                    common::timed(&dev, &key, iters, |i| {
+                        let s = &mut data[i as usize % sets];
+                        moe_weighted_reduce_version(
+                            &dev,
+                            version,
+                            &s.partial,
+                            &s.weight,
+                            Some(&s.shared),
+                            &mut s.out,
+                        )
+                        .unwrap();
+                    })
+                })
+            });
+            rows.push(common::Row {
+                kernel: format!("moe_weighted_reduce v{version}"),
+                n,
+                bytes,
+                key,
+                copy_key: format!("moe_reduce/copy/{n}"),
+            });
+        }
+        let key = format!("moe_reduce/copy/{n}");
+        group.bench_function(BenchmarkId::new("copy", n), |b| {
+            b.iter_custom(|iters| {
+                common::timed(&dev, &key, iters, |i| {
+                    let s = i as usize % sets;
+                    let (src, dst) = (&copy_src[s], &mut copy_dst[s]);
+                    dev.stream()
+                        .memcpy_dtod(src.slice(), dst.slice_mut())
+                        .unwrap();
+                })
+            })
+        });
+        copy_src.clear();
+    }
+    group.finish();
+    c.final_summary();
+    common::print_table(
+        &format!(
+            "moe_weighted_reduce, dim {DIM}, na {NA} + shared ({})",
+            dev.name()
+        ),
+        &rows,
+    );
+}

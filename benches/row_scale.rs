@@ -1,0 +1,69 @@
+//! Bench of `row_scale` (`cuda/row_scale.cu`): `buf[i, e] *= scales[i]`, dim 2048.
+//!
+//! Napkin math: per element one f32 read and one f32 write (8 bytes), the scales are noise.
+//! The kernel is memory-bound; its ceiling is the device-to-device copy of the same bytes,
+//! measured in the same run (a copy of `rows * dim` floats reads and writes those 8 bytes too).
+//! Buffers rotate so that the working set exceeds L2.
+
+mod common;
+
+use bitexact::kernels::row_scale::row_scale_version;
+use bitexact::GpuTensor;
+use criterion::{BenchmarkId, Throughput};
+
+const DIM: usize = 2048;
+const TOKENS: [usize; 6] = [1, 8, 64, 512, 2048, 4096];
+
+fn main() {
+    let Some(dev) = common::device() else { return };
+    let mut c = common::criterion();
+    let mut rows = Vec::new();
+    let mut group = c.benchmark_group("row_scale");
+    for &n in &TOKENS {
+        let elems = n * DIM;
+        let bytes = 8 * elems;
+        let sets = common::rotation(bytes);
+        let host: Vec<f32> = (0..elems).map(|i| 1.0 + (i % 7) as f32 * 1e-3).collect();
+        let scales_h: Vec<f32> = (0..n).map(|i| 1.0 - (i % 3) as f32 * 1e-7).collect();
+        let mut bufs: Vec<GpuTensor<f32>> = (0..sets)
+            .map(|_| GpuTensor::from_host(&dev, &host, &[n, DIM]).unwrap())
+            .collect();
+        let mut dsts: Vec<GpuTensor<f32>> = (0..sets)
+            .map(|_| GpuTensor::zeros(&dev, &[n, DIM]).unwrap())
+            .collect();
+        let scales = GpuTensor::from_host(&dev, &scales_h, &[n]).unwrap();
+        group.throughput(Throughput::Bytes(bytes as u64));
+        for version in [1u32, 2] {
+            let key = format!("row_scale/v{version}/{n}");
+            group.bench_function(BenchmarkId::new(format!("v{version}"), n), |b| {
+                b.iter_custom(|iters| {
+                    common::timed(&dev, &key, iters, |i| {
+                        let buf = &mut bufs[i as usize % sets];
+                        row_scale_version(&dev, version, buf, &scales).unwrap();
+                    })
+                })
+            });
+            rows.push(common::Row {
+                kernel: format!("row_scale v{version}"),
+                n,
+                bytes,
+                key,
+                copy_key: format!("row_scale/copy/{n}"),
+            });
+        }
+        let key = format!("row_scale/copy/{n}");
+        group.bench_function(BenchmarkId::new("copy", n), |b| {
+            b.iter_custom(|iters| {
+                common::timed(&dev, &key, iters, |i| {
+                    let s = i as usize % sets;
+                    dev.stream()
+                        .memcpy_dtod(bufs[s].slice(), dsts[s].slice_mut())
+                        .unwrap();
+                })
+            })
+        });
+    }
+    group.finish();
+    c.final_summary();
+    common::print_table(&format!("row_scale, dim {DIM} ({})", dev.name()), &rows);
+}

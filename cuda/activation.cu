@@ -1,0 +1,36 @@
+// activation.cu — elementwise activations of the MoE block.
+//   swiglu_f32   out[j] = silu(gate[j]) * up[j], silu(g) = g / (1 + exp(-g))
+//   sigmoid_f32  out[j] = 1 / (1 + exp(-x[j]))     (the shared expert's gate)
+// exp is bitexact's own fma polynomial (common.cuh), the same bits as src/math.rs.
+//
+// Versions:
+//   swiglu_f32, sigmoid_f32  v1: grid-stride loop over the flat index, one element per step.
+//
+// References: src/reference/activation.rs.
+
+#include "common.cuh"
+
+__device__ __forceinline__ float swiglu_op(float g, float u) {
+#ifdef BITEXACT_MUTANT
+    // Broken on purpose (see BITEXACT_MUTANT): silu as g * sigmoid(g), one rounding more.
+    return (g * bx_sigmoid(g)) * u;
+#else
+    return bx_silu(g) * u;
+#endif
+}
+
+extern "C" __global__ void swiglu_f32(float* __restrict__ out, const float* __restrict__ gate,
+                                      const float* __restrict__ up, u64 n) {
+    for (u64 j = (u64)blockIdx.x * blockDim.x + threadIdx.x; j < n;
+         j += (u64)gridDim.x * blockDim.x) {
+        out[j] = swiglu_op(gate[j], up[j]);
+    }
+}
+
+extern "C" __global__ void sigmoid_f32(float* __restrict__ out, const float* __restrict__ x,
+                                       u64 n) {
+    for (u64 j = (u64)blockIdx.x * blockDim.x + threadIdx.x; j < n;
+         j += (u64)gridDim.x * blockDim.x) {
+        out[j] = bx_sigmoid(x[j]);
+    }
+}

@@ -1,0 +1,64 @@
+// common.cuh — helpers shared by every kernel family; pasted in front of each .cu by the device
+// layer (NVRTC gets one self-contained program per family).
+//
+// Everything here has a line-for-line Rust twin in src/math.rs. Only correctly rounded IEEE
+// operations are used (add, mul, explicit fmaf, div, rintf); the programs are compiled with
+// --fmad=false, so no `a * b + c` below is ever fused behind our back.
+
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef int i32;
+
+#define BX_FULL_MASK 0xffffffffu
+#define BX_MAX_GRID_Y 65535u
+
+// The one NaN every bitexact kernel returns: what CUDA's float arithmetic produces.
+#define BX_CANON_NAN_BITS 0x7fffffffu
+
+__device__ __forceinline__ float bx_canon(float x) {
+    return x != x ? __uint_as_float(BX_CANON_NAN_BITS) : x;
+}
+
+// Integer key with the IEEE totalOrder of floats: -NaN < -inf < .. < -0 < +0 < .. < +inf < +NaN.
+// Mirror: math::order_key (the same map f32::total_cmp uses).
+__device__ __forceinline__ i32 bx_order_key(float x) {
+    i32 b = __float_as_int(x);
+    return b ^ (i32)(((u32)(b >> 31)) >> 1);
+}
+
+// exp(x), our own: range reduction x = n ln2 + r (|r| <= ln2 / 2, ln2 split hi + lo), the
+// degree-7 Taylor polynomial of e^r by Horner with fmaf, then two exact-or-once-rounded scalings
+// by 2^n1 * 2^n2 (n1 = n >> 1, n2 = n - n1), so subnormal results are rounded exactly once.
+// Below -104 the result is +0, above 88.72283935546875 it is +inf, NaN gives the canonical NaN.
+// Mirror: math::exp. Accuracy: within 2 ulp of e^x on normal results (tests/parity/math.rs).
+__device__ __forceinline__ float bx_exp(float x) {
+    if (x != x) return __uint_as_float(BX_CANON_NAN_BITS);
+    if (x > 88.72283935546875f) return __uint_as_float(0x7f800000u);
+    if (x < -104.0f) return 0.0f;
+    const float n = rintf(x * 1.44269502162933349609375f);
+    float r = fmaf(n, -0.693145751953125f, x);
+    r = fmaf(n, -1.428606765330187045037746429443359375e-06f, r);
+    float p = 1.98412701138295233249664306640625e-04f;  // 1/5040
+    p = fmaf(p, r, 1.38888892251998186111450195312500e-03f);  // 1/720
+    p = fmaf(p, r, 8.33333376795053482055664062500000e-03f);  // 1/120
+    p = fmaf(p, r, 4.16666679084300994873046875000000e-02f);  // 1/24
+    p = fmaf(p, r, 1.66666671633720397949218750000000e-01f);  // 1/6
+    p = fmaf(p, r, 0.5f);
+    p = fmaf(p, r, 1.0f);
+    p = fmaf(p, r, 1.0f);
+    const i32 ni = (i32)n;
+    const i32 n1 = ni >> 1;
+    const i32 n2 = ni - n1;
+    p = p * __int_as_float((n1 + 127) << 23);
+    return p * __int_as_float((n2 + 127) << 23);
+}
+
+// sigmoid(x) = 1 / (1 + exp(-x)). Mirror: math::sigmoid.
+__device__ __forceinline__ float bx_sigmoid(float x) {
+    return 1.0f / (1.0f + bx_exp(-x));
+}
+
+// silu(x) = x / (1 + exp(-x)) (one division, not x * sigmoid(x)). Mirror: math::silu.
+__device__ __forceinline__ float bx_silu(float x) {
+    return x / (1.0f + bx_exp(-x));
+}

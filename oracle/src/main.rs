@@ -1,0 +1,356 @@
+//! `oracle`: runs bitexact's computation paths side by side on the same inputs and compares
+//! every output bit for bit, naming the first divergence.
+
+mod compare;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use bitexact::model::moe_block::{self, GpuMoeBlock, MoeConfig, MoeOutput, MoeWeights};
+use bitexact::Device;
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+
+use compare::{compare_f32, compare_u32, Comparison};
+
+#[derive(Parser)]
+#[command(name = "oracle", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The MoE feed-forward block: CPU sequential, CPU batched, GPU one token at a time and GPU
+    /// batched over all tokens, compared bit for bit.
+    MoeBlock(MoeBlockArgs),
+}
+
+#[derive(clap::Args)]
+struct MoeBlockArgs {
+    /// Number of tokens (N).
+    #[arg(long, default_value_t = 64)]
+    tokens: usize,
+    /// Hidden size.
+    #[arg(long, default_value_t = 512)]
+    dim: usize,
+    /// Number of routed experts.
+    #[arg(long, default_value_t = 32)]
+    experts: usize,
+    /// Experts per token.
+    #[arg(long, default_value_t = 4)]
+    top_k: usize,
+    /// Inner size of each routed expert.
+    #[arg(long, default_value_t = 256)]
+    ffn: usize,
+    /// Inner size of the shared expert.
+    #[arg(long, default_value_t = 256)]
+    shared_ffn: usize,
+    /// No shared expert.
+    #[arg(long)]
+    no_shared: bool,
+    /// Keep the softmax probabilities of the selected experts (no renormalisation).
+    #[arg(long)]
+    no_renorm: bool,
+    /// Seed of the synthetic weights and inputs.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// CPU paths only, even when a GPU is present.
+    #[arg(long)]
+    cpu: bool,
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+    /// Write a JSON report to this path.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// One path's timing.
+#[derive(Serialize)]
+struct PathReport {
+    name: &'static str,
+    seconds: f64,
+    tokens_per_second: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    mode: &'static str,
+    config: ConfigReport,
+    device: Option<String>,
+    gpu_note: Option<String>,
+    paths: Vec<PathReport>,
+    comparisons: Vec<Comparison>,
+    differing_total: u64,
+    bit_exact: bool,
+}
+
+#[derive(Serialize)]
+struct ConfigReport {
+    tokens: usize,
+    dim: usize,
+    experts: usize,
+    top_k: usize,
+    ffn: usize,
+    shared_ffn: Option<usize>,
+    renormalize: bool,
+    seed: u64,
+}
+
+/// A progress bar that stays hidden for the first second, so quick runs print only the table.
+struct Progress {
+    bar: ProgressBar,
+    start: Instant,
+    shown: bool,
+}
+
+impl Progress {
+    fn new(total: u64) -> Self {
+        let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden());
+        bar.set_style(
+            ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} tokens ({eta})")
+                .expect("static template")
+                .progress_chars("=> "),
+        );
+        Progress {
+            bar,
+            start: Instant::now(),
+            shown: false,
+        }
+    }
+
+    fn phase(&self, name: &'static str) {
+        self.bar.set_message(name);
+    }
+
+    fn inc(&mut self, n: u64) {
+        if !self.shown && self.start.elapsed() > Duration::from_secs(1) {
+            self.bar.set_draw_target(ProgressDrawTarget::stderr());
+            self.shown = true;
+        }
+        self.bar.inc(n);
+    }
+
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+/// Tokens per progress step on the sequential paths.
+const CHUNK: usize = 16;
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::MoeBlock(args) => match run_moe_block(&args) {
+            Ok(true) => 0,
+            Ok(false) => 1,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                2
+            }
+        },
+    };
+    std::process::exit(code);
+}
+
+fn run_moe_block(a: &MoeBlockArgs) -> Result<bool> {
+    let cfg = MoeConfig {
+        dim: a.dim,
+        n_experts: a.experts,
+        top_k: a.top_k,
+        ffn: a.ffn,
+        shared_ffn: (!a.no_shared).then_some(a.shared_ffn),
+        renormalize: !a.no_renorm,
+    };
+    cfg.validate()?;
+    let n = a.tokens;
+    println!("bitexact oracle: moe-block");
+    println!(
+        "config: tokens={n} dim={} experts={} top_k={} ffn={} shared_ffn={} renormalize={} seed={} ({:.1} MiB of f32 weights)",
+        cfg.dim,
+        cfg.n_experts,
+        cfg.top_k,
+        cfg.ffn,
+        cfg.shared_ffn.map_or("none".to_string(), |s| s.to_string()),
+        cfg.renormalize,
+        a.seed,
+        cfg.weight_bytes() as f64 / (1 << 20) as f64
+    );
+
+    let (dev, gpu_note) = if a.cpu {
+        (None, Some("--cpu given: CPU paths only".to_string()))
+    } else {
+        match Device::new(a.device) {
+            Ok(d) => (Some(d), None),
+            Err(e) => (None, Some(format!("{e}: running the CPU paths only"))),
+        }
+    };
+    match (&dev, &gpu_note) {
+        (Some(d), _) => println!("device: {} ({})", d.name(), d.arch()),
+        (None, Some(note)) => println!("device: none ({note})"),
+        (None, None) => unreachable!(),
+    }
+
+    let w = MoeWeights::generate(&cfg, a.seed)?;
+    let x = MoeWeights::inputs(&cfg, a.seed, n);
+    let n_paths = if dev.is_some() { 4 } else { 2 };
+    let mut progress = Progress::new((n_paths * n) as u64);
+    let mut outputs: Vec<(&'static str, MoeOutput, f64)> = Vec::new();
+
+    progress.phase("cpu-seq");
+    let t = Instant::now();
+    let mut seq = MoeOutput {
+        out: Vec::new(),
+        ids: Vec::new(),
+        weights: Vec::new(),
+    };
+    for chunk in x.chunks(CHUNK * cfg.dim) {
+        let rows = chunk.len() / cfg.dim;
+        let o = moe_block::forward_cpu(&w, chunk, rows)?;
+        seq.out.extend(o.out);
+        seq.ids.extend(o.ids);
+        seq.weights.extend(o.weights);
+        progress.inc(rows as u64);
+    }
+    outputs.push(("cpu-seq", seq, t.elapsed().as_secs_f64()));
+
+    progress.phase("cpu-batched");
+    let t = Instant::now();
+    let o = moe_block::forward_cpu_batched(&w, &x, n)?;
+    progress.inc(n as u64);
+    outputs.push(("cpu-batched", o, t.elapsed().as_secs_f64()));
+
+    if let Some(dev) = &dev {
+        dev.warm_up().context("compiling the kernels")?;
+        let block = GpuMoeBlock::upload(dev, &w).context("uploading the weights")?;
+        let xg = moe_block::upload_input(dev, &cfg, &x, n)?;
+        dev.synchronize()?;
+
+        progress.phase("gpu-seq");
+        let t = Instant::now();
+        let o = block.forward_sequential(dev, &xg)?.to_host()?;
+        progress.inc(n as u64);
+        outputs.push(("gpu-seq", o, t.elapsed().as_secs_f64()));
+
+        progress.phase("gpu-batched");
+        // One untimed run first: the first launches pay for module loading.
+        block.forward_batched(dev, &xg)?;
+        dev.synchronize()?;
+        let t = Instant::now();
+        let o = block.forward_batched(dev, &xg)?.to_host()?;
+        progress.inc(n as u64);
+        outputs.push(("gpu-batched", o, t.elapsed().as_secs_f64()));
+    }
+    progress.finish();
+
+    println!();
+    println!("{:<14}{:>12}{:>14}", "path", "time", "tokens/s");
+    let mut paths = Vec::new();
+    for (name, _, secs) in &outputs {
+        let tps = n as f64 / secs.max(1e-12);
+        println!("{name:<14}{:>12}{:>14.0}", fmt_secs(*secs), tps);
+        paths.push(PathReport {
+            name,
+            seconds: *secs,
+            tokens_per_second: tps,
+        });
+    }
+
+    // Everything against the CPU sequential reference, and batched against sequential on
+    // the GPU.
+    let mut pairs = vec![(0, 1)];
+    if outputs.len() == 4 {
+        pairs.extend([(0, 2), (0, 3), (2, 3)]);
+    }
+    let mut comparisons = Vec::new();
+    for (i, j) in pairs {
+        let (a_name, a_out, _) = &outputs[i];
+        let (b_name, b_out, _) = &outputs[j];
+        let label = format!("{a_name} vs {b_name}");
+        comparisons.push(compare_f32(
+            &label, "output", &a_out.out, &b_out.out, cfg.dim,
+        ));
+        comparisons.push(compare_u32(
+            &label,
+            "expert ids",
+            &a_out.ids,
+            &b_out.ids,
+            cfg.top_k,
+        ));
+        comparisons.push(compare_f32(
+            &label,
+            "routing weights",
+            &a_out.weights,
+            &b_out.weights,
+            cfg.top_k,
+        ));
+    }
+    println!();
+    println!(
+        "{:<28}{:<17}{:>10}{:>11}  first divergence",
+        "comparison", "tensor", "elements", "differing"
+    );
+    for c in &comparisons {
+        println!(
+            "{:<28}{:<17}{:>10}{:>11}  {}",
+            c.paths,
+            c.tensor,
+            c.elements,
+            c.differing,
+            c.first.as_ref().map_or("-".to_string(), |f| f.to_string())
+        );
+    }
+    let differing_total: u64 = comparisons.iter().map(|c| c.differing).sum();
+    let bit_exact = differing_total == 0;
+    println!();
+    if bit_exact {
+        println!(
+            "verdict: BIT-EXACT: 0 differing elements across {} paths ({})",
+            outputs.len(),
+            outputs.iter().map(|o| o.0).collect::<Vec<_>>().join(", ")
+        );
+    } else {
+        println!("verdict: DIVERGENT: {differing_total} differing elements (see the first divergence above)");
+    }
+
+    if let Some(path) = &a.json {
+        let report = Report {
+            mode: "moe-block",
+            config: ConfigReport {
+                tokens: n,
+                dim: cfg.dim,
+                experts: cfg.n_experts,
+                top_k: cfg.top_k,
+                ffn: cfg.ffn,
+                shared_ffn: cfg.shared_ffn,
+                renormalize: cfg.renormalize,
+                seed: a.seed,
+            },
+            device: dev.as_ref().map(|d| format!("{} ({})", d.name(), d.arch())),
+            gpu_note,
+            paths,
+            comparisons,
+            differing_total,
+            bit_exact,
+        };
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("report: {}", path.display());
+    }
+    Ok(bit_exact)
+}
+
+fn fmt_secs(s: f64) -> String {
+    if s >= 1.0 {
+        format!("{s:.3} s")
+    } else if s >= 1e-3 {
+        format!("{:.3} ms", s * 1e3)
+    } else {
+        format!("{:.1} us", s * 1e6)
+    }
+}

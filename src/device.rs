@@ -1,0 +1,272 @@
+//! The device layer: one CUDA context and stream, and the kernel families compiled by NVRTC
+//! under pinned options.
+//!
+//! Every kernel family (`cuda/<family>.cu`, with `cuda/common.cuh` pasted in front) is compiled
+//! at most once per process and per architecture; each [`Device`] loads the resulting PTX into
+//! its context the first time one of the family's kernels is launched. The options are fixed:
+//!
+//! | option | value | why |
+//! |---|---|---|
+//! | `--fmad` | `false` | the compiler may never fuse `a * b + c`; every fma is written as `fmaf` |
+//! | `--prec-div` | `true` | `/` is the correctly rounded IEEE division |
+//! | `--prec-sqrt` | `true` | `sqrtf` is the correctly rounded IEEE square root |
+//! | `--ftz` | `false` | subnormals are kept, as on the CPU |
+//! | `--gpu-architecture` | `compute_XY` of the device | PTX for the device's own compute capability |
+//!
+//! No fast-math option is ever passed. The PTX carries explicit `.rn` rounding on every float
+//! operation, so the driver's PTX JIT cannot contract or reorder them either.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
+
+use crate::error::{Error, Result};
+
+/// A kernel family: one `cuda/<name>.cu` file, compiled as one NVRTC program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Family {
+    /// `cuda/row_scale.cu`
+    RowScale,
+    /// `cuda/moe_reduce.cu`
+    MoeReduce,
+    /// `cuda/gemm.cu`
+    Gemm,
+    /// `cuda/router.cu`
+    Router,
+    /// `cuda/activation.cu`
+    Activation,
+}
+
+const COMMON: &str = include_str!("../cuda/common.cuh");
+
+impl Family {
+    /// Every family, in a fixed order.
+    pub const ALL: [Family; 5] = [
+        Family::RowScale,
+        Family::MoeReduce,
+        Family::Gemm,
+        Family::Router,
+        Family::Activation,
+    ];
+
+    /// The file stem under `cuda/`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::RowScale => "row_scale",
+            Family::MoeReduce => "moe_reduce",
+            Family::Gemm => "gemm",
+            Family::Router => "router",
+            Family::Activation => "activation",
+        }
+    }
+
+    fn source(self) -> &'static str {
+        match self {
+            Family::RowScale => include_str!("../cuda/row_scale.cu"),
+            Family::MoeReduce => include_str!("../cuda/moe_reduce.cu"),
+            Family::Gemm => include_str!("../cuda/gemm.cu"),
+            Family::Router => include_str!("../cuda/router.cu"),
+            Family::Activation => include_str!("../cuda/activation.cu"),
+        }
+    }
+
+    /// The program text handed to NVRTC: `common.cuh` in place of its `#include`.
+    fn program(self) -> String {
+        self.source().replace("#include \"common.cuh\"", COMMON)
+    }
+}
+
+/// Environment variable naming kernel families to compile *broken on purpose* (comma-separated
+/// family names). Each family's `.cu` file has one `#ifdef BITEXACT_MUTANT` site that changes
+/// its arithmetic; the GPU test script runs the parity tests under each mutant and requires
+/// them to fail, so a test that cannot fail is caught. Never set it otherwise.
+pub const MUTANT_ENV: &str = "BITEXACT_MUTANT";
+
+fn is_mutant(family: Family) -> bool {
+    std::env::var(MUTANT_ENV)
+        .map(|v| v.split(',').any(|f| f.trim() == family.name()))
+        .unwrap_or(false)
+}
+
+/// The pinned NVRTC options for one architecture (`compute_90` for an H100).
+pub fn compile_options(arch: &str, mutant: bool) -> Vec<String> {
+    let mut opts = vec![
+        "--fmad=false".to_string(),
+        "--prec-div=true".to_string(),
+        "--prec-sqrt=true".to_string(),
+        "--ftz=false".to_string(),
+        format!("--gpu-architecture={arch}"),
+        "--std=c++17".to_string(),
+    ];
+    if mutant {
+        opts.push("-DBITEXACT_MUTANT".to_string());
+    }
+    opts
+}
+
+type PtxCache = Mutex<HashMap<(Family, String), Ptx>>;
+
+/// PTX per (family, architecture), shared by every [`Device`] in the process.
+fn ptx_cache() -> &'static PtxCache {
+    static CACHE: OnceLock<PtxCache> = OnceLock::new();
+    CACHE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+fn compile(family: Family, arch: &str) -> Result<Ptx> {
+    let key = (family, arch.to_string());
+    // Held across the compile on purpose: two threads asking for one family compile it once.
+    let mut cache = ptx_cache().lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(ptx) = cache.get(&key) {
+        return Ok(ptx.clone());
+    }
+    // SAFETY: only probes whether the shared library can be opened.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(Error::NvrtcMissing);
+    }
+    let options = compile_options(arch, is_mutant(family));
+    let opts = CompileOptions {
+        options: options.clone(),
+        name: Some(format!("{}.cu", family.name())),
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(family.program(), opts).map_err(|e| {
+        let log = match &e {
+            CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
+            other => format!("{other:?}"),
+        };
+        Error::Compile {
+            kernel: family.name(),
+            options,
+            log,
+        }
+    })?;
+    cache.insert(key, ptx.clone());
+    Ok(ptx)
+}
+
+/// One CUDA device: its context, the stream every bitexact launch goes to, and the loaded
+/// kernel modules.
+///
+/// All work is queued on one stream, so launches are ordered; functions that return host data
+/// synchronize. `Device` is `Send + Sync`: threads may share one (the stream serializes them).
+pub struct Device {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    name: String,
+    cc: (i32, i32),
+    modules: Mutex<HashMap<Family, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<&'static str, CudaFunction>>,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device")
+            .field("ordinal", &self.ctx.ordinal())
+            .field("name", &self.name)
+            .field("compute_capability", &self.cc)
+            .finish()
+    }
+}
+
+impl Device {
+    /// Opens device `ordinal`. Fails with [`Error::NoDevice`] when the driver library is
+    /// missing, no device is present, or `ordinal` is out of range; never panics.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        // SAFETY: only probes whether the shared library can be opened.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(Error::NoDevice {
+                reason: "the CUDA driver library (libcuda) is not installed".into(),
+            });
+        }
+        let count = CudaContext::device_count().map_err(|e| Error::NoDevice {
+            reason: format!("the driver found no usable device ({e})"),
+        })?;
+        if ordinal >= count.max(0) as usize {
+            return Err(Error::NoDevice {
+                reason: format!("device {ordinal} requested, {count} present"),
+            });
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        let name = ctx.name()?;
+        let cc = ctx.compute_capability()?;
+        let stream = ctx.default_stream();
+        Ok(Device {
+            ctx,
+            stream,
+            name,
+            cc,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The device's name as the driver reports it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Compute capability `(major, minor)`.
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.cc
+    }
+
+    /// The NVRTC virtual architecture the kernels are compiled for, e.g. `compute_90`.
+    pub fn arch(&self) -> String {
+        format!("compute_{}{}", self.cc.0, self.cc.1)
+    }
+
+    /// The stream every bitexact launch is queued on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The CUDA context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Blocks until all queued work has finished.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize()?;
+        Ok(())
+    }
+
+    /// Compiles and loads every kernel family now, so that later timings exclude compilation.
+    pub fn warm_up(&self) -> Result<()> {
+        for f in Family::ALL {
+            self.module(f)?;
+        }
+        Ok(())
+    }
+
+    fn module(&self, family: Family) -> Result<Arc<CudaModule>> {
+        let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = modules.get(&family) {
+            return Ok(m.clone());
+        }
+        let ptx = compile(family, &self.arch())?;
+        let module = self.ctx.load_module(ptx)?;
+        modules.insert(family, module.clone());
+        Ok(module)
+    }
+
+    /// The kernel `name` of `family`, compiling and loading the family on first use.
+    pub(crate) fn function(&self, family: Family, name: &'static str) -> Result<CudaFunction> {
+        if let Some(f) = self
+            .functions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+        {
+            return Ok(f.clone());
+        }
+        let f = self.module(family)?.load_function(name)?;
+        self.functions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name, f.clone());
+        Ok(f)
+    }
+}

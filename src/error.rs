@@ -1,0 +1,151 @@
+//! The crate's error type: every failure a caller can cause or meet comes back as one of these.
+
+use cudarc::driver::{sys::CUresult, DriverError};
+
+/// Result alias used throughout bitexact.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in bitexact.
+///
+/// Validation errors (`ShapeMismatch`, `IndexOutOfRange`, `InvalidArgument`) are raised before
+/// any device work is queued, so a call that returns one has written nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No usable CUDA device: the driver library is missing, no device is present, or the
+    /// ordinal does not exist.
+    #[error("no CUDA device: {reason}")]
+    NoDevice {
+        /// Why the device could not be opened.
+        reason: String,
+    },
+
+    /// NVRTC is not installed (`libnvrtc` could not be loaded).
+    #[error("NVRTC (libnvrtc) could not be loaded: it is needed to compile the kernels")]
+    NvrtcMissing,
+
+    /// NVRTC rejected a kernel family; `log` is NVRTC's own log.
+    #[error("NVRTC failed to compile `{kernel}` with {options:?}:\n{log}")]
+    Compile {
+        /// Kernel family (the `cuda/*.cu` file stem).
+        kernel: &'static str,
+        /// The options the compile ran with.
+        options: Vec<String>,
+        /// NVRTC's program log.
+        log: String,
+    },
+
+    /// A tensor's shape is not the one the operation needs.
+    #[error("{op}: `{what}` has shape {got:?}, expected {expected:?}")]
+    ShapeMismatch {
+        /// The operation that checked.
+        op: &'static str,
+        /// Which argument.
+        what: &'static str,
+        /// The shape the operation needs.
+        expected: Vec<usize>,
+        /// The shape it was given.
+        got: Vec<usize>,
+    },
+
+    /// An index (an expert id, a token row, an output row) lies outside its range.
+    #[error("{op}: `{what}`[{position}] = {index} is out of range 0..{bound}")]
+    IndexOutOfRange {
+        /// The operation that checked.
+        op: &'static str,
+        /// Which index array.
+        what: &'static str,
+        /// Position of the offending entry in that array.
+        position: usize,
+        /// The offending value.
+        index: u64,
+        /// The exclusive upper bound.
+        bound: u64,
+    },
+
+    /// An argument is invalid for a reason other than its shape.
+    #[error("{op}: {msg}")]
+    InvalidArgument {
+        /// The operation that checked.
+        op: &'static str,
+        /// What is wrong.
+        msg: String,
+    },
+
+    /// The device could not allocate the memory an operation needs.
+    #[error("device out of memory while allocating {bytes} bytes for {what}")]
+    OutOfMemory {
+        /// Bytes requested.
+        bytes: usize,
+        /// What the allocation was for.
+        what: &'static str,
+    },
+
+    /// Any other CUDA driver error.
+    #[error("CUDA driver error: {0}")]
+    Driver(#[from] DriverError),
+}
+
+impl Error {
+    /// Maps an allocation failure to [`Error::OutOfMemory`], other driver errors unchanged.
+    pub(crate) fn from_alloc(err: DriverError, bytes: usize, what: &'static str) -> Self {
+        if err.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+            Error::OutOfMemory { bytes, what }
+        } else {
+            Error::Driver(err)
+        }
+    }
+
+    pub(crate) fn shape(
+        op: &'static str,
+        what: &'static str,
+        expected: &[usize],
+        got: &[usize],
+    ) -> Self {
+        Error::ShapeMismatch {
+            op,
+            what,
+            expected: expected.to_vec(),
+            got: got.to_vec(),
+        }
+    }
+
+    pub(crate) fn invalid(op: &'static str, msg: impl Into<String>) -> Self {
+        Error::InvalidArgument {
+            op,
+            msg: msg.into(),
+        }
+    }
+}
+
+/// Fails with [`Error::ShapeMismatch`] unless `got == expected`.
+pub(crate) fn check_shape(
+    op: &'static str,
+    what: &'static str,
+    expected: &[usize],
+    got: &[usize],
+) -> Result<()> {
+    if expected == got {
+        Ok(())
+    } else {
+        Err(Error::shape(op, what, expected, got))
+    }
+}
+
+/// Fails with [`Error::IndexOutOfRange`] at the first entry of `idx` that is not `< bound`.
+pub(crate) fn check_indices(
+    op: &'static str,
+    what: &'static str,
+    idx: &[u32],
+    bound: usize,
+) -> Result<()> {
+    match idx.iter().position(|&i| i as usize >= bound) {
+        None => Ok(()),
+        Some(position) => Err(Error::IndexOutOfRange {
+            op,
+            what,
+            position,
+            index: u64::from(idx[position]),
+            bound: bound as u64,
+        }),
+    }
+}

@@ -1,0 +1,66 @@
+//! Elementwise activations (kernels `cuda/activation.cu`, references
+//! [`crate::reference::activation`]).
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use crate::device::{Device, Family};
+use crate::error::{check_shape, Result};
+use crate::tensor::GpuTensor;
+
+const THREADS: u32 = 256;
+const MAX_BLOCKS: usize = 8192;
+
+fn flat_cfg(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// SwiGLU, `out = silu(gate) * up` elementwise ([`crate::reference::activation::swiglu`]).
+/// `gate`, `up` and `out` must have one shape.
+pub fn swiglu(
+    dev: &Device,
+    gate: &GpuTensor<f32>,
+    up: &GpuTensor<f32>,
+    out: &mut GpuTensor<f32>,
+) -> Result<()> {
+    const OP: &str = "swiglu";
+    check_shape(OP, "up", gate.dims(), up.dims())?;
+    check_shape(OP, "out", gate.dims(), out.dims())?;
+    let n = gate.len() as u64;
+    if n == 0 {
+        return Ok(());
+    }
+    let f = dev.function(Family::Activation, "swiglu_f32")?;
+    let mut launch = dev.stream().launch_builder(&f);
+    launch
+        .arg(out.slice_mut())
+        .arg(gate.slice())
+        .arg(up.slice())
+        .arg(&n);
+    // SAFETY: gate, up and out hold n elements each (same shape, checked above); the kernel's
+    // grid-stride loop stays below n.
+    unsafe { launch.launch(flat_cfg(n as usize)) }?;
+    Ok(())
+}
+
+/// `out = 1 / (1 + exp(-x))` elementwise ([`crate::reference::activation::sigmoid`]).
+/// `x` and `out` must have one shape.
+pub fn sigmoid(dev: &Device, x: &GpuTensor<f32>, out: &mut GpuTensor<f32>) -> Result<()> {
+    const OP: &str = "sigmoid";
+    check_shape(OP, "out", x.dims(), out.dims())?;
+    let n = x.len() as u64;
+    if n == 0 {
+        return Ok(());
+    }
+    let f = dev.function(Family::Activation, "sigmoid_f32")?;
+    let mut launch = dev.stream().launch_builder(&f);
+    launch.arg(out.slice_mut()).arg(x.slice()).arg(&n);
+    // SAFETY: x and out hold n elements each (checked above); the grid-stride loop stays
+    // below n.
+    unsafe { launch.launch(flat_cfg(n as usize)) }?;
+    Ok(())
+}

@@ -1,0 +1,39 @@
+//! # bitexact
+//!
+//! Hand-written CUDA kernels for mixture-of-experts LLM inference in which every fast path is
+//! bit-identical to a plain sequential CPU reference: prefill over N tokens returns exactly the
+//! bits of decoding one token at a time, for every N, and the GPU returns exactly the bits of
+//! the CPU.
+//!
+//! - [`Device`]: a CUDA context and stream; kernel families (`cuda/*.cu`) are compiled by
+//!   NVRTC once per process under pinned options (`--fmad=false`, IEEE division and square
+//!   root, no flush-to-zero, no fast math).
+//! - [`kernels`]: typed launch wrappers that validate every shape and index and return
+//!   [`Result`]; an error means nothing was queued.
+//! - [`reference`]: the sequential CPU references, the specification of every kernel's bits.
+//! - [`math`]: the scalar functions (our own `exp`, sigmoid, silu) shared by both sides.
+//! - [`model`]: the MoE block, computed on the CPU, on the GPU token by token, and batched.
+//!
+//! ```no_run
+//! use bitexact::{Device, GpuTensor, kernels::row_scale::row_scale};
+//! let dev = Device::new(0)?;
+//! let mut buf = GpuTensor::from_host(&dev, &[1.0f32, 2.0, 3.0, 4.0], &[2, 2])?;
+//! let scales = GpuTensor::from_host(&dev, &[0.5f32, 2.0], &[2])?;
+//! row_scale(&dev, &mut buf, &scales)?;
+//! assert_eq!(buf.to_host()?, vec![0.5, 1.0, 6.0, 8.0]);
+//! # Ok::<(), bitexact::Error>(())
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod device;
+pub mod error;
+pub mod kernels;
+pub mod math;
+pub mod model;
+pub mod reference;
+pub mod tensor;
+
+pub use device::Device;
+pub use error::{Error, Result};
+pub use tensor::GpuTensor;

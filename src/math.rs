@@ -1,0 +1,122 @@
+//! Scalar functions shared by the CPU references, each the line-for-line twin of a helper in
+//! `cuda/common.cuh`. Only correctly rounded IEEE operations are used (`+`, `*`, `/`,
+//! [`f32::mul_add`], [`f32::round_ties_even`]), so the CPU and the GPU produce the same bits.
+
+/// The NaN every bitexact kernel returns (what CUDA's float arithmetic produces).
+pub const CANON_NAN: f32 = f32::from_bits(0x7fff_ffff);
+
+/// Replaces any NaN by [`CANON_NAN`]. The CPU's NaN payloads differ from the GPU's (x86 keeps
+/// the payload and sign of an input NaN, CUDA returns one canonical NaN); references apply this
+/// wherever a value's bits are observed, so NaN results compare bit for bit. Twin: `bx_canon`.
+#[inline]
+pub fn canon(x: f32) -> f32 {
+    if x.is_nan() {
+        CANON_NAN
+    } else {
+        x
+    }
+}
+
+/// Integer key with IEEE totalOrder: `-NaN < -inf < .. < -0 < +0 < .. < +inf < +NaN`.
+/// Twin: `bx_order_key`.
+#[inline]
+pub fn order_key(x: f32) -> i32 {
+    let b = x.to_bits() as i32;
+    b ^ (((b >> 31) as u32) >> 1) as i32
+}
+
+const LOG2E: f32 = f32::from_bits(0x3fb8_aa3b); // 1.44269502162933349609375
+const LN2_HI: f32 = f32::from_bits(0x3f31_7200); // 0.693145751953125
+const LN2_LO: f32 = f32::from_bits(0x35bf_be8e); // 1.428606765330187045037746429443359375e-06
+const EXP_HI: f32 = f32::from_bits(0x42b1_7218); // 88.72283935546875
+const C7: f32 = f32::from_bits(0x3950_0d01); // 1/5040
+const C6: f32 = f32::from_bits(0x3ab6_0b61); // 1/720
+const C5: f32 = f32::from_bits(0x3c08_8889); // 1/120
+const C4: f32 = f32::from_bits(0x3d2a_aaab); // 1/24
+const C3: f32 = f32::from_bits(0x3e2a_aaab); // 1/6
+
+#[inline]
+fn pow2(n: i32) -> f32 {
+    f32::from_bits(((n + 127) as u32) << 23)
+}
+
+/// `e^x`, bitexact's own: `x = n ln2 + r` with `n = round_ties_even(x * log2e)` and ln2 split
+/// into hi + lo (two fmas), the degree-7 Taylor polynomial of `e^r` by Horner with fmas, then
+/// `p * 2^n1 * 2^n2` with `n1 = n >> 1`, `n2 = n - n1` (the first product exact, the second
+/// rounded once, so subnormal results round once). `x < -104` gives `+0`,
+/// `x > 88.72283935546875` gives `+inf`, NaN gives [`CANON_NAN`]. Twin: `bx_exp`.
+#[inline]
+pub fn exp(x: f32) -> f32 {
+    if x.is_nan() {
+        return CANON_NAN;
+    }
+    if x > EXP_HI {
+        return f32::INFINITY;
+    }
+    if x < -104.0 {
+        return 0.0;
+    }
+    let n = (x * LOG2E).round_ties_even();
+    let mut r = n.mul_add(-LN2_HI, x);
+    r = n.mul_add(-LN2_LO, r);
+    let mut p = C7;
+    p = p.mul_add(r, C6);
+    p = p.mul_add(r, C5);
+    p = p.mul_add(r, C4);
+    p = p.mul_add(r, C3);
+    p = p.mul_add(r, 0.5);
+    p = p.mul_add(r, 1.0);
+    p = p.mul_add(r, 1.0);
+    let ni = n as i32;
+    let n1 = ni >> 1;
+    let n2 = ni - n1;
+    p *= pow2(n1);
+    p * pow2(n2)
+}
+
+/// `1 / (1 + exp(-x))`. Twin: `bx_sigmoid`.
+#[inline]
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp(-x))
+}
+
+/// `x / (1 + exp(-x))`: one division, not `x * sigmoid(x)`. Twin: `bx_silu`.
+#[inline]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + exp(-x))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_special_values() {
+        assert_eq!(exp(0.0).to_bits(), 1.0f32.to_bits());
+        assert_eq!(exp(-0.0).to_bits(), 1.0f32.to_bits());
+        assert_eq!(exp(f32::INFINITY), f32::INFINITY);
+        assert_eq!(exp(f32::NEG_INFINITY).to_bits(), 0.0f32.to_bits());
+        assert_eq!(exp(f32::NAN).to_bits(), CANON_NAN.to_bits());
+        assert_eq!(exp(89.0), f32::INFINITY);
+        assert_eq!(exp(-200.0).to_bits(), 0);
+    }
+
+    #[test]
+    fn order_key_is_total_order() {
+        let xs = [
+            -f32::NAN,
+            f32::NEG_INFINITY,
+            -1.0,
+            -f32::from_bits(1),
+            -0.0,
+            0.0,
+            f32::from_bits(1),
+            1.0,
+            f32::INFINITY,
+            f32::NAN,
+        ];
+        for w in xs.windows(2) {
+            assert!(order_key(w[0]) < order_key(w[1]), "{:?}", w);
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! The sequential CPU references: the specification of every kernel, bit for bit.
+//!
+//! Each function is the slowest obvious loop, and its doc comment states the order of every
+//! float operation. A GPU kernel is correct when it returns exactly these bits (NaN results are
+//! [`crate::math::CANON_NAN`], see [`crate::math::canon`]).
+
+pub mod activation;
+pub mod gemm;
+pub mod moe_reduce;
+pub mod router;
+pub mod row_scale;

@@ -1,0 +1,61 @@
+//! Elementwise activations: GPU == CPU reference, bit for bit, across the whole float range.
+
+use bitexact::kernels::activation::{sigmoid, swiglu};
+use bitexact::{reference, Error, GpuTensor};
+use proptest::prelude::*;
+
+use crate::common::{assert_bits_eq, gpu, gpu_cases, poison, values};
+
+fn swiglu_case(len: usize, seed: u64, scale: f32) {
+    let Some(dev) = gpu() else { return };
+    let gh = values(seed, len, scale, 0.05);
+    let uh = values(seed ^ 3, len, 4.0, 0.05);
+    let want = reference::activation::swiglu(&gh, &uh);
+    let g = GpuTensor::from_host(dev, &gh, &[len]).unwrap();
+    let u = GpuTensor::from_host(dev, &uh, &[len]).unwrap();
+    let mut out = GpuTensor::from_host(dev, &poison(len), &[len]).unwrap();
+    swiglu(dev, &g, &u, &mut out).unwrap();
+    assert_bits_eq(
+        &format!("swiglu len={len} seed={seed}"),
+        &out.to_host().unwrap(),
+        &want,
+    );
+}
+
+/// Every 4099th bit pattern of the 2^32 floats (about a million values, every sign, exponent
+/// and class) through sigmoid, which is `1 / (1 + exp(-x))`: our exp over its whole domain.
+#[test]
+fn sigmoid_sweeps_every_exponent() {
+    let Some(dev) = gpu() else { return };
+    let xs: Vec<f32> = (0..=u32::MAX / 4099)
+        .map(|i| f32::from_bits(i * 4099))
+        .collect();
+    let want = reference::activation::sigmoid(&xs);
+    let x = GpuTensor::from_host(dev, &xs, &[xs.len()]).unwrap();
+    let mut out = GpuTensor::from_host(dev, &poison(xs.len()), &[xs.len()]).unwrap();
+    sigmoid(dev, &x, &mut out).unwrap();
+    assert_bits_eq("sigmoid sweep", &out.to_host().unwrap(), &want);
+}
+
+proptest! {
+    #![proptest_config(gpu_cases(48))]
+
+    #[test]
+    fn swiglu_matches_reference(len in 1usize..=5000, seed in any::<u64>(), big in any::<bool>()) {
+        // Large gates reach exp's overflow and underflow branches.
+        swiglu_case(len, seed, if big { 200.0 } else { 8.0 });
+    }
+}
+
+#[test]
+fn swiglu_shapes_must_match() {
+    let Some(dev) = gpu() else { return };
+    let g = GpuTensor::from_host(dev, &[1.0f32; 6], &[2, 3]).unwrap();
+    let u = GpuTensor::from_host(dev, &[1.0f32; 6], &[3, 2]).unwrap();
+    let mut out = GpuTensor::from_host(dev, &poison(6), &[2, 3]).unwrap();
+    assert!(matches!(
+        swiglu(dev, &g, &u, &mut out),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    assert_bits_eq("untouched", &out.to_host().unwrap(), &poison(6));
+}

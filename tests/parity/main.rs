@@ -1,0 +1,15 @@
+//! Bit-parity properties: every GPU kernel against its sequential CPU reference, compared with
+//! `to_bits()`, and the batched MoE block against the sequential one.
+//!
+//! GPU tests print `SKIP: no CUDA device` and pass when no device is present, unless
+//! `BITEXACT_REQUIRE_GPU=1`, which turns a missing device into a failure.
+
+mod common;
+
+mod activation;
+mod gemm;
+mod math;
+mod moe_block;
+mod moe_reduce;
+mod router;
+mod row_scale;
