@@ -45,7 +45,7 @@ fn main() {
             })
             .collect();
         let half = bytes / 8;
-        let mut copy_src: Vec<GpuTensor<f32>> = (0..sets)
+        let copy_src: Vec<GpuTensor<f32>> = (0..sets)
             .map(|_| GpuTensor::zeros(&dev, &[half]).unwrap())
             .collect();
         let mut copy_dst: Vec<GpuTensor<f32>> = (0..sets)
@@ -90,7 +90,6 @@ fn main() {
                 })
             })
         });
-        copy_src.clear();
     }
     group.finish();
     c.final_summary();

@@ -103,8 +103,13 @@ pub fn assert_bits_eq(what: &str, got: &[f32], want: &[f32]) {
     }
 }
 
-/// Proptest settings for GPU properties: fewer cases, each one a full launch.
+/// Proptest settings for GPU properties: fewer cases, each one a full launch. `PROPTEST_CASES`
+/// overrides the count (the sanitizer run asks for a few).
 pub fn gpu_cases(cases: u32) -> proptest::test_runner::Config {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(cases);
     proptest::test_runner::Config {
         cases,
         failure_persistence: None,
