@@ -1,20 +1,73 @@
-// gemm.cu — matrix products with f32 weights, every output one canonical dot product.
-//   gemm_f32_v1          y[n, m] = dot(x[n, :], w[m, :])            x: [N, K], w: [M, K]
-//   gemm_grouped_f32_v1  y[y_rows[r], m] = dot(x[x_rows[r], :], w[experts[r], m, :])
-//                        w: [E, M, K]; one routed row r per (token, expert slot)
+// gemm.cu — matrix products y[r, m] = dot(x[r, :], W[expert, m, :]) for every weight format.
+// W rows are stored as GGUF stores them (src/quant/mod.rs); x is f32 [rows, K] for the float
+// formats and the int8 block quantization of quantize.cu for the quantized ones.
 //
-// The canonical order (CANON-F32, src/reference/gemm.rs): K in blocks of 32 (the last may be
-// shorter); block b feeds partial b % 4; each partial is one fmaf chain over its blocks in
-// increasing b and k, starting from +0; result = (p0 + p1) + (p2 + p3). It depends on K only,
-// so a GEMV, a GEMM over any N and the grouped GEMM return the same bits for the same row.
+// THE CANONICAL ORDER (src/reference/gemm.rs states it with the reference code). K is cut into
+// blocks of 32 (block b = k in 32b .. 32b + 32, the last float block may be shorter). Block b
+// feeds partial p = b % 4; each partial starts at +0 and takes its blocks in increasing b; the
+// result is (p0 + p1) + (p2 + p3). One block's step, per weight format:
+//   F32/F16/BF16  for k in the block, increasing: p = fmaf(w[k], x[k], p)   (f16/bf16 widened
+//                 exactly to f32)
+//   Q8_0          p = fmaf(d * dx, (float)isum, p)
+//   Q4_K, Q5_K    p = fmaf(ws * dx, (float)isum, p); p = fmaf(wm, ax, p)
+//                 with ws = d * sc and wm = -(dmin * m), each rounded once
+//   Q6_K          p = fmaf(d * dx, (float)(sc_lo * isum_lo + sc_hi * isum_hi), p)
+// where isum is the exact integer dot of the block's weight codes and activation codes (the
+// tensor cores may form it in any order), dx the activation block scale and ax = dx * sum(codes).
+// The order depends on K and the format only: GEMV, GEMM over any N, the grouped expert GEMM,
+// every tile shape and every dispatch choice produce the same bits.
+//
+// Row tiles: a launch covers tiles of routed rows that share one expert. tiles[3t..3t+3] =
+// (expert, first row, rows); with tiles == 0 the rows 0..n_rows are cut into tiles of the
+// kernel's height, expert 0. Routed row r reads input row x_rows[r] and writes output row
+// y_rows[r] (identity where the pointer is 0).
 //
 // Versions:
-//   v1  one thread per output element, the four chains run in order by that thread; 2-D grid
-//       (x: output features, y: rows of this chunk). The baseline and the second witness.
+//   gemm_f32_v1, gemm_grouped_f32_v1   one thread per output, f32 weights; the baseline and
+//                                      second witness (dense and routed).
+//   gemv_<fmt>_t<NT>                   v2, for tiles of at most NT rows (decode): 8 weight rows
+//                                      per warp, 4 lanes per row, lane p owns partial p; every
+//                                      weight byte is read once per tile; the tree is two
+//                                      shuffles.
+//   gemm_ffma_<fmt>                    v2, float formats, tiles of 64 rows: 64 x 64 outputs per
+//                                      block, four groups of 64 threads, group g runs partial g
+//                                      (blocks g, g + 4, ..) in 16-wide K steps with an 8 x 8
+//                                      register tile, then the tree through shared memory.
+//   gemm_mma_<fmt>                     v2, quantized formats, tiles of 64 rows: 64 x 64 outputs
+//                                      per block, int8 mma.sync m16n8k32 (k16 for Q6_K) forms
+//                                      each block's isum, every thread keeps its 16 outputs'
+//                                      four partials in registers (block j of a 256-wide chunk
+//                                      feeds partial j % 4, a compile-time index).
 
 #include "common.cuh"
 
+#define FMT_F32 0
+#define FMT_F16 1
+#define FMT_BF16 2
+#define FMT_Q8_0 3
+#define FMT_Q4_K 4
+#define FMT_Q5_K 5
+#define FMT_Q6_K 6
+
 #define DOT_BLOCK 32u
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+
+// ------------------------------------------------------------------------------------------
+// The combination of the four partials (the one mutant site of this family).
+
+__device__ __forceinline__ float canon_tree(float p0, float p1, float p2, float p3) {
+#ifdef BITEXACT_MUTANT
+    // Broken on purpose (see BITEXACT_MUTANT): a left-to-right combination instead of the tree.
+    return ((p0 + p1) + p2) + p3;
+#else
+    return (p0 + p1) + (p2 + p3);
+#endif
+}
+
+// ------------------------------------------------------------------------------------------
+// v1: one thread per output, f32 weights.
 
 __device__ __forceinline__ float dot_chain(const float* __restrict__ x,
                                            const float* __restrict__ w, u32 k0, u32 k1,
@@ -36,12 +89,7 @@ __device__ __forceinline__ float dot_f32_canonical(const float* __restrict__ x,
         p2 = dot_chain(x, w, b2, b3, p2);
         p3 = dot_chain(x, w, b3, b4, p3);
     }
-#ifdef BITEXACT_MUTANT
-    // Broken on purpose (see BITEXACT_MUTANT): a left-to-right combination instead of the tree.
-    return ((p0 + p1) + p2) + p3;
-#else
-    return (p0 + p1) + (p2 + p3);
-#endif
+    return canon_tree(p0, p1, p2, p3);
 }
 
 extern "C" __global__ void gemm_f32_v1(float* __restrict__ y, const float* __restrict__ x,
@@ -65,3 +113,642 @@ extern "C" __global__ void gemm_grouped_f32_v1(float* __restrict__ y, const floa
     const float* wr = w + ((u64)experts[r] * M + m) * K;
     y[(u64)y_rows[r] * M + m] = dot_f32_canonical(xr, wr, K);
 }
+
+// ------------------------------------------------------------------------------------------
+// Shared pieces of the v2 kernels.
+
+struct Tile {
+    u32 expert, row0, rows;
+};
+
+__device__ __forceinline__ Tile get_tile(const u32* __restrict__ tiles, u32 t, u32 height,
+                                         u32 n_rows) {
+    Tile tl;
+    if (tiles) {
+        tl.expert = tiles[3u * t];
+        tl.row0 = tiles[3u * t + 1u];
+        tl.rows = tiles[3u * t + 2u];
+    } else {
+        tl.expert = 0;
+        tl.row0 = t * height;
+        tl.rows = min(height, n_rows - tl.row0);
+    }
+    return tl;
+}
+
+__device__ __forceinline__ u32 map_row(const u32* __restrict__ rows, u32 r) {
+    return rows ? rows[r] : r;
+}
+
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
+
+__device__ __forceinline__ u16 ld_u16(const u8* p) {
+    return *reinterpret_cast<const u16*>(p);
+}
+
+// Little-endian u32 from a 2-byte-aligned address.
+__device__ __forceinline__ u32 ld_u32_a2(const u8* p) {
+    return (u32)ld_u16(p) | ((u32)ld_u16(p + 2) << 16);
+}
+
+__device__ __forceinline__ u32 ld_u32(const u8* p) { return *reinterpret_cast<const u32*>(p); }
+
+// Weight element k of a float-format row.
+template <int FMT>
+__device__ __forceinline__ float load_w1(const u8* __restrict__ row, u32 k) {
+    if (FMT == FMT_F32) return reinterpret_cast<const float*>(row)[k];
+    const u16 h = reinterpret_cast<const u16*>(row)[k];
+    return FMT == FMT_F16 ? f16_to_f32(h) : bf16_to_f32(h);
+}
+
+// 16 weights k0 .. k0 + 16 of a float-format row; vector loads (the caller checked alignment).
+template <int FMT>
+__device__ __forceinline__ void load_w16(const u8* __restrict__ row, u32 k0, float* w) {
+    if (FMT == FMT_F32) {
+        const float4* p = reinterpret_cast<const float4*>(row + 4u * k0);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float4 v = p[i];
+            w[4 * i] = v.x;
+            w[4 * i + 1] = v.y;
+            w[4 * i + 2] = v.z;
+            w[4 * i + 3] = v.w;
+        }
+    } else {
+        const uint4* p = reinterpret_cast<const uint4*>(row + 2u * k0);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const uint4 v = p[i];
+            const u32 words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const u16 lo = (u16)(words[j] & 0xffffu), hi = (u16)(words[j] >> 16);
+                w[8 * i + 2 * j] = FMT == FMT_F16 ? f16_to_f32(lo) : bf16_to_f32(lo);
+                w[8 * i + 2 * j + 1] = FMT == FMT_F16 ? f16_to_f32(hi) : bf16_to_f32(hi);
+            }
+        }
+    }
+}
+
+// One decoded 32-element weight block of a quantized row: codes packed 4 per int (little-endian
+// bytes, k increasing) and the scalars of the block's step.
+struct WBlk {
+    int q[8];
+    float s1;  // Q8_0, Q6_K: d;  Q4_K/Q5_K: ws = d * sc
+    float s2;  // Q4_K/Q5_K: wm = -(dmin * m)
+    int sc0, sc1;  // Q6_K: the two 16-element sub-block scales
+};
+
+// Q4_K/Q5_K 6-bit scale and min of sub-block j from the 12 scale bytes (get_scale_min_k4).
+__device__ __forceinline__ void scale_min_k4(int j, const u8* s, int& sc, int& m) {
+    if (j < 4) {
+        sc = s[j] & 63;
+        m = s[j + 4] & 63;
+    } else {
+        sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+        m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+template <int FMT>
+__device__ __forceinline__ WBlk decode_wblock(const u8* __restrict__ row, u32 b) {
+    WBlk o;
+    o.s2 = 0.0f;
+    o.sc0 = o.sc1 = 0;
+    if (FMT == FMT_Q8_0) {
+        const u8* blk = row + 34u * b;
+        o.s1 = f16_to_f32(ld_u16(blk));
+#pragma unroll
+        for (int i = 0; i < 8; ++i) o.q[i] = (int)ld_u32_a2(blk + 2 + 4 * i);
+    } else if (FMT == FMT_Q4_K || FMT == FMT_Q5_K) {
+        const bool five = FMT == FMT_Q5_K;
+        const u8* sb = row + (five ? 176u : 144u) * (b >> 3);
+        const int j = (int)(b & 7u);
+        const float d = f16_to_f32(ld_u16(sb));
+        const float dmin = f16_to_f32(ld_u16(sb + 2));
+        int sc, m;
+        scale_min_k4(j, sb + 4, sc, m);
+        o.s1 = d * (float)sc;
+        o.s2 = -(dmin * (float)m);
+        const u8* qs = sb + (five ? 48 : 16) + 32 * (j >> 1);
+        const int shift = 4 * (j & 1);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            u32 v = (ld_u32(qs + 4 * i) >> shift) & 0x0F0F0F0Fu;
+            if (five) v |= ((ld_u32(sb + 16 + 4 * i) >> j) & 0x01010101u) << 4;
+            o.q[i] = (int)v;
+        }
+    } else {  // FMT_Q6_K
+        const u8* sb = row + 210u * (b >> 3);
+        const int j = (int)(b & 7u);
+        const int half = j >> 2, t = j & 3;
+        const u8* ql = sb + 64 * half + ((t & 1) ? 32 : 0);
+        const u8* qh = sb + 128 + 32 * half;
+        o.s1 = f16_to_f32(ld_u16(sb + 208));
+        o.sc0 = (int)(signed char)sb[192 + 2 * j];
+        o.sc1 = (int)(signed char)sb[192 + 2 * j + 1];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const u32 lo = (ld_u32_a2(ql + 4 * i) >> (4 * (t >> 1))) & 0x0F0F0F0Fu;
+            const u32 hi = ((ld_u32_a2(qh + 4 * i) >> (2 * t)) & 0x03030303u) << 4;
+            o.q[i] = (int)__vsub4(lo | hi, 0x20202020u);
+        }
+    }
+    return o;
+}
+
+// One block's step of the canonical order for a quantized format (see the file header).
+template <int FMT>
+__device__ __forceinline__ float qstep(float acc, const WBlk& w, int isum_lo, int isum_hi,
+                                       float dx, float ax) {
+    if (FMT == FMT_Q6_K) {
+        const int i = w.sc0 * isum_lo + w.sc1 * isum_hi;
+        return fmaf(w.s1 * dx, __int2float_rn(i), acc);
+    }
+    const float t = fmaf(w.s1 * dx, __int2float_rn(isum_lo + isum_hi), acc);
+    if (FMT == FMT_Q8_0) return t;
+    return fmaf(w.s2, ax, t);
+}
+
+// ------------------------------------------------------------------------------------------
+// GEMV: tiles of at most NT rows. Block: 8 warps x 8 weight rows; lane = 4 * row + partial.
+
+#define GEMV_ROWS_PER_BLOCK 64u
+
+template <int FMT, int NT>
+__device__ __forceinline__ void gemv_body(float* __restrict__ y, const float* __restrict__ x,
+                                          const signed char* __restrict__ xq,
+                                          const float* __restrict__ xd,
+                                          const float* __restrict__ xa, const u8* __restrict__ W,
+                                          const u32* __restrict__ tiles,
+                                          const u32* __restrict__ x_rows,
+                                          const u32* __restrict__ y_rows, u32 n_rows, u32 M,
+                                          u32 K, u64 row_bytes, u32 tile0) {
+    const u32 lane = threadIdx.x & 31u;
+    const u32 p = lane & 3u;
+    const u32 m_raw = blockIdx.x * GEMV_ROWS_PER_BLOCK + (threadIdx.x >> 5) * 8u + (lane >> 2);
+    const u32 m = min(m_raw, M - 1u);  // lanes past M compute a copy of row M - 1, never stored
+    const Tile tl = get_tile(tiles, tile0 + blockIdx.y, NT, n_rows);
+    const u8* wrow = W + ((u64)tl.expert * M + m) * row_bytes;
+    const u32 nb = (K + DOT_BLOCK - 1u) / DOT_BLOCK;
+
+    u32 xr[NT];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) xr[n] = map_row(x_rows, tl.row0 + min((u32)n, tl.rows - 1u));
+    float acc[NT];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) acc[n] = 0.0f;
+
+    if (FMT <= FMT_BF16) {
+        const bool vec = (FMT == FMT_F32 ? (K % 4u) : (K % 8u)) == 0u;
+        for (u32 b = p; b < nb; b += 4u) {
+            const u32 k0 = b * DOT_BLOCK;
+            if (vec && k0 + DOT_BLOCK <= K) {
+#pragma unroll
+                for (u32 h = 0; h < 2u; ++h) {
+                    float w[16];
+                    load_w16<FMT>(wrow, k0 + 16u * h, w);
+#pragma unroll
+                    for (int n = 0; n < NT; ++n) {
+                        const float4* xp =
+                            reinterpret_cast<const float4*>(x + (u64)xr[n] * K + k0 + 16u * h);
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) {
+                            const float4 v = xp[i];
+                            acc[n] = fmaf(w[4 * i], v.x, acc[n]);
+                            acc[n] = fmaf(w[4 * i + 1], v.y, acc[n]);
+                            acc[n] = fmaf(w[4 * i + 2], v.z, acc[n]);
+                            acc[n] = fmaf(w[4 * i + 3], v.w, acc[n]);
+                        }
+                    }
+                }
+            } else {
+                const u32 k1 = min(k0 + DOT_BLOCK, K);
+                for (u32 k = k0; k < k1; ++k) {
+                    const float wk = load_w1<FMT>(wrow, k);
+#pragma unroll
+                    for (int n = 0; n < NT; ++n) acc[n] = fmaf(wk, x[(u64)xr[n] * K + k], acc[n]);
+                }
+            }
+        }
+    } else {
+        for (u32 b = p; b < nb; b += 4u) {
+            const WBlk w = decode_wblock<FMT>(wrow, b);
+#pragma unroll
+            for (int n = 0; n < NT; ++n) {
+                const int4* xp = reinterpret_cast<const int4*>(xq + (u64)xr[n] * K + b * 32u);
+                const int4 x0 = xp[0], x1 = xp[1];
+                int lo = 0, hi = 0;
+                lo = __dp4a(w.q[0], x0.x, lo);
+                lo = __dp4a(w.q[1], x0.y, lo);
+                lo = __dp4a(w.q[2], x0.z, lo);
+                lo = __dp4a(w.q[3], x0.w, lo);
+                hi = __dp4a(w.q[4], x1.x, hi);
+                hi = __dp4a(w.q[5], x1.y, hi);
+                hi = __dp4a(w.q[6], x1.z, hi);
+                hi = __dp4a(w.q[7], x1.w, hi);
+                const u64 sb = (u64)xr[n] * nb + b;
+                acc[n] = qstep<FMT>(acc[n], w, lo, hi, xd[sb], xa[sb]);
+            }
+        }
+    }
+
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+        // Lanes 4r..4r+3 hold p0..p3 of row r: (p0 + p1) + (p2 + p3) by two butterflies.
+        const float other = __shfl_xor_sync(BX_FULL_MASK, acc[n], 1);
+        const float pair = (p & 1u) ? other + acc[n] : acc[n] + other;
+        const float pair2 = __shfl_xor_sync(BX_FULL_MASK, pair, 2);
+#ifdef BITEXACT_MUTANT
+        const float s = ((__shfl_sync(BX_FULL_MASK, acc[n], lane & ~3u) +
+                          __shfl_sync(BX_FULL_MASK, acc[n], (lane & ~3u) | 1u)) +
+                         __shfl_sync(BX_FULL_MASK, acc[n], (lane & ~3u) | 2u)) +
+                        __shfl_sync(BX_FULL_MASK, acc[n], (lane & ~3u) | 3u);
+#else
+        const float s = (p & 2u) ? pair2 + pair : pair + pair2;
+#endif
+        if (p == 0u && m_raw < M && (u32)n < tl.rows)
+            y[(u64)map_row(y_rows, tl.row0 + n) * M + m] = s;
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// FFMA GEMM for the float formats: 64 rows x 64 outputs per block, 4 groups of 64 threads.
+
+#define TILE 64u
+#define FFMA_BK 16u
+#define FFMA_GROUP 64u
+
+__device__ __forceinline__ void group_sync(u32 g) {
+    asm volatile("bar.sync %0, %1;" ::"r"(g + 1u), "r"(FFMA_GROUP));
+}
+
+template <int FMT>
+__device__ __forceinline__ void gemm_ffma_body(float* __restrict__ y, const float* __restrict__ x,
+                                               const u8* __restrict__ W,
+                                               const u32* __restrict__ tiles,
+                                               const u32* __restrict__ x_rows,
+                                               const u32* __restrict__ y_rows, u32 n_rows, u32 M,
+                                               u32 K, u64 row_bytes, u32 tile0) {
+    // [group][k][64] for activations and weights; reused for the final tree.
+    __shared__ __align__(16) float sA[4][FFMA_BK][TILE];
+    __shared__ __align__(16) float sB[4][FFMA_BK][TILE];
+
+    const u32 g = threadIdx.x / FFMA_GROUP;
+    const u32 t = threadIdx.x % FFMA_GROUP;
+    const u32 tr = t / 8u, tc = t % 8u;
+    const Tile tl = get_tile(tiles, tile0 + blockIdx.y, TILE, n_rows);
+    const u32 m0 = blockIdx.x * TILE;
+
+    // Thread t loads row t of the activation tile and row t of the weight tile.
+    const bool x_ok = t < tl.rows;
+    const float* xrow = x + (u64)map_row(x_rows, tl.row0 + (x_ok ? t : 0u)) * K;
+    const bool w_ok = m0 + t < M;
+    const u8* wrow = W + ((u64)tl.expert * M + (w_ok ? m0 + t : 0u)) * row_bytes;
+    const bool vec = (FMT == FMT_F32 ? (K % 4u) : (K % 8u)) == 0u;
+
+    float acc[8][8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
+
+    const u32 nb = (K + DOT_BLOCK - 1u) / DOT_BLOCK;
+    for (u32 b = g; b < nb; b += 4u) {
+#pragma unroll
+        for (u32 h = 0; h < 2u; ++h) {
+            const u32 k0 = b * DOT_BLOCK + h * FFMA_BK;
+            float xv[16], wv[16];
+            if (vec && k0 + FFMA_BK <= K) {
+                const float4* xp = reinterpret_cast<const float4*>(xrow + k0);
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const float4 v = xp[i];
+                    xv[4 * i] = v.x;
+                    xv[4 * i + 1] = v.y;
+                    xv[4 * i + 2] = v.z;
+                    xv[4 * i + 3] = v.w;
+                }
+                load_w16<FMT>(wrow, k0, wv);
+            } else {
+                // Past K: x = +0 and w = -0, so the fma adds an exact -0 and leaves every
+                // partial (a -0 one included) unchanged.
+#pragma unroll
+                for (int i = 0; i < 16; ++i) {
+                    const bool in = k0 + i < K;
+                    xv[i] = in ? xrow[k0 + i] : 0.0f;
+                    wv[i] = in ? load_w1<FMT>(wrow, k0 + i) : -0.0f;
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < 16; ++i) {
+                sA[g][i][t] = x_ok ? xv[i] : 0.0f;
+                sB[g][i][t] = w_ok ? wv[i] : 0.0f;
+            }
+            group_sync(g);
+#pragma unroll
+            for (int kk = 0; kk < (int)FFMA_BK; ++kk) {
+                const float4 a0 = *reinterpret_cast<const float4*>(&sA[g][kk][tr * 4u]);
+                const float4 a1 = *reinterpret_cast<const float4*>(&sA[g][kk][32u + tr * 4u]);
+                const float4 b0 = *reinterpret_cast<const float4*>(&sB[g][kk][tc * 4u]);
+                const float4 b1 = *reinterpret_cast<const float4*>(&sB[g][kk][32u + tc * 4u]);
+                const float av[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+                const float bv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+#pragma unroll
+                for (int i = 0; i < 8; ++i)
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(bv[j], av[i], acc[i][j]);
+            }
+            group_sync(g);
+        }
+    }
+
+    // The tree (p0 + p1) + (p2 + p3) across the groups, through shared memory: groups 1 and 3
+    // hand over their partials, groups 0 and 2 add them, group 2 hands over p2 + p3.
+    float* buf1 = &sA[0][0][0];  // 4096 floats each
+    float* buf3 = &sB[0][0][0];
+#ifdef BITEXACT_MUTANT
+    // Broken on purpose (see BITEXACT_MUTANT): the tree (p0 + p3) + (p2 + p1).
+    const bool swap = true;
+#else
+    const bool swap = false;
+#endif
+    __syncthreads();
+    if (g == 1u || g == 3u) {
+        float* buf = g == 1u ? buf1 : buf3;
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) buf[(i * 8 + j) * FFMA_GROUP + t] = acc[i][j];
+    }
+    __syncthreads();
+    if (g == 0u || g == 2u) {
+        const float* buf = ((g == 0u) != swap) ? buf1 : buf3;
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc[i][j] = acc[i][j] + buf[(i * 8 + j) * FFMA_GROUP + t];
+    }
+    __syncthreads();
+    if (g == 2u) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) buf1[(i * 8 + j) * FFMA_GROUP + t] = acc[i][j];
+    }
+    __syncthreads();
+    if (g == 0u) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const u32 r = (i < 4 ? tr * 4u + i : 32u + tr * 4u + (i - 4));
+            if (r >= tl.rows) continue;
+            float* yrow = y + (u64)map_row(y_rows, tl.row0 + r) * M;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const u32 m = m0 + (j < 4 ? tc * 4u + j : 32u + tc * 4u + (j - 4));
+                if (m < M) yrow[m] = acc[i][j] + buf1[(i * 8 + j) * FFMA_GROUP + t];
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Int8 tensor-core GEMM for the quantized formats: 64 rows x 64 outputs per block, 8 warps as
+// 2 (outputs) x 4 (rows), warp tile 32 outputs x 16 rows, K in chunks of 256 (8 blocks).
+
+#define MMA_CHUNK 256u
+#define MMA_STRIDE 272u  // bytes per smem code row: 256 + 16, so fragment loads avoid conflicts
+
+__device__ __forceinline__ void mma_k32(int (&c)[4], const int (&a)[4], int b0, int b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void mma_k16(int (&c)[4], int a0, int a1, int b0) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
+        "{%0,%1,%2,%3};"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a0), "r"(a1), "r"(b0));
+}
+
+template <int FMT>
+__device__ __forceinline__ void gemm_mma_body(float* __restrict__ y,
+                                              const signed char* __restrict__ xq,
+                                              const float* __restrict__ xd,
+                                              const float* __restrict__ xa,
+                                              const u8* __restrict__ W,
+                                              const u32* __restrict__ tiles,
+                                              const u32* __restrict__ x_rows,
+                                              const u32* __restrict__ y_rows, u32 n_rows, u32 M,
+                                              u32 K, u64 row_bytes, u32 tile0) {
+    __shared__ __align__(16) u8 sW[TILE * MMA_STRIDE];
+    __shared__ __align__(16) u8 sX[TILE * MMA_STRIDE];
+    __shared__ float sWs[TILE][8], sWm[TILE][8];
+    __shared__ int sWsc[TILE][8];  // Q6_K: sc0 | sc1 << 16
+    __shared__ float sXd[TILE][8], sXa[TILE][8];
+
+    const u32 tid = threadIdx.x;
+    const u32 warp = tid >> 5, lane = tid & 31u;
+    const u32 gq = lane >> 2, tq = lane & 3u;  // mma groupID, threadID_in_group
+    const u32 wm = warp & 1u, wn = warp >> 1;
+    const Tile tl = get_tile(tiles, tile0 + blockIdx.y, TILE, n_rows);
+    const u32 m0 = blockIdx.x * TILE;
+    const u32 nb = K / DOT_BLOCK;
+
+    float acc[4][2][2][4];
+#pragma unroll
+    for (int p = 0; p < 4; ++p)
+#pragma unroll
+        for (int a = 0; a < 2; ++a)
+#pragma unroll
+            for (int b = 0; b < 2; ++b)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[p][a][b][e] = 0.0f;
+
+    for (u32 c0 = 0; c0 < nb; c0 += 8u) {
+        // Weights: 64 rows x 8 blocks, two (row, block) pairs per thread, decoded to int8.
+#pragma unroll
+        for (u32 s = 0; s < 2u; ++s) {
+            const u32 pair = tid + s * 256u;
+            const u32 r = pair >> 3, j = pair & 7u;
+            int* dst = reinterpret_cast<int*>(sW + r * MMA_STRIDE + j * 32u);
+            if (m0 + r < M && c0 + j < nb) {
+                const u8* wrow = W + ((u64)tl.expert * M + m0 + r) * row_bytes;
+                const WBlk w = decode_wblock<FMT>(wrow, c0 + j);
+#pragma unroll
+                for (int i = 0; i < 8; ++i) dst[i] = w.q[i];
+                sWs[r][j] = w.s1;
+                sWm[r][j] = w.s2;
+                sWsc[r][j] = (w.sc0 & 0xffff) | (w.sc1 << 16);
+            } else {
+#pragma unroll
+                for (int i = 0; i < 8; ++i) dst[i] = 0;
+                sWs[r][j] = 0.0f;
+                sWm[r][j] = 0.0f;
+                sWsc[r][j] = 0;
+            }
+        }
+        // Activations: 64 rows x 256 codes (16 x 16 bytes per row), and the block scalars.
+#pragma unroll
+        for (u32 s = 0; s < 4u; ++s) {
+            const u32 idx = tid + s * 256u;
+            const u32 r = idx >> 4, part = idx & 15u;
+            int4 v = make_int4(0, 0, 0, 0);
+            if (r < tl.rows && c0 * 32u + part * 16u < K) {
+                const u32 xr = map_row(x_rows, tl.row0 + r);
+                v = *reinterpret_cast<const int4*>(xq + (u64)xr * K + c0 * 32u + part * 16u);
+            }
+            *reinterpret_cast<int4*>(sX + r * MMA_STRIDE + part * 16u) = v;
+        }
+#pragma unroll
+        for (u32 s = 0; s < 2u; ++s) {
+            const u32 pair = tid + s * 256u;
+            const u32 r = pair >> 3, j = pair & 7u;
+            float dv = 0.0f, av = 0.0f;
+            if (r < tl.rows && c0 + j < nb) {
+                const u64 at = (u64)map_row(x_rows, tl.row0 + r) * nb + c0 + j;
+                dv = xd[at];
+                av = xa[at];
+            }
+            sXd[r][j] = dv;
+            sXa[r][j] = av;
+        }
+        __syncthreads();
+
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            if (c0 + j < nb) {
+                int af[2][4], bf[2][2];
+#pragma unroll
+                for (int mt = 0; mt < 2; ++mt) {
+                    const u32 r = wm * 32u + mt * 16u + gq;
+                    const u8* base = sW + j * 32 + tq * 4u;
+                    af[mt][0] = *reinterpret_cast<const int*>(base + r * MMA_STRIDE);
+                    af[mt][1] = *reinterpret_cast<const int*>(base + (r + 8u) * MMA_STRIDE);
+                    af[mt][2] = *reinterpret_cast<const int*>(base + r * MMA_STRIDE + 16);
+                    af[mt][3] = *reinterpret_cast<const int*>(base + (r + 8u) * MMA_STRIDE + 16);
+                }
+#pragma unroll
+                for (int nt = 0; nt < 2; ++nt) {
+                    const u32 r = wn * 16u + nt * 8u + gq;
+                    const u8* base = sX + r * MMA_STRIDE + j * 32 + tq * 4u;
+                    bf[nt][0] = *reinterpret_cast<const int*>(base);
+                    bf[nt][1] = *reinterpret_cast<const int*>(base + 16);
+                }
+#pragma unroll
+                for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+                    for (int nt = 0; nt < 2; ++nt) {
+                        int lo[4] = {0, 0, 0, 0}, hi[4] = {0, 0, 0, 0};
+                        if (FMT == FMT_Q6_K) {
+                            mma_k16(lo, af[mt][0], af[mt][1], bf[nt][0]);
+                            mma_k16(hi, af[mt][2], af[mt][3], bf[nt][1]);
+                        } else {
+                            mma_k32(lo, af[mt], bf[nt][0], bf[nt][1]);
+                        }
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const u32 mr = wm * 32u + mt * 16u + gq + ((e & 2) ? 8u : 0u);
+                            const u32 nr = wn * 16u + nt * 8u + tq * 2u + (e & 1);
+                            WBlk w;
+                            w.s1 = sWs[mr][j];
+                            w.s2 = sWm[mr][j];
+                            const int scp = sWsc[mr][j];
+                            w.sc0 = (int)(short)(scp & 0xffff);
+                            w.sc1 = scp >> 16;
+                            acc[j & 3][mt][nt][e] =
+                                qstep<FMT>(acc[j & 3][mt][nt][e], w, lo[e], hi[e], sXd[nr][j],
+                                           sXa[nr][j]);
+                        }
+                    }
+                }
+            }
+        }
+        __syncthreads();
+    }
+
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const u32 m = m0 + wm * 32u + mt * 16u + gq + ((e & 2) ? 8u : 0u);
+                const u32 r = wn * 16u + nt * 8u + tq * 2u + (e & 1);
+                if (m < M && r < tl.rows)
+                    y[(u64)map_row(y_rows, tl.row0 + r) * M + m] =
+                        canon_tree(acc[0][mt][nt][e], acc[1][mt][nt][e], acc[2][mt][nt][e],
+                                   acc[3][mt][nt][e]);
+            }
+}
+
+// ------------------------------------------------------------------------------------------
+// Entry points. Float formats read x (f32); quantized ones read xq/xd/xa (quantize.cu).
+
+#define GEMV_ENTRY(name, FMT, NT)                                                              \
+    extern "C" __global__ void __launch_bounds__(256)                                          \
+        name(float* __restrict__ y, const float* __restrict__ x,                               \
+             const signed char* __restrict__ xq, const float* __restrict__ xd,                 \
+             const float* __restrict__ xa, const u8* __restrict__ W,                           \
+             const u32* __restrict__ tiles, const u32* __restrict__ x_rows,                    \
+             const u32* __restrict__ y_rows, u32 n_rows, u32 M, u32 K, u64 row_bytes,          \
+             u32 tile0) {                                                                      \
+        gemv_body<FMT, NT>(y, x, xq, xd, xa, W, tiles, x_rows, y_rows, n_rows, M, K,           \
+                           row_bytes, tile0);                                                  \
+    }
+
+#define GEMV_ALL_NT(fmt, FMT)              \
+    GEMV_ENTRY(gemv_##fmt##_t1, FMT, 1)    \
+    GEMV_ENTRY(gemv_##fmt##_t2, FMT, 2)    \
+    GEMV_ENTRY(gemv_##fmt##_t4, FMT, 4)    \
+    GEMV_ENTRY(gemv_##fmt##_t8, FMT, 8)
+
+GEMV_ALL_NT(f32, FMT_F32)
+GEMV_ALL_NT(f16, FMT_F16)
+GEMV_ALL_NT(bf16, FMT_BF16)
+GEMV_ALL_NT(q8_0, FMT_Q8_0)
+GEMV_ALL_NT(q4_k, FMT_Q4_K)
+GEMV_ALL_NT(q5_k, FMT_Q5_K)
+GEMV_ALL_NT(q6_k, FMT_Q6_K)
+
+#define FFMA_ENTRY(fmt, FMT)                                                                   \
+    extern "C" __global__ void __launch_bounds__(256)                                          \
+        gemm_ffma_##fmt(float* __restrict__ y, const float* __restrict__ x,                    \
+                        const signed char* __restrict__ xq, const float* __restrict__ xd,      \
+                        const float* __restrict__ xa, const u8* __restrict__ W,                \
+                        const u32* __restrict__ tiles, const u32* __restrict__ x_rows,         \
+                        const u32* __restrict__ y_rows, u32 n_rows, u32 M, u32 K,              \
+                        u64 row_bytes, u32 tile0) {                                            \
+        gemm_ffma_body<FMT>(y, x, W, tiles, x_rows, y_rows, n_rows, M, K, row_bytes, tile0);   \
+    }
+
+FFMA_ENTRY(f32, FMT_F32)
+FFMA_ENTRY(f16, FMT_F16)
+FFMA_ENTRY(bf16, FMT_BF16)
+
+#define MMA_ENTRY(fmt, FMT)                                                                    \
+    extern "C" __global__ void __launch_bounds__(256)                                          \
+        gemm_mma_##fmt(float* __restrict__ y, const float* __restrict__ x,                     \
+                       const signed char* __restrict__ xq, const float* __restrict__ xd,       \
+                       const float* __restrict__ xa, const u8* __restrict__ W,                 \
+                       const u32* __restrict__ tiles, const u32* __restrict__ x_rows,          \
+                       const u32* __restrict__ y_rows, u32 n_rows, u32 M, u32 K,               \
+                       u64 row_bytes, u32 tile0) {                                             \
+        gemm_mma_body<FMT>(y, xq, xd, xa, W, tiles, x_rows, y_rows, n_rows, M, K, row_bytes,  \
+                           tile0);                                                             \
+    }
+
+MMA_ENTRY(q8_0, FMT_Q8_0)
+MMA_ENTRY(q4_k, FMT_Q4_K)
+MMA_ENTRY(q5_k, FMT_Q5_K)
+MMA_ENTRY(q6_k, FMT_Q6_K)

@@ -37,18 +37,21 @@ pub enum Family {
     Router,
     /// `cuda/activation.cu`
     Activation,
+    /// `cuda/quantize.cu`
+    Quantize,
 }
 
 const COMMON: &str = include_str!("../cuda/common.cuh");
 
 impl Family {
     /// Every family, in a fixed order.
-    pub const ALL: [Family; 5] = [
+    pub const ALL: [Family; 6] = [
         Family::RowScale,
         Family::MoeReduce,
         Family::Gemm,
         Family::Router,
         Family::Activation,
+        Family::Quantize,
     ];
 
     /// The file stem under `cuda/`.
@@ -59,6 +62,7 @@ impl Family {
             Family::Gemm => "gemm",
             Family::Router => "router",
             Family::Activation => "activation",
+            Family::Quantize => "quantize",
         }
     }
 
@@ -69,6 +73,7 @@ impl Family {
             Family::Gemm => include_str!("../cuda/gemm.cu"),
             Family::Router => include_str!("../cuda/router.cu"),
             Family::Activation => include_str!("../cuda/activation.cu"),
+            Family::Quantize => include_str!("../cuda/quantize.cu"),
         }
     }
 

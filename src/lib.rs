@@ -31,6 +31,7 @@ pub mod error;
 pub mod kernels;
 pub mod math;
 pub mod model;
+pub mod quant;
 pub mod reference;
 pub mod tensor;
 

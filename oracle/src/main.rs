@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use bitexact::model::moe_block::{self, GpuMoeBlock, MoeConfig, MoeOutput, MoeWeights};
+use bitexact::quant::WeightFormat;
 use bitexact::Device;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -55,6 +56,9 @@ struct MoeBlockArgs {
     /// Keep the softmax probabilities of the selected experts (no renormalisation).
     #[arg(long)]
     no_renorm: bool,
+    /// Format of the experts' matrices: F32, F16, BF16, Q8_0, Q4_K, Q5_K or Q6_K.
+    #[arg(long, default_value = "F32", value_parser = parse_format)]
+    format: WeightFormat,
     /// Seed of the synthetic weights and inputs.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -98,6 +102,7 @@ struct ConfigReport {
     ffn: usize,
     shared_ffn: Option<usize>,
     renormalize: bool,
+    format: String,
     seed: u64,
 }
 
@@ -166,18 +171,20 @@ fn run_moe_block(a: &MoeBlockArgs) -> Result<bool> {
         ffn: a.ffn,
         shared_ffn: (!a.no_shared).then_some(a.shared_ffn),
         renormalize: !a.no_renorm,
+        format: a.format,
     };
     cfg.validate()?;
     let n = a.tokens;
     println!("bitexact oracle: moe-block");
     println!(
-        "config: tokens={n} dim={} experts={} top_k={} ffn={} shared_ffn={} renormalize={} seed={} ({:.1} MiB of f32 weights)",
+        "config: tokens={n} dim={} experts={} top_k={} ffn={} shared_ffn={} renormalize={} format={} seed={} ({:.1} MiB of weights)",
         cfg.dim,
         cfg.n_experts,
         cfg.top_k,
         cfg.ffn,
         cfg.shared_ffn.map_or("none".to_string(), |s| s.to_string()),
         cfg.renormalize,
+        cfg.format,
         a.seed,
         cfg.weight_bytes() as f64 / (1 << 20) as f64
     );
@@ -329,6 +336,7 @@ fn run_moe_block(a: &MoeBlockArgs) -> Result<bool> {
                 ffn: cfg.ffn,
                 shared_ffn: cfg.shared_ffn,
                 renormalize: cfg.renormalize,
+                format: cfg.format.name().to_string(),
                 seed: a.seed,
             },
             device: dev.as_ref().map(|d| format!("{} ({})", d.name(), d.arch())),
@@ -343,6 +351,13 @@ fn run_moe_block(a: &MoeBlockArgs) -> Result<bool> {
         println!("report: {}", path.display());
     }
     Ok(bit_exact)
+}
+
+fn parse_format(s: &str) -> Result<WeightFormat, String> {
+    WeightFormat::parse(s).ok_or_else(|| {
+        let names: Vec<&str> = WeightFormat::ALL.iter().map(|f| f.name()).collect();
+        format!("unknown format `{s}` (one of {})", names.join(", "))
+    })
 }
 
 fn fmt_secs(s: f64) -> String {

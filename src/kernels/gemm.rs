@@ -1,70 +1,139 @@
-//! Matrix products with f32 weights (kernels `cuda/gemm.cu`, reference
-//! [`crate::reference::gemm`]): every output is the canonical dot product of its row, so a
-//! GEMV, a GEMM over any number of tokens and the expert-grouped GEMM agree bit for bit.
+//! Matrix products in every weight format (kernels `cuda/gemm.cu`, reference
+//! [`crate::reference::gemm`]).
+//!
+//! Every output is the canonical dot product of its row (the order is stated in
+//! [`crate::reference::gemm`]), so a GEMV, a GEMM over any number of tokens, the expert-grouped
+//! GEMM and every kernel the dispatcher may pick agree bit for bit.
+//!
+//! - [`matmul`]: `y = x · Wᵀ` for one matrix ([`GpuMatrix`] with one expert).
+//! - [`matmul_grouped`]: the MoE product, each routed row through its own expert's matrix
+//!   ([`RoutedRows`]).
+//! - [`gemm_f32`] / [`gemm_grouped_f32`]: the v1 kernels on plain f32 tensors (the baseline).
+//!
+//! Dispatch ([`MatmulKernel::Auto`]): tiles of at most [`GEMV_MAX_ROWS`] rows run the GEMV
+//! (weights read once per tile, memory-bound); larger ones the tiled GEMM (FFMA for the float
+//! formats, int8 `mma.sync` for the quantized ones), in tiles of [`GEMM_TILE_ROWS`] rows.
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::{as_u32, dims, row_chunks};
+use super::quantize::{quantize_act, GpuActQ8};
+use super::{as_u32, dims, row_chunks, MAX_GRID_Y};
 use crate::device::{Device, Family};
 use crate::error::{check_indices, check_shape, Error, Result};
+use crate::quant::{QuantMatrix, WeightFormat};
 use crate::tensor::GpuTensor;
 
-const THREADS: u32 = 128;
+const V1_THREADS: u32 = 128;
 
-/// Dense product `y[n, m] = dot(x[n, :], w[m, :])` with the canonical order of
-/// [`crate::reference::gemm`]. Shapes (row-major): `x: [n, k]`, `w: [m, k]`, `y: [n, m]`.
-pub fn gemm_f32(
-    dev: &Device,
-    x: &GpuTensor<f32>,
-    w: &GpuTensor<f32>,
-    y: &mut GpuTensor<f32>,
-) -> Result<()> {
-    const OP: &str = "gemm_f32";
-    let [n, k] = dims(OP, "x", "[n, k]", x.dims())?;
-    let [m, kw] = dims(OP, "w", "[m, k]", w.dims())?;
-    check_shape(OP, "w", &[m, k], &[m, kw])?;
-    check_shape(OP, "y", &[n, m], y.dims())?;
-    let (m32, k32) = (as_u32(OP, "m", m)?, as_u32(OP, "k", k)?);
-    if k32 > i32::MAX as u32 {
-        return Err(Error::invalid(OP, format!("k = {k} exceeds 2^31 - 1")));
-    }
-    if n == 0 || m == 0 {
-        return Ok(());
-    }
-    let f = dev.function(Family::Gemm, "gemm_f32_v1")?;
-    for (row0, nrows) in row_chunks(n) {
-        let cfg = LaunchConfig {
-            grid_dim: (m32.div_ceil(THREADS), nrows, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut launch = dev.stream().launch_builder(&f);
-        launch
-            .arg(y.slice_mut())
-            .arg(x.slice())
-            .arg(w.slice())
-            .arg(&m32)
-            .arg(&k32)
-            .arg(&row0);
-        // SAFETY: x is [n, k], w [m, k], y [n, m] (checked above); the grid covers rows
-        // row0..row0 + nrows <= n and the kernel guards output features against m.
-        unsafe { launch.launch(cfg) }?;
-    }
-    Ok(())
+/// Most rows per tile that [`MatmulKernel::Auto`] sends to the GEMV.
+pub const GEMV_MAX_ROWS: usize = 8;
+/// Rows per tile of the tiled GEMM (and output features per block of every v2 kernel).
+pub const GEMM_TILE_ROWS: usize = 64;
+
+/// Which kernel a product runs. Every choice returns the same bits; the choice is speed only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum MatmulKernel {
+    /// GEMV for tiles of at most [`GEMV_MAX_ROWS`] rows, the tiled GEMM otherwise.
+    #[default]
+    Auto,
+    /// The v1 one-thread-per-output kernels (F32 weights only).
+    V1,
+    /// The GEMV, in tiles of at most 8 rows.
+    Gemv,
+    /// The tiled GEMM (FFMA for float formats, int8 tensor cores for quantized ones).
+    Gemm,
 }
 
-/// A validated routing table for [`gemm_grouped_f32`], resident on the device: routed row `r`
-/// reads input row `x_rows[r]`, multiplies by expert `experts[r]` and writes output row
-/// `y_rows[r]`.
+/// A weight matrix, or a stack of expert matrices `[experts, rows, cols]`, on the device in its
+/// stored (GGUF) format.
+#[derive(Debug)]
+pub struct GpuMatrix {
+    format: WeightFormat,
+    experts: usize,
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+    data: CudaSlice<u8>,
+}
+
+impl GpuMatrix {
+    /// Uploads a host matrix (already checked by [`QuantMatrix`]).
+    pub fn upload(dev: &Device, m: &QuantMatrix) -> Result<Self> {
+        let data = dev
+            .stream()
+            .clone_htod(m.bytes())
+            .map_err(|e| Error::from_alloc(e, m.bytes().len(), "GpuMatrix::upload"))?;
+        Ok(GpuMatrix {
+            format: m.format(),
+            experts: m.experts(),
+            rows: m.rows(),
+            cols: m.cols(),
+            row_bytes: m.format().row_bytes(m.cols())?,
+            data,
+        })
+    }
+
+    /// The weight format.
+    pub fn format(&self) -> WeightFormat {
+        self.format
+    }
+
+    /// Number of stacked matrices.
+    pub fn experts(&self) -> usize {
+        self.experts
+    }
+
+    /// Output features per matrix.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Reduction length K.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes on the device.
+    pub fn num_bytes(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// A validated routing table, resident on the device: routed row `r` reads input row
+/// `x_rows[r]`, multiplies by expert `experts[r]` and writes output row `y_rows[r]`.
+///
+/// The rows are stored sorted by expert (stably), and cut into tiles of one expert each: of at
+/// most 64 rows for the GEMM and at most 8 for the GEMV. How rows are grouped into tiles never
+/// changes a bit.
 #[derive(Debug)]
 pub struct RoutedRows {
     x_rows: CudaSlice<u32>,
     experts: CudaSlice<u32>,
     y_rows: CudaSlice<u32>,
+    gemm_tiles: CudaSlice<u32>,
+    gemv_tiles: CudaSlice<u32>,
+    n_gemm_tiles: usize,
+    n_gemv_tiles: usize,
+    largest_group: usize,
     len: usize,
     nx: usize,
     n_experts: usize,
     ny: usize,
+}
+
+fn tiles(sorted_experts: &[u32], height: usize) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut r = 0;
+    while r < sorted_experts.len() {
+        let e = sorted_experts[r];
+        let mut end = r;
+        while end < sorted_experts.len() && sorted_experts[end] == e && end - r < height {
+            end += 1;
+        }
+        out.extend([e, r as u32, (end - r) as u32]);
+        r = end;
+    }
+    out
 }
 
 impl RoutedRows {
@@ -88,6 +157,7 @@ impl RoutedRows {
         check_indices(OP, "x_rows", x_rows, nx)?;
         check_indices(OP, "experts", experts, n_experts)?;
         check_indices(OP, "y_rows", y_rows, ny)?;
+        as_u32(OP, "routed rows", len)?;
         let mut seen = vec![false; ny];
         for (position, &r) in y_rows.iter().enumerate() {
             if std::mem::replace(&mut seen[r as usize], true) {
@@ -97,15 +167,33 @@ impl RoutedRows {
                 ));
             }
         }
+        let mut order: Vec<usize> = (0..len).collect();
+        order.sort_by_key(|&i| experts[i]);
+        let pick = |v: &[u32]| -> Vec<u32> { order.iter().map(|&i| v[i]).collect() };
+        let (xs, es, ys) = (pick(x_rows), pick(experts), pick(y_rows));
+        let gemm_tiles = tiles(&es, GEMM_TILE_ROWS);
+        let gemv_tiles = tiles(&es, GEMV_MAX_ROWS);
+        let largest_group = tiles(&es, usize::MAX)
+            .chunks(3)
+            .map(|t| t[2] as usize)
+            .max()
+            .unwrap_or(0);
         let up = |v: &[u32], what| {
+            // A zero-length table still needs a valid (non-null) buffer to pass.
+            let v: &[u32] = if v.is_empty() { &[0] } else { v };
             dev.stream()
                 .clone_htod(v)
                 .map_err(|e| Error::from_alloc(e, std::mem::size_of_val(v), what))
         };
         Ok(RoutedRows {
-            x_rows: up(x_rows, "RoutedRows x_rows")?,
-            experts: up(experts, "RoutedRows experts")?,
-            y_rows: up(y_rows, "RoutedRows y_rows")?,
+            x_rows: up(&xs, "RoutedRows x_rows")?,
+            experts: up(&es, "RoutedRows experts")?,
+            y_rows: up(&ys, "RoutedRows y_rows")?,
+            n_gemm_tiles: gemm_tiles.len() / 3,
+            n_gemv_tiles: gemv_tiles.len() / 3,
+            gemm_tiles: up(&gemm_tiles, "RoutedRows tiles")?,
+            gemv_tiles: up(&gemv_tiles, "RoutedRows tiles")?,
+            largest_group,
             len,
             nx,
             n_experts,
@@ -122,12 +210,386 @@ impl RoutedRows {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Rows routed to the most popular expert.
+    pub fn largest_group(&self) -> usize {
+        self.largest_group
+    }
+}
+
+/// The kernel a product actually runs, after dispatch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Plan {
+    V1,
+    /// GEMV with this many rows per tile (1, 2, 4 or 8).
+    Gemv(usize),
+    Gemm,
+}
+
+fn gemv_height(rows: usize) -> usize {
+    rows.clamp(1, GEMV_MAX_ROWS).next_power_of_two()
+}
+
+fn plan(kernel: MatmulKernel, format: WeightFormat, largest_tile: usize) -> Result<Plan> {
+    Ok(match kernel {
+        MatmulKernel::V1 if format == WeightFormat::F32 => Plan::V1,
+        MatmulKernel::V1 => {
+            return Err(Error::invalid(
+                "matmul",
+                format!("the v1 kernels take F32 weights, not {format}"),
+            ))
+        }
+        MatmulKernel::Gemv => Plan::Gemv(gemv_height(largest_tile)),
+        MatmulKernel::Gemm => Plan::Gemm,
+        MatmulKernel::Auto if largest_tile <= GEMV_MAX_ROWS => {
+            Plan::Gemv(gemv_height(largest_tile))
+        }
+        MatmulKernel::Auto => Plan::Gemm,
+    })
+}
+
+/// Kernel names, indexed by [`WeightFormat::index`] (and GEMV height).
+const GEMV_NAMES: [[&str; 4]; 7] = [
+    ["gemv_f32_t1", "gemv_f32_t2", "gemv_f32_t4", "gemv_f32_t8"],
+    ["gemv_f16_t1", "gemv_f16_t2", "gemv_f16_t4", "gemv_f16_t8"],
+    [
+        "gemv_bf16_t1",
+        "gemv_bf16_t2",
+        "gemv_bf16_t4",
+        "gemv_bf16_t8",
+    ],
+    [
+        "gemv_q8_0_t1",
+        "gemv_q8_0_t2",
+        "gemv_q8_0_t4",
+        "gemv_q8_0_t8",
+    ],
+    [
+        "gemv_q4_k_t1",
+        "gemv_q4_k_t2",
+        "gemv_q4_k_t4",
+        "gemv_q4_k_t8",
+    ],
+    [
+        "gemv_q5_k_t1",
+        "gemv_q5_k_t2",
+        "gemv_q5_k_t4",
+        "gemv_q5_k_t8",
+    ],
+    [
+        "gemv_q6_k_t1",
+        "gemv_q6_k_t2",
+        "gemv_q6_k_t4",
+        "gemv_q6_k_t8",
+    ],
+];
+const GEMM_NAMES: [&str; 7] = [
+    "gemm_ffma_f32",
+    "gemm_ffma_f16",
+    "gemm_ffma_bf16",
+    "gemm_mma_q8_0",
+    "gemm_mma_q4_k",
+    "gemm_mma_q5_k",
+    "gemm_mma_q6_k",
+];
+
+/// Checks `x: [n, k]`, `w` and `y: [ny, m]` against each other.
+fn check_operands(
+    op: &'static str,
+    x: &GpuTensor<f32>,
+    w: &GpuMatrix,
+    y: &GpuTensor<f32>,
+    ny: Option<usize>,
+) -> Result<(usize, usize, usize)> {
+    let [n, k] = dims(op, "x", "[n, k]", x.dims())?;
+    check_shape(op, "x", &[n, w.cols], &[n, k])?;
+    let ny = ny.unwrap_or(n);
+    check_shape(op, "y", &[ny, w.rows], y.dims())?;
+    check_extents(op, w.rows, k)?;
+    Ok((n, w.rows, k))
+}
+
+/// `m` and `k` fit the kernels' 32-bit arguments (`k` below 2^31).
+fn check_extents(op: &'static str, m: usize, k: usize) -> Result<()> {
+    as_u32(op, "m", m)?;
+    if k > i32::MAX as usize {
+        return Err(Error::invalid(op, format!("k = {k} exceeds 2^31 - 1")));
+    }
+    Ok(())
+}
+
+/// The v1 dense kernel over rows `0..n` (shapes checked by the caller).
+fn launch_v1_dense<W>(
+    dev: &Device,
+    x: &GpuTensor<f32>,
+    w: &CudaSlice<W>,
+    y: &mut GpuTensor<f32>,
+    n: usize,
+    m: usize,
+    k: usize,
+) -> Result<()> {
+    let f = dev.function(Family::Gemm, "gemm_f32_v1")?;
+    let (m32, k32) = (m as u32, k as u32);
+    for (row0, nrows) in row_chunks(n) {
+        let cfg = LaunchConfig {
+            grid_dim: (m32.div_ceil(V1_THREADS), nrows, 1),
+            block_dim: (V1_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = dev.stream().launch_builder(&f);
+        launch
+            .arg(y.slice_mut())
+            .arg(x.slice())
+            .arg(w)
+            .arg(&m32)
+            .arg(&k32)
+            .arg(&row0);
+        // SAFETY: the caller checked x: [n, k], w: m rows of k f32 values, y: [n, m]; the grid
+        // covers rows row0..row0 + nrows <= n and the kernel guards output features against m.
+        unsafe { launch.launch(cfg) }?;
+    }
+    Ok(())
+}
+
+/// The v1 grouped kernel over every routed row (shapes checked by the caller).
+fn launch_v1_grouped<W>(
+    dev: &Device,
+    x: &GpuTensor<f32>,
+    w: &CudaSlice<W>,
+    rows: &RoutedRows,
+    y: &mut GpuTensor<f32>,
+    m: usize,
+    k: usize,
+) -> Result<()> {
+    let f = dev.function(Family::Gemm, "gemm_grouped_f32_v1")?;
+    let (m32, k32) = (m as u32, k as u32);
+    for (row0, nrows) in row_chunks(rows.len) {
+        let cfg = LaunchConfig {
+            grid_dim: (m32.div_ceil(V1_THREADS), nrows, 1),
+            block_dim: (V1_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = dev.stream().launch_builder(&f);
+        launch
+            .arg(y.slice_mut())
+            .arg(x.slice())
+            .arg(w)
+            .arg(&rows.x_rows)
+            .arg(&rows.experts)
+            .arg(&rows.y_rows)
+            .arg(&m32)
+            .arg(&k32)
+            .arg(&row0);
+        // SAFETY: every index in `rows` was checked against (nx, n_experts, ny) when it was
+        // built and the caller checked x, w, y have exactly those extents; y_rows are
+        // distinct, so no two threads write one element.
+        unsafe { launch.launch(cfg) }?;
+    }
+    Ok(())
+}
+
+/// Dense product `y[n, m] = dot(x[n, :], w[m, :])` (`w` holds one matrix), with the kernel the
+/// dispatcher picks. Shapes: `x: [n, k]`, `y: [n, m]`, `w: [1, m, k]`. Quantized formats first
+/// quantize `x` per block of 32 ([`quantize_act`]).
+pub fn matmul(
+    dev: &Device,
+    x: &GpuTensor<f32>,
+    w: &GpuMatrix,
+    y: &mut GpuTensor<f32>,
+) -> Result<()> {
+    matmul_with(dev, MatmulKernel::Auto, x, w, y)
+}
+
+/// [`matmul`] with the kernel chosen by the caller (tests and benches pin each one).
+pub fn matmul_with(
+    dev: &Device,
+    kernel: MatmulKernel,
+    x: &GpuTensor<f32>,
+    w: &GpuMatrix,
+    y: &mut GpuTensor<f32>,
+) -> Result<()> {
+    const OP: &str = "matmul";
+    let (n, m, k) = check_operands(OP, x, w, y, None)?;
+    if w.experts != 1 {
+        return Err(Error::invalid(
+            OP,
+            format!(
+                "a dense product takes one matrix, got {} experts",
+                w.experts
+            ),
+        ));
+    }
+    let plan = plan(kernel, w.format, n)?;
+    if n == 0 || m == 0 {
+        return Ok(());
+    }
+    if plan == Plan::V1 {
+        return launch_v1_dense(dev, x, &w.data, y, n, m, k);
+    }
+    let height = match plan {
+        Plan::Gemv(h) => h,
+        _ => GEMM_TILE_ROWS,
+    };
+    let act = if w.format.is_quantized() {
+        Some(quantize_act(dev, x)?)
+    } else {
+        None
+    };
+    let n_tiles = n.div_ceil(height);
+    launch_v2(dev, plan, x, act.as_ref(), w, None, n_tiles, n, y)
 }
 
 /// Expert-grouped product: `y[y_rows[r], m] = dot(x[x_rows[r], :], w[experts[r], m, :])` for
-/// every routed row of `rows`, each output the canonical dot product. Shapes (row-major):
-/// `x: [nx, k]`, `w: [n_experts, m, k]`, `y: [ny, m]`, matching the bounds `rows` was built
-/// with. Output rows no routed row names are left as they are.
+/// every routed row of `rows`. Shapes: `x: [nx, k]`, `w: [n_experts, m, k]`, `y: [ny, m]`,
+/// matching the bounds `rows` was built with. Output rows no routed row names are left as
+/// they are.
+pub fn matmul_grouped(
+    dev: &Device,
+    x: &GpuTensor<f32>,
+    w: &GpuMatrix,
+    rows: &RoutedRows,
+    y: &mut GpuTensor<f32>,
+) -> Result<()> {
+    matmul_grouped_with(dev, MatmulKernel::Auto, x, w, rows, y)
+}
+
+/// [`matmul_grouped`] with the kernel chosen by the caller.
+pub fn matmul_grouped_with(
+    dev: &Device,
+    kernel: MatmulKernel,
+    x: &GpuTensor<f32>,
+    w: &GpuMatrix,
+    rows: &RoutedRows,
+    y: &mut GpuTensor<f32>,
+) -> Result<()> {
+    const OP: &str = "matmul_grouped";
+    let (nx, m, k) = check_operands(OP, x, w, y, Some(rows.ny))?;
+    check_shape(OP, "x", &[rows.nx, k], &[nx, k])?;
+    if w.experts != rows.n_experts {
+        return Err(Error::shape(
+            OP,
+            "w",
+            &[rows.n_experts, m, k],
+            &[w.experts, m, k],
+        ));
+    }
+    let plan = plan(kernel, w.format, rows.largest_group.min(GEMM_TILE_ROWS))?;
+    if rows.is_empty() || m == 0 {
+        return Ok(());
+    }
+    if plan == Plan::V1 {
+        return launch_v1_grouped(dev, x, &w.data, rows, y, m, k);
+    }
+    let act = if w.format.is_quantized() {
+        Some(quantize_act(dev, x)?)
+    } else {
+        None
+    };
+    let n_tiles = match plan {
+        Plan::Gemv(_) => rows.n_gemv_tiles,
+        _ => rows.n_gemm_tiles,
+    };
+    launch_v2(
+        dev,
+        plan,
+        x,
+        act.as_ref(),
+        w,
+        Some(rows),
+        n_tiles,
+        rows.len,
+        y,
+    )
+}
+
+/// Launches a GEMV or tiled GEMM over `n_tiles` row tiles (dense when `rows` is `None`).
+#[allow(clippy::too_many_arguments)]
+fn launch_v2(
+    dev: &Device,
+    plan: Plan,
+    x: &GpuTensor<f32>,
+    act: Option<&GpuActQ8>,
+    w: &GpuMatrix,
+    rows: Option<&RoutedRows>,
+    n_tiles: usize,
+    n_rows: usize,
+    y: &mut GpuTensor<f32>,
+) -> Result<()> {
+    let fi = w.format.index();
+    let (name, tiles) = match plan {
+        Plan::Gemv(h) => (
+            GEMV_NAMES[fi][h.trailing_zeros() as usize],
+            rows.map(|r| &r.gemv_tiles),
+        ),
+        _ => (GEMM_NAMES[fi], rows.map(|r| &r.gemm_tiles)),
+    };
+    if let (Plan::Gemv(h), Some(r)) = (plan, rows) {
+        debug_assert!(r.largest_group.min(GEMV_MAX_ROWS) <= h);
+    }
+    let f = dev.function(Family::Gemm, name)?;
+    let null = 0u64;
+    let (n32, m32, k32) = (n_rows as u32, w.rows as u32, w.cols as u32);
+    let row_bytes = w.row_bytes as u64;
+    let m_blocks = m32.div_ceil(GEMM_TILE_ROWS as u32);
+    for tile0 in (0..n_tiles).step_by(MAX_GRID_Y) {
+        let count = (n_tiles - tile0).min(MAX_GRID_Y) as u32;
+        let tile0 = tile0 as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (m_blocks, count, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = dev.stream().launch_builder(&f);
+        launch.arg(y.slice_mut()).arg(x.slice());
+        match act {
+            Some(a) => launch
+                .arg(a.codes.slice())
+                .arg(a.d.slice())
+                .arg(a.a.slice()),
+            None => launch.arg(x.slice()).arg(x.slice()).arg(x.slice()),
+        };
+        launch.arg(&w.data);
+        match (tiles, rows) {
+            (Some(t), Some(r)) => launch.arg(t).arg(&r.x_rows).arg(&r.y_rows),
+            _ => launch.arg(&null).arg(&null).arg(&null),
+        };
+        launch
+            .arg(&n32)
+            .arg(&m32)
+            .arg(&k32)
+            .arg(&row_bytes)
+            .arg(&tile0);
+        // SAFETY: x (or its quantization) is [nx, k] and y is [ny, m] with k, m and the routed
+        // rows' indices checked against w, x and y by the callers; tiles cover routed rows
+        // 0..n_rows of one expert each (< w.experts), at most the kernel's height per tile;
+        // output rows are distinct, so no two threads write one element.
+        unsafe { launch.launch(cfg) }?;
+    }
+    Ok(())
+}
+
+/// Dense product with plain f32 tensors through the v1 kernel: `y[n, m] = dot(x[n, :],
+/// w[m, :])`, `x: [n, k]`, `w: [m, k]`, `y: [n, m]`.
+pub fn gemm_f32(
+    dev: &Device,
+    x: &GpuTensor<f32>,
+    w: &GpuTensor<f32>,
+    y: &mut GpuTensor<f32>,
+) -> Result<()> {
+    const OP: &str = "gemm_f32";
+    let [n, k] = dims(OP, "x", "[n, k]", x.dims())?;
+    let [m, kw] = dims(OP, "w", "[m, k]", w.dims())?;
+    check_shape(OP, "w", &[m, k], &[m, kw])?;
+    check_shape(OP, "y", &[n, m], y.dims())?;
+    check_extents(OP, m, k)?;
+    if n == 0 || m == 0 {
+        return Ok(());
+    }
+    launch_v1_dense(dev, x, w.slice(), y, n, m, k)
+}
+
+/// Expert-grouped product with plain f32 tensors through the v1 kernel: `x: [nx, k]`,
+/// `w: [n_experts, m, k]`, `y: [ny, m]`.
 pub fn gemm_grouped_f32(
     dev: &Device,
     x: &GpuTensor<f32>,
@@ -141,35 +603,9 @@ pub fn gemm_grouped_f32(
     check_shape(OP, "x", &[rows.nx, k], &[nx, k])?;
     check_shape(OP, "w", &[rows.n_experts, m, k], &[ne, m, kw])?;
     check_shape(OP, "y", &[rows.ny, m], y.dims())?;
-    let (m32, k32) = (as_u32(OP, "m", m)?, as_u32(OP, "k", k)?);
-    if k32 > i32::MAX as u32 {
-        return Err(Error::invalid(OP, format!("k = {k} exceeds 2^31 - 1")));
-    }
+    check_extents(OP, m, k)?;
     if rows.is_empty() || m == 0 {
         return Ok(());
     }
-    let f = dev.function(Family::Gemm, "gemm_grouped_f32_v1")?;
-    for (row0, nrows) in row_chunks(rows.len) {
-        let cfg = LaunchConfig {
-            grid_dim: (m32.div_ceil(THREADS), nrows, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut launch = dev.stream().launch_builder(&f);
-        launch
-            .arg(y.slice_mut())
-            .arg(x.slice())
-            .arg(w.slice())
-            .arg(&rows.x_rows)
-            .arg(&rows.experts)
-            .arg(&rows.y_rows)
-            .arg(&m32)
-            .arg(&k32)
-            .arg(&row0);
-        // SAFETY: every index in `rows` was checked against (nx, n_experts, ny) when it was
-        // built, and x, w, y have exactly those extents (checked above); y_rows are distinct,
-        // so no two threads write one element.
-        unsafe { launch.launch(cfg) }?;
-    }
-    Ok(())
+    launch_v1_grouped(dev, x, w.slice(), rows, y, m, k)
 }

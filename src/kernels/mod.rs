@@ -8,6 +8,7 @@
 pub mod activation;
 pub mod gemm;
 pub mod moe_reduce;
+pub mod quantize;
 pub mod router;
 pub mod row_scale;
 

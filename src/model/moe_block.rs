@@ -15,8 +15,10 @@
 
 use crate::device::Device;
 use crate::error::{Error, Result};
+use crate::kernels::gemm::GpuMatrix;
 use crate::kernels::{activation, gemm, moe_reduce, router, row_scale};
 use crate::model::init;
+use crate::quant::{QuantMatrix, WeightFormat};
 use crate::reference;
 use crate::tensor::GpuTensor;
 
@@ -35,6 +37,9 @@ pub struct MoeConfig {
     pub shared_ffn: Option<usize>,
     /// Divide the selected routing weights by their sum (Qwen3's `norm_topk_prob`).
     pub renormalize: bool,
+    /// Format of the routed and shared experts' matrices (the router and the shared expert's
+    /// gate stay F32, as GGUF files keep them).
+    pub format: WeightFormat,
 }
 
 impl MoeConfig {
@@ -57,6 +62,22 @@ impl MoeConfig {
                 ),
             ));
         }
+        let blk = self.format.block_elems();
+        for (what, v) in [
+            ("dim", self.dim),
+            ("ffn", self.ffn),
+            ("shared_ffn", self.shared_ffn.unwrap_or(blk)),
+        ] {
+            if v % blk != 0 {
+                return Err(Error::invalid(
+                    OP,
+                    format!(
+                        "{what} = {v} is not a multiple of the {} block ({blk})",
+                        self.format
+                    ),
+                ));
+            }
+        }
         if self.top_k == 0 || self.top_k > self.n_experts.min(router::MAX_TOP_K) {
             return Err(Error::invalid(
                 OP,
@@ -70,40 +91,43 @@ impl MoeConfig {
         Ok(())
     }
 
-    /// Bytes of f32 weights.
+    /// Bytes of weights in their stored formats.
     pub fn weight_bytes(&self) -> usize {
-        let routed = self.n_experts * (self.dim + 3 * self.ffn * self.dim);
-        let shared = self.shared_ffn.map_or(0, |s| self.dim + 3 * s * self.dim);
-        4 * (routed + shared)
+        let per = |elems: usize| elems / self.format.block_elems() * self.format.block_bytes();
+        let routed = 4 * self.n_experts * self.dim + self.n_experts * 3 * per(self.ffn * self.dim);
+        let shared = self
+            .shared_ffn
+            .map_or(0, |s| 4 * self.dim + 3 * per(s * self.dim));
+        routed + shared
     }
 }
 
-/// Weights of the shared expert (row-major, output features first).
+/// Weights of the shared expert (each output feature's weights contiguous).
 #[derive(Clone, Debug)]
 pub struct SharedWeights {
-    /// Gate logit weights `[dim]` (`ffn_gate_inp_shexp`).
-    pub gate_inp: Vec<f32>,
-    /// `[shared_ffn, dim]`
-    pub gate: Vec<f32>,
-    /// `[shared_ffn, dim]`
-    pub up: Vec<f32>,
-    /// `[dim, shared_ffn]`
-    pub down: Vec<f32>,
+    /// Gate logit weights `[1, 1, dim]`, F32 (`ffn_gate_inp_shexp`).
+    pub gate_inp: QuantMatrix,
+    /// `[1, shared_ffn, dim]`
+    pub gate: QuantMatrix,
+    /// `[1, shared_ffn, dim]`
+    pub up: QuantMatrix,
+    /// `[1, dim, shared_ffn]`
+    pub down: QuantMatrix,
 }
 
-/// Weights of an MoE block (row-major, each output feature's weights contiguous).
+/// Weights of an MoE block (each output feature's weights contiguous, as GGUF stores them).
 #[derive(Clone, Debug)]
 pub struct MoeWeights {
     /// The shape.
     pub cfg: MoeConfig,
-    /// `[n_experts, dim]`
-    pub router: Vec<f32>,
+    /// `[1, n_experts, dim]`, F32.
+    pub router: QuantMatrix,
     /// `[n_experts, ffn, dim]`
-    pub gate: Vec<f32>,
+    pub gate: QuantMatrix,
     /// `[n_experts, ffn, dim]`
-    pub up: Vec<f32>,
+    pub up: QuantMatrix,
     /// `[n_experts, dim, ffn]`
-    pub down: Vec<f32>,
+    pub down: QuantMatrix,
     /// The shared expert, if the config has one.
     pub shared: Option<SharedWeights>,
 }
@@ -122,23 +146,31 @@ mod tensor_id {
 }
 
 impl MoeWeights {
-    /// Weights from `seed`: each tensor `uniform(seed, tensor, i) / sqrt(fan_in)`.
+    /// Weights from `seed`: each tensor `uniform(seed, tensor, i) / sqrt(fan_in)`, encoded into
+    /// `cfg.format` by [`QuantMatrix::quantize`] (router and shared gate stay F32).
     pub fn generate(cfg: &MoeConfig, seed: u64) -> Result<Self> {
         use tensor_id::*;
         cfg.validate()?;
-        let (d, f, e) = (cfg.dim, cfg.ffn, cfg.n_experts);
-        let shared = cfg.shared_ffn.map(|s| SharedWeights {
-            gate_inp: init::fill(seed, SHARED_GATE_INP, d, init::fan_in_scale(d)),
-            gate: init::fill(seed, SHARED_GATE, s * d, init::fan_in_scale(d)),
-            up: init::fill(seed, SHARED_UP, s * d, init::fan_in_scale(d)),
-            down: init::fill(seed, SHARED_DOWN, d * s, init::fan_in_scale(s)),
-        });
+        let (d, f, e, fmt) = (cfg.dim, cfg.ffn, cfg.n_experts, cfg.format);
+        let make = |id, fmt, experts, rows, cols| {
+            let v = init::fill(seed, id, experts * rows * cols, init::fan_in_scale(cols));
+            QuantMatrix::quantize(fmt, &v, experts, rows, cols)
+        };
+        let shared = match cfg.shared_ffn {
+            Some(s) => Some(SharedWeights {
+                gate_inp: make(SHARED_GATE_INP, WeightFormat::F32, 1, 1, d)?,
+                gate: make(SHARED_GATE, fmt, 1, s, d)?,
+                up: make(SHARED_UP, fmt, 1, s, d)?,
+                down: make(SHARED_DOWN, fmt, 1, d, s)?,
+            }),
+            None => None,
+        };
         Ok(MoeWeights {
             cfg: cfg.clone(),
-            router: init::fill(seed, ROUTER, e * d, init::fan_in_scale(d)),
-            gate: init::fill(seed, GATE, e * f * d, init::fan_in_scale(d)),
-            up: init::fill(seed, UP, e * f * d, init::fan_in_scale(d)),
-            down: init::fill(seed, DOWN, e * d * f, init::fan_in_scale(f)),
+            router: make(ROUTER, WeightFormat::F32, 1, e, d)?,
+            gate: make(GATE, fmt, e, f, d)?,
+            up: make(UP, fmt, e, f, d)?,
+            down: make(DOWN, fmt, e, d, f)?,
             shared,
         })
     }
@@ -169,31 +201,34 @@ fn check_input(cfg: &MoeConfig, len: usize, n: usize) -> Result<()> {
 }
 
 /// CPU reference for one token: the sequential loop of the module docs.
-fn forward_cpu_token(w: &MoeWeights, x: &[f32]) -> MoeOutput {
-    use reference::{activation::swiglu, gemm::gemm_f32, moe_reduce, router::softmax_topk};
+fn forward_cpu_token(w: &MoeWeights, x: &[f32]) -> Result<MoeOutput> {
+    use reference::{activation::swiglu, gemm::gemm, gemm::gemm_grouped, moe_reduce};
     let c = &w.cfg;
     let (d, f, k) = (c.dim, c.ffn, c.top_k);
-    let logits = gemm_f32(x, &w.router, 1, c.n_experts, d);
-    let (ids, weights) = softmax_topk(&logits, 1, c.n_experts, k, c.renormalize);
-    let mut partial = Vec::with_capacity(k * d);
-    for &e in &ids {
-        let e = e as usize;
-        let g = gemm_f32(x, &w.gate[e * f * d..][..f * d], 1, f, d);
-        let u = gemm_f32(x, &w.up[e * f * d..][..f * d], 1, f, d);
-        let h = swiglu(&g, &u);
-        partial.extend(gemm_f32(&h, &w.down[e * d * f..][..d * f], 1, d, f));
-    }
-    let shared = w.shared.as_ref().map(|s| {
-        let sf = c.shared_ffn.expect("shared weights imply shared_ffn");
-        let g = gemm_f32(x, &s.gate, 1, sf, d);
-        let u = gemm_f32(x, &s.up, 1, sf, d);
-        let mut y = gemm_f32(&swiglu(&g, &u), &s.down, 1, d, sf);
-        let gate = reference::activation::sigmoid(&gemm_f32(x, &s.gate_inp, 1, 1, d));
-        reference::row_scale::row_scale(&mut y, &gate, d);
-        y
-    });
+    let logits = gemm(x, &w.router, 1)?;
+    let (ids, weights) = reference::router::softmax_topk(&logits, 1, c.n_experts, k, c.renormalize);
+    // The token's k experts, one row each: gate and up read the token, down reads row j of h.
+    let slots: Vec<u32> = (0..k as u32).collect();
+    let mut g = vec![0.0; k * f];
+    let mut u = vec![0.0; k * f];
+    gemm_grouped(x, &w.gate, &mut g, &vec![0; k], &ids, &slots)?;
+    gemm_grouped(x, &w.up, &mut u, &vec![0; k], &ids, &slots)?;
+    let h = swiglu(&g, &u);
+    let mut partial = vec![0.0; k * d];
+    gemm_grouped(&h, &w.down, &mut partial, &slots, &ids, &slots)?;
+    let shared = match &w.shared {
+        Some(s) => {
+            let g = gemm(x, &s.gate, 1)?;
+            let u = gemm(x, &s.up, 1)?;
+            let mut y = gemm(&swiglu(&g, &u), &s.down, 1)?;
+            let gate = reference::activation::sigmoid(&gemm(x, &s.gate_inp, 1)?);
+            reference::row_scale::row_scale(&mut y, &gate, d);
+            Some(y)
+        }
+        None => None,
+    };
     let out = moe_reduce::moe_weighted_reduce(&partial, &weights, shared.as_deref(), 1, k, d);
-    MoeOutput { out, ids, weights }
+    Ok(MoeOutput { out, ids, weights })
 }
 
 /// The CPU sequential reference over `n` tokens (`x: [n, dim]`). Each token is computed by the
@@ -203,7 +238,10 @@ pub fn forward_cpu(w: &MoeWeights, x: &[f32], n: usize) -> Result<MoeOutput> {
     use rayon::prelude::*;
     check_input(&w.cfg, x.len(), n)?;
     let d = w.cfg.dim;
-    let per_token: Vec<MoeOutput> = x.par_chunks(d).map(|xt| forward_cpu_token(w, xt)).collect();
+    let per_token: Vec<MoeOutput> = x
+        .par_chunks(d)
+        .map(|xt| forward_cpu_token(w, xt))
+        .collect::<Result<_>>()?;
     let mut all = MoeOutput {
         out: Vec::with_capacity(n * d),
         ids: Vec::with_capacity(n * w.cfg.top_k),
@@ -285,71 +323,53 @@ pub fn forward_cpu_batched(w: &MoeWeights, x: &[f32], n: usize) -> Result<MoeOut
     check_input(&w.cfg, x.len(), n)?;
     let c = &w.cfg;
     let (d, f, k, ne) = (c.dim, c.ffn, c.top_k, c.n_experts);
-    let logits = rg::gemm_f32(x, &w.router, n, ne, d);
+    let logits = rg::gemm(x, &w.router, n)?;
     let (ids, weights) = rr::softmax_topk(&logits, n, ne, k, c.renormalize);
     let plan = ExpertPlan::new(&ids, k, ne)?;
     let r = plan.len();
     let mut g = vec![0.0; r * f];
     let mut u = vec![0.0; r * f];
-    rg::gemm_grouped_f32(
-        x,
-        &w.gate,
-        &mut g,
-        &plan.tokens,
-        &plan.experts,
-        &plan.rows,
-        f,
-        d,
-    );
-    rg::gemm_grouped_f32(
-        x,
-        &w.up,
-        &mut u,
-        &plan.tokens,
-        &plan.experts,
-        &plan.rows,
-        f,
-        d,
-    );
+    rg::gemm_grouped(x, &w.gate, &mut g, &plan.tokens, &plan.experts, &plan.rows)?;
+    rg::gemm_grouped(x, &w.up, &mut u, &plan.tokens, &plan.experts, &plan.rows)?;
     let h = activation::swiglu(&g, &u);
     let mut partial = vec![0.0; n * k * d];
-    rg::gemm_grouped_f32(
+    rg::gemm_grouped(
         &h,
         &w.down,
         &mut partial,
         &plan.rows,
         &plan.experts,
         &plan.pairs,
-        d,
-        f,
-    );
-    let shared = w.shared.as_ref().map(|s| {
-        let sf = c.shared_ffn.expect("shared weights imply shared_ffn");
-        let sg = rg::gemm_f32(x, &s.gate, n, sf, d);
-        let su = rg::gemm_f32(x, &s.up, n, sf, d);
-        let mut sy = rg::gemm_f32(&activation::swiglu(&sg, &su), &s.down, n, d, sf);
-        let gate = activation::sigmoid(&rg::gemm_f32(x, &s.gate_inp, n, 1, d));
-        rs::row_scale(&mut sy, &gate, d);
-        sy
-    });
+    )?;
+    let shared = match &w.shared {
+        Some(s) => {
+            let sg = rg::gemm(x, &s.gate, n)?;
+            let su = rg::gemm(x, &s.up, n)?;
+            let mut sy = rg::gemm(&activation::swiglu(&sg, &su), &s.down, n)?;
+            let gate = activation::sigmoid(&rg::gemm(x, &s.gate_inp, n)?);
+            rs::row_scale(&mut sy, &gate, d);
+            Some(sy)
+        }
+        None => None,
+    };
     let out = moe_reduce::moe_weighted_reduce(&partial, &weights, shared.as_deref(), n, k, d);
     Ok(MoeOutput { out, ids, weights })
 }
 
 struct GpuShared {
-    gate_inp: GpuTensor<f32>,
-    gate: GpuTensor<f32>,
-    up: GpuTensor<f32>,
-    down: GpuTensor<f32>,
+    gate_inp: GpuMatrix,
+    gate: GpuMatrix,
+    up: GpuMatrix,
+    down: GpuMatrix,
 }
 
 /// An MoE block's weights on the device, with the two GPU forward paths.
 pub struct GpuMoeBlock {
     cfg: MoeConfig,
-    router: GpuTensor<f32>,
-    gate: GpuTensor<f32>,
-    up: GpuTensor<f32>,
-    down: GpuTensor<f32>,
+    router: GpuMatrix,
+    gate: GpuMatrix,
+    up: GpuMatrix,
+    down: GpuMatrix,
     shared: Option<GpuShared>,
 }
 
@@ -380,13 +400,12 @@ impl GpuMoeBlock {
     pub fn upload(dev: &Device, w: &MoeWeights) -> Result<Self> {
         let c = &w.cfg;
         c.validate()?;
-        let (d, f, e) = (c.dim, c.ffn, c.n_experts);
         let shared = match (&w.shared, c.shared_ffn) {
-            (Some(s), Some(sf)) => Some(GpuShared {
-                gate_inp: GpuTensor::from_host(dev, &s.gate_inp, &[1, d])?,
-                gate: GpuTensor::from_host(dev, &s.gate, &[sf, d])?,
-                up: GpuTensor::from_host(dev, &s.up, &[sf, d])?,
-                down: GpuTensor::from_host(dev, &s.down, &[d, sf])?,
+            (Some(s), Some(_)) => Some(GpuShared {
+                gate_inp: GpuMatrix::upload(dev, &s.gate_inp)?,
+                gate: GpuMatrix::upload(dev, &s.gate)?,
+                up: GpuMatrix::upload(dev, &s.up)?,
+                down: GpuMatrix::upload(dev, &s.down)?,
             }),
             (None, None) => None,
             _ => {
@@ -398,10 +417,10 @@ impl GpuMoeBlock {
         };
         Ok(GpuMoeBlock {
             cfg: c.clone(),
-            router: GpuTensor::from_host(dev, &w.router, &[e, d])?,
-            gate: GpuTensor::from_host(dev, &w.gate, &[e, f, d])?,
-            up: GpuTensor::from_host(dev, &w.up, &[e, f, d])?,
-            down: GpuTensor::from_host(dev, &w.down, &[e, d, f])?,
+            router: GpuMatrix::upload(dev, &w.router)?,
+            gate: GpuMatrix::upload(dev, &w.gate)?,
+            up: GpuMatrix::upload(dev, &w.up)?,
+            down: GpuMatrix::upload(dev, &w.down)?,
             shared,
         })
     }
@@ -428,7 +447,7 @@ impl GpuMoeBlock {
         let n = x.dims()[0];
 
         let mut logits = GpuTensor::zeros(dev, &[n, ne])?;
-        gemm::gemm_f32(dev, x, &self.router, &mut logits)?;
+        gemm::matmul(dev, x, &self.router, &mut logits)?;
         let mut ids = GpuTensor::<u32>::zeros(dev, &[n, k])?;
         let mut weights = GpuTensor::zeros(dev, &[n, k])?;
         router::softmax_topk(dev, &logits, k, c.renormalize, &mut ids, &mut weights)?;
@@ -443,26 +462,26 @@ impl GpuMoeBlock {
 
         let mut g = GpuTensor::zeros(dev, &[r, f])?;
         let mut u = GpuTensor::zeros(dev, &[r, f])?;
-        gemm::gemm_grouped_f32(dev, x, &self.gate, &up_rows, &mut g)?;
-        gemm::gemm_grouped_f32(dev, x, &self.up, &up_rows, &mut u)?;
+        gemm::matmul_grouped(dev, x, &self.gate, &up_rows, &mut g)?;
+        gemm::matmul_grouped(dev, x, &self.up, &up_rows, &mut u)?;
         let mut h = GpuTensor::zeros(dev, &[r, f])?;
         activation::swiglu(dev, &g, &u, &mut h)?;
         let mut partial = GpuTensor::zeros(dev, &[n * k, d])?;
-        gemm::gemm_grouped_f32(dev, &h, &self.down, &down_rows, &mut partial)?;
+        gemm::matmul_grouped(dev, &h, &self.down, &down_rows, &mut partial)?;
         partial.reshape(&[n, k, d])?;
 
         let shared = match (&self.shared, c.shared_ffn) {
             (Some(s), Some(sf)) => {
                 let mut sg = GpuTensor::zeros(dev, &[n, sf])?;
                 let mut su = GpuTensor::zeros(dev, &[n, sf])?;
-                gemm::gemm_f32(dev, x, &s.gate, &mut sg)?;
-                gemm::gemm_f32(dev, x, &s.up, &mut su)?;
+                gemm::matmul(dev, x, &s.gate, &mut sg)?;
+                gemm::matmul(dev, x, &s.up, &mut su)?;
                 let mut sh = GpuTensor::zeros(dev, &[n, sf])?;
                 activation::swiglu(dev, &sg, &su, &mut sh)?;
                 let mut sy = GpuTensor::zeros(dev, &[n, d])?;
-                gemm::gemm_f32(dev, &sh, &s.down, &mut sy)?;
+                gemm::matmul(dev, &sh, &s.down, &mut sy)?;
                 let mut gl = GpuTensor::zeros(dev, &[n, 1])?;
-                gemm::gemm_f32(dev, x, &s.gate_inp, &mut gl)?;
+                gemm::matmul(dev, x, &s.gate_inp, &mut gl)?;
                 let mut gate = GpuTensor::zeros(dev, &[n])?;
                 gl.reshape(&[n])?;
                 activation::sigmoid(dev, &gl, &mut gate)?;

@@ -1,26 +1,42 @@
-//! Reference for the matrix products of `cuda/gemm.cu`: the canonical f32 dot product and the
-//! dense and expert-grouped products built from it.
+//! Reference for the matrix products of `cuda/gemm.cu`: the canonical dot product of every
+//! weight format, and the dense and expert-grouped products built from it.
 //!
-//! # The canonical order (f32 weights)
+//! # The canonical order
 //!
 //! `dot(x, w)` over `K` elements, whatever the caller (GEMV, GEMM-N for any N, the grouped
-//! expert GEMM, any launch configuration):
+//! expert GEMM, any launch configuration or dispatch choice):
 //!
-//! 1. `K` is cut into blocks of [`DOT_BLOCK`] = 32 consecutive elements (the last block may be
-//!    shorter); block `b` covers `k` in `32 b .. min(32 b + 32, K)`.
+//! 1. `K` is cut into blocks of [`DOT_BLOCK`] = 32 consecutive elements; block `b` covers `k` in
+//!    `32 b .. min(32 b + 32, K)` (only float formats may have a shorter last block).
 //! 2. There are [`DOT_PARTIALS`] = 4 partial sums `p0..p3`, each starting at `+0.0`.
 //!    Block `b` belongs to partial `b % 4`.
-//! 3. Each partial is one sequential fma chain over its blocks in increasing `b`, and within a
-//!    block over increasing `k`: `p = fma(w[k], x[k], p)`.
+//! 3. Each partial takes its blocks in increasing `b`; one block's step, by weight format:
+//!    - F32, F16, BF16 (widened exactly to f32): for `k` in the block, increasing,
+//!      `p = fma(w[k], x[k], p)`.
+//!    - Q8_0: `p = fma(d * dx, isum, p)`.
+//!    - Q4_K, Q5_K: `p = fma(ws * dx, isum, p)`, then `p = fma(wm, ax, p)`, with
+//!      `ws = d * sc` and `wm = -(dmin * m)` ([`WScale::KMin`]).
+//!    - Q6_K: `p = fma(d * dx, sc_lo * isum_lo + sc_hi * isum_hi, p)`.
+//!
+//!    `isum` is the exact integer dot of the block's weight codes ([`WBlock`]) with the
+//!    activation codes (`isum_lo`, `isum_hi` its halves over elements 0..16 and 16..32), `dx`
+//!    the activation block scale and `ax = dx * Σ codes`
+//!    ([`crate::reference::quantize`]); each product of two floats is rounded once and the
+//!    integers convert exactly (they stay below 2^24).
 //! 4. The result is the fixed pairwise tree `(p0 + p1) + (p2 + p3)`.
 //!
-//! The order depends on `K` alone. Four independent chains give a GEMV four-way parallelism
-//! per row, and let a tiled GEMM split K across four groups of threads that each own one
-//! partial, while the chains stay long enough that the combination costs nothing.
+//! The order depends on `K` and the format alone. Four independent chains give a GEMV four-way
+//! parallelism per row, let the float GEMM split K across four groups of threads that each own
+//! one partial, and let the tensor-core GEMM keep the partial index a compile-time constant
+//! (block `j` of a 256-wide chunk feeds partial `j % 4`), while the chains stay long enough that
+//! the combination costs nothing. Integer dots are exact, so the tensor cores may form them in
+//! any order.
 
 use rayon::prelude::*;
 
+use crate::error::{Error, Result};
 use crate::math::canon;
+use crate::quant::{decode_block, quantize_act, ActQ8, QuantMatrix, WBlock, WScale, WeightFormat};
 
 /// Elements per block of the canonical dot product.
 pub const DOT_BLOCK: usize = 32;
@@ -99,4 +115,111 @@ pub fn gemm_grouped_f32(
     for (r, row) in rows.into_iter().enumerate() {
         y[y_rows[r] as usize * m..][..m].copy_from_slice(&row);
     }
+}
+
+/// One block's step of the canonical order for a quantized weight block `w` against the
+/// activation codes `xq` (32 of them) with block scale `dx` and `ax = dx * Σ xq`.
+pub fn qstep(acc: f32, w: &WBlock, xq: &[i8], dx: f32, ax: f32) -> f32 {
+    let half = |r: std::ops::Range<usize>| -> i32 {
+        r.map(|i| i32::from(w.q[i]) * i32::from(xq[i])).sum()
+    };
+    let (lo, hi) = (half(0..16), half(16..32));
+    match w.scale {
+        WScale::Q8 { d } => (d * dx).mul_add((lo + hi) as f32, acc),
+        WScale::KMin { ws, wm } => wm.mul_add(ax, (ws * dx).mul_add((lo + hi) as f32, acc)),
+        WScale::Q6 { d, sc } => {
+            let i = i32::from(sc[0]) * lo + i32::from(sc[1]) * hi;
+            (d * dx).mul_add(i as f32, acc)
+        }
+    }
+}
+
+/// The canonical dot of one stored weight row (`format`, `k` columns) with one activation row:
+/// f32 values for the float formats, or row `row` of the quantized activations `act`.
+pub fn dot_row(
+    format: WeightFormat,
+    w_row: &[u8],
+    k: usize,
+    x: &[f32],
+    act: Option<(&ActQ8, usize)>,
+) -> f32 {
+    if !format.is_quantized() {
+        let mut w = Vec::with_capacity(k);
+        crate::quant::dequantize_row(format, w_row, k, &mut w);
+        return dot_f32(x, &w);
+    }
+    let (act, row) = act.expect("quantized formats take quantized activations");
+    let nb = k / DOT_BLOCK;
+    let mut p = [0.0f32; DOT_PARTIALS];
+    for b in 0..nb {
+        let w = decode_block(format, w_row, b);
+        let xq = &act.codes[row * k + b * DOT_BLOCK..][..DOT_BLOCK];
+        let at = row * nb + b;
+        p[b % DOT_PARTIALS] = qstep(p[b % DOT_PARTIALS], &w, xq, act.d[at], act.a[at]);
+    }
+    (p[0] + p[1]) + (p[2] + p[3])
+}
+
+fn check_product(op: &'static str, w: &QuantMatrix, x_len: usize, nx: usize) -> Result<()> {
+    if x_len != nx * w.cols() {
+        return Err(Error::shape(op, "x", &[nx, w.cols()], &[x_len]));
+    }
+    Ok(())
+}
+
+/// Dense product `y[n, m] = dot(x[n, :], w[m, :])` for a single matrix `w` in any format
+/// (`w.experts() == 1`); quantized formats first quantize each row of `x`
+/// ([`quantize_act`]). Shapes: `x: [n, k]`, returns `[n, m]`.
+pub fn gemm(x: &[f32], w: &QuantMatrix, n: usize) -> Result<Vec<f32>> {
+    check_product("reference::gemm", w, x.len(), n)?;
+    if w.experts() != 1 {
+        return Err(Error::invalid(
+            "reference::gemm",
+            "a dense product takes one matrix",
+        ));
+    }
+    let mut y = vec![0.0f32; n * w.rows()];
+    let rows: Vec<u32> = (0..n as u32).collect();
+    gemm_grouped(x, w, &mut y, &rows, &vec![0; n], &rows)?;
+    Ok(y)
+}
+
+/// Expert-grouped product for any format: `y[y_rows[r], m] = dot(x[x_rows[r], :],
+/// w[experts[r], m, :])`. Shapes: `x: [nx, k]`, `w: [n_experts, m, k]`, `y: [ny, m]`; output
+/// rows no routed row names are left as they are.
+pub fn gemm_grouped(
+    x: &[f32],
+    w: &QuantMatrix,
+    y: &mut [f32],
+    x_rows: &[u32],
+    experts: &[u32],
+    y_rows: &[u32],
+) -> Result<()> {
+    let (m, k) = (w.rows(), w.cols());
+    let nx = x.len().checked_div(k).unwrap_or(0);
+    check_product("reference::gemm_grouped", w, x.len(), nx)?;
+    let act = w.format().is_quantized().then(|| quantize_act(x, nx, k));
+    let rows: Vec<Vec<f32>> = (0..experts.len())
+        .into_par_iter()
+        .map(|r| {
+            let xr = x_rows[r] as usize;
+            let e = experts[r] as usize;
+            (0..m)
+                .map(|j| {
+                    let row = w.row(e, j);
+                    canon(dot_row(
+                        w.format(),
+                        row,
+                        k,
+                        &x[xr * k..][..k],
+                        act.as_ref().map(|a| (a, xr)),
+                    ))
+                })
+                .collect()
+        })
+        .collect();
+    for (r, row) in rows.into_iter().enumerate() {
+        y[y_rows[r] as usize * m..][..m].copy_from_slice(&row);
+    }
+    Ok(())
 }

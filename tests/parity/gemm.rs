@@ -1,118 +1,329 @@
-//! f32 matrix products: GPU == the canonical dot of the reference, bit for bit; a GEMV row ==
-//! the same row of a GEMM over N tokens == the grouped expert GEMM.
+//! Matrix products: GPU == the canonical dot of the reference, bit for bit, for every weight
+//! format and every kernel the dispatcher can pick; a GEMV row == the same row of a GEMM over N
+//! tokens == the grouped expert GEMM.
 
-use bitexact::kernels::gemm::{gemm_f32, gemm_grouped_f32, RoutedRows};
+use bitexact::kernels::gemm::{
+    gemm_f32, gemm_grouped_f32, matmul, matmul_grouped_with, matmul_with, GpuMatrix, MatmulKernel,
+    RoutedRows,
+};
+use bitexact::quant::{QuantMatrix, WeightFormat};
 use bitexact::{reference, Error, GpuTensor};
 use proptest::prelude::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::common::{assert_bits_eq, gpu, gpu_cases, poison, values};
+use crate::common::{assert_bits_eq, finite, gpu, gpu_cases, poison, values};
 
-fn dense(n: usize, m: usize, k: usize, seed: u64) {
+const KERNELS: [MatmulKernel; 3] = [MatmulKernel::Auto, MatmulKernel::Gemv, MatmulKernel::Gemm];
+
+/// Weights with a wide dynamic range and some all-zero 32-blocks, encoded into `fmt`.
+fn weights(fmt: WeightFormat, experts: usize, m: usize, k: usize, seed: u64) -> QuantMatrix {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut v = finite(seed, experts * m * k, 1.0);
+    for row in v.chunks_mut(k.max(1)) {
+        let scale = 2f32.powi(rng.gen_range(-8..=4));
+        for x in row.iter_mut() {
+            *x *= scale;
+        }
+        if k >= 32 && rng.gen_bool(0.2) {
+            let b = rng.gen_range(0..k / 32);
+            row[32 * b..32 * b + 32].fill(0.0);
+        }
+    }
+    QuantMatrix::quantize(fmt, &v, experts, m, k).unwrap()
+}
+
+/// Activations: wide exponent spread, specials (NaN, inf, subnormals) with probability
+/// `special`, and some all-zero blocks.
+fn activations(n: usize, k: usize, seed: u64, special: f64) -> Vec<f32> {
+    let mut x = values(seed, n * k, 4.0, special);
+    let mut rng = StdRng::seed_from_u64(seed ^ 0xabc);
+    for row in x.chunks_mut(k.max(1)) {
+        if k >= 32 && rng.gen_bool(0.2) {
+            let b = rng.gen_range(0..k / 32);
+            row[32 * b..32 * b + 32].fill(0.0);
+        }
+    }
+    x
+}
+
+fn dense(fmt: WeightFormat, n: usize, m: usize, k: usize, seed: u64, kernels: &[MatmulKernel]) {
     let Some(dev) = gpu() else { return };
-    let xh = values(seed, n * k, 2.0, 0.01);
-    let wh = values(seed ^ 7, m * k, 1.0, 0.01);
-    let want = reference::gemm::gemm_f32(&xh, &wh, n, m, k);
+    let wq = weights(fmt, 1, m, k, seed);
+    let xh = activations(n, k, seed ^ 7, 0.002);
+    let want = reference::gemm::gemm(&xh, &wq, n).unwrap();
+    let w = GpuMatrix::upload(dev, &wq).unwrap();
     let x = GpuTensor::from_host(dev, &xh, &[n, k]).unwrap();
-    let w = GpuTensor::from_host(dev, &wh, &[m, k]).unwrap();
-    let mut y = GpuTensor::from_host(dev, &poison(n * m), &[n, m]).unwrap();
-    gemm_f32(dev, &x, &w, &mut y).unwrap();
-    let got = y.to_host().unwrap();
-    assert_bits_eq(
-        &format!("gemm_f32 n={n} m={m} k={k} seed={seed}"),
-        &got,
-        &want,
-    );
-
-    // Each token alone (a GEMV) gives its row of the batched product.
-    for t in [0, n / 2, n - 1] {
-        let xt = GpuTensor::from_host(dev, &xh[t * k..(t + 1) * k], &[1, k]).unwrap();
-        let mut yt = GpuTensor::from_host(dev, &poison(m), &[1, m]).unwrap();
-        gemm_f32(dev, &xt, &w, &mut yt).unwrap();
+    for &kernel in kernels {
+        let mut y = GpuTensor::from_host(dev, &poison(n * m), &[n, m]).unwrap();
+        matmul_with(dev, kernel, &x, &w, &mut y).unwrap();
         assert_bits_eq(
-            &format!("gemv row {t} of n={n}"),
-            &yt.to_host().unwrap(),
-            &got[t * m..(t + 1) * m],
+            &format!("matmul {fmt} n={n} m={m} k={k} seed={seed} kernel={kernel:?}"),
+            &y.to_host().unwrap(),
+            &want,
         );
     }
 }
 
-fn grouped(n: usize, ne: usize, m: usize, k: usize, seed: u64) {
+fn k_for(fmt: WeightFormat, units: usize, tail: usize) -> usize {
+    match fmt.block_elems() {
+        1 => units * 32 + tail,
+        b => units.max(1) * b,
+    }
+}
+
+proptest! {
+    #![proptest_config(gpu_cases(24))]
+
+    #[test]
+    fn float_formats_match_reference(
+        f in 0usize..3, n in 1usize..=300, m in 1usize..=80, k in 1usize..=300, seed in any::<u64>(),
+    ) {
+        dense(WeightFormat::ALL[f], n, m, k, seed, &KERNELS);
+    }
+
+    #[test]
+    fn quantized_formats_match_reference(
+        f in 3usize..7, n in 1usize..=300, m in 1usize..=80, units in 1usize..=5, seed in any::<u64>(),
+    ) {
+        let fmt = WeightFormat::ALL[f];
+        // K in 32-blocks for Q8_0 (not a multiple of the 256-wide chunk), super-blocks otherwise.
+        let k = if fmt == WeightFormat::Q8_0 { 32 * (2 * units + 1) } else { 256 * units };
+        dense(fmt, n, m, k, seed, &KERNELS);
+    }
+
+    #[test]
+    fn grouped_matches_reference(
+        f in 0usize..7, n in 1usize..=120, ne in 1usize..=9, m in 1usize..=70, units in 1usize..=3,
+        seed in any::<u64>(),
+    ) {
+        let fmt = WeightFormat::ALL[f];
+        grouped(fmt, n, ne, m, k_for(fmt, units, 5), seed);
+    }
+}
+
+#[test]
+fn dispatch_thresholds() {
+    // One below, at and above every threshold: the GEMV heights (1, 2, 4, 8), the GEMM tile
+    // (64), and the sizes of issue 3's table.
+    for fmt in WeightFormat::ALL {
+        let k = k_for(fmt, 8, 0);
+        for n in [1, 2, 3, 4, 5, 7, 8, 9, 63, 64, 65, 511, 512, 513] {
+            dense(
+                fmt,
+                n,
+                37,
+                k,
+                n as u64 + 1000 * fmt.index() as u64,
+                &KERNELS,
+            );
+        }
+    }
+}
+
+#[test]
+fn large_n() {
+    dense(WeightFormat::Q4K, 4096, 24, 256, 42, &[MatmulKernel::Auto]);
+    dense(WeightFormat::F32, 4096, 24, 96, 43, &[MatmulKernel::Auto]);
+}
+
+#[test]
+fn float_k_tails_and_alignment() {
+    // K not a multiple of 32, 16, 8 or 4: scalar paths and the -0 padding of the FFMA tiles.
+    for fmt in [WeightFormat::F32, WeightFormat::F16, WeightFormat::BF16] {
+        for k in [1, 3, 15, 16, 17, 31, 33, 100, 129, 255] {
+            dense(fmt, 70, 9, k, k as u64, &KERNELS);
+        }
+    }
+}
+
+#[test]
+fn negative_zero_survives_every_kernel() {
+    // A row whose every product is -0 must give -0: padding may never turn it into +0.
+    let Some(dev) = gpu() else { return };
+    for fmt in [WeightFormat::F32, WeightFormat::F16, WeightFormat::BF16] {
+        for k in [5, 32, 45] {
+            let (n, m) = (66, 3);
+            let wq = QuantMatrix::quantize(fmt, &vec![-0.0; m * k], 1, m, k).unwrap();
+            let xh = vec![1.0f32; n * k];
+            let want = reference::gemm::gemm(&xh, &wq, n).unwrap();
+            assert!(want.iter().all(|v| v.to_bits() == (-0.0f32).to_bits()));
+            let w = GpuMatrix::upload(dev, &wq).unwrap();
+            let x = GpuTensor::from_host(dev, &xh, &[n, k]).unwrap();
+            for kernel in KERNELS {
+                let mut y = GpuTensor::from_host(dev, &poison(n * m), &[n, m]).unwrap();
+                matmul_with(dev, kernel, &x, &w, &mut y).unwrap();
+                assert_bits_eq(
+                    &format!("-0 {fmt} k={k} {kernel:?}"),
+                    &y.to_host().unwrap(),
+                    &want,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn nan_and_inf_activations() {
+    let Some(dev) = gpu() else { return };
+    for fmt in WeightFormat::ALL {
+        let k = k_for(fmt, 4, 3);
+        let seed = 77 + fmt.index() as u64;
+        let wq = weights(fmt, 1, 20, k, seed);
+        let xh = activations(12, k, seed, 0.05);
+        let want = reference::gemm::gemm(&xh, &wq, 12).unwrap();
+        let w = GpuMatrix::upload(dev, &wq).unwrap();
+        let x = GpuTensor::from_host(dev, &xh, &[12, k]).unwrap();
+        for kernel in KERNELS {
+            let mut y = GpuTensor::from_host(dev, &poison(12 * 20), &[12, 20]).unwrap();
+            matmul_with(dev, kernel, &x, &w, &mut y).unwrap();
+            assert_bits_eq(
+                &format!("specials {fmt} {kernel:?}"),
+                &y.to_host().unwrap(),
+                &want,
+            );
+        }
+    }
+}
+
+#[test]
+fn gemv_row_equals_gemm_row_equals_grouped() {
+    let Some(dev) = gpu() else { return };
+    for fmt in WeightFormat::ALL {
+        let (n, m, k) = (70, 40, k_for(fmt, 8, 0));
+        let wq = weights(fmt, 1, m, k, 5);
+        let xh = activations(n, k, 6, 0.0);
+        let w = GpuMatrix::upload(dev, &wq).unwrap();
+        let x = GpuTensor::from_host(dev, &xh, &[n, k]).unwrap();
+        let mut full = GpuTensor::zeros(dev, &[n, m]).unwrap();
+        matmul_with(dev, MatmulKernel::Gemm, &x, &w, &mut full).unwrap();
+        let full = full.to_host().unwrap();
+        for t in 0..n {
+            let xt = GpuTensor::from_host(dev, &xh[t * k..(t + 1) * k], &[1, k]).unwrap();
+            let mut yt = GpuTensor::zeros(dev, &[1, m]).unwrap();
+            matmul(dev, &xt, &w, &mut yt).unwrap();
+            assert_bits_eq(
+                &format!("{fmt} gemv row {t}"),
+                &yt.to_host().unwrap(),
+                &full[t * m..(t + 1) * m],
+            );
+        }
+        // Every token routed, in reverse order, to the one expert.
+        let order: Vec<u32> = (0..n as u32).rev().collect();
+        let rows = RoutedRows::new(dev, &order, &vec![0; n], &order, n, 1, n).unwrap();
+        for kernel in KERNELS {
+            let mut yg = GpuTensor::zeros(dev, &[n, m]).unwrap();
+            matmul_grouped_with(dev, kernel, &x, &w, &rows, &mut yg).unwrap();
+            assert_bits_eq(
+                &format!("{fmt} grouped {kernel:?}"),
+                &yg.to_host().unwrap(),
+                &full,
+            );
+        }
+    }
+}
+
+fn grouped(fmt: WeightFormat, n: usize, ne: usize, m: usize, k: usize, seed: u64) {
     let Some(dev) = gpu() else { return };
     let mut rng = StdRng::seed_from_u64(seed);
-    let xh = values(seed, n * k, 2.0, 0.01);
-    let wh = values(seed ^ 9, ne * m * k, 1.0, 0.01);
-    // A random routing: each token to 1..=3 distinct slots of a [n * 3, m] output.
+    let xh = activations(n, k, seed, 0.002);
+    let wq = weights(fmt, ne, m, k, seed ^ 9);
+    // A random routing: each token to 1..=3 slots of a [n * 3, m] output, experts skewed so
+    // that some groups exceed the GEMV height and others hold one row.
     let (mut xr, mut ex, mut yr) = (Vec::new(), Vec::new(), Vec::new());
     for t in 0..n {
         for slot in 0..rng.gen_range(1..=3usize) {
             xr.push(t as u32);
-            ex.push(rng.gen_range(0..ne) as u32);
+            let e = if rng.gen_bool(0.5) {
+                0
+            } else {
+                rng.gen_range(0..ne)
+            };
+            ex.push(e as u32);
             yr.push((t * 3 + slot) as u32);
         }
     }
     let ny = n * 3;
     let mut want = poison(ny * m);
-    reference::gemm::gemm_grouped_f32(&xh, &wh, &mut want, &xr, &ex, &yr, m, k);
+    reference::gemm::gemm_grouped(&xh, &wq, &mut want, &xr, &ex, &yr).unwrap();
+    let x = GpuTensor::from_host(dev, &xh, &[n, k]).unwrap();
+    let w = GpuMatrix::upload(dev, &wq).unwrap();
+    let rows = RoutedRows::new(dev, &xr, &ex, &yr, n, ne, ny).unwrap();
+    let mut kernels = KERNELS.to_vec();
+    if fmt == WeightFormat::F32 {
+        kernels.push(MatmulKernel::V1);
+    }
+    for kernel in kernels {
+        let mut y = GpuTensor::from_host(dev, &poison(ny * m), &[ny, m]).unwrap();
+        matmul_grouped_with(dev, kernel, &x, &w, &rows, &mut y).unwrap();
+        assert_bits_eq(
+            &format!("grouped {fmt} n={n} ne={ne} m={m} k={k} seed={seed} {kernel:?}"),
+            &y.to_host().unwrap(),
+            &want,
+        );
+    }
+}
+
+#[test]
+fn v1_kernels_are_a_second_witness() {
+    let Some(dev) = gpu() else { return };
+    for (n, m, k) in [(1, 5, 1), (3, 5, 33), (40, 70, 300), (65_535 + 70, 3, 37)] {
+        let xh = values(k as u64, n * k, 2.0, 0.01);
+        let wh = values(k as u64 ^ 7, m * k, 1.0, 0.01);
+        let want = reference::gemm::gemm_f32(&xh, &wh, n, m, k);
+        let x = GpuTensor::from_host(dev, &xh, &[n, k]).unwrap();
+        let w = GpuTensor::from_host(dev, &wh, &[m, k]).unwrap();
+        let mut y = GpuTensor::from_host(dev, &poison(n * m), &[n, m]).unwrap();
+        gemm_f32(dev, &x, &w, &mut y).unwrap();
+        assert_bits_eq(
+            &format!("gemm_f32 v1 n={n} m={m} k={k}"),
+            &y.to_host().unwrap(),
+            &want,
+        );
+        let wq = QuantMatrix::quantize(WeightFormat::F32, &wh, 1, m, k).unwrap();
+        let wg = GpuMatrix::upload(dev, &wq).unwrap();
+        let mut y2 = GpuTensor::from_host(dev, &poison(n * m), &[n, m]).unwrap();
+        matmul_with(dev, MatmulKernel::V1, &x, &wg, &mut y2).unwrap();
+        assert_bits_eq("matmul V1", &y2.to_host().unwrap(), &want);
+    }
+    // The grouped v1 kernel on f32 tensors.
+    let (n, ne, m, k) = (9, 3, 7, 40);
+    let xh = values(1, n * k, 2.0, 0.0);
+    let wh = values(2, ne * m * k, 1.0, 0.0);
+    let xr: Vec<u32> = (0..n as u32).collect();
+    let ex: Vec<u32> = (0..n as u32).map(|i| i % ne as u32).collect();
+    let mut want = poison(n * m);
+    reference::gemm::gemm_grouped_f32(&xh, &wh, &mut want, &xr, &ex, &xr, m, k);
+    let rows = RoutedRows::new(dev, &xr, &ex, &xr, n, ne, n).unwrap();
     let x = GpuTensor::from_host(dev, &xh, &[n, k]).unwrap();
     let w = GpuTensor::from_host(dev, &wh, &[ne, m, k]).unwrap();
-    let rows = RoutedRows::new(dev, &xr, &ex, &yr, n, ne, ny).unwrap();
-    let mut y = GpuTensor::from_host(dev, &poison(ny * m), &[ny, m]).unwrap();
+    let mut y = GpuTensor::from_host(dev, &poison(n * m), &[n, m]).unwrap();
     gemm_grouped_f32(dev, &x, &w, &rows, &mut y).unwrap();
-    let got = y.to_host().unwrap();
-    assert_bits_eq(
-        &format!("gemm_grouped_f32 n={n} ne={ne} m={m} k={k} seed={seed}"),
-        &got,
-        &want,
-    );
-
-    // The grouped row equals the dense product with that expert's matrix.
-    let r = xr.len() - 1;
-    let e = ex[r] as usize;
-    let dense = reference::gemm::gemm_f32(
-        &xh[xr[r] as usize * k..][..k],
-        &wh[e * m * k..][..m * k],
-        1,
-        m,
-        k,
-    );
-    assert_bits_eq(
-        "grouped row == dense row",
-        &got[yr[r] as usize * m..][..m],
-        &dense,
-    );
-}
-
-proptest! {
-    #![proptest_config(gpu_cases(48))]
-
-    #[test]
-    fn dense_matches_reference(n in 1usize..=40, m in 1usize..=70, k in 1usize..=300, seed in any::<u64>()) {
-        dense(n, m, k, seed);
-    }
-
-    #[test]
-    fn grouped_matches_reference(n in 1usize..=30, ne in 1usize..=9, m in 1usize..=40, k in 1usize..=200, seed in any::<u64>()) {
-        grouped(n, ne, m, k, seed);
-    }
+    assert_bits_eq("gemm_grouped_f32 v1", &y.to_host().unwrap(), &want);
 }
 
 #[test]
-fn block_boundaries() {
-    // K around the 32-element block and the 4-block round of the canonical order.
-    for k in [1, 31, 32, 33, 127, 128, 129, 255, 256, 257, 2048] {
-        dense(3, 5, k, k as u64);
-    }
-}
+fn malformed_blocks_and_shapes_are_typed_errors_and_write_nothing() {
+    // A Q8_0 block whose f16 scale is NaN, and a Q4_K super-block whose dmin is infinite.
+    let mut q8 = QuantMatrix::quantize(WeightFormat::Q8_0, &[0.5; 64], 1, 1, 64)
+        .unwrap()
+        .bytes()
+        .to_vec();
+    q8[34..36].copy_from_slice(&0x7e00u16.to_le_bytes());
+    let e = QuantMatrix::from_bytes(WeightFormat::Q8_0, 1, 1, 64, q8).unwrap_err();
+    assert!(
+        matches!(e, Error::InvalidArgument { .. }) && e.to_string().contains("block 1"),
+        "{e}"
+    );
+    let mut q4 = QuantMatrix::quantize(WeightFormat::Q4K, &[0.5; 256], 1, 1, 256)
+        .unwrap()
+        .bytes()
+        .to_vec();
+    q4[2..4].copy_from_slice(&0x7c00u16.to_le_bytes());
+    assert!(QuantMatrix::from_bytes(WeightFormat::Q4K, 1, 1, 256, q4).is_err());
+    assert!(QuantMatrix::from_bytes(WeightFormat::Q6K, 1, 1, 256, vec![0; 209]).is_err());
+    assert!(QuantMatrix::quantize(WeightFormat::Q5K, &[0.0; 100], 1, 1, 100).is_err());
 
-#[test]
-fn more_rows_than_one_grid() {
-    dense(65_535 + 70, 3, 37, 5);
-}
-
-#[test]
-fn routing_errors_are_typed_and_write_nothing() {
     let Some(dev) = gpu() else { return };
     let e = RoutedRows::new(dev, &[0, 1], &[0, 4], &[0, 1], 2, 4, 2).unwrap_err();
     assert!(
@@ -136,22 +347,38 @@ fn routing_errors_are_typed_and_write_nothing() {
     let e = RoutedRows::new(dev, &[0, 1], &[0, 1], &[1, 1], 2, 4, 2).unwrap_err();
     assert!(matches!(e, Error::InvalidArgument { .. }), "{e}");
 
+    let wq = weights(WeightFormat::Q8_0, 4, 5, 64, 1);
+    let w = GpuMatrix::upload(dev, &wq).unwrap();
+    let x = GpuTensor::from_host(dev, &values(1, 2 * 64, 1.0, 0.0), &[2, 64]).unwrap();
+    let x_bad = GpuTensor::from_host(dev, &values(1, 2 * 32, 1.0, 0.0), &[2, 32]).unwrap();
     let rows = RoutedRows::new(dev, &[0, 1], &[0, 3], &[1, 0], 2, 4, 2).unwrap();
-    let x = GpuTensor::from_host(dev, &values(1, 2 * 8, 1.0, 0.0), &[2, 8]).unwrap();
-    let w_bad = GpuTensor::from_host(dev, &values(2, 3 * 5 * 8, 1.0, 0.0), &[3, 5, 8]).unwrap();
+    let rows3 = RoutedRows::new(dev, &[0, 1], &[0, 2], &[1, 0], 2, 3, 2).unwrap();
     let mut y = GpuTensor::from_host(dev, &poison(2 * 5), &[2, 5]).unwrap();
-    let e = gemm_grouped_f32(dev, &x, &w_bad, &rows, &mut y).unwrap_err();
-    assert!(matches!(e, Error::ShapeMismatch { what: "w", .. }), "{e}");
-    let w = GpuTensor::from_host(dev, &values(2, 4 * 5 * 7, 1.0, 0.0), &[4, 5, 7]).unwrap();
-    assert!(gemm_grouped_f32(dev, &x, &w, &rows, &mut y).is_err());
-    let mut y_dense = GpuTensor::from_host(dev, &poison(2 * 4), &[2, 4]).unwrap();
-    assert!(gemm_f32(
-        dev,
-        &x,
-        &GpuTensor::from_host(dev, &[0.0f32; 4 * 7], &[4, 7]).unwrap(),
-        &mut y_dense
-    )
-    .is_err());
+    for kernel in KERNELS {
+        assert!(matches!(
+            matmul_grouped_with(dev, kernel, &x_bad, &w, &rows, &mut y),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        assert!(matches!(
+            matmul_grouped_with(dev, kernel, &x, &w, &rows3, &mut y),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        // A dense product refuses a stack of experts; V1 refuses quantized weights.
+        assert!(matches!(
+            matmul_with(dev, kernel, &x, &w, &mut y),
+            Err(Error::InvalidArgument { .. })
+        ));
+    }
+    let one = GpuMatrix::upload(dev, &weights(WeightFormat::Q8_0, 1, 5, 64, 1)).unwrap();
+    assert!(matches!(
+        matmul_with(dev, MatmulKernel::V1, &x, &one, &mut y),
+        Err(Error::InvalidArgument { .. })
+    ));
+    let mut y_bad = GpuTensor::from_host(dev, &poison(2 * 4), &[2, 4]).unwrap();
+    assert!(matches!(
+        matmul(dev, &x, &one, &mut y_bad),
+        Err(Error::ShapeMismatch { .. })
+    ));
     assert_bits_eq("untouched", &y.to_host().unwrap(), &poison(10));
-    assert_bits_eq("untouched", &y_dense.to_host().unwrap(), &poison(8));
+    assert_bits_eq("untouched", &y_bad.to_host().unwrap(), &poison(8));
 }

@@ -11,5 +11,6 @@ mod gemm;
 mod math;
 mod moe_block;
 mod moe_reduce;
+mod quantize;
 mod router;
 mod row_scale;

@@ -5,6 +5,7 @@ use bitexact::model::moe_block::{
     forward_cpu, forward_cpu_batched, upload_input, ExpertPlan, GpuMoeBlock, MoeConfig, MoeOutput,
     MoeWeights,
 };
+use bitexact::quant::WeightFormat;
 use bitexact::Error;
 use proptest::prelude::*;
 
@@ -18,6 +19,7 @@ fn cfg(dim: usize, n_experts: usize, top_k: usize, ffn: usize, shared: bool) -> 
         ffn,
         shared_ffn: shared.then_some(ffn + 8),
         renormalize: top_k % 2 == 0,
+        format: WeightFormat::F32,
     }
 }
 
@@ -79,6 +81,65 @@ fn every_n_up_to_64_on_one_model() {
     }
 }
 
+/// GPU sequential (GEMV kernels) == GPU batched (GEMM and tensor-core kernels) == CPU, for an
+/// MoE block whose experts are stored in `format`.
+fn format_case(
+    format: WeightFormat,
+    n: usize,
+    dim: usize,
+    ffn: usize,
+    e: usize,
+    k: usize,
+    seed: u64,
+) {
+    let Some(dev) = gpu() else { return };
+    let c = MoeConfig {
+        dim,
+        n_experts: e,
+        top_k: k,
+        ffn,
+        shared_ffn: Some(ffn),
+        renormalize: true,
+        format,
+    };
+    let w = MoeWeights::generate(&c, seed).unwrap();
+    let x = MoeWeights::inputs(&c, seed, n);
+    let want = forward_cpu(&w, &x, n).unwrap();
+    same(
+        &format!("{format} cpu batched"),
+        &forward_cpu_batched(&w, &x, n).unwrap(),
+        &want,
+    );
+    let block = GpuMoeBlock::upload(dev, &w).unwrap();
+    let xg = upload_input(dev, &c, &x, n).unwrap();
+    let seq = block
+        .forward_sequential(dev, &xg)
+        .unwrap()
+        .to_host()
+        .unwrap();
+    let bat = block.forward_batched(dev, &xg).unwrap().to_host().unwrap();
+    same(
+        &format!("{format} gpu sequential vs cpu, n={n}"),
+        &seq,
+        &want,
+    );
+    same(
+        &format!("{format} gpu batched vs gpu sequential, n={n}"),
+        &bat,
+        &seq,
+    );
+}
+
+#[test]
+fn every_format_batched_equals_sequential() {
+    for format in WeightFormat::ALL {
+        let dim = format.block_elems().max(32) * if format.block_elems() == 256 { 1 } else { 4 };
+        for n in [1, 9, 40] {
+            format_case(format, n, dim, 2 * dim.min(128), 6, 2, 17 + n as u64);
+        }
+    }
+}
+
 #[test]
 fn bad_inputs_are_typed_errors() {
     let c = cfg(16, 4, 2, 8, true);
@@ -112,6 +173,11 @@ fn bad_inputs_are_typed_errors() {
         assert!(upload_input(dev, &c, &[0.0; 17], 1).is_err());
         let block = GpuMoeBlock::upload(dev, &w).unwrap();
         let xg = upload_input(dev, &cfg(12, 4, 2, 8, true), &[0.0; 12], 1).unwrap();
+        let q4 = MoeConfig {
+            format: WeightFormat::Q4K,
+            ..cfg(128, 4, 2, 256, false)
+        };
+        assert!(matches!(q4.validate(), Err(Error::InvalidArgument { .. })));
         assert!(matches!(
             block.forward_batched(dev, &xg),
             Err(Error::ShapeMismatch { .. })
