@@ -25,14 +25,16 @@
 // Versions:
 //   gemm_f32_v1, gemm_grouped_f32_v1   one thread per output, f32 weights; the baseline and
 //                                      second witness (dense and routed).
-//   gemv_<fmt>_t<NT>                   v2, for tiles of at most NT rows (decode): 8 weight rows
-//                                      per warp, 4 lanes per row, lane p owns partial p; every
-//                                      weight byte is read once per tile; the tree is two
-//                                      shuffles.
+//   gemv_<fmt>_t<NT>                   v2, for tiles of at most NT rows (decode): one warp per
+//                                      weight row, lane 4n + p runs partial p of token n, all
+//                                      32 lanes stage weights (float) or form the blocks'
+//                                      integer dots (quantized); every weight byte is read once
+//                                      per tile; the tree is two shuffles.
 //   gemm_ffma_<fmt>                    v2, float formats, tiles of 64 rows: 64 x 64 outputs per
 //                                      block, four groups of 64 threads, group g runs partial g
 //                                      (blocks g, g + 4, ..) in 16-wide K steps with an 8 x 8
-//                                      register tile, then the tree through shared memory.
+//                                      register tile, the next step's loads in flight during
+//                                      the fmas, then the tree through shared memory.
 //   gemm_mma_<fmt>                     v2, quantized formats, tiles of 64 rows: 64 x 64 outputs
 //                                      per block, int8 mma.sync m16n8k32 (k16 for Q6_K) forms
 //                                      each block's isum, every thread keeps its 16 outputs'
@@ -263,23 +265,35 @@ __device__ __forceinline__ WBlk decode_wblock(const u8* __restrict__ row, u32 b)
     return o;
 }
 
-// One block's step of the canonical order for a quantized format (see the file header).
-template <int FMT>
-__device__ __forceinline__ float qstep(float acc, const WBlk& w, int isum_lo, int isum_hi,
-                                       float dx, float ax) {
-    if (FMT == FMT_Q6_K) {
-        const int i = w.sc0 * isum_lo + w.sc1 * isum_hi;
-        return fmaf(w.s1 * dx, __int2float_rn(i), acc);
-    }
-    const float t = fmaf(w.s1 * dx, __int2float_rn(isum_lo + isum_hi), acc);
-    if (FMT == FMT_Q8_0) return t;
-    return fmaf(w.s2, ax, t);
+// ------------------------------------------------------------------------------------------
+// GEMV: tiles of at most NT (<= 8) rows. One warp per weight row, 8 rows per block. The row is
+// walked in segments (32 blocks for float formats, 64 for quantized ones). Lane 4n + p runs the
+// chain of partial p for
+// token n; the other work is spread over all 32 lanes:
+//   float formats: the lanes stage the segment's weights in shared memory with coalesced loads,
+//                  then the chain lanes run their fmaf chains from it;
+//   quantized:     lane l decodes blocks l and l + 32 of the segment and forms their exact
+//                  integer dots for every token, leaving (scale product, isum) in shared
+//                  memory, then the chain lanes apply the blocks' steps in order.
+
+#define GEMV_WARPS 8u
+#define GEMV_SEG_F 32u  // blocks per segment, float formats (the staged weights)
+#define GEMV_SEG_Q 64u  // blocks per segment, quantized formats (NT * 2 floats per block)
+#define GEMV_SMEM (GEMV_SEG_F * 33u)  // floats per warp; also >= GEMV_SEG_Q * 8 * 2
+
+// The exact float value of an int below 2^22 in magnitude: its bits added to those of 1.5 * 2^23
+// form that float plus the int, and the subtraction is exact. Two full-rate operations instead
+// of a conversion.
+__device__ __forceinline__ float small_int_to_float(int i) {
+    return __int_as_float(0x4B400000 + i) - 12582912.0f;
 }
 
-// ------------------------------------------------------------------------------------------
-// GEMV: tiles of at most NT rows. Block: 8 warps x 8 weight rows; lane = 4 * row + partial.
-
-#define GEMV_ROWS_PER_BLOCK 64u
+template <int FMT>
+__device__ __forceinline__ float isum_to_float(int i) {
+    // |isum| < 2^22 for Q8_0 (32 * 127 * 127), Q4_K and Q5_K (32 * 31 * 127); Q6_K's scaled
+    // sum reaches 2^24 and takes the conversion instruction.
+    return FMT == FMT_Q6_K ? __int2float_rn(i) : small_int_to_float(i);
+}
 
 template <int FMT, int NT>
 __device__ __forceinline__ void gemv_body(float* __restrict__ y, const float* __restrict__ x,
@@ -290,92 +304,111 @@ __device__ __forceinline__ void gemv_body(float* __restrict__ y, const float* __
                                           const u32* __restrict__ x_rows,
                                           const u32* __restrict__ y_rows, u32 n_rows, u32 M,
                                           u32 K, u64 row_bytes, u32 tile0) {
-    const u32 lane = threadIdx.x & 31u;
-    const u32 p = lane & 3u;
-    const u32 m_raw = blockIdx.x * GEMV_ROWS_PER_BLOCK + (threadIdx.x >> 5) * 8u + (lane >> 2);
-    const u32 m = min(m_raw, M - 1u);  // lanes past M compute a copy of row M - 1, never stored
+    // Float formats: [warp][block][33] staged weights (33: the chain lanes read 4 blocks at
+    // once without bank conflicts). Quantized: [warp][block][token] scale products and isums.
+    __shared__ float s_a[GEMV_WARPS][GEMV_SMEM];
+    __shared__ float s_wm[GEMV_WARPS][GEMV_SEG_Q];
+
+    const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
+    const u32 m = blockIdx.x * GEMV_WARPS + warp;
+    if (m >= M) return;  // the whole warp: rows are per warp, synchronization is per warp
     const Tile tl = get_tile(tiles, tile0 + blockIdx.y, NT, n_rows);
     const u8* wrow = W + ((u64)tl.expert * M + m) * row_bytes;
     const u32 nb = (K + DOT_BLOCK - 1u) / DOT_BLOCK;
+    const u32 p = lane & 3u, cn = lane >> 2;  // this lane's chain: partial p of token cn
+    const bool chain = cn < tl.rows && cn < (u32)NT;
+    const u32 cx = map_row(x_rows, tl.row0 + min(cn, tl.rows - 1u));
+    float* sa = s_a[warp];
+    float acc = 0.0f;
 
-    u32 xr[NT];
+    const u32 seg_len = FMT <= FMT_BF16 ? GEMV_SEG_F : GEMV_SEG_Q;
+    for (u32 seg = 0; seg < nb; seg += seg_len) {
+        const u32 seg_blocks = min(seg_len, nb - seg);
+        if (FMT <= FMT_BF16) {
+            const u32 k_base = seg * DOT_BLOCK;
+            const u32 k_end = min(K, k_base + GEMV_SEG_F * DOT_BLOCK);
+#pragma unroll 8
+            for (u32 e = lane; e < GEMV_SEG_F * DOT_BLOCK; e += 32u) {
+                const u32 k = k_base + e;
+                sa[(e >> 5) * 33u + (e & 31u)] = k < k_end ? load_w1<FMT>(wrow, k) : 0.0f;
+            }
+            __syncwarp();
+            if (chain) {
+                const float* xr = x + (u64)cx * K;
+                for (u32 b = p; b < seg_blocks; b += 4u) {
+                    const u32 k0 = k_base + b * DOT_BLOCK;
+                    const u32 len = min(DOT_BLOCK, K - k0);
+                    const float* wb = sa + b * 33u;
+                    if (len == DOT_BLOCK) {
 #pragma unroll
-    for (int n = 0; n < NT; ++n) xr[n] = map_row(x_rows, tl.row0 + min((u32)n, tl.rows - 1u));
-    float acc[NT];
+                        for (u32 i = 0; i < DOT_BLOCK; ++i) acc = fmaf(wb[i], __ldg(xr + k0 + i), acc);
+                    } else {
+                        for (u32 i = 0; i < len; ++i) acc = fmaf(wb[i], __ldg(xr + k0 + i), acc);
+                    }
+                }
+            }
+        } else {
+            // Phase 1: lanes form the blocks' integer dots and scale products.
 #pragma unroll
-    for (int n = 0; n < NT; ++n) acc[n] = 0.0f;
-
-    if (FMT <= FMT_BF16) {
-        const bool vec = (FMT == FMT_F32 ? (K % 4u) : (K % 8u)) == 0u;
-        for (u32 b = p; b < nb; b += 4u) {
-            const u32 k0 = b * DOT_BLOCK;
-            if (vec && k0 + DOT_BLOCK <= K) {
-#pragma unroll
-                for (u32 h = 0; h < 2u; ++h) {
-                    float w[16];
-                    load_w16<FMT>(wrow, k0 + 16u * h, w);
+            for (u32 h = 0; h < GEMV_SEG_Q; h += 32u) {
+                const u32 bl = h + lane;
+                if (bl < seg_blocks) {
+                    const u32 b = seg + bl;
+                    const WBlk w = decode_wblock<FMT>(wrow, b);
+                    if (FMT == FMT_Q4_K || FMT == FMT_Q5_K) s_wm[warp][bl] = w.s2;
 #pragma unroll
                     for (int n = 0; n < NT; ++n) {
-                        const float4* xp =
-                            reinterpret_cast<const float4*>(x + (u64)xr[n] * K + k0 + 16u * h);
-#pragma unroll
-                        for (int i = 0; i < 4; ++i) {
-                            const float4 v = xp[i];
-                            acc[n] = fmaf(w[4 * i], v.x, acc[n]);
-                            acc[n] = fmaf(w[4 * i + 1], v.y, acc[n]);
-                            acc[n] = fmaf(w[4 * i + 2], v.z, acc[n]);
-                            acc[n] = fmaf(w[4 * i + 3], v.w, acc[n]);
+                        if ((u32)n < tl.rows) {
+                            const u32 xr = map_row(x_rows, tl.row0 + n);
+                            const int4* xp = reinterpret_cast<const int4*>(xq + (u64)xr * K + b * 32u);
+                            const int4 x0 = __ldg(xp), x1 = __ldg(xp + 1);
+                            int lo = 0, hi = 0;
+                            lo = __dp4a(w.q[0], x0.x, lo);
+                            lo = __dp4a(w.q[1], x0.y, lo);
+                            lo = __dp4a(w.q[2], x0.z, lo);
+                            lo = __dp4a(w.q[3], x0.w, lo);
+                            hi = __dp4a(w.q[4], x1.x, hi);
+                            hi = __dp4a(w.q[5], x1.y, hi);
+                            hi = __dp4a(w.q[6], x1.z, hi);
+                            hi = __dp4a(w.q[7], x1.w, hi);
+                            const int isum = FMT == FMT_Q6_K ? w.sc0 * lo + w.sc1 * hi : lo + hi;
+                            const float t = w.s1 * __ldg(xd + (u64)xr * nb + b);
+                            sa[(bl * NT + n) * 2u] = t;
+                            sa[(bl * NT + n) * 2u + 1u] = isum_to_float<FMT>(isum);
                         }
                     }
                 }
-            } else {
-                const u32 k1 = min(k0 + DOT_BLOCK, K);
-                for (u32 k = k0; k < k1; ++k) {
-                    const float wk = load_w1<FMT>(wrow, k);
-#pragma unroll
-                    for (int n = 0; n < NT; ++n) acc[n] = fmaf(wk, x[(u64)xr[n] * K + k], acc[n]);
+            }
+            __syncwarp();
+            // Phase 2: the chains, block by block in order.
+            if (chain) {
+                for (u32 bl = p; bl < seg_blocks; bl += 4u) {
+                    const float t = sa[(bl * NT + cn) * 2u];
+                    const float fi = sa[(bl * NT + cn) * 2u + 1u];
+                    acc = fmaf(t, fi, acc);
+                    if (FMT == FMT_Q4_K || FMT == FMT_Q5_K)
+                        acc = fmaf(s_wm[warp][bl], __ldg(xa + (u64)cx * nb + seg + bl), acc);
                 }
             }
         }
-    } else {
-        for (u32 b = p; b < nb; b += 4u) {
-            const WBlk w = decode_wblock<FMT>(wrow, b);
-#pragma unroll
-            for (int n = 0; n < NT; ++n) {
-                const int4* xp = reinterpret_cast<const int4*>(xq + (u64)xr[n] * K + b * 32u);
-                const int4 x0 = xp[0], x1 = xp[1];
-                int lo = 0, hi = 0;
-                lo = __dp4a(w.q[0], x0.x, lo);
-                lo = __dp4a(w.q[1], x0.y, lo);
-                lo = __dp4a(w.q[2], x0.z, lo);
-                lo = __dp4a(w.q[3], x0.w, lo);
-                hi = __dp4a(w.q[4], x1.x, hi);
-                hi = __dp4a(w.q[5], x1.y, hi);
-                hi = __dp4a(w.q[6], x1.z, hi);
-                hi = __dp4a(w.q[7], x1.w, hi);
-                const u64 sb = (u64)xr[n] * nb + b;
-                acc[n] = qstep<FMT>(acc[n], w, lo, hi, xd[sb], xa[sb]);
-            }
-        }
+        __syncwarp();
     }
 
-#pragma unroll
-    for (int n = 0; n < NT; ++n) {
-        // Lanes 4r..4r+3 hold p0..p3 of row r: (p0 + p1) + (p2 + p3) by two butterflies.
-        const float other = __shfl_xor_sync(BX_FULL_MASK, acc[n], 1);
-        const float pair = (p & 1u) ? other + acc[n] : acc[n] + other;
-        const float pair2 = __shfl_xor_sync(BX_FULL_MASK, pair, 2);
+    // Lanes 4n..4n+3 hold p0..p3 of token n: (p0 + p1) + (p2 + p3) by two butterflies.
+    const float other = __shfl_xor_sync(BX_FULL_MASK, acc, 1);
+    const float pair = (p & 1u) ? other + acc : acc + other;
+    const float pair2 = __shfl_xor_sync(BX_FULL_MASK, pair, 2);
 #ifdef BITEXACT_MUTANT
-        const float s = ((__shfl_sync(BX_FULL_MASK, acc[n], lane & ~3u) +
-                          __shfl_sync(BX_FULL_MASK, acc[n], (lane & ~3u) | 1u)) +
-                         __shfl_sync(BX_FULL_MASK, acc[n], (lane & ~3u) | 2u)) +
-                        __shfl_sync(BX_FULL_MASK, acc[n], (lane & ~3u) | 3u);
+    // Broken on purpose (see BITEXACT_MUTANT): left to right, ((p0 + p1) + p2) + p3.
+    const u32 g0 = lane & ~3u;
+    const float s = ((__shfl_sync(BX_FULL_MASK, acc, g0) + __shfl_sync(BX_FULL_MASK, acc, g0 | 1u)) +
+                     __shfl_sync(BX_FULL_MASK, acc, g0 | 2u)) +
+                    __shfl_sync(BX_FULL_MASK, acc, g0 | 3u);
+    (void)pair2;
 #else
-        const float s = (p & 2u) ? pair2 + pair : pair + pair2;
+    const float s = (p & 2u) ? pair2 + pair : pair + pair2;
 #endif
-        if (p == 0u && m_raw < M && (u32)n < tl.rows)
-            y[(u64)map_row(y_rows, tl.row0 + n) * M + m] = s;
-    }
+    if (p == 0u && chain) y[(u64)map_row(y_rows, tl.row0 + cn) * M + m] = s;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -420,53 +453,59 @@ __device__ __forceinline__ void gemm_ffma_body(float* __restrict__ y, const floa
         for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
 
     const u32 nb = (K + DOT_BLOCK - 1u) / DOT_BLOCK;
-    for (u32 b = g; b < nb; b += 4u) {
+    // Group g's K steps: blocks g, g + 4, .. in halves of 16; the next step's global loads are
+    // issued before the current step's fmas, so they are in flight while the group computes.
+    float xv[16], wv[16];
+    const auto load_step = [&](u32 k0) {
+        if (vec && k0 + FFMA_BK <= K) {
+            const float4* xp = reinterpret_cast<const float4*>(xrow + k0);
 #pragma unroll
-        for (u32 h = 0; h < 2u; ++h) {
-            const u32 k0 = b * DOT_BLOCK + h * FFMA_BK;
-            float xv[16], wv[16];
-            if (vec && k0 + FFMA_BK <= K) {
-                const float4* xp = reinterpret_cast<const float4*>(xrow + k0);
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const float4 v = xp[i];
-                    xv[4 * i] = v.x;
-                    xv[4 * i + 1] = v.y;
-                    xv[4 * i + 2] = v.z;
-                    xv[4 * i + 3] = v.w;
-                }
-                load_w16<FMT>(wrow, k0, wv);
-            } else {
-                // Past K: x = +0 and w = -0, so the fma adds an exact -0 and leaves every
-                // partial (a -0 one included) unchanged.
-#pragma unroll
-                for (int i = 0; i < 16; ++i) {
-                    const bool in = k0 + i < K;
-                    xv[i] = in ? xrow[k0 + i] : 0.0f;
-                    wv[i] = in ? load_w1<FMT>(wrow, k0 + i) : -0.0f;
-                }
+            for (int i = 0; i < 4; ++i) {
+                const float4 v = xp[i];
+                xv[4 * i] = v.x;
+                xv[4 * i + 1] = v.y;
+                xv[4 * i + 2] = v.z;
+                xv[4 * i + 3] = v.w;
             }
+            load_w16<FMT>(wrow, k0, wv);
+        } else {
+            // Past K: x = +0 and w = -0, so the fma adds an exact -0 and leaves every partial
+            // (a -0 one included) unchanged.
 #pragma unroll
             for (int i = 0; i < 16; ++i) {
-                sA[g][i][t] = x_ok ? xv[i] : 0.0f;
-                sB[g][i][t] = w_ok ? wv[i] : 0.0f;
+                const bool in = k0 + i < K;
+                xv[i] = in ? xrow[k0 + i] : 0.0f;
+                wv[i] = in ? load_w1<FMT>(wrow, k0 + i) : -0.0f;
             }
-            group_sync(g);
-#pragma unroll
-            for (int kk = 0; kk < (int)FFMA_BK; ++kk) {
-                const float4 a0 = *reinterpret_cast<const float4*>(&sA[g][kk][tr * 4u]);
-                const float4 a1 = *reinterpret_cast<const float4*>(&sA[g][kk][32u + tr * 4u]);
-                const float4 b0 = *reinterpret_cast<const float4*>(&sB[g][kk][tc * 4u]);
-                const float4 b1 = *reinterpret_cast<const float4*>(&sB[g][kk][32u + tc * 4u]);
-                const float av[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-                const float bv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
-#pragma unroll
-                for (int i = 0; i < 8; ++i)
-#pragma unroll
-                    for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(bv[j], av[i], acc[i][j]);
-            }
-            group_sync(g);
         }
+    };
+    const u32 steps = g < nb ? 2u * ((nb - g + 3u) / 4u) : 0u;
+    if (steps) load_step(g * DOT_BLOCK);
+    for (u32 s = 0; s < steps; ++s) {
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+            sA[g][i][t] = x_ok ? xv[i] : 0.0f;
+            sB[g][i][t] = w_ok ? wv[i] : 0.0f;
+        }
+        group_sync(g);
+        if (s + 1u < steps) {
+            const u32 n = s + 1u;
+            load_step((g + 4u * (n >> 1)) * DOT_BLOCK + (n & 1u) * FFMA_BK);
+        }
+#pragma unroll
+        for (int kk = 0; kk < (int)FFMA_BK; ++kk) {
+            const float4 a0 = *reinterpret_cast<const float4*>(&sA[g][kk][tr * 4u]);
+            const float4 a1 = *reinterpret_cast<const float4*>(&sA[g][kk][32u + tr * 4u]);
+            const float4 b0 = *reinterpret_cast<const float4*>(&sB[g][kk][tc * 4u]);
+            const float4 b1 = *reinterpret_cast<const float4*>(&sB[g][kk][32u + tc * 4u]);
+            const float av[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+            const float bv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+#pragma unroll
+            for (int i = 0; i < 8; ++i)
+#pragma unroll
+                for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(bv[j], av[i], acc[i][j]);
+        }
+        group_sync(g);
     }
 
     // The tree (p0 + p1) + (p2 + p3) across the groups, through shared memory: groups 1 and 3
@@ -645,6 +684,25 @@ __device__ __forceinline__ void gemm_mma_body(float* __restrict__ y,
                     bf[nt][0] = *reinterpret_cast<const int*>(base);
                     bf[nt][1] = *reinterpret_cast<const int*>(base + 16);
                 }
+                // This block's scalars for the thread's 4 output rows and 4 token rows.
+                float ws[4], wmn[4], dx[4], ax[4];
+                int sc0[4], sc1[4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const u32 mr = wm * 32u + (i >> 1) * 16u + gq + ((i & 1) ? 8u : 0u);
+                    const u32 nr = wn * 16u + (i >> 1) * 8u + tq * 2u + (i & 1);
+                    ws[i] = sWs[mr][j];
+                    if (FMT == FMT_Q4_K || FMT == FMT_Q5_K) {
+                        wmn[i] = sWm[mr][j];
+                        ax[i] = sXa[nr][j];
+                    }
+                    if (FMT == FMT_Q6_K) {
+                        const int scp = sWsc[mr][j];
+                        sc0[i] = (int)(short)(scp & 0xffff);
+                        sc1[i] = scp >> 16;
+                    }
+                    dx[i] = sXd[nr][j];
+                }
 #pragma unroll
                 for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
@@ -658,17 +716,13 @@ __device__ __forceinline__ void gemm_mma_body(float* __restrict__ y,
                         }
 #pragma unroll
                         for (int e = 0; e < 4; ++e) {
-                            const u32 mr = wm * 32u + mt * 16u + gq + ((e & 2) ? 8u : 0u);
-                            const u32 nr = wn * 16u + nt * 8u + tq * 2u + (e & 1);
-                            WBlk w;
-                            w.s1 = sWs[mr][j];
-                            w.s2 = sWm[mr][j];
-                            const int scp = sWsc[mr][j];
-                            w.sc0 = (int)(short)(scp & 0xffff);
-                            w.sc1 = scp >> 16;
-                            acc[j & 3][mt][nt][e] =
-                                qstep<FMT>(acc[j & 3][mt][nt][e], w, lo[e], hi[e], sXd[nr][j],
-                                           sXa[nr][j]);
+                            const int mi = mt * 2 + (e >> 1), ni = nt * 2 + (e & 1);
+                            const int isum =
+                                FMT == FMT_Q6_K ? sc0[mi] * lo[e] + sc1[mi] * hi[e] : lo[e];
+                            float a = fmaf(ws[mi] * dx[ni], isum_to_float<FMT>(isum),
+                                           acc[j & 3][mt][nt][e]);
+                            if (FMT == FMT_Q4_K || FMT == FMT_Q5_K) a = fmaf(wmn[mi], ax[ni], a);
+                            acc[j & 3][mt][nt][e] = a;
                         }
                     }
                 }

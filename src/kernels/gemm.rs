@@ -24,6 +24,8 @@ use crate::quant::{QuantMatrix, WeightFormat};
 use crate::tensor::GpuTensor;
 
 const V1_THREADS: u32 = 128;
+/// Weight rows per block of the GEMV (one warp each).
+const GEMV_ROWS_PER_BLOCK: u32 = 8;
 
 /// Most rows per tile that [`MatmulKernel::Auto`] sends to the GEMV.
 pub const GEMV_MAX_ROWS: usize = 8;
@@ -530,7 +532,10 @@ fn launch_v2(
     let null = 0u64;
     let (n32, m32, k32) = (n_rows as u32, w.rows as u32, w.cols as u32);
     let row_bytes = w.row_bytes as u64;
-    let m_blocks = m32.div_ceil(GEMM_TILE_ROWS as u32);
+    let m_blocks = match plan {
+        Plan::Gemv(_) => m32.div_ceil(GEMV_ROWS_PER_BLOCK),
+        _ => m32.div_ceil(GEMM_TILE_ROWS as u32),
+    };
     for tile0 in (0..n_tiles).step_by(MAX_GRID_Y) {
         let count = (n_tiles - tile0).min(MAX_GRID_Y) as u32;
         let tile0 = tile0 as u32;

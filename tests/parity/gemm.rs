@@ -139,15 +139,20 @@ fn float_k_tails_and_alignment() {
 
 #[test]
 fn negative_zero_survives_every_kernel() {
-    // A row whose every product is -0 must give -0: padding may never turn it into +0.
+    // Products of -2^-20 and 2^-140 underflow to -0, so every partial of a row is -0 (K > 96
+    // gives all four partials elements) and so is the result: K-tail padding must not turn a
+    // -0 partial into +0.
     let Some(dev) = gpu() else { return };
     for fmt in [WeightFormat::F32, WeightFormat::F16, WeightFormat::BF16] {
-        for k in [5, 32, 45] {
+        for k in [100, 129, 200] {
             let (n, m) = (66, 3);
-            let wq = QuantMatrix::quantize(fmt, &vec![-0.0; m * k], 1, m, k).unwrap();
-            let xh = vec![1.0f32; n * k];
+            let wq = QuantMatrix::quantize(fmt, &vec![-(2f32.powi(-20)); m * k], 1, m, k).unwrap();
+            let xh = vec![2f32.powi(-140); n * k];
             let want = reference::gemm::gemm(&xh, &wq, n).unwrap();
-            assert!(want.iter().all(|v| v.to_bits() == (-0.0f32).to_bits()));
+            assert!(
+                want.iter().all(|v| v.to_bits() == (-0.0f32).to_bits()),
+                "{fmt} k={k}"
+            );
             let w = GpuMatrix::upload(dev, &wq).unwrap();
             let x = GpuTensor::from_host(dev, &xh, &[n, k]).unwrap();
             for kernel in KERNELS {
