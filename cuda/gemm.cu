@@ -267,8 +267,7 @@ __device__ __forceinline__ WBlk decode_wblock(const u8* __restrict__ row, u32 b)
 
 // ------------------------------------------------------------------------------------------
 // GEMV: tiles of at most NT (<= 8) rows. One warp per weight row, 8 rows per block. The row is
-// walked in segments (32 blocks for float formats, 64 for quantized ones). Lane 4n + p runs the
-// chain of partial p for
+// walked in segments of 32 blocks. Lane 4n + p runs the chain of partial p for
 // token n; the other work is spread over all 32 lanes:
 //   float formats: the lanes stage the segment's weights in shared memory with coalesced loads,
 //                  then the chain lanes run their fmaf chains from it;
@@ -278,8 +277,8 @@ __device__ __forceinline__ WBlk decode_wblock(const u8* __restrict__ row, u32 b)
 
 #define GEMV_WARPS 8u
 #define GEMV_SEG_F 32u  // blocks per segment, float formats (the staged weights)
-#define GEMV_SEG_Q 64u  // blocks per segment, quantized formats (NT * 2 floats per block)
-#define GEMV_SMEM (GEMV_SEG_F * 33u)  // floats per warp; also >= GEMV_SEG_Q * 8 * 2
+#define GEMV_SEG_Q 32u  // blocks per segment, quantized formats (NT * 3 floats per block)
+#define GEMV_SMEM (GEMV_SEG_F * 33u)  // floats per warp; also >= GEMV_SEG_Q * 8 * 3
 
 // The exact float value of an int below 2^22 in magnitude: its bits added to those of 1.5 * 2^23
 // form that float plus the int, and the subtraction is exact. Two full-rate operations instead
@@ -373,8 +372,10 @@ __device__ __forceinline__ void gemv_body(float* __restrict__ y, const float* __
                             hi = __dp4a(w.q[7], x1.w, hi);
                             const int isum = FMT == FMT_Q6_K ? w.sc0 * lo + w.sc1 * hi : lo + hi;
                             const float t = w.s1 * __ldg(xd + (u64)xr * nb + b);
-                            sa[(bl * NT + n) * 2u] = t;
-                            sa[(bl * NT + n) * 2u + 1u] = isum_to_float<FMT>(isum);
+                            float* o = sa + (bl * NT + n) * 3u;
+                            o[0] = t;
+                            o[1] = isum_to_float<FMT>(isum);
+                            if (FMT == FMT_Q4_K || FMT == FMT_Q5_K) o[2] = __ldg(xa + (u64)xr * nb + b);
                         }
                     }
                 }
@@ -383,11 +384,9 @@ __device__ __forceinline__ void gemv_body(float* __restrict__ y, const float* __
             // Phase 2: the chains, block by block in order.
             if (chain) {
                 for (u32 bl = p; bl < seg_blocks; bl += 4u) {
-                    const float t = sa[(bl * NT + cn) * 2u];
-                    const float fi = sa[(bl * NT + cn) * 2u + 1u];
-                    acc = fmaf(t, fi, acc);
-                    if (FMT == FMT_Q4_K || FMT == FMT_Q5_K)
-                        acc = fmaf(s_wm[warp][bl], __ldg(xa + (u64)cx * nb + seg + bl), acc);
+                    const float* o = sa + (bl * NT + cn) * 3u;
+                    acc = fmaf(o[0], o[1], acc);
+                    if (FMT == FMT_Q4_K || FMT == FMT_Q5_K) acc = fmaf(s_wm[warp][bl], o[2], acc);
                 }
             }
         }
@@ -614,27 +613,32 @@ __device__ __forceinline__ void gemm_mma_body(float* __restrict__ y,
 #pragma unroll
                 for (int e = 0; e < 4; ++e) acc[p][a][b][e] = 0.0f;
 
-    for (u32 c0 = 0; c0 < nb; c0 += 8u) {
+    // One chunk (8 blocks) of this thread's share of the tiles, held in registers so that the
+    // next chunk's global loads are in flight while the current one is multiplied.
+    int st_wq[2][8];
+    float st_ws[2], st_wm[2], st_xd[2], st_xa[2];
+    int st_sc[2];
+    int4 st_x[4];
+    const auto load_chunk = [&](u32 c) {
         // Weights: 64 rows x 8 blocks, two (row, block) pairs per thread, decoded to int8.
 #pragma unroll
         for (u32 s = 0; s < 2u; ++s) {
             const u32 pair = tid + s * 256u;
             const u32 r = pair >> 3, j = pair & 7u;
-            int* dst = reinterpret_cast<int*>(sW + r * MMA_STRIDE + j * 32u);
-            if (m0 + r < M && c0 + j < nb) {
+            if (m0 + r < M && c + j < nb) {
                 const u8* wrow = W + ((u64)tl.expert * M + m0 + r) * row_bytes;
-                const WBlk w = decode_wblock<FMT>(wrow, c0 + j);
+                const WBlk w = decode_wblock<FMT>(wrow, c + j);
 #pragma unroll
-                for (int i = 0; i < 8; ++i) dst[i] = w.q[i];
-                sWs[r][j] = w.s1;
-                sWm[r][j] = w.s2;
-                sWsc[r][j] = (w.sc0 & 0xffff) | (w.sc1 << 16);
+                for (int i = 0; i < 8; ++i) st_wq[s][i] = w.q[i];
+                st_ws[s] = w.s1;
+                st_wm[s] = w.s2;
+                st_sc[s] = (w.sc0 & 0xffff) | (w.sc1 << 16);
             } else {
 #pragma unroll
-                for (int i = 0; i < 8; ++i) dst[i] = 0;
-                sWs[r][j] = 0.0f;
-                sWm[r][j] = 0.0f;
-                sWsc[r][j] = 0;
+                for (int i = 0; i < 8; ++i) st_wq[s][i] = 0;
+                st_ws[s] = 0.0f;
+                st_wm[s] = 0.0f;
+                st_sc[s] = 0;
             }
         }
         // Activations: 64 rows x 256 codes (16 x 16 bytes per row), and the block scalars.
@@ -642,27 +646,51 @@ __device__ __forceinline__ void gemm_mma_body(float* __restrict__ y,
         for (u32 s = 0; s < 4u; ++s) {
             const u32 idx = tid + s * 256u;
             const u32 r = idx >> 4, part = idx & 15u;
-            int4 v = make_int4(0, 0, 0, 0);
-            if (r < tl.rows && c0 * 32u + part * 16u < K) {
+            st_x[s] = make_int4(0, 0, 0, 0);
+            if (r < tl.rows && c * 32u + part * 16u < K) {
                 const u32 xr = map_row(x_rows, tl.row0 + r);
-                v = *reinterpret_cast<const int4*>(xq + (u64)xr * K + c0 * 32u + part * 16u);
+                st_x[s] = *reinterpret_cast<const int4*>(xq + (u64)xr * K + c * 32u + part * 16u);
             }
-            *reinterpret_cast<int4*>(sX + r * MMA_STRIDE + part * 16u) = v;
         }
 #pragma unroll
         for (u32 s = 0; s < 2u; ++s) {
             const u32 pair = tid + s * 256u;
             const u32 r = pair >> 3, j = pair & 7u;
-            float dv = 0.0f, av = 0.0f;
-            if (r < tl.rows && c0 + j < nb) {
-                const u64 at = (u64)map_row(x_rows, tl.row0 + r) * nb + c0 + j;
-                dv = xd[at];
-                av = xa[at];
+            st_xd[s] = 0.0f;
+            st_xa[s] = 0.0f;
+            if (r < tl.rows && c + j < nb) {
+                const u64 at = (u64)map_row(x_rows, tl.row0 + r) * nb + c + j;
+                st_xd[s] = xd[at];
+                st_xa[s] = xa[at];
             }
-            sXd[r][j] = dv;
-            sXa[r][j] = av;
         }
+    };
+    const auto store_chunk = [&]() {
+#pragma unroll
+        for (u32 s = 0; s < 2u; ++s) {
+            const u32 pair = tid + s * 256u;
+            const u32 r = pair >> 3, j = pair & 7u;
+            int* dst = reinterpret_cast<int*>(sW + r * MMA_STRIDE + j * 32u);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) dst[i] = st_wq[s][i];
+            sWs[r][j] = st_ws[s];
+            sWm[r][j] = st_wm[s];
+            sWsc[r][j] = st_sc[s];
+            sXd[r][j] = st_xd[s];
+            sXa[r][j] = st_xa[s];
+        }
+#pragma unroll
+        for (u32 s = 0; s < 4u; ++s) {
+            const u32 idx = tid + s * 256u;
+            *reinterpret_cast<int4*>(sX + (idx >> 4) * MMA_STRIDE + (idx & 15u) * 16u) = st_x[s];
+        }
+    };
+
+    load_chunk(0);
+    for (u32 c0 = 0; c0 < nb; c0 += 8u) {
+        store_chunk();
         __syncthreads();
+        if (c0 + 8u < nb) load_chunk(c0 + 8u);
 
 #pragma unroll
         for (int j = 0; j < 8; ++j) {

@@ -44,6 +44,23 @@ impl<T: DeviceRepr + ValidAsZeroBits + Clone + Default> GpuTensor<T> {
         })
     }
 
+    /// A tensor of shape `dims` whose contents are unspecified until written.
+    ///
+    /// # Safety
+    /// The caller must write every element before it is read (a kernel that overwrites the
+    /// whole tensor).
+    pub(crate) unsafe fn uninit(dev: &Device, dims: &[usize]) -> Result<Self> {
+        let n = numel("GpuTensor::uninit", dims)?;
+        let bytes = n.saturating_mul(std::mem::size_of::<T>());
+        // SAFETY: the caller writes every element before reading it.
+        let data = unsafe { dev.stream().alloc::<T>(n) }
+            .map_err(|e| Error::from_alloc(e, bytes, "GpuTensor::uninit"))?;
+        Ok(GpuTensor {
+            data,
+            dims: dims.to_vec(),
+        })
+    }
+
     /// Uploads `host` (row-major, `dims.product()` elements).
     pub fn from_host(dev: &Device, host: &[T], dims: &[usize]) -> Result<Self> {
         let n = numel("GpuTensor::from_host", dims)?;

@@ -38,10 +38,13 @@ pub fn quantize_act(dev: &Device, x: &GpuTensor<f32>) -> Result<GpuActQ8> {
             format!("k = {k} is not a multiple of 32"),
         ));
     }
-    let mut out = GpuActQ8 {
-        codes: GpuTensor::zeros(dev, &[n, k])?,
-        d: GpuTensor::zeros(dev, &[n, k / 32])?,
-        a: GpuTensor::zeros(dev, &[n, k / 32])?,
+    // SAFETY: the kernel below writes every code, scale and sum (one warp per block).
+    let mut out = unsafe {
+        GpuActQ8 {
+            codes: GpuTensor::uninit(dev, &[n, k])?,
+            d: GpuTensor::uninit(dev, &[n, k / 32])?,
+            a: GpuTensor::uninit(dev, &[n, k / 32])?,
+        }
     };
     let blocks = (n * k / 32) as u64;
     if blocks == 0 {
