@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 
 use crate::error::{Error, Result};
@@ -163,6 +163,16 @@ pub struct Device {
     cc: (i32, i32),
     modules: Mutex<HashMap<Family, Arc<CudaModule>>>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    act_scratch: Mutex<Option<ActScratch>>,
+}
+
+/// Reused device buffers for the quantized activations of a matrix product: allocating them on
+/// every call would cost more than a decode-sized product itself. All work is on one stream,
+/// so a buffer may be reused as soon as the launches that read it are queued.
+pub(crate) struct ActScratch {
+    pub codes: CudaSlice<i8>,
+    pub d: CudaSlice<f32>,
+    pub a: CudaSlice<f32>,
 }
 
 impl std::fmt::Debug for Device {
@@ -208,6 +218,7 @@ impl Device {
             cc,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
+            act_scratch: Mutex::new(None),
         })
     }
 
@@ -248,6 +259,32 @@ impl Device {
             self.module(f)?;
         }
         Ok(())
+    }
+
+    /// The activation scratch, grown to hold at least `codes` codes (and `codes / 32` block
+    /// scalars). Held while the caller queues the launches that use it.
+    pub(crate) fn act_scratch(
+        &self,
+        codes: usize,
+    ) -> Result<std::sync::MutexGuard<'_, Option<ActScratch>>> {
+        let mut guard = self.act_scratch.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.as_ref().is_none_or(|s| s.codes.len() < codes) {
+            let codes = codes.max(1).next_power_of_two();
+            let blocks = codes.div_ceil(32);
+            let alloc_err =
+                |e| crate::error::Error::from_alloc(e, codes + 8 * blocks, "activation scratch");
+            // SAFETY: scratch contents are always written by the quantize kernel before the
+            // product that reads them.
+            let fresh = unsafe {
+                ActScratch {
+                    codes: self.stream.alloc::<i8>(codes).map_err(alloc_err)?,
+                    d: self.stream.alloc::<f32>(blocks).map_err(alloc_err)?,
+                    a: self.stream.alloc::<f32>(blocks).map_err(alloc_err)?,
+                }
+            };
+            *guard = Some(fresh);
+        }
+        Ok(guard)
     }
 
     fn module(&self, family: Family) -> Result<Arc<CudaModule>> {

@@ -16,7 +16,7 @@
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::quantize::{quantize_act, GpuActQ8};
+use super::quantize::quantize_into;
 use super::{as_u32, dims, row_chunks, MAX_GRID_Y};
 use crate::device::{Device, Family};
 use crate::error::{check_indices, check_shape, Error, Result};
@@ -432,13 +432,10 @@ pub fn matmul_with(
         Plan::Gemv(h) => h,
         _ => GEMM_TILE_ROWS,
     };
-    let act = if w.format.is_quantized() {
-        Some(quantize_act(dev, x)?)
-    } else {
-        None
-    };
     let n_tiles = n.div_ceil(height);
-    launch_v2(dev, plan, x, act.as_ref(), w, None, n_tiles, n, y)
+    with_activations(dev, x, w, |act| {
+        launch_v2(dev, plan, x, act, w, None, n_tiles, n, y)
+    })
 }
 
 /// Expert-grouped product: `y[y_rows[r], m] = dot(x[x_rows[r], :], w[experts[r], m, :])` for
@@ -482,26 +479,41 @@ pub fn matmul_grouped_with(
     if plan == Plan::V1 {
         return launch_v1_grouped(dev, x, &w.data, rows, y, m, k);
     }
-    let act = if w.format.is_quantized() {
-        Some(quantize_act(dev, x)?)
-    } else {
-        None
-    };
     let n_tiles = match plan {
         Plan::Gemv(_) => rows.n_gemv_tiles,
         _ => rows.n_gemm_tiles,
     };
-    launch_v2(
-        dev,
-        plan,
-        x,
-        act.as_ref(),
-        w,
-        Some(rows),
-        n_tiles,
-        rows.len,
-        y,
-    )
+    with_activations(dev, x, w, |act| {
+        launch_v2(dev, plan, x, act, w, Some(rows), n_tiles, rows.len, y)
+    })
+}
+
+/// The quantized activations a product in `w`'s format reads: `x` quantized into the device's
+/// scratch for quantized formats, nothing for float formats.
+#[derive(Clone, Copy)]
+struct ActRef<'a> {
+    codes: &'a CudaSlice<i8>,
+    d: &'a CudaSlice<f32>,
+    a: &'a CudaSlice<f32>,
+}
+
+fn with_activations(
+    dev: &Device,
+    x: &GpuTensor<f32>,
+    w: &GpuMatrix,
+    f: impl FnOnce(Option<ActRef<'_>>) -> Result<()>,
+) -> Result<()> {
+    if !w.format.is_quantized() {
+        return f(None);
+    }
+    let mut guard = dev.act_scratch(x.len())?;
+    let s = guard.as_mut().expect("act_scratch allocates");
+    quantize_into(dev, x, &mut s.codes, &mut s.d, &mut s.a)?;
+    f(Some(ActRef {
+        codes: &s.codes,
+        d: &s.d,
+        a: &s.a,
+    }))
 }
 
 /// Launches a GEMV or tiled GEMM over `n_tiles` row tiles (dense when `rows` is `None`).
@@ -510,7 +522,7 @@ fn launch_v2(
     dev: &Device,
     plan: Plan,
     x: &GpuTensor<f32>,
-    act: Option<&GpuActQ8>,
+    act: Option<ActRef<'_>>,
     w: &GpuMatrix,
     rows: Option<&RoutedRows>,
     n_tiles: usize,
@@ -547,10 +559,7 @@ fn launch_v2(
         let mut launch = dev.stream().launch_builder(&f);
         launch.arg(y.slice_mut()).arg(x.slice());
         match act {
-            Some(a) => launch
-                .arg(a.codes.slice())
-                .arg(a.d.slice())
-                .arg(a.a.slice()),
+            Some(a) => launch.arg(a.codes).arg(a.d).arg(a.a),
             None => launch.arg(x.slice()).arg(x.slice()).arg(x.slice()),
         };
         launch.arg(&w.data);
