@@ -62,3 +62,27 @@ __device__ __forceinline__ float bx_sigmoid(float x) {
 __device__ __forceinline__ float bx_silu(float x) {
     return x / (1.0f + bx_exp(-x));
 }
+
+// The canonical f32 dot product (src/reference/gemm.rs): blocks of 32, block b feeds partial
+// b % 4, each partial an fmaf chain from +0 in increasing k; returns the four partials, which
+// the caller combines as (p0 + p1) + (p2 + p3).
+__device__ __forceinline__ void bx_dot_partials(const float* __restrict__ x,
+                                                const float* __restrict__ w, u32 K, float& p0,
+                                                float& p1, float& p2, float& p3) {
+    p0 = p1 = p2 = p3 = 0.0f;
+    for (u32 base = 0; base < K; base += 128u) {
+        const u32 b1 = min(base + 32u, K), b2 = min(base + 64u, K);
+        const u32 b3 = min(base + 96u, K), b4 = min(base + 128u, K);
+        for (u32 k = base; k < b1; ++k) p0 = fmaf(w[k], x[k], p0);
+        for (u32 k = b1; k < b2; ++k) p1 = fmaf(w[k], x[k], p1);
+        for (u32 k = b2; k < b3; ++k) p2 = fmaf(w[k], x[k], p2);
+        for (u32 k = b3; k < b4; ++k) p3 = fmaf(w[k], x[k], p3);
+    }
+}
+
+// Sum of 32 lane values by the fixed butterfly s += shfl_xor(s, off), off = 16, 8, 4, 2, 1;
+// every lane ends with the same bits (IEEE addition commutes). Mirror: math::butterfly_sum.
+__device__ __forceinline__ float bx_butterfly_sum(float s) {
+    for (u32 off = 16u; off; off >>= 1) s = s + __shfl_xor_sync(BX_FULL_MASK, s, off);
+    return s;
+}

@@ -71,26 +71,10 @@ __device__ __forceinline__ float canon_tree(float p0, float p1, float p2, float 
 // ------------------------------------------------------------------------------------------
 // v1: one thread per output, f32 weights.
 
-__device__ __forceinline__ float dot_chain(const float* __restrict__ x,
-                                           const float* __restrict__ w, u32 k0, u32 k1,
-                                           float acc) {
-    for (u32 k = k0; k < k1; ++k) acc = fmaf(w[k], x[k], acc);
-    return acc;
-}
-
 __device__ __forceinline__ float dot_f32_canonical(const float* __restrict__ x,
                                                    const float* __restrict__ w, u32 K) {
-    float p0 = 0.0f, p1 = 0.0f, p2 = 0.0f, p3 = 0.0f;
-    for (u32 base = 0; base < K; base += 4u * DOT_BLOCK) {
-        const u32 b1 = min(base + DOT_BLOCK, K);
-        const u32 b2 = min(base + 2u * DOT_BLOCK, K);
-        const u32 b3 = min(base + 3u * DOT_BLOCK, K);
-        const u32 b4 = min(base + 4u * DOT_BLOCK, K);
-        p0 = dot_chain(x, w, base, b1, p0);
-        p1 = dot_chain(x, w, b1, b2, p1);
-        p2 = dot_chain(x, w, b2, b3, p2);
-        p3 = dot_chain(x, w, b3, b4, p3);
-    }
+    float p0, p1, p2, p3;
+    bx_dot_partials(x, w, K, p0, p1, p2, p3);
     return canon_tree(p0, p1, p2, p3);
 }
 

@@ -39,19 +39,31 @@ pub enum Family {
     Activation,
     /// `cuda/quantize.cu`
     Quantize,
+    /// `cuda/norm.cu`
+    Norm,
+    /// `cuda/rope.cu`
+    Rope,
+    /// `cuda/attention.cu`
+    Attention,
+    /// `cuda/elementwise.cu`
+    Elementwise,
 }
 
 const COMMON: &str = include_str!("../cuda/common.cuh");
 
 impl Family {
     /// Every family, in a fixed order.
-    pub const ALL: [Family; 6] = [
+    pub const ALL: [Family; 10] = [
         Family::RowScale,
         Family::MoeReduce,
         Family::Gemm,
         Family::Router,
         Family::Activation,
         Family::Quantize,
+        Family::Norm,
+        Family::Rope,
+        Family::Attention,
+        Family::Elementwise,
     ];
 
     /// The file stem under `cuda/`.
@@ -63,6 +75,10 @@ impl Family {
             Family::Router => "router",
             Family::Activation => "activation",
             Family::Quantize => "quantize",
+            Family::Norm => "norm",
+            Family::Rope => "rope",
+            Family::Attention => "attention",
+            Family::Elementwise => "elementwise",
         }
     }
 
@@ -74,6 +90,10 @@ impl Family {
             Family::Router => include_str!("../cuda/router.cu"),
             Family::Activation => include_str!("../cuda/activation.cu"),
             Family::Quantize => include_str!("../cuda/quantize.cu"),
+            Family::Norm => include_str!("../cuda/norm.cu"),
+            Family::Rope => include_str!("../cuda/rope.cu"),
+            Family::Attention => include_str!("../cuda/attention.cu"),
+            Family::Elementwise => include_str!("../cuda/elementwise.cu"),
         }
     }
 

@@ -86,6 +86,24 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + exp(-x))
 }
 
+/// Lanes of the fixed summation tree ([`butterfly_sum`]).
+pub const LANES: usize = 32;
+
+/// The fixed tree that sums 32 lane partials: for `off` in 16, 8, 4, 2, 1, every `l` at once
+/// takes `s[l] + s[l ^ off]`; the result is `s[0]` (every lane holds the same bits).
+/// Twin: `bx_butterfly_sum`.
+pub fn butterfly_sum(mut s: [f32; LANES]) -> f32 {
+    let mut off = LANES / 2;
+    while off > 0 {
+        let prev = s;
+        for (l, sl) in s.iter_mut().enumerate() {
+            *sl = prev[l] + prev[l ^ off];
+        }
+        off /= 2;
+    }
+    s[0]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

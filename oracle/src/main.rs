@@ -2,6 +2,7 @@
 //! every output bit for bit, naming the first divergence.
 
 mod compare;
+mod model;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -28,6 +29,9 @@ enum Command {
     /// The MoE feed-forward block: CPU sequential, CPU batched, GPU one token at a time and GPU
     /// batched over all tokens, compared bit for bit.
     MoeBlock(MoeBlockArgs),
+    /// The whole decoder: CPU reference, GPU decode one token at a time, GPU batched prefill and
+    /// GPU chunked prefill, compared after every layer and at the logits.
+    Model(model::ModelArgs),
 }
 
 #[derive(clap::Args)]
@@ -107,14 +111,14 @@ struct ConfigReport {
 }
 
 /// A progress bar that stays hidden for the first second, so quick runs print only the table.
-struct Progress {
+pub(crate) struct Progress {
     bar: ProgressBar,
     start: Instant,
     shown: bool,
 }
 
 impl Progress {
-    fn new(total: u64) -> Self {
+    pub(crate) fn new(total: u64) -> Self {
         let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden());
         bar.set_style(
             ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} tokens ({eta})")
@@ -128,11 +132,11 @@ impl Progress {
         }
     }
 
-    fn phase(&self, name: &'static str) {
+    pub(crate) fn phase(&self, name: &'static str) {
         self.bar.set_message(name);
     }
 
-    fn inc(&mut self, n: u64) {
+    pub(crate) fn inc(&mut self, n: u64) {
         if !self.shown && self.start.elapsed() > Duration::from_secs(1) {
             self.bar.set_draw_target(ProgressDrawTarget::stderr());
             self.shown = true;
@@ -140,7 +144,7 @@ impl Progress {
         self.bar.inc(n);
     }
 
-    fn finish(&self) {
+    pub(crate) fn finish(&self) {
         self.bar.finish_and_clear();
     }
 }
@@ -150,15 +154,17 @@ const CHUNK: usize = 16;
 
 fn main() {
     let cli = Cli::parse();
-    let code = match cli.command {
-        Command::MoeBlock(args) => match run_moe_block(&args) {
-            Ok(true) => 0,
-            Ok(false) => 1,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                2
-            }
-        },
+    let result = match cli.command {
+        Command::MoeBlock(args) => run_moe_block(&args),
+        Command::Model(args) => model::run(&args),
+    };
+    let code = match result {
+        Ok(true) => 0,
+        Ok(false) => 1,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            2
+        }
     };
     std::process::exit(code);
 }
@@ -353,14 +359,14 @@ fn run_moe_block(a: &MoeBlockArgs) -> Result<bool> {
     Ok(bit_exact)
 }
 
-fn parse_format(s: &str) -> Result<WeightFormat, String> {
+pub(crate) fn parse_format(s: &str) -> Result<WeightFormat, String> {
     WeightFormat::parse(s).ok_or_else(|| {
         let names: Vec<&str> = WeightFormat::ALL.iter().map(|f| f.name()).collect();
         format!("unknown format `{s}` (one of {})", names.join(", "))
     })
 }
 
-fn fmt_secs(s: f64) -> String {
+pub(crate) fn fmt_secs(s: f64) -> String {
     if s >= 1.0 {
         format!("{s:.3} s")
     } else if s >= 1e-3 {

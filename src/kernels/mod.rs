@@ -6,9 +6,13 @@
 //! (the bit-parity properties) and `benches/foo.rs` (the criterion bench).
 
 pub mod activation;
+pub mod attention;
+pub mod elementwise;
 pub mod gemm;
 pub mod moe_reduce;
+pub mod norm;
 pub mod quantize;
+pub mod rope;
 pub mod router;
 pub mod row_scale;
 

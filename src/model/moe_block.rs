@@ -149,11 +149,22 @@ impl MoeWeights {
     /// Weights from `seed`: each tensor `uniform(seed, tensor, i) / sqrt(fan_in)`, encoded into
     /// `cfg.format` by [`QuantMatrix::quantize`] (router and shared gate stay F32).
     pub fn generate(cfg: &MoeConfig, seed: u64) -> Result<Self> {
+        Self::generate_at(cfg, seed, 0)
+    }
+
+    /// [`MoeWeights::generate`] with every tensor id offset by `base` (a model's layers use
+    /// distinct bases, so no two tensors share values).
+    pub fn generate_at(cfg: &MoeConfig, seed: u64, base: u64) -> Result<Self> {
         use tensor_id::*;
         cfg.validate()?;
         let (d, f, e, fmt) = (cfg.dim, cfg.ffn, cfg.n_experts, cfg.format);
         let make = |id, fmt, experts, rows, cols| {
-            let v = init::fill(seed, id, experts * rows * cols, init::fan_in_scale(cols));
+            let v = init::fill(
+                seed,
+                base + id,
+                experts * rows * cols,
+                init::fan_in_scale(cols),
+            );
             QuantMatrix::quantize(fmt, &v, experts, rows, cols)
         };
         let shared = match cfg.shared_ffn {

@@ -5,8 +5,12 @@
 //! [`crate::math::CANON_NAN`], see [`crate::math::canon`]).
 
 pub mod activation;
+pub mod attention;
+pub mod elementwise;
 pub mod gemm;
 pub mod moe_reduce;
+pub mod norm;
 pub mod quantize;
+pub mod rope;
 pub mod router;
 pub mod row_scale;

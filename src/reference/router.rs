@@ -1,9 +1,9 @@
 //! Reference for `softmax_topk` (`cuda/router.cu`): MoE routing from router logits.
 
-use crate::math::{canon, exp, order_key};
+use crate::math::{butterfly_sum, canon, exp, order_key};
 
 /// Width of the fixed summation tree of the softmax denominator (a warp on the GPU).
-pub const SOFTMAX_LANES: usize = 32;
+pub const SOFTMAX_LANES: usize = crate::math::LANES;
 
 /// Softmax over `n_experts` logits, then top-`k` with a deterministic tie rule, then
 /// (optionally) renormalisation of the selected weights. Shapes: `logits: [n, n_experts]`;
@@ -42,15 +42,7 @@ pub fn softmax_topk(
         for (e, &v) in ex.iter().enumerate() {
             s[e % SOFTMAX_LANES] += v;
         }
-        let mut off = SOFTMAX_LANES / 2;
-        while off > 0 {
-            let prev = s;
-            for (l, sl) in s.iter_mut().enumerate() {
-                *sl = prev[l] + prev[l ^ off];
-            }
-            off /= 2;
-        }
-        let sum = s[0];
+        let sum = butterfly_sum(s);
         let p: Vec<f32> = ex.iter().map(|&v| canon(v / sum)).collect();
 
         // Candidates as one integer: higher p first, then lower id.

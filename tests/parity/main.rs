@@ -7,10 +7,15 @@
 mod common;
 
 mod activation;
+mod attention;
+mod elementwise;
 mod gemm;
 mod math;
+mod model;
 mod moe_block;
 mod moe_reduce;
+mod norm;
 mod quantize;
+mod rope;
 mod router;
 mod row_scale;

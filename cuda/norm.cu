@@ -1,0 +1,33 @@
+// norm.cu — RMSNorm over rows: y[r, i] = (x[r, i] * rs) * w[i], rs = 1 / sqrtf(ms + eps),
+// ms = ss / width, ss = sum of x[r, i]^2 in one fixed order: 32 lane partials over
+// i = l, l + 32, .. (an fmaf chain from +0 each), then the butterfly of common.cuh.
+// Used for the layer norms ([tokens, dim]) and the per-head QK norms ([tokens * heads, hd]).
+// Reference: src/reference/norm.rs.
+//
+// Versions:
+//   rmsnorm_f32  v1: one warp per row.
+
+#include "common.cuh"
+
+#define NORM_WARPS 8u
+
+extern "C" __global__ void rmsnorm_f32(float* __restrict__ y, const float* __restrict__ x,
+                                       const float* __restrict__ w, u32 rows, u32 width,
+                                       float eps) {
+    const u32 lane = threadIdx.x & 31u;
+    const u64 row = (u64)blockIdx.x * NORM_WARPS + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    const float* xr = x + row * width;
+    float p = 0.0f;
+    for (u32 i = lane; i < width; i += 32u) p = fmaf(xr[i], xr[i], p);
+    const float ss = bx_butterfly_sum(p);
+#ifdef BITEXACT_MUTANT
+    // Broken on purpose (see BITEXACT_MUTANT): multiply by 1 / width instead of dividing.
+    const float ms = ss * (1.0f / (float)width);
+#else
+    const float ms = ss / (float)width;
+#endif
+    const float rs = 1.0f / sqrtf(ms + eps);
+    float* yr = y + row * width;
+    for (u32 i = lane; i < width; i += 32u) yr[i] = (xr[i] * rs) * w[i];
+}

@@ -1,0 +1,423 @@
+//! `oracle model`: the full decoder on several paths, compared after every layer and at the
+//! logits.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use bitexact::model::transformer::{prompt, CpuSession, GpuModel, ModelWeights, Session, Trace};
+use bitexact::model::ModelConfig;
+use bitexact::quant::WeightFormat;
+use bitexact::Device;
+use serde::Serialize;
+
+use crate::compare::{compare_f32, Comparison};
+use crate::{fmt_secs, parse_format, Progress};
+
+#[derive(clap::Args)]
+pub struct ModelArgs {
+    /// Model preset: tiny, small, qwen3-30b-a3b, qwen3.6-35b-a3b-like.
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    /// Format of the experts (and, for the large presets, attention and LM head).
+    #[arg(long, default_value = "F32", value_parser = parse_format)]
+    format: WeightFormat,
+    /// Prompt length.
+    #[arg(long, default_value_t = 32)]
+    tokens: usize,
+    /// Seed of the weights and the prompt.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Chunk size of the chunked prefill path (repeat for several).
+    #[arg(long = "chunk")]
+    chunks: Vec<usize>,
+    /// Paths to run, comma-separated: cpu (the sequential reference), cpu-batched,
+    /// cpu-chunked, gpu-seq, gpu-batched, gpu-chunked.
+    #[arg(
+        long,
+        default_value = "cpu,cpu-batched,cpu-chunked,gpu-seq,gpu-batched,gpu-chunked",
+        value_delimiter = ','
+    )]
+    paths: Vec<String>,
+    /// Layers the CPU reference runs (default: all for tiny and small, 2 for the large presets).
+    #[arg(long)]
+    cpu_layers: Option<usize>,
+    /// Tokens the CPU reference runs, a prefix of the prompt (default: all for tiny and small,
+    /// 16 for the large presets).
+    #[arg(long)]
+    cpu_tokens: Option<usize>,
+    /// Stop at the first divergence.
+    #[arg(long)]
+    stop_early: bool,
+    /// CPU paths only, even when a GPU is present.
+    #[arg(long)]
+    cpu: bool,
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+    /// Write a JSON report to this path.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct PathRun {
+    name: String,
+    tokens: usize,
+    layers: usize,
+    seconds: f64,
+    tokens_per_second: f64,
+    forward_calls: Vec<usize>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    mode: &'static str,
+    preset: String,
+    format: String,
+    tokens: usize,
+    seed: u64,
+    device: Option<String>,
+    note: Option<String>,
+    scope: String,
+    paths: Vec<PathRun>,
+    comparisons: Vec<Comparison>,
+    first_divergence: Option<String>,
+    differing_total: u64,
+    bit_exact: bool,
+}
+
+struct Ran {
+    run: PathRun,
+    trace: Trace,
+}
+
+pub fn run(a: &ModelArgs) -> Result<bool> {
+    let cfg = ModelConfig::preset(&a.preset, a.format)?;
+    let large = cfg.n_layers > 8;
+    let n = a.tokens;
+    let prompt_ids = prompt(a.seed, n, cfg.vocab);
+    println!("bitexact oracle: model");
+    println!(
+        "preset: {} ({} layers, hidden {}, {} / {} heads of {}, {} experts top-{}, ffn {}, shared {}, vocab {}), format {}, {} tokens, seed {} ({:.1} MiB of weights)",
+        cfg.name,
+        cfg.n_layers,
+        cfg.dim,
+        cfg.n_heads,
+        cfg.n_kv_heads,
+        cfg.head_dim,
+        cfg.moe.n_experts,
+        cfg.moe.top_k,
+        cfg.moe.ffn,
+        cfg.moe.shared_ffn.map_or("none".into(), |s| s.to_string()),
+        cfg.vocab,
+        a.format,
+        n,
+        a.seed,
+        cfg.weight_bytes() as f64 / (1u64 << 20) as f64
+    );
+    let want = |p: &str| a.paths.iter().any(|x| x == p);
+    let (dev, note) = if a.cpu {
+        (None, Some("--cpu given: CPU paths only".to_string()))
+    } else {
+        match Device::new(a.device) {
+            Ok(d) => (Some(d), None),
+            Err(e) => (None, Some(format!("{e}: running the CPU paths only"))),
+        }
+    };
+    match (&dev, &note) {
+        (Some(d), _) => println!("device: {} ({})", d.name(), d.arch()),
+        (_, Some(note)) => println!("device: none ({note})"),
+        _ => unreachable!(),
+    }
+    let cpu_layers = a
+        .cpu_layers
+        .unwrap_or(if large { 2 } else { cfg.n_layers })
+        .min(cfg.n_layers);
+    let cpu_tokens = a.cpu_tokens.unwrap_or(if large { 16 } else { n }).min(n);
+    let scope = if cpu_layers < cfg.n_layers || cpu_tokens < n {
+        format!(
+            "the CPU reference runs layers 0..{cpu_layers} over tokens 0..{cpu_tokens}; GPU paths are compared with it there and with each other everywhere"
+        )
+    } else {
+        "every path runs every layer and token".into()
+    };
+    println!("scope: {scope}");
+
+    let mut runs: Vec<Ran> = Vec::new();
+    let gpu_paths = dev.is_some() as usize
+        * (want("gpu-seq") as usize
+            + want("gpu-batched") as usize
+            + want("gpu-chunked") as usize * a.chunks.len().max(1));
+    let cpu_count = want("cpu") as usize
+        + want("cpu-batched") as usize
+        + want("cpu-chunked") as usize * a.chunks.len().max(1);
+    let mut progress = Progress::new((cpu_count * cpu_tokens + gpu_paths * n) as u64);
+
+    let chunks = if a.chunks.is_empty() {
+        vec![(n / 3).max(1)]
+    } else {
+        a.chunks.clone()
+    };
+    let cpu_paths: Vec<(String, Vec<Vec<u32>>)> = [
+        (
+            "cpu",
+            prompt_ids[..cpu_tokens].iter().map(|&t| vec![t]).collect(),
+        ),
+        ("cpu-batched", vec![prompt_ids[..cpu_tokens].to_vec()]),
+    ]
+    .into_iter()
+    .map(|(name, steps)| (name.to_string(), steps))
+    .chain(chunks.iter().map(|&c| {
+        (
+            format!("cpu-chunked-{c}"),
+            prompt_ids[..cpu_tokens]
+                .chunks(c.max(1))
+                .map(|s| s.to_vec())
+                .collect(),
+        )
+    }))
+    .filter(|(name, _)| want(kind(name)))
+    .collect();
+    if !cpu_paths.is_empty() {
+        progress.phase("weights");
+        let w = ModelWeights::generate(&cfg, a.seed, Some(cpu_layers))?;
+        for (name, steps) in cpu_paths {
+            progress.phase("cpu");
+            let mut s = CpuSession::new(&w);
+            let mut trace = Trace::default();
+            let t = Instant::now();
+            for step in &steps {
+                s.forward(step, &mut trace)?;
+                progress.inc(step.len() as u64);
+            }
+            let secs = t.elapsed().as_secs_f64();
+            runs.push(Ran {
+                run: PathRun {
+                    name,
+                    tokens: cpu_tokens,
+                    layers: cpu_layers,
+                    seconds: secs,
+                    tokens_per_second: cpu_tokens as f64 / secs.max(1e-12),
+                    forward_calls: steps.iter().map(|s| s.len()).collect(),
+                },
+                trace,
+            });
+        }
+    }
+
+    if let Some(dev) = &dev {
+        dev.warm_up().context("compiling the kernels")?;
+        progress.phase("weights");
+        let model = GpuModel::generate(dev, &cfg, a.seed, n, |_| {})
+            .context("building the model on the GPU")?;
+        let mut session = Session::new(dev, &model)?;
+        let mut gpu_path =
+            |name: String, steps: Vec<Vec<u32>>, progress: &mut Progress| -> Result<Ran> {
+                progress.phase("gpu");
+                session.reset();
+                // One untimed step warms the launch paths of this shape.
+                let mut trace = Trace::default();
+                dev.synchronize()?;
+                let t = Instant::now();
+                for step in &steps {
+                    session.forward(dev, step, Some(&mut trace))?;
+                    progress.inc(step.len() as u64);
+                }
+                dev.synchronize()?;
+                let secs = t.elapsed().as_secs_f64();
+                Ok(Ran {
+                    run: PathRun {
+                        name,
+                        tokens: n,
+                        layers: cfg.n_layers,
+                        seconds: secs,
+                        tokens_per_second: n as f64 / secs.max(1e-12),
+                        forward_calls: session.stats().calls.clone(),
+                    },
+                    trace,
+                })
+            };
+        if want("gpu-seq") {
+            let steps = prompt_ids.iter().map(|&t| vec![t]).collect();
+            runs.push(gpu_path("gpu-seq".into(), steps, &mut progress)?);
+        }
+        if want("gpu-batched") {
+            runs.push(gpu_path(
+                "gpu-batched".into(),
+                vec![prompt_ids.clone()],
+                &mut progress,
+            )?);
+        }
+        if want("gpu-chunked") {
+            for &c in &chunks {
+                let steps = prompt_ids.chunks(c.max(1)).map(|s| s.to_vec()).collect();
+                runs.push(gpu_path(format!("gpu-chunked-{c}"), steps, &mut progress)?);
+            }
+        }
+    }
+    progress.finish();
+
+    println!();
+    println!(
+        "{:<18}{:>8}{:>8}{:>14}{:>12}  forward calls",
+        "path", "tokens", "layers", "time", "tokens/s"
+    );
+    for r in &runs {
+        let calls = &r.run.forward_calls;
+        let shape = if calls.iter().all(|&c| c == 1) {
+            format!("{} x 1", calls.len())
+        } else {
+            format!("{calls:?}")
+        };
+        println!(
+            "{:<18}{:>8}{:>8}{:>14}{:>12.1}  {shape}",
+            r.run.name,
+            r.run.tokens,
+            r.run.layers,
+            fmt_secs(r.run.seconds),
+            r.run.tokens_per_second
+        );
+    }
+
+    // Every path against the first (the CPU reference when it ran), then every GPU path
+    // against gpu-seq.
+    let mut pairs = Vec::new();
+    for j in 1..runs.len() {
+        pairs.push((0, j));
+    }
+    if let Some(seq) = runs.iter().position(|r| r.run.name == "gpu-seq") {
+        for (j, r) in runs.iter().enumerate() {
+            if j != seq && j != 0 && r.run.name.starts_with("gpu") {
+                pairs.push((seq, j));
+            }
+        }
+    }
+    let d = cfg.dim;
+    let mut comparisons = Vec::new();
+    let mut first: Option<String> = None;
+    'outer: for (i, j) in pairs {
+        let (ra, rb) = (&runs[i], &runs[j]);
+        let label = format!("{} vs {}", ra.run.name, rb.run.name);
+        let tokens = ra.run.tokens.min(rb.run.tokens);
+        let layers = ra.run.layers.min(rb.run.layers);
+        let mut layer_diff = 0;
+        let mut elements = 0;
+        let mut worst: Option<String> = None;
+        for l in 0..layers {
+            let c = compare_f32(
+                &label,
+                "hidden",
+                &ra.trace.layers[l][..tokens * d],
+                &rb.trace.layers[l][..tokens * d],
+                d,
+            );
+            elements += c.elements;
+            layer_diff += c.differing;
+            if worst.is_none() {
+                if let Some(f) = &c.first {
+                    worst = Some(format!("layer {l}, op layer-output, {f}"));
+                }
+            }
+        }
+        comparisons.push(Comparison {
+            paths: label.clone(),
+            tensor: "hidden (every layer)",
+            elements,
+            differing: layer_diff,
+            first: None,
+        });
+        println_cmp(
+            &label,
+            "hidden, every layer",
+            elements,
+            layer_diff,
+            worst.as_deref(),
+        );
+        if first.is_none() {
+            first = worst.clone();
+        }
+        if ra.run.layers == cfg.n_layers && rb.run.layers == cfg.n_layers {
+            let v = cfg.vocab;
+            let c = compare_f32(
+                &label,
+                "logits",
+                &ra.trace.logits[..tokens * v],
+                &rb.trace.logits[..tokens * v],
+                v,
+            );
+            let f = c.first.as_ref().map(|f| format!("op logits, {f}"));
+            println_cmp(
+                &label,
+                "logits, every token",
+                c.elements,
+                c.differing,
+                f.as_deref(),
+            );
+            if first.is_none() {
+                first = f;
+            }
+            comparisons.push(c);
+        }
+        if a.stop_early && first.is_some() {
+            println!("stopping at the first divergence (--stop-early)");
+            break 'outer;
+        }
+    }
+    let differing_total: u64 = comparisons.iter().map(|c| c.differing).sum();
+    let bit_exact = differing_total == 0 && !comparisons.is_empty();
+    println!();
+    if comparisons.is_empty() {
+        println!("verdict: nothing compared (one path ran)");
+    } else if bit_exact {
+        println!(
+            "verdict: BIT-EXACT: 0 differing elements across {} paths ({})",
+            runs.len(),
+            runs.iter()
+                .map(|r| r.run.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    } else {
+        println!(
+            "verdict: DIVERGENT: {differing_total} differing elements; first: {}",
+            first.as_deref().unwrap_or("-")
+        );
+    }
+    if let Some(path) = &a.json {
+        let report = Report {
+            mode: "model",
+            preset: cfg.name.clone(),
+            format: a.format.name().into(),
+            tokens: n,
+            seed: a.seed,
+            device: dev.as_ref().map(|d| format!("{} ({})", d.name(), d.arch())),
+            note,
+            scope,
+            paths: runs.into_iter().map(|r| r.run).collect(),
+            comparisons,
+            first_divergence: first,
+            differing_total,
+            bit_exact,
+        };
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("report: {}", path.display());
+    }
+    Ok(bit_exact || differing_total == 0)
+}
+
+/// The `--paths` entry a path name belongs to (`cpu-chunked-16` -> `cpu-chunked`).
+fn kind(name: &str) -> &str {
+    match name.find("-chunked") {
+        Some(i) => &name[..i + "-chunked".len()],
+        None => name,
+    }
+}
+
+fn println_cmp(label: &str, what: &str, elements: usize, differing: u64, first: Option<&str>) {
+    println!(
+        "{label:<34}{what:<22}{elements:>12}{differing:>11}  {}",
+        first.unwrap_or("-")
+    );
+}

@@ -1,0 +1,62 @@
+//! The residual add and the embedding gather (kernels `cuda/elementwise.cu`, references
+//! [`crate::reference::elementwise`]).
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::dims;
+use crate::device::{Device, Family};
+use crate::error::{check_indices, check_shape, Result};
+use crate::tensor::GpuTensor;
+
+fn flat_cfg(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(256).clamp(1, 8192) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// `a += b` elementwise (one IEEE add each); `a` and `b` must have one shape.
+pub fn add(dev: &Device, a: &mut GpuTensor<f32>, b: &GpuTensor<f32>) -> Result<()> {
+    check_shape("add", "b", a.dims(), b.dims())?;
+    let n = a.len() as u64;
+    if n == 0 {
+        return Ok(());
+    }
+    let f = dev.function(Family::Elementwise, "add_f32")?;
+    let mut launch = dev.stream().launch_builder(&f);
+    launch.arg(a.slice_mut()).arg(b.slice()).arg(&n);
+    // SAFETY: a and b hold n elements each (same shape, checked above).
+    unsafe { launch.launch(flat_cfg(n as usize)) }?;
+    Ok(())
+}
+
+/// `out[r, :] = table[ids[r], :]`: `table: [vocab, width]`, `ids` (host) each `< vocab`,
+/// `out: [ids.len(), width]`. An id out of range is an error and nothing is written.
+pub fn gather_rows(
+    dev: &Device,
+    table: &GpuTensor<f32>,
+    ids: &[u32],
+    out: &mut GpuTensor<f32>,
+) -> Result<()> {
+    const OP: &str = "gather_rows";
+    let [vocab, width] = dims(OP, "table", "[vocab, width]", table.dims())?;
+    check_shape(OP, "out", &[ids.len(), width], out.dims())?;
+    check_indices(OP, "ids", ids, vocab)?;
+    if ids.is_empty() || width == 0 {
+        return Ok(());
+    }
+    let ids_dev = GpuTensor::from_host(dev, ids, &[ids.len()])?;
+    let (rows, width32) = (ids.len() as u64, width as u32);
+    let f = dev.function(Family::Elementwise, "gather_rows_f32")?;
+    let mut launch = dev.stream().launch_builder(&f);
+    launch
+        .arg(out.slice_mut())
+        .arg(table.slice())
+        .arg(ids_dev.slice())
+        .arg(&rows)
+        .arg(&width32);
+    // SAFETY: every id is below vocab (checked above), out is [rows, width].
+    unsafe { launch.launch(flat_cfg(ids.len() * width)) }?;
+    Ok(())
+}

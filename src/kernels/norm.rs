@@ -1,0 +1,49 @@
+//! `rmsnorm` (kernel `cuda/norm.cu`, reference [`crate::reference::norm`]).
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::{as_u32, dims};
+use crate::device::{Device, Family};
+use crate::error::{check_shape, Result};
+use crate::tensor::GpuTensor;
+
+const WARPS: u32 = 8;
+
+/// RMSNorm of each row of `x: [rows, width]` with weights `w: [width]` into `y` (same shape as
+/// `x`); the order is [`crate::reference::norm::rmsnorm`]'s. A per-head norm is the same call
+/// on `x` viewed as `[tokens * heads, hd]`.
+pub fn rmsnorm(
+    dev: &Device,
+    x: &GpuTensor<f32>,
+    w: &GpuTensor<f32>,
+    eps: f32,
+    y: &mut GpuTensor<f32>,
+) -> Result<()> {
+    const OP: &str = "rmsnorm";
+    let [width] = dims(OP, "w", "[width]", w.dims())?;
+    let [rows, xw] = dims(OP, "x", "[rows, width]", x.dims())?;
+    check_shape(OP, "x", &[rows, width], &[rows, xw])?;
+    check_shape(OP, "y", &[rows, width], y.dims())?;
+    let (rows32, width32) = (as_u32(OP, "rows", rows)?, as_u32(OP, "width", width)?);
+    if rows == 0 || width == 0 {
+        return Ok(());
+    }
+    let f = dev.function(Family::Norm, "rmsnorm_f32")?;
+    let cfg = LaunchConfig {
+        grid_dim: (rows32.div_ceil(WARPS), 1, 1),
+        block_dim: (32 * WARPS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut launch = dev.stream().launch_builder(&f);
+    launch
+        .arg(y.slice_mut())
+        .arg(x.slice())
+        .arg(w.slice())
+        .arg(&rows32)
+        .arg(&width32)
+        .arg(&eps);
+    // SAFETY: x and y are [rows, width], w is [width] (checked above); warps past the last row
+    // return before touching memory.
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
+}

@@ -1,0 +1,140 @@
+//! `rope_neox` (kernel `cuda/rope.cu`, reference [`crate::reference::rope`]).
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::{as_u32, dims, row_chunks};
+use crate::device::{Device, Family};
+use crate::error::{check_shape, Error, Result};
+use crate::tensor::GpuTensor;
+
+/// A rotary table on the device: `cos, sin: [max_pos, rd / 2]` from
+/// [`crate::reference::rope::rope_table`].
+#[derive(Debug)]
+pub struct RopeTable {
+    cos: GpuTensor<f32>,
+    sin: GpuTensor<f32>,
+    max_pos: usize,
+    half: usize,
+}
+
+impl RopeTable {
+    /// Computes the table on the CPU (f64, rounded to f32) and uploads it.
+    pub fn new(dev: &Device, max_pos: usize, rd: usize, base: f64) -> Result<Self> {
+        if rd == 0 || rd % 2 != 0 {
+            return Err(Error::invalid(
+                "RopeTable::new",
+                format!("rotary dims {rd} must be even and positive"),
+            ));
+        }
+        let (cos, sin) = crate::reference::rope::rope_table(max_pos, rd, base);
+        Ok(RopeTable {
+            cos: GpuTensor::from_host(dev, &cos, &[max_pos, rd / 2])?,
+            sin: GpuTensor::from_host(dev, &sin, &[max_pos, rd / 2])?,
+            max_pos,
+            half: rd / 2,
+        })
+    }
+
+    /// Positions covered.
+    pub fn max_pos(&self) -> usize {
+        self.max_pos
+    }
+}
+
+/// Token positions on the device (`[rows]`), with their largest value kept on the host so that
+/// every kernel that indexes by them can check its bounds before launching.
+#[derive(Debug)]
+pub struct Positions {
+    pos: GpuTensor<u32>,
+    max: u32,
+}
+
+impl Positions {
+    /// Uploads `pos`.
+    pub fn new(dev: &Device, pos: &[u32]) -> Result<Self> {
+        Ok(Positions {
+            pos: GpuTensor::from_host(dev, pos, &[pos.len()])?,
+            max: pos.iter().copied().max().unwrap_or(0),
+        })
+    }
+
+    /// Number of positions.
+    pub fn len(&self) -> usize {
+        self.pos.len()
+    }
+
+    /// The largest position.
+    pub fn max(&self) -> u32 {
+        self.max
+    }
+
+    /// True when there is none.
+    pub fn is_empty(&self) -> bool {
+        self.pos.is_empty()
+    }
+
+    /// Fails with [`Error::IndexOutOfRange`] unless every position is below `bound`.
+    pub(crate) fn check(&self, op: &'static str, bound: usize) -> Result<()> {
+        if !self.is_empty() && self.max as usize >= bound {
+            return Err(Error::IndexOutOfRange {
+                op,
+                what: "positions",
+                position: 0,
+                index: u64::from(self.max),
+                bound: bound as u64,
+            });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn tensor(&self) -> &GpuTensor<u32> {
+        &self.pos
+    }
+}
+
+/// NEOX rotary embedding in place on `x: [rows, heads, hd]`, row `r` at position `pos[r]`
+/// (each below `table.max_pos()`).
+pub fn rope_neox(
+    dev: &Device,
+    x: &mut GpuTensor<f32>,
+    pos: &Positions,
+    table: &RopeTable,
+) -> Result<()> {
+    const OP: &str = "rope_neox";
+    let [rows, heads, hd] = dims(OP, "x", "[rows, heads, hd]", x.dims())?;
+    check_shape(OP, "pos", &[rows], &[pos.len()])?;
+    pos.check(OP, table.max_pos)?;
+    if 2 * table.half > hd {
+        return Err(Error::invalid(
+            OP,
+            format!("rotary dims {} exceed head dims {hd}", 2 * table.half),
+        ));
+    }
+    let width = as_u32(OP, "heads * rd / 2", heads * table.half)?;
+    let (heads32, hd32, half32) = (heads as u32, hd as u32, table.half as u32);
+    if rows == 0 || width == 0 {
+        return Ok(());
+    }
+    let f = dev.function(Family::Rope, "rope_neox_f32")?;
+    for (row0, nrows) in row_chunks(rows) {
+        let cfg = LaunchConfig {
+            grid_dim: (width.div_ceil(128), nrows, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = dev.stream().launch_builder(&f);
+        launch
+            .arg(x.slice_mut())
+            .arg(pos.tensor().slice())
+            .arg(table.cos.slice())
+            .arg(table.sin.slice())
+            .arg(&heads32)
+            .arg(&hd32)
+            .arg(&half32)
+            .arg(&row0);
+        // SAFETY: x is [rows, heads, hd] with 2 * half <= hd, every position is below the
+        // table's max_pos (checked above), and the grid covers rows row0..row0 + nrows <= rows.
+        unsafe { launch.launch(cfg) }?;
+    }
+    Ok(())
+}

@@ -1,0 +1,230 @@
+//! Model shapes: the presets of the runner.
+
+use crate::error::{Error, Result};
+use crate::model::MoeConfig;
+use crate::quant::WeightFormat;
+
+/// The shape of a Qwen3-MoE-style decoder.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    /// Preset name.
+    pub name: String,
+    /// Decoder layers.
+    pub n_layers: usize,
+    /// Hidden size.
+    pub dim: usize,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads (grouped-query attention).
+    pub n_kv_heads: usize,
+    /// Dims per head.
+    pub head_dim: usize,
+    /// Rotary dims per head (NEOX pairing over the first `rope_dim`; the rest is left alone).
+    pub rope_dim: usize,
+    /// Rotary base.
+    pub rope_base: f64,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// RMSNorm epsilon.
+    pub norm_eps: f32,
+    /// The MoE block of every layer (`moe.dim == dim`).
+    pub moe: MoeConfig,
+    /// Format of the attention projections.
+    pub attn_format: WeightFormat,
+    /// Format of the LM head.
+    pub lm_head_format: WeightFormat,
+    /// Positions a session's KV cache holds.
+    pub max_context: usize,
+}
+
+/// Names of the presets.
+pub const PRESETS: [&str; 4] = ["tiny", "small", "qwen3-30b-a3b", "qwen3.6-35b-a3b-like"];
+
+impl ModelConfig {
+    /// A preset with its routed and shared experts (and, for the large presets, the attention
+    /// projections and LM head) in `format`.
+    ///
+    /// - `tiny`: 2 layers, hidden 64, 4 heads / 2 kv of 16, 8 experts top-2 (ffn 64) plus a
+    ///   shared expert, vocab 256: seconds on a laptop CPU.
+    /// - `small`: 4 layers, hidden 256, 8 heads / 2 kv of 32, 16 experts top-4 (ffn 256) plus a
+    ///   shared expert, vocab 2048.
+    /// - `qwen3-30b-a3b`: 48 layers, hidden 2048, 32 / 4 heads of 128, 128 experts top-8
+    ///   (ffn 768), no shared expert, vocab 151,936, rope base 1e6.
+    /// - `qwen3.6-35b-a3b-like`: 40 layers, hidden 2048, 16 / 2 heads of 256 with NEOX rope over
+    ///   64 dims (base 1e7), 256 experts top-8 (ffn 512) plus a shared expert of 512 with a
+    ///   sigmoid gate, vocab 248,320 (every layer attention: the gated-DeltaNet layers of the
+    ///   real model are out of scope).
+    pub fn preset(name: &str, format: WeightFormat) -> Result<Self> {
+        let moe = |dim, n_experts, top_k, ffn, shared_ffn| MoeConfig {
+            dim,
+            n_experts,
+            top_k,
+            ffn,
+            shared_ffn,
+            renormalize: true,
+            format,
+        };
+        let big = |f: WeightFormat| {
+            if f.is_quantized() {
+                f
+            } else {
+                WeightFormat::F32
+            }
+        };
+        let cfg = match name {
+            "tiny" => ModelConfig {
+                name: name.into(),
+                n_layers: 2,
+                dim: 64,
+                n_heads: 4,
+                n_kv_heads: 2,
+                head_dim: 16,
+                rope_dim: 16,
+                rope_base: 1e6,
+                vocab: 256,
+                norm_eps: 1e-6,
+                moe: moe(64, 8, 2, 64, Some(64)),
+                attn_format: WeightFormat::F32,
+                lm_head_format: WeightFormat::F32,
+                max_context: 512,
+            },
+            "small" => ModelConfig {
+                name: name.into(),
+                n_layers: 4,
+                dim: 256,
+                n_heads: 8,
+                n_kv_heads: 2,
+                head_dim: 32,
+                rope_dim: 32,
+                rope_base: 1e6,
+                vocab: 2048,
+                norm_eps: 1e-6,
+                moe: moe(256, 16, 4, 256, Some(256)),
+                attn_format: WeightFormat::F32,
+                lm_head_format: WeightFormat::F32,
+                max_context: 1024,
+            },
+            "qwen3-30b-a3b" => ModelConfig {
+                name: name.into(),
+                n_layers: 48,
+                dim: 2048,
+                n_heads: 32,
+                n_kv_heads: 4,
+                head_dim: 128,
+                rope_dim: 128,
+                rope_base: 1e6,
+                vocab: 151_936,
+                norm_eps: 1e-6,
+                moe: moe(2048, 128, 8, 768, None),
+                attn_format: big(format),
+                lm_head_format: big(format),
+                max_context: 8448,
+            },
+            "qwen3.6-35b-a3b-like" => ModelConfig {
+                name: name.into(),
+                n_layers: 40,
+                dim: 2048,
+                n_heads: 16,
+                n_kv_heads: 2,
+                head_dim: 256,
+                rope_dim: 64,
+                rope_base: 1e7,
+                vocab: 248_320,
+                norm_eps: 1e-6,
+                moe: moe(2048, 256, 8, 512, Some(512)),
+                attn_format: big(format),
+                lm_head_format: big(format),
+                max_context: 8448,
+            },
+            other => {
+                return Err(Error::invalid(
+                    "ModelConfig::preset",
+                    format!("unknown preset `{other}` (one of {})", PRESETS.join(", ")),
+                ))
+            }
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks the shape; every constructor and forward path calls it.
+    pub fn validate(&self) -> Result<()> {
+        const OP: &str = "ModelConfig";
+        self.moe.validate()?;
+        if self.moe.dim != self.dim {
+            return Err(Error::invalid(OP, "moe.dim must equal dim"));
+        }
+        if self.n_layers == 0 || self.dim == 0 || self.vocab == 0 || self.max_context == 0 {
+            return Err(Error::invalid(
+                OP,
+                "layers, dim, vocab and max_context must be positive",
+            ));
+        }
+        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "{} query heads over {} kv heads",
+                    self.n_heads, self.n_kv_heads
+                ),
+            ));
+        }
+        if self.rope_dim == 0 || self.rope_dim % 2 != 0 || self.rope_dim > self.head_dim {
+            return Err(Error::invalid(
+                OP,
+                format!("rope_dim {} (head_dim {})", self.rope_dim, self.head_dim),
+            ));
+        }
+        for (what, f, k) in [
+            ("attention (dim)", self.attn_format, self.dim),
+            (
+                "attention (heads * head_dim)",
+                self.attn_format,
+                self.n_heads * self.head_dim,
+            ),
+            ("LM head", self.lm_head_format, self.dim),
+        ] {
+            if k % f.block_elems() != 0 {
+                return Err(Error::invalid(
+                    OP,
+                    format!("{what}: {k} is not a multiple of the {f} block"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of weights on the device (stored formats; embedding and norms in f32).
+    pub fn weight_bytes(&self) -> usize {
+        let bytes = |f: WeightFormat, rows: usize, cols: usize| {
+            rows * cols / f.block_elems() * f.block_bytes()
+        };
+        let qd = self.n_heads * self.head_dim;
+        let kvd = self.n_kv_heads * self.head_dim;
+        let attn = bytes(self.attn_format, qd, self.dim)
+            + 2 * bytes(self.attn_format, kvd, self.dim)
+            + bytes(self.attn_format, self.dim, qd);
+        let norms = 4 * (2 * self.dim + 2 * self.head_dim);
+        self.n_layers * (attn + norms + self.moe.weight_bytes())
+            + 4 * self.vocab * self.dim
+            + 4 * self.dim
+            + bytes(self.lm_head_format, self.vocab, self.dim)
+    }
+
+    /// Bytes of one session's KV cache (f32, `max_context` positions).
+    pub fn cache_bytes(&self) -> usize {
+        2 * 4 * self.n_layers * self.n_kv_heads * self.max_context * self.head_dim
+    }
+
+    /// Rough bytes of the activations of a forward over `rows` tokens (the MoE block's
+    /// routed intermediates dominate), with a fixed margin for scratch and the CUDA context.
+    pub fn activation_bytes(&self, rows: usize) -> usize {
+        let k = self.moe.top_k;
+        let per_row = 4
+            * (8 * self.dim
+                + 3 * self.n_heads * self.head_dim
+                + k * (3 * self.moe.ffn + self.dim)
+                + self.vocab);
+        rows * per_row + (512 << 20)
+    }
+}

@@ -1,0 +1,592 @@
+//! The thin Qwen3-MoE-style decoder: weights, the CPU reference (sequential decode), and the GPU
+//! [`Session`] (batched prefill, chunked prefill, sequential decode).
+//!
+//! Per token `t` at position `pos`, every path computes:
+//! ```text
+//! h = embed[t]
+//! per layer:
+//!   x = rmsnorm(h, attn_norm)
+//!   q = Wq x, k = Wk x, v = Wv x              (per head: rmsnorm(q, q_norm), rmsnorm(k, k_norm))
+//!   rope(q, pos), rope(k, pos); cache[pos] = (k, v)
+//!   h = h + Wo attention(q, cache[0..=pos])
+//!   h = h + moe(rmsnorm(h, ffn_norm))
+//! logits = W_lm rmsnorm(h, out_norm)
+//! ```
+//! Each operation is a kernel whose bits are its reference's (norm, rope, attention, gemm,
+//! moe block, elementwise), and each reduction's order depends only on the token's own row
+//! and position: a prompt prefilled at once, in chunks of any size, or decoded one token at a
+//! time gives the same bits at every layer.
+
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::kernels::attention::{attention, kv_write, LayerCache};
+use crate::kernels::elementwise::{add, gather_rows};
+use crate::kernels::gemm::{matmul, GpuMatrix};
+use crate::kernels::norm::rmsnorm;
+use crate::kernels::rope::{rope_neox, Positions, RopeTable};
+use crate::model::config::ModelConfig;
+use crate::model::init;
+use crate::model::moe_block::{self, GpuMoeBlock, MoeWeights};
+use crate::quant::QuantMatrix;
+use crate::reference;
+use crate::tensor::GpuTensor;
+
+/// One layer's weights (host).
+#[derive(Clone, Debug)]
+pub struct LayerWeights {
+    /// `[dim]`
+    pub attn_norm: Vec<f32>,
+    /// `[n_heads * hd, dim]`
+    pub wq: QuantMatrix,
+    /// `[n_kv * hd, dim]`
+    pub wk: QuantMatrix,
+    /// `[n_kv * hd, dim]`
+    pub wv: QuantMatrix,
+    /// `[dim, n_heads * hd]`
+    pub wo: QuantMatrix,
+    /// `[hd]`
+    pub q_norm: Vec<f32>,
+    /// `[hd]`
+    pub k_norm: Vec<f32>,
+    /// `[dim]`
+    pub ffn_norm: Vec<f32>,
+    /// The MoE block.
+    pub moe: MoeWeights,
+}
+
+/// A model's weights (host): the embedding, the first `layers.len()` layers (a CPU reference
+/// may hold fewer than the config has), the final norm and the LM head.
+#[derive(Clone, Debug)]
+pub struct ModelWeights {
+    /// The shape.
+    pub cfg: ModelConfig,
+    /// `[vocab, dim]`
+    pub embed: Vec<f32>,
+    /// Layers `0..layers.len()`.
+    pub layers: Vec<LayerWeights>,
+    /// `[dim]`
+    pub out_norm: Vec<f32>,
+    /// `[vocab, dim]`
+    pub lm_head: QuantMatrix,
+}
+
+const EMBED: u64 = 1;
+const OUT_NORM: u64 = 2;
+const LM_HEAD: u64 = 3;
+/// Tensor ids of layer `l` start at `(l + 1) * LAYER_STRIDE`.
+const LAYER_STRIDE: u64 = 1 << 10;
+
+fn norm_weights(seed: u64, tensor: u64, n: usize) -> Vec<f32> {
+    // 1 + noise: near the trained scale, never all ones.
+    (0..n as u64)
+        .map(|i| 1.0 + init::uniform(seed, tensor, i) * 0.125)
+        .collect()
+}
+
+impl LayerWeights {
+    /// Layer `l` of `cfg` from `seed`.
+    pub fn generate(cfg: &ModelConfig, seed: u64, l: usize) -> Result<Self> {
+        let base = (l as u64 + 1) * LAYER_STRIDE;
+        let (d, hd) = (cfg.dim, cfg.head_dim);
+        let (qd, kvd) = (cfg.n_heads * hd, cfg.n_kv_heads * hd);
+        let mat = |id: u64, rows: usize, cols: usize| {
+            let v = init::fill(seed, base + id, rows * cols, init::fan_in_scale(cols));
+            QuantMatrix::quantize(cfg.attn_format, &v, 1, rows, cols)
+        };
+        Ok(LayerWeights {
+            attn_norm: norm_weights(seed, base + 1, d),
+            wq: mat(2, qd, d)?,
+            wk: mat(3, kvd, d)?,
+            wv: mat(4, kvd, d)?,
+            wo: mat(5, d, qd)?,
+            q_norm: norm_weights(seed, base + 6, hd),
+            k_norm: norm_weights(seed, base + 7, hd),
+            ffn_norm: norm_weights(seed, base + 8, d),
+            moe: MoeWeights::generate_at(&cfg.moe, seed, base + 64)?,
+        })
+    }
+}
+
+impl ModelWeights {
+    /// Weights from `seed` for the first `layers` layers (all when `None`).
+    pub fn generate(cfg: &ModelConfig, seed: u64, layers: Option<usize>) -> Result<Self> {
+        cfg.validate()?;
+        let n = layers.unwrap_or(cfg.n_layers).min(cfg.n_layers);
+        let lm = init::fill(
+            seed,
+            LM_HEAD,
+            cfg.vocab * cfg.dim,
+            init::fan_in_scale(cfg.dim),
+        );
+        Ok(ModelWeights {
+            cfg: cfg.clone(),
+            embed: init::fill(seed, EMBED, cfg.vocab * cfg.dim, 1.0),
+            layers: (0..n)
+                .map(|l| LayerWeights::generate(cfg, seed, l))
+                .collect::<Result<_>>()?,
+            out_norm: norm_weights(seed, OUT_NORM, cfg.dim),
+            lm_head: QuantMatrix::quantize(cfg.lm_head_format, &lm, 1, cfg.vocab, cfg.dim)?,
+        })
+    }
+
+    /// True when every layer of the config is present.
+    pub fn is_complete(&self) -> bool {
+        self.layers.len() == self.cfg.n_layers
+    }
+}
+
+/// Synthetic token ids `[n]` from `seed`, each below `vocab`.
+pub fn prompt(seed: u64, n: usize, vocab: usize) -> Vec<u32> {
+    (0..n as u64)
+        .map(|i| (init::hash(seed, 0xbeef, i) % vocab as u64) as u32)
+        .collect()
+}
+
+/// Hidden states after every layer: `layers[l]` is `[tokens, dim]` (tokens in prompt order).
+#[derive(Clone, Debug, Default)]
+pub struct Trace {
+    /// One `[tokens, dim]` buffer per layer.
+    pub layers: Vec<Vec<f32>>,
+    /// Logits of every token, `[tokens, vocab]` (when the path computed them).
+    pub logits: Vec<f32>,
+}
+
+impl Trace {
+    fn push_layer(&mut self, l: usize, rows: &[f32]) {
+        if self.layers.len() <= l {
+            self.layers.resize(l + 1, Vec::new());
+        }
+        self.layers[l].extend_from_slice(rows);
+    }
+}
+
+/// Where two traces first differ: `(layer, token, element)` of the hidden states (layers and
+/// tokens both traces hold), or `None` when they agree bit for bit there.
+pub fn first_divergence(a: &Trace, b: &Trace, dim: usize) -> Option<(usize, usize, usize)> {
+    for (l, (x, y)) in a.layers.iter().zip(&b.layers).enumerate() {
+        let n = x.len().min(y.len());
+        if let Some(i) = (0..n).find(|&i| x[i].to_bits() != y[i].to_bits()) {
+            return Some((l, i / dim, i % dim));
+        }
+    }
+    None
+}
+
+fn check_tokens(op: &'static str, cfg: &ModelConfig, tokens: &[u32], pos: usize) -> Result<()> {
+    crate::error::check_indices(op, "tokens", tokens, cfg.vocab)?;
+    if pos + tokens.len() > cfg.max_context {
+        return Err(Error::invalid(
+            op,
+            format!(
+                "context full: {} tokens at position {pos} exceed max_context {}",
+                tokens.len(),
+                cfg.max_context
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The CPU reference: tokens one at a time, each through the plain sequential loops of
+/// [`crate::reference`], with an f32 KV cache. It runs the layers the weights hold.
+pub struct CpuSession<'w> {
+    w: &'w ModelWeights,
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    pos: usize,
+    rope: (Vec<f32>, Vec<f32>),
+}
+
+impl<'w> CpuSession<'w> {
+    /// A fresh session over `w`.
+    pub fn new(w: &'w ModelWeights) -> Self {
+        let c = &w.cfg;
+        let per = c.n_kv_heads * c.max_context * c.head_dim;
+        CpuSession {
+            w,
+            k: vec![vec![0.0; per]; w.layers.len()],
+            v: vec![vec![0.0; per]; w.layers.len()],
+            pos: 0,
+            rope: reference::rope::rope_table(c.max_context, c.rope_dim, c.rope_base),
+        }
+    }
+
+    /// Decodes `tokens` one at a time, appending each layer's hidden state (and, when the
+    /// weights hold every layer, the logits) to `trace`.
+    pub fn run(&mut self, tokens: &[u32], trace: &mut Trace) -> Result<()> {
+        check_tokens("CpuSession::run", &self.w.cfg, tokens, self.pos)?;
+        for &t in tokens {
+            self.forward(&[t], trace)?;
+        }
+        Ok(())
+    }
+
+    /// Takes `tokens` in one batched step: every stage over all of them (the schedule of the
+    /// GPU prefill, on the CPU). It must give the bits of [`CpuSession::run`].
+    pub fn forward(&mut self, tokens: &[u32], trace: &mut Trace) -> Result<()> {
+        use reference::{attention, elementwise, gemm::gemm, norm::rmsnorm, rope::rope_neox};
+        check_tokens("CpuSession::forward", &self.w.cfg, tokens, self.pos)?;
+        let w = self.w;
+        let c = &w.cfg;
+        let n = tokens.len();
+        let (d, hd, nh, nkv) = (c.dim, c.head_dim, c.n_heads, c.n_kv_heads);
+        let pos: Vec<u32> = (self.pos..self.pos + n).map(|p| p as u32).collect();
+        let mut h = elementwise::gather_rows(&w.embed, tokens, d);
+        for (l, lw) in w.layers.iter().enumerate() {
+            let x = rmsnorm(&h, &lw.attn_norm, c.norm_eps);
+            let q = gemm(&x, &lw.wq, n)?;
+            let k = gemm(&x, &lw.wk, n)?;
+            let v = gemm(&x, &lw.wv, n)?;
+            let mut q = rmsnorm(&q, &lw.q_norm, c.norm_eps);
+            let mut k = rmsnorm(&k, &lw.k_norm, c.norm_eps);
+            rope_neox(
+                &mut q,
+                &pos,
+                &self.rope.0,
+                &self.rope.1,
+                nh,
+                hd,
+                c.rope_dim / 2,
+            );
+            rope_neox(
+                &mut k,
+                &pos,
+                &self.rope.0,
+                &self.rope.1,
+                nkv,
+                hd,
+                c.rope_dim / 2,
+            );
+            for (i, &p) in pos.iter().enumerate() {
+                for kvh in 0..nkv {
+                    let at = (kvh * c.max_context + p as usize) * hd;
+                    let src = (i * nkv + kvh) * hd;
+                    self.k[l][at..at + hd].copy_from_slice(&k[src..src + hd]);
+                    self.v[l][at..at + hd].copy_from_slice(&v[src..src + hd]);
+                }
+            }
+            let a =
+                attention::attention(&q, &self.k[l], &self.v[l], &pos, nh, nkv, hd, c.max_context);
+            let o = gemm(&a, &lw.wo, n)?;
+            elementwise::add(&mut h, &o);
+            let x2 = rmsnorm(&h, &lw.ffn_norm, c.norm_eps);
+            let m = if n == 1 {
+                moe_block::forward_cpu(&lw.moe, &x2, 1)?
+            } else {
+                moe_block::forward_cpu_batched(&lw.moe, &x2, n)?
+            };
+            elementwise::add(&mut h, &m.out);
+            trace.push_layer(l, &h);
+        }
+        if w.is_complete() {
+            let hn = rmsnorm(&h, &w.out_norm, c.norm_eps);
+            trace.logits.extend(gemm(&hn, &w.lm_head, n)?);
+        }
+        self.pos += n;
+        Ok(())
+    }
+
+    /// Tokens taken so far.
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+}
+
+struct GpuLayer {
+    attn_norm: GpuTensor<f32>,
+    wq: GpuMatrix,
+    wk: GpuMatrix,
+    wv: GpuMatrix,
+    wo: GpuMatrix,
+    q_norm: GpuTensor<f32>,
+    k_norm: GpuTensor<f32>,
+    ffn_norm: GpuTensor<f32>,
+    moe: GpuMoeBlock,
+}
+
+/// A model on the device. Build it with [`GpuModel::load`] (host weights) or
+/// [`GpuModel::generate`] (synthetic weights made layer by layer, so that a 30B preset never
+/// sits in host memory whole).
+pub struct GpuModel {
+    cfg: ModelConfig,
+    embed: GpuTensor<f32>,
+    layers: Vec<GpuLayer>,
+    out_norm: GpuTensor<f32>,
+    lm_head: GpuMatrix,
+    rope: RopeTable,
+}
+
+fn upload_layer(dev: &Device, lw: &LayerWeights) -> Result<GpuLayer> {
+    let vec = |v: &[f32]| GpuTensor::from_host(dev, v, &[v.len()]);
+    Ok(GpuLayer {
+        attn_norm: vec(&lw.attn_norm)?,
+        wq: GpuMatrix::upload(dev, &lw.wq)?,
+        wk: GpuMatrix::upload(dev, &lw.wk)?,
+        wv: GpuMatrix::upload(dev, &lw.wv)?,
+        wo: GpuMatrix::upload(dev, &lw.wo)?,
+        q_norm: vec(&lw.q_norm)?,
+        k_norm: vec(&lw.k_norm)?,
+        ffn_norm: vec(&lw.ffn_norm)?,
+        moe: GpuMoeBlock::upload(dev, &lw.moe)?,
+    })
+}
+
+/// Fails with [`Error::OutOfMemory`] before anything is allocated when the weights, one KV
+/// cache and the activations of a `rows`-token forward would not fit the device's free memory.
+pub fn check_fits(dev: &Device, cfg: &ModelConfig, rows: usize) -> Result<()> {
+    let need = cfg.weight_bytes() + cfg.cache_bytes() + cfg.activation_bytes(rows);
+    let (free, _total) = dev.context().mem_get_info()?;
+    if need > free {
+        return Err(Error::OutOfMemory {
+            bytes: need,
+            what: "model weights, KV cache and activations (estimated before allocating)",
+        });
+    }
+    Ok(())
+}
+
+impl GpuModel {
+    /// Uploads complete host weights.
+    pub fn load(dev: &Device, w: &ModelWeights) -> Result<Self> {
+        if !w.is_complete() {
+            return Err(Error::invalid(
+                "GpuModel::load",
+                "the weights hold fewer layers than the config",
+            ));
+        }
+        let lm = GpuMatrix::upload(dev, &w.lm_head)?;
+        Self::assemble(dev, &w.cfg, &w.embed, &w.out_norm, lm, |l| {
+            upload_layer(dev, &w.layers[l])
+        })
+    }
+
+    /// Generates the synthetic weights of `cfg` from `seed` layer by layer (bit-identical to
+    /// [`ModelWeights::generate`]) and uploads each as it is made. `progress(l)` is called
+    /// after each layer. Refuses with [`Error::OutOfMemory`] before allocating when the model
+    /// will not fit ([`check_fits`] for a forward of `rows` tokens).
+    pub fn generate(
+        dev: &Device,
+        cfg: &ModelConfig,
+        seed: u64,
+        rows: usize,
+        mut progress: impl FnMut(usize),
+    ) -> Result<Self> {
+        cfg.validate()?;
+        check_fits(dev, cfg, rows)?;
+        let head = ModelWeights::generate(
+            &ModelConfig {
+                n_layers: 1,
+                ..cfg.clone()
+            },
+            seed,
+            Some(0),
+        )?;
+        let lm = GpuMatrix::upload(dev, &head.lm_head)?;
+        Self::assemble(dev, cfg, &head.embed, &head.out_norm, lm, |l| {
+            let layer = upload_layer(dev, &LayerWeights::generate(cfg, seed, l)?);
+            progress(l);
+            layer
+        })
+    }
+
+    fn assemble(
+        dev: &Device,
+        cfg: &ModelConfig,
+        embed: &[f32],
+        out_norm: &[f32],
+        lm_head: GpuMatrix,
+        mut layer: impl FnMut(usize) -> Result<GpuLayer>,
+    ) -> Result<Self> {
+        Ok(GpuModel {
+            cfg: cfg.clone(),
+            embed: GpuTensor::from_host(dev, embed, &[cfg.vocab, cfg.dim])?,
+            layers: (0..cfg.n_layers).map(&mut layer).collect::<Result<_>>()?,
+            out_norm: GpuTensor::from_host(dev, out_norm, &[cfg.dim])?,
+            lm_head,
+            rope: RopeTable::new(dev, cfg.max_context, cfg.rope_dim, cfg.rope_base)?,
+        })
+    }
+
+    /// The shape.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+}
+
+/// What one forward call of a [`Session`] did: how many tokens it took at once. Tests read
+/// these to check that the path they claim to test really ran.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SessionStats {
+    /// Rows of each forward call, in order.
+    pub calls: Vec<usize>,
+}
+
+/// A decoding session on the GPU: an f32 KV cache for `max_context` positions and the position
+/// reached. `prefill` takes many tokens at once, `decode` one; both give the bits of the CPU
+/// reference for every token. After an error in the middle of a forward the session refuses
+/// further calls until [`Session::reset`], rather than go on from a half-written cache.
+pub struct Session<'m> {
+    model: &'m GpuModel,
+    caches: Vec<LayerCache>,
+    pos: usize,
+    poisoned: bool,
+    last_logits: Option<Vec<f32>>,
+    stats: SessionStats,
+}
+
+impl<'m> Session<'m> {
+    /// A fresh session (allocates the KV cache).
+    pub fn new(dev: &Device, model: &'m GpuModel) -> Result<Self> {
+        let c = &model.cfg;
+        Ok(Session {
+            model,
+            caches: (0..c.n_layers)
+                .map(|_| LayerCache::new(dev, c.n_kv_heads, c.max_context, c.head_dim))
+                .collect::<Result<_>>()?,
+            pos: 0,
+            poisoned: false,
+            last_logits: None,
+            stats: SessionStats::default(),
+        })
+    }
+
+    /// Tokens taken so far (the next token's position).
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    /// The forward calls made since the last reset.
+    pub fn stats(&self) -> &SessionStats {
+        &self.stats
+    }
+
+    /// Forgets every token: position 0, the error state cleared. The cache is overwritten as
+    /// positions are reused, so it is not cleared.
+    pub fn reset(&mut self) {
+        self.pos = 0;
+        self.poisoned = false;
+        self.last_logits = None;
+        self.stats = SessionStats::default();
+    }
+
+    /// Takes `tokens` in one batched forward.
+    pub fn prefill(&mut self, dev: &Device, tokens: &[u32]) -> Result<()> {
+        self.forward(dev, tokens, None)
+    }
+
+    /// Takes one token.
+    pub fn decode(&mut self, dev: &Device, token: u32) -> Result<()> {
+        self.forward(dev, &[token], None)
+    }
+
+    /// Logits `[vocab]` after the last token taken.
+    pub fn logits(&self) -> Result<Vec<f32>> {
+        self.last_logits
+            .clone()
+            .ok_or_else(|| Error::invalid("Session::logits", "no token has been taken"))
+    }
+
+    /// Takes `tokens` in one forward, appending every layer's hidden states and every token's
+    /// logits to `trace` when given.
+    pub fn forward(
+        &mut self,
+        dev: &Device,
+        tokens: &[u32],
+        trace: Option<&mut Trace>,
+    ) -> Result<()> {
+        const OP: &str = "Session::forward";
+        if self.poisoned {
+            return Err(Error::invalid(
+                OP,
+                "an earlier forward failed part-way; call reset()",
+            ));
+        }
+        check_tokens(OP, &self.model.cfg, tokens, self.pos)?;
+        if tokens.is_empty() {
+            return Ok(());
+        }
+        self.poisoned = true;
+        let logits = self.forward_inner(dev, tokens, trace)?;
+        self.last_logits = Some(logits);
+        self.pos += tokens.len();
+        self.stats.calls.push(tokens.len());
+        self.poisoned = false;
+        Ok(())
+    }
+
+    fn forward_inner(
+        &mut self,
+        dev: &Device,
+        tokens: &[u32],
+        mut trace: Option<&mut Trace>,
+    ) -> Result<Vec<f32>> {
+        let m = self.model;
+        let c = &m.cfg;
+        let n = tokens.len();
+        let (d, hd, nh, nkv) = (c.dim, c.head_dim, c.n_heads, c.n_kv_heads);
+        let pos: Vec<u32> = (self.pos..self.pos + n).map(|p| p as u32).collect();
+        let positions = Positions::new(dev, &pos)?;
+        let mut h = GpuTensor::zeros(dev, &[n, d])?;
+        gather_rows(dev, &m.embed, tokens, &mut h)?;
+        let mut x = GpuTensor::zeros(dev, &[n, d])?;
+        let mut q = GpuTensor::zeros(dev, &[n, nh * hd])?;
+        let mut k = GpuTensor::zeros(dev, &[n, nkv * hd])?;
+        let mut v = GpuTensor::zeros(dev, &[n, nkv * hd])?;
+        let mut qn = GpuTensor::zeros(dev, &[n * nh, hd])?;
+        let mut kn = GpuTensor::zeros(dev, &[n * nkv, hd])?;
+        let mut a = GpuTensor::zeros(dev, &[n, nh, hd])?;
+        let mut o = GpuTensor::zeros(dev, &[n, d])?;
+        for (l, layer) in m.layers.iter().enumerate() {
+            rmsnorm(dev, &h, &layer.attn_norm, c.norm_eps, &mut x)?;
+            matmul(dev, &x, &layer.wq, &mut q)?;
+            matmul(dev, &x, &layer.wk, &mut k)?;
+            matmul(dev, &x, &layer.wv, &mut v)?;
+            q.reshape(&[n * nh, hd])?;
+            k.reshape(&[n * nkv, hd])?;
+            rmsnorm(dev, &q, &layer.q_norm, c.norm_eps, &mut qn)?;
+            rmsnorm(dev, &k, &layer.k_norm, c.norm_eps, &mut kn)?;
+            q.reshape(&[n, nh * hd])?;
+            k.reshape(&[n, nkv * hd])?;
+            qn.reshape(&[n, nh, hd])?;
+            kn.reshape(&[n, nkv, hd])?;
+            rope_neox(dev, &mut qn, &positions, &m.rope)?;
+            rope_neox(dev, &mut kn, &positions, &m.rope)?;
+            v.reshape(&[n, nkv, hd])?;
+            kv_write(dev, &mut self.caches[l], &kn, &v, &positions)?;
+            v.reshape(&[n, nkv * hd])?;
+            attention(dev, &qn, &self.caches[l], &positions, &mut a)?;
+            qn.reshape(&[n * nh, hd])?;
+            kn.reshape(&[n * nkv, hd])?;
+            a.reshape(&[n, nh * hd])?;
+            matmul(dev, &a, &layer.wo, &mut o)?;
+            a.reshape(&[n, nh, hd])?;
+            add(dev, &mut h, &o)?;
+            rmsnorm(dev, &h, &layer.ffn_norm, c.norm_eps, &mut x)?;
+            let moe = layer.moe.forward_batched(dev, &x)?;
+            add(dev, &mut h, &moe.out)?;
+            if let Some(t) = trace.as_deref_mut() {
+                t.push_layer(l, &h.to_host()?);
+            }
+        }
+        // Logits: every token's when tracing, the last token's otherwise.
+        let (rows, hl) = match trace.is_some() {
+            true => (n, h),
+            false => {
+                let mut last = GpuTensor::zeros(dev, &[1, d])?;
+                dev.stream()
+                    .memcpy_dtod(&h.slice().slice((n - 1) * d..), last.slice_mut())?;
+                (1, last)
+            }
+        };
+        let mut hn = GpuTensor::zeros(dev, &[rows, d])?;
+        rmsnorm(dev, &hl, &m.out_norm, c.norm_eps, &mut hn)?;
+        let mut logits = GpuTensor::zeros(dev, &[rows, c.vocab])?;
+        matmul(dev, &hn, &m.lm_head, &mut logits)?;
+        let all = logits.to_host()?;
+        let last = all[(rows - 1) * c.vocab..].to_vec();
+        if let Some(t) = trace {
+            t.logits.extend(all);
+        }
+        Ok(last)
+    }
+}

@@ -1,0 +1,200 @@
+//! The decoder: batched prefill == chunked prefill == sequential decode == CPU reference, bit
+//! for bit at every layer and at the logits.
+
+use bitexact::model::transformer::{
+    first_divergence, prompt, CpuSession, GpuModel, ModelWeights, Session, Trace,
+};
+use bitexact::model::ModelConfig;
+use bitexact::quant::{QuantMatrix, WeightFormat};
+use bitexact::Error;
+
+use crate::common::{assert_bits_eq, gpu};
+
+fn cpu_run(w: &ModelWeights, tokens: &[u32], chunk: Option<usize>) -> Trace {
+    let mut s = CpuSession::new(w);
+    let mut t = Trace::default();
+    match chunk {
+        None => s.run(tokens, &mut t).unwrap(),
+        Some(c) => {
+            for step in tokens.chunks(c) {
+                s.forward(step, &mut t).unwrap();
+            }
+        }
+    }
+    // The path really ran: every token, every layer.
+    assert_eq!(s.position(), tokens.len());
+    assert_eq!(t.layers.len(), w.layers.len());
+    t
+}
+
+fn same(what: &str, a: &Trace, b: &Trace) {
+    assert_eq!(a.layers.len(), b.layers.len(), "{what}: layers");
+    for (l, (x, y)) in a.layers.iter().zip(&b.layers).enumerate() {
+        assert_bits_eq(&format!("{what}: layer {l}"), y, x);
+    }
+    assert_bits_eq(&format!("{what}: logits"), &b.logits, &a.logits);
+}
+
+#[test]
+fn cpu_batched_and_chunked_equal_sequential_tiny() {
+    let cfg = ModelConfig::preset("tiny", WeightFormat::F32).unwrap();
+    let w = ModelWeights::generate(&cfg, 3, None).unwrap();
+    for n in [1, 2, 5, 17, 64] {
+        let tokens = prompt(n as u64, n, cfg.vocab);
+        let seq = cpu_run(&w, &tokens, None);
+        for c in [n, 1, 3, 7, 16] {
+            same(
+                &format!("tiny n={n} chunk={c}"),
+                &seq,
+                &cpu_run(&w, &tokens, Some(c)),
+            );
+        }
+    }
+    // Q8_0 experts too.
+    let cfg = ModelConfig::preset("tiny", WeightFormat::Q8_0).unwrap();
+    let w = ModelWeights::generate(&cfg, 4, None).unwrap();
+    let tokens = prompt(9, 23, cfg.vocab);
+    same(
+        "tiny Q8_0",
+        &cpu_run(&w, &tokens, None),
+        &cpu_run(&w, &tokens, Some(5)),
+    );
+}
+
+#[test]
+fn cpu_session_errors_are_typed() {
+    let cfg = ModelConfig::preset("tiny", WeightFormat::F32).unwrap();
+    let w = ModelWeights::generate(&cfg, 1, None).unwrap();
+    let mut s = CpuSession::new(&w);
+    let mut t = Trace::default();
+    let e = s.forward(&[1, 2, 256], &mut t).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::IndexOutOfRange {
+                what: "tokens",
+                position: 2,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(s.position(), 0);
+    let long = vec![0u32; cfg.max_context + 1];
+    assert!(matches!(
+        s.forward(&long, &mut t),
+        Err(Error::InvalidArgument { .. })
+    ));
+    assert!(t.layers.is_empty());
+    assert!(matches!(
+        ModelConfig::preset("tiny", WeightFormat::Q4K),
+        Err(Error::InvalidArgument { .. })
+    ));
+    assert!(ModelConfig::preset("huge", WeightFormat::F32).is_err());
+}
+
+fn gpu_run(dev: &bitexact::Device, model: &GpuModel, tokens: &[u32], chunk: usize) -> Trace {
+    let mut s = Session::new(dev, model).unwrap();
+    let mut t = Trace::default();
+    for step in tokens.chunks(chunk) {
+        s.forward(dev, step, Some(&mut t)).unwrap();
+    }
+    // The path really ran with the chunking it claims.
+    let want: Vec<usize> = tokens.chunks(chunk).map(|c| c.len()).collect();
+    assert_eq!(s.stats().calls, want);
+    t
+}
+
+fn gpu_case(preset: &str, format: WeightFormat, n: usize, chunks: &[usize], seed: u64) {
+    let Some(dev) = gpu() else { return };
+    let cfg = ModelConfig::preset(preset, format).unwrap();
+    let w = ModelWeights::generate(&cfg, seed, None).unwrap();
+    let model = GpuModel::load(dev, &w).unwrap();
+    let tokens = prompt(seed, n, cfg.vocab);
+    let cpu = cpu_run(&w, &tokens, None);
+    let seq = gpu_run(dev, &model, &tokens, 1);
+    same(
+        &format!("{preset} {format} n={n}: gpu decode vs cpu"),
+        &cpu,
+        &seq,
+    );
+    for &c in chunks {
+        same(
+            &format!("{preset} {format} n={n}: gpu chunk {c} vs decode"),
+            &seq,
+            &gpu_run(dev, &model, &tokens, c),
+        );
+    }
+}
+
+#[test]
+fn gpu_tiny_every_path_equals_cpu() {
+    for n in [1, 2, 9, 33, 64] {
+        gpu_case("tiny", WeightFormat::F32, n, &[n, 3, 8], 10 + n as u64);
+    }
+    gpu_case("tiny", WeightFormat::Q8_0, 40, &[40, 7], 5);
+}
+
+#[test]
+fn gpu_small_every_path_equals_cpu() {
+    gpu_case("small", WeightFormat::F32, 24, &[24, 5], 1);
+    gpu_case("small", WeightFormat::Q4K, 20, &[20, 9], 2);
+    gpu_case("small", WeightFormat::Q6K, 12, &[12], 3);
+}
+
+#[test]
+fn a_flipped_weight_bit_is_found_in_its_layer() {
+    let Some(dev) = gpu() else { return };
+    let cfg = ModelConfig::preset("small", WeightFormat::F32).unwrap();
+    let w = ModelWeights::generate(&cfg, 7, None).unwrap();
+    let tokens = prompt(7, 6, cfg.vocab);
+    let cpu = cpu_run(&w, &tokens, None);
+    for layer in [0, 2, 3] {
+        let mut bad = w.clone();
+        let m = &bad.layers[layer].wo;
+        let mut bytes = m.bytes().to_vec();
+        bytes[4 * 37 + 2] ^= 0x10; // one mantissa bit of one weight
+        bad.layers[layer].wo =
+            QuantMatrix::from_bytes(m.format(), 1, m.rows(), m.cols(), bytes).unwrap();
+        let model = GpuModel::load(dev, &bad).unwrap();
+        let got = gpu_run(dev, &model, &tokens, 6);
+        let (l, _, _) = first_divergence(&cpu, &got, cfg.dim).expect("a flipped bit must show");
+        assert_eq!(l, layer, "the first divergence is in the flipped layer");
+    }
+}
+
+#[test]
+fn session_errors_and_poisoning() {
+    let Some(dev) = gpu() else { return };
+    let mut cfg = ModelConfig::preset("tiny", WeightFormat::F32).unwrap();
+    cfg.max_context = 60_000;
+    let w = ModelWeights::generate(&cfg, 1, None).unwrap();
+    let model = GpuModel::load(dev, &w).unwrap();
+    let mut s = Session::new(dev, &model).unwrap();
+    // Bad input: nothing taken.
+    assert!(matches!(
+        s.prefill(dev, &[3, 999]),
+        Err(Error::IndexOutOfRange { .. })
+    ));
+    assert!(matches!(
+        s.prefill(dev, &vec![1; 60_001]),
+        Err(Error::InvalidArgument { .. })
+    ));
+    assert_eq!(s.position(), 0);
+    s.prefill(dev, &[1, 2, 3]).unwrap();
+    let l3 = s.logits().unwrap();
+    // A prompt long enough that attention v1 fails part-way (after the cache writes of layer 0).
+    assert!(s.prefill(dev, &vec![5; 57_000]).is_err());
+    let e = s.decode(dev, 1).unwrap_err();
+    assert!(e.to_string().contains("reset"), "{e}");
+    s.reset();
+    s.prefill(dev, &[1, 2, 3]).unwrap();
+    assert_bits_eq("after reset", &s.logits().unwrap(), &l3);
+    // A preset that does not fit is refused before anything is allocated.
+    let mut huge = ModelConfig::preset("qwen3-30b-a3b", WeightFormat::Q8_0).unwrap();
+    huge.max_context = 10_000_000;
+    let e = GpuModel::generate(dev, &huge, 0, 1, |_| {})
+        .err()
+        .expect("does not fit");
+    assert!(matches!(e, Error::OutOfMemory { .. }), "{e}");
+}

@@ -1,0 +1,37 @@
+//! `rmsnorm`: GPU == CPU reference, bit for bit.
+
+use bitexact::kernels::norm::rmsnorm;
+use bitexact::{reference, Error, GpuTensor};
+use proptest::prelude::*;
+
+use crate::common::{assert_bits_eq, gpu, gpu_cases, poison, values};
+
+proptest! {
+    #![proptest_config(gpu_cases(48))]
+
+    #[test]
+    fn matches_reference(rows in 1usize..=300, width in 1usize..=700, seed in any::<u64>()) {
+        let Some(dev) = gpu() else { return Ok(()) };
+        let xh = values(seed, rows * width, 8.0, 0.01);
+        let wh = values(seed ^ 1, width, 2.0, 0.0);
+        let want = reference::norm::rmsnorm(&xh, &wh, 1e-6);
+        let x = GpuTensor::from_host(dev, &xh, &[rows, width]).unwrap();
+        let w = GpuTensor::from_host(dev, &wh, &[width]).unwrap();
+        let mut y = GpuTensor::from_host(dev, &poison(rows * width), &[rows, width]).unwrap();
+        rmsnorm(dev, &x, &w, 1e-6, &mut y).unwrap();
+        assert_bits_eq(&format!("rmsnorm rows={rows} width={width} seed={seed}"), &y.to_host().unwrap(), &want);
+    }
+}
+
+#[test]
+fn shapes_must_match() {
+    let Some(dev) = gpu() else { return };
+    let x = GpuTensor::from_host(dev, &[1.0f32; 12], &[3, 4]).unwrap();
+    let w = GpuTensor::from_host(dev, &[1.0f32; 3], &[3]).unwrap();
+    let mut y = GpuTensor::from_host(dev, &poison(12), &[3, 4]).unwrap();
+    assert!(matches!(
+        rmsnorm(dev, &x, &w, 1e-6, &mut y),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    assert_bits_eq("untouched", &y.to_host().unwrap(), &poison(12));
+}
