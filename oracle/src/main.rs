@@ -3,6 +3,7 @@
 
 mod compare;
 mod model;
+mod speed;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -32,6 +33,8 @@ enum Command {
     /// The whole decoder: CPU reference, GPU decode one token at a time, GPU batched prefill and
     /// GPU chunked prefill, compared after every layer and at the logits.
     Model(model::ModelArgs),
+    /// Prefill and decode throughput of the runner against same-run ceilings (GPU only).
+    Speed(speed::SpeedArgs),
 }
 
 #[derive(clap::Args)]
@@ -157,6 +160,7 @@ fn main() {
     let result = match cli.command {
         Command::MoeBlock(args) => run_moe_block(&args),
         Command::Model(args) => model::run(&args),
+        Command::Speed(args) => speed::run(&args),
     };
     let code = match result {
         Ok(true) => 0,

@@ -102,7 +102,9 @@ pub fn attention(
     }
     pos.check(OP, cap)?;
     let span = pos.max() as usize + 1;
-    let smem = span * 4;
+    // Rounded up and padded by 4 floats: the compiler may read the scores 4 at a time past the
+    // last key (the values are not used), and that read must stay inside the allocation.
+    let smem = (span.next_multiple_of(4) + 4) * 4;
     if smem > MAX_SCORE_BYTES {
         return Err(Error::invalid(
             OP,

@@ -1,0 +1,190 @@
+//! `oracle speed`: prefill and decode throughput of the runner, beside the ceilings measured in
+//! the same run (cuBLAS bf16 for the prefill flops, the device copy rate for the decode bytes).
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use bitexact::model::transformer::{prompt, GpuModel, Session};
+use bitexact::model::ModelConfig;
+use bitexact::quant::WeightFormat;
+use bitexact::Device;
+use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
+use half::bf16;
+
+use crate::parse_format;
+
+#[derive(clap::Args)]
+pub struct SpeedArgs {
+    /// Model preset.
+    #[arg(long, default_value = "qwen3-30b-a3b")]
+    preset: String,
+    /// Format of the experts (and attention and LM head for the large presets).
+    #[arg(long, default_value = "Q8_0", value_parser = parse_format)]
+    format: WeightFormat,
+    /// Prompt lengths to prefill in one call.
+    #[arg(long, default_value = "512,2048", value_delimiter = ',')]
+    prefill: Vec<usize>,
+    /// Contexts at which to time decode.
+    #[arg(long, default_value = "512,8192", value_delimiter = ',')]
+    decode_at: Vec<usize>,
+    /// Decode steps timed at each context.
+    #[arg(long, default_value_t = 32)]
+    steps: usize,
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+}
+
+/// Parameters one token touches: attention, router and the top-k experts of every layer, plus
+/// the LM head (the embedding row is a copy).
+fn active(cfg: &ModelConfig) -> (f64, f64) {
+    let bytes = |f: WeightFormat, elems: usize| (elems / f.block_elems() * f.block_bytes()) as f64;
+    let (d, qd, kvd) = (
+        cfg.dim,
+        cfg.n_heads * cfg.head_dim,
+        cfg.n_kv_heads * cfg.head_dim,
+    );
+    let m = &cfg.moe;
+    let attn = d * qd * 2 + d * kvd * 2;
+    let experts = m.top_k * 3 * d * m.ffn + m.shared_ffn.map_or(0, |s| 3 * d * s);
+    let params = cfg.n_layers * (attn + d * m.n_experts + experts) + cfg.vocab * d;
+    let weight_bytes = cfg.n_layers as f64
+        * (bytes(cfg.attn_format, attn)
+            + 4.0 * (d * m.n_experts) as f64
+            + bytes(m.format, experts))
+        + bytes(cfg.lm_head_format, cfg.vocab * d);
+    (params as f64, weight_bytes)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// cuBLAS bf16 (f32 accumulate) on a `rows x 2048 x 2048` product: TFLOP/s.
+fn cublas_bf16_rate(dev: &Device, rows: usize) -> Result<f64> {
+    let blas = CudaBlas::new(dev.stream().clone())?;
+    let (m, k) = (2048usize, 2048usize);
+    let a = dev
+        .stream()
+        .clone_htod(&vec![bf16::from_f32(0.01); m * k])?;
+    let b = dev
+        .stream()
+        .clone_htod(&vec![bf16::from_f32(0.5); rows * k])?;
+    let mut c = dev.stream().alloc_zeros::<bf16>(rows * m)?;
+    let cfg = GemmConfig {
+        transa: cublasOperation_t::CUBLAS_OP_T,
+        transb: cublasOperation_t::CUBLAS_OP_N,
+        m: m as i32,
+        n: rows as i32,
+        k: k as i32,
+        alpha: bf16::ONE,
+        lda: k as i32,
+        ldb: k as i32,
+        beta: bf16::ZERO,
+        ldc: m as i32,
+    };
+    let mut times = Vec::new();
+    for i in 0..25 {
+        dev.synchronize()?;
+        let t = Instant::now();
+        // SAFETY: a is [m, k], b [rows, k], c [rows, m], as the config states.
+        unsafe { blas.gemm(cfg, &a, &b, &mut c) }?;
+        dev.synchronize()?;
+        if i >= 5 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    Ok(2.0 * (rows * m * k) as f64 / median(times) / 1e12)
+}
+
+/// Device-to-device copy rate (bytes read + written per second).
+fn copy_rate(dev: &Device) -> Result<f64> {
+    let n = 256usize << 20;
+    let src = dev.stream().alloc_zeros::<u8>(n)?;
+    let mut dst = dev.stream().alloc_zeros::<u8>(n)?;
+    let mut times = Vec::new();
+    for i in 0..15 {
+        dev.synchronize()?;
+        let t = Instant::now();
+        dev.stream().memcpy_dtod(&src, &mut dst)?;
+        dev.synchronize()?;
+        if i >= 3 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    Ok(2.0 * n as f64 / median(times))
+}
+
+pub fn run(a: &SpeedArgs) -> Result<bool> {
+    let cfg = ModelConfig::preset(&a.preset, a.format)?;
+    let dev = Device::new(a.device)?;
+    dev.warm_up()?;
+    println!(
+        "bitexact oracle: speed, {} with {} experts on {} ({})",
+        cfg.name,
+        a.format,
+        dev.name(),
+        dev.arch()
+    );
+    let longest = a
+        .prefill
+        .iter()
+        .chain(&a.decode_at)
+        .copied()
+        .max()
+        .unwrap_or(1);
+    let t = Instant::now();
+    let model = GpuModel::generate(&dev, &cfg, 0, longest, |_| {}).context("building the model")?;
+    println!(
+        "model generated and uploaded in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let mut s = Session::new(&dev, &model)?;
+    let (params, wbytes) = active(&cfg);
+    let bf16_rate = cublas_bf16_rate(&dev, 2048)?;
+    let copy = copy_rate(&dev)?;
+    println!("same-run ceilings: cuBLAS bf16 {bf16_rate:.0} TFLOP/s (2048 x 2048 x 2048), copy {:.0} GB/s", copy / 1e9);
+    println!();
+    println!("| phase | tokens | time | tokens/s | same flops at cuBLAS bf16 | active weight bytes at copy rate |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    // A short prefill first: module loads and scratch growth stay out of the numbers.
+    s.prefill(&dev, &prompt(1, 16, cfg.vocab))?;
+    for &n in &a.prefill {
+        s.reset();
+        let tokens = prompt(2, n, cfg.vocab);
+        dev.synchronize()?;
+        let t = Instant::now();
+        s.prefill(&dev, &tokens)?;
+        dev.synchronize()?;
+        let secs = t.elapsed().as_secs_f64();
+        let ideal = 2.0 * params * n as f64 / (bf16_rate * 1e12);
+        println!(
+            "| prefill | {n} | {:.1} ms | {:.0} | {:.1} ms | - |",
+            secs * 1e3,
+            n as f64 / secs,
+            ideal * 1e3
+        );
+    }
+    for &c in &a.decode_at {
+        s.reset();
+        s.prefill(&dev, &prompt(3, c, cfg.vocab))?;
+        let steps = prompt(4, a.steps, cfg.vocab);
+        dev.synchronize()?;
+        let t = Instant::now();
+        for &tok in &steps {
+            s.decode(&dev, tok)?;
+        }
+        dev.synchronize()?;
+        let secs = t.elapsed().as_secs_f64() / a.steps as f64;
+        println!(
+            "| decode at context {c} | {} | {:.2} ms/token | {:.1} | - | {:.3} ms/token ({:.0} tokens/s) |",
+            a.steps,
+            secs * 1e3,
+            1.0 / secs,
+            wbytes / copy * 1e3,
+            copy / wbytes
+        );
+    }
+    Ok(true)
+}
