@@ -16,9 +16,14 @@
 // or decoded on its own.
 //
 // Versions:
-//   attention_f32  v1: one block of 128 threads per (query, head); scores in dynamic shared
-//                  memory (t + 1 floats); threads stride over keys for the scores and over
-//                  dims for the output.
+//   attention_f32     v1: one block of 128 threads per (query, head); scores in dynamic shared
+//                     memory (t + 1 floats); threads stride over keys for the scores and over
+//                     dims for the output, each thread running all four partials in turn.
+//   attention_f32_v2  v2: 512 threads per (query, head). Scores: lanes 4g..4g+3 form the four
+//                     partials of one key's dot and combine them by two shuffles. Output: one
+//                     thread per (partial, dim) runs that partial's chain over its key blocks;
+//                     the four partials meet in shared memory. 4x the threads of v1 and no
+//                     thread runs more than one chain.
 
 #include "common.cuh"
 
@@ -99,4 +104,87 @@ extern "C" __global__ void kv_write_f32(float* __restrict__ kc, float* __restric
     const u64 dst = ((u64)kvh * cap + pos[r]) * hd + d;
     kc[dst] = k[src];
     vc[dst] = v[src];
+}
+
+#define ATT2_THREADS 512u
+
+extern "C" __global__ void __launch_bounds__(512)
+    attention_f32_v2(float* __restrict__ out, const float* __restrict__ q,
+                     const float* __restrict__ kc, const float* __restrict__ vc,
+                     const u32* __restrict__ qpos, u32 n_heads, u32 n_kv, u32 hd, u32 cap,
+                     float scale) {
+    extern __shared__ float att2_s[];  // scores (t + 1, padded), then 4 * hd partial outputs
+    __shared__ float red2[ATT2_THREADS / 32u];
+    __shared__ float total2;
+    const u32 h = blockIdx.x;
+    const u64 qi = blockIdx.y;
+    const u32 tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
+    const u32 t = qpos[qi];
+    const u32 n = t + 1u;
+    const u32 kvh = h / (n_heads / n_kv);
+    const float* qv = q + (qi * n_heads + h) * hd;
+    const float* K = kc + (u64)kvh * cap * hd;
+    const float* V = vc + (u64)kvh * cap * hd;
+    float* part = att2_s + ((n + 3u) & ~3u) + 4u;
+
+    // Scores: lane 4g + p forms partial p of key j's dot (hd's 32-blocks p, p + 4, ..).
+    const u32 p = tid & 3u, g = tid >> 2;
+    float m = __uint_as_float(0xff800000u);
+    for (u32 j0 = 0; j0 < n; j0 += ATT2_THREADS / 4u) {
+        const u32 j = j0 + g;
+        float acc = 0.0f;
+        if (j < n) {
+            const float* kr = K + (u64)j * hd;
+            for (u32 b = p; b * 32u < hd; b += 4u) {
+                const u32 k1 = min(b * 32u + 32u, hd);
+                for (u32 k = b * 32u; k < k1; ++k) acc = fmaf(kr[k], qv[k], acc);
+            }
+        }
+        const float other = __shfl_xor_sync(BX_FULL_MASK, acc, 1);
+        const float pair = (p & 1u) ? other + acc : acc + other;
+        const float pair2 = __shfl_xor_sync(BX_FULL_MASK, pair, 2);
+        const float dot = (p & 2u) ? pair2 + pair : pair + pair2;
+        if (j < n) {
+            const float sj = dot * scale;
+            if (p == 0u) att2_s[j] = sj;
+            m = fmaxf(m, sj);
+        }
+    }
+    for (u32 off = 16u; off; off >>= 1) m = fmaxf(m, __shfl_xor_sync(BX_FULL_MASK, m, off));
+    if (lane == 0) red2[warp] = m;
+    __syncthreads();
+    m = red2[0];
+    for (u32 w = 1; w < ATT2_THREADS / 32u; ++w) m = fmaxf(m, red2[w]);
+    for (u32 j = tid; j < n; j += ATT2_THREADS) att2_s[j] = bx_exp(att2_s[j] - m);
+    __syncthreads();
+    if (warp == 0) {
+        float sum = 0.0f;
+        for (u32 j = lane; j < n; j += 32u) sum = sum + att2_s[j];
+        sum = bx_butterfly_sum(sum);
+        if (lane == 0) total2 = sum;
+    }
+    __syncthreads();
+    const float sum = total2;
+    for (u32 j = tid; j < n; j += ATT2_THREADS) att2_s[j] = bx_canon(att2_s[j] / sum);
+    __syncthreads();
+
+    // Output: thread (partial pp, dim d) runs partial pp's chain over key blocks pp, pp + 4, ..
+    for (u32 idx = tid; idx < 4u * hd; idx += ATT2_THREADS) {
+        const u32 pp = idx / hd, d = idx - pp * hd;
+        float acc = 0.0f;
+        for (u32 b = pp; b * 32u < n; b += 4u) {
+            const u32 j1 = min(b * 32u + 32u, n);
+            for (u32 j = b * 32u; j < j1; ++j) acc = fmaf(V[(u64)j * hd + d], att2_s[j], acc);
+        }
+        part[idx] = acc;
+    }
+    __syncthreads();
+    for (u32 d = tid; d < hd; d += ATT2_THREADS) {
+        const float p0 = part[d], p1 = part[hd + d], p2 = part[2u * hd + d], p3 = part[3u * hd + d];
+#ifdef BITEXACT_MUTANT
+        out[(qi * n_heads + h) * hd + d] = ((p0 + p1) + p2) + p3;
+#else
+        out[(qi * n_heads + h) * hd + d] = (p0 + p1) + (p2 + p3);
+#endif
+    }
 }

@@ -80,7 +80,7 @@ pub fn kv_write(
 
 /// Attention of queries `q: [nq, n_heads, hd]`, query `i` at position `pos[i]` seeing cache
 /// rows `0..=pos[i]`, into `out: [nq, n_heads, hd]`. `n_heads` must be a multiple of the
-/// cache's `n_kv`. The order is [`crate::reference::attention::attend`]'s.
+/// cache's `n_kv`. The order is [`crate::reference::attention::attend`]'s. Runs v2.
 pub fn attention(
     dev: &Device,
     q: &GpuTensor<f32>,
@@ -88,7 +88,25 @@ pub fn attention(
     pos: &Positions,
     out: &mut GpuTensor<f32>,
 ) -> Result<()> {
+    attention_version(dev, 2, q, cache, pos, out)
+}
+
+/// [`attention`] with the kernel version chosen by the caller: 1 (128 threads per query and
+/// head) or 2 (512 threads). Every version gives the same bits.
+pub fn attention_version(
+    dev: &Device,
+    version: u32,
+    q: &GpuTensor<f32>,
+    cache: &LayerCache,
+    pos: &Positions,
+    out: &mut GpuTensor<f32>,
+) -> Result<()> {
     const OP: &str = "attention";
+    let (name, threads) = match version {
+        1 => ("attention_f32", THREADS),
+        2 => ("attention_f32_v2", 512),
+        v => return Err(Error::invalid(OP, format!("no version {v} (1 or 2)"))),
+    };
     let [n_kv, cap, hd] = dims(OP, "cache.k", "[n_kv, cap, hd]", cache.k.dims())?;
     let [nq, n_heads, qhd] = dims(OP, "q", "[nq, n_heads, hd]", q.dims())?;
     check_shape(OP, "q", &[nq, n_heads, hd], &[nq, n_heads, qhd])?;
@@ -102,9 +120,10 @@ pub fn attention(
     }
     pos.check(OP, cap)?;
     let span = pos.max() as usize + 1;
-    // Rounded up and padded by 4 floats: the compiler may read the scores 4 at a time past the
-    // last key (the values are not used), and that read must stay inside the allocation.
-    let smem = (span.next_multiple_of(4) + 4) * 4;
+    // Scores rounded up and padded by 4 floats (the compiler may read them 4 at a time past
+    // the last key; the values are unused, the read must stay inside the allocation), then
+    // v2's 4 * hd partial outputs.
+    let smem = (span.next_multiple_of(4) + 4 + 4 * hd) * 4;
     if smem > MAX_SCORE_BYTES {
         return Err(Error::invalid(
             OP,
@@ -117,7 +136,7 @@ pub fn attention(
     if nq == 0 || n_heads == 0 {
         return Ok(());
     }
-    let f = dev.function(Family::Attention, "attention_f32")?;
+    let f = dev.function(Family::Attention, name)?;
     if smem > 48 * 1024 {
         f.set_attribute(
             CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -129,7 +148,7 @@ pub fn attention(
     for (row0, nrows) in row_chunks(nq) {
         let cfg = LaunchConfig {
             grid_dim: (nh32, nrows, 1),
-            block_dim: (THREADS, 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: smem as u32,
         };
         let qv = q.slice().slice(row0 as usize * n_heads * hd..);

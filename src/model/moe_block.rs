@@ -384,15 +384,15 @@ pub struct GpuMoeBlock {
     shared: Option<GpuShared>,
 }
 
-/// GPU forward result: the output stays on the device, the routing comes back to the host
-/// (the grouped expert GEMM is planned from it there).
+/// GPU forward result: the output and routing weights stay on the device, the expert ids come
+/// back to the host (the grouped expert GEMM is planned from them there).
 pub struct GpuMoeOutput {
     /// `[n, dim]`
     pub out: GpuTensor<f32>,
     /// Selected experts `[n, top_k]`.
     pub ids: Vec<u32>,
     /// Routing weights `[n, top_k]`.
-    pub weights: Vec<f32>,
+    pub weights: GpuTensor<f32>,
 }
 
 impl GpuMoeOutput {
@@ -401,7 +401,7 @@ impl GpuMoeOutput {
         Ok(MoeOutput {
             out: self.out.to_host()?,
             ids: self.ids.clone(),
-            weights: self.weights.clone(),
+            weights: self.weights.to_host()?,
         })
     }
 }
@@ -507,7 +507,7 @@ impl GpuMoeBlock {
         Ok(GpuMoeOutput {
             out,
             ids: ids_host,
-            weights: weights.to_host()?,
+            weights,
         })
     }
 
@@ -527,8 +527,9 @@ impl GpuMoeBlock {
         let n = x.dims()[0];
         let mut out = GpuTensor::zeros(dev, &[n, d])?;
         let mut xt = GpuTensor::zeros(dev, &[1, d])?;
-        let mut ids = Vec::with_capacity(n * self.cfg.top_k);
-        let mut weights = Vec::with_capacity(n * self.cfg.top_k);
+        let k = self.cfg.top_k;
+        let mut ids = Vec::with_capacity(n * k);
+        let mut weights = GpuTensor::zeros(dev, &[n, k])?;
         let stream = dev.stream().clone();
         for t in 0..n {
             stream.memcpy_dtod(&x.slice().slice(t * d..(t + 1) * d), xt.slice_mut())?;
@@ -537,8 +538,11 @@ impl GpuMoeBlock {
                 o.out.slice(),
                 &mut out.slice_mut().slice_mut(t * d..(t + 1) * d),
             )?;
+            stream.memcpy_dtod(
+                o.weights.slice(),
+                &mut weights.slice_mut().slice_mut(t * k..(t + 1) * k),
+            )?;
             ids.extend(o.ids);
-            weights.extend(o.weights);
         }
         Ok(GpuMoeOutput { out, ids, weights })
     }

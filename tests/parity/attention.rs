@@ -1,7 +1,7 @@
 //! `attention`: GPU == CPU reference, bit for bit; a query's output does not depend on how many
 //! other queries share the launch.
 
-use bitexact::kernels::attention::{attention, kv_write, LayerCache};
+use bitexact::kernels::attention::{attention, attention_version, kv_write, LayerCache};
 use bitexact::kernels::rope::Positions;
 use bitexact::{reference, GpuTensor};
 use proptest::prelude::*;
@@ -49,14 +49,17 @@ fn case(nq: usize, start: usize, n_heads: usize, n_kv: usize, hd: usize, cap: us
     let vn = GpuTensor::from_host(dev, &v_all[start * n_kv * hd..], &[nq, n_kv, hd]).unwrap();
     kv_write(dev, &mut cache, &kn, &vn, &p).unwrap();
     let qg = GpuTensor::from_host(dev, &q, &[nq, n_heads, hd]).unwrap();
-    let mut out = GpuTensor::from_host(dev, &poison(q.len()), &[nq, n_heads, hd]).unwrap();
-    attention(dev, &qg, &cache, &p, &mut out).unwrap();
-    let got = out.to_host().unwrap();
-    assert_bits_eq(
-        &format!("attention nq={nq} start={start} heads={n_heads}/{n_kv} hd={hd}"),
-        &got,
-        &want,
-    );
+    let mut got = Vec::new();
+    for version in [1, 2] {
+        let mut out = GpuTensor::from_host(dev, &poison(q.len()), &[nq, n_heads, hd]).unwrap();
+        attention_version(dev, version, &qg, &cache, &p, &mut out).unwrap();
+        got = out.to_host().unwrap();
+        assert_bits_eq(
+            &format!("attention v{version} nq={nq} start={start} heads={n_heads}/{n_kv} hd={hd}"),
+            &got,
+            &want,
+        );
+    }
 
     // The last query alone gives the same bits.
     let last = Positions::new(dev, &[filled as u32 - 1]).unwrap();
