@@ -14,7 +14,7 @@
 //! (weights read once per tile, memory-bound); larger ones the tiled GEMM (FFMA for the float
 //! formats, int8 `mma.sync` for the quantized ones), in tiles of [`GEMM_TILE_ROWS`] rows.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 
 use super::quantize::quantize_into;
 use super::{as_u32, dims, row_chunks, MAX_GRID_Y};
@@ -109,11 +109,10 @@ impl GpuMatrix {
 /// changes a bit.
 #[derive(Debug)]
 pub struct RoutedRows {
-    x_rows: CudaSlice<u32>,
-    experts: CudaSlice<u32>,
-    y_rows: CudaSlice<u32>,
-    gemm_tiles: CudaSlice<u32>,
-    gemv_tiles: CudaSlice<u32>,
+    /// `x_rows | experts | y_rows | gemm tiles | gemv tiles`, one upload.
+    buf: CudaSlice<u32>,
+    /// Start of each of the five parts in `buf`, and its end.
+    at: [usize; 6],
     n_gemm_tiles: usize,
     n_gemv_tiles: usize,
     largest_group: usize,
@@ -180,27 +179,40 @@ impl RoutedRows {
             .map(|t| t[2] as usize)
             .max()
             .unwrap_or(0);
-        let up = |v: &[u32], what| {
-            // A zero-length table still needs a valid (non-null) buffer to pass.
-            let v: &[u32] = if v.is_empty() { &[0] } else { v };
-            dev.stream()
-                .clone_htod(v)
-                .map_err(|e| Error::from_alloc(e, std::mem::size_of_val(v), what))
-        };
+        let mut at = [0usize; 6];
+        let mut packed = Vec::with_capacity(3 * len + gemm_tiles.len() + gemv_tiles.len() + 1);
+        for (i, part) in [&xs, &es, &ys, &gemm_tiles, &gemv_tiles]
+            .into_iter()
+            .enumerate()
+        {
+            at[i] = packed.len();
+            packed.extend_from_slice(part);
+        }
+        at[5] = packed.len();
+        // A zero-length table still needs a valid (non-null) buffer to pass.
+        packed.push(0);
+        let buf = dev
+            .stream()
+            .clone_htod(&packed)
+            .map_err(|e| Error::from_alloc(e, 4 * packed.len(), "RoutedRows"))?;
         Ok(RoutedRows {
-            x_rows: up(&xs, "RoutedRows x_rows")?,
-            experts: up(&es, "RoutedRows experts")?,
-            y_rows: up(&ys, "RoutedRows y_rows")?,
+            buf,
+            at,
             n_gemm_tiles: gemm_tiles.len() / 3,
             n_gemv_tiles: gemv_tiles.len() / 3,
-            gemm_tiles: up(&gemm_tiles, "RoutedRows tiles")?,
-            gemv_tiles: up(&gemv_tiles, "RoutedRows tiles")?,
             largest_group,
             len,
             nx,
             n_experts,
             ny,
         })
+    }
+
+    /// Part `i` of the packed table (0 x_rows, 1 experts, 2 y_rows, 3 GEMM tiles, 4 GEMV
+    /// tiles) as a device view.
+    fn part(&self, i: usize) -> CudaView<'_, u32> {
+        self.buf
+            .slice(self.at[i]..self.at[i + 1].max(self.at[i] + 1))
     }
 
     /// Number of routed rows.
@@ -371,14 +383,15 @@ fn launch_v1_grouped<W>(
             block_dim: (V1_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
+        let (xr, ex, yr) = (rows.part(0), rows.part(1), rows.part(2));
         let mut launch = dev.stream().launch_builder(&f);
         launch
             .arg(y.slice_mut())
             .arg(x.slice())
             .arg(w)
-            .arg(&rows.x_rows)
-            .arg(&rows.experts)
-            .arg(&rows.y_rows)
+            .arg(&xr)
+            .arg(&ex)
+            .arg(&yr)
             .arg(&m32)
             .arg(&k32)
             .arg(&row0);
@@ -533,10 +546,11 @@ fn launch_v2(
     let (name, tiles) = match plan {
         Plan::Gemv(h) => (
             GEMV_NAMES[fi][h.trailing_zeros() as usize],
-            rows.map(|r| &r.gemv_tiles),
+            rows.map(|r| r.part(4)),
         ),
-        _ => (GEMM_NAMES[fi], rows.map(|r| &r.gemm_tiles)),
+        _ => (GEMM_NAMES[fi], rows.map(|r| r.part(3))),
     };
+    let maps = rows.map(|r| (r.part(0), r.part(2)));
     if let (Plan::Gemv(h), Some(r)) = (plan, rows) {
         debug_assert!(r.largest_group.min(GEMV_MAX_ROWS) <= h);
     }
@@ -563,8 +577,8 @@ fn launch_v2(
             None => launch.arg(x.slice()).arg(x.slice()).arg(x.slice()),
         };
         launch.arg(&w.data);
-        match (tiles, rows) {
-            (Some(t), Some(r)) => launch.arg(t).arg(&r.x_rows).arg(&r.y_rows),
+        match (&tiles, &maps) {
+            (Some(t), Some((xr, yr))) => launch.arg(t).arg(xr).arg(yr),
             _ => launch.arg(&null).arg(&null).arg(&null),
         };
         launch
