@@ -136,8 +136,16 @@ extern "C" __global__ void __launch_bounds__(512)
         if (j < n) {
             const float* kr = K + (u64)j * hd;
             for (u32 b = p; b * 32u < hd; b += 4u) {
-                const u32 k1 = min(b * 32u + 32u, hd);
-                for (u32 k = b * 32u; k < k1; ++k) acc = fmaf(kr[k], qv[k], acc);
+                if (b * 32u + 32u <= hd) {
+                    // A whole block: all 32 loads in flight before the fma chain.
+                    float kk[32];
+#pragma unroll
+                    for (int i = 0; i < 32; ++i) kk[i] = kr[b * 32u + i];
+#pragma unroll
+                    for (int i = 0; i < 32; ++i) acc = fmaf(kk[i], qv[b * 32u + i], acc);
+                } else {
+                    for (u32 k = b * 32u; k < hd; ++k) acc = fmaf(kr[k], qv[k], acc);
+                }
             }
         }
         const float other = __shfl_xor_sync(BX_FULL_MASK, acc, 1);
@@ -168,13 +176,31 @@ extern "C" __global__ void __launch_bounds__(512)
     for (u32 j = tid; j < n; j += ATT2_THREADS) att2_s[j] = bx_canon(att2_s[j] / sum);
     __syncthreads();
 
-    // Output: thread (partial pp, dim d) runs partial pp's chain over key blocks pp, pp + 4, ..
+    // Output: thread (partial pp, dim d) runs partial pp's chain over key blocks pp, pp + 4, ..;
+    // the next block's 32 values are loaded while the current block's fmas run.
     for (u32 idx = tid; idx < 4u * hd; idx += ATT2_THREADS) {
         const u32 pp = idx / hd, d = idx - pp * hd;
+        const u32 full = n / 32u;  // blocks of 32 keys with no tail
         float acc = 0.0f;
-        for (u32 b = pp; b * 32u < n; b += 4u) {
-            const u32 j1 = min(b * 32u + 32u, n);
-            for (u32 j = b * 32u; j < j1; ++j) acc = fmaf(V[(u64)j * hd + d], att2_s[j], acc);
+        float cur[32], nxt[32];
+        u32 b = pp;
+        if (b < full) {
+#pragma unroll
+            for (int i = 0; i < 32; ++i) cur[i] = V[(u64)(b * 32u + i) * hd + d];
+        }
+        for (; b < full; b += 4u) {
+            const u32 bn = b + 4u;
+            if (bn < full) {
+#pragma unroll
+                for (int i = 0; i < 32; ++i) nxt[i] = V[(u64)(bn * 32u + i) * hd + d];
+            }
+#pragma unroll
+            for (int i = 0; i < 32; ++i) acc = fmaf(cur[i], att2_s[b * 32u + i], acc);
+#pragma unroll
+            for (int i = 0; i < 32; ++i) cur[i] = nxt[i];
+        }
+        if (b == full && full * 32u < n) {  // this partial owns the tail block
+            for (u32 j = full * 32u; j < n; ++j) acc = fmaf(V[(u64)j * hd + d], att2_s[j], acc);
         }
         part[idx] = acc;
     }

@@ -61,6 +61,18 @@ impl<T: DeviceRepr + ValidAsZeroBits + Clone + Default> GpuTensor<T> {
         })
     }
 
+    /// An output buffer for a kernel that writes every element: [`GpuTensor::uninit`] in
+    /// release builds (no memset on the hot paths of the model), zero-filled in debug builds.
+    /// The per-kernel parity tests poison their outputs themselves.
+    pub(crate) fn output(dev: &Device, dims: &[usize]) -> Result<Self> {
+        if cfg!(debug_assertions) {
+            return Self::zeros(dev, dims);
+        }
+        // SAFETY: by this function's contract the tensor goes to a kernel that writes all of
+        // it before anything reads it.
+        unsafe { Self::uninit(dev, dims) }
+    }
+
     /// Uploads `host` (row-major, `dims.product()` elements).
     pub fn from_host(dev: &Device, host: &[T], dims: &[usize]) -> Result<Self> {
         let n = numel("GpuTensor::from_host", dims)?;

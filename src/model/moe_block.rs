@@ -457,10 +457,10 @@ impl GpuMoeBlock {
         }
         let n = x.dims()[0];
 
-        let mut logits = GpuTensor::zeros(dev, &[n, ne])?;
+        let mut logits = GpuTensor::output(dev, &[n, ne])?;
         gemm::matmul(dev, x, &self.router, &mut logits)?;
-        let mut ids = GpuTensor::<u32>::zeros(dev, &[n, k])?;
-        let mut weights = GpuTensor::zeros(dev, &[n, k])?;
+        let mut ids = GpuTensor::<u32>::output(dev, &[n, k])?;
+        let mut weights = GpuTensor::output(dev, &[n, k])?;
         router::softmax_topk(dev, &logits, k, c.renormalize, &mut ids, &mut weights)?;
         let ids_host = ids.to_host()?;
 
@@ -471,29 +471,29 @@ impl GpuMoeBlock {
         let down_rows =
             gemm::RoutedRows::new(dev, &plan.rows, &plan.experts, &plan.pairs, r, ne, n * k)?;
 
-        let mut g = GpuTensor::zeros(dev, &[r, f])?;
-        let mut u = GpuTensor::zeros(dev, &[r, f])?;
+        let mut g = GpuTensor::output(dev, &[r, f])?;
+        let mut u = GpuTensor::output(dev, &[r, f])?;
         gemm::matmul_grouped(dev, x, &self.gate, &up_rows, &mut g)?;
         gemm::matmul_grouped(dev, x, &self.up, &up_rows, &mut u)?;
-        let mut h = GpuTensor::zeros(dev, &[r, f])?;
+        let mut h = GpuTensor::output(dev, &[r, f])?;
         activation::swiglu(dev, &g, &u, &mut h)?;
-        let mut partial = GpuTensor::zeros(dev, &[n * k, d])?;
+        let mut partial = GpuTensor::output(dev, &[n * k, d])?;
         gemm::matmul_grouped(dev, &h, &self.down, &down_rows, &mut partial)?;
         partial.reshape(&[n, k, d])?;
 
         let shared = match (&self.shared, c.shared_ffn) {
             (Some(s), Some(sf)) => {
-                let mut sg = GpuTensor::zeros(dev, &[n, sf])?;
-                let mut su = GpuTensor::zeros(dev, &[n, sf])?;
+                let mut sg = GpuTensor::output(dev, &[n, sf])?;
+                let mut su = GpuTensor::output(dev, &[n, sf])?;
                 gemm::matmul(dev, x, &s.gate, &mut sg)?;
                 gemm::matmul(dev, x, &s.up, &mut su)?;
-                let mut sh = GpuTensor::zeros(dev, &[n, sf])?;
+                let mut sh = GpuTensor::output(dev, &[n, sf])?;
                 activation::swiglu(dev, &sg, &su, &mut sh)?;
-                let mut sy = GpuTensor::zeros(dev, &[n, d])?;
+                let mut sy = GpuTensor::output(dev, &[n, d])?;
                 gemm::matmul(dev, &sh, &s.down, &mut sy)?;
-                let mut gl = GpuTensor::zeros(dev, &[n, 1])?;
+                let mut gl = GpuTensor::output(dev, &[n, 1])?;
                 gemm::matmul(dev, x, &s.gate_inp, &mut gl)?;
-                let mut gate = GpuTensor::zeros(dev, &[n])?;
+                let mut gate = GpuTensor::output(dev, &[n])?;
                 gl.reshape(&[n])?;
                 activation::sigmoid(dev, &gl, &mut gate)?;
                 row_scale::row_scale(dev, &mut sy, &gate)?;
@@ -502,7 +502,7 @@ impl GpuMoeBlock {
             _ => None,
         };
 
-        let mut out = GpuTensor::zeros(dev, &[n, d])?;
+        let mut out = GpuTensor::output(dev, &[n, d])?;
         moe_reduce::moe_weighted_reduce(dev, &partial, &weights, shared.as_ref(), &mut out)?;
         Ok(GpuMoeOutput {
             out,
@@ -525,11 +525,11 @@ impl GpuMoeBlock {
             ));
         }
         let n = x.dims()[0];
-        let mut out = GpuTensor::zeros(dev, &[n, d])?;
-        let mut xt = GpuTensor::zeros(dev, &[1, d])?;
+        let mut out = GpuTensor::output(dev, &[n, d])?;
+        let mut xt = GpuTensor::output(dev, &[1, d])?;
         let k = self.cfg.top_k;
         let mut ids = Vec::with_capacity(n * k);
-        let mut weights = GpuTensor::zeros(dev, &[n, k])?;
+        let mut weights = GpuTensor::output(dev, &[n, k])?;
         let stream = dev.stream().clone();
         for t in 0..n {
             stream.memcpy_dtod(&x.slice().slice(t * d..(t + 1) * d), xt.slice_mut())?;

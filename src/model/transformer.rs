@@ -526,16 +526,16 @@ impl<'m> Session<'m> {
         let (d, hd, nh, nkv) = (c.dim, c.head_dim, c.n_heads, c.n_kv_heads);
         let pos: Vec<u32> = (self.pos..self.pos + n).map(|p| p as u32).collect();
         let positions = Positions::new(dev, &pos)?;
-        let mut h = GpuTensor::zeros(dev, &[n, d])?;
+        let mut h = GpuTensor::output(dev, &[n, d])?;
         gather_rows(dev, &m.embed, tokens, &mut h)?;
-        let mut x = GpuTensor::zeros(dev, &[n, d])?;
-        let mut q = GpuTensor::zeros(dev, &[n, nh * hd])?;
-        let mut k = GpuTensor::zeros(dev, &[n, nkv * hd])?;
-        let mut v = GpuTensor::zeros(dev, &[n, nkv * hd])?;
-        let mut qn = GpuTensor::zeros(dev, &[n * nh, hd])?;
-        let mut kn = GpuTensor::zeros(dev, &[n * nkv, hd])?;
-        let mut a = GpuTensor::zeros(dev, &[n, nh, hd])?;
-        let mut o = GpuTensor::zeros(dev, &[n, d])?;
+        let mut x = GpuTensor::output(dev, &[n, d])?;
+        let mut q = GpuTensor::output(dev, &[n, nh * hd])?;
+        let mut k = GpuTensor::output(dev, &[n, nkv * hd])?;
+        let mut v = GpuTensor::output(dev, &[n, nkv * hd])?;
+        let mut qn = GpuTensor::output(dev, &[n * nh, hd])?;
+        let mut kn = GpuTensor::output(dev, &[n * nkv, hd])?;
+        let mut a = GpuTensor::output(dev, &[n, nh, hd])?;
+        let mut o = GpuTensor::output(dev, &[n, d])?;
         for (l, layer) in m.layers.iter().enumerate() {
             rmsnorm(dev, &h, &layer.attn_norm, c.norm_eps, &mut x)?;
             matmul(dev, &x, &layer.wq, &mut q)?;
@@ -572,15 +572,15 @@ impl<'m> Session<'m> {
         let (rows, hl) = match trace.is_some() {
             true => (n, h),
             false => {
-                let mut last = GpuTensor::zeros(dev, &[1, d])?;
+                let mut last = GpuTensor::output(dev, &[1, d])?;
                 dev.stream()
                     .memcpy_dtod(&h.slice().slice((n - 1) * d..), last.slice_mut())?;
                 (1, last)
             }
         };
-        let mut hn = GpuTensor::zeros(dev, &[rows, d])?;
+        let mut hn = GpuTensor::output(dev, &[rows, d])?;
         rmsnorm(dev, &hl, &m.out_norm, c.norm_eps, &mut hn)?;
-        let mut logits = GpuTensor::zeros(dev, &[rows, c.vocab])?;
+        let mut logits = GpuTensor::output(dev, &[rows, c.vocab])?;
         matmul(dev, &hn, &m.lm_head, &mut logits)?;
         let all = logits.to_host()?;
         let last = all[(rows - 1) * c.vocab..].to_vec();
