@@ -12,7 +12,9 @@
 //!   [`Result`]; an error means nothing was queued.
 //! - [`reference`]: the sequential CPU references, the specification of every kernel's bits.
 //! - [`math`]: the scalar functions (our own `exp`, sigmoid, silu) shared by both sides.
-//! - [`model`]: the MoE block, computed on the CPU, on the GPU token by token, and batched.
+//! - [`quant`]: the weight formats (GGUF layouts) and the activation quantization.
+//! - [`model`]: the MoE block and the Qwen3-MoE-style decoder, each computed on the CPU, on the
+//!   GPU token by token, and batched; they agree bit for bit.
 //!
 //! ```no_run
 //! use bitexact::{Device, GpuTensor, kernels::row_scale::row_scale};
