@@ -10,7 +10,7 @@
 //!   root, no flush-to-zero, no fast math).
 //! - [`kernels`]: typed launch wrappers that validate every shape and index and return
 //!   [`Result`]; an error means nothing was queued.
-//! - [`reference`]: the sequential CPU references, the specification of every kernel's bits.
+//! - [`mod@reference`]: the sequential CPU references, the specification of every kernel's bits.
 //! - [`math`]: the scalar functions (our own `exp`, sigmoid, silu) shared by both sides.
 //! - [`quant`]: the weight formats (GGUF layouts) and the activation quantization.
 //! - [`model`]: the MoE block and the Qwen3-MoE-style decoder, each computed on the CPU, on the

@@ -405,7 +405,7 @@ fn launch_v1_grouped<W>(
 
 /// Dense product `y[n, m] = dot(x[n, :], w[m, :])` (`w` holds one matrix), with the kernel the
 /// dispatcher picks. Shapes: `x: [n, k]`, `y: [n, m]`, `w: [1, m, k]`. Quantized formats first
-/// quantize `x` per block of 32 ([`quantize_act`]).
+/// quantize `x` per block of 32 ([`super::quantize::quantize_act`]).
 pub fn matmul(
     dev: &Device,
     x: &GpuTensor<f32>,
