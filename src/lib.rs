@@ -30,6 +30,7 @@
 
 pub mod device;
 pub mod error;
+pub mod gguf;
 pub mod kernels;
 pub mod math;
 pub mod model;

@@ -35,6 +35,85 @@ enum Command {
     Model(model::ModelArgs),
     /// Prefill and decode throughput of the runner against same-run ceilings (GPU only).
     Speed(speed::SpeedArgs),
+    /// Print a GGUF file's metadata and tensor table.
+    Inspect(InspectArgs),
+    /// Write a preset's synthetic model as a qwen3moe GGUF file.
+    Export(ExportArgs),
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    /// Output path.
+    path: PathBuf,
+    /// Model preset.
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    /// Format of the experts (and, for large presets, attention and LM head).
+    #[arg(long, default_value = "F32", value_parser = parse_format)]
+    format: WeightFormat,
+    /// Seed of the weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn run_export(a: &ExportArgs) -> Result<bool> {
+    let cfg = bitexact::model::ModelConfig::preset(&a.preset, a.format)?;
+    let w = bitexact::model::ModelWeights::generate(&cfg, a.seed, None)?;
+    let bytes = bitexact::gguf::arch::export(&w)?;
+    std::fs::write(&a.path, &bytes).with_context(|| format!("writing {}", a.path.display()))?;
+    println!("wrote {} ({} bytes)", a.path.display(), bytes.len());
+    Ok(true)
+}
+
+#[derive(clap::Args)]
+struct InspectArgs {
+    /// The GGUF file.
+    path: PathBuf,
+    /// Print every metadata value in full (long arrays are abbreviated otherwise).
+    #[arg(long)]
+    all: bool,
+}
+
+fn run_inspect(a: &InspectArgs) -> Result<bool> {
+    use bitexact::gguf::GgufFile;
+    let f = GgufFile::open(&a.path)?;
+    println!(
+        "{}: GGUF v{}, {} metadata keys, {} tensors, alignment {}, data at byte {} ({:.1} MiB)",
+        a.path.display(),
+        f.version,
+        f.metadata.len(),
+        f.tensors.len(),
+        f.alignment,
+        f.data_offset,
+        f.len() as f64 / (1u64 << 20) as f64
+    );
+    println!();
+    for (k, v) in &f.metadata {
+        let shown = if a.all { format!("{v:?}") } else { v.display() };
+        println!("  {k:<48} {shown}");
+    }
+    println!();
+    println!(
+        "  {:<40} {:<6} {:<28} {:>14}",
+        "tensor", "type", "shape", "bytes"
+    );
+    let mut total = 0u64;
+    for t in &f.tensors {
+        total += t.bytes;
+        println!(
+            "  {:<40} {:<6} {:<28} {:>14}",
+            t.name,
+            t.ty.name,
+            format!("{:?}", t.dims),
+            t.bytes
+        );
+    }
+    println!("  {:<76} {:>14}", "total", total);
+    match bitexact::gguf::arch::config(&f, None) {
+        Ok(c) => println!("\nrunner config: {c:?}"),
+        Err(e) => println!("\nthe runner cannot build this file: {e}"),
+    }
+    Ok(true)
 }
 
 #[derive(clap::Args)]
@@ -161,6 +240,8 @@ fn main() {
         Command::MoeBlock(args) => run_moe_block(&args),
         Command::Model(args) => model::run(&args),
         Command::Speed(args) => speed::run(&args),
+        Command::Inspect(args) => run_inspect(&args),
+        Command::Export(args) => run_export(&args),
     };
     let code = match result {
         Ok(true) => 0,

@@ -19,6 +19,12 @@ pub struct ModelArgs {
     /// Model preset: tiny, small, qwen3-30b-a3b, qwen3.6-35b-a3b-like.
     #[arg(long, default_value = "tiny")]
     preset: String,
+    /// Run a real model file (GGUF, qwen3moe) instead of a preset.
+    #[arg(long)]
+    gguf: Option<PathBuf>,
+    /// KV cache positions for a GGUF model (default: the file's context length, at most 4096).
+    #[arg(long)]
+    max_context: Option<usize>,
     /// Format of the experts (and, for the large presets, attention and LM head).
     #[arg(long, default_value = "F32", value_parser = parse_format)]
     format: WeightFormat,
@@ -92,8 +98,38 @@ struct Ran {
     trace: Trace,
 }
 
+/// Where the weights come from: a preset's generator, or a GGUF file.
+enum Source {
+    Preset(u64),
+    Gguf(bitexact::gguf::GgufFile),
+}
+
+impl Source {
+    fn weights(&self, cfg: &ModelConfig, layers: Option<usize>) -> Result<ModelWeights> {
+        Ok(match self {
+            Source::Preset(seed) => ModelWeights::generate(cfg, *seed, layers)?,
+            Source::Gguf(f) => bitexact::gguf::arch::load(f, Some(cfg.max_context), layers)?,
+        })
+    }
+}
+
 pub fn run(a: &ModelArgs) -> Result<bool> {
-    let cfg = ModelConfig::preset(&a.preset, a.format)?;
+    let (cfg, source) = match &a.gguf {
+        Some(path) => {
+            let f = bitexact::gguf::GgufFile::open(path)?;
+            let cfg = bitexact::gguf::arch::config(&f, a.max_context)?;
+            println!(
+                "model file: {} ({} tensors)",
+                path.display(),
+                f.tensors.len()
+            );
+            (cfg, Source::Gguf(f))
+        }
+        None => (
+            ModelConfig::preset(&a.preset, a.format)?,
+            Source::Preset(a.seed),
+        ),
+    };
     let large = cfg.n_layers > 8;
     let n = a.tokens;
     let prompt_ids = prompt(a.seed, n, cfg.vocab);
@@ -111,7 +147,7 @@ pub fn run(a: &ModelArgs) -> Result<bool> {
         cfg.moe.ffn,
         cfg.moe.shared_ffn.map_or("none".into(), |s| s.to_string()),
         cfg.vocab,
-        a.format,
+        if a.gguf.is_some() { cfg.moe.format } else { a.format },
         n,
         a.seed,
         cfg.weight_bytes() as f64 / (1u64 << 20) as f64
@@ -181,7 +217,7 @@ pub fn run(a: &ModelArgs) -> Result<bool> {
     .collect();
     if !cpu_paths.is_empty() {
         progress.phase("weights");
-        let w = ModelWeights::generate(&cfg, a.seed, Some(cpu_layers))?;
+        let w = source.weights(&cfg, Some(cpu_layers))?;
         for (name, steps) in cpu_paths {
             progress.phase("cpu");
             let mut s = CpuSession::new(&w);
@@ -388,7 +424,11 @@ pub fn run(a: &ModelArgs) -> Result<bool> {
         let report = Report {
             mode: "model",
             preset: cfg.name.clone(),
-            format: a.format.name().into(),
+            format: if a.gguf.is_some() {
+                cfg.moe.format.name().into()
+            } else {
+                a.format.name().into()
+            },
             tokens: n,
             seed: a.seed,
             device: dev.as_ref().map(|d| format!("{} ({})", d.name(), d.arch())),

@@ -198,3 +198,25 @@ fn session_errors_and_poisoning() {
         .expect("does not fit");
     assert!(matches!(e, Error::OutOfMemory { .. }), "{e}");
 }
+
+#[test]
+fn a_model_loaded_from_gguf_runs_bit_exact_on_the_gpu() {
+    let Some(dev) = gpu() else { return };
+    let cfg = ModelConfig::preset("tiny", WeightFormat::Q8_0).unwrap();
+    let w = ModelWeights::generate(&cfg, 12, None).unwrap();
+    let file = bitexact::gguf::GgufFile::parse(bitexact::gguf::arch::export(&w).unwrap()).unwrap();
+    let loaded = bitexact::gguf::arch::load(&file, None, None).unwrap();
+    let model = GpuModel::load(dev, &loaded).unwrap();
+    let tokens = prompt(12, 30, cfg.vocab);
+    let cpu = cpu_run(&w, &tokens, None);
+    same(
+        "gguf: gpu decode vs cpu on the generated weights",
+        &cpu,
+        &gpu_run(dev, &model, &tokens, 1),
+    );
+    same(
+        "gguf: gpu prefill vs cpu",
+        &cpu,
+        &gpu_run(dev, &model, &tokens, 30),
+    );
+}

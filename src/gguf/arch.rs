@@ -1,0 +1,360 @@
+//! Mapping between GGUF model files and the runner: `qwen3moe` (and `qwen35moe` files whose
+//! every layer is attention) to [`ModelConfig`] and [`ModelWeights`], and the runner's synthetic
+//! models back to GGUF with llama.cpp's tensor names.
+//!
+//! Tensor names are llama.cpp's: `token_embd`, `output_norm`, `output` (absent: tied to the
+//! embedding), and per layer `blk.N.` + `attn_norm`, `attn_q`, `attn_k`, `attn_v`,
+//! `attn_output`, `attn_q_norm`, `attn_k_norm`, `ffn_norm`, `ffn_gate_inp` (the router),
+//! `ffn_{gate,up,down}_exps`, and the shared expert's `ffn_{gate,up,down}_shexp` with its gate
+//! `ffn_gate_inp_shexp`. GGUF lists dims innermost first: a `[rows, cols]` matrix is stored with
+//! dims `[cols, rows]`, a stack of experts as `[cols, rows, experts]`.
+
+use super::{GgmlType, GgufError, GgufFile, GgufResult, TensorInfo, Value};
+use crate::model::moe_block::SharedWeights;
+use crate::model::transformer::{LayerWeights, ModelWeights};
+use crate::model::{ModelConfig, MoeConfig, MoeWeights};
+use crate::quant::{dequantize_row, QuantMatrix, WeightFormat};
+
+/// Architectures the runner builds.
+pub const ARCHITECTURES: [&str; 2] = ["qwen3moe", "qwen35moe"];
+
+/// Default cap on the KV cache a loaded model gets (the file's context length is often 40K+).
+pub const DEFAULT_MAX_CONTEXT: usize = 4096;
+
+fn meta_u64(f: &GgufFile, key: &str) -> GgufResult<u64> {
+    f.get(key)
+        .and_then(Value::as_u64)
+        .ok_or_else(|| GgufError::Model(format!("metadata `{key}` is missing or not an integer")))
+}
+
+fn meta_usize(f: &GgufFile, key: &str) -> GgufResult<usize> {
+    usize::try_from(meta_u64(f, key)?).map_err(|_| GgufError::Model(format!("`{key}` too large")))
+}
+
+fn tensor<'a>(f: &'a GgufFile, name: &str) -> GgufResult<&'a TensorInfo> {
+    f.tensor(name)
+        .ok_or_else(|| GgufError::Model(format!("tensor `{name}` is missing")))
+}
+
+fn format_of(t: &TensorInfo) -> GgufResult<WeightFormat> {
+    t.ty.format().ok_or_else(|| GgufError::UnsupportedType {
+        tensor: t.name.clone(),
+        type_id: t.ty.id,
+        type_name: t.ty.name.to_string(),
+    })
+}
+
+/// A `[experts, rows, cols]` matrix from a tensor of dims `[cols, rows]` or
+/// `[cols, rows, experts]`, checked against the expected shape.
+fn matrix(
+    f: &GgufFile,
+    name: &str,
+    experts: usize,
+    rows: usize,
+    cols: usize,
+) -> GgufResult<QuantMatrix> {
+    let t = tensor(f, name)?;
+    let want: Vec<u64> = match (experts, rows) {
+        (1, 1) => vec![cols as u64],
+        (1, _) => vec![cols as u64, rows as u64],
+        _ => vec![cols as u64, rows as u64, experts as u64],
+    };
+    let squeezed: Vec<u64> = {
+        let mut d = t.dims.clone();
+        while d.len() > want.len() && d.last() == Some(&1) {
+            d.pop();
+        }
+        d
+    };
+    if squeezed != want {
+        return Err(GgufError::Model(format!(
+            "tensor `{name}` has dims {:?}, expected {want:?}",
+            t.dims
+        )));
+    }
+    QuantMatrix::from_bytes(
+        format_of(t)?,
+        experts,
+        rows,
+        cols,
+        f.tensor_data(t).to_vec(),
+    )
+    .map_err(|e| GgufError::Model(format!("tensor `{name}`: {e}")))
+}
+
+/// A vector (norm weights, embedding rows) decoded to f32 exactly as llama.cpp dequantizes it.
+fn vector(f: &GgufFile, name: &str, len: usize) -> GgufResult<Vec<f32>> {
+    let m = matrix(f, name, 1, 1, len)?;
+    Ok(m.dequantize())
+}
+
+/// Reads the runner's configuration from a GGUF file's metadata (the KV cache capped at
+/// `max_context`, or [`DEFAULT_MAX_CONTEXT`]).
+pub fn config(f: &GgufFile, max_context: Option<usize>) -> GgufResult<ModelConfig> {
+    let arch = match f.get("general.architecture") {
+        Some(Value::String(s)) => s.clone(),
+        _ => {
+            return Err(GgufError::Model(
+                "metadata `general.architecture` is missing".into(),
+            ))
+        }
+    };
+    if !ARCHITECTURES.contains(&arch.as_str()) {
+        return Err(GgufError::Model(format!(
+            "architecture `{arch}` is not supported (the runner builds {})",
+            ARCHITECTURES.join(", ")
+        )));
+    }
+    if let Some(t) = f.tensors.iter().find(|t| {
+        t.name.contains(".ssm_") || t.name.contains("linear_attn") || t.name.contains(".attn_qkv.")
+    }) {
+        return Err(GgufError::Model(format!(
+            "`{arch}` file with gated-DeltaNet layers (tensor `{}`): only all-attention models are supported",
+            t.name
+        )));
+    }
+    let key = |k: &str| format!("{arch}.{k}");
+    let dim = meta_usize(f, &key("embedding_length"))?;
+    let n_heads = meta_usize(f, &key("attention.head_count"))?;
+    let n_kv_heads = meta_usize(f, &key("attention.head_count_kv"))?;
+    let head_dim = match f.get(&key("attention.key_length")).and_then(Value::as_u64) {
+        Some(v) => v as usize,
+        None => dim / n_heads.max(1),
+    };
+    let n_experts = meta_usize(f, &key("expert_count"))?;
+    let top_k = meta_usize(f, &key("expert_used_count"))?;
+    let ffn = meta_usize(f, &key("expert_feed_forward_length"))?;
+    let shared = f.tensor("blk.0.ffn_gate_shexp.weight").is_some();
+    let shared_ffn = if shared {
+        Some(
+            match f
+                .get(&key("expert_shared_feed_forward_length"))
+                .and_then(Value::as_u64)
+            {
+                Some(v) => v as usize,
+                None => tensor(f, "blk.0.ffn_gate_shexp.weight")?
+                    .dims
+                    .get(1)
+                    .copied()
+                    .unwrap_or(0) as usize,
+            },
+        )
+    } else {
+        None
+    };
+    let vocab = tensor(f, "token_embd.weight")?
+        .dims
+        .get(1)
+        .copied()
+        .unwrap_or(0) as usize;
+    let fmt = |name: &str| -> GgufResult<WeightFormat> { format_of(tensor(f, name)?) };
+    let lm = if f.tensor("output.weight").is_some() {
+        "output.weight"
+    } else {
+        "token_embd.weight"
+    };
+    let context = f
+        .get(&key("context_length"))
+        .and_then(Value::as_u64)
+        .unwrap_or(4096) as usize;
+    let cfg = ModelConfig {
+        name: f
+            .get("general.name")
+            .and_then(|v| match v {
+                Value::String(s) => Some(s.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| arch.clone()),
+        n_layers: meta_usize(f, &key("block_count"))?,
+        dim,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        rope_dim: f
+            .get(&key("rope.dimension_count"))
+            .and_then(Value::as_u64)
+            .map_or(head_dim, |v| v as usize),
+        rope_base: f
+            .get(&key("rope.freq_base"))
+            .and_then(Value::as_f64)
+            .unwrap_or(10_000.0),
+        vocab,
+        norm_eps: f
+            .get(&key("attention.layer_norm_rms_epsilon"))
+            .and_then(Value::as_f64)
+            .unwrap_or(1e-6) as f32,
+        moe: MoeConfig {
+            dim,
+            n_experts,
+            top_k,
+            ffn,
+            shared_ffn,
+            renormalize: !matches!(f.get(&key("expert_weights_norm")), Some(Value::Bool(false))),
+            format: fmt("blk.0.ffn_gate_exps.weight")?,
+        },
+        attn_format: fmt("blk.0.attn_q.weight")?,
+        lm_head_format: fmt(lm)?,
+        max_context: context.min(max_context.unwrap_or(DEFAULT_MAX_CONTEXT)),
+    };
+    cfg.validate()
+        .map_err(|e| GgufError::Model(e.to_string()))?;
+    Ok(cfg)
+}
+
+/// Loads the weights of the first `layers` layers (all when `None`) of a `qwen3moe` file.
+pub fn load(
+    f: &GgufFile,
+    max_context: Option<usize>,
+    layers: Option<usize>,
+) -> GgufResult<ModelWeights> {
+    let cfg = config(f, max_context)?;
+    let (d, hd, e, ffn) = (cfg.dim, cfg.head_dim, cfg.moe.n_experts, cfg.moe.ffn);
+    let (qd, kvd) = (cfg.n_heads * hd, cfg.n_kv_heads * hd);
+    let embed_m = matrix(f, "token_embd.weight", 1, cfg.vocab, d)?;
+    let mut embed = Vec::with_capacity(cfg.vocab * d);
+    for r in 0..cfg.vocab {
+        dequantize_row(embed_m.format(), embed_m.row(0, r), d, &mut embed);
+    }
+    let lm_head = match f.tensor("output.weight") {
+        Some(_) => matrix(f, "output.weight", 1, cfg.vocab, d)?,
+        None => embed_m.clone(),
+    };
+    let n = layers.unwrap_or(cfg.n_layers).min(cfg.n_layers);
+    let mut out_layers = Vec::with_capacity(n);
+    for l in 0..n {
+        let p = |s: &str| format!("blk.{l}.{s}.weight");
+        let shared = match cfg.moe.shared_ffn {
+            Some(sf) => Some(SharedWeights {
+                gate_inp: matrix(f, &p("ffn_gate_inp_shexp"), 1, 1, d)?,
+                gate: matrix(f, &p("ffn_gate_shexp"), 1, sf, d)?,
+                up: matrix(f, &p("ffn_up_shexp"), 1, sf, d)?,
+                down: matrix(f, &p("ffn_down_shexp"), 1, d, sf)?,
+            }),
+            None => None,
+        };
+        out_layers.push(LayerWeights {
+            attn_norm: vector(f, &p("attn_norm"), d)?,
+            wq: matrix(f, &p("attn_q"), 1, qd, d)?,
+            wk: matrix(f, &p("attn_k"), 1, kvd, d)?,
+            wv: matrix(f, &p("attn_v"), 1, kvd, d)?,
+            wo: matrix(f, &p("attn_output"), 1, d, qd)?,
+            q_norm: vector(f, &p("attn_q_norm"), hd)?,
+            k_norm: vector(f, &p("attn_k_norm"), hd)?,
+            ffn_norm: vector(f, &p("ffn_norm"), d)?,
+            moe: MoeWeights {
+                cfg: cfg.moe.clone(),
+                router: matrix(f, &p("ffn_gate_inp"), 1, e, d)?,
+                gate: matrix(f, &p("ffn_gate_exps"), e, ffn, d)?,
+                up: matrix(f, &p("ffn_up_exps"), e, ffn, d)?,
+                down: matrix(f, &p("ffn_down_exps"), e, d, ffn)?,
+                shared,
+            },
+        });
+    }
+    Ok(ModelWeights {
+        cfg: cfg.clone(),
+        embed,
+        layers: out_layers,
+        out_norm: vector(f, "output_norm.weight", d)?,
+        lm_head,
+    })
+}
+
+fn dims(m: &QuantMatrix) -> Vec<u64> {
+    match (m.experts(), m.rows()) {
+        (1, 1) => vec![m.cols() as u64],
+        (1, r) => vec![m.cols() as u64, r as u64],
+        (e, r) => vec![m.cols() as u64, r as u64, e as u64],
+    }
+}
+
+/// Writes complete weights as a `qwen3moe` GGUF file (llama.cpp's names and metadata keys):
+/// the tests hand such files to the Python `gguf` reader.
+pub fn export(w: &ModelWeights) -> GgufResult<Vec<u8>> {
+    if !w.is_complete() {
+        return Err(GgufError::Model("export needs every layer".into()));
+    }
+    let c = &w.cfg;
+    let mut g = super::writer::GgufWriter::new();
+    let a = "qwen3moe";
+    let u = |v: usize| Value::U32(v as u32);
+    g.meta("general.architecture", Value::String(a.into()))
+        .meta("general.name", Value::String(c.name.clone()))
+        .meta(&format!("{a}.block_count"), u(c.n_layers))
+        .meta(&format!("{a}.context_length"), u(c.max_context))
+        .meta(&format!("{a}.embedding_length"), u(c.dim))
+        .meta(&format!("{a}.attention.head_count"), u(c.n_heads))
+        .meta(&format!("{a}.attention.head_count_kv"), u(c.n_kv_heads))
+        .meta(&format!("{a}.attention.key_length"), u(c.head_dim))
+        .meta(&format!("{a}.attention.value_length"), u(c.head_dim))
+        .meta(&format!("{a}.rope.dimension_count"), u(c.rope_dim))
+        .meta(
+            &format!("{a}.rope.freq_base"),
+            Value::F32(c.rope_base as f32),
+        )
+        .meta(
+            &format!("{a}.attention.layer_norm_rms_epsilon"),
+            Value::F32(c.norm_eps),
+        )
+        .meta(&format!("{a}.expert_count"), u(c.moe.n_experts))
+        .meta(&format!("{a}.expert_used_count"), u(c.moe.top_k))
+        .meta(&format!("{a}.expert_feed_forward_length"), u(c.moe.ffn));
+    if let Some(sf) = c.moe.shared_ffn {
+        g.meta(&format!("{a}.expert_shared_feed_forward_length"), u(sf));
+    }
+    let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let put = |g: &mut super::writer::GgufWriter, name: String, m: &QuantMatrix| {
+        g.tensor(
+            &name,
+            &dims(m),
+            GgmlType::of(m.format()),
+            m.bytes().to_vec(),
+        );
+    };
+    g.tensor(
+        "token_embd.weight",
+        &[c.dim as u64, c.vocab as u64],
+        GgmlType::of(WeightFormat::F32),
+        f32s(&w.embed),
+    );
+    g.tensor(
+        "output_norm.weight",
+        &[c.dim as u64],
+        GgmlType::of(WeightFormat::F32),
+        f32s(&w.out_norm),
+    );
+    put(&mut g, "output.weight".into(), &w.lm_head);
+    for (l, lw) in w.layers.iter().enumerate() {
+        let p = |s: &str| format!("blk.{l}.{s}.weight");
+        let f32_t = GgmlType::of(WeightFormat::F32);
+        g.tensor(&p("attn_norm"), &[c.dim as u64], f32_t, f32s(&lw.attn_norm));
+        g.tensor(
+            &p("attn_q_norm"),
+            &[c.head_dim as u64],
+            f32_t,
+            f32s(&lw.q_norm),
+        );
+        g.tensor(
+            &p("attn_k_norm"),
+            &[c.head_dim as u64],
+            f32_t,
+            f32s(&lw.k_norm),
+        );
+        g.tensor(&p("ffn_norm"), &[c.dim as u64], f32_t, f32s(&lw.ffn_norm));
+        put(&mut g, p("attn_q"), &lw.wq);
+        put(&mut g, p("attn_k"), &lw.wk);
+        put(&mut g, p("attn_v"), &lw.wv);
+        put(&mut g, p("attn_output"), &lw.wo);
+        put(&mut g, p("ffn_gate_inp"), &lw.moe.router);
+        put(&mut g, p("ffn_gate_exps"), &lw.moe.gate);
+        put(&mut g, p("ffn_up_exps"), &lw.moe.up);
+        put(&mut g, p("ffn_down_exps"), &lw.moe.down);
+        if let Some(s) = &lw.moe.shared {
+            put(&mut g, p("ffn_gate_inp_shexp"), &s.gate_inp);
+            put(&mut g, p("ffn_gate_shexp"), &s.gate);
+            put(&mut g, p("ffn_up_shexp"), &s.up);
+            put(&mut g, p("ffn_down_shexp"), &s.down);
+        }
+    }
+    Ok(g.to_bytes())
+}

@@ -1,0 +1,760 @@
+//! A GGUF (v2 and v3) reader, hardened against malformed and hostile files.
+//!
+//! [`GgufFile::open`] memory-maps the file; [`GgufFile::parse`] reads any byte slice. Every
+//! count, length, offset and dimension is checked against the bytes that remain before it is
+//! used, so a malformed file gives a [`GgufError`], never a panic, an out-of-bounds read or an
+//! allocation larger than the file. Tensor data stays in the mapping: [`GgufFile::tensor_data`]
+//! hands out the checked byte range.
+//!
+//! Layout (little-endian): magic `GGUF`, version `u32`, tensor count `u64`, metadata count
+//! `u64`; the metadata key/value pairs; the tensor infos (name, dims, ggml type, offset); padding
+//! to `general.alignment` (default 32); the tensor data, each tensor at its offset from the start
+//! of the data section, aligned.
+
+/// The runner's model files: `qwen3moe` to and from [`crate::model::ModelWeights`].
+pub mod arch;
+/// A minimal GGUF v3 writer.
+pub mod writer;
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use crate::quant::WeightFormat;
+
+/// What can be wrong with a GGUF file.
+#[derive(Debug, thiserror::Error)]
+pub enum GgufError {
+    /// Reading the file failed.
+    #[error("reading {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The file is not GGUF, or is a version this reader does not know.
+    #[error("not a GGUF v2/v3 file: {0}")]
+    Header(String),
+    /// The file ends before something it declares.
+    #[error("truncated at byte {at}: {what} needs {need} more bytes, {have} remain")]
+    Truncated {
+        /// Offset of the read.
+        at: usize,
+        /// What was being read.
+        what: String,
+        /// Bytes needed.
+        need: u64,
+        /// Bytes left.
+        have: u64,
+    },
+    /// A value the format forbids or this reader cannot represent.
+    #[error("malformed GGUF: {0}")]
+    Malformed(String),
+    /// A tensor of a type the runner does not support.
+    #[error("tensor `{tensor}` has ggml type {type_name} ({type_id}), which bitexact does not support (F32, F16, BF16, Q8_0, Q4_K, Q5_K, Q6_K)")]
+    UnsupportedType {
+        /// The tensor.
+        tensor: String,
+        /// The ggml type id.
+        type_id: u32,
+        /// Its name, when known.
+        type_name: String,
+    },
+    /// The model is not one the runner can build.
+    #[error("unsupported model: {0}")]
+    Model(String),
+}
+
+/// Result alias of this module.
+pub type GgufResult<T> = std::result::Result<T, GgufError>;
+
+impl From<GgufError> for crate::Error {
+    fn from(e: GgufError) -> Self {
+        crate::Error::InvalidArgument {
+            op: "gguf",
+            msg: e.to_string(),
+        }
+    }
+}
+
+/// A metadata value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    /// `u8`
+    U8(u8),
+    /// `i8`
+    I8(i8),
+    /// `u16`
+    U16(u16),
+    /// `i16`
+    I16(i16),
+    /// `u32`
+    U32(u32),
+    /// `i32`
+    I32(i32),
+    /// `f32`
+    F32(f32),
+    /// `bool`
+    Bool(bool),
+    /// UTF-8 string.
+    String(String),
+    /// Array of values of one type.
+    Array(Array),
+    /// `u64`
+    U64(u64),
+    /// `i64`
+    I64(i64),
+    /// `f64`
+    F64(f64),
+}
+
+/// A metadata array, stored by element type so that it takes no more memory than its bytes in
+/// the file (a `u8` array is a `Vec<u8>`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Array {
+    /// `u8` elements.
+    U8(Vec<u8>),
+    /// `i8` elements.
+    I8(Vec<i8>),
+    /// `u16` elements.
+    U16(Vec<u16>),
+    /// `i16` elements.
+    I16(Vec<i16>),
+    /// `u32` elements.
+    U32(Vec<u32>),
+    /// `i32` elements.
+    I32(Vec<i32>),
+    /// `f32` elements.
+    F32(Vec<f32>),
+    /// `bool` elements.
+    Bool(Vec<bool>),
+    /// Strings.
+    String(Vec<String>),
+    /// Arrays.
+    Array(Vec<Array>),
+    /// `u64` elements.
+    U64(Vec<u64>),
+    /// `i64` elements.
+    I64(Vec<i64>),
+    /// `f64` elements.
+    F64(Vec<f64>),
+}
+
+impl Array {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            Array::U8(v) => v.len(),
+            Array::I8(v) => v.len(),
+            Array::U16(v) => v.len(),
+            Array::I16(v) => v.len(),
+            Array::U32(v) => v.len(),
+            Array::I32(v) => v.len(),
+            Array::F32(v) => v.len(),
+            Array::Bool(v) => v.len(),
+            Array::String(v) => v.len(),
+            Array::Array(v) => v.len(),
+            Array::U64(v) => v.len(),
+            Array::I64(v) => v.len(),
+            Array::F64(v) => v.len(),
+        }
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The GGUF value type of the elements.
+    pub fn element_type(&self) -> u32 {
+        match self {
+            Array::U8(_) => 0,
+            Array::I8(_) => 1,
+            Array::U16(_) => 2,
+            Array::I16(_) => 3,
+            Array::U32(_) => 4,
+            Array::I32(_) => 5,
+            Array::F32(_) => 6,
+            Array::Bool(_) => 7,
+            Array::String(_) => 8,
+            Array::Array(_) => 9,
+            Array::U64(_) => 10,
+            Array::I64(_) => 11,
+            Array::F64(_) => 12,
+        }
+    }
+
+    fn preview(&self) -> Vec<String> {
+        fn take<T: std::fmt::Debug>(v: &[T]) -> Vec<String> {
+            v.iter().take(3).map(|x| format!("{x:?}")).collect()
+        }
+        match self {
+            Array::U8(v) => take(v),
+            Array::I8(v) => take(v),
+            Array::U16(v) => take(v),
+            Array::I16(v) => take(v),
+            Array::U32(v) => take(v),
+            Array::I32(v) => take(v),
+            Array::F32(v) => take(v),
+            Array::Bool(v) => take(v),
+            Array::String(v) => take(v),
+            Array::Array(v) => v
+                .iter()
+                .take(3)
+                .map(|a| format!("[{} elements]", a.len()))
+                .collect(),
+            Array::U64(v) => take(v),
+            Array::I64(v) => take(v),
+            Array::F64(v) => take(v),
+        }
+    }
+}
+
+impl Value {
+    /// The value as an unsigned integer, when it is a non-negative integer.
+    pub fn as_u64(&self) -> Option<u64> {
+        match *self {
+            Value::U8(v) => Some(v.into()),
+            Value::U16(v) => Some(v.into()),
+            Value::U32(v) => Some(v.into()),
+            Value::U64(v) => Some(v),
+            Value::I8(v) => u64::try_from(v).ok(),
+            Value::I16(v) => u64::try_from(v).ok(),
+            Value::I32(v) => u64::try_from(v).ok(),
+            Value::I64(v) => u64::try_from(v).ok(),
+            _ => None,
+        }
+    }
+
+    /// The value as a float, when it is a number.
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            Value::F32(v) => Some(v.into()),
+            Value::F64(v) => Some(v),
+            _ => self.as_u64().map(|v| v as f64),
+        }
+    }
+
+    /// A short rendering for listings (long arrays abbreviated).
+    pub fn display(&self) -> String {
+        match self {
+            Value::String(s) if s.chars().count() > 60 => {
+                format!("{:?}..", s.chars().take(60).collect::<String>())
+            }
+            Value::String(s) => format!("{s:?}"),
+            Value::Array(a) if a.len() > 3 => {
+                format!("[{}, .. ({} elements)]", a.preview().join(", "), a.len())
+            }
+            Value::Array(a) => format!("[{}]", a.preview().join(", ")),
+            Value::Bool(b) => b.to_string(),
+            Value::F32(f) => f.to_string(),
+            Value::F64(f) => f.to_string(),
+            other => other
+                .as_u64()
+                .map_or_else(|| format!("{other:?}"), |v| v.to_string()),
+        }
+    }
+}
+
+/// A ggml tensor type: id, name, elements per block and bytes per block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GgmlType {
+    /// The ggml type id.
+    pub id: u32,
+    /// Its name.
+    pub name: &'static str,
+    /// Elements per block.
+    pub block_elems: u64,
+    /// Bytes per block.
+    pub block_bytes: u64,
+}
+
+/// The ggml types whose block layout this reader knows (enough to check any tensor's size).
+const GGML_TYPES: &[(u32, &str, u64, u64)] = &[
+    (0, "F32", 1, 4),
+    (1, "F16", 1, 2),
+    (2, "Q4_0", 32, 18),
+    (3, "Q4_1", 32, 20),
+    (6, "Q5_0", 32, 22),
+    (7, "Q5_1", 32, 24),
+    (8, "Q8_0", 32, 34),
+    (9, "Q8_1", 32, 36),
+    (10, "Q2_K", 256, 84),
+    (11, "Q3_K", 256, 110),
+    (12, "Q4_K", 256, 144),
+    (13, "Q5_K", 256, 176),
+    (14, "Q6_K", 256, 210),
+    (15, "Q8_K", 256, 292),
+    (24, "I8", 1, 1),
+    (25, "I16", 1, 2),
+    (26, "I32", 1, 4),
+    (27, "I64", 1, 8),
+    (28, "F64", 1, 8),
+    (30, "BF16", 1, 2),
+];
+
+impl GgmlType {
+    /// The type with id `id`, if the reader knows its layout.
+    pub fn from_id(id: u32) -> Option<Self> {
+        GGML_TYPES
+            .iter()
+            .find(|t| t.0 == id)
+            .map(|&(id, name, block_elems, block_bytes)| GgmlType {
+                id,
+                name,
+                block_elems,
+                block_bytes,
+            })
+    }
+
+    /// The bitexact weight format of this type, when the runner supports it.
+    pub fn format(self) -> Option<WeightFormat> {
+        Some(match self.id {
+            0 => WeightFormat::F32,
+            1 => WeightFormat::F16,
+            30 => WeightFormat::BF16,
+            8 => WeightFormat::Q8_0,
+            12 => WeightFormat::Q4K,
+            13 => WeightFormat::Q5K,
+            14 => WeightFormat::Q6K,
+            _ => return None,
+        })
+    }
+
+    /// The ggml type of a bitexact weight format.
+    pub fn of(format: WeightFormat) -> Self {
+        let id = match format {
+            WeightFormat::F32 => 0,
+            WeightFormat::F16 => 1,
+            WeightFormat::BF16 => 30,
+            WeightFormat::Q8_0 => 8,
+            WeightFormat::Q4K => 12,
+            WeightFormat::Q5K => 13,
+            WeightFormat::Q6K => 14,
+        };
+        Self::from_id(id).expect("every format has a ggml type")
+    }
+}
+
+/// One tensor's description.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorInfo {
+    /// Name (`blk.0.attn_q.weight`).
+    pub name: String,
+    /// Dims, innermost (contiguous) first, as GGUF stores them.
+    pub dims: Vec<u64>,
+    /// The ggml type.
+    pub ty: GgmlType,
+    /// Offset of the data from the start of the data section.
+    pub offset: u64,
+    /// Bytes of data.
+    pub bytes: u64,
+}
+
+impl TensorInfo {
+    /// Number of elements.
+    pub fn elements(&self) -> u64 {
+        self.dims.iter().product()
+    }
+}
+
+/// The bytes a [`GgufFile`] reads: a memory map or an owned buffer.
+enum Bytes {
+    Map(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Map(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
+/// A parsed GGUF file: metadata and tensor infos, with the data left in place.
+pub struct GgufFile {
+    bytes: Bytes,
+    /// Format version (2 or 3).
+    pub version: u32,
+    /// Metadata, in file order.
+    pub metadata: Vec<(String, Value)>,
+    /// Tensors, in file order.
+    pub tensors: Vec<TensorInfo>,
+    /// Data alignment.
+    pub alignment: u64,
+    /// Offset of the data section.
+    pub data_offset: u64,
+}
+
+impl std::fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("version", &self.version)
+            .field("metadata", &self.metadata.len())
+            .field("tensors", &self.tensors.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Most dims a tensor may have (ggml's `GGML_MAX_DIMS`).
+const MAX_DIMS: u32 = 4;
+/// Deepest array nesting accepted.
+const MAX_DEPTH: u32 = 4;
+
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: u64, what: &str) -> GgufResult<&'a [u8]> {
+        let have = (self.b.len() - self.at) as u64;
+        if n > have {
+            return Err(GgufError::Truncated {
+                at: self.at,
+                what: what.to_string(),
+                need: n,
+                have,
+            });
+        }
+        let s = &self.b[self.at..self.at + n as usize];
+        self.at += n as usize;
+        Ok(s)
+    }
+
+    fn remaining(&self) -> u64 {
+        (self.b.len() - self.at) as u64
+    }
+
+    fn u8(&mut self, what: &str) -> GgufResult<u8> {
+        Ok(self.take(1, what)?[0])
+    }
+    fn u16(&mut self, what: &str) -> GgufResult<u16> {
+        Ok(u16::from_le_bytes(
+            self.take(2, what)?.try_into().expect("2 bytes"),
+        ))
+    }
+    fn u32(&mut self, what: &str) -> GgufResult<u32> {
+        Ok(u32::from_le_bytes(
+            self.take(4, what)?.try_into().expect("4 bytes"),
+        ))
+    }
+    fn u64(&mut self, what: &str) -> GgufResult<u64> {
+        Ok(u64::from_le_bytes(
+            self.take(8, what)?.try_into().expect("8 bytes"),
+        ))
+    }
+
+    /// A count of items each at least `min_item` bytes long: refused when the rest of the file
+    /// cannot hold them, so no allocation is ever sized by an unchecked count.
+    fn count(&mut self, min_item: u64, what: &str) -> GgufResult<u64> {
+        let n = self.u64(what)?;
+        let need = n
+            .checked_mul(min_item)
+            .ok_or_else(|| GgufError::Malformed(format!("{what}: count {n} overflows")))?;
+        if need > self.remaining() {
+            return Err(GgufError::Truncated {
+                at: self.at,
+                what: format!("{what} ({n} items)"),
+                need,
+                have: self.remaining(),
+            });
+        }
+        Ok(n)
+    }
+
+    fn string(&mut self, what: &str) -> GgufResult<String> {
+        let n = self.count(1, what)?;
+        let at = self.at;
+        let raw = self.take(n, what)?;
+        String::from_utf8(raw.to_vec())
+            .map_err(|_| GgufError::Malformed(format!("{what} at byte {at} is not UTF-8")))
+    }
+
+    fn value(&mut self, ty: u32, what: &str) -> GgufResult<Value> {
+        Ok(match ty {
+            0 => Value::U8(self.u8(what)?),
+            1 => Value::I8(self.u8(what)? as i8),
+            2 => Value::U16(self.u16(what)?),
+            3 => Value::I16(self.u16(what)? as i16),
+            4 => Value::U32(self.u32(what)?),
+            5 => Value::I32(self.u32(what)? as i32),
+            6 => Value::F32(f32::from_bits(self.u32(what)?)),
+            7 => match self.u8(what)? {
+                0 => Value::Bool(false),
+                1 => Value::Bool(true),
+                b => return Err(GgufError::Malformed(format!("{what}: bool byte {b}"))),
+            },
+            8 => Value::String(self.string(what)?),
+            9 => Value::Array(self.array(0, what)?),
+            10 => Value::U64(self.u64(what)?),
+            11 => Value::I64(self.u64(what)? as i64),
+            12 => Value::F64(f64::from_bits(self.u64(what)?)),
+            t => {
+                return Err(GgufError::Malformed(format!(
+                    "{what}: unknown value type {t}"
+                )))
+            }
+        })
+    }
+}
+
+impl Reader<'_> {
+    fn array(&mut self, depth: u32, what: &str) -> GgufResult<Array> {
+        if depth >= MAX_DEPTH {
+            return Err(GgufError::Malformed(format!(
+                "{what}: arrays nested deeper than {MAX_DEPTH}"
+            )));
+        }
+        let elem = self.u32(what)?;
+        // The smallest encoding of one element: its count check bounds every allocation below.
+        let min = match elem {
+            0 | 1 | 7 => 1,
+            2 | 3 => 2,
+            4..=6 => 4,
+            8 | 10..=12 => 8,
+            9 => 12,
+            t => {
+                return Err(GgufError::Malformed(format!(
+                    "{what}: unknown array element type {t}"
+                )))
+            }
+        };
+        let n = self.count(min, what)? as usize;
+        macro_rules! num {
+            ($variant:ident, $read:ident, $conv:expr) => {{
+                let mut v = Vec::with_capacity(n);
+                for _ in 0..n {
+                    v.push($conv(self.$read(what)?));
+                }
+                Array::$variant(v)
+            }};
+        }
+        Ok(match elem {
+            0 => Array::U8(self.take(n as u64, what)?.to_vec()),
+            1 => Array::I8(
+                self.take(n as u64, what)?
+                    .iter()
+                    .map(|&b| b as i8)
+                    .collect(),
+            ),
+            2 => num!(U16, u16, |x| x),
+            3 => num!(I16, u16, |x: u16| x as i16),
+            4 => num!(U32, u32, |x| x),
+            5 => num!(I32, u32, |x: u32| x as i32),
+            6 => num!(F32, u32, f32::from_bits),
+            7 => {
+                let mut v = Vec::with_capacity(n);
+                for _ in 0..n {
+                    v.push(match self.u8(what)? {
+                        0 => false,
+                        1 => true,
+                        b => return Err(GgufError::Malformed(format!("{what}: bool byte {b}"))),
+                    });
+                }
+                Array::Bool(v)
+            }
+            8 => {
+                let mut v = Vec::with_capacity(n);
+                for _ in 0..n {
+                    v.push(self.string(what)?);
+                }
+                Array::String(v)
+            }
+            9 => {
+                let mut v = Vec::with_capacity(n);
+                for _ in 0..n {
+                    v.push(self.array(depth + 1, what)?);
+                }
+                Array::Array(v)
+            }
+            10 => num!(U64, u64, |x| x),
+            11 => num!(I64, u64, |x: u64| x as i64),
+            _ => num!(F64, u64, f64::from_bits),
+        })
+    }
+}
+
+impl GgufFile {
+    /// Memory-maps and parses `path`.
+    pub fn open(path: impl AsRef<Path>) -> GgufResult<Self> {
+        let path = path.as_ref();
+        let io = |source| GgufError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let file = std::fs::File::open(path).map_err(io)?;
+        // SAFETY: the mapping is read-only and private to this process; a file changed under
+        // it by another process can change the bytes we read but not break memory safety, and
+        // every read below is bounds-checked against the mapping's length.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+        Self::from_bytes(Bytes::Map(map))
+    }
+
+    /// Parses a file held in memory.
+    pub fn parse(bytes: Vec<u8>) -> GgufResult<Self> {
+        Self::from_bytes(Bytes::Owned(bytes))
+    }
+
+    fn from_bytes(bytes: Bytes) -> GgufResult<Self> {
+        let b: &[u8] = &bytes;
+        let mut r = Reader { b, at: 0 };
+        let magic = r.take(4, "magic")?;
+        if magic != b"GGUF" {
+            return Err(GgufError::Header(format!(
+                "magic {magic:02x?} is not \"GGUF\""
+            )));
+        }
+        let version = r.u32("version")?;
+        if !(2..=3).contains(&version) {
+            return Err(GgufError::Header(format!(
+                "version {version} (2 and 3 are supported)"
+            )));
+        }
+        // A tensor info is at least 8 (name length) + 4 (dims) + 4 (type) + 8 (offset) bytes;
+        // a key/value pair at least 8 (key length) + 4 (type) + 1 byte.
+        let n_tensors = r.count(24, "tensor count")?;
+        let n_kv = r.count(13, "metadata count")?;
+        let mut metadata = Vec::with_capacity(n_kv as usize);
+        let mut keys = HashSet::new();
+        for i in 0..n_kv {
+            let key = r.string(&format!("metadata key {i}"))?;
+            let ty = r.u32(&format!("type of `{key}`"))?;
+            let v = r.value(ty, &format!("value of `{key}`"))?;
+            if !keys.insert(key.clone()) {
+                return Err(GgufError::Malformed(format!(
+                    "metadata key `{key}` appears twice"
+                )));
+            }
+            metadata.push((key, v));
+        }
+        let alignment = match metadata.iter().find(|(k, _)| k == "general.alignment") {
+            None => 32,
+            Some((_, Value::U32(a))) if *a > 0 && a.is_power_of_two() => u64::from(*a),
+            Some((_, v)) => {
+                return Err(GgufError::Malformed(format!(
+                    "general.alignment must be a power-of-two u32, got {}",
+                    v.display()
+                )))
+            }
+        };
+        let mut tensors = Vec::with_capacity(n_tensors as usize);
+        let mut names = HashSet::new();
+        for i in 0..n_tensors {
+            let name = r.string(&format!("tensor {i} name"))?;
+            let n_dims = r.u32(&format!("dims of `{name}`"))?;
+            if n_dims == 0 || n_dims > MAX_DIMS {
+                return Err(GgufError::Malformed(format!(
+                    "tensor `{name}` has {n_dims} dims (1..={MAX_DIMS})"
+                )));
+            }
+            let mut dims = Vec::with_capacity(n_dims as usize);
+            for _ in 0..n_dims {
+                dims.push(r.u64(&format!("dims of `{name}`"))?);
+            }
+            let type_id = r.u32(&format!("type of `{name}`"))?;
+            let offset = r.u64(&format!("offset of `{name}`"))?;
+            let ty = GgmlType::from_id(type_id).ok_or_else(|| GgufError::UnsupportedType {
+                tensor: name.clone(),
+                type_id,
+                type_name: "unknown".into(),
+            })?;
+            let elements = dims
+                .iter()
+                .try_fold(1u64, |a, &d| a.checked_mul(d))
+                .filter(|&e| e > 0)
+                .ok_or_else(|| {
+                    GgufError::Malformed(format!("tensor `{name}` has dims {dims:?}"))
+                })?;
+            if dims[0] % ty.block_elems != 0 {
+                return Err(GgufError::Malformed(format!(
+                    "tensor `{name}`: row of {} elements is not a multiple of the {} block ({})",
+                    dims[0], ty.name, ty.block_elems
+                )));
+            }
+            let bytes = (elements / ty.block_elems)
+                .checked_mul(ty.block_bytes)
+                .ok_or_else(|| GgufError::Malformed(format!("tensor `{name}` size overflows")))?;
+            if offset % alignment != 0 {
+                return Err(GgufError::Malformed(format!(
+                    "tensor `{name}` offset {offset} is not aligned to {alignment}"
+                )));
+            }
+            if !names.insert(name.clone()) {
+                return Err(GgufError::Malformed(format!(
+                    "tensor `{name}` appears twice"
+                )));
+            }
+            tensors.push(TensorInfo {
+                name,
+                dims,
+                ty,
+                offset,
+                bytes,
+            });
+        }
+        let data_offset = (r.at as u64).next_multiple_of(alignment);
+        let file_len = b.len() as u64;
+        let data_len = file_len.saturating_sub(data_offset);
+        let mut spans: Vec<(u64, u64, usize)> = Vec::with_capacity(tensors.len());
+        for (i, t) in tensors.iter().enumerate() {
+            let end = t
+                .offset
+                .checked_add(t.bytes)
+                .filter(|&e| e <= data_len)
+                .ok_or_else(|| GgufError::Truncated {
+                    at: (data_offset + t.offset.min(data_len)) as usize,
+                    what: format!("data of tensor `{}`", t.name),
+                    need: t.bytes,
+                    have: data_len.saturating_sub(t.offset),
+                })?;
+            spans.push((t.offset, end, i));
+        }
+        spans.sort_unstable();
+        for w in spans.windows(2) {
+            if w[1].0 < w[0].1 {
+                return Err(GgufError::Malformed(format!(
+                    "tensors `{}` and `{}` overlap",
+                    tensors[w[0].2].name, tensors[w[1].2].name
+                )));
+            }
+        }
+        Ok(GgufFile {
+            version,
+            metadata,
+            tensors,
+            alignment,
+            data_offset,
+            bytes,
+        })
+    }
+
+    /// The value of `key`.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    /// The tensor named `name`.
+    pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// The data of `t` (its range was checked against the file when parsing).
+    pub fn tensor_data(&self, t: &TensorInfo) -> &[u8] {
+        let start = (self.data_offset + t.offset) as usize;
+        &self.bytes[start..start + t.bytes as usize]
+    }
+
+    /// Size of the file in bytes.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// True for an empty file (which never parses).
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+}

@@ -1,0 +1,222 @@
+//! Both directions of trust with the Python `gguf` package, the writer and reader llama.cpp
+//! ships: its Q8_0 blocks through our reader, our blocks (every format, Q4_K from our encoder)
+//! through its reader; dequantization compared bit for bit.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use bitexact::gguf::arch;
+use bitexact::gguf::writer::GgufWriter;
+use bitexact::gguf::{GgmlType, GgufFile, Value};
+use bitexact::model::transformer::{prompt, CpuSession, Trace};
+use bitexact::model::{ModelConfig, ModelWeights};
+use bitexact::quant::{QuantMatrix, WeightFormat};
+
+/// Whether `python3` with the `gguf` package is there; prints `SKIP` when not, or fails under
+/// `BITEXACT_REQUIRE_GGUF_PY=1` (CI installs the package and sets it).
+fn python() -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import gguf, numpy"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        if std::env::var("BITEXACT_REQUIRE_GGUF_PY").is_ok_and(|v| v == "1") {
+            panic!("BITEXACT_REQUIRE_GGUF_PY=1 but `python3 -c 'import gguf'` fails (pip install gguf)");
+        }
+        println!("SKIP: the Python gguf package is not installed");
+    }
+    ok
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/gguf/pyref.py")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("bitexact-pyref-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn run(args: &[&str]) {
+    let out = Command::new("python3")
+        .arg(script())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pyref.py {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The dump pyref.py writes: tensor name -> values, and metadata.
+fn dump(dir: &Path, stem: &str) -> (Vec<(String, Vec<u32>)>, serde_json::Value) {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join(format!("{stem}.json"))).unwrap()).unwrap();
+    let raw = std::fs::read(dir.join(format!("{stem}.f32"))).unwrap();
+    let words: Vec<u32> = raw
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    let tensors = index["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            let (o, n) = (
+                t["offset"].as_u64().unwrap() as usize,
+                t["len"].as_u64().unwrap() as usize,
+            );
+            (
+                t["name"].as_str().unwrap().to_string(),
+                words[o..o + n].to_vec(),
+            )
+        })
+        .collect();
+    (tensors, index["metadata"].clone())
+}
+
+/// Our dequantization of a tensor, as the flat f32 bits.
+fn ours(f: &GgufFile, name: &str) -> Vec<u32> {
+    let t = f.tensor(name).unwrap();
+    let cols = t.dims[0] as usize;
+    let rows = (t.elements() / t.dims[0]) as usize;
+    let m = QuantMatrix::from_bytes(
+        t.ty.format().unwrap(),
+        1,
+        rows,
+        cols,
+        f.tensor_data(t).to_vec(),
+    )
+    .unwrap();
+    m.dequantize().iter().map(|v| v.to_bits()).collect()
+}
+
+#[test]
+fn their_q8_0_blocks_through_our_reader() {
+    if !python() {
+        return;
+    }
+    let dir = scratch("make");
+    run(&["make", dir.to_str().unwrap()]);
+    let f = GgufFile::open(dir.join("their.gguf")).unwrap();
+    let (theirs, meta) = dump(&dir, "their");
+    assert!(theirs.len() > 20);
+    for (name, want) in &theirs {
+        assert_eq!(
+            &ours(&f, name),
+            want,
+            "dequantization of `{name}` differs from the gguf package's"
+        );
+    }
+    // The config read back is the one written.
+    let cfg = arch::config(&f, None).unwrap();
+    let c = &meta["config"];
+    assert_eq!(cfg.n_layers as u64, c["layers"].as_u64().unwrap());
+    assert_eq!(cfg.dim as u64, c["dim"].as_u64().unwrap());
+    assert_eq!(cfg.n_heads as u64, c["heads"].as_u64().unwrap());
+    assert_eq!(cfg.n_kv_heads as u64, c["kv"].as_u64().unwrap());
+    assert_eq!(cfg.head_dim as u64, c["hd"].as_u64().unwrap());
+    assert_eq!(cfg.moe.n_experts as u64, c["experts"].as_u64().unwrap());
+    assert_eq!(cfg.moe.top_k as u64, c["top_k"].as_u64().unwrap());
+    assert_eq!(cfg.moe.ffn as u64, c["ffn"].as_u64().unwrap());
+    assert_eq!(cfg.vocab as u64, c["vocab"].as_u64().unwrap());
+    assert_eq!(cfg.moe.format, WeightFormat::Q8_0);
+    // The runner on the loaded model: batched == chunked == sequential.
+    let w = arch::load(&f, None, None).unwrap();
+    let tokens = prompt(1, 24, cfg.vocab);
+    let trace = |chunk: usize| {
+        let mut s = CpuSession::new(&w);
+        let mut t = Trace::default();
+        for c in tokens.chunks(chunk) {
+            s.forward(c, &mut t).unwrap();
+        }
+        t
+    };
+    let seq = trace(1);
+    for chunk in [24, 5] {
+        let other = trace(chunk);
+        for (a, b) in seq.layers.iter().zip(&other.layers) {
+            assert!(
+                a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "chunk {chunk}"
+            );
+        }
+        assert!(seq
+            .logits
+            .iter()
+            .zip(&other.logits)
+            .all(|(x, y)| x.to_bits() == y.to_bits()));
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn our_blocks_through_their_reader() {
+    if !python() {
+        return;
+    }
+    let dir = scratch("read");
+    // Every format from our encoder, rows of 512 with a wide dynamic range.
+    let mut g = GgufWriter::new();
+    g.meta("general.architecture", Value::String("qwen3moe".into()));
+    let values: Vec<f32> = (0..3 * 512)
+        .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 97.0 * 2f32.powi((i % 7) - 3))
+        .collect();
+    for f in WeightFormat::ALL {
+        let m = QuantMatrix::quantize(f, &values, 1, 3, 512).unwrap();
+        g.tensor(
+            &format!("t.{}", f.name()),
+            &[512, 3],
+            GgmlType::of(f),
+            m.bytes().to_vec(),
+        );
+    }
+    let path = dir.join("ours.gguf");
+    std::fs::write(&path, g.to_bytes()).unwrap();
+    run(&["read", path.to_str().unwrap(), dir.to_str().unwrap()]);
+    let f = GgufFile::open(&path).unwrap();
+    let (theirs, _) = dump(&dir, "read");
+    assert_eq!(theirs.len(), WeightFormat::ALL.len());
+    for (name, want) in &theirs {
+        assert_eq!(
+            &ours(&f, name),
+            want,
+            "the gguf package decodes our `{name}` differently"
+        );
+    }
+
+    // A model file: the package reads back the config we wrote.
+    let cfg = ModelConfig::preset("small", WeightFormat::Q4K).unwrap();
+    let w = ModelWeights::generate(&cfg, 2, None).unwrap();
+    let path = dir.join("small.gguf");
+    std::fs::write(&path, arch::export(&w).unwrap()).unwrap();
+    run(&["read", path.to_str().unwrap(), dir.to_str().unwrap()]);
+    let (theirs, meta) = dump(&dir, "read");
+    let num = |k: &str| meta[k].as_f64().unwrap_or_else(|| panic!("{k} missing"));
+    assert_eq!(num("qwen3moe.block_count") as usize, cfg.n_layers);
+    assert_eq!(num("qwen3moe.embedding_length") as usize, cfg.dim);
+    assert_eq!(num("qwen3moe.expert_count") as usize, cfg.moe.n_experts);
+    assert_eq!(
+        num("qwen3moe.expert_feed_forward_length") as usize,
+        cfg.moe.ffn
+    );
+    let f = GgufFile::open(&path).unwrap();
+    for (name, want) in &theirs {
+        let t = f.tensor(name).unwrap();
+        let rows = (t.elements() / t.dims[0]) as usize;
+        let m = QuantMatrix::from_bytes(
+            t.ty.format().unwrap(),
+            1,
+            rows,
+            t.dims[0] as usize,
+            f.tensor_data(t).to_vec(),
+        )
+        .unwrap();
+        let got: Vec<u32> = m.dequantize().iter().map(|v| v.to_bits()).collect();
+        assert_eq!(&got, want, "`{name}`");
+    }
+    std::fs::remove_dir_all(dir).ok();
+}

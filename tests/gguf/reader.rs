@@ -1,0 +1,207 @@
+//! The reader on files our writer made, and on malformed files built by hand.
+
+use bitexact::gguf::arch;
+use bitexact::gguf::writer::GgufWriter;
+use bitexact::gguf::{Array, GgmlType, GgufError, GgufFile, Value};
+use bitexact::model::transformer::{prompt, CpuSession, Trace};
+use bitexact::model::{ModelConfig, ModelWeights};
+use bitexact::quant::WeightFormat;
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// A model exported and loaded back is the same model, bit for bit, and runs batched ==
+/// sequential.
+#[test]
+fn export_then_load_round_trips() {
+    for format in [WeightFormat::F32, WeightFormat::Q8_0] {
+        let cfg = ModelConfig::preset("tiny", format).unwrap();
+        let w = ModelWeights::generate(&cfg, 5, None).unwrap();
+        let f = GgufFile::parse(arch::export(&w).unwrap()).unwrap();
+        let back = arch::load(&f, None, None).unwrap();
+        assert_eq!(back.cfg.dim, cfg.dim);
+        assert_eq!(back.cfg.moe, cfg.moe);
+        assert_eq!(back.cfg.max_context, cfg.max_context);
+        assert_eq!(bits(&back.embed), bits(&w.embed));
+        for (a, b) in back.layers.iter().zip(&w.layers) {
+            assert_eq!(a.wq.bytes(), b.wq.bytes());
+            assert_eq!(a.moe.gate.bytes(), b.moe.gate.bytes());
+            assert_eq!(a.moe.down.bytes(), b.moe.down.bytes());
+            assert_eq!(bits(&a.q_norm), bits(&b.q_norm));
+        }
+        let tokens = prompt(3, 20, cfg.vocab);
+        let run = |chunk: usize| {
+            let mut s = CpuSession::new(&back);
+            let mut t = Trace::default();
+            for c in tokens.chunks(chunk) {
+                s.forward(c, &mut t).unwrap();
+            }
+            t
+        };
+        let (seq, bat) = (run(1), run(20));
+        assert_eq!(bits(&seq.logits), bits(&bat.logits), "{format}");
+    }
+}
+
+#[test]
+fn metadata_of_every_type() {
+    let mut g = GgufWriter::new();
+    let vals = [
+        Value::U8(7),
+        Value::I8(-7),
+        Value::U16(700),
+        Value::I16(-700),
+        Value::U32(70_000),
+        Value::I32(-70_000),
+        Value::F32(1.5),
+        Value::Bool(true),
+        Value::String("héllo".into()),
+        Value::U64(1 << 40),
+        Value::I64(-(1 << 40)),
+        Value::F64(2.25),
+        Value::Array(Array::U8(vec![1, 2, 3])),
+        Value::Array(Array::String(vec!["a".into(), String::new(), "ccc".into()])),
+        Value::Array(Array::Array(vec![
+            Array::I32(vec![-1, 2]),
+            Array::F32(vec![0.5]),
+        ])),
+    ];
+    for (i, v) in vals.iter().enumerate() {
+        g.meta(&format!("k.{i}"), v.clone());
+    }
+    g.tensor("t", &[32], GgmlType::of(WeightFormat::F32), vec![0; 128]);
+    let f = GgufFile::parse(g.to_bytes()).unwrap();
+    for (i, v) in vals.iter().enumerate() {
+        assert_eq!(f.get(&format!("k.{i}")), Some(v));
+    }
+    assert_eq!(f.tensors[0].dims, vec![32]);
+}
+
+fn expect_err(bytes: Vec<u8>, needle: &str) {
+    match GgufFile::parse(bytes) {
+        Ok(_) => panic!("accepted a malformed file (expected `{needle}`)"),
+        Err(e) => assert!(
+            e.to_string().contains(needle),
+            "`{e}` does not mention `{needle}`"
+        ),
+    }
+}
+
+#[test]
+fn malformed_files_are_refused_with_reasons() {
+    let good = {
+        let mut g = GgufWriter::new();
+        g.meta("general.architecture", Value::String("qwen3moe".into()));
+        g.tensor("a", &[32, 2], GgmlType::of(WeightFormat::Q8_0), vec![0; 68]);
+        g.tensor("b", &[4], GgmlType::of(WeightFormat::F32), vec![0; 16]);
+        g.to_bytes()
+    };
+    GgufFile::parse(good.clone()).unwrap();
+    expect_err(b"GGML".to_vec(), "magic");
+    let mut v = good.clone();
+    v[4] = 9;
+    expect_err(v, "version");
+    // The last 16 bytes are padding; 20 reach into the last tensor's data.
+    expect_err(good[..good.len() - 20].to_vec(), "truncated");
+    // A tensor count no file could hold.
+    let mut v = good.clone();
+    v[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+    expect_err(v, "overflows");
+    let mut v = good.clone();
+    v[8..16].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    expect_err(v, "truncated");
+    // An unknown tensor type names the tensor.
+    let mut g = GgufWriter::new();
+    g.tensor(
+        "weird",
+        &[32],
+        GgmlType {
+            id: 99,
+            name: "?",
+            block_elems: 1,
+            block_bytes: 1,
+        },
+        vec![0; 32],
+    );
+    match GgufFile::parse(g.to_bytes()) {
+        Err(GgufError::UnsupportedType {
+            tensor,
+            type_id: 99,
+            ..
+        }) => assert_eq!(tensor, "weird"),
+        other => panic!("{other:?}"),
+    }
+    // Duplicate names, non-UTF-8 strings, rows not a multiple of the block.
+    let mut g = GgufWriter::new();
+    g.tensor("x", &[4], GgmlType::of(WeightFormat::F32), vec![0; 16]);
+    g.tensor("x", &[4], GgmlType::of(WeightFormat::F32), vec![0; 16]);
+    expect_err(g.to_bytes(), "twice");
+    let mut g = GgufWriter::new();
+    g.meta("k", Value::String("ab".into()));
+    let mut v = g.to_bytes();
+    let at = v.windows(2).position(|w| w == b"ab").unwrap();
+    v[at] = 0xff;
+    expect_err(v, "UTF-8");
+    let mut g = GgufWriter::new();
+    g.tensor("q", &[33], GgmlType::of(WeightFormat::Q8_0), vec![0; 34]);
+    expect_err(g.to_bytes(), "block");
+    // A tensor whose data runs past the end.
+    let mut v = good.clone();
+    v.truncate(v.len() - 24);
+    expect_err(v, "truncated");
+}
+
+#[test]
+fn unsupported_models_are_refused_with_reasons() {
+    let cfg = ModelConfig::preset("tiny", WeightFormat::F32).unwrap();
+    let w = ModelWeights::generate(&cfg, 1, None).unwrap();
+    let bytes = arch::export(&w).unwrap();
+    // Another architecture.
+    let f = GgufFile::parse(bytes.clone()).unwrap();
+    let mut g = GgufWriter::new();
+    g.meta("general.architecture", Value::String("llama".into()));
+    let e = arch::config(&GgufFile::parse(g.to_bytes()).unwrap(), None).unwrap_err();
+    assert!(e.to_string().contains("llama"), "{e}");
+    // A missing tensor is named.
+    let mut g = GgufWriter::new();
+    for (k, v) in &f.metadata {
+        g.meta(k, v.clone());
+    }
+    for t in f.tensors.iter().filter(|t| t.name != "blk.1.attn_k.weight") {
+        g.tensor(&t.name, &t.dims, t.ty, f.tensor_data(t).to_vec());
+    }
+    let e = arch::load(&GgufFile::parse(g.to_bytes()).unwrap(), None, None).unwrap_err();
+    assert!(e.to_string().contains("blk.1.attn_k.weight"), "{e}");
+    // A tensor type the runner cannot run is named with its type.
+    let mut g = GgufWriter::new();
+    for (k, v) in &f.metadata {
+        g.meta(k, v.clone());
+    }
+    for t in &f.tensors {
+        if t.name == "blk.0.attn_q.weight" {
+            let q4_0 = GgmlType::from_id(2).unwrap();
+            let bytes = (t.elements() / 32 * 18) as usize;
+            g.tensor(&t.name, &t.dims, q4_0, vec![0; bytes]);
+        } else {
+            g.tensor(&t.name, &t.dims, t.ty, f.tensor_data(t).to_vec());
+        }
+    }
+    let e = arch::load(&GgufFile::parse(g.to_bytes()).unwrap(), None, None).unwrap_err();
+    assert!(
+        matches!(e, GgufError::UnsupportedType { ref tensor, .. } if tensor == "blk.0.attn_q.weight"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("Q4_0"), "{e}");
+    // A qwen35moe file with gated-DeltaNet tensors.
+    let mut g = GgufWriter::new();
+    g.meta("general.architecture", Value::String("qwen35moe".into()));
+    g.tensor(
+        "blk.0.ssm_a",
+        &[4],
+        GgmlType::of(WeightFormat::F32),
+        vec![0; 16],
+    );
+    let e = arch::config(&GgufFile::parse(g.to_bytes()).unwrap(), None).unwrap_err();
+    assert!(e.to_string().contains("DeltaNet"), "{e}");
+}
