@@ -245,8 +245,15 @@ pub fn run(a: &ModelArgs) -> Result<bool> {
     if let Some(dev) = &dev {
         dev.warm_up().context("compiling the kernels")?;
         progress.phase("weights");
-        let model = GpuModel::generate(dev, &cfg, a.seed, n, |_| {})
-            .context("building the model on the GPU")?;
+        let model = match &source {
+            Source::Preset(seed) => GpuModel::generate(dev, &cfg, *seed, n, |_| {})
+                .context("building the model on the GPU")?,
+            Source::Gguf(_) => {
+                bitexact::model::transformer::check_fits(dev, &cfg, n)?;
+                GpuModel::load(dev, &source.weights(&cfg, None)?)
+                    .context("loading the model onto the GPU")?
+            }
+        };
         let mut session = Session::new(dev, &model)?;
         let mut gpu_path =
             |name: String, steps: Vec<Vec<u32>>, progress: &mut Progress| -> Result<Ran> {
