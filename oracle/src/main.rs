@@ -148,6 +148,13 @@ struct MoeBlockArgs {
     /// Seed of the synthetic weights and inputs.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// Options every comparison mode shares.
+#[derive(clap::Args)]
+pub(crate) struct RunArgs {
     /// CPU paths only, even when a GPU is present.
     #[arg(long)]
     cpu: bool,
@@ -157,6 +164,36 @@ struct MoeBlockArgs {
     /// Write a JSON report to this path.
     #[arg(long)]
     json: Option<PathBuf>,
+}
+
+impl RunArgs {
+    /// The device (none with `--cpu` or when none opens) and a note saying why there is none;
+    /// prints the choice.
+    pub(crate) fn open_device(&self) -> (Option<Device>, Option<String>) {
+        let (dev, note) = if self.cpu {
+            (None, Some("--cpu given: CPU paths only".to_string()))
+        } else {
+            match Device::new(self.device) {
+                Ok(d) => (Some(d), None),
+                Err(e) => (None, Some(format!("{e}: running the CPU paths only"))),
+            }
+        };
+        match (&dev, &note) {
+            (Some(d), _) => println!("device: {} ({})", d.name(), d.arch()),
+            (None, note) => println!("device: none ({})", note.as_deref().unwrap_or("")),
+        }
+        (dev, note)
+    }
+
+    /// Writes `report` as JSON when `--json` was given.
+    pub(crate) fn write_json<T: Serialize>(&self, report: impl FnOnce() -> T) -> Result<()> {
+        if let Some(path) = &self.json {
+            std::fs::write(path, serde_json::to_string_pretty(&report())?)
+                .with_context(|| format!("writing {}", path.display()))?;
+            println!("report: {}", path.display());
+        }
+        Ok(())
+    }
 }
 
 /// One path's timing.
@@ -280,19 +317,7 @@ fn run_moe_block(a: &MoeBlockArgs) -> Result<bool> {
         cfg.weight_bytes() as f64 / (1 << 20) as f64
     );
 
-    let (dev, gpu_note) = if a.cpu {
-        (None, Some("--cpu given: CPU paths only".to_string()))
-    } else {
-        match Device::new(a.device) {
-            Ok(d) => (Some(d), None),
-            Err(e) => (None, Some(format!("{e}: running the CPU paths only"))),
-        }
-    };
-    match (&dev, &gpu_note) {
-        (Some(d), _) => println!("device: {} ({})", d.name(), d.arch()),
-        (None, Some(note)) => println!("device: none ({note})"),
-        (None, None) => unreachable!(),
-    }
+    let (dev, gpu_note) = a.run.open_device();
 
     let w = MoeWeights::generate(&cfg, a.seed)?;
     let x = MoeWeights::inputs(&cfg, a.seed, n);
@@ -416,31 +441,26 @@ fn run_moe_block(a: &MoeBlockArgs) -> Result<bool> {
         println!("verdict: DIVERGENT: {differing_total} differing elements (see the first divergence above)");
     }
 
-    if let Some(path) = &a.json {
-        let report = Report {
-            mode: "moe-block",
-            config: ConfigReport {
-                tokens: n,
-                dim: cfg.dim,
-                experts: cfg.n_experts,
-                top_k: cfg.top_k,
-                ffn: cfg.ffn,
-                shared_ffn: cfg.shared_ffn,
-                renormalize: cfg.renormalize,
-                format: cfg.format.name().to_string(),
-                seed: a.seed,
-            },
-            device: dev.as_ref().map(|d| format!("{} ({})", d.name(), d.arch())),
-            gpu_note,
-            paths,
-            comparisons,
-            differing_total,
-            bit_exact,
-        };
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-        println!("report: {}", path.display());
-    }
+    a.run.write_json(|| Report {
+        mode: "moe-block",
+        config: ConfigReport {
+            tokens: n,
+            dim: cfg.dim,
+            experts: cfg.n_experts,
+            top_k: cfg.top_k,
+            ffn: cfg.ffn,
+            shared_ffn: cfg.shared_ffn,
+            renormalize: cfg.renormalize,
+            format: cfg.format.name().to_string(),
+            seed: a.seed,
+        },
+        device: dev.as_ref().map(|d| format!("{} ({})", d.name(), d.arch())),
+        gpu_note,
+        paths,
+        comparisons,
+        differing_total,
+        bit_exact,
+    })?;
     Ok(bit_exact)
 }
 

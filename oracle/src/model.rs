@@ -8,11 +8,10 @@ use anyhow::{Context, Result};
 use bitexact::model::transformer::{prompt, CpuSession, GpuModel, ModelWeights, Session, Trace};
 use bitexact::model::ModelConfig;
 use bitexact::quant::WeightFormat;
-use bitexact::Device;
 use serde::Serialize;
 
 use crate::compare::{compare_f32, Comparison};
-use crate::{fmt_secs, parse_format, Progress};
+use crate::{fmt_secs, parse_format, Progress, RunArgs};
 
 #[derive(clap::Args)]
 pub struct ModelArgs {
@@ -55,15 +54,8 @@ pub struct ModelArgs {
     /// Stop at the first divergence.
     #[arg(long)]
     stop_early: bool,
-    /// CPU paths only, even when a GPU is present.
-    #[arg(long)]
-    cpu: bool,
-    /// CUDA device ordinal.
-    #[arg(long, default_value_t = 0)]
-    device: usize,
-    /// Write a JSON report to this path.
-    #[arg(long)]
-    json: Option<PathBuf>,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 #[derive(Serialize)]
@@ -153,19 +145,7 @@ pub fn run(a: &ModelArgs) -> Result<bool> {
         cfg.weight_bytes() as f64 / (1u64 << 20) as f64
     );
     let want = |p: &str| a.paths.iter().any(|x| x == p);
-    let (dev, note) = if a.cpu {
-        (None, Some("--cpu given: CPU paths only".to_string()))
-    } else {
-        match Device::new(a.device) {
-            Ok(d) => (Some(d), None),
-            Err(e) => (None, Some(format!("{e}: running the CPU paths only"))),
-        }
-    };
-    match (&dev, &note) {
-        (Some(d), _) => println!("device: {} ({})", d.name(), d.arch()),
-        (_, Some(note)) => println!("device: none ({note})"),
-        _ => unreachable!(),
-    }
+    let (dev, note) = a.run.open_device();
     let cpu_layers = a
         .cpu_layers
         .unwrap_or(if large { 2 } else { cfg.n_layers })
@@ -427,30 +407,25 @@ pub fn run(a: &ModelArgs) -> Result<bool> {
             first.as_deref().unwrap_or("-")
         );
     }
-    if let Some(path) = &a.json {
-        let report = Report {
-            mode: "model",
-            preset: cfg.name.clone(),
-            format: if a.gguf.is_some() {
-                cfg.moe.format.name().into()
-            } else {
-                a.format.name().into()
-            },
-            tokens: n,
-            seed: a.seed,
-            device: dev.as_ref().map(|d| format!("{} ({})", d.name(), d.arch())),
-            note,
-            scope,
-            paths: runs.into_iter().map(|r| r.run).collect(),
-            comparisons,
-            first_divergence: first,
-            differing_total,
-            bit_exact,
-        };
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-        println!("report: {}", path.display());
-    }
+    a.run.write_json(|| Report {
+        mode: "model",
+        preset: cfg.name.clone(),
+        format: if a.gguf.is_some() {
+            cfg.moe.format.name().into()
+        } else {
+            a.format.name().into()
+        },
+        tokens: n,
+        seed: a.seed,
+        device: dev.as_ref().map(|d| format!("{} ({})", d.name(), d.arch())),
+        note,
+        scope,
+        paths: runs.into_iter().map(|r| r.run).collect(),
+        comparisons,
+        first_divergence: first,
+        differing_total,
+        bit_exact,
+    })?;
     Ok(bit_exact || differing_total == 0)
 }
 
