@@ -1,8 +1,10 @@
 //! A fuzzer over malformed GGUF files: random mutations of a committed seed corpus (truncation,
 //! bit flips, huge counts and lengths, offsets past the end, bytes inserted and copied over).
 //! Every mutant must parse or be refused without a panic, and a parse may not allocate out of
-//! proportion to the file: no single allocation above 8x the file (+64 KiB), no more than 64x
-//! in all (+1 MiB). Runs for `BITEXACT_FUZZ_SECONDS` (default 5) from seed
+//! proportion to the file: no single allocation above 16x the file (+64 KiB), no more than 64x
+//! in all (+1 MiB). (Parsed structures are larger than their encodings: a tensor info of 32
+//! bytes in the file is a ~100-byte struct, so "never more than the file" is not the bound; a
+//! count is never trusted before the bytes it needs are known to be there.) Runs for `BITEXACT_FUZZ_SECONDS` (default 5) from seed
 //! `BITEXACT_FUZZ_SEED`; a failing input is written to the temp dir and its seed printed.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -167,14 +169,19 @@ fn mutate(rng: &mut StdRng, mut b: Vec<u8>) -> Vec<u8> {
 }
 
 /// Parses `bytes` (and, when it parses, maps it to a model): no panic, bounded allocation.
-fn check(bytes: &[u8]) -> Result<bool, String> {
+/// Keeps the largest allocation ratios seen (single, total) over the file size in `worst`.
+fn check_with(bytes: &[u8], worst: &mut (f64, f64)) -> Result<bool, String> {
     let len = bytes.len();
     let owned = bytes.to_vec();
     let (parsed, largest, total) =
         measure(|| catch_unwind(AssertUnwindSafe(|| GgufFile::parse(owned))));
     let parsed = parsed.map_err(|_| "the parser panicked".to_string())?;
+    if len > 0 {
+        worst.0 = worst.0.max(largest as f64 / len as f64);
+        worst.1 = worst.1.max(total as f64 / len as f64);
+    }
     // The input copy itself is one allocation of `len`.
-    if largest > 8 * len + (64 << 10) || total > 64 * len + (1 << 20) + len {
+    if largest > 16 * len + (64 << 10) || total > 64 * len + (1 << 20) + len {
         return Err(format!(
             "allocation out of proportion: largest {largest}, total {total}, file {len}"
         ));
@@ -214,11 +221,12 @@ fn fuzz_malformed_files() {
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let mut failure = None;
+    let mut worst = (0.0f64, 0.0f64);
     while start.elapsed() < Duration::from_secs(secs) {
         let base = corpus[rng.gen_range(0..corpus.len())].clone();
         let input = mutate(&mut rng, base);
         cases += 1;
-        match check(&input) {
+        match check_with(&input, &mut worst) {
             Ok(ok) => accepted += u64::from(ok),
             Err(why) => {
                 failure = Some((why, input));
@@ -235,6 +243,10 @@ fn fuzz_malformed_files() {
             path.display()
         );
     }
-    println!("gguf fuzz: {cases} mutated files in {secs} s (seed {seed}), {accepted} still parsed, no panic, allocation bounded");
+    println!(
+        "gguf fuzz: {cases} mutated files in {secs} s (seed {seed}), {accepted} still parsed, no panic; \
+         worst allocation per file byte: {:.2} (single), {:.2} (total)",
+        worst.0, worst.1
+    );
     assert!(cases > 100);
 }
