@@ -47,13 +47,15 @@ pub enum Family {
     Attention,
     /// `cuda/elementwise.cu`
     Elementwise,
+    /// `cuda/fastscan.cu`
+    FastScan,
 }
 
 const COMMON: &str = include_str!("../cuda/common.cuh");
 
 impl Family {
     /// Every family, in a fixed order.
-    pub const ALL: [Family; 10] = [
+    pub const ALL: [Family; 11] = [
         Family::RowScale,
         Family::MoeReduce,
         Family::Gemm,
@@ -64,6 +66,7 @@ impl Family {
         Family::Rope,
         Family::Attention,
         Family::Elementwise,
+        Family::FastScan,
     ];
 
     /// The file stem under `cuda/`.
@@ -79,6 +82,7 @@ impl Family {
             Family::Rope => "rope",
             Family::Attention => "attention",
             Family::Elementwise => "elementwise",
+            Family::FastScan => "fastscan",
         }
     }
 
@@ -94,6 +98,7 @@ impl Family {
             Family::Rope => include_str!("../cuda/rope.cu"),
             Family::Attention => include_str!("../cuda/attention.cu"),
             Family::Elementwise => include_str!("../cuda/elementwise.cu"),
+            Family::FastScan => include_str!("../cuda/fastscan.cu"),
         }
     }
 

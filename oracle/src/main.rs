@@ -2,6 +2,7 @@
 //! every output bit for bit, naming the first divergence.
 
 mod compare;
+mod fastscan;
 mod model;
 mod speed;
 
@@ -33,6 +34,9 @@ enum Command {
     /// The whole decoder: CPU reference, GPU decode one token at a time, GPU batched prefill and
     /// GPU chunked prefill, compared after every layer and at the logits.
     Model(model::ModelArgs),
+    /// Attention over a FastScan-encoded KV cache: GPU prefill of every query against GPU
+    /// decode one query at a time and the CPU reference, bit for bit; and the quality table.
+    Fastscan(fastscan::FastScanArgs),
     /// Prefill and decode throughput of the runner against same-run ceilings (GPU only).
     Speed(speed::SpeedArgs),
     /// Print a GGUF file's metadata and tensor table.
@@ -276,6 +280,7 @@ fn main() {
     let result = match cli.command {
         Command::MoeBlock(args) => run_moe_block(&args),
         Command::Model(args) => model::run(&args),
+        Command::Fastscan(args) => fastscan::run(&args),
         Command::Speed(args) => speed::run(&args),
         Command::Inspect(args) => run_inspect(&args),
         Command::Export(args) => run_export(&args),

@@ -8,6 +8,7 @@
 pub mod activation;
 pub mod attention;
 pub mod elementwise;
+pub mod fastscan;
 pub mod gemm;
 pub mod moe_reduce;
 pub mod norm;

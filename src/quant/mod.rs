@@ -18,6 +18,7 @@
 
 pub mod act;
 mod encode;
+pub mod fastscan;
 mod kquants;
 
 pub use act::{quantize_act, ActQ8};

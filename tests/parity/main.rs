@@ -9,6 +9,7 @@ mod common;
 mod activation;
 mod attention;
 mod elementwise;
+mod fastscan;
 mod gemm;
 mod math;
 mod model;

@@ -1,0 +1,454 @@
+//! FastScan attention over a 3- or 4-bit KV cache, and the f16-KV baseline (kernels
+//! `cuda/fastscan.cu`, reference [`crate::reference::fastscan`], layout
+//! [`crate::quant::fastscan`]).
+//!
+//! A query's result is a function of its position and the cache alone: [`fastscan_attention`]
+//! with every query of a sequence (prefill) gives the bits of one call per query (decode).
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+use half::f16;
+
+use super::rope::Positions;
+use super::{as_u32, dims, MAX_GRID_Y};
+use crate::device::{Device, Family};
+use crate::error::{check_shape, Error, Result};
+use crate::quant::fastscan::{codebook, Codebook, FastScanSpec, TILE};
+use crate::reference::fastscan::{ScoreMode, ValueMode, CHUNK};
+use crate::tensor::GpuTensor;
+
+const THREADS: u32 = 256;
+/// Warps (position pairs) per block of the encoder.
+const ENC_WARPS: usize = 8;
+/// The most scratch one attention launch may use; longer batches of queries are split.
+const MAX_SCRATCH_BYTES: usize = 256 << 20;
+
+/// One layer's FastScan K and V caches on the device: `k, v: [n_kv, cache_bytes(cap)]` bytes
+/// in the tile layout of [`crate::quant::fastscan`], positions `0..len` written.
+#[derive(Debug)]
+pub struct FastScanCache {
+    spec: FastScanSpec,
+    codebook: Codebook,
+    n_kv: usize,
+    cap: usize,
+    len: usize,
+    k: GpuTensor<u8>,
+    v: GpuTensor<u8>,
+    signs: GpuTensor<f32>,
+    bounds: GpuTensor<f32>,
+    centroids: GpuTensor<f32>,
+}
+
+impl FastScanCache {
+    /// An empty cache of at least `cap` positions (rounded up to whole tiles of 32).
+    pub fn new(dev: &Device, spec: FastScanSpec, n_kv: usize, cap: usize) -> Result<Self> {
+        const OP: &str = "FastScanCache::new";
+        if n_kv == 0 {
+            return Err(Error::invalid(OP, "no kv heads"));
+        }
+        let cap = cap
+            .checked_next_multiple_of(TILE)
+            .ok_or_else(|| Error::invalid(OP, format!("capacity {cap}")))?;
+        as_u32(OP, "capacity", cap)?;
+        let bytes = spec.cache_bytes(cap);
+        let cb = codebook(spec.d, spec.bits);
+        Ok(FastScanCache {
+            spec,
+            n_kv,
+            cap,
+            len: 0,
+            k: GpuTensor::zeros(dev, &[n_kv, bytes])?,
+            v: GpuTensor::zeros(dev, &[n_kv, bytes])?,
+            signs: GpuTensor::from_host(dev, &spec.signs(), &[spec.d])?,
+            bounds: GpuTensor::from_host(dev, &cb.bounds, &[cb.bounds.len()])?,
+            centroids: GpuTensor::from_host(dev, &cb.centroids, &[cb.centroids.len()])?,
+            codebook: cb,
+        })
+    }
+
+    /// The code.
+    pub fn spec(&self) -> FastScanSpec {
+        self.spec
+    }
+
+    /// The codebook.
+    pub fn codebook(&self) -> &Codebook {
+        &self.codebook
+    }
+
+    /// KV heads.
+    pub fn n_kv(&self) -> usize {
+        self.n_kv
+    }
+
+    /// Positions the cache holds.
+    pub fn cap(&self) -> usize {
+        self.cap
+    }
+
+    /// Positions written.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when nothing is written.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes of one kv head's K (or V) codes for positions `0..len`, whole tiles: what one
+    /// query's attention reads of each.
+    pub fn bytes_read(&self, len: usize) -> usize {
+        self.spec.cache_bytes(len)
+    }
+
+    /// The K and V bytes, `[n_kv, cache_bytes(cap)]` each.
+    pub fn to_host(&self) -> Result<(Vec<u8>, Vec<u8>)> {
+        Ok((self.k.to_host()?, self.v.to_host()?))
+    }
+
+    /// Encodes `k, v: [n, n_kv, D]` into positions `len..len + n`.
+    pub fn append(&mut self, dev: &Device, k: &GpuTensor<f32>, v: &GpuTensor<f32>) -> Result<()> {
+        const OP: &str = "fastscan_encode";
+        let d = self.spec.d;
+        let [n, n_kv, kd] = dims(OP, "k", "[n, n_kv, D]", k.dims())?;
+        check_shape(OP, "k", &[n, self.n_kv, d], &[n, n_kv, kd])?;
+        check_shape(OP, "v", &[n, self.n_kv, d], v.dims())?;
+        if self.len + n > self.cap {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "{n} positions after {} exceed the capacity {}",
+                    self.len, self.cap
+                ),
+            ));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let pos0 = self.len;
+        let first_tile = pos0 / TILE;
+        let slots = ((pos0 + n).div_ceil(TILE) - first_tile) * (TILE / 2);
+        if self.n_kv > MAX_GRID_Y {
+            return Err(Error::invalid(OP, format!("{} kv heads", self.n_kv)));
+        }
+        let f = dev.function(Family::FastScan, "fastscan_encode")?;
+        let cfg = LaunchConfig {
+            grid_dim: (slots.div_ceil(ENC_WARPS) as u32, self.n_kv as u32, 1),
+            block_dim: (32 * ENC_WARPS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (pos0_32, n32, nkv32, ft32, slots32) = (
+            pos0 as u32,
+            n as u32,
+            self.n_kv as u32,
+            first_tile as u32,
+            slots as u32,
+        );
+        let nb = self.codebook.bounds.len() as u32;
+        let (d32, tb32, hb) = (
+            d as u32,
+            self.spec.tile_bytes() as u32,
+            self.spec.cache_bytes(self.cap) as u64,
+        );
+        let kk = self.spec.inv_sqrt_d();
+        for (cache, x) in [(&mut self.k, k), (&mut self.v, v)] {
+            let mut launch = dev.stream().launch_builder(&f);
+            launch
+                .arg(cache.slice_mut())
+                .arg(x.slice())
+                .arg(&pos0_32)
+                .arg(&n32)
+                .arg(&nkv32)
+                .arg(&ft32)
+                .arg(&slots32)
+                .arg(self.signs.slice())
+                .arg(self.bounds.slice())
+                .arg(&nb)
+                .arg(&d32)
+                .arg(&tb32)
+                .arg(&hb)
+                .arg(&kk);
+            // SAFETY: x is [n, n_kv, D] with D <= 256 (the kernel's shared rows); the cache is
+            // [n_kv, cache_bytes(cap)] and the slots cover tiles first_tile.. of positions
+            // pos0..pos0 + n <= cap; signs [D], bounds [nb].
+            unsafe { launch.launch(cfg) }?;
+        }
+        self.len += n;
+        Ok(())
+    }
+}
+
+/// The f16-KV baseline's cache: `k, v: [n_kv, len, D]`, f16 bits.
+#[derive(Debug)]
+pub struct F16KvCache {
+    n_kv: usize,
+    len: usize,
+    d: usize,
+    k: GpuTensor<u16>,
+    v: GpuTensor<u16>,
+}
+
+impl F16KvCache {
+    /// Uploads `k, v: [n_kv, len, D]` rounded to f16 (nearest even).
+    pub fn from_host(dev: &Device, k: &[f32], v: &[f32], n_kv: usize, d: usize) -> Result<Self> {
+        const OP: &str = "F16KvCache::from_host";
+        if n_kv == 0 || !crate::quant::fastscan::DIMS.contains(&d) {
+            return Err(Error::invalid(OP, format!("{n_kv} kv heads of dim {d}")));
+        }
+        let len = k.len() / (n_kv * d);
+        if k.len() % (n_kv * d) != 0 {
+            return Err(Error::invalid(
+                OP,
+                format!("{} keys are not [n_kv, len, {d}]", k.len()),
+            ));
+        }
+        check_shape(OP, "v", &[k.len()], &[v.len()])?;
+        as_u32(OP, "len", len)?;
+        let bits =
+            |x: &[f32]| -> Vec<u16> { x.iter().map(|&f| f16::from_f32(f).to_bits()).collect() };
+        Ok(F16KvCache {
+            n_kv,
+            len,
+            d,
+            k: GpuTensor::from_host(dev, &bits(k), &[n_kv, len, d])?,
+            v: GpuTensor::from_host(dev, &bits(v), &[n_kv, len, d])?,
+        })
+    }
+
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Scratch for the attention kernels, grown on demand and reused across calls (decode calls
+/// then allocate nothing).
+#[derive(Debug, Default)]
+pub struct AttentionWorkspace {
+    buf: Option<GpuTensor<f32>>,
+}
+
+impl AttentionWorkspace {
+    /// A view of at least `n` floats.
+    fn get(&mut self, dev: &Device, n: usize) -> Result<&mut GpuTensor<f32>> {
+        if self.buf.as_ref().is_none_or(|b| b.len() < n) {
+            self.buf = None;
+            self.buf = Some(GpuTensor::zeros(dev, &[n])?);
+        }
+        Ok(self.buf.as_mut().expect("allocated above"))
+    }
+}
+
+/// Which cache an attention call reads.
+enum Kv<'a> {
+    Codes(&'a FastScanCache, ScoreMode, ValueMode),
+    F16(&'a F16KvCache),
+}
+
+/// Attention of queries `q: [nq, n_heads, D]` (unrotated), query `i` at position `pos[i] <
+/// cache.len()` seeing positions `0..=pos[i]`, into `out: [nq, n_heads, D]`; `n_heads` a
+/// multiple of the cache's `n_kv`. Bits: [`crate::reference::fastscan::attend`].
+#[allow(clippy::too_many_arguments)]
+pub fn fastscan_attention(
+    dev: &Device,
+    q: &GpuTensor<f32>,
+    cache: &FastScanCache,
+    pos: &Positions,
+    smode: ScoreMode,
+    vmode: ValueMode,
+    ws: &mut AttentionWorkspace,
+    out: &mut GpuTensor<f32>,
+) -> Result<()> {
+    attention(dev, q, Kv::Codes(cache, smode, vmode), pos, ws, out)
+}
+
+/// The f16-KV baseline: the same attention over uncompressed keys and values. Bits:
+/// [`crate::reference::fastscan::attend_f16`].
+pub fn f16kv_attention(
+    dev: &Device,
+    q: &GpuTensor<f32>,
+    cache: &F16KvCache,
+    pos: &Positions,
+    ws: &mut AttentionWorkspace,
+    out: &mut GpuTensor<f32>,
+) -> Result<()> {
+    attention(dev, q, Kv::F16(cache), pos, ws, out)
+}
+
+fn attention(
+    dev: &Device,
+    q: &GpuTensor<f32>,
+    kv: Kv<'_>,
+    pos: &Positions,
+    ws: &mut AttentionWorkspace,
+    out: &mut GpuTensor<f32>,
+) -> Result<()> {
+    let (op, d, n_kv, len) = match &kv {
+        Kv::Codes(c, ..) => ("fastscan_attention", c.spec.d, c.n_kv, c.len),
+        Kv::F16(c) => ("f16kv_attention", c.d, c.n_kv, c.len),
+    };
+    let [nq, n_heads, qd] = dims(op, "q", "[nq, n_heads, D]", q.dims())?;
+    check_shape(op, "q", &[nq, n_heads, d], &[nq, n_heads, qd])?;
+    check_shape(op, "out", &[nq, n_heads, d], out.dims())?;
+    check_shape(op, "pos", &[nq], &[pos.len()])?;
+    if n_heads == 0 || n_heads % n_kv != 0 || n_heads > MAX_GRID_Y {
+        return Err(Error::invalid(
+            op,
+            format!("{n_heads} query heads over {n_kv} kv heads"),
+        ));
+    }
+    // A cache shorter than a query's position.
+    pos.check(op, len)?;
+    if nq == 0 {
+        return Ok(());
+    }
+    let span = pos.max() as usize + 1;
+    let nchunk = span.div_ceil(CHUNK);
+    // Per query row: scores [span], chunk maxima and sums [nchunk] each, value partials
+    // [nchunk, D].
+    let per_query = n_heads * (span + nchunk * (2 + d));
+    let batch = (MAX_SCRATCH_BYTES / 4 / per_query).clamp(1, MAX_GRID_Y);
+    let scratch = ws.get(dev, batch.min(nq) * per_query)?;
+    let fns = match &kv {
+        Kv::Codes(..) => ["fastscan_scores", "fastscan_values"],
+        Kv::F16(_) => ["f16kv_scores", "f16kv_values"],
+    };
+    let scores_fn = dev.function(Family::FastScan, fns[0])?;
+    let values_fn = dev.function(Family::FastScan, fns[1])?;
+    let finish_fn = dev.function(Family::FastScan, "fastscan_finish")?;
+    let (h32, d32, span32, nch32) = (n_heads as u32, d as u32, span as u32, nchunk as u32);
+    let nkv32 = n_kv as u32;
+    let kscale = 1.0 / (d as f32).sqrt();
+    for q0 in (0..nq).step_by(batch) {
+        let nb = batch.min(nq - q0);
+        let rows = nb * n_heads;
+        let (s_v, mut rest) = scratch.slice_mut().split_at_mut(rows * span);
+        let (cmax_v, mut rest) = rest.split_at_mut(rows * nchunk);
+        let (esum_v, mut rest) = rest.split_at_mut(rows * nchunk);
+        let mut vpart_v = rest.slice_mut(..rows * nchunk * d);
+        let (mut s_v, mut cmax_v, mut esum_v) = (s_v, cmax_v, esum_v);
+        let qv = q.slice().slice(q0 * n_heads * d..);
+        let pv = pos.tensor().slice().slice(q0..);
+        let mut ov = out.slice_mut().slice_mut(q0 * n_heads * d..);
+        let cfg = LaunchConfig {
+            grid_dim: (nch32, h32, nb as u32),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        match &kv {
+            Kv::Codes(c, smode, vmode) => {
+                let levels = c.spec.levels() as u32;
+                let tb = c.spec.tile_bytes() as u32;
+                let hb = c.spec.cache_bytes(c.cap) as u64;
+                let sm = u32::from(*smode == ScoreMode::F32);
+                let vm = u32::from(*vmode == ValueMode::Int8);
+                let mut l = dev.stream().launch_builder(&scores_fn);
+                l.arg(&mut s_v)
+                    .arg(&mut cmax_v)
+                    .arg(&qv)
+                    .arg(c.k.slice())
+                    .arg(&pv)
+                    .arg(&span32)
+                    .arg(&nch32)
+                    .arg(c.signs.slice())
+                    .arg(c.centroids.slice())
+                    .arg(&h32)
+                    .arg(&nkv32)
+                    .arg(&d32)
+                    .arg(&levels)
+                    .arg(&tb)
+                    .arg(&hb)
+                    .arg(&sm)
+                    .arg(&kscale);
+                // SAFETY: q is [nq, H, D] (the view starts at this batch), every position <
+                // len <= cap, the scratch views hold [nb * H] rows of span, nchunk and
+                // nchunk * D floats; the cache [n_kv, cache_bytes(cap)], H a multiple of n_kv.
+                unsafe { l.launch(cfg) }?;
+                let mut l = dev.stream().launch_builder(&values_fn);
+                l.arg(&mut vpart_v)
+                    .arg(&mut esum_v)
+                    .arg(&mut s_v)
+                    .arg(&mut cmax_v)
+                    .arg(c.v.slice())
+                    .arg(&pv)
+                    .arg(&span32)
+                    .arg(&nch32)
+                    .arg(c.centroids.slice())
+                    .arg(&h32)
+                    .arg(&nkv32)
+                    .arg(&d32)
+                    .arg(&levels)
+                    .arg(&tb)
+                    .arg(&hb)
+                    .arg(&vm);
+                // SAFETY: as for the scores; the scores and maxima were written above for
+                // every chunk at or before each query's position.
+                unsafe { l.launch(cfg) }?;
+            }
+            Kv::F16(c) => {
+                let cap32 = c.len as u32;
+                let mut l = dev.stream().launch_builder(&scores_fn);
+                l.arg(&mut s_v)
+                    .arg(&mut cmax_v)
+                    .arg(&qv)
+                    .arg(c.k.slice())
+                    .arg(&pv)
+                    .arg(&span32)
+                    .arg(&nch32)
+                    .arg(&h32)
+                    .arg(&nkv32)
+                    .arg(&d32)
+                    .arg(&cap32)
+                    .arg(&kscale);
+                // SAFETY: q is [nq, H, D] from this batch, every position < len, the caches
+                // [n_kv, len, D], the scratch views as sized above.
+                unsafe { l.launch(cfg) }?;
+                let mut l = dev.stream().launch_builder(&values_fn);
+                l.arg(&mut vpart_v)
+                    .arg(&mut esum_v)
+                    .arg(&mut s_v)
+                    .arg(&mut cmax_v)
+                    .arg(c.v.slice())
+                    .arg(&pv)
+                    .arg(&span32)
+                    .arg(&nch32)
+                    .arg(&h32)
+                    .arg(&nkv32)
+                    .arg(&d32)
+                    .arg(&cap32);
+                // SAFETY: as for the scores.
+                unsafe { l.launch(cfg) }?;
+            }
+        }
+        let (signs, rotate) = match &kv {
+            Kv::Codes(c, ..) => (c.signs.slice(), 1u32),
+            // Unused without the rotation; any f32 buffer of D will do.
+            Kv::F16(_) => (q.slice(), 0u32),
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (h32, nb as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut l = dev.stream().launch_builder(&finish_fn);
+        l.arg(&mut ov)
+            .arg(&mut vpart_v)
+            .arg(&mut esum_v)
+            .arg(&pv)
+            .arg(&nch32)
+            .arg(signs)
+            .arg(&h32)
+            .arg(&d32)
+            .arg(&rotate)
+            .arg(&kscale);
+        // SAFETY: out is [nq, H, D] from this batch; the partials and sums were written by
+        // the values kernel for every chunk at or before each query's position.
+        unsafe { l.launch(cfg) }?;
+    }
+    Ok(())
+}
