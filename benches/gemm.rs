@@ -166,21 +166,9 @@ fn bench_gemv(c: &mut Criterion, dev: &Device, rows: &mut Vec<common::Row>) {
                     })
                 })
             });
-            let src: Vec<_> = (0..sets)
-                .map(|_| dev.stream().alloc_zeros::<u8>(bytes / 2).unwrap())
-                .collect();
-            let mut dst: Vec<_> = (0..sets)
-                .map(|_| dev.stream().alloc_zeros::<u8>(bytes / 2).unwrap())
-                .collect();
             let copy_key = format!("gemv/{name}/{f}/copy");
-            group.bench_function(BenchmarkId::new(format!("{name} {f} copy"), 1), |b| {
-                b.iter_custom(|iters| {
-                    common::timed(dev, &copy_key, iters, |i| {
-                        let s = i as usize % sets;
-                        dev.stream().memcpy_dtod(&src[s], &mut dst[s]).unwrap()
-                    })
-                })
-            });
+            let id = BenchmarkId::new(format!("{name} {f} copy"), 1);
+            common::bench_copy(&mut group, dev, &copy_key, id, bytes);
             rows.push(common::Row {
                 kernel: format!("GEMV {f}, {name}"),
                 n: 1,

@@ -44,13 +44,6 @@ fn main() {
                 out: GpuTensor::zeros(&dev, &[n, DIM]).unwrap(),
             })
             .collect();
-        let half = bytes / 8;
-        let copy_src: Vec<GpuTensor<f32>> = (0..sets)
-            .map(|_| GpuTensor::zeros(&dev, &[half]).unwrap())
-            .collect();
-        let mut copy_dst: Vec<GpuTensor<f32>> = (0..sets)
-            .map(|_| GpuTensor::zeros(&dev, &[half]).unwrap())
-            .collect();
         group.throughput(Throughput::Bytes(bytes as u64));
         for version in [1u32, 2] {
             let key = format!("moe_reduce/v{version}/{n}");
@@ -79,17 +72,7 @@ fn main() {
             });
         }
         let key = format!("moe_reduce/copy/{n}");
-        group.bench_function(BenchmarkId::new("copy", n), |b| {
-            b.iter_custom(|iters| {
-                common::timed(&dev, &key, iters, |i| {
-                    let s = i as usize % sets;
-                    let (src, dst) = (&copy_src[s], &mut copy_dst[s]);
-                    dev.stream()
-                        .memcpy_dtod(src.slice(), dst.slice_mut())
-                        .unwrap();
-                })
-            })
-        });
+        common::bench_copy(&mut group, &dev, &key, BenchmarkId::new("copy", n), bytes);
     }
     group.finish();
     c.final_summary();

@@ -28,9 +28,6 @@ fn main() {
         let mut bufs: Vec<GpuTensor<f32>> = (0..sets)
             .map(|_| GpuTensor::from_host(&dev, &host, &[n, DIM]).unwrap())
             .collect();
-        let mut dsts: Vec<GpuTensor<f32>> = (0..sets)
-            .map(|_| GpuTensor::zeros(&dev, &[n, DIM]).unwrap())
-            .collect();
         let scales = GpuTensor::from_host(&dev, &scales_h, &[n]).unwrap();
         group.throughput(Throughput::Bytes(bytes as u64));
         for version in [1u32, 2] {
@@ -52,16 +49,7 @@ fn main() {
             });
         }
         let key = format!("row_scale/copy/{n}");
-        group.bench_function(BenchmarkId::new("copy", n), |b| {
-            b.iter_custom(|iters| {
-                common::timed(&dev, &key, iters, |i| {
-                    let s = i as usize % sets;
-                    dev.stream()
-                        .memcpy_dtod(bufs[s].slice(), dsts[s].slice_mut())
-                        .unwrap();
-                })
-            })
-        });
+        common::bench_copy(&mut group, &dev, &key, BenchmarkId::new("copy", n), bytes);
     }
     group.finish();
     c.final_summary();

@@ -54,11 +54,7 @@ extern "C" __global__ void attention_f32(float* __restrict__ out, const float* _
         att_s[j] = sj;
         m = fmaxf(m, sj);
     }
-    for (u32 off = 16u; off; off >>= 1) m = fmaxf(m, __shfl_xor_sync(BX_FULL_MASK, m, off));
-    if (lane == 0) red[warp] = m;
-    __syncthreads();
-    m = red[0];
-    for (u32 w = 1; w < ATT_THREADS / 32u; ++w) m = fmaxf(m, red[w]);
+    m = bx_block_max<ATT_THREADS>(m, red);
     for (u32 j = tid; j <= t; j += ATT_THREADS) att_s[j] = bx_exp(att_s[j] - m);
     __syncthreads();
     if (warp == 0) {
@@ -158,11 +154,7 @@ extern "C" __global__ void __launch_bounds__(512)
             m = fmaxf(m, sj);
         }
     }
-    for (u32 off = 16u; off; off >>= 1) m = fmaxf(m, __shfl_xor_sync(BX_FULL_MASK, m, off));
-    if (lane == 0) red2[warp] = m;
-    __syncthreads();
-    m = red2[0];
-    for (u32 w = 1; w < ATT2_THREADS / 32u; ++w) m = fmaxf(m, red2[w]);
+    m = bx_block_max<ATT2_THREADS>(m, red2);
     for (u32 j = tid; j < n; j += ATT2_THREADS) att2_s[j] = bx_exp(att2_s[j] - m);
     __syncthreads();
     if (warp == 0) {

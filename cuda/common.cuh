@@ -86,3 +86,18 @@ __device__ __forceinline__ float bx_butterfly_sum(float s) {
     for (u32 off = 16u; off; off >>= 1) s = s + __shfl_xor_sync(BX_FULL_MASK, s, off);
     return s;
 }
+
+// fmax of v over a block of THREADS threads; every thread gets the result. red holds
+// THREADS / 32 floats; the call synchronizes before writing it, so consecutive calls may share
+// it. fmax is exact, so the order of the reduction does not show in the result.
+template <u32 THREADS>
+__device__ __forceinline__ float bx_block_max(float v, float* red) {
+    const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    for (u32 off = 16u; off; off >>= 1) v = fmaxf(v, __shfl_xor_sync(BX_FULL_MASK, v, off));
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    v = red[0];
+    for (u32 w = 1; w < THREADS / 32u; ++w) v = fmaxf(v, red[w]);
+    return v;
+}

@@ -153,18 +153,6 @@ extern "C" __global__ void fastscan_encode(u8* __restrict__ cache, const float* 
 #define FS_STAGE_DIMS 128u
 #define FS_NEG_INF __uint_as_float(0xff800000u)
 
-// Block-wide fmax of v (every thread gets it); red holds FS_THREADS / 32 floats.
-__device__ __forceinline__ float fs_block_max(float v, float* red) {
-    const u32 lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
-    for (u32 off = 16u; off; off >>= 1) v = fmaxf(v, __shfl_xor_sync(BX_FULL_MASK, v, off));
-    __syncthreads();
-    if (lane == 0) red[warp] = v;
-    __syncthreads();
-    v = red[0];
-    for (u32 w = 1; w < FS_THREADS / 32u; ++w) v = fmaxf(v, red[w]);
-    return v;
-}
-
 // Code of position offset i (0..32) of a tile from the dim's 16 code bytes r.
 __device__ __forceinline__ u32 fs_nibble(uint4 r, u32 i) {
     const u32 b = i & 15u;
@@ -204,7 +192,7 @@ extern "C" __global__ void __launch_bounds__(256)
         table[i] = v;
         tmax = fmaxf(tmax, fabsf(v));
     }
-    const float ts = fs_block_max(tmax, red) / 127.0f;
+    const float ts = bx_block_max<FS_THREADS>(tmax, red) / 127.0f;
     if (smode == 0u)
         for (u32 i = tid; i < D * levels; i += FS_THREADS) lut[i] = (signed char)fs_q8(table[i], ts);
     __syncthreads();
@@ -251,7 +239,7 @@ extern "C" __global__ void __launch_bounds__(256)
             s[row * span + p] = sc;
         }
     }
-    const float m = fs_block_max(sc, red);
+    const float m = bx_block_max<FS_THREADS>(sc, red);
     if (tid == 0) cmax[row * nchunk + c] = m;
 }
 
@@ -278,7 +266,7 @@ __device__ __forceinline__ void fs_chunk_values(FsChunk& sh, float* __restrict__
     const u32 n = t + 1u, nch = (n + FS_CHUNK - 1u) / FS_CHUNK;
     float m = FS_NEG_INF;
     for (u32 i = tid; i < nch; i += FS_THREADS) m = fmaxf(m, cmax[row * nchunk + i]);
-    m = fs_block_max(m, sh.red);
+    m = bx_block_max<FS_THREADS>(m, sh.red);
     const u32 p0 = c * FS_CHUNK, p = p0 + tid;
     float e = 0.0f, w = 0.0f;
     if (p < n) {
@@ -441,7 +429,7 @@ extern "C" __global__ void __launch_bounds__(256)
         sc = ((a[0] + a[1]) + (a[2] + a[3])) * k;
         s[row * span + p] = sc;
     }
-    const float m = fs_block_max(sc, red);
+    const float m = bx_block_max<FS_THREADS>(sc, red);
     if (tid == 0) cmax[row * nchunk + c] = m;
 }
 

@@ -9,7 +9,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bitexact::Device;
-use criterion::Criterion;
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, BenchmarkId, Criterion};
 
 /// Samples per benchmark; the recorder keeps the last this many (criterion's measurement
 /// phase), dropping its warm-up calls.
@@ -73,6 +74,33 @@ pub fn median_ns(key: &str) -> Option<f64> {
 /// exceeds the 50 MB L2 of an H100 several times over: timings then measure DRAM, not L2.
 pub fn rotation(bytes: usize) -> usize {
     (256usize << 20).div_ceil(bytes.max(1)).clamp(1, 16)
+}
+
+/// Benchmarks under `key` the device-to-device copy that moves `bytes` in all (`bytes / 2` read
+/// and as many written), rotating buffer pairs as [`rotation`] says: the ceiling a
+/// memory-bound kernel that moves `bytes` is set against in [`print_table`].
+pub fn bench_copy(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    dev: &Device,
+    key: &str,
+    id: BenchmarkId,
+    bytes: usize,
+) {
+    let sets = rotation(bytes);
+    let alloc = || -> Vec<_> {
+        (0..sets)
+            .map(|_| dev.stream().alloc_zeros::<u8>((bytes / 2).max(1)).unwrap())
+            .collect()
+    };
+    let (src, mut dst) = (alloc(), alloc());
+    group.bench_function(id, |b| {
+        b.iter_custom(|iters| {
+            timed(dev, key, iters, |i| {
+                let s = i as usize % sets;
+                dev.stream().memcpy_dtod(&src[s], &mut dst[s]).unwrap()
+            })
+        })
+    });
 }
 
 /// One row of the closing table.

@@ -245,10 +245,6 @@ pub fn run(a: &FastScanArgs) -> Result<bool> {
     let t0 = Instant::now();
     let mut cpu = CpuCache::new(spec, nkv, len);
     cpu.append(&dat.k, &dat.v);
-    let cpu_q: Vec<f32> = cpu_pos
-        .iter()
-        .flat_map(|&t| dat.q[t as usize * heads * d..][..heads * d].to_vec())
-        .collect();
     let cpu_out: Vec<Vec<f32>> = MODES
         .iter()
         .map(|&m| {
@@ -268,7 +264,6 @@ pub fn run(a: &FastScanArgs) -> Result<bool> {
         cpu_pos.len(),
         fmt_secs(t0.elapsed().as_secs_f64())
     );
-    let _ = cpu_q;
 
     if let Some(dev) = &dev {
         let (batched, seq, codes) = gpu_paths(dev, a, spec, &dat, &mut progress)?;

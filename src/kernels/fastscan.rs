@@ -327,11 +327,10 @@ fn attention(
     for q0 in (0..nq).step_by(batch) {
         let nb = batch.min(nq - q0);
         let rows = nb * n_heads;
-        let (s_v, mut rest) = scratch.slice_mut().split_at_mut(rows * span);
-        let (cmax_v, mut rest) = rest.split_at_mut(rows * nchunk);
-        let (esum_v, mut rest) = rest.split_at_mut(rows * nchunk);
+        let (mut s_v, mut rest) = scratch.slice_mut().split_at_mut(rows * span);
+        let (mut cmax_v, mut rest) = rest.split_at_mut(rows * nchunk);
+        let (mut esum_v, mut rest) = rest.split_at_mut(rows * nchunk);
         let mut vpart_v = rest.slice_mut(..rows * nchunk * d);
-        let (mut s_v, mut cmax_v, mut esum_v) = (s_v, cmax_v, esum_v);
         let qv = q.slice().slice(q0 * n_heads * d..);
         let pv = pos.tensor().slice().slice(q0..);
         let mut ov = out.slice_mut().slice_mut(q0 * n_heads * d..);

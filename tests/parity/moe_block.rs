@@ -54,21 +54,31 @@ proptest! {
 }
 
 fn gpu_case(n: usize, dim: usize, e: usize, kf: f64, ffn: usize, shared: bool, seed: u64) {
-    let Some(dev) = gpu() else { return };
     let k = 1 + ((e.min(8) - 1) as f64 * kf) as usize;
     let c = cfg(dim, e, k, ffn, shared);
-    let w = MoeWeights::generate(&c, seed).unwrap();
-    let x = MoeWeights::inputs(&c, seed, n);
+    gpu_paths(&c, seed, n, &format!("n={n} cfg={c:?} seed={seed}"));
+}
+
+/// CPU batched == CPU sequential, GPU sequential (the GEMV kernels) == CPU, GPU batched (GEMM
+/// and tensor-core kernels) == GPU sequential, for `n` tokens through the block of `c`.
+fn gpu_paths(c: &MoeConfig, seed: u64, n: usize, ctx: &str) {
+    let Some(dev) = gpu() else { return };
+    let w = MoeWeights::generate(c, seed).unwrap();
+    let x = MoeWeights::inputs(c, seed, n);
     let want = forward_cpu(&w, &x, n).unwrap();
+    same(
+        &format!("cpu batched vs sequential, {ctx}"),
+        &forward_cpu_batched(&w, &x, n).unwrap(),
+        &want,
+    );
     let block = GpuMoeBlock::upload(dev, &w).unwrap();
-    let xg = upload_input(dev, &c, &x, n).unwrap();
+    let xg = upload_input(dev, c, &x, n).unwrap();
     let seq = block
         .forward_sequential(dev, &xg)
         .unwrap()
         .to_host()
         .unwrap();
     let bat = block.forward_batched(dev, &xg).unwrap().to_host().unwrap();
-    let ctx = format!("n={n} cfg={c:?} seed={seed}");
     same(&format!("gpu sequential vs cpu, {ctx}"), &seq, &want);
     same(&format!("gpu batched vs gpu sequential, {ctx}"), &bat, &seq);
 }
@@ -92,7 +102,6 @@ fn format_case(
     k: usize,
     seed: u64,
 ) {
-    let Some(dev) = gpu() else { return };
     let c = MoeConfig {
         dim,
         n_experts: e,
@@ -102,32 +111,7 @@ fn format_case(
         renormalize: true,
         format,
     };
-    let w = MoeWeights::generate(&c, seed).unwrap();
-    let x = MoeWeights::inputs(&c, seed, n);
-    let want = forward_cpu(&w, &x, n).unwrap();
-    same(
-        &format!("{format} cpu batched"),
-        &forward_cpu_batched(&w, &x, n).unwrap(),
-        &want,
-    );
-    let block = GpuMoeBlock::upload(dev, &w).unwrap();
-    let xg = upload_input(dev, &c, &x, n).unwrap();
-    let seq = block
-        .forward_sequential(dev, &xg)
-        .unwrap()
-        .to_host()
-        .unwrap();
-    let bat = block.forward_batched(dev, &xg).unwrap().to_host().unwrap();
-    same(
-        &format!("{format} gpu sequential vs cpu, n={n}"),
-        &seq,
-        &want,
-    );
-    same(
-        &format!("{format} gpu batched vs gpu sequential, n={n}"),
-        &bat,
-        &seq,
-    );
+    gpu_paths(&c, seed, n, &format!("{format}, n={n}"));
 }
 
 #[test]
