@@ -1,91 +1,106 @@
 // attention.cu — causal grouped-query attention over an f32 KV cache, and the cache write.
-//   attention_f32  q: [nq, n_heads, hd], caches k, v: [n_kv, cap, hd] (one layer),
+//   attention_*    q: [nq, n_heads, hd], caches k, v: [n_kv, cap, hd] (one layer),
 //                  qpos: [nq] (query i sees cache rows 0..=qpos[i]) -> out: [nq, n_heads, hd]
 //   kv_write_f32   k, v: [n, n_kv, hd] -> cache rows pos[i] of every kv head
 // Query head h reads kv head h / (n_heads / n_kv).
 //
-// The order for one query at position t (src/reference/attention.rs spells it out):
-//   s_j = dot(q, k_j) * scale, j = 0..=t, dot the canonical f32 dot (common.cuh), scale =
-//         1 / sqrtf(hd);
-//   m = fmaxf over s_j;  e_j = bx_exp(s_j - m);
-//   sum: 32 lane partials over j = l, l + 32, .. (adds from +0), then the butterfly;
-//   p_j = canon(e_j / sum);
-//   out[d] = the canonical dot over j of p_j and v_j[d] (keys in blocks of 32, block b feeds
-//            partial b % 4), (p0 + p1) + (p2 + p3).
-// It depends on t alone: a query gets the same bits in a prefill of any length, in any chunk,
-// or decoded on its own.
+// THE ORDER (src/reference/attention.rs spells it out). The keys 0..=t of a query at position t
+// are cut into chunks of 64 (ATT_CHUNK) positions, the last one cut at t. Per chunk:
+//   s_j = dot(q, k_j) * scale      the canonical f32 dot (common.cuh), scale = 1 / sqrtf(hd)
+//   m   = fmaxf over the chunk's s_j from -inf;  e_j = bx_exp(s_j - m)
+//   l   = (l0 + l1) + (l2 + l3),  l_p adding from +0, in increasing j, the e_j with
+//         (j - chunk start) % 4 == p
+//   o[d] = fmaf chain from +0 in increasing j: o = fmaf(e_j, v_j[d], o)
+// The chunks are folded left to right: the state starts as chunk 0's (m, l, o); chunk c > 0
+// folds in as  M' = fmaxf(M, m_c), a = bx_exp(M - M'), b = bx_exp(m_c - M'),
+//              L = fmaf(L, a, l_c * b), O[d] = fmaf(O[d], a, o_c[d] * b).
+// out[d] = canon(O[d] / L). It depends on t and the keys alone: a query gets the same bits in a
+// prefill of any length, in any chunk, or decoded on its own, whichever kernel runs it.
 //
-// Versions:
-//   attention_f32     v1: one block of 128 threads per (query, head); scores in dynamic shared
-//                     memory (t + 1 floats); threads stride over keys for the scores and over
-//                     dims for the output, each thread running all four partials in turn.
-//   attention_f32_v2  v2: 512 threads per (query, head). Scores: lanes 4g..4g+3 form the four
-//                     partials of one key's dot and combine them by two shuffles. Output: one
-//                     thread per (partial, dim) runs that partial's chain over its key blocks;
-//                     the four partials meet in shared memory. 4x the threads of v1 and no
-//                     thread runs more than one chain.
+// Versions (the wrapper's AttentionKernel):
+//   attention_f32        v1, the baseline and second witness: one block of 128 threads per
+//                        (query, head) walks the chunks in order; any head dim.
+//   attention_tile_<H>   prefill: one block per (64 queries, head) streams K and V chunks
+//                        through shared memory once for all 64 queries (register-tiled f32
+//                        FMAs for both products), folding each chunk as it goes; head dims
+//                        up to H = 64, 128, 256 (multiples of 4), zero-padded to H.
+//   attention_split      decode: one block per (query, kv head, chunk) writes the chunk's
+//   attention_combine    partial (m, l, o) for every query head of the group, sharing the
+//                        chunk's K and V across them; a second launch folds the partials of
+//                        each (query, head) in chunk order.
 
 #include "common.cuh"
 
+#define ATT_CHUNK 64u
 #define ATT_THREADS 128u
 
-extern "C" __global__ void attention_f32(float* __restrict__ out, const float* __restrict__ q,
-                                         const float* __restrict__ kc,
-                                         const float* __restrict__ vc,
-                                         const u32* __restrict__ qpos, u32 n_heads, u32 n_kv,
-                                         u32 hd, u32 cap, float scale) {
-    extern __shared__ float att_s[];
+// The fold step (its one definition; every kernel calls it, the mutant site of this family).
+__device__ __forceinline__ float att_fold(float acc, float a, float part, float b) {
+#ifdef BITEXACT_MUTANT
+    // Broken on purpose (see BITEXACT_MUTANT): the rescale applied after the add.
+    return (acc + part * b) * a;
+#else
+    return fmaf(acc, a, part * b);
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    attention_f32(float* __restrict__ out, const float* __restrict__ q,
+                  const float* __restrict__ kc, const float* __restrict__ vc,
+                  const u32* __restrict__ qpos, u32 n_heads, u32 n_kv, u32 hd, u32 cap,
+                  float scale) {
+    extern __shared__ float att_o[];  // hd running outputs
     __shared__ float red[ATT_THREADS / 32u];
-    __shared__ float total;
+    __shared__ float se[ATT_CHUNK];
+    __shared__ float s_a, s_b, s_l;
     const u32 h = blockIdx.x;
     const u64 qi = blockIdx.y;
-    const u32 tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
+    const u32 tid = threadIdx.x;
     const u32 t = qpos[qi];
     const u32 kvh = h / (n_heads / n_kv);
     const float* qv = q + (qi * n_heads + h) * hd;
     const float* K = kc + (u64)kvh * cap * hd;
     const float* V = vc + (u64)kvh * cap * hd;
+    float M = 0.0f, L = 0.0f;  // thread 0's fold state
 
-    float m = __uint_as_float(0xff800000u);
-    for (u32 j = tid; j <= t; j += ATT_THREADS) {
-        float p0, p1, p2, p3;
-        bx_dot_partials(qv, K + (u64)j * hd, hd, p0, p1, p2, p3);
-        const float sj = ((p0 + p1) + (p2 + p3)) * scale;
-        att_s[j] = sj;
-        m = fmaxf(m, sj);
-    }
-    m = bx_block_max<ATT_THREADS>(m, red);
-    for (u32 j = tid; j <= t; j += ATT_THREADS) att_s[j] = bx_exp(att_s[j] - m);
-    __syncthreads();
-    if (warp == 0) {
-        float s = 0.0f;
-        for (u32 j = lane; j <= t; j += 32u) s = s + att_s[j];
-        s = bx_butterfly_sum(s);
-        if (lane == 0) total = s;
-    }
-    __syncthreads();
-    const float sum = total;
-    for (u32 j = tid; j <= t; j += ATT_THREADS) att_s[j] = bx_canon(att_s[j] / sum);
-    __syncthreads();
-
-    const u32 n = t + 1u;
-    for (u32 d = tid; d < hd; d += ATT_THREADS) {
-        float p0 = 0.0f, p1 = 0.0f, p2 = 0.0f, p3 = 0.0f;
-        for (u32 base = 0; base < n; base += 128u) {
-            const u32 b1 = min(base + 32u, n), b2 = min(base + 64u, n);
-            const u32 b3 = min(base + 96u, n), b4 = min(base + 128u, n);
-            for (u32 j = base; j < b1; ++j) p0 = fmaf(V[(u64)j * hd + d], att_s[j], p0);
-            for (u32 j = b1; j < b2; ++j) p1 = fmaf(V[(u64)j * hd + d], att_s[j], p1);
-            for (u32 j = b2; j < b3; ++j) p2 = fmaf(V[(u64)j * hd + d], att_s[j], p2);
-            for (u32 j = b3; j < b4; ++j) p3 = fmaf(V[(u64)j * hd + d], att_s[j], p3);
+    for (u32 c = 0; c * ATT_CHUNK <= t; ++c) {
+        const u32 j0 = c * ATT_CHUNK, n = min(ATT_CHUNK, t + 1u - j0);
+        float sj = __uint_as_float(0xff800000u);
+        if (tid < n) {
+            float p0, p1, p2, p3;
+            bx_dot_partials(qv, K + (u64)(j0 + tid) * hd, hd, p0, p1, p2, p3);
+            sj = ((p0 + p1) + (p2 + p3)) * scale;
         }
-#ifdef BITEXACT_MUTANT
-        // Broken on purpose (see BITEXACT_MUTANT): left to right instead of the tree.
-        out[(qi * n_heads + h) * hd + d] = ((p0 + p1) + p2) + p3;
-#else
-        out[(qi * n_heads + h) * hd + d] = (p0 + p1) + (p2 + p3);
-#endif
+        const float m = bx_block_max<ATT_THREADS>(sj, red);
+        if (tid < n) se[tid] = bx_exp(sj - m);
+        __syncthreads();
+        if (tid == 0) {
+            float lp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            for (u32 j = 0; j < n; ++j) lp[j & 3u] = lp[j & 3u] + se[j];
+            const float l = (lp[0] + lp[1]) + (lp[2] + lp[3]);
+            if (c == 0) {
+                M = m;
+                L = l;
+            } else {
+                const float m2 = fmaxf(M, m);
+                const float a = bx_exp(M - m2), b = bx_exp(m - m2);
+                L = att_fold(L, a, l, b);
+                M = m2;
+                s_a = a;
+                s_b = b;
+            }
+            s_l = L;
+        }
+        __syncthreads();
+        for (u32 d = tid; d < hd; d += ATT_THREADS) {
+            float o = 0.0f;
+            for (u32 j = 0; j < n; ++j) o = fmaf(se[j], V[(u64)(j0 + j) * hd + d], o);
+            att_o[d] = c == 0 ? o : att_fold(att_o[d], s_a, o, s_b);
+        }
+        __syncthreads();
     }
+    for (u32 d = tid; d < hd; d += ATT_THREADS)
+        out[(qi * n_heads + h) * hd + d] = bx_canon(att_o[d] / s_l);
 }
 
 extern "C" __global__ void kv_write_f32(float* __restrict__ kc, float* __restrict__ vc,
@@ -102,107 +117,403 @@ extern "C" __global__ void kv_write_f32(float* __restrict__ kc, float* __restric
     vc[dst] = v[src];
 }
 
-#define ATT2_THREADS 512u
+// ------------------------------------------------------------------------------------------
+// Prefill: 64 queries of one head per block, 256 threads as a 16 x 16 grid (tr, tc).
+//   scores  S[64 rows][64 keys]: thread (tr, tc) owns rows 4tr..4tr+3 x keys 4tc..4tc+3; Q and
+//           the chunk's K sit transposed in shared memory ([dim][row], [dim][key]).
+//   rows    four threads per row (lane p takes keys p, p + 4, ..): the max, the e_j, l_p, and
+//           the fold coefficients of the row.
+//   values  O[64 rows][H dims]: thread (tr, tc) owns rows 4tr..4tr+3 x dims 64g + 4tc..+3.
+// K and then V of a chunk share one buffer (the scores are done before V is loaded).
 
-extern "C" __global__ void __launch_bounds__(512)
-    attention_f32_v2(float* __restrict__ out, const float* __restrict__ q,
-                     const float* __restrict__ kc, const float* __restrict__ vc,
-                     const u32* __restrict__ qpos, u32 n_heads, u32 n_kv, u32 hd, u32 cap,
-                     float scale) {
-    extern __shared__ float att2_s[];  // scores (t + 1, padded), then 4 * hd partial outputs
-    __shared__ float red2[ATT2_THREADS / 32u];
-    __shared__ float total2;
-    const u32 h = blockIdx.x;
-    const u64 qi = blockIdx.y;
-    const u32 tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
-    const u32 t = qpos[qi];
-    const u32 n = t + 1u;
+#define TQ 64u
+#define TSTRIDE 68u  // floats per transposed row: 64 + 4 keeps float4 alignment, staggers banks
+#define T_THREADS 256u
+
+template <u32 H>
+struct TileSmem {
+    static constexpr u32 q = H * TSTRIDE;                                   // Qt[H][68]
+    static constexpr u32 kv = H * TSTRIDE > ATT_CHUNK * (H + 4u) ? H * TSTRIDE
+                                                                 : ATT_CHUNK * (H + 4u);
+    static constexpr u32 e = ATT_CHUNK * TSTRIDE;                           // Et[64][68]
+    static constexpr u32 floats = q + kv + e + 4u * TQ;                     // + a, b, L, mode
+};
+
+template <u32 H>
+__device__ __forceinline__ void attention_tile_body(float* __restrict__ out,
+                                                    const float* __restrict__ q,
+                                                    const float* __restrict__ kc,
+                                                    const float* __restrict__ vc,
+                                                    const u32* __restrict__ qpos, u32 nq,
+                                                    u32 n_heads, u32 n_kv, u32 hd, u32 cap,
+                                                    float scale) {
+    extern __shared__ __align__(16) float tsm[];
+    float* sQ = tsm;
+    float* sKV = sQ + TileSmem<H>::q;
+    float* sE = sKV + TileSmem<H>::kv;
+    float* sA = sE + TileSmem<H>::e;
+    float* sB = sA + TQ;
+    float* sL = sB + TQ;
+    u32* sMode = reinterpret_cast<u32*>(sL + TQ);  // 0: skip the chunk, 1: first, 2: fold
+    __shared__ u32 s_tmin, s_tmax;
+
+    constexpr u32 DG = H / 64u;  // float4 groups of dims per thread in the value product
+    const u32 tid = threadIdx.x, tr = tid >> 4, tc = tid & 15u;
+    const u32 tile = gridDim.x - 1u - blockIdx.x;  // longest tiles first
+    const u32 h = blockIdx.y;
+    const u32 i0 = tile * TQ;
     const u32 kvh = h / (n_heads / n_kv);
-    const float* qv = q + (qi * n_heads + h) * hd;
     const float* K = kc + (u64)kvh * cap * hd;
     const float* V = vc + (u64)kvh * cap * hd;
-    float* part = att2_s + ((n + 3u) & ~3u) + 4u;
+    const u32 hd4 = hd >> 2;
 
-    // Scores: lane 4g + p forms partial p of key j's dot (hd's 32-blocks p, p + 4, ..).
-    const u32 p = tid & 3u, g = tid >> 2;
-    float m = __uint_as_float(0xff800000u);
-    for (u32 j0 = 0; j0 < n; j0 += ATT2_THREADS / 4u) {
-        const u32 j = j0 + g;
-        float acc = 0.0f;
-        if (j < n) {
-            const float* kr = K + (u64)j * hd;
-            for (u32 b = p; b * 32u < hd; b += 4u) {
-                if (b * 32u + 32u <= hd) {
-                    // A whole block: all 32 loads in flight before the fma chain.
-                    float kk[32];
+    // Q transposed, zero past hd and past the last query.
+    if (tid == 0) {
+        s_tmin = 0xffffffffu;
+        s_tmax = 0u;
+    }
+    for (u32 idx = tid; idx < TQ * (H / 4u); idx += T_THREADS) {
+        const u32 r = idx % TQ, k4 = idx / TQ;
+        float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (i0 + r < nq && k4 < hd4)
+            v = *reinterpret_cast<const float4*>(q + ((u64)(i0 + r) * n_heads + h) * hd + 4u * k4);
+        sQ[(4u * k4) * TSTRIDE + r] = v.x;
+        sQ[(4u * k4 + 1u) * TSTRIDE + r] = v.y;
+        sQ[(4u * k4 + 2u) * TSTRIDE + r] = v.z;
+        sQ[(4u * k4 + 3u) * TSTRIDE + r] = v.w;
+    }
+    __syncthreads();
+    if (tid < TQ && i0 + tid < nq) {
+        atomicMin(&s_tmin, qpos[i0 + tid]);
+        atomicMax(&s_tmax, qpos[i0 + tid]);
+    }
+    __syncthreads();
+    const u32 tmin = s_tmin, tmax = s_tmax;
+    // Rows past the last query take the tile's largest position: they never force the masked
+    // path, and their outputs are not stored.
+    u32 trow[4];
 #pragma unroll
-                    for (int i = 0; i < 32; ++i) kk[i] = kr[b * 32u + i];
+    for (int i = 0; i < 4; ++i) {
+        const u32 r = i0 + tr * 4u + i;
+        trow[i] = r < nq ? qpos[r] : tmax;
+    }
+    const u32 rrow = tid >> 2, rp = tid & 3u;  // the row stage's row and lane
+    const u32 t_r = i0 + rrow < nq ? qpos[i0 + rrow] : tmax;
+    float M = 0.0f, L = 0.0f;  // the row stage's fold state (lane rp == 0)
+
+    float O[4][4 * DG];
 #pragma unroll
-                    for (int i = 0; i < 32; ++i) acc = fmaf(kk[i], qv[b * 32u + i], acc);
-                } else {
-                    for (u32 k = b * 32u; k < hd; ++k) acc = fmaf(kr[k], qv[k], acc);
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int x = 0; x < 4 * (int)DG; ++x) O[i][x] = 0.0f;
+
+    for (u32 c = 0; c * ATT_CHUNK <= tmax; ++c) {
+        const u32 j0 = c * ATT_CHUNK;
+        // K of the chunk, transposed; zero past hd and past the cache.
+        for (u32 idx = tid; idx < ATT_CHUNK * (H / 4u); idx += T_THREADS) {
+            const u32 j = idx % ATT_CHUNK, k4 = idx / ATT_CHUNK;
+            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (j0 + j < cap && k4 < hd4)
+                v = *reinterpret_cast<const float4*>(K + (u64)(j0 + j) * hd + 4u * k4);
+            sKV[(4u * k4) * TSTRIDE + j] = v.x;
+            sKV[(4u * k4 + 1u) * TSTRIDE + j] = v.y;
+            sKV[(4u * k4 + 2u) * TSTRIDE + j] = v.z;
+            sKV[(4u * k4 + 3u) * TSTRIDE + j] = v.w;
+        }
+        __syncthreads();
+
+        // Scores: partial p runs over dim blocks p, p + 4, .. (zero padding adds +0 exactly).
+        {
+            float s01[4][4], s2[4][4];
+#pragma unroll
+            for (int p = 0; p < 4; ++p) {
+                float acc[4][4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+#pragma unroll
+                    for (int jj = 0; jj < 4; ++jj) acc[i][jj] = 0.0f;
+                for (u32 b = p; b * 32u < H; b += 4u) {
+#pragma unroll 8
+                    for (u32 kk = 0; kk < 32u; ++kk) {
+                        const u32 k = b * 32u + kk;
+                        const float4 qa = *reinterpret_cast<const float4*>(sQ + k * TSTRIDE + tr * 4u);
+                        const float4 ka = *reinterpret_cast<const float4*>(sKV + k * TSTRIDE + tc * 4u);
+                        const float qr[4] = {qa.x, qa.y, qa.z, qa.w};
+                        const float kr[4] = {ka.x, ka.y, ka.z, ka.w};
+#pragma unroll
+                        for (int i = 0; i < 4; ++i)
+#pragma unroll
+                            for (int jj = 0; jj < 4; ++jj)
+                                acc[i][jj] = fmaf(kr[jj], qr[i], acc[i][jj]);
+                    }
+                }
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+#pragma unroll
+                    for (int jj = 0; jj < 4; ++jj) {
+                        if (p == 0) s01[i][jj] = acc[i][jj];
+                        if (p == 1) s01[i][jj] = s01[i][jj] + acc[i][jj];
+                        if (p == 2) s2[i][jj] = acc[i][jj];
+                        if (p == 3) s01[i][jj] = (s01[i][jj] + (s2[i][jj] + acc[i][jj])) * scale;
+                    }
+            }
+#pragma unroll
+            for (int jj = 0; jj < 4; ++jj)
+                *reinterpret_cast<float4*>(sE + (tc * 4u + jj) * TSTRIDE + tr * 4u) =
+                    make_float4(s01[0][jj], s01[1][jj], s01[2][jj], s01[3][jj]);
+        }
+        __syncthreads();
+
+        // V of the chunk (the scores no longer need K), then the row stage.
+        for (u32 idx = tid; idx < ATT_CHUNK * (H / 4u); idx += T_THREADS) {
+            const u32 j = idx / (H / 4u), k4 = idx % (H / 4u);
+            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (j0 + j < cap && k4 < hd4)
+                v = *reinterpret_cast<const float4*>(V + (u64)(j0 + j) * hd + 4u * k4);
+            *reinterpret_cast<float4*>(sKV + j * (H + 4u) + 4u * k4) = v;
+        }
+        {
+            const u32 n = t_r >= j0 ? min(ATT_CHUNK, t_r + 1u - j0) : 0u;
+            float m = __uint_as_float(0xff800000u);
+            for (u32 j = rp; j < n; j += 4u) m = fmaxf(m, sE[j * TSTRIDE + rrow]);
+            m = fmaxf(m, __shfl_xor_sync(BX_FULL_MASK, m, 1));
+            m = fmaxf(m, __shfl_xor_sync(BX_FULL_MASK, m, 2));
+            float lp = 0.0f;
+            for (u32 j = rp; j < n; j += 4u) {
+                const float e = bx_exp(sE[j * TSTRIDE + rrow] - m);
+                sE[j * TSTRIDE + rrow] = e;
+                lp = lp + e;
+            }
+            const float l01 = lp + __shfl_xor_sync(BX_FULL_MASK, lp, 1);
+            const float l = l01 + __shfl_xor_sync(BX_FULL_MASK, l01, 2);
+            if (rp == 0u) {
+                u32 mode = 0u;
+                float a = 1.0f, b = 0.0f;
+                if (n > 0u && c == 0u) {
+                    mode = 1u;
+                    M = m;
+                    L = l;
+                } else if (n > 0u) {
+                    mode = 2u;
+                    const float m2 = fmaxf(M, m);
+                    a = bx_exp(M - m2);
+                    b = bx_exp(m - m2);
+                    L = att_fold(L, a, l, b);
+                    M = m2;
+                }
+                sA[rrow] = a;
+                sB[rrow] = b;
+                sL[rrow] = L;
+                sMode[rrow] = mode;
+            }
+        }
+        __syncthreads();
+
+        // Values: o = the chunk's E x V for the thread's 4 rows x 4 DG dims, then the fold.
+        {
+            float o[4][4 * DG];
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int x = 0; x < 4 * (int)DG; ++x) o[i][x] = 0.0f;
+            const u32 jn = min(ATT_CHUNK, tmax + 1u - j0);
+            const bool full = j0 + ATT_CHUNK <= tmin + 1u;  // every row sees the whole chunk
+            if (full) {
+#pragma unroll 4
+                for (u32 j = 0; j < ATT_CHUNK; ++j) {
+                    const float4 ev = *reinterpret_cast<const float4*>(sE + j * TSTRIDE + tr * 4u);
+                    const float er[4] = {ev.x, ev.y, ev.z, ev.w};
+#pragma unroll
+                    for (u32 g = 0; g < DG; ++g) {
+                        const float4 vv =
+                            *reinterpret_cast<const float4*>(sKV + j * (H + 4u) + 64u * g + tc * 4u);
+                        const float vr[4] = {vv.x, vv.y, vv.z, vv.w};
+#pragma unroll
+                        for (int i = 0; i < 4; ++i)
+#pragma unroll
+                            for (int x = 0; x < 4; ++x)
+                                o[i][4 * g + x] = fmaf(er[i], vr[x], o[i][4 * g + x]);
+                    }
+                }
+            } else {
+                for (u32 j = 0; j < jn; ++j) {
+                    const float4 ev = *reinterpret_cast<const float4*>(sE + j * TSTRIDE + tr * 4u);
+                    const float er[4] = {ev.x, ev.y, ev.z, ev.w};
+#pragma unroll
+                    for (u32 g = 0; g < DG; ++g) {
+                        const float4 vv =
+                            *reinterpret_cast<const float4*>(sKV + j * (H + 4u) + 64u * g + tc * 4u);
+                        const float vr[4] = {vv.x, vv.y, vv.z, vv.w};
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) {
+                            const bool live = j0 + j <= trow[i];
+#pragma unroll
+                            for (int x = 0; x < 4; ++x)
+                                o[i][4 * g + x] =
+                                    live ? fmaf(er[i], vr[x], o[i][4 * g + x]) : o[i][4 * g + x];
+                        }
+                    }
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const u32 r = tr * 4u + i;
+                const u32 mode = sMode[r];
+                const float a = sA[r], b = sB[r];
+#pragma unroll
+                for (int x = 0; x < 4 * (int)DG; ++x) {
+                    if (mode == 1u) O[i][x] = o[i][x];
+                    if (mode == 2u) O[i][x] = att_fold(O[i][x], a, o[i][x], b);
                 }
             }
         }
-        const float other = __shfl_xor_sync(BX_FULL_MASK, acc, 1);
-        const float pair = (p & 1u) ? other + acc : acc + other;
-        const float pair2 = __shfl_xor_sync(BX_FULL_MASK, pair, 2);
-        const float dot = (p & 2u) ? pair2 + pair : pair + pair2;
-        if (j < n) {
-            const float sj = dot * scale;
-            if (p == 0u) att2_s[j] = sj;
-            m = fmaxf(m, sj);
-        }
+        __syncthreads();
     }
-    m = bx_block_max<ATT2_THREADS>(m, red2);
-    for (u32 j = tid; j < n; j += ATT2_THREADS) att2_s[j] = bx_exp(att2_s[j] - m);
-    __syncthreads();
-    if (warp == 0) {
-        float sum = 0.0f;
-        for (u32 j = lane; j < n; j += 32u) sum = sum + att2_s[j];
-        sum = bx_butterfly_sum(sum);
-        if (lane == 0) total2 = sum;
+
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const u32 r = tr * 4u + i;
+        if (i0 + r >= nq) continue;
+        const float l = sL[r];
+        float* orow = out + ((u64)(i0 + r) * n_heads + h) * hd;
+#pragma unroll
+        for (u32 g = 0; g < DG; ++g)
+#pragma unroll
+            for (int x = 0; x < 4; ++x) {
+                const u32 d = 64u * g + tc * 4u + x;
+                if (d < hd) orow[d] = bx_canon(O[i][4 * g + x] / l);
+            }
     }
-    __syncthreads();
-    const float sum = total2;
-    for (u32 j = tid; j < n; j += ATT2_THREADS) att2_s[j] = bx_canon(att2_s[j] / sum);
+}
+
+#define TILE_ENTRY(H)                                                                          \
+    extern "C" __global__ void __launch_bounds__(256) attention_tile_##H(                      \
+        float* __restrict__ out, const float* __restrict__ q, const float* __restrict__ kc,    \
+        const float* __restrict__ vc, const u32* __restrict__ qpos, u32 nq, u32 n_heads,       \
+        u32 n_kv, u32 hd, u32 cap, float scale) {                                              \
+        attention_tile_body<H>(out, q, kc, vc, qpos, nq, n_heads, n_kv, hd, cap, scale);       \
+    }
+
+TILE_ENTRY(64)
+TILE_ENTRY(128)
+TILE_ENTRY(256)
+
+// ------------------------------------------------------------------------------------------
+// Decode: block (chunk c, kv head, query) computes the chunk partial of each of the group's G
+// query heads. partial[((i * n_heads + h) * n_chunks + c) * (hd + 2) + ..] = m, l, o[0..hd].
+// Shared memory: q [G][hd], K [64][hd + 1] (padded: a warp's lanes read 32 keys at one dim),
+// V [64][hd], e [G][64].
+
+#define S_THREADS 256u
+
+extern "C" __global__ void __launch_bounds__(256)
+    attention_split(float* __restrict__ part, const float* __restrict__ q,
+                    const float* __restrict__ kc, const float* __restrict__ vc,
+                    const u32* __restrict__ qpos, u32 n_heads, u32 n_kv, u32 hd, u32 cap,
+                    float scale, u32 n_chunks, u32 row0) {
+    extern __shared__ float ssm[];
+    const u32 G = n_heads / n_kv;
+    float* sQ = ssm;
+    float* sK = sQ + G * hd;
+    float* sV = sK + ATT_CHUNK * (hd + 1u);
+    float* sE = sV + ATT_CHUNK * hd;
+    const u32 c = blockIdx.x, kvh = blockIdx.y;
+    const u64 qi = (u64)row0 + blockIdx.z;
+    const u32 tid = threadIdx.x;
+    const u32 t = qpos[qi];
+    const u32 j0 = c * ATT_CHUNK;
+    if (j0 > t) return;  // the whole block: this chunk holds none of the query's keys
+    const u32 n = min(ATT_CHUNK, t + 1u - j0);
+    const u32 h0 = kvh * G;
+    const float* K = kc + ((u64)kvh * cap + j0) * hd;
+    const float* V = vc + ((u64)kvh * cap + j0) * hd;
+
+    for (u32 idx = tid; idx < G * hd; idx += S_THREADS) sQ[idx] = q[(qi * n_heads + h0) * hd + idx];
+    for (u32 idx = tid; idx < n * hd; idx += S_THREADS) {
+        const u32 j = idx / hd, d = idx - j * hd;
+        sK[j * (hd + 1u) + d] = K[idx];
+        sV[idx] = V[idx];
+    }
     __syncthreads();
 
-    // Output: thread (partial pp, dim d) runs partial pp's chain over key blocks pp, pp + 4, ..;
-    // the next block's 32 values are loaded while the current block's fmas run.
-    for (u32 idx = tid; idx < 4u * hd; idx += ATT2_THREADS) {
-        const u32 pp = idx / hd, d = idx - pp * hd;
-        const u32 full = n / 32u;  // blocks of 32 keys with no tail
-        float acc = 0.0f;
-        float cur[32], nxt[32];
-        u32 b = pp;
-        if (b < full) {
-#pragma unroll
-            for (int i = 0; i < 32; ++i) cur[i] = V[(u64)(b * 32u + i) * hd + d];
+    for (u32 idx = tid; idx < G * ATT_CHUNK; idx += S_THREADS) {
+        const u32 g = idx / ATT_CHUNK, j = idx % ATT_CHUNK;
+        if (j < n) {
+            float p0, p1, p2, p3;
+            bx_dot_partials(sQ + g * hd, sK + j * (hd + 1u), hd, p0, p1, p2, p3);
+            sE[idx] = ((p0 + p1) + (p2 + p3)) * scale;
         }
-        for (; b < full; b += 4u) {
-            const u32 bn = b + 4u;
-            if (bn < full) {
-#pragma unroll
-                for (int i = 0; i < 32; ++i) nxt[i] = V[(u64)(bn * 32u + i) * hd + d];
-            }
-#pragma unroll
-            for (int i = 0; i < 32; ++i) acc = fmaf(cur[i], att2_s[b * 32u + i], acc);
-#pragma unroll
-            for (int i = 0; i < 32; ++i) cur[i] = nxt[i];
-        }
-        if (b == full && full * 32u < n) {  // this partial owns the tail block
-            for (u32 j = full * 32u; j < n; ++j) acc = fmaf(V[(u64)j * hd + d], att2_s[j], acc);
-        }
-        part[idx] = acc;
     }
     __syncthreads();
-    for (u32 d = tid; d < hd; d += ATT2_THREADS) {
-        const float p0 = part[d], p1 = part[hd + d], p2 = part[2u * hd + d], p3 = part[3u * hd + d];
-#ifdef BITEXACT_MUTANT
-        out[(qi * n_heads + h) * hd + d] = ((p0 + p1) + p2) + p3;
-#else
-        out[(qi * n_heads + h) * hd + d] = (p0 + p1) + (p2 + p3);
-#endif
+
+    // Rows: four lanes per query head (every thread takes part in the shuffles).
+    for (u32 base = 0; base < G * 4u; base += S_THREADS) {
+        const u32 g = (base + tid) >> 2, p = tid & 3u;
+        const bool live = g < G;
+        float* se = sE + (live ? g : 0u) * ATT_CHUNK;
+        float m = __uint_as_float(0xff800000u);
+        if (live)
+            for (u32 j = p; j < n; j += 4u) m = fmaxf(m, se[j]);
+        m = fmaxf(m, __shfl_xor_sync(BX_FULL_MASK, m, 1));
+        m = fmaxf(m, __shfl_xor_sync(BX_FULL_MASK, m, 2));
+        float lp = 0.0f;
+        if (live)
+            for (u32 j = p; j < n; j += 4u) {
+                const float e = bx_exp(se[j] - m);
+                se[j] = e;
+                lp = lp + e;
+            }
+        const float l01 = lp + __shfl_xor_sync(BX_FULL_MASK, lp, 1);
+        const float l = l01 + __shfl_xor_sync(BX_FULL_MASK, l01, 2);
+        if (live && p == 0u) {
+            float* dst = part + ((qi * n_heads + h0 + g) * n_chunks + c) * (u64)(hd + 2u);
+            dst[0] = m;
+            dst[1] = l;
+        }
+    }
+    __syncthreads();
+
+    for (u32 idx = tid; idx < G * hd; idx += S_THREADS) {
+        const u32 g = idx / hd, d = idx - g * hd;
+        const float* se = sE + g * ATT_CHUNK;
+        float o = 0.0f;
+        for (u32 j = 0; j < n; ++j) o = fmaf(se[j], sV[j * hd + d], o);
+        part[((qi * n_heads + h0 + g) * n_chunks + c) * (u64)(hd + 2u) + 2u + d] = o;
+    }
+}
+
+// Fold of the chunk partials of one (query, head): the prefix maxima M_c (any order: fmaxf is
+// exact and m_c is never NaN) and the coefficients a_c, b_c in parallel, then thread d runs the
+// fold of O[d] (and every thread that of L) in chunk order.
+extern "C" __global__ void __launch_bounds__(128)
+    attention_combine(float* __restrict__ out, const float* __restrict__ part,
+                      const u32* __restrict__ qpos, u32 n_heads, u32 hd, u32 n_chunks,
+                      u32 row0) {
+    extern __shared__ float csm[];  // m[nc], a[nc], b[nc]
+    const u32 h = blockIdx.x;
+    const u64 qi = (u64)row0 + blockIdx.y;
+    const u32 tid = threadIdx.x;
+    const u32 nc = qpos[qi] / ATT_CHUNK + 1u;
+    const float* P = part + (qi * n_heads + h) * n_chunks * (u64)(hd + 2u);
+    float* sm = csm;
+    float* sa = sm + nc;
+    float* sb = sa + nc;
+    for (u32 c = tid; c < nc; c += blockDim.x) sm[c] = P[(u64)c * (hd + 2u)];
+    __syncthreads();
+    for (u32 c = tid + 1u; c < nc; c += blockDim.x) {
+        float prev = sm[0];
+        for (u32 x = 1; x < c; ++x) prev = fmaxf(prev, sm[x]);
+        const float cur = fmaxf(prev, sm[c]);
+        sa[c] = bx_exp(prev - cur);
+        sb[c] = bx_exp(sm[c] - cur);
+    }
+    __syncthreads();
+    float L = P[1];
+    for (u32 c = 1; c < nc; ++c) L = att_fold(L, sa[c], P[(u64)c * (hd + 2u) + 1u], sb[c]);
+    for (u32 d = tid; d < hd; d += blockDim.x) {
+        float O = P[2u + d];
+        for (u32 c = 1; c < nc; ++c)
+            O = att_fold(O, sa[c], P[(u64)c * (hd + 2u) + 2u + d], sb[c]);
+        out[(qi * n_heads + h) * hd + d] = bx_canon(O / L);
     }
 }

@@ -759,6 +759,35 @@ __device__ __forceinline__ void gemm_mma_body(float* __restrict__ y,
 }
 
 // ------------------------------------------------------------------------------------------
+// Routing tables built on the device from the router's ids [len = n * k] (a decode step queues
+// its MoE products without a host round trip). Two packed tables in RoutedRows' layout
+// (x_rows | experts | y_rows | gemm tiles | gemv tiles), rows in (token, slot) order, one row
+// per tile: `up` reads token r / k, `down` reads routed row r; both write row r. The router
+// never returns an id >= n_experts; the clamp only keeps a broken table inside the weights.
+
+extern "C" __global__ void route_rows(u32* __restrict__ up, u32* __restrict__ down,
+                                      const u32* __restrict__ ids, u32 len, u32 k,
+                                      u32 n_experts) {
+    const u32 r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= len) return;
+    const u32 e = min(ids[r], n_experts - 1u);
+    u32* tabs[2] = {up, down};
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        u32* t = tabs[i];
+        t[r] = i == 0 ? r / k : r;
+        t[len + r] = e;
+        t[2u * len + r] = r;
+        t[3u * len + 3u * r] = e;
+        t[3u * len + 3u * r + 1u] = r;
+        t[3u * len + 3u * r + 2u] = 1u;
+        t[6u * len + 3u * r] = e;
+        t[6u * len + 3u * r + 1u] = r;
+        t[6u * len + 3u * r + 2u] = 1u;
+    }
+}
+
+// ------------------------------------------------------------------------------------------
 // Entry points. Float formats read x (f32); quantized ones read xq/xd/xa (quantize.cu).
 
 #define GEMV_ENTRY(name, FMT, NT)                                                              \

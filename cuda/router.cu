@@ -60,7 +60,9 @@ extern "C" __global__ void softmax_topk_f32(const float* __restrict__ logits,
         u64 best = 0;
         for (u32 e = lane; e < E; e += 32u) {
             const u64 c = router_candidate(p[e], e);
-            if (c < prev && c > best) best = c;
+            // Round 0 takes every candidate: an expert whose candidate is the largest u64
+            // (expert 0 with the canonical NaN) must stay selectable.
+            if ((j == 0u || c < prev) && c > best) best = c;
         }
         for (u32 off = 16u; off; off >>= 1) {
             const u64 o = __shfl_xor_sync(BX_FULL_MASK, best, off);

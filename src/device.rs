@@ -17,6 +17,7 @@
 //! operation, so the driver's PTX JIT cannot contract or reorder them either.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
@@ -189,6 +190,9 @@ pub struct Device {
     modules: Mutex<HashMap<Family, Arc<CudaModule>>>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
     act_scratch: Mutex<Option<ActScratch>>,
+    /// Launches left before an injected failure (0: none armed); see
+    /// [`Device::inject_launch_failure`].
+    fault_in: AtomicU64,
 }
 
 /// Reused device buffers for the quantized activations of a matrix product: allocating them on
@@ -244,6 +248,7 @@ impl Device {
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             act_scratch: Mutex::new(None),
+            fault_in: AtomicU64::new(0),
         })
     }
 
@@ -323,8 +328,22 @@ impl Device {
         Ok(module)
     }
 
+    /// Fault injection for tests: the `k`-th kernel lookup from now (each launch looks its
+    /// kernel up first, before it queues anything) fails with [`Error::InjectedFault`], then
+    /// the switch disarms itself. `None` disarms it. Lets a test fail a forward part-way,
+    /// after some launches have run, and check what the caller sees.
+    pub fn inject_launch_failure(&self, k: Option<u64>) {
+        self.fault_in.store(k.unwrap_or(0), Ordering::SeqCst);
+    }
+
     /// The kernel `name` of `family`, compiling and loading the family on first use.
     pub(crate) fn function(&self, family: Family, name: &'static str) -> Result<CudaFunction> {
+        let armed = self
+            .fault_in
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |k| k.checked_sub(1));
+        if armed == Ok(1) {
+            return Err(Error::InjectedFault { kernel: name });
+        }
         if let Some(f) = self
             .functions
             .lock()

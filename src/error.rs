@@ -80,6 +80,13 @@ pub enum Error {
         what: &'static str,
     },
 
+    /// A failure injected by [`crate::Device::inject_launch_failure`] (tests only).
+    #[error("injected launch failure at kernel `{kernel}`")]
+    InjectedFault {
+        /// The kernel whose launch was refused.
+        kernel: &'static str,
+    },
+
     /// Any other CUDA driver error.
     #[error("CUDA driver error: {0}")]
     Driver(#[from] DriverError),

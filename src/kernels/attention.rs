@@ -1,5 +1,10 @@
 //! Causal grouped-query attention over an f32 KV cache (kernels `cuda/attention.cu`,
 //! reference [`crate::reference::attention`]).
+//!
+//! One order for every kernel: the keys of a query are cut into chunks of
+//! [`CHUNK`] positions, each chunk's softmax partial is formed in a fixed order and the chunks
+//! are folded left to right. Prefill (the tile kernel) and decode (the split kernels) differ in
+//! how the work is spread over blocks, never in an operation.
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
@@ -8,11 +13,12 @@ use super::rope::Positions;
 use super::{as_u32, dims, row_chunks};
 use crate::device::{Device, Family};
 use crate::error::{check_shape, Error, Result};
+use crate::reference::attention::CHUNK;
 use crate::tensor::GpuTensor;
 
-const THREADS: u32 = 128;
-/// Most shared memory the scores may take (the H100's per-block maximum, less the reductions).
-const MAX_SCORE_BYTES: usize = 220 * 1024;
+/// Most dynamic shared memory a block may take (sm_90's opt-in maximum, less the kernels'
+/// static shared memory).
+const MAX_SMEM_BYTES: usize = 220 * 1024;
 
 /// One layer's KV cache: `k, v: [n_kv, cap, hd]`.
 #[derive(Debug)]
@@ -78,9 +84,32 @@ pub fn kv_write(
     Ok(())
 }
 
+/// Queries per launch up to which [`AttentionKernel::Auto`] runs the split decode kernels
+/// (one block per query, kv head and chunk); larger launches run the prefill tile kernel.
+pub const SPLIT_MAX_QUERIES: usize = 16;
+
+/// Which attention kernel runs. Every choice gives the same bits: the order is
+/// [`crate::reference::attention::attend`]'s whichever runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttentionKernel {
+    /// The split decode kernels for at most [`SPLIT_MAX_QUERIES`] queries, the tile kernel
+    /// otherwise (v1 where the head dim is not a multiple of 4 or exceeds 256).
+    #[default]
+    Auto,
+    /// v1: one block per (query, head) walking the chunks in order; any head dim. The
+    /// baseline and second witness.
+    V1,
+    /// Prefill: one block per 64 queries of a head, K and V chunks shared through shared
+    /// memory. Head dims up to 256, multiples of 4.
+    Tile,
+    /// Decode: one block per (query, kv head, chunk) writing chunk partials, then one launch
+    /// folding them in chunk order.
+    Split,
+}
+
 /// Attention of queries `q: [nq, n_heads, hd]`, query `i` at position `pos[i]` seeing cache
 /// rows `0..=pos[i]`, into `out: [nq, n_heads, hd]`. `n_heads` must be a multiple of the
-/// cache's `n_kv`. The order is [`crate::reference::attention::attend`]'s. Runs v2.
+/// cache's `n_kv`. The order is [`crate::reference::attention::attend`]'s.
 pub fn attention(
     dev: &Device,
     q: &GpuTensor<f32>,
@@ -88,26 +117,45 @@ pub fn attention(
     pos: &Positions,
     out: &mut GpuTensor<f32>,
 ) -> Result<()> {
-    attention_version(dev, 2, q, cache, pos, out)
+    attention_with(dev, AttentionKernel::Auto, q, cache, pos, out)
 }
 
-/// [`attention`] with the kernel version chosen by the caller: 1 (128 threads per query and
-/// head) or 2 (512 threads). Every version gives the same bits.
-pub fn attention_version(
+/// Shared memory of the tile kernel for padded head dim `h` (mirrors `TileSmem` in CUDA).
+fn tile_smem_bytes(h: usize) -> usize {
+    let q = h * 68;
+    let kv = q.max(64 * (h + 4));
+    (q + kv + 64 * 68 + 4 * 64) * 4
+}
+
+/// Shared memory of the split kernel: q `[G][hd]`, K `[64][hd + 1]`, V `[64][hd]`, e `[G][64]`.
+fn split_smem_bytes(g: usize, hd: usize) -> usize {
+    (g * hd + 64 * (hd + 1) + 64 * hd + g * 64) * 4
+}
+
+fn tile_name(hd: usize) -> Option<(&'static str, usize)> {
+    if hd % 4 != 0 {
+        return None;
+    }
+    match hd {
+        0..=64 => Some(("attention_tile_64", 64)),
+        65..=128 => Some(("attention_tile_128", 128)),
+        129..=256 => Some(("attention_tile_256", 256)),
+        _ => None,
+    }
+}
+
+/// [`attention`] with the kernel chosen by the caller.
+pub fn attention_with(
     dev: &Device,
-    version: u32,
+    kernel: AttentionKernel,
     q: &GpuTensor<f32>,
     cache: &LayerCache,
     pos: &Positions,
     out: &mut GpuTensor<f32>,
 ) -> Result<()> {
     const OP: &str = "attention";
-    let (name, threads) = match version {
-        1 => ("attention_f32", THREADS),
-        2 => ("attention_f32_v2", 512),
-        v => return Err(Error::invalid(OP, format!("no version {v} (1 or 2)"))),
-    };
     let [n_kv, cap, hd] = dims(OP, "cache.k", "[n_kv, cap, hd]", cache.k.dims())?;
+    check_shape(OP, "cache.v", &[n_kv, cap, hd], cache.v.dims())?;
     let [nq, n_heads, qhd] = dims(OP, "q", "[nq, n_heads, hd]", q.dims())?;
     check_shape(OP, "q", &[nq, n_heads, hd], &[nq, n_heads, qhd])?;
     check_shape(OP, "out", &[nq, n_heads, hd], out.dims())?;
@@ -119,23 +167,75 @@ pub fn attention_version(
         ));
     }
     pos.check(OP, cap)?;
-    let span = pos.max() as usize + 1;
-    // Scores rounded up and padded by 4 floats (the compiler may read them 4 at a time past
-    // the last key; the values are unused, the read must stay inside the allocation), then
-    // v2's 4 * hd partial outputs.
-    let smem = (span.next_multiple_of(4) + 4 + 4 * hd) * 4;
-    if smem > MAX_SCORE_BYTES {
+    let n_chunks = pos.max() as usize / CHUNK + 1;
+    let group = n_heads / n_kv;
+    let split_fits = split_smem_bytes(group, hd) <= MAX_SMEM_BYTES;
+    let kernel = match kernel {
+        AttentionKernel::Auto if nq <= SPLIT_MAX_QUERIES && split_fits => AttentionKernel::Split,
+        AttentionKernel::Auto if tile_name(hd).is_some() => AttentionKernel::Tile,
+        AttentionKernel::Auto => AttentionKernel::V1,
+        k => k,
+    };
+    match kernel {
+        AttentionKernel::Tile if tile_name(hd).is_none() => {
+            return Err(Error::invalid(
+                OP,
+                format!("the tile kernel takes head dims up to 256 in multiples of 4, not {hd}"),
+            ))
+        }
+        AttentionKernel::Split if !split_fits => {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "the split kernel's shared memory ({} bytes for {group} heads of {hd}) \
+                     exceeds {MAX_SMEM_BYTES}",
+                    split_smem_bytes(group, hd)
+                ),
+            ))
+        }
+        _ => {}
+    }
+    // The fold's coefficients of the longest query (combine) and v1's running output.
+    if 3 * n_chunks * 4 > MAX_SMEM_BYTES || hd * 4 > MAX_SMEM_BYTES {
         return Err(Error::invalid(
             OP,
             format!(
-                "context {span} exceeds what attention v1 holds ({})",
-                MAX_SCORE_BYTES / 4
+                "context {} or head dim {hd} too large",
+                pos.max() as usize + 1
             ),
         ));
     }
-    if nq == 0 || n_heads == 0 {
+    if nq == 0 || n_heads == 0 || hd == 0 {
         return Ok(());
     }
+    let a = Args {
+        n_heads: as_u32(OP, "n_heads", n_heads)?,
+        n_kv: as_u32(OP, "n_kv", n_kv)?,
+        hd: as_u32(OP, "hd", hd)?,
+        cap: as_u32(OP, "cap", cap)?,
+        scale: crate::reference::attention::scale(hd),
+    };
+    match kernel {
+        AttentionKernel::V1 | AttentionKernel::Auto => launch_v1(dev, &a, q, cache, pos, out),
+        AttentionKernel::Tile => launch_tile(dev, &a, q, cache, pos, out),
+        AttentionKernel::Split => launch_split(dev, &a, n_chunks, q, cache, pos, out),
+    }
+}
+
+/// Checked scalar arguments shared by the launches.
+struct Args {
+    n_heads: u32,
+    n_kv: u32,
+    hd: u32,
+    cap: u32,
+    scale: f32,
+}
+
+fn function_with_smem(
+    dev: &Device,
+    name: &'static str,
+    smem: usize,
+) -> Result<cudarc::driver::CudaFunction> {
     let f = dev.function(Family::Attention, name)?;
     if smem > 48 * 1024 {
         f.set_attribute(
@@ -143,17 +243,29 @@ pub fn attention_version(
             smem as i32,
         )?;
     }
-    let (nh32, nkv32, hd32, cap32) = (n_heads as u32, n_kv as u32, hd as u32, cap as u32);
-    let scale = crate::reference::attention::scale(hd);
-    for (row0, nrows) in row_chunks(nq) {
+    Ok(f)
+}
+
+fn launch_v1(
+    dev: &Device,
+    a: &Args,
+    q: &GpuTensor<f32>,
+    cache: &LayerCache,
+    pos: &Positions,
+    out: &mut GpuTensor<f32>,
+) -> Result<()> {
+    let (nh, hd) = (a.n_heads as usize, a.hd as usize);
+    let smem = hd * 4;
+    let f = function_with_smem(dev, "attention_f32", smem)?;
+    for (row0, nrows) in row_chunks(pos.len()) {
         let cfg = LaunchConfig {
-            grid_dim: (nh32, nrows, 1),
-            block_dim: (threads, 1, 1),
+            grid_dim: (a.n_heads, nrows, 1),
+            block_dim: (128, 1, 1),
             shared_mem_bytes: smem as u32,
         };
-        let qv = q.slice().slice(row0 as usize * n_heads * hd..);
+        let qv = q.slice().slice(row0 as usize * nh * hd..);
         let pv = pos.tensor().slice().slice(row0 as usize..);
-        let mut ov = out.slice_mut().slice_mut(row0 as usize * n_heads * hd..);
+        let mut ov = out.slice_mut().slice_mut(row0 as usize * nh * hd..);
         let mut launch = dev.stream().launch_builder(&f);
         launch
             .arg(&mut ov)
@@ -161,14 +273,122 @@ pub fn attention_version(
             .arg(cache.k.slice())
             .arg(cache.v.slice())
             .arg(&pv)
-            .arg(&nh32)
-            .arg(&nkv32)
-            .arg(&hd32)
-            .arg(&cap32)
-            .arg(&scale);
+            .arg(&a.n_heads)
+            .arg(&a.n_kv)
+            .arg(&a.hd)
+            .arg(&a.cap)
+            .arg(&a.scale);
         // SAFETY: q and out are [nq, n_heads, hd] (the views start at this chunk's first
         // query), the caches [n_kv, cap, hd] with n_heads a multiple of n_kv, every position
-        // < cap, and the scores of the longest query fit the dynamic shared memory.
+        // < cap; the dynamic shared memory holds hd floats.
+        unsafe { launch.launch(cfg) }?;
+    }
+    Ok(())
+}
+
+fn launch_tile(
+    dev: &Device,
+    a: &Args,
+    q: &GpuTensor<f32>,
+    cache: &LayerCache,
+    pos: &Positions,
+    out: &mut GpuTensor<f32>,
+) -> Result<()> {
+    const OP: &str = "attention";
+    let (name, h) = tile_name(a.hd as usize).expect("checked by attention_with");
+    let smem = tile_smem_bytes(h);
+    let f = function_with_smem(dev, name, smem)?;
+    let nq = pos.len();
+    let tiles = as_u32(OP, "query tiles", nq.div_ceil(64))?;
+    let nq32 = as_u32(OP, "nq", nq)?;
+    let cfg = LaunchConfig {
+        grid_dim: (tiles, a.n_heads, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let mut launch = dev.stream().launch_builder(&f);
+    launch
+        .arg(out.slice_mut())
+        .arg(q.slice())
+        .arg(cache.k.slice())
+        .arg(cache.v.slice())
+        .arg(pos.tensor().slice())
+        .arg(&nq32)
+        .arg(&a.n_heads)
+        .arg(&a.n_kv)
+        .arg(&a.hd)
+        .arg(&a.cap)
+        .arg(&a.scale);
+    // SAFETY: q and out are [nq, n_heads, hd], the caches [n_kv, cap, hd] with n_heads a
+    // multiple of n_kv and hd <= h a multiple of 4 (float4 rows), every position < cap (cache
+    // rows past cap are not read); the dynamic shared memory is TileSmem<h>'s.
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch_split(
+    dev: &Device,
+    a: &Args,
+    n_chunks: usize,
+    q: &GpuTensor<f32>,
+    cache: &LayerCache,
+    pos: &Positions,
+    out: &mut GpuTensor<f32>,
+) -> Result<()> {
+    const OP: &str = "attention";
+    let (nh, hd) = (a.n_heads as usize, a.hd as usize);
+    let nq = pos.len();
+    let group = nh / a.n_kv as usize;
+    // SAFETY: the split kernel writes (m, l, o) of every chunk c <= pos[i] / 64 of every
+    // (query, head), and the combine kernel reads exactly those.
+    let mut part = unsafe { GpuTensor::<f32>::uninit(dev, &[nq, nh, n_chunks, hd + 2]) }?;
+    let smem = split_smem_bytes(group, hd);
+    let split = function_with_smem(dev, "attention_split", smem)?;
+    let csmem = 3 * n_chunks * 4;
+    let combine = function_with_smem(dev, "attention_combine", csmem)?;
+    let nc32 = as_u32(OP, "chunks", n_chunks)?;
+    for (row0, nrows) in row_chunks(nq) {
+        let cfg = LaunchConfig {
+            grid_dim: (nc32, a.n_kv, nrows),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let mut launch = dev.stream().launch_builder(&split);
+        launch
+            .arg(part.slice_mut())
+            .arg(q.slice())
+            .arg(cache.k.slice())
+            .arg(cache.v.slice())
+            .arg(pos.tensor().slice())
+            .arg(&a.n_heads)
+            .arg(&a.n_kv)
+            .arg(&a.hd)
+            .arg(&a.cap)
+            .arg(&a.scale)
+            .arg(&nc32)
+            .arg(&row0);
+        // SAFETY: q is [nq, n_heads, hd], part [nq, n_heads, n_chunks, hd + 2] with n_chunks
+        // covering the largest position, the caches [n_kv, cap, hd] with every position < cap;
+        // grid z covers queries row0..row0 + nrows <= nq; shared memory as split_smem_bytes.
+        unsafe { launch.launch(cfg) }?;
+        let cfg = LaunchConfig {
+            grid_dim: (a.n_heads, nrows, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: csmem as u32,
+        };
+        let mut launch = dev.stream().launch_builder(&combine);
+        launch
+            .arg(out.slice_mut())
+            .arg(part.slice())
+            .arg(pos.tensor().slice())
+            .arg(&a.n_heads)
+            .arg(&a.hd)
+            .arg(&nc32)
+            .arg(&row0);
+        // SAFETY: out is [nq, n_heads, hd]; part holds the chunks 0..=pos[i] / 64 of every
+        // query of this row chunk (written by the launch above on the same stream); shared
+        // memory holds 3 floats per chunk.
         unsafe { launch.launch(cfg) }?;
     }
     Ok(())

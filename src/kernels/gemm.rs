@@ -208,6 +208,68 @@ impl RoutedRows {
         })
     }
 
+    /// The two routing tables of an MoE block built on the device from router ids
+    /// `ids: [n, k]` (each below `n_experts`, as `softmax_topk` guarantees), with no host
+    /// round trip: `(up, down)`. Routed row `r = token * k + slot` (no sorting, one row per
+    /// tile) reads token `r / k` through expert `ids[r]` in `up` and row `r` in `down`; both
+    /// write row `r`, so `down`'s output is the `[n * k, dim]` partials in slot order. Grouping
+    /// never changes a bit, so products over these tables equal those over [`RoutedRows::new`]'s.
+    pub fn from_router(
+        dev: &Device,
+        ids: &GpuTensor<u32>,
+        n_experts: usize,
+    ) -> Result<(RoutedRows, RoutedRows)> {
+        const OP: &str = "RoutedRows::from_router";
+        let [n, k] = dims(OP, "ids", "[n, k]", ids.dims())?;
+        let len = n * k;
+        if n_experts == 0 {
+            return Err(Error::invalid(OP, "no experts"));
+        }
+        let (len32, k32, ne32) = (
+            as_u32(OP, "routed rows", 9 * len)? / 9,
+            as_u32(OP, "k", k)?,
+            as_u32(OP, "n_experts", n_experts)?,
+        );
+        let at = [0, len, 2 * len, 3 * len, 6 * len, 9 * len];
+        let alloc = || {
+            // SAFETY: route_rows writes every element of the 9 * len table below.
+            unsafe { dev.stream().alloc::<u32>(9 * len + 1) }
+                .map_err(|e| Error::from_alloc(e, 4 * (9 * len + 1), OP))
+        };
+        let (mut up, mut down) = (alloc()?, alloc()?);
+        if len > 0 {
+            let f = dev.function(Family::Gemm, "route_rows")?;
+            let cfg = LaunchConfig {
+                grid_dim: (len32.div_ceil(128), 1, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut launch = dev.stream().launch_builder(&f);
+            launch
+                .arg(&mut up)
+                .arg(&mut down)
+                .arg(ids.slice())
+                .arg(&len32)
+                .arg(&k32)
+                .arg(&ne32);
+            // SAFETY: ids holds len = n * k entries; each table holds 9 * len + 1 u32; the
+            // grid covers r < len.
+            unsafe { launch.launch(cfg) }?;
+        }
+        let table = |buf, nx| RoutedRows {
+            buf,
+            at,
+            n_gemm_tiles: len,
+            n_gemv_tiles: len,
+            largest_group: usize::from(len > 0),
+            len,
+            nx,
+            n_experts,
+            ny: len,
+        };
+        Ok((table(up, n), table(down, len)))
+    }
+
     /// Part `i` of the packed table (0 x_rows, 1 experts, 2 y_rows, 3 GEMM tiles, 4 GEMV
     /// tiles) as a device view.
     fn part(&self, i: usize) -> CudaView<'_, u32> {
@@ -225,7 +287,8 @@ impl RoutedRows {
         self.len == 0
     }
 
-    /// Rows routed to the most popular expert.
+    /// Rows routed to the most popular expert (1 for the one-row tiles of
+    /// [`RoutedRows::from_router`]): what picks the kernel's tile height.
     pub fn largest_group(&self) -> usize {
         self.largest_group
     }
@@ -423,8 +486,55 @@ pub fn matmul_with(
     w: &GpuMatrix,
     y: &mut GpuTensor<f32>,
 ) -> Result<()> {
+    let plan = plan_dense(kernel, x, w, y)?;
+    run_planned(dev, x, &mut [(plan, w, None, y)])
+}
+
+/// One product of [`matmul_shared`]: a dense product into `y`, or an expert-grouped one over
+/// a routing table.
+pub enum Product<'a> {
+    /// `y = x · w` ([`matmul`]).
+    Dense(&'a GpuMatrix, &'a mut GpuTensor<f32>),
+    /// `y[y_rows[r]] = x[x_rows[r]] · w[experts[r]]` ([`matmul_grouped`]).
+    Grouped(&'a GpuMatrix, &'a RoutedRows, &'a mut GpuTensor<f32>),
+}
+
+/// Several products of one input `x` (the q, k and v projections; an MoE block's router,
+/// experts and shared expert): the same bits as one [`matmul`] / [`matmul_grouped`] call each,
+/// with `x` quantized once for all of them instead of once per product. Every product is
+/// checked before anything is queued.
+pub fn matmul_shared(dev: &Device, x: &GpuTensor<f32>, products: &mut [Product<'_>]) -> Result<()> {
+    let mut planned = Vec::with_capacity(products.len());
+    for p in products.iter_mut() {
+        planned.push(match p {
+            Product::Dense(w, y) => (
+                plan_dense(MatmulKernel::Auto, x, w, y)?,
+                &**w,
+                None,
+                &mut **y,
+            ),
+            Product::Grouped(w, rows, y) => (
+                plan_grouped(MatmulKernel::Auto, x, w, rows, y)?,
+                &**w,
+                Some(&**rows),
+                &mut **y,
+            ),
+        });
+    }
+    run_planned(dev, x, &mut planned)
+}
+
+/// What a checked product launches: `(plan, tiles, rows)`, `None` when there is no work.
+type Planned = Option<(Plan, usize, usize)>;
+
+fn plan_dense(
+    kernel: MatmulKernel,
+    x: &GpuTensor<f32>,
+    w: &GpuMatrix,
+    y: &GpuTensor<f32>,
+) -> Result<Planned> {
     const OP: &str = "matmul";
-    let (n, m, k) = check_operands(OP, x, w, y, None)?;
+    let (n, m, _k) = check_operands(OP, x, w, y, None)?;
     if w.experts != 1 {
         return Err(Error::invalid(
             OP,
@@ -436,19 +546,68 @@ pub fn matmul_with(
     }
     let plan = plan(kernel, w.format, n)?;
     if n == 0 || m == 0 {
-        return Ok(());
-    }
-    if plan == Plan::V1 {
-        return launch_v1_dense(dev, x, &w.data, y, n, m, k);
+        return Ok(None);
     }
     let height = match plan {
         Plan::Gemv(h) => h,
         _ => GEMM_TILE_ROWS,
     };
-    let n_tiles = n.div_ceil(height);
-    with_activations(dev, x, w, |act| {
-        launch_v2(dev, plan, x, act, w, None, n_tiles, n, y)
-    })
+    Ok(Some((plan, n.div_ceil(height), n)))
+}
+
+/// Queues checked products of `x`, quantizing `x` once if any weight is quantized.
+fn run_planned(
+    dev: &Device,
+    x: &GpuTensor<f32>,
+    products: &mut [(
+        Planned,
+        &GpuMatrix,
+        Option<&RoutedRows>,
+        &mut GpuTensor<f32>,
+    )],
+) -> Result<()> {
+    let k = x.dims().get(1).copied().unwrap_or(0);
+    for (planned, w, rows, y) in products.iter_mut() {
+        if let Some((Plan::V1, _, n)) = planned {
+            match rows {
+                None => launch_v1_dense(dev, x, &w.data, y, *n, w.rows, k)?,
+                Some(r) => launch_v1_grouped(dev, x, &w.data, r, y, w.rows, k)?,
+            }
+        }
+    }
+    let quantized = products.iter().any(|(p, w, _, _)| {
+        w.format.is_quantized() && matches!(p, Some((pl, _, _)) if *pl != Plan::V1)
+    });
+    let launch_all = |act: Option<ActRef<'_>>,
+                      products: &mut [(
+        Planned,
+        &GpuMatrix,
+        Option<&RoutedRows>,
+        &mut GpuTensor<f32>,
+    )]|
+     -> Result<()> {
+        for (planned, w, rows, y) in products.iter_mut() {
+            if let Some((plan, n_tiles, n_rows)) = *planned {
+                if plan != Plan::V1 {
+                    let act = if w.format.is_quantized() { act } else { None };
+                    launch_v2(dev, plan, x, act, w, *rows, n_tiles, n_rows, y)?;
+                }
+            }
+        }
+        Ok(())
+    };
+    if !quantized {
+        return launch_all(None, products);
+    }
+    let mut guard = dev.act_scratch(x.len())?;
+    let s = guard.as_mut().expect("act_scratch allocates");
+    quantize_into(dev, x, &mut s.codes, &mut s.d, &mut s.a)?;
+    let act = ActRef {
+        codes: &s.codes,
+        d: &s.d,
+        a: &s.a,
+    };
+    launch_all(Some(act), products)
 }
 
 /// Expert-grouped product: `y[y_rows[r], m] = dot(x[x_rows[r], :], w[experts[r], m, :])` for
@@ -474,6 +633,17 @@ pub fn matmul_grouped_with(
     rows: &RoutedRows,
     y: &mut GpuTensor<f32>,
 ) -> Result<()> {
+    let plan = plan_grouped(kernel, x, w, rows, y)?;
+    run_planned(dev, x, &mut [(plan, w, Some(rows), y)])
+}
+
+fn plan_grouped(
+    kernel: MatmulKernel,
+    x: &GpuTensor<f32>,
+    w: &GpuMatrix,
+    rows: &RoutedRows,
+    y: &GpuTensor<f32>,
+) -> Result<Planned> {
     const OP: &str = "matmul_grouped";
     let (nx, m, k) = check_operands(OP, x, w, y, Some(rows.ny))?;
     check_shape(OP, "x", &[rows.nx, k], &[nx, k])?;
@@ -487,18 +657,13 @@ pub fn matmul_grouped_with(
     }
     let plan = plan(kernel, w.format, rows.largest_group.min(GEMM_TILE_ROWS))?;
     if rows.is_empty() || m == 0 {
-        return Ok(());
-    }
-    if plan == Plan::V1 {
-        return launch_v1_grouped(dev, x, &w.data, rows, y, m, k);
+        return Ok(None);
     }
     let n_tiles = match plan {
         Plan::Gemv(_) => rows.n_gemv_tiles,
         _ => rows.n_gemm_tiles,
     };
-    with_activations(dev, x, w, |act| {
-        launch_v2(dev, plan, x, act, w, Some(rows), n_tiles, rows.len, y)
-    })
+    Ok(Some((plan, n_tiles, rows.len)))
 }
 
 /// The quantized activations a product in `w`'s format reads: `x` quantized into the device's
@@ -508,25 +673,6 @@ struct ActRef<'a> {
     codes: &'a CudaSlice<i8>,
     d: &'a CudaSlice<f32>,
     a: &'a CudaSlice<f32>,
-}
-
-fn with_activations(
-    dev: &Device,
-    x: &GpuTensor<f32>,
-    w: &GpuMatrix,
-    f: impl FnOnce(Option<ActRef<'_>>) -> Result<()>,
-) -> Result<()> {
-    if !w.format.is_quantized() {
-        return f(None);
-    }
-    let mut guard = dev.act_scratch(x.len())?;
-    let s = guard.as_mut().expect("act_scratch allocates");
-    quantize_into(dev, x, &mut s.codes, &mut s.d, &mut s.a)?;
-    f(Some(ActRef {
-        codes: &s.codes,
-        d: &s.d,
-        a: &s.a,
-    }))
 }
 
 /// Launches a GEMV or tiled GEMM over `n_tiles` row tiles (dense when `rows` is `None`).

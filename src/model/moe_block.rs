@@ -367,6 +367,10 @@ pub fn forward_cpu_batched(w: &MoeWeights, x: &[f32], n: usize) -> Result<MoeOut
     Ok(MoeOutput { out, ids, weights })
 }
 
+/// Tokens up to which [`GpuMoeBlock::forward_batched`] builds its routing tables on the device
+/// (decode steps); larger batches plan on the host.
+pub const DEVICE_ROUTE_MAX_TOKENS: usize = 8;
+
 struct GpuShared {
     gate_inp: GpuMatrix,
     gate: GpuMatrix,
@@ -384,13 +388,12 @@ pub struct GpuMoeBlock {
     shared: Option<GpuShared>,
 }
 
-/// GPU forward result: the output and routing weights stay on the device, the expert ids come
-/// back to the host (the grouped expert GEMM is planned from them there).
+/// GPU forward result, on the device.
 pub struct GpuMoeOutput {
     /// `[n, dim]`
     pub out: GpuTensor<f32>,
     /// Selected experts `[n, top_k]`.
-    pub ids: Vec<u32>,
+    pub ids: GpuTensor<u32>,
     /// Routing weights `[n, top_k]`.
     pub weights: GpuTensor<f32>,
 }
@@ -400,7 +403,7 @@ impl GpuMoeOutput {
     pub fn to_host(&self) -> Result<MoeOutput> {
         Ok(MoeOutput {
             out: self.out.to_host()?,
-            ids: self.ids.clone(),
+            ids: self.ids.to_host()?,
             weights: self.weights.to_host()?,
         })
     }
@@ -443,7 +446,11 @@ impl GpuMoeBlock {
 
     /// All tokens at once: one router GEMM, one routing launch, each expert matrix as one
     /// grouped GEMM over the tokens routed to it, the shared expert as dense GEMMs, one
-    /// weighted reduce. `x: [n, dim]`.
+    /// weighted reduce. `x: [n, dim]`. Up to [`DEVICE_ROUTE_MAX_TOKENS`] tokens the routing
+    /// tables are built on the device ([`gemm::RoutedRows::from_router`]) and nothing waits
+    /// for the host; larger batches are sorted by expert on the host
+    /// ([`ExpertPlan`]), so that each expert's weights are read once per tile of tokens.
+    /// Both give the same bits.
     pub fn forward_batched(&self, dev: &Device, x: &GpuTensor<f32>) -> Result<GpuMoeOutput> {
         let c = &self.cfg;
         let (d, f, k, ne) = (c.dim, c.ffn, c.top_k, c.n_experts);
@@ -462,37 +469,53 @@ impl GpuMoeBlock {
         let mut ids = GpuTensor::<u32>::output(dev, &[n, k])?;
         let mut weights = GpuTensor::output(dev, &[n, k])?;
         router::softmax_topk(dev, &logits, k, c.renormalize, &mut ids, &mut weights)?;
-        let ids_host = ids.to_host()?;
+        let r = n * k;
+        let (up_rows, down_rows) = if n <= DEVICE_ROUTE_MAX_TOKENS {
+            gemm::RoutedRows::from_router(dev, &ids, ne)?
+        } else {
+            let plan = ExpertPlan::new(&ids.to_host()?, k, ne)?;
+            (
+                gemm::RoutedRows::new(dev, &plan.tokens, &plan.experts, &plan.rows, n, ne, r)?,
+                gemm::RoutedRows::new(dev, &plan.rows, &plan.experts, &plan.pairs, r, ne, r)?,
+            )
+        };
 
-        let plan = ExpertPlan::new(&ids_host, k, ne)?;
-        let r = plan.len();
-        let up_rows =
-            gemm::RoutedRows::new(dev, &plan.tokens, &plan.experts, &plan.rows, n, ne, r)?;
-        let down_rows =
-            gemm::RoutedRows::new(dev, &plan.rows, &plan.experts, &plan.pairs, r, ne, n * k)?;
-
+        // Every product of x at once (x quantized once): routed gate and up, then the shared
+        // expert's gate, up and gate logit.
         let mut g = GpuTensor::output(dev, &[r, f])?;
         let mut u = GpuTensor::output(dev, &[r, f])?;
-        gemm::matmul_grouped(dev, x, &self.gate, &up_rows, &mut g)?;
-        gemm::matmul_grouped(dev, x, &self.up, &up_rows, &mut u)?;
+        let mut shared_in = match c.shared_ffn {
+            Some(sf) if self.shared.is_some() => Some((
+                GpuTensor::output(dev, &[n, sf])?,
+                GpuTensor::output(dev, &[n, sf])?,
+                GpuTensor::output(dev, &[n, 1])?,
+            )),
+            _ => None,
+        };
+        {
+            let mut products = vec![
+                gemm::Product::Grouped(&self.gate, &up_rows, &mut g),
+                gemm::Product::Grouped(&self.up, &up_rows, &mut u),
+            ];
+            if let (Some(s), Some((sg, su, gl))) = (&self.shared, shared_in.as_mut()) {
+                products.push(gemm::Product::Dense(&s.gate, sg));
+                products.push(gemm::Product::Dense(&s.up, su));
+                products.push(gemm::Product::Dense(&s.gate_inp, gl));
+            }
+            gemm::matmul_shared(dev, x, &mut products)?;
+        }
         let mut h = GpuTensor::output(dev, &[r, f])?;
         activation::swiglu(dev, &g, &u, &mut h)?;
         let mut partial = GpuTensor::output(dev, &[n * k, d])?;
         gemm::matmul_grouped(dev, &h, &self.down, &down_rows, &mut partial)?;
         partial.reshape(&[n, k, d])?;
 
-        let shared = match (&self.shared, c.shared_ffn) {
-            (Some(s), Some(sf)) => {
-                let mut sg = GpuTensor::output(dev, &[n, sf])?;
-                let mut su = GpuTensor::output(dev, &[n, sf])?;
-                gemm::matmul(dev, x, &s.gate, &mut sg)?;
-                gemm::matmul(dev, x, &s.up, &mut su)?;
-                let mut sh = GpuTensor::output(dev, &[n, sf])?;
+        let shared = match (&self.shared, shared_in) {
+            (Some(s), Some((sg, su, mut gl))) => {
+                let mut sh = GpuTensor::output(dev, sg.dims())?;
                 activation::swiglu(dev, &sg, &su, &mut sh)?;
                 let mut sy = GpuTensor::output(dev, &[n, d])?;
                 gemm::matmul(dev, &sh, &s.down, &mut sy)?;
-                let mut gl = GpuTensor::output(dev, &[n, 1])?;
-                gemm::matmul(dev, x, &s.gate_inp, &mut gl)?;
                 let mut gate = GpuTensor::output(dev, &[n])?;
                 gl.reshape(&[n])?;
                 activation::sigmoid(dev, &gl, &mut gate)?;
@@ -504,11 +527,7 @@ impl GpuMoeBlock {
 
         let mut out = GpuTensor::output(dev, &[n, d])?;
         moe_reduce::moe_weighted_reduce(dev, &partial, &weights, shared.as_ref(), &mut out)?;
-        Ok(GpuMoeOutput {
-            out,
-            ids: ids_host,
-            weights,
-        })
+        Ok(GpuMoeOutput { out, ids, weights })
     }
 
     /// One token at a time, as a decoder runs: each token's row is copied into a `[1, dim]`
@@ -542,8 +561,9 @@ impl GpuMoeBlock {
                 o.weights.slice(),
                 &mut weights.slice_mut().slice_mut(t * k..(t + 1) * k),
             )?;
-            ids.extend(o.ids);
+            ids.extend(o.ids.to_host()?);
         }
+        let ids = GpuTensor::from_host(dev, &ids, &[n, k])?;
         Ok(GpuMoeOutput { out, ids, weights })
     }
 }

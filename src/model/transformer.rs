@@ -21,7 +21,7 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::kernels::attention::{attention, kv_write, LayerCache};
 use crate::kernels::elementwise::{add, gather_rows};
-use crate::kernels::gemm::{matmul, GpuMatrix};
+use crate::kernels::gemm::{matmul, matmul_shared, GpuMatrix, Product};
 use crate::kernels::norm::rmsnorm;
 use crate::kernels::rope::{rope_neox, Positions, RopeTable};
 use crate::model::config::ModelConfig;
@@ -538,9 +538,15 @@ impl<'m> Session<'m> {
         let mut o = GpuTensor::output(dev, &[n, d])?;
         for (l, layer) in m.layers.iter().enumerate() {
             rmsnorm(dev, &h, &layer.attn_norm, c.norm_eps, &mut x)?;
-            matmul(dev, &x, &layer.wq, &mut q)?;
-            matmul(dev, &x, &layer.wk, &mut k)?;
-            matmul(dev, &x, &layer.wv, &mut v)?;
+            matmul_shared(
+                dev,
+                &x,
+                &mut [
+                    Product::Dense(&layer.wq, &mut q),
+                    Product::Dense(&layer.wk, &mut k),
+                    Product::Dense(&layer.wv, &mut v),
+                ],
+            )?;
             q.reshape(&[n * nh, hd])?;
             k.reshape(&[n * nkv, hd])?;
             rmsnorm(dev, &q, &layer.q_norm, c.norm_eps, &mut qn)?;

@@ -18,7 +18,8 @@ pub const SOFTMAX_LANES: usize = crate::math::LANES;
 ///    for `off` in `16, 8, 4, 2, 1`: `s[l] = s[l] + s[l ^ off]` (all `l` at once); `sum = s[0]`.
 /// 4. `p[e] = canon(ex[e] / sum)`.
 /// 5. Selection: the `k` largest `p` by IEEE totalOrder ([`crate::math::order_key`]), ties
-///    broken by the lower expert id; slot `j` gets the `j`-th in that order.
+///    broken by the lower expert id; slot `j` gets the `j`-th in that order. Every id is below
+///    `n_experts`, NaN logits included (the MoE block's device routing relies on it).
 /// 6. With `renormalize`: `s = ((+0 + p[id0]) + p[id1]) + ..` in slot order, then
 ///    `w[j] = canon(p[idj] / s)`; without: `w[j] = p[idj]`.
 ///
@@ -51,10 +52,11 @@ pub fn softmax_topk(
         };
         let mut prev = u64::MAX;
         let mut sel_p = Vec::with_capacity(k);
-        for _ in 0..k {
+        for j in 0..k {
+            // Round 0 takes every candidate (`u64::MAX` is expert 0 with the canonical NaN).
             let best = (0..n_experts)
                 .map(cand)
-                .filter(|&c| c < prev)
+                .filter(|&c| j == 0 || c < prev)
                 .max()
                 .expect("k <= n_experts");
             prev = best;

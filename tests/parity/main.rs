@@ -11,6 +11,7 @@ mod attention;
 mod elementwise;
 mod fastscan;
 mod gemm;
+mod golden;
 mod math;
 mod model;
 mod moe_block;

@@ -183,8 +183,10 @@ fn session_errors_and_poisoning() {
     assert_eq!(s.position(), 0);
     s.prefill(dev, &[1, 2, 3]).unwrap();
     let l3 = s.logits().unwrap();
-    // A prompt long enough that attention v1 fails part-way (after the cache writes of layer 0).
-    assert!(s.prefill(dev, &vec![5; 57_000]).is_err());
+    // A launch that fails part-way (after the cache writes of layer 0): the session is poisoned.
+    dev.inject_launch_failure(Some(20));
+    let e = s.prefill(dev, &[5; 40]).unwrap_err();
+    assert!(matches!(e, Error::InjectedFault { .. }), "{e}");
     let e = s.decode(dev, 1).unwrap_err();
     assert!(e.to_string().contains("reset"), "{e}");
     s.reset();
