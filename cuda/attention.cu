@@ -411,11 +411,12 @@ extern "C" __global__ void __launch_bounds__(256)
                     const float* __restrict__ kc, const float* __restrict__ vc,
                     const u32* __restrict__ qpos, u32 n_heads, u32 n_kv, u32 hd, u32 cap,
                     float scale, u32 n_chunks, u32 row0) {
-    extern __shared__ float ssm[];
+    extern __shared__ __align__(16) float ssm[];
     const u32 G = n_heads / n_kv;
     float* sQ = ssm;
     float* sK = sQ + G * hd;
-    float* sV = sK + ATT_CHUNK * (hd + 1u);
+    // V starts on a 16-byte boundary (float4 rows when hd % 4 == 0).
+    float* sV = sK + ((ATT_CHUNK * (hd + 1u) + 3u) & ~3u);
     float* sE = sV + ATT_CHUNK * hd;
     const u32 c = blockIdx.x, kvh = blockIdx.y;
     const u64 qi = (u64)row0 + blockIdx.z;
@@ -429,10 +430,28 @@ extern "C" __global__ void __launch_bounds__(256)
     const float* V = vc + ((u64)kvh * cap + j0) * hd;
 
     for (u32 idx = tid; idx < G * hd; idx += S_THREADS) sQ[idx] = q[(qi * n_heads + h0) * hd + idx];
-    for (u32 idx = tid; idx < n * hd; idx += S_THREADS) {
-        const u32 j = idx / hd, d = idx - j * hd;
-        sK[j * (hd + 1u) + d] = K[idx];
-        sV[idx] = V[idx];
+    // K and V rows: warp w takes rows w, w + 8, ..; lanes walk the row (16 bytes at a time when
+    // hd is a multiple of 4), so no index division in the copy.
+    const u32 warp = tid >> 5, lane = tid & 31u;
+    if ((hd & 3u) == 0u) {
+        const u32 hd4 = hd >> 2;
+        for (u32 j = warp; j < n; j += S_THREADS / 32u)
+            for (u32 d4 = lane; d4 < hd4; d4 += 32u) {
+                const float4 kv = reinterpret_cast<const float4*>(K + (u64)j * hd)[d4];
+                const float4 vv = reinterpret_cast<const float4*>(V + (u64)j * hd)[d4];
+                float* kr = sK + j * (hd + 1u) + 4u * d4;
+                kr[0] = kv.x;
+                kr[1] = kv.y;
+                kr[2] = kv.z;
+                kr[3] = kv.w;
+                reinterpret_cast<float4*>(sV + j * hd)[d4] = vv;
+            }
+    } else {
+        for (u32 j = warp; j < n; j += S_THREADS / 32u)
+            for (u32 d = lane; d < hd; d += 32u) {
+                sK[j * (hd + 1u) + d] = K[(u64)j * hd + d];
+                sV[j * hd + d] = V[(u64)j * hd + d];
+            }
     }
     __syncthreads();
 
@@ -512,6 +531,7 @@ extern "C" __global__ void __launch_bounds__(128)
     for (u32 c = 1; c < nc; ++c) L = att_fold(L, sa[c], P[(u64)c * (hd + 2u) + 1u], sb[c]);
     for (u32 d = tid; d < hd; d += blockDim.x) {
         float O = P[2u + d];
+#pragma unroll 8
         for (u32 c = 1; c < nc; ++c)
             O = att_fold(O, sa[c], P[(u64)c * (hd + 2u) + 2u + d], sb[c]);
         out[(qi * n_heads + h) * hd + d] = bx_canon(O / L);

@@ -671,6 +671,10 @@ __device__ __forceinline__ void gemm_mma_body(float* __restrict__ y,
     };
 
     load_chunk(0);
+    // A warp whose 16 token rows (or whose second 8) lie past the tile's rows skips their
+    // products: an expert's last tile is often part-empty, and the issue slots go to the
+    // block's other warps. Warp-uniform, so the mma's full-warp contract holds.
+    const bool busy0 = wn * 16u < tl.rows, busy1 = wn * 16u + 8u < tl.rows;
     for (u32 c0 = 0; c0 < nb; c0 += 8u) {
         store_chunk();
         __syncthreads();
@@ -678,7 +682,7 @@ __device__ __forceinline__ void gemm_mma_body(float* __restrict__ y,
 
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
-            if (c0 + j < nb) {
+            if (busy0 && c0 + j < nb) {
                 int af[2][4], bf[2][2];
 #pragma unroll
                 for (int mt = 0; mt < 2; ++mt) {
@@ -719,6 +723,7 @@ __device__ __forceinline__ void gemm_mma_body(float* __restrict__ y,
                 for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
                     for (int nt = 0; nt < 2; ++nt) {
+                        if (nt == 1 && !busy1) continue;
                         int lo[4] = {0, 0, 0, 0}, hi[4] = {0, 0, 0, 0};
                         if (FMT == FMT_Q6_K) {
                             mma_k16(lo, af[mt][0], af[mt][1], bf[nt][0]);

@@ -193,6 +193,8 @@ pub struct Device {
     /// Launches left before an injected failure (0: none armed); see
     /// [`Device::inject_launch_failure`].
     fault_in: AtomicU64,
+    /// Kernel lookups so far: one per launch site ([`Device::launches`]).
+    launches: AtomicU64,
 }
 
 /// Reused device buffers for the quantized activations of a matrix product: allocating them on
@@ -249,6 +251,7 @@ impl Device {
             functions: Mutex::new(HashMap::new()),
             act_scratch: Mutex::new(None),
             fault_in: AtomicU64::new(0),
+            launches: AtomicU64::new(0),
         })
     }
 
@@ -336,8 +339,16 @@ impl Device {
         self.fault_in.store(k.unwrap_or(0), Ordering::SeqCst);
     }
 
+    /// Kernels launched so far by this device's wrappers (each launch site looks its kernel up
+    /// once; the rare row-chunked launches past 65,535 rows count once). `oracle speed` reads
+    /// it for launches per step.
+    pub fn launches(&self) -> u64 {
+        self.launches.load(Ordering::Relaxed)
+    }
+
     /// The kernel `name` of `family`, compiling and loading the family on first use.
     pub(crate) fn function(&self, family: Family, name: &'static str) -> Result<CudaFunction> {
+        self.launches.fetch_add(1, Ordering::Relaxed);
         let armed = self
             .fault_in
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |k| k.checked_sub(1));

@@ -27,9 +27,12 @@ pub struct SpeedArgs {
     /// Contexts at which to time decode.
     #[arg(long, default_value = "512,8192", value_delimiter = ',')]
     decode_at: Vec<usize>,
-    /// Decode steps timed at each context.
-    #[arg(long, default_value_t = 32)]
+    /// Decode steps timed at each context (the median step is reported).
+    #[arg(long, default_value_t = 32, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     steps: usize,
+    /// Timed repetitions of each prefill, after one warm-up (the median is reported).
+    #[arg(long, default_value_t = 5, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    reps: usize,
     /// CUDA device ordinal.
     #[arg(long, default_value_t = 0)]
     device: usize,
@@ -146,22 +149,37 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
     let copy = copy_rate(&dev)?;
     println!("same-run ceilings: cuBLAS bf16 {bf16_rate:.0} TFLOP/s (2048 x 2048 x 2048), copy {:.0} GB/s", copy / 1e9);
     println!();
-    println!("| phase | tokens | time | tokens/s | same flops at cuBLAS bf16 | active weight bytes at copy rate |");
+    println!("| phase | tokens | time | tokens/s | same flops at cuBLAS bf16 / launches | active weight bytes at copy rate |");
     println!("|---|---:|---:|---:|---:|---:|");
+    let mut decode_rows = Vec::new();
     // A short prefill first: module loads and scratch growth stay out of the numbers.
     s.prefill(&dev, &prompt(1, 16, cfg.vocab))?;
     for &n in &a.prefill {
-        s.reset();
         let tokens = prompt(2, n, cfg.vocab);
-        dev.synchronize()?;
-        let t = Instant::now();
-        s.prefill(&dev, &tokens)?;
-        dev.synchronize()?;
-        let secs = t.elapsed().as_secs_f64();
+        // A warm-up prefill, then the median of `reps` (prefill is far longer than a step).
+        let mut times = Vec::new();
+        for rep in 0..=a.reps {
+            s.reset();
+            dev.synchronize()?;
+            let t = Instant::now();
+            s.prefill(&dev, &tokens)?;
+            dev.synchronize()?;
+            if rep > 0 {
+                times.push(t.elapsed().as_secs_f64());
+            }
+        }
+        let (lo, hi) = (
+            times.iter().copied().fold(f64::INFINITY, f64::min),
+            times.iter().copied().fold(0.0, f64::max),
+        );
+        let secs = median(times);
         let ideal = 2.0 * params * n as f64 / (bf16_rate * 1e12);
         println!(
-            "| prefill | {n} | {:.1} ms | {:.0} | {:.1} ms | - |",
+            "| prefill | {n} | {:.1} ms (min {:.1}, max {:.1}, {} reps) | {:.0} | {:.1} ms | - |",
             secs * 1e3,
+            lo * 1e3,
+            hi * 1e3,
+            a.reps,
             n as f64 / secs,
             ideal * 1e3
         );
@@ -171,20 +189,32 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
         s.prefill(&dev, &prompt(3, c, cfg.vocab))?;
         let steps = prompt(4, a.steps, cfg.vocab);
         dev.synchronize()?;
-        let t = Instant::now();
+        let launches0 = dev.launches();
+        let mut times = Vec::with_capacity(steps.len());
         for &tok in &steps {
+            let t = Instant::now();
             s.decode(&dev, tok)?;
+            times.push(t.elapsed().as_secs_f64());
         }
-        dev.synchronize()?;
-        let secs = t.elapsed().as_secs_f64() / a.steps as f64;
-        println!(
-            "| decode at context {c} | {} | {:.2} ms/token | {:.1} | - | {:.3} ms/token ({:.0} tokens/s) |",
+        let per_step = (dev.launches() - launches0) as f64 / a.steps as f64;
+        let (lo, hi) = (
+            times.iter().copied().fold(f64::INFINITY, f64::min),
+            times.iter().copied().fold(0.0, f64::max),
+        );
+        let secs = median(times);
+        decode_rows.push(format!(
+            "| decode at context {c} | {} | {:.2} ms/token (min {:.2}, max {:.2}) | {:.1} | {per_step:.0} launches/step ({:.1}/layer) | {:.3} ms/token ({:.0} tokens/s, {:.2} of it) |",
             a.steps,
             secs * 1e3,
+            lo * 1e3,
+            hi * 1e3,
             1.0 / secs,
+            per_step / cfg.n_layers as f64,
             wbytes / copy * 1e3,
-            copy / wbytes
-        );
+            copy / wbytes,
+            (1.0 / secs) / (copy / wbytes)
+        ));
+        println!("{}", decode_rows.last().unwrap());
     }
     Ok(true)
 }

@@ -127,9 +127,10 @@ fn tile_smem_bytes(h: usize) -> usize {
     (q + kv + 64 * 68 + 4 * 64) * 4
 }
 
-/// Shared memory of the split kernel: q `[G][hd]`, K `[64][hd + 1]`, V `[64][hd]`, e `[G][64]`.
+/// Shared memory of the split kernel: q `[G][hd]`, K `[64][hd + 1]` (rounded up to 4 floats),
+/// V `[64][hd]`, e `[G][64]`.
 fn split_smem_bytes(g: usize, hd: usize) -> usize {
-    (g * hd + 64 * (hd + 1) + 64 * hd + g * 64) * 4
+    (g * hd + (64 * (hd + 1)).next_multiple_of(4) + 64 * hd + g * 64) * 4
 }
 
 fn tile_name(hd: usize) -> Option<(&'static str, usize)> {

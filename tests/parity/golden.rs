@@ -36,7 +36,10 @@ fn check(what: &str, got: u64, want: u64) {
         println!("golden {what}: {got:#018x}");
         return;
     }
-    assert_eq!(got, want, "{what}: digest {got:#018x}, committed {want:#018x}");
+    assert_eq!(
+        got, want,
+        "{what}: digest {got:#018x}, committed {want:#018x}"
+    );
 }
 
 #[test]
@@ -66,7 +69,11 @@ fn gpu_digests() {
             for step in tokens.chunks(chunk) {
                 s.forward(dev, step, Some(&mut t)).unwrap();
             }
-            check(&format!("gpu {preset} {fmt} chunk {chunk}"), fnv1a(&t), want);
+            check(
+                &format!("gpu {preset} {fmt} chunk {chunk}"),
+                fnv1a(&t),
+                want,
+            );
         }
     }
 }
