@@ -386,17 +386,18 @@ __device__ __forceinline__ void attention_tile_body(float* __restrict__ out,
     }
 }
 
-#define TILE_ENTRY(H)                                                                          \
-    extern "C" __global__ void __launch_bounds__(256) attention_tile_##H(                      \
+// Two blocks per SM where the registers allow it (head dims up to 128; 256 needs more).
+#define TILE_ENTRY(H, MIN_BLOCKS)                                                              \
+    extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS) attention_tile_##H(          \
         float* __restrict__ out, const float* __restrict__ q, const float* __restrict__ kc,    \
         const float* __restrict__ vc, const u32* __restrict__ qpos, u32 nq, u32 n_heads,       \
         u32 n_kv, u32 hd, u32 cap, float scale) {                                              \
         attention_tile_body<H>(out, q, kc, vc, qpos, nq, n_heads, n_kv, hd, cap, scale);       \
     }
 
-TILE_ENTRY(64)
-TILE_ENTRY(128)
-TILE_ENTRY(256)
+TILE_ENTRY(64, 2)
+TILE_ENTRY(128, 2)
+TILE_ENTRY(256, 1)
 
 // ------------------------------------------------------------------------------------------
 // Decode: block (chunk c, kv head, query) computes the chunk partial of each of the group's G
@@ -430,28 +431,21 @@ extern "C" __global__ void __launch_bounds__(256)
     const float* V = vc + ((u64)kvh * cap + j0) * hd;
 
     for (u32 idx = tid; idx < G * hd; idx += S_THREADS) sQ[idx] = q[(qi * n_heads + h0) * hd + idx];
-    // K and V rows: warp w takes rows w, w + 8, ..; lanes walk the row (16 bytes at a time when
-    // hd is a multiple of 4), so no index division in the copy.
+    // K and V rows: warp w takes rows w, w + 8, .. (no index division in the copy).
     const u32 warp = tid >> 5, lane = tid & 31u;
+    // K: lanes take consecutive dims (coalesced loads; stores to the padded rows hit 32
+    // banks). V: 16 bytes a lane when hd is a multiple of 4.
+    for (u32 j = warp; j < n; j += S_THREADS / 32u)
+        for (u32 d = lane; d < hd; d += 32u) sK[j * (hd + 1u) + d] = K[(u64)j * hd + d];
     if ((hd & 3u) == 0u) {
         const u32 hd4 = hd >> 2;
         for (u32 j = warp; j < n; j += S_THREADS / 32u)
-            for (u32 d4 = lane; d4 < hd4; d4 += 32u) {
-                const float4 kv = reinterpret_cast<const float4*>(K + (u64)j * hd)[d4];
-                const float4 vv = reinterpret_cast<const float4*>(V + (u64)j * hd)[d4];
-                float* kr = sK + j * (hd + 1u) + 4u * d4;
-                kr[0] = kv.x;
-                kr[1] = kv.y;
-                kr[2] = kv.z;
-                kr[3] = kv.w;
-                reinterpret_cast<float4*>(sV + j * hd)[d4] = vv;
-            }
+            for (u32 d4 = lane; d4 < hd4; d4 += 32u)
+                reinterpret_cast<float4*>(sV + j * hd)[d4] =
+                    reinterpret_cast<const float4*>(V + (u64)j * hd)[d4];
     } else {
         for (u32 j = warp; j < n; j += S_THREADS / 32u)
-            for (u32 d = lane; d < hd; d += 32u) {
-                sK[j * (hd + 1u) + d] = K[(u64)j * hd + d];
-                sV[j * hd + d] = V[(u64)j * hd + d];
-            }
+            for (u32 d = lane; d < hd; d += 32u) sV[j * hd + d] = V[(u64)j * hd + d];
     }
     __syncthreads();
 

@@ -348,6 +348,17 @@ impl Device {
 
     /// The kernel `name` of `family`, compiling and loading the family on first use.
     pub(crate) fn function(&self, family: Family, name: &'static str) -> Result<CudaFunction> {
+        self.function_with(family, name, |_| Ok(()))
+    }
+
+    /// [`Device::function`], running `init` (attributes such as the shared-memory carveout)
+    /// once, when the kernel is first loaded, instead of a driver call per launch.
+    pub(crate) fn function_with(
+        &self,
+        family: Family,
+        name: &'static str,
+        init: impl FnOnce(&CudaFunction) -> Result<()>,
+    ) -> Result<CudaFunction> {
         self.launches.fetch_add(1, Ordering::Relaxed);
         let armed = self
             .fault_in
@@ -364,6 +375,7 @@ impl Device {
             return Ok(f.clone());
         }
         let f = self.module(family)?.load_function(name)?;
+        init(&f)?;
         self.functions
             .lock()
             .unwrap_or_else(|e| e.into_inner())

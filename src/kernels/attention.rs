@@ -232,19 +232,20 @@ struct Args {
     scale: f32,
 }
 
-fn function_with_smem(
-    dev: &Device,
-    name: &'static str,
-    smem: usize,
-) -> Result<cudarc::driver::CudaFunction> {
-    let f = dev.function(Family::Attention, name)?;
-    if smem > 48 * 1024 {
+/// The kernel, with the whole unified cache as shared memory (room for two tile blocks per SM)
+/// and dynamic shared memory up to [`MAX_SMEM_BYTES`], both set once at load.
+fn function_with_smem(dev: &Device, name: &'static str) -> Result<cudarc::driver::CudaFunction> {
+    dev.function_with(Family::Attention, name, |f| {
+        f.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+            100,
+        )?;
         f.set_attribute(
             CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
+            MAX_SMEM_BYTES as i32,
         )?;
-    }
-    Ok(f)
+        Ok(())
+    })
 }
 
 fn launch_v1(
@@ -257,7 +258,7 @@ fn launch_v1(
 ) -> Result<()> {
     let (nh, hd) = (a.n_heads as usize, a.hd as usize);
     let smem = hd * 4;
-    let f = function_with_smem(dev, "attention_f32", smem)?;
+    let f = function_with_smem(dev, "attention_f32")?;
     for (row0, nrows) in row_chunks(pos.len()) {
         let cfg = LaunchConfig {
             grid_dim: (a.n_heads, nrows, 1),
@@ -298,7 +299,7 @@ fn launch_tile(
     const OP: &str = "attention";
     let (name, h) = tile_name(a.hd as usize).expect("checked by attention_with");
     let smem = tile_smem_bytes(h);
-    let f = function_with_smem(dev, name, smem)?;
+    let f = function_with_smem(dev, name)?;
     let nq = pos.len();
     let tiles = as_u32(OP, "query tiles", nq.div_ceil(64))?;
     let nq32 = as_u32(OP, "nq", nq)?;
@@ -345,9 +346,9 @@ fn launch_split(
     // (query, head), and the combine kernel reads exactly those.
     let mut part = unsafe { GpuTensor::<f32>::uninit(dev, &[nq, nh, n_chunks, hd + 2]) }?;
     let smem = split_smem_bytes(group, hd);
-    let split = function_with_smem(dev, "attention_split", smem)?;
+    let split = function_with_smem(dev, "attention_split")?;
     let csmem = 3 * n_chunks * 4;
-    let combine = function_with_smem(dev, "attention_combine", csmem)?;
+    let combine = function_with_smem(dev, "attention_combine")?;
     let nc32 = as_u32(OP, "chunks", n_chunks)?;
     for (row0, nrows) in row_chunks(nq) {
         let cfg = LaunchConfig {

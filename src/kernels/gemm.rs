@@ -14,6 +14,7 @@
 //! (weights read once per tile, memory-bound); larger ones the tiled GEMM (FFMA for the float
 //! formats, int8 `mma.sync` for the quantized ones), in tiles of [`GEMM_TILE_ROWS`] rows.
 
+use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 
 use super::quantize::quantize_into;
@@ -700,7 +701,17 @@ fn launch_v2(
     if let (Plan::Gemv(h), Some(r)) = (plan, rows) {
         debug_assert!(r.largest_group.min(GEMV_MAX_ROWS) <= h);
     }
-    let f = dev.function(Family::Gemm, name)?;
+    let f = dev.function_with(Family::Gemm, name, |f| {
+        if plan == Plan::Gemm {
+            // The whole unified cache as shared memory, so that two blocks fit on an SM (the
+            // driver's default split left room for one).
+            f.set_attribute(
+                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                100,
+            )?;
+        }
+        Ok(())
+    })?;
     let null = 0u64;
     let (n32, m32, k32) = (n_rows as u32, w.rows as u32, w.cols as u32);
     let row_bytes = w.row_bytes as u64;

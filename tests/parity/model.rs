@@ -184,6 +184,14 @@ fn session_errors_and_poisoning() {
     s.prefill(dev, &[1, 2, 3]).unwrap();
     let l3 = s.logits().unwrap();
     // A launch that fails part-way (after the cache writes of layer 0): the session is poisoned.
+    // The fault is armed on a device of this test's own, so that tests running beside it on
+    // the shared device never see it.
+    let own = bitexact::Device::new(0).unwrap();
+    let model = GpuModel::load(&own, &w).unwrap();
+    let mut s = Session::new(&own, &model).unwrap();
+    let dev = &own;
+    s.prefill(dev, &[1, 2, 3]).unwrap();
+    assert_bits_eq("own device", &s.logits().unwrap(), &l3);
     dev.inject_launch_failure(Some(20));
     let e = s.prefill(dev, &[5; 40]).unwrap_err();
     assert!(matches!(e, Error::InjectedFault { .. }), "{e}");
