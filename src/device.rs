@@ -241,7 +241,9 @@ impl Device {
         unsafe { ctx.disable_event_tracking() };
         let name = ctx.name()?;
         let cc = ctx.compute_capability()?;
-        let stream = ctx.default_stream();
+        // A stream of our own, not the legacy default stream: only such a stream can be
+        // captured into a CUDA graph (the session's decode step).
+        let stream = ctx.new_stream()?;
         Ok(Device {
             ctx,
             stream,

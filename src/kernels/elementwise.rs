@@ -47,7 +47,25 @@ pub fn gather_rows(
         return Ok(());
     }
     let ids_dev = GpuTensor::from_host(dev, ids, &[ids.len()])?;
-    let (rows, width32) = (ids.len() as u64, width as u32);
+    gather_rows_device(dev, table, &ids_dev, out)
+}
+
+/// [`gather_rows`] with the ids already on the device (`ids: [rows]`), for a captured decode
+/// step that reads its token from device memory. The caller guarantees every id `< vocab` (it
+/// checks them on the host before writing them).
+pub(crate) fn gather_rows_device(
+    dev: &Device,
+    table: &GpuTensor<f32>,
+    ids_dev: &GpuTensor<u32>,
+    out: &mut GpuTensor<f32>,
+) -> Result<()> {
+    const OP: &str = "gather_rows";
+    let [_vocab, width] = dims(OP, "table", "[vocab, width]", table.dims())?;
+    check_shape(OP, "out", &[ids_dev.len(), width], out.dims())?;
+    if ids_dev.is_empty() || width == 0 {
+        return Ok(());
+    }
+    let (rows, width32) = (ids_dev.len() as u64, width as u32);
     let f = dev.function(Family::Elementwise, "gather_rows_f32")?;
     let mut launch = dev.stream().launch_builder(&f);
     launch
@@ -56,7 +74,7 @@ pub fn gather_rows(
         .arg(ids_dev.slice())
         .arg(&rows)
         .arg(&width32);
-    // SAFETY: every id is below vocab (checked above), out is [rows, width].
-    unsafe { launch.launch(flat_cfg(ids.len() * width)) }?;
+    // SAFETY: every id is below vocab (checked by the callers), out is [rows, width].
+    unsafe { launch.launch(flat_cfg(rows as usize * width)) }?;
     Ok(())
 }

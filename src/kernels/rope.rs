@@ -58,12 +58,41 @@ impl Positions {
         })
     }
 
+    /// `len` positions on the device promised never to exceed `bound`, written later by
+    /// [`Positions::set`]: the positions of a captured decode step, which the graph reads
+    /// from device memory at every replay. Kernels check their bounds against `bound`.
+    pub fn bounded(dev: &Device, len: usize, bound: u32) -> Result<Self> {
+        Ok(Positions {
+            pos: GpuTensor::zeros(dev, &[len])?,
+            max: bound,
+        })
+    }
+
+    /// Overwrites the positions (queued on the stream); each must be at most the bound (or
+    /// largest position) this set was made with, and the count must match, else an error and
+    /// nothing is written.
+    pub fn set(&mut self, dev: &Device, pos: &[u32]) -> Result<()> {
+        const OP: &str = "Positions::set";
+        check_shape(OP, "pos", &[self.pos.len()], &[pos.len()])?;
+        if let Some((i, &p)) = pos.iter().enumerate().find(|(_, &p)| p > self.max) {
+            return Err(Error::IndexOutOfRange {
+                op: OP,
+                what: "positions",
+                position: i,
+                index: u64::from(p),
+                bound: u64::from(self.max) + 1,
+            });
+        }
+        let _ = dev;
+        self.pos.copy_from_host(pos)
+    }
+
     /// Number of positions.
     pub fn len(&self) -> usize {
         self.pos.len()
     }
 
-    /// The largest position.
+    /// The largest position (for [`Positions::bounded`]: the bound).
     pub fn max(&self) -> u32 {
         self.max
     }

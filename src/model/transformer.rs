@@ -20,7 +20,7 @@
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::kernels::attention::{attention, kv_write, LayerCache};
-use crate::kernels::elementwise::{add, gather_rows};
+use crate::kernels::elementwise::{add, gather_rows_device};
 use crate::kernels::gemm::{matmul, matmul_shared, GpuMatrix, Product};
 use crate::kernels::norm::rmsnorm;
 use crate::kernels::rope::{rope_neox, Positions, RopeTable};
@@ -413,18 +413,41 @@ impl GpuModel {
     }
 }
 
-/// What one forward call of a [`Session`] did: how many tokens it took at once. Tests read
-/// these to check that the path they claim to test really ran.
+/// What one forward call of a [`Session`] did: how many tokens it took at once, and how many
+/// decode steps replayed the captured graph. Tests read these to check that the path they
+/// claim to test really ran.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SessionStats {
     /// Rows of each forward call, in order.
     pub calls: Vec<usize>,
+    /// Decode steps that ran as a replay of the captured step graph.
+    pub graph_replays: usize,
+    /// Why capturing the decode step failed, if it did (decode then launches every kernel
+    /// itself).
+    pub graph_error: Option<String>,
+}
+
+/// The captured decode step: one CUDA graph holding every launch of a one-token forward, with
+/// its token, position and logits in fixed device buffers that the host writes (token,
+/// position) and reads (logits) around each replay.
+struct DecodeGraph {
+    kernels: u64,
+    ids: GpuTensor<u32>,
+    pos: Positions,
+    logits: GpuTensor<f32>,
+    graph: cudarc::driver::CudaGraph,
 }
 
 /// A decoding session on the GPU: an f32 KV cache for `max_context` positions and the position
 /// reached. `prefill` takes many tokens at once, `decode` one; both give the bits of the CPU
 /// reference for every token. After an error in the middle of a forward the session refuses
 /// further calls until [`Session::reset`], rather than go on from a half-written cache.
+///
+/// Decode steps run as CUDA graph replays (one launch for the whole step instead of one per
+/// kernel): the first decode of a session runs eagerly and captures the step; later ones
+/// write their token and position into the graph's device buffers and replay it. The graph
+/// runs the same kernels on the same buffers, so it returns the same bits;
+/// [`Session::set_graphs`] turns it off.
 pub struct Session<'m> {
     model: &'m GpuModel,
     caches: Vec<LayerCache>,
@@ -432,6 +455,8 @@ pub struct Session<'m> {
     poisoned: bool,
     last_logits: Option<Vec<f32>>,
     stats: SessionStats,
+    graphs: bool,
+    graph: Option<DecodeGraph>,
 }
 
 impl<'m> Session<'m> {
@@ -447,6 +472,8 @@ impl<'m> Session<'m> {
             poisoned: false,
             last_logits: None,
             stats: SessionStats::default(),
+            graphs: true,
+            graph: None,
         })
     }
 
@@ -458,6 +485,15 @@ impl<'m> Session<'m> {
     /// The forward calls made since the last reset.
     pub fn stats(&self) -> &SessionStats {
         &self.stats
+    }
+
+    /// Whether [`Session::decode`] replays a captured graph (the default) or launches every
+    /// kernel itself. Either gives the same bits.
+    pub fn set_graphs(&mut self, on: bool) {
+        self.graphs = on;
+        if !on {
+            self.graph = None;
+        }
     }
 
     /// Forgets every token: position 0, the error state cleared. The cache is overwritten as
@@ -474,9 +510,75 @@ impl<'m> Session<'m> {
         self.forward(dev, tokens, None)
     }
 
-    /// Takes one token.
+    /// Takes one token (a graph replay once the step is captured).
     pub fn decode(&mut self, dev: &Device, token: u32) -> Result<()> {
-        self.forward(dev, &[token], None)
+        if !self.graphs || self.poisoned {
+            return self.forward(dev, &[token], None);
+        }
+        let Some(mut g) = self.graph.take() else {
+            self.forward(dev, &[token], None)?;
+            // The step ran; a capture that fails only turns graphs off, and says why.
+            match self.capture(dev) {
+                Ok(g) => self.graph = Some(g),
+                Err(e) => {
+                    self.graphs = false;
+                    self.stats.graph_error = Some(e.to_string());
+                }
+            }
+            return Ok(());
+        };
+        const OP: &str = "Session::decode";
+        check_tokens(OP, &self.model.cfg, &[token], self.pos)?;
+        self.poisoned = true;
+        g.ids.copy_from_host(&[token])?;
+        g.pos.set(dev, &[self.pos as u32])?;
+        g.graph.launch()?;
+        let logits = g.logits.to_host()?;
+        self.graph = Some(g);
+        self.last_logits = Some(logits);
+        self.pos += 1;
+        self.stats.calls.push(1);
+        self.stats.graph_replays += 1;
+        self.poisoned = false;
+        Ok(())
+    }
+
+    /// Captures a one-token forward (nothing runs): its buffers for the token, the position
+    /// (bounded by the context) and the logits, and the graph.
+    fn capture(&mut self, dev: &Device) -> Result<DecodeGraph> {
+        let c = &self.model.cfg;
+        let ids = GpuTensor::zeros(dev, &[1])?;
+        let pos = Positions::bounded(dev, 1, c.max_context as u32 - 1)?;
+        let mut logits = GpuTensor::zeros(dev, &[1, c.vocab])?;
+        dev.synchronize()?;
+        let stream = dev.stream();
+        stream.begin_capture(
+            cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+        )?;
+        let launches = dev.launches();
+        let body = self.forward_inner(dev, &ids, &pos, None, &mut logits);
+        let kernels = dev.launches() - launches;
+        // End the capture whatever happened, so that the stream is usable again.
+        let graph = stream.end_capture(
+            cudarc::driver::sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
+        );
+        body?;
+        let graph = graph?.ok_or_else(|| {
+            Error::invalid("Session::decode", "the captured decode step holds no work")
+        })?;
+        graph.upload()?;
+        Ok(DecodeGraph {
+            kernels,
+            ids,
+            pos,
+            logits,
+            graph,
+        })
+    }
+
+    /// Kernels in the captured decode step (one graph launch replays them all), once captured.
+    pub fn graph_kernels(&self) -> Option<u64> {
+        self.graph.as_ref().map(|g| g.kernels)
     }
 
     /// Logits `[vocab]` after the last token taken.
@@ -506,28 +608,44 @@ impl<'m> Session<'m> {
             return Ok(());
         }
         self.poisoned = true;
-        let logits = self.forward_inner(dev, tokens, trace)?;
-        self.last_logits = Some(logits);
-        self.pos += tokens.len();
-        self.stats.calls.push(tokens.len());
+        let n = tokens.len();
+        let pos: Vec<u32> = (self.pos..self.pos + n).map(|p| p as u32).collect();
+        let positions = Positions::new(dev, &pos)?;
+        let ids = GpuTensor::from_host(dev, tokens, &[n])?;
+        let rows = if trace.is_some() { n } else { 1 };
+        let mut logits = GpuTensor::output(dev, &[rows, self.model.cfg.vocab])?;
+        let mut trace = trace;
+        self.forward_inner(dev, &ids, &positions, trace.as_deref_mut(), &mut logits)?;
+        let all = logits.to_host()?;
+        let vocab = self.model.cfg.vocab;
+        self.last_logits = Some(all[(rows - 1) * vocab..].to_vec());
+        if let Some(t) = trace {
+            t.logits.extend(all);
+        }
+        self.pos += n;
+        self.stats.calls.push(n);
         self.poisoned = false;
         Ok(())
     }
 
+    /// The forward of `ids: [n]` (on the device, each below the vocabulary) at `positions`:
+    /// every layer's hidden states appended to `trace` when given, and the logits of every
+    /// token (tracing) or of the last one into `logits: [rows, vocab]`. Queues work only (no
+    /// host round trip unless tracing), so a one-token call can be captured as a graph.
     fn forward_inner(
         &mut self,
         dev: &Device,
-        tokens: &[u32],
+        ids: &GpuTensor<u32>,
+        positions: &Positions,
         mut trace: Option<&mut Trace>,
-    ) -> Result<Vec<f32>> {
+        logits: &mut GpuTensor<f32>,
+    ) -> Result<()> {
         let m = self.model;
         let c = &m.cfg;
-        let n = tokens.len();
+        let n = ids.len();
         let (d, hd, nh, nkv) = (c.dim, c.head_dim, c.n_heads, c.n_kv_heads);
-        let pos: Vec<u32> = (self.pos..self.pos + n).map(|p| p as u32).collect();
-        let positions = Positions::new(dev, &pos)?;
         let mut h = GpuTensor::output(dev, &[n, d])?;
-        gather_rows(dev, &m.embed, tokens, &mut h)?;
+        gather_rows_device(dev, &m.embed, ids, &mut h)?;
         let mut x = GpuTensor::output(dev, &[n, d])?;
         let mut q = GpuTensor::output(dev, &[n, nh * hd])?;
         let mut k = GpuTensor::output(dev, &[n, nkv * hd])?;
@@ -555,12 +673,12 @@ impl<'m> Session<'m> {
             k.reshape(&[n, nkv * hd])?;
             qn.reshape(&[n, nh, hd])?;
             kn.reshape(&[n, nkv, hd])?;
-            rope_neox(dev, &mut qn, &positions, &m.rope)?;
-            rope_neox(dev, &mut kn, &positions, &m.rope)?;
+            rope_neox(dev, &mut qn, positions, &m.rope)?;
+            rope_neox(dev, &mut kn, positions, &m.rope)?;
             v.reshape(&[n, nkv, hd])?;
-            kv_write(dev, &mut self.caches[l], &kn, &v, &positions)?;
+            kv_write(dev, &mut self.caches[l], &kn, &v, positions)?;
             v.reshape(&[n, nkv * hd])?;
-            attention(dev, &qn, &self.caches[l], &positions, &mut a)?;
+            attention(dev, &qn, &self.caches[l], positions, &mut a)?;
             qn.reshape(&[n * nh, hd])?;
             kn.reshape(&[n * nkv, hd])?;
             a.reshape(&[n, nh * hd])?;
@@ -575,24 +693,18 @@ impl<'m> Session<'m> {
             }
         }
         // Logits: every token's when tracing, the last token's otherwise.
-        let (rows, hl) = match trace.is_some() {
-            true => (n, h),
-            false => {
-                let mut last = GpuTensor::output(dev, &[1, d])?;
-                dev.stream()
-                    .memcpy_dtod(&h.slice().slice((n - 1) * d..), last.slice_mut())?;
-                (1, last)
-            }
+        let rows = logits.dims()[0];
+        let hl = if rows == n {
+            h
+        } else {
+            let mut last = GpuTensor::output(dev, &[1, d])?;
+            dev.stream()
+                .memcpy_dtod(&h.slice().slice((n - 1) * d..), last.slice_mut())?;
+            last
         };
         let mut hn = GpuTensor::output(dev, &[rows, d])?;
         rmsnorm(dev, &hl, &m.out_norm, c.norm_eps, &mut hn)?;
-        let mut logits = GpuTensor::output(dev, &[rows, c.vocab])?;
-        matmul(dev, &hn, &m.lm_head, &mut logits)?;
-        let all = logits.to_host()?;
-        let last = all[(rows - 1) * c.vocab..].to_vec();
-        if let Some(t) = trace {
-            t.logits.extend(all);
-        }
-        Ok(last)
+        matmul(dev, &hn, &m.lm_head, logits)?;
+        Ok(())
     }
 }

@@ -230,3 +230,48 @@ fn a_model_loaded_from_gguf_runs_bit_exact_on_the_gpu() {
         &gpu_run(dev, &model, &tokens, 30),
     );
 }
+
+/// Decode steps replayed from the captured graph give the bits of eager steps and of the CPU
+/// reference, at every step, across attention chunk boundaries; the graph path really ran.
+#[test]
+fn graph_decode_equals_eager_and_cpu() {
+    let Some(dev) = gpu() else { return };
+    for (preset, fmt, seed) in [
+        ("tiny", WeightFormat::F32, 21u64),
+        ("tiny", WeightFormat::Q8_0, 22),
+        ("small", WeightFormat::Q4K, 23),
+    ] {
+        let cfg = ModelConfig::preset(preset, fmt).unwrap();
+        let w = ModelWeights::generate(&cfg, seed, None).unwrap();
+        let model = GpuModel::load(dev, &w).unwrap();
+        let tokens = prompt(seed, 140, cfg.vocab);
+        let cpu = cpu_run(&w, &tokens, None);
+        let (pre, vocab) = (10, cfg.vocab);
+        let mut steps = Vec::new();
+        for graphs in [false, true] {
+            let mut s = Session::new(dev, &model).unwrap();
+            s.set_graphs(graphs);
+            s.prefill(dev, &tokens[..pre]).unwrap();
+            let mut logits = Vec::new();
+            for &t in &tokens[pre..] {
+                s.decode(dev, t).unwrap();
+                logits.push(s.logits().unwrap());
+            }
+            let st = s.stats();
+            assert_eq!(st.graph_error, None, "{preset} {fmt}");
+            let want = if graphs { tokens.len() - pre - 1 } else { 0 };
+            assert_eq!(st.graph_replays, want, "{preset} {fmt}: graph replays");
+            steps.push(logits);
+        }
+        for (i, (e, g)) in steps[0].iter().zip(&steps[1]).enumerate() {
+            let at = pre + i;
+            let what = format!("{preset} {fmt} step at position {at}");
+            assert_bits_eq(&format!("{what}: graph vs eager"), g, e);
+            assert_bits_eq(
+                &format!("{what}: graph vs cpu"),
+                g,
+                &cpu.logits[at * vocab..(at + 1) * vocab],
+            );
+        }
+    }
+}
