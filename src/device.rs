@@ -257,6 +257,24 @@ impl Device {
         })
     }
 
+    /// A second handle on the same device and context with a stream, kernel modules and
+    /// scratch of its own: a session captures its decode step on one, so that other threads'
+    /// work on this device's stream never lands in the graph, and the graph's scratch is
+    /// never reallocated under it.
+    pub(crate) fn twin(&self) -> Result<Device> {
+        Ok(Device {
+            ctx: self.ctx.clone(),
+            stream: self.ctx.new_stream()?,
+            name: self.name.clone(),
+            cc: self.cc,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+            act_scratch: Mutex::new(None),
+            fault_in: AtomicU64::new(0),
+            launches: AtomicU64::new(0),
+        })
+    }
+
     /// The device's name as the driver reports it.
     pub fn name(&self) -> &str {
         &self.name

@@ -436,6 +436,9 @@ struct DecodeGraph {
     pos: Positions,
     logits: GpuTensor<f32>,
     graph: cudarc::driver::CudaGraph,
+    /// The handle the step was captured on: its modules and scratch are what the graph's
+    /// kernel nodes point at, so it lives as long as the graph (and is dropped after it).
+    _twin: Device,
 }
 
 /// A decoding session on the GPU: an f32 KV cache for `max_context` positions and the position
@@ -532,7 +535,13 @@ impl<'m> Session<'m> {
         self.poisoned = true;
         g.ids.copy_from_host(&[token])?;
         g.pos.set(dev, &[self.pos as u32])?;
-        g.graph.launch()?;
+        // SAFETY: the graph's kernels read the token and position buffers written above and
+        // this session's caches and the model (alive for 'm), and write the logits buffer; it
+        // is launched on the device's stream, after the copies, and `&mut self` keeps any
+        // other launch of it out.
+        unsafe {
+            cudarc::driver::result::graph::launch(g.graph.cu_graph_exec(), dev.stream().cu_stream())
+        }?;
         let logits = g.logits.to_host()?;
         self.graph = Some(g);
         self.last_logits = Some(logits);
@@ -543,21 +552,31 @@ impl<'m> Session<'m> {
         Ok(())
     }
 
-    /// Captures a one-token forward (nothing runs): its buffers for the token, the position
+    /// Captures a one-token forward (nothing runs) on a twin of `dev` (a stream of its own,
+    /// so no other thread's launches land in the graph): buffers for the token, the position
     /// (bounded by the context) and the logits, and the graph.
     fn capture(&mut self, dev: &Device) -> Result<DecodeGraph> {
         let c = &self.model.cfg;
         let ids = GpuTensor::zeros(dev, &[1])?;
         let pos = Positions::bounded(dev, 1, c.max_context as u32 - 1)?;
         let mut logits = GpuTensor::zeros(dev, &[1, c.vocab])?;
+        let twin = dev.twin()?;
+        twin.warm_up()?;
+        // The largest input a one-token product quantizes, so the scratch never grows (and
+        // moves) inside the capture.
+        let widest = [
+            c.dim,
+            c.n_heads * c.head_dim,
+            c.moe.top_k * c.moe.ffn,
+            c.moe.shared_ffn.unwrap_or(0),
+        ];
+        drop(twin.act_scratch(widest.into_iter().max().unwrap_or(1))?);
         dev.synchronize()?;
-        let stream = dev.stream();
+        let stream = twin.stream();
         stream.begin_capture(
             cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
         )?;
-        let launches = dev.launches();
-        let body = self.forward_inner(dev, &ids, &pos, None, &mut logits);
-        let kernels = dev.launches() - launches;
+        let body = self.forward_inner(&twin, &ids, &pos, None, &mut logits);
         // End the capture whatever happened, so that the stream is usable again.
         let graph = stream.end_capture(
             cudarc::driver::sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
@@ -566,13 +585,13 @@ impl<'m> Session<'m> {
         let graph = graph?.ok_or_else(|| {
             Error::invalid("Session::decode", "the captured decode step holds no work")
         })?;
-        graph.upload()?;
         Ok(DecodeGraph {
-            kernels,
+            kernels: twin.launches(),
             ids,
             pos,
             logits,
             graph,
+            _twin: twin,
         })
     }
 
