@@ -232,14 +232,16 @@ struct Args {
     scale: f32,
 }
 
-/// The kernel, with the whole unified cache as shared memory (room for two tile blocks per SM)
-/// and dynamic shared memory up to [`MAX_SMEM_BYTES`], both set once at load.
+/// The kernel, with dynamic shared memory up to [`MAX_SMEM_BYTES`] and, for the tile kernels,
+/// the whole unified cache as shared memory (room for two blocks per SM), set once at load.
 fn function_with_smem(dev: &Device, name: &'static str) -> Result<cudarc::driver::CudaFunction> {
     dev.function_with(Family::Attention, name, |f| {
-        f.set_attribute(
-            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
-            100,
-        )?;
+        if name.starts_with("attention_tile") {
+            f.set_attribute(
+                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                100,
+            )?;
+        }
         f.set_attribute(
             CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             MAX_SMEM_BYTES as i32,
