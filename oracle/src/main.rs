@@ -41,8 +41,87 @@ enum Command {
     Speed(speed::SpeedArgs),
     /// Print a GGUF file's metadata and tensor table.
     Inspect(InspectArgs),
-    /// Write a preset's synthetic model as a qwen3moe GGUF file.
+    /// Write a preset's synthetic model as a qwen3moe GGUF file (llama.cpp loads it).
     Export(ExportArgs),
+    /// Write every token's logits for given token ids (the side-by-side harness compares them
+    /// with llama.cpp's `bitexact-logits`): CPU reference, or the GPU in one prefill.
+    Logits(LogitsArgs),
+}
+
+#[derive(clap::Args)]
+struct LogitsArgs {
+    /// Token ids, little-endian u32.
+    #[arg(long)]
+    tokens: PathBuf,
+    /// Output: one row of `vocab` little-endian f32 logits per token.
+    #[arg(long)]
+    out: PathBuf,
+    /// A GGUF file (qwen3moe) instead of a preset.
+    #[arg(long)]
+    gguf: Option<PathBuf>,
+    /// Model preset (synthetic weights).
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    /// Format of the preset's experts.
+    #[arg(long, default_value = "F32", value_parser = parse_format)]
+    format: WeightFormat,
+    /// Seed of the preset's weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Leave the preset's shared expert out (as `export --no-shared`).
+    #[arg(long)]
+    no_shared: bool,
+    /// Run on the GPU (one prefill of every token); the CPU reference otherwise. Both give
+    /// the same bits.
+    #[arg(long)]
+    gpu: bool,
+}
+
+fn run_logits(a: &LogitsArgs) -> Result<bool> {
+    use bitexact::model::transformer::{CpuSession, GpuModel, ModelWeights, Session, Trace};
+    let raw =
+        std::fs::read(&a.tokens).with_context(|| format!("reading {}", a.tokens.display()))?;
+    if raw.is_empty() || raw.len() % 4 != 0 {
+        anyhow::bail!(
+            "{}: {} bytes is not a positive number of u32 token ids",
+            a.tokens.display(),
+            raw.len()
+        );
+    }
+    let tokens: Vec<u32> = raw
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let w = match &a.gguf {
+        Some(path) => {
+            let f = bitexact::gguf::GgufFile::open(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            bitexact::gguf::arch::load(&f, Some(tokens.len().max(1)), None)?
+        }
+        None => ModelWeights::generate(
+            &preset_config(&a.preset, a.format, a.no_shared)?,
+            a.seed,
+            None,
+        )?,
+    };
+    let mut trace = Trace::default();
+    if a.gpu {
+        let dev = Device::new(0)?;
+        let model = GpuModel::load(&dev, &w)?;
+        let mut s = Session::new(&dev, &model)?;
+        s.forward(&dev, &tokens, Some(&mut trace))?;
+    } else {
+        CpuSession::new(&w).forward(&tokens, &mut trace)?;
+    }
+    let bytes: Vec<u8> = trace.logits.iter().flat_map(|x| x.to_le_bytes()).collect();
+    std::fs::write(&a.out, &bytes).with_context(|| format!("writing {}", a.out.display()))?;
+    println!(
+        "wrote {} tokens x {} logits to {}",
+        tokens.len(),
+        w.cfg.vocab,
+        a.out.display()
+    );
+    Ok(true)
 }
 
 #[derive(clap::Args)]
@@ -58,10 +137,26 @@ struct ExportArgs {
     /// Seed of the weights.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Leave the preset's shared expert out (llama.cpp's qwen3moe has none: a file with one
+    /// does not load there).
+    #[arg(long)]
+    no_shared: bool,
+}
+
+fn preset_config(
+    preset: &str,
+    format: WeightFormat,
+    no_shared: bool,
+) -> Result<bitexact::model::ModelConfig> {
+    let mut cfg = bitexact::model::ModelConfig::preset(preset, format)?;
+    if no_shared {
+        cfg.moe.shared_ffn = None;
+    }
+    Ok(cfg)
 }
 
 fn run_export(a: &ExportArgs) -> Result<bool> {
-    let cfg = bitexact::model::ModelConfig::preset(&a.preset, a.format)?;
+    let cfg = preset_config(&a.preset, a.format, a.no_shared)?;
     let w = bitexact::model::ModelWeights::generate(&cfg, a.seed, None)?;
     let bytes = bitexact::gguf::arch::export(&w)?;
     std::fs::write(&a.path, &bytes).with_context(|| format!("writing {}", a.path.display()))?;
@@ -284,6 +379,7 @@ fn main() {
         Command::Speed(args) => speed::run(&args),
         Command::Inspect(args) => run_inspect(&args),
         Command::Export(args) => run_export(&args),
+        Command::Logits(args) => run_logits(&args),
     };
     let code = match result {
         Ok(true) => 0,

@@ -268,8 +268,9 @@ fn dims(m: &QuantMatrix) -> Vec<u64> {
     }
 }
 
-/// Writes complete weights as a `qwen3moe` GGUF file (llama.cpp's names and metadata keys):
-/// the tests hand such files to the Python `gguf` reader.
+/// Writes complete weights as a `qwen3moe` GGUF file (llama.cpp's names and metadata keys,
+/// `tokenizer.ggml.model = "none"` and `qwen3moe.vocab_size`, so llama.cpp loads it without a
+/// vocabulary): the tests hand such files to the Python `gguf` reader and to llama.cpp.
 pub fn export(w: &ModelWeights) -> GgufResult<Vec<u8>> {
     if !w.is_complete() {
         return Err(GgufError::Model("export needs every layer".into()));
@@ -280,6 +281,10 @@ pub fn export(w: &ModelWeights) -> GgufResult<Vec<u8>> {
     let u = |v: usize| Value::U32(v as u32);
     g.meta("general.architecture", Value::String(a.into()))
         .meta("general.name", Value::String(c.name.clone()))
+        // No vocabulary: the ids are the interface. llama.cpp loads such a file with the
+        // tokenizer "none" and the vocabulary size.
+        .meta("tokenizer.ggml.model", Value::String("none".into()))
+        .meta(&format!("{a}.vocab_size"), u(c.vocab))
         .meta(&format!("{a}.block_count"), u(c.n_layers))
         .meta(&format!("{a}.context_length"), u(c.max_context))
         .meta(&format!("{a}.embedding_length"), u(c.dim))

@@ -1,0 +1,217 @@
+//! Agreement with llama.cpp: one GGUF file through llama.cpp's CPU build (`bitexact-logits`,
+//! `peers/logits.cpp`, built by `ci/llama-cpp build-cpu`) and through bitexact's CPU
+//! reference, every token's logits compared. This is the test that the two compute the same
+//! model: every other test compares bitexact with bitexact.
+//!
+//! llama.cpp runs with an f32 KV cache and flash attention off (its defaults, an f16 cache and
+//! flash attention, add about 1e-3 of relative error). The test skips with a printed reason
+//! when the tool is not built; `BITEXACT_REQUIRE_LLAMA=1` (set by CI, which builds it) turns
+//! that into a failure. `BITEXACT_LLAMA_LOGITS` names the tool when it is elsewhere.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use bitexact::gguf::arch::export;
+use bitexact::model::transformer::{prompt, CpuSession, ModelWeights, Trace};
+use bitexact::model::ModelConfig;
+use bitexact::quant::{QuantMatrix, WeightFormat};
+
+/// Relative L2 error per token that F32 weights must stay under (median over tokens). Measured
+/// at about 1e-6: both sides compute the same f32 model in different orders.
+const F32_MEDIAN_BOUND: f64 = 1e-5;
+
+fn tool() -> Option<PathBuf> {
+    let path = std::env::var_os("BITEXACT_LLAMA_LOGITS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(".peers/build-cpu/bitexact-logits")
+        });
+    if path.is_file() {
+        return Some(path);
+    }
+    let why = format!(
+        "llama.cpp's logits tool is not built ({}; run ci/llama-cpp fetch && ci/llama-cpp build-cpu)",
+        path.display()
+    );
+    if std::env::var("BITEXACT_REQUIRE_LLAMA").is_ok_and(|v| v == "1") {
+        panic!("BITEXACT_REQUIRE_LLAMA=1 but {why}");
+    }
+    println!("SKIP: {why}");
+    None
+}
+
+/// The `tiny` preset without a shared expert (llama.cpp's `qwen3moe` has none), 3 layers.
+fn config(format: WeightFormat) -> ModelConfig {
+    let mut c = ModelConfig::preset("tiny", format).unwrap();
+    c.moe.shared_ffn = None;
+    c.n_layers = 3;
+    c
+}
+
+/// llama.cpp's logits `[tokens, vocab]` for `w` (exported to a temporary GGUF file).
+fn llama_logits(tool: &Path, w: &ModelWeights, tokens: &[u32], tag: &str) -> Vec<f32> {
+    let dir = std::env::temp_dir().join(format!("bitexact-agreement-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (model, toks, out) = (
+        dir.join(format!("{tag}.gguf")),
+        dir.join(format!("{tag}.tokens")),
+        dir.join(format!("{tag}.logits")),
+    );
+    std::fs::write(&model, export(w).unwrap()).unwrap();
+    let ids: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
+    std::fs::write(&toks, ids).unwrap();
+    let status = Command::new(tool)
+        .arg(&model)
+        .arg(&toks)
+        .arg(&out)
+        .args(["--threads", "2"])
+        .status()
+        .expect("running bitexact-logits");
+    assert!(
+        status.success(),
+        "bitexact-logits failed on {tag}: {status}"
+    );
+    let bytes = std::fs::read(&out).unwrap();
+    for f in [&model, &toks, &out] {
+        let _ = std::fs::remove_file(f);
+    }
+    let logits: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    assert_eq!(logits.len(), tokens.len() * w.cfg.vocab, "{tag}: logits");
+    logits
+}
+
+fn bitexact_logits(w: &ModelWeights, tokens: &[u32]) -> Vec<f32> {
+    let mut s = CpuSession::new(w);
+    let mut t = Trace::default();
+    s.forward(tokens, &mut t).unwrap();
+    t.logits
+}
+
+/// Per-token comparison of `got` against `want` (`[tokens, vocab]` each).
+#[derive(Debug)]
+struct Agreement {
+    median_rel: f64,
+    max_rel: f64,
+    top1_mismatches: usize,
+}
+
+fn compare(got: &[f32], want: &[f32], vocab: usize) -> Agreement {
+    let mut rel: Vec<f64> = Vec::new();
+    let mut top1_mismatches = 0;
+    let argmax = |r: &[f32]| {
+        r.iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i)
+    };
+    for (g, w) in got.chunks(vocab).zip(want.chunks(vocab)) {
+        let (mut num, mut den) = (0.0f64, 0.0f64);
+        for (&a, &b) in g.iter().zip(w) {
+            num += (f64::from(a) - f64::from(b)).powi(2);
+            den += f64::from(b).powi(2);
+        }
+        rel.push((num / den.max(1e-300)).sqrt());
+        if argmax(g) != argmax(w) {
+            top1_mismatches += 1;
+        }
+    }
+    rel.sort_by(f64::total_cmp);
+    Agreement {
+        median_rel: rel[rel.len() / 2],
+        max_rel: *rel.last().unwrap(),
+        top1_mismatches,
+    }
+}
+
+fn agrees(a: &Agreement) -> bool {
+    a.median_rel <= F32_MEDIAN_BOUND && a.top1_mismatches == 0
+}
+
+/// Experts 0 and 1 of layer 0's gate matrix swapped: a wrong expert mapping.
+fn swap_experts(w: &ModelWeights) -> ModelWeights {
+    let mut b = w.clone();
+    let g = &w.layers[0].moe.gate;
+    let per = g.bytes().len() / g.experts();
+    let mut bytes = g.bytes().to_vec();
+    let (e0, e1) = bytes.split_at_mut(per);
+    e0.swap_with_slice(&mut e1[..per]);
+    b.layers[0].moe.gate =
+        QuantMatrix::from_bytes(g.format(), g.experts(), g.rows(), g.cols(), bytes).unwrap();
+    b
+}
+
+/// The per-head q and k norm weights exchanged in every layer: a wrong norm.
+fn swap_qk_norms(w: &ModelWeights) -> ModelWeights {
+    let mut b = w.clone();
+    for l in &mut b.layers {
+        std::mem::swap(&mut l.q_norm, &mut l.k_norm);
+    }
+    b
+}
+
+#[test]
+fn f32_weights_agree_with_llama_cpp() {
+    let Some(tool) = tool() else { return };
+    let cfg = config(WeightFormat::F32);
+    let w = ModelWeights::generate(&cfg, 11, None).unwrap();
+    // 100 tokens: two of bitexact's 64-position attention chunks.
+    let tokens = prompt(11, 100, cfg.vocab);
+    let ours = bitexact_logits(&w, &tokens);
+    let theirs = llama_logits(&tool, &w, &tokens, "f32");
+    let a = compare(&ours, &theirs, cfg.vocab);
+    println!(
+        "F32 weights, {} tokens: median relative L2 {:.3e}, max {:.3e}, top-1 mismatches {}",
+        tokens.len(),
+        a.median_rel,
+        a.max_rel,
+        a.top1_mismatches
+    );
+    assert!(agrees(&a), "bitexact and llama.cpp disagree: {a:?}");
+
+    // The check can fail: a model llama.cpp computes differently from ours is caught.
+    for (what, broken) in [
+        ("experts 0 and 1 swapped", swap_experts(&w)),
+        ("q and k norms swapped", swap_qk_norms(&w)),
+    ] {
+        let theirs = llama_logits(&tool, &broken, &tokens, "broken");
+        let b = compare(&ours, &theirs, cfg.vocab);
+        println!(
+            "mutant ({what}): median relative L2 {:.3e}, top-1 mismatches {}",
+            b.median_rel, b.top1_mismatches
+        );
+        assert!(
+            !agrees(&b),
+            "a broken file ({what}) passed the agreement check: {b:?}"
+        );
+    }
+}
+
+/// With Q8_0 experts, bitexact and llama.cpp (both quantizing activations per 32 for the
+/// products) differ from each other by no more than llama.cpp's Q8_0 logits differ from its
+/// own F32 logits of the same weights.
+#[test]
+fn q8_0_within_llama_cpp_own_quantization_spread() {
+    let Some(tool) = tool() else { return };
+    let (c8, c32) = (config(WeightFormat::Q8_0), config(WeightFormat::F32));
+    let (w8, w32) = (
+        ModelWeights::generate(&c8, 12, None).unwrap(),
+        ModelWeights::generate(&c32, 12, None).unwrap(),
+    );
+    let tokens = prompt(12, 100, c8.vocab);
+    let ours = bitexact_logits(&w8, &tokens);
+    let theirs8 = llama_logits(&tool, &w8, &tokens, "q8");
+    let theirs32 = llama_logits(&tool, &w32, &tokens, "q8-f32");
+    let us_them = compare(&ours, &theirs8, c8.vocab);
+    let spread = compare(&theirs8, &theirs32, c8.vocab);
+    println!(
+        "Q8_0 experts: bitexact vs llama.cpp median {:.3e} (top-1 mismatches {}); llama.cpp Q8_0 vs F32 median {:.3e}",
+        us_them.median_rel, us_them.top1_mismatches, spread.median_rel
+    );
+    assert!(
+        us_them.median_rel <= spread.median_rel,
+        "bitexact vs llama.cpp ({us_them:?}) exceeds llama.cpp's own Q8_0 spread ({spread:?})"
+    );
+}
