@@ -21,23 +21,18 @@ const HD: usize = 128;
 const PREFILL: [usize; 3] = [512, 2_048, 8_192];
 const DECODE: [usize; 3] = [512, 8_192, 32_768];
 
-fn vals(n: usize, salt: usize) -> Vec<f32> {
-    (0..n)
-        .map(|i| (((i * 2_654_435_761 + salt) % 2_001) as f32 - 1_000.0) / 700.0)
-        .collect()
-}
-
 fn main() {
     let Some(dev) = common::device() else { return };
     let mut c = common::criterion();
     let cap = *DECODE.iter().max().unwrap();
     let mut cache = LayerCache::new(&dev, KV, cap, HD).unwrap();
-    cache.k = GpuTensor::from_host(&dev, &vals(KV * cap * HD, 1), &[KV, cap, HD]).unwrap();
-    cache.v = GpuTensor::from_host(&dev, &vals(KV * cap * HD, 2), &[KV, cap, HD]).unwrap();
+    cache.k = GpuTensor::from_host(&dev, &common::vals(KV * cap * HD, 1), &[KV, cap, HD]).unwrap();
+    cache.v = GpuTensor::from_host(&dev, &common::vals(KV * cap * HD, 2), &[KV, cap, HD]).unwrap();
     let mut group = c.benchmark_group("attention");
     let mut flops_rows = Vec::new();
     for n in PREFILL {
-        let q = GpuTensor::from_host(&dev, &vals(n * HEADS * HD, 3), &[n, HEADS, HD]).unwrap();
+        let q =
+            GpuTensor::from_host(&dev, &common::vals(n * HEADS * HD, 3), &[n, HEADS, HD]).unwrap();
         let pos = Positions::new(&dev, &(0..n as u32).collect::<Vec<_>>()).unwrap();
         let mut out = GpuTensor::zeros(&dev, &[n, HEADS, HD]).unwrap();
         let flops = 4.0 * (HD * HEADS) as f64 * (n * (n + 1) / 2) as f64;
@@ -60,7 +55,7 @@ fn main() {
     }
     let mut rows = Vec::new();
     for ctx in DECODE {
-        let q = GpuTensor::from_host(&dev, &vals(HEADS * HD, 4), &[1, HEADS, HD]).unwrap();
+        let q = GpuTensor::from_host(&dev, &common::vals(HEADS * HD, 4), &[1, HEADS, HD]).unwrap();
         let pos = Positions::new(&dev, &[ctx as u32 - 1]).unwrap();
         let mut out = GpuTensor::zeros(&dev, &[1, HEADS, HD]).unwrap();
         let bytes = 2 * KV * ctx * HD * 4;

@@ -35,12 +35,6 @@ const SEED_CPU_US: [(usize, f64); 4] = [
 /// A bench row: its name, the FastScan modes (none: the f16-KV baseline) and the bytes read.
 type Variant = (&'static str, Option<(ScoreMode, ValueMode)>, usize);
 
-fn vals(n: usize, salt: usize) -> Vec<f32> {
-    (0..n)
-        .map(|i| (((i * 2_654_435_761 + salt) % 2_001) as f32 - 1_000.0) / 700.0)
-        .collect()
-}
-
 fn main() {
     let Some(dev) = common::device() else { return };
     let mut c = common::criterion();
@@ -53,8 +47,8 @@ fn main() {
     lens.sort();
     lens.dedup();
     for len in lens {
-        let k = vals(len * D, 1);
-        let v = vals(len * D, 2);
+        let k = common::vals(len * D, 1);
+        let v = common::vals(len * D, 2);
         let mut cache = FastScanCache::new(&dev, spec, 1, len).unwrap();
         let kg = GpuTensor::from_host(&dev, &k, &[len, 1, D]).unwrap();
         let vg = GpuTensor::from_host(&dev, &v, &[len, 1, D]).unwrap();
@@ -72,7 +66,8 @@ fn main() {
             } else {
                 (0..len as u32).collect()
             };
-            let q = GpuTensor::from_host(&dev, &vals(nq * HEADS * D, 3), &[nq, HEADS, D]).unwrap();
+            let q = GpuTensor::from_host(&dev, &common::vals(nq * HEADS * D, 3), &[nq, HEADS, D])
+                .unwrap();
             let pos = Positions::new(&dev, &qpos).unwrap();
             let mut out = GpuTensor::zeros(&dev, &[nq, HEADS, D]).unwrap();
             let code_bytes = 2 * cache.bytes_read(len);

@@ -138,3 +138,11 @@ pub fn print_table(title: &str, rows: &[Row]) {
         );
     }
 }
+
+/// `n` deterministic values in about [-1.43, 1.43] (a multiplicative hash of the index and
+/// `salt`): K, V and Q of the attention benches, never zeros.
+pub fn vals(n: usize, salt: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| (((i * 2_654_435_761 + salt) % 2_001) as f32 - 1_000.0) / 700.0)
+        .collect()
+}

@@ -59,18 +59,8 @@ struct LogitsArgs {
     /// A GGUF file (qwen3moe) instead of a preset.
     #[arg(long)]
     gguf: Option<PathBuf>,
-    /// Model preset (synthetic weights).
-    #[arg(long, default_value = "tiny")]
-    preset: String,
-    /// Format of the preset's experts.
-    #[arg(long, default_value = "F32", value_parser = parse_format)]
-    format: WeightFormat,
-    /// Seed of the preset's weights.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Leave the preset's shared expert out (as `export --no-shared`).
-    #[arg(long)]
-    no_shared: bool,
+    #[command(flatten)]
+    preset: PresetArgs,
     /// Run on the GPU (one prefill of every token); the CPU reference otherwise. Both give
     /// the same bits.
     #[arg(long)]
@@ -78,7 +68,7 @@ struct LogitsArgs {
 }
 
 fn run_logits(a: &LogitsArgs) -> Result<bool> {
-    use bitexact::model::transformer::{CpuSession, GpuModel, ModelWeights, Session, Trace};
+    use bitexact::model::transformer::{CpuSession, GpuModel, Session, Trace};
     let raw =
         std::fs::read(&a.tokens).with_context(|| format!("reading {}", a.tokens.display()))?;
     if raw.is_empty() || raw.len() % 4 != 0 {
@@ -98,11 +88,7 @@ fn run_logits(a: &LogitsArgs) -> Result<bool> {
                 .with_context(|| format!("reading {}", path.display()))?;
             bitexact::gguf::arch::load(&f, Some(tokens.len().max(1)), None)?
         }
-        None => ModelWeights::generate(
-            &preset_config(&a.preset, a.format, a.no_shared)?,
-            a.seed,
-            None,
-        )?,
+        None => a.preset.weights()?,
     };
     let mut trace = Trace::default();
     if a.gpu {
@@ -124,10 +110,9 @@ fn run_logits(a: &LogitsArgs) -> Result<bool> {
     Ok(true)
 }
 
+/// A preset's synthetic weights, as `export` and `logits` take them.
 #[derive(clap::Args)]
-struct ExportArgs {
-    /// Output path.
-    path: PathBuf,
+struct PresetArgs {
     /// Model preset.
     #[arg(long, default_value = "tiny")]
     preset: String,
@@ -143,24 +128,56 @@ struct ExportArgs {
     no_shared: bool,
 }
 
-fn preset_config(
-    preset: &str,
-    format: WeightFormat,
-    no_shared: bool,
-) -> Result<bitexact::model::ModelConfig> {
-    let mut cfg = bitexact::model::ModelConfig::preset(preset, format)?;
-    if no_shared {
-        cfg.moe.shared_ffn = None;
+impl PresetArgs {
+    fn config(&self) -> Result<bitexact::model::ModelConfig> {
+        let mut cfg = bitexact::model::ModelConfig::preset(&self.preset, self.format)?;
+        if self.no_shared {
+            cfg.moe.shared_ffn = None;
+        }
+        Ok(cfg)
     }
-    Ok(cfg)
+
+    fn weights(&self) -> Result<bitexact::model::ModelWeights> {
+        Ok(bitexact::model::ModelWeights::generate(
+            &self.config()?,
+            self.seed,
+            None,
+        )?)
+    }
 }
 
+#[derive(clap::Args)]
+struct ExportArgs {
+    /// Output path.
+    path: PathBuf,
+    #[command(flatten)]
+    preset: PresetArgs,
+}
+
+/// Streams the preset to `path` one layer at a time (a 30B preset is a 32 GB file), through
+/// a temporary file renamed at the end, so an interrupted export leaves no partial file.
 fn run_export(a: &ExportArgs) -> Result<bool> {
-    let cfg = preset_config(&a.preset, a.format, a.no_shared)?;
-    let w = bitexact::model::ModelWeights::generate(&cfg, a.seed, None)?;
-    let bytes = bitexact::gguf::arch::export(&w)?;
-    std::fs::write(&a.path, &bytes).with_context(|| format!("writing {}", a.path.display()))?;
-    println!("wrote {} ({} bytes)", a.path.display(), bytes.len());
+    use std::io::Write;
+    let cfg = a.preset.config()?;
+    let tmp = a.path.with_extension("gguf.partial");
+    let file =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut out = std::io::BufWriter::with_capacity(8 << 20, file);
+    let bar = ProgressBar::new(cfg.n_layers as u64);
+    bar.set_draw_target(ProgressDrawTarget::stderr_with_hz(4));
+    let written =
+        bitexact::gguf::arch::export_preset(&cfg, a.preset.seed, &mut out, |_| bar.inc(1));
+    bar.finish_and_clear();
+    let written = written
+        .map_err(anyhow::Error::from)
+        .and_then(|n| out.flush().map(|_| n).map_err(anyhow::Error::from))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            e.context(format!("writing {}", a.path.display()))
+        })?;
+    drop(out);
+    std::fs::rename(&tmp, &a.path).with_context(|| format!("renaming to {}", a.path.display()))?;
+    println!("wrote {} ({written} bytes)", a.path.display());
     Ok(true)
 }
 

@@ -268,21 +268,14 @@ fn dims(m: &QuantMatrix) -> Vec<u64> {
     }
 }
 
-/// Writes complete weights as a `qwen3moe` GGUF file (llama.cpp's names and metadata keys,
-/// `tokenizer.ggml.model = "none"` and `qwen3moe.vocab_size`, so llama.cpp loads it without a
-/// vocabulary): the tests hand such files to the Python `gguf` reader and to llama.cpp.
-pub fn export(w: &ModelWeights) -> GgufResult<Vec<u8>> {
-    if !w.is_complete() {
-        return Err(GgufError::Model("export needs every layer".into()));
-    }
-    let c = &w.cfg;
-    let mut g = super::writer::GgufWriter::new();
+/// The `qwen3moe` metadata of `c` (llama.cpp's keys, `tokenizer.ggml.model = "none"` and
+/// `qwen3moe.vocab_size`, so llama.cpp loads the file without a vocabulary).
+fn put_metadata(g: &mut super::writer::GgufWriter, c: &ModelConfig) {
     let a = "qwen3moe";
     let u = |v: usize| Value::U32(v as u32);
     g.meta("general.architecture", Value::String(a.into()))
         .meta("general.name", Value::String(c.name.clone()))
-        // No vocabulary: the ids are the interface. llama.cpp loads such a file with the
-        // tokenizer "none" and the vocabulary size.
+        // No vocabulary: the ids are the interface.
         .meta("tokenizer.ggml.model", Value::String("none".into()))
         .meta(&format!("{a}.vocab_size"), u(c.vocab))
         .meta(&format!("{a}.block_count"), u(c.n_layers))
@@ -307,59 +300,146 @@ pub fn export(w: &ModelWeights) -> GgufResult<Vec<u8>> {
     if let Some(sf) = c.moe.shared_ffn {
         g.meta(&format!("{a}.expert_shared_feed_forward_length"), u(sf));
     }
-    let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-    let put = |g: &mut super::writer::GgufWriter, name: String, m: &QuantMatrix| {
-        g.tensor(
-            &name,
-            &dims(m),
-            GgmlType::of(m.format()),
-            m.bytes().to_vec(),
-        );
-    };
-    g.tensor(
-        "token_embd.weight",
-        &[c.dim as u64, c.vocab as u64],
-        GgmlType::of(WeightFormat::F32),
-        f32s(&w.embed),
-    );
-    g.tensor(
-        "output_norm.weight",
-        &[c.dim as u64],
-        GgmlType::of(WeightFormat::F32),
-        f32s(&w.out_norm),
-    );
-    put(&mut g, "output.weight".into(), &w.lm_head);
-    for (l, lw) in w.layers.iter().enumerate() {
-        let p = |s: &str| format!("blk.{l}.{s}.weight");
-        let f32_t = GgmlType::of(WeightFormat::F32);
-        g.tensor(&p("attn_norm"), &[c.dim as u64], f32_t, f32s(&lw.attn_norm));
-        g.tensor(
-            &p("attn_q_norm"),
-            &[c.head_dim as u64],
+}
+
+/// One tensor as the file stores it: name, dims (innermost first), type, bytes.
+type FileTensor = (String, Vec<u64>, GgmlType, Vec<u8>);
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn file_matrix(name: String, m: &QuantMatrix) -> FileTensor {
+    (name, dims(m), GgmlType::of(m.format()), m.bytes().to_vec())
+}
+
+/// The embedding, final norm and LM head, in file order.
+fn head_tensors(w: &ModelWeights) -> Vec<FileTensor> {
+    let c = &w.cfg;
+    let f32_t = GgmlType::of(WeightFormat::F32);
+    vec![
+        (
+            "token_embd.weight".into(),
+            vec![c.dim as u64, c.vocab as u64],
             f32_t,
-            f32s(&lw.q_norm),
-        );
-        g.tensor(
-            &p("attn_k_norm"),
-            &[c.head_dim as u64],
+            f32_bytes(&w.embed),
+        ),
+        (
+            "output_norm.weight".into(),
+            vec![c.dim as u64],
             f32_t,
-            f32s(&lw.k_norm),
-        );
-        g.tensor(&p("ffn_norm"), &[c.dim as u64], f32_t, f32s(&lw.ffn_norm));
-        put(&mut g, p("attn_q"), &lw.wq);
-        put(&mut g, p("attn_k"), &lw.wk);
-        put(&mut g, p("attn_v"), &lw.wv);
-        put(&mut g, p("attn_output"), &lw.wo);
-        put(&mut g, p("ffn_gate_inp"), &lw.moe.router);
-        put(&mut g, p("ffn_gate_exps"), &lw.moe.gate);
-        put(&mut g, p("ffn_up_exps"), &lw.moe.up);
-        put(&mut g, p("ffn_down_exps"), &lw.moe.down);
-        if let Some(s) = &lw.moe.shared {
-            put(&mut g, p("ffn_gate_inp_shexp"), &s.gate_inp);
-            put(&mut g, p("ffn_gate_shexp"), &s.gate);
-            put(&mut g, p("ffn_up_shexp"), &s.up);
-            put(&mut g, p("ffn_down_shexp"), &s.down);
-        }
+            f32_bytes(&w.out_norm),
+        ),
+        file_matrix("output.weight".into(), &w.lm_head),
+    ]
+}
+
+/// Layer `l`'s tensors, in file order.
+fn layer_tensors(c: &ModelConfig, l: usize, lw: &LayerWeights) -> Vec<FileTensor> {
+    let p = |s: &str| format!("blk.{l}.{s}.weight");
+    let f32_t = GgmlType::of(WeightFormat::F32);
+    let vector = |name: &str, n: usize, v: &[f32]| (p(name), vec![n as u64], f32_t, f32_bytes(v));
+    let mut t = vec![
+        vector("attn_norm", c.dim, &lw.attn_norm),
+        vector("attn_q_norm", c.head_dim, &lw.q_norm),
+        vector("attn_k_norm", c.head_dim, &lw.k_norm),
+        vector("ffn_norm", c.dim, &lw.ffn_norm),
+        file_matrix(p("attn_q"), &lw.wq),
+        file_matrix(p("attn_k"), &lw.wk),
+        file_matrix(p("attn_v"), &lw.wv),
+        file_matrix(p("attn_output"), &lw.wo),
+        file_matrix(p("ffn_gate_inp"), &lw.moe.router),
+        file_matrix(p("ffn_gate_exps"), &lw.moe.gate),
+        file_matrix(p("ffn_up_exps"), &lw.moe.up),
+        file_matrix(p("ffn_down_exps"), &lw.moe.down),
+    ];
+    if let Some(s) = &lw.moe.shared {
+        t.push(file_matrix(p("ffn_gate_inp_shexp"), &s.gate_inp));
+        t.push(file_matrix(p("ffn_gate_shexp"), &s.gate));
+        t.push(file_matrix(p("ffn_up_shexp"), &s.up));
+        t.push(file_matrix(p("ffn_down_shexp"), &s.down));
+    }
+    t
+}
+
+/// Writes complete weights as a `qwen3moe` GGUF file (llama.cpp's names and metadata keys;
+/// llama.cpp loads it when the model has no shared expert): the tests hand such files to the
+/// Python `gguf` reader and to llama.cpp.
+pub fn export(w: &ModelWeights) -> GgufResult<Vec<u8>> {
+    if !w.is_complete() {
+        return Err(GgufError::Model("export needs every layer".into()));
+    }
+    let mut g = super::writer::GgufWriter::new();
+    put_metadata(&mut g, &w.cfg);
+    let layers = w.layers.iter().enumerate();
+    for (name, d, ty, bytes) in head_tensors(w)
+        .into_iter()
+        .chain(layers.flat_map(|(l, lw)| layer_tensors(&w.cfg, l, lw)))
+    {
+        g.tensor(&name, &d, ty, bytes);
     }
     Ok(g.to_bytes())
+}
+
+/// Writes the synthetic weights of `cfg` from `seed` (those of [`ModelWeights::generate`]) as
+/// the file [`export`] writes, generating and writing one layer at a time, so that a 30B
+/// preset never sits in memory whole. `progress(l)` is called after layer `l` is written.
+/// Returns the bytes written.
+pub fn export_preset(
+    cfg: &ModelConfig,
+    seed: u64,
+    out: &mut impl std::io::Write,
+    mut progress: impl FnMut(usize),
+) -> GgufResult<u64> {
+    cfg.validate()
+        .map_err(|e| GgufError::Model(e.to_string()))?;
+    let model_err = |e: crate::Error| GgufError::Model(e.to_string());
+    let head = ModelWeights::generate(
+        &ModelConfig {
+            n_layers: 1,
+            ..cfg.clone()
+        },
+        seed,
+        Some(0),
+    )
+    .map_err(model_err)?;
+    // Every layer has the same tensors and sizes: layer 0 gives the infos of all.
+    let layer0 = LayerWeights::generate(cfg, seed, 0).map_err(model_err)?;
+    let mut g = super::writer::GgufWriter::new();
+    put_metadata(&mut g, cfg);
+    let head_t = head_tensors(&ModelWeights {
+        cfg: cfg.clone(),
+        ..head
+    });
+    let n_head = head_t.len();
+    for (name, d, ty, bytes) in head_t {
+        g.tensor(&name, &d, ty, bytes);
+    }
+    let per_layer = layer_tensors(cfg, 0, &layer0).len();
+    for l in 0..cfg.n_layers {
+        for (name, d, ty, bytes) in layer_tensors(cfg, l, &layer0) {
+            g.tensor_deferred(&name, &d, ty, bytes.len() as u64);
+        }
+    }
+    let mut current: Option<(usize, Vec<FileTensor>)> = Some((0, layer_tensors(cfg, 0, &layer0)));
+    drop(layer0);
+    let written = g
+        .write_streaming(out, |i| {
+            let (l, j) = ((i - n_head) / per_layer, (i - n_head) % per_layer);
+            if current.as_ref().is_none_or(|(cl, _)| *cl != l) {
+                if let Some((done, _)) = current.take() {
+                    progress(done);
+                }
+                let lw = LayerWeights::generate(cfg, seed, l)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                current = Some((l, layer_tensors(cfg, l, &lw)));
+            }
+            let (_, tensors) = current.as_mut().expect("set above");
+            Ok(std::mem::take(&mut tensors[j].3))
+        })
+        .map_err(|e| GgufError::Model(format!("writing the file: {e}")))?;
+    if let Some((done, _)) = current {
+        progress(done);
+    }
+    Ok(written)
 }

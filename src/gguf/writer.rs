@@ -7,7 +7,23 @@ use super::{Array, GgmlType, Value};
 #[derive(Default)]
 pub struct GgufWriter {
     metadata: Vec<(String, Value)>,
-    tensors: Vec<(String, Vec<u64>, GgmlType, Vec<u8>)>,
+    tensors: Vec<(String, Vec<u64>, GgmlType, Data)>,
+}
+
+/// A tensor's stored bytes, or only their length when they are streamed at write time
+/// ([`GgufWriter::write_streaming`]).
+enum Data {
+    Bytes(Vec<u8>),
+    Deferred(u64),
+}
+
+impl Data {
+    fn len(&self) -> u64 {
+        match self {
+            Data::Bytes(b) => b.len() as u64,
+            Data::Deferred(n) => *n,
+        }
+    }
 }
 
 fn put_string(out: &mut Vec<u8>, s: &str) {
@@ -102,20 +118,37 @@ impl GgufWriter {
     /// Adds a tensor: `dims` innermost first, `data` its stored bytes.
     pub fn tensor(&mut self, name: &str, dims: &[u64], ty: GgmlType, data: Vec<u8>) -> &mut Self {
         self.tensors
-            .push((name.to_string(), dims.to_vec(), ty, data));
+            .push((name.to_string(), dims.to_vec(), ty, Data::Bytes(data)));
         self
     }
 
-    /// The file's bytes, aligned to `general.alignment` (32 when absent).
-    pub fn to_bytes(&self) -> Vec<u8> {
-        let align = self
-            .metadata
+    /// Adds a tensor whose `len` bytes [`GgufWriter::write_streaming`] asks for when it writes
+    /// them (a 30B model never sits in memory whole).
+    pub fn tensor_deferred(
+        &mut self,
+        name: &str,
+        dims: &[u64],
+        ty: GgmlType,
+        len: u64,
+    ) -> &mut Self {
+        self.tensors
+            .push((name.to_string(), dims.to_vec(), ty, Data::Deferred(len)));
+        self
+    }
+
+    fn alignment(&self) -> u64 {
+        self.metadata
             .iter()
             .find_map(|(k, v)| match (k.as_str(), v) {
                 ("general.alignment", Value::U32(a)) if *a > 0 => Some(u64::from(*a)),
                 _ => None,
             })
-            .unwrap_or(32);
+            .unwrap_or(32)
+    }
+
+    /// Header, metadata and tensor infos, padded to the alignment: everything before the data.
+    fn head(&self) -> Vec<u8> {
+        let align = self.alignment();
         let mut out = Vec::new();
         out.extend_from_slice(b"GGUF");
         out.extend_from_slice(&3u32.to_le_bytes());
@@ -135,13 +168,54 @@ impl GgufWriter {
             }
             out.extend_from_slice(&ty.id.to_le_bytes());
             out.extend_from_slice(&offset.to_le_bytes());
-            offset = (offset + data.len() as u64).next_multiple_of(align);
+            offset = (offset + data.len()).next_multiple_of(align);
         }
         out.resize((out.len() as u64).next_multiple_of(align) as usize, 0);
-        for (_, _, _, data) in &self.tensors {
-            out.extend_from_slice(data);
-            out.resize((out.len() as u64).next_multiple_of(align) as usize, 0);
+        out
+    }
+
+    /// Writes the file to `w`, asking `fill(i)` for the bytes of each deferred tensor `i` (in
+    /// order, once each). A length other than the one declared is an error. Returns the bytes
+    /// written.
+    pub fn write_streaming(
+        &self,
+        w: &mut impl std::io::Write,
+        mut fill: impl FnMut(usize) -> std::io::Result<Vec<u8>>,
+    ) -> std::io::Result<u64> {
+        let align = self.alignment();
+        let head = self.head();
+        w.write_all(&head)?;
+        let mut at = head.len() as u64;
+        for (i, (name, _, _, data)) in self.tensors.iter().enumerate() {
+            let fresh;
+            let bytes: &[u8] = match data {
+                Data::Bytes(b) => b,
+                Data::Deferred(n) => {
+                    fresh = fill(i)?;
+                    if fresh.len() as u64 != *n {
+                        return Err(std::io::Error::other(format!(
+                            "tensor {name}: {} bytes given, {n} declared",
+                            fresh.len()
+                        )));
+                    }
+                    &fresh
+                }
+            };
+            w.write_all(bytes)?;
+            at += bytes.len() as u64;
+            let pad = at.next_multiple_of(align) - at;
+            w.write_all(&vec![0u8; pad as usize])?;
+            at += pad;
         }
+        Ok(at)
+    }
+
+    /// The file's bytes, aligned to `general.alignment` (32 when absent). Deferred tensors
+    /// are written as zeros (use [`GgufWriter::write_streaming`] for them).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.write_streaming(&mut out, |i| Ok(vec![0; self.tensors[i].3.len() as usize]))
+            .expect("writing to memory");
         out
     }
 }

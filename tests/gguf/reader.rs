@@ -11,6 +11,36 @@ fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
+/// The streaming export (one layer generated at a time) writes the bytes of the in-memory
+/// export of the same weights, with and without a shared expert.
+#[test]
+fn streamed_export_equals_in_memory_export() {
+    for (preset, format, shared) in [
+        ("tiny", WeightFormat::F32, true),
+        ("tiny", WeightFormat::Q8_0, false),
+        ("small", WeightFormat::Q4K, true),
+    ] {
+        let mut cfg = ModelConfig::preset(preset, format).unwrap();
+        if !shared {
+            cfg.moe.shared_ffn = None;
+        }
+        let w = ModelWeights::generate(&cfg, 9, None).unwrap();
+        let mut streamed = Vec::new();
+        let mut layers = Vec::new();
+        let n = arch::export_preset(&cfg, 9, &mut streamed, |l| layers.push(l)).unwrap();
+        assert_eq!(n as usize, streamed.len());
+        assert_eq!(
+            layers,
+            (0..cfg.n_layers).collect::<Vec<_>>(),
+            "{preset} progress"
+        );
+        assert!(
+            streamed == arch::export(&w).unwrap(),
+            "{preset} {format}: bytes differ"
+        );
+    }
+}
+
 /// A model exported and loaded back is the same model, bit for bit, and runs batched ==
 /// sequential.
 #[test]
