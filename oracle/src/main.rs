@@ -100,7 +100,7 @@ fn run_logits(a: &LogitsArgs) -> Result<bool> {
         CpuSession::new(&w).forward(&tokens, &mut trace)?;
     }
     let bytes: Vec<u8> = trace.logits.iter().flat_map(|x| x.to_le_bytes()).collect();
-    std::fs::write(&a.out, &bytes).with_context(|| format!("writing {}", a.out.display()))?;
+    write_atomic(&a.out, &bytes)?;
     println!(
         "wrote {} tokens x {} logits to {}",
         tokens.len(),
@@ -235,22 +235,22 @@ fn run_inspect(a: &InspectArgs) -> Result<bool> {
 #[derive(clap::Args)]
 struct MoeBlockArgs {
     /// Number of tokens (N).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = parse_positive)]
     tokens: usize,
     /// Hidden size.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = parse_positive)]
     dim: usize,
     /// Number of routed experts.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = parse_positive)]
     experts: usize,
     /// Experts per token.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = parse_positive)]
     top_k: usize,
     /// Inner size of each routed expert.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = parse_positive)]
     ffn: usize,
     /// Inner size of the shared expert.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = parse_positive)]
     shared_ffn: usize,
     /// No shared expert.
     #[arg(long)]
@@ -304,12 +304,24 @@ impl RunArgs {
     /// Writes `report` as JSON when `--json` was given.
     pub(crate) fn write_json<T: Serialize>(&self, report: impl FnOnce() -> T) -> Result<()> {
         if let Some(path) = &self.json {
-            std::fs::write(path, serde_json::to_string_pretty(&report())?)
-                .with_context(|| format!("writing {}", path.display()))?;
+            write_atomic(path, serde_json::to_string_pretty(&report())?.as_bytes())?;
             println!("report: {}", path.display());
         }
         Ok(())
     }
+}
+
+/// Writes `bytes` to `path` through a temporary file beside it, renamed over `path` once
+/// complete: an interrupted run never leaves half a file where a reader expects a whole one.
+pub(crate) fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".partial");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        anyhow::Error::from(e).context(format!("writing {}", path.display()))
+    })
 }
 
 /// One path's timing.
@@ -388,7 +400,21 @@ impl Progress {
 const CHUNK: usize = 16;
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // One line: what was wrong and the value given; usage is in --help.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            if first.starts_with("error") {
+                eprintln!("{first} (see --help)");
+            } else {
+                eprintln!("error: a subcommand is needed (see --help)");
+            }
+            std::process::exit(2);
+        }
+    };
     let result = match cli.command {
         Command::MoeBlock(args) => run_moe_block(&args),
         Command::Model(args) => model::run(&args),
@@ -403,7 +429,7 @@ fn main() {
         Ok(false) => 1,
         Err(e) => {
             eprintln!("error: {e:#}");
-            2
+            1
         }
     };
     std::process::exit(code);
@@ -580,6 +606,16 @@ fn run_moe_block(a: &MoeBlockArgs) -> Result<bool> {
         bit_exact,
     })?;
     Ok(bit_exact)
+}
+
+/// A count that must be at least 1 (a zero would make the path a no-op under a label that says
+/// otherwise).
+pub(crate) fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(v) => Ok(v),
+        Err(e) => Err(format!("not a count: {e}")),
+    }
 }
 
 pub(crate) fn parse_format(s: &str) -> Result<WeightFormat, String> {

@@ -28,13 +28,13 @@ pub struct ModelArgs {
     #[arg(long, default_value = "F32", value_parser = parse_format)]
     format: WeightFormat,
     /// Prompt length.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = crate::parse_positive)]
     tokens: usize,
     /// Seed of the weights and the prompt.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Chunk size of the chunked prefill path (repeat for several).
-    #[arg(long = "chunk")]
+    #[arg(long = "chunk", value_parser = crate::parse_positive)]
     chunks: Vec<usize>,
     /// Paths to run, comma-separated: cpu (the sequential reference), cpu-batched,
     /// cpu-chunked, gpu-seq, gpu-batched, gpu-chunked.
@@ -45,11 +45,11 @@ pub struct ModelArgs {
     )]
     paths: Vec<String>,
     /// Layers the CPU reference runs (default: all for tiny and small, 2 for the large presets).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::parse_positive)]
     cpu_layers: Option<usize>,
     /// Tokens the CPU reference runs, a prefix of the prompt (default: all for tiny and small,
     /// 16 for the large presets).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::parse_positive)]
     cpu_tokens: Option<usize>,
     /// Stop at the first divergence.
     #[arg(long)]
@@ -105,6 +105,16 @@ impl Source {
     }
 }
 
+/// The `--paths` names.
+const PATHS: [&str; 6] = [
+    "cpu",
+    "cpu-batched",
+    "cpu-chunked",
+    "gpu-seq",
+    "gpu-batched",
+    "gpu-chunked",
+];
+
 pub fn run(a: &ModelArgs) -> Result<bool> {
     let (cfg, source) = match &a.gguf {
         Some(path) => {
@@ -124,6 +134,34 @@ pub fn run(a: &ModelArgs) -> Result<bool> {
     };
     let large = cfg.n_layers > 8;
     let n = a.tokens;
+    // Limits that depend on the model: refused before anything runs, naming the fix.
+    if n > cfg.max_context {
+        anyhow::bail!(
+            "--tokens {n} exceeds the model's context of {} positions",
+            cfg.max_context
+        );
+    }
+    if let Some(&c) = a.chunks.iter().find(|&&c| c > n) {
+        anyhow::bail!(
+            "--chunk {c} exceeds --tokens {n}: that path would be one prefill of the whole \
+             prompt, which gpu-batched and cpu-batched already run"
+        );
+    }
+    if let Some(l) = a.cpu_layers.filter(|&l| l > cfg.n_layers) {
+        anyhow::bail!(
+            "--cpu-layers {l} exceeds the model's {} layers",
+            cfg.n_layers
+        );
+    }
+    if let Some(t) = a.cpu_tokens.filter(|&t| t > n) {
+        anyhow::bail!("--cpu-tokens {t} exceeds --tokens {n}");
+    }
+    if let Some(p) = a.paths.iter().find(|p| !PATHS.contains(&p.as_str())) {
+        anyhow::bail!(
+            "unknown path `{p}` in --paths (one of {})",
+            PATHS.join(", ")
+        );
+    }
     let prompt_ids = prompt(a.seed, n, cfg.vocab);
     println!("bitexact oracle: model");
     println!(

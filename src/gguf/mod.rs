@@ -25,12 +25,12 @@ use crate::quant::WeightFormat;
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
     /// Reading the file failed.
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}: {error}")]
     Io {
         /// The file.
         path: String,
-        /// The error.
-        source: std::io::Error,
+        /// The error (in the message once; not also a `source`, which printers would repeat).
+        error: std::io::Error,
     },
     /// The file is not GGUF, or is a version this reader does not know.
     #[error("not a GGUF v2/v3 file: {0}")]
@@ -582,10 +582,16 @@ impl GgufFile {
     /// Memory-maps and parses `path`.
     pub fn open(path: impl AsRef<Path>) -> GgufResult<Self> {
         let path = path.as_ref();
-        let io = |source| GgufError::Io {
+        let io = |error| GgufError::Io {
             path: path.display().to_string(),
-            source,
+            error,
         };
+        if path.is_dir() {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a directory, not a GGUF file",
+            )));
+        }
         let file = std::fs::File::open(path).map_err(io)?;
         // SAFETY: the mapping is read-only and private to this process; a file changed under
         // it by another process can change the bytes we read but not break memory safety, and
