@@ -77,7 +77,7 @@ fn matrix(
         experts,
         rows,
         cols,
-        f.tensor_data(t).to_vec(),
+        f.tensor_data(t)?.into_owned(),
     )
     .map_err(|e| GgufError::Model(format!("tensor `{name}`: {e}")))
 }

@@ -1,10 +1,12 @@
 //! A GGUF (v2 and v3) reader, hardened against malformed and hostile files.
 //!
-//! [`GgufFile::open`] memory-maps the file; [`GgufFile::parse`] reads any byte slice. Every
-//! count, length, offset and dimension is checked against the bytes that remain before it is
-//! used, so a malformed file gives a [`GgufError`], never a panic, an out-of-bounds read or an
-//! allocation larger than the file. Tensor data stays in the mapping: [`GgufFile::tensor_data`]
-//! hands out the checked byte range.
+//! [`GgufFile::open`] reads the header, metadata and tensor infos of a file and leaves the
+//! tensor data on disk; [`GgufFile::parse`] reads any byte slice. Every count, length, offset
+//! and dimension is checked against the bytes that remain before it is used, so a malformed
+//! file gives a [`GgufError`], never a panic, an out-of-bounds read or an allocation larger
+//! than the file. [`GgufFile::tensor_data`] reads a tensor's checked byte range with a
+//! positioned read, not through a memory map: a file that shrinks (or is replaced) after it was
+//! opened gives an error naming the tensor, where a mapping would kill the process with SIGBUS.
 //!
 //! Layout (little-endian): magic `GGUF`, version `u32`, tensor count `u64`, metadata count
 //! `u64`; the metadata key/value pairs; the tensor infos (name, dims, ggml type, offset); padding
@@ -358,25 +360,41 @@ impl TensorInfo {
     }
 }
 
-/// The bytes a [`GgufFile`] reads: a memory map or an owned buffer.
+/// The bytes a [`GgufFile`] reads: a whole file in memory, or an open file of which only the
+/// part before the tensor data (`head`) is in memory.
 enum Bytes {
-    Map(memmap2::Mmap),
     Owned(Vec<u8>),
+    File {
+        head: Vec<u8>,
+        file: std::fs::File,
+        path: String,
+    },
 }
 
-impl std::ops::Deref for Bytes {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
+impl Bytes {
+    /// What the parser walks: everything, or the head.
+    fn parsed(&self) -> &[u8] {
         match self {
-            Bytes::Map(m) => m,
             Bytes::Owned(v) => v,
+            Bytes::File { head, .. } => head,
         }
     }
+}
+
+/// What parsing the part before the data yields.
+struct Head {
+    version: u32,
+    metadata: Vec<(String, Value)>,
+    tensors: Vec<TensorInfo>,
+    alignment: u64,
+    data_offset: u64,
 }
 
 /// A parsed GGUF file: metadata and tensor infos, with the data left in place.
 pub struct GgufFile {
     bytes: Bytes,
+    /// Length of the whole file.
+    file_len: u64,
     /// Format version (2 or 3).
     pub version: u32,
     /// Metadata, in file order.
@@ -579,11 +597,14 @@ impl Reader<'_> {
 }
 
 impl GgufFile {
-    /// Memory-maps and parses `path`.
+    /// Parses `path`: the header, metadata and tensor infos are read into memory, the tensor
+    /// data stays on disk for [`GgufFile::tensor_data`].
     pub fn open(path: impl AsRef<Path>) -> GgufResult<Self> {
+        use std::io::Read;
         let path = path.as_ref();
+        let shown = path.display().to_string();
         let io = |error| GgufError::Io {
-            path: path.display().to_string(),
+            path: shown.clone(),
             error,
         };
         if path.is_dir() {
@@ -592,21 +613,62 @@ impl GgufFile {
                 "a directory, not a GGUF file",
             )));
         }
-        let file = std::fs::File::open(path).map_err(io)?;
-        // SAFETY: the mapping is read-only and private to this process; a file changed under
-        // it by another process can change the bytes we read but not break memory safety, and
-        // every read below is bounds-checked against the mapping's length.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-        Self::from_bytes(Bytes::Map(map))
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        let file_len = file.metadata().map_err(io)?.len();
+        // Read a prefix and parse it; a head longer than the prefix (a large vocabulary in the
+        // metadata) shows as a truncation inside it: read twice as much and parse again.
+        let mut head = Vec::new();
+        let mut want = (1u64 << 20).min(file_len);
+        loop {
+            head.clear();
+            std::io::Seek::rewind(&mut file).map_err(io)?;
+            (&mut file).take(want).read_to_end(&mut head).map_err(io)?;
+            let bytes = Bytes::File {
+                head: std::mem::take(&mut head),
+                file,
+                path: shown.clone(),
+            };
+            match Self::from_bytes(bytes, file_len) {
+                Err((
+                    GgufError::Truncated { at, .. },
+                    Bytes::File {
+                        head: h, file: f, ..
+                    },
+                )) if (at as u64) < file_len && h.len() as u64 == want && want < file_len => {
+                    head = h;
+                    file = f;
+                    want = (want * 2).min(file_len);
+                }
+                Err((e, _)) => return Err(e),
+                Ok(g) => return Ok(g),
+            }
+        }
     }
 
     /// Parses a file held in memory.
     pub fn parse(bytes: Vec<u8>) -> GgufResult<Self> {
-        Self::from_bytes(Bytes::Owned(bytes))
+        let len = bytes.len() as u64;
+        Self::from_bytes(Bytes::Owned(bytes), len).map_err(|(e, _)| e)
     }
 
-    fn from_bytes(bytes: Bytes) -> GgufResult<Self> {
-        let b: &[u8] = &bytes;
+    /// Parses `bytes` (the whole file, or its head with the file `file_len` bytes long); on
+    /// failure the bytes come back with the error, so that [`GgufFile::open`] can read more.
+    fn from_bytes(bytes: Bytes, file_len: u64) -> Result<Self, (GgufError, Bytes)> {
+        match Self::parse_head(bytes.parsed(), file_len) {
+            Ok(h) => Ok(GgufFile {
+                version: h.version,
+                metadata: h.metadata,
+                tensors: h.tensors,
+                alignment: h.alignment,
+                data_offset: h.data_offset,
+                file_len,
+                bytes,
+            }),
+            Err(e) => Err((e, bytes)),
+        }
+    }
+
+    fn parse_head(b: &[u8], file_len: u64) -> GgufResult<Head> {
         let mut r = Reader { b, at: 0 };
         let magic = r.take(4, "magic")?;
         if magic != b"GGUF" {
@@ -703,7 +765,6 @@ impl GgufFile {
             });
         }
         let data_offset = (r.at as u64).next_multiple_of(alignment);
-        let file_len = b.len() as u64;
         let data_len = file_len.saturating_sub(data_offset);
         let mut spans: Vec<(u64, u64, usize)> = Vec::with_capacity(tensors.len());
         for (i, t) in tensors.iter().enumerate() {
@@ -728,13 +789,12 @@ impl GgufFile {
                 )));
             }
         }
-        Ok(GgufFile {
+        Ok(Head {
             version,
             metadata,
             tensors,
             alignment,
             data_offset,
-            bytes,
         })
     }
 
@@ -748,19 +808,52 @@ impl GgufFile {
         self.tensors.iter().find(|t| t.name == name)
     }
 
-    /// The data of `t` (its range was checked against the file when parsing).
-    pub fn tensor_data(&self, t: &TensorInfo) -> &[u8] {
-        let start = (self.data_offset + t.offset) as usize;
-        &self.bytes[start..start + t.bytes as usize]
+    /// The data of `t` (its range was checked against the file when parsing). For an opened
+    /// file, read from disk now: a file that has shrunk since it was opened gives
+    /// [`GgufError::Truncated`] naming the tensor.
+    pub fn tensor_data(&self, t: &TensorInfo) -> GgufResult<std::borrow::Cow<'_, [u8]>> {
+        let start = self.data_offset + t.offset;
+        match &self.bytes {
+            Bytes::Owned(v) => Ok(std::borrow::Cow::Borrowed(
+                &v[start as usize..(start + t.bytes) as usize],
+            )),
+            Bytes::File { file, path, .. } => {
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0u8; t.bytes as usize];
+                let mut done = 0usize;
+                while done < buf.len() {
+                    match file.read_at(&mut buf[done..], start + done as u64) {
+                        Ok(0) => return Err(GgufError::Truncated {
+                            at: (start + done as u64) as usize,
+                            what: format!(
+                                "data of tensor `{}` ({path} is shorter than when it was opened)",
+                                t.name
+                            ),
+                            need: t.bytes,
+                            have: done as u64,
+                        }),
+                        Ok(n) => done += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(error) => {
+                            return Err(GgufError::Io {
+                                path: path.clone(),
+                                error,
+                            })
+                        }
+                    }
+                }
+                Ok(std::borrow::Cow::Owned(buf))
+            }
+        }
     }
 
     /// Size of the file in bytes.
     pub fn len(&self) -> usize {
-        self.bytes.len()
+        self.file_len as usize
     }
 
     /// True for an empty file (which never parses).
     pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
+        self.file_len == 0
     }
 }

@@ -88,7 +88,7 @@ fn ours(f: &GgufFile, name: &str) -> Vec<u32> {
         1,
         rows,
         cols,
-        f.tensor_data(t).to_vec(),
+        f.tensor_data(t).unwrap().into_owned(),
     )
     .unwrap();
     m.dequantize().iter().map(|v| v.to_bits()).collect()
@@ -212,7 +212,7 @@ fn our_blocks_through_their_reader() {
             1,
             rows,
             t.dims[0] as usize,
-            f.tensor_data(t).to_vec(),
+            f.tensor_data(t).unwrap().into_owned(),
         )
         .unwrap();
         let got: Vec<u32> = m.dequantize().iter().map(|v| v.to_bits()).collect();

@@ -199,7 +199,12 @@ fn unsupported_models_are_refused_with_reasons() {
         g.meta(k, v.clone());
     }
     for t in f.tensors.iter().filter(|t| t.name != "blk.1.attn_k.weight") {
-        g.tensor(&t.name, &t.dims, t.ty, f.tensor_data(t).to_vec());
+        g.tensor(
+            &t.name,
+            &t.dims,
+            t.ty,
+            f.tensor_data(t).unwrap().into_owned(),
+        );
     }
     let e = arch::load(&GgufFile::parse(g.to_bytes()).unwrap(), None, None).unwrap_err();
     assert!(e.to_string().contains("blk.1.attn_k.weight"), "{e}");
@@ -214,7 +219,12 @@ fn unsupported_models_are_refused_with_reasons() {
             let bytes = (t.elements() / 32 * 18) as usize;
             g.tensor(&t.name, &t.dims, q4_0, vec![0; bytes]);
         } else {
-            g.tensor(&t.name, &t.dims, t.ty, f.tensor_data(t).to_vec());
+            g.tensor(
+                &t.name,
+                &t.dims,
+                t.ty,
+                f.tensor_data(t).unwrap().into_owned(),
+            );
         }
     }
     let e = arch::load(&GgufFile::parse(g.to_bytes()).unwrap(), None, None).unwrap_err();
@@ -234,4 +244,74 @@ fn unsupported_models_are_refused_with_reasons() {
     );
     let e = arch::config(&GgufFile::parse(g.to_bytes()).unwrap(), None).unwrap_err();
     assert!(e.to_string().contains("DeltaNet"), "{e}");
+}
+
+fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("bitexact-gguf-{}-{name}", std::process::id()));
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+/// A file that shrinks after it was opened: the tensor reads give a typed error naming the
+/// tensor (no memory map, so no SIGBUS), and the loader passes it on.
+#[test]
+fn a_file_shrunk_after_open_is_an_error_not_a_crash() {
+    let cfg = ModelConfig::preset("tiny", WeightFormat::Q8_0).unwrap();
+    let w = ModelWeights::generate(&cfg, 2, None).unwrap();
+    let bytes = arch::export(&w).unwrap();
+    let path = temp_file("shrink.gguf", &bytes);
+    let f = GgufFile::open(&path).unwrap();
+    assert_eq!(f.len(), bytes.len());
+    // Before: every tensor reads back its bytes.
+    let t0 = &f.tensors[0];
+    let start = (f.data_offset + t0.offset) as usize;
+    assert_eq!(
+        f.tensor_data(t0).unwrap().as_ref(),
+        &bytes[start..start + t0.bytes as usize]
+    );
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(bytes.len() as u64 / 2)
+        .unwrap();
+    let last = f.tensors.iter().max_by_key(|t| t.offset).unwrap();
+    match f.tensor_data(last) {
+        Err(GgufError::Truncated { what, .. }) => {
+            assert!(
+                what.contains(&last.name) && what.contains("shorter"),
+                "{what}"
+            )
+        }
+        other => panic!(
+            "expected a truncation error, got {:?}",
+            other.map(|b| b.len())
+        ),
+    }
+    assert!(arch::load(&f, None, None).is_err());
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Metadata larger than the first read (1 MiB): `open` reads on until the head is whole.
+#[test]
+fn open_reads_a_head_larger_than_its_first_read() {
+    let mut g = GgufWriter::new();
+    let tokens: Vec<String> = (0..150_000).map(|i| format!("token-{i:08}")).collect();
+    g.meta("general.architecture", Value::String("none".into()))
+        .meta("tokenizer.ggml.tokens", Value::Array(Array::String(tokens)))
+        .tensor(
+            "t.weight",
+            &[4],
+            GgmlType::of(WeightFormat::F32),
+            vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16],
+        );
+    let bytes = g.to_bytes();
+    assert!(bytes.len() > 2 << 20);
+    let path = temp_file("bighead.gguf", &bytes);
+    let f = GgufFile::open(&path).unwrap();
+    assert_eq!(
+        f.tensor_data(&f.tensors[0]).unwrap().as_ref(),
+        &bytes[bytes.len() - 32..][..16]
+    );
+    let _ = std::fs::remove_file(&path);
 }
