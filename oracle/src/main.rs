@@ -400,6 +400,12 @@ impl Progress {
 const CHUNK: usize = 16;
 
 fn main() {
+    // A closed pipe (`oracle inspect f.gguf | head`) ends the process quietly, as it does for
+    // other Unix tools, instead of a panic in println!.
+    // SAFETY: restoring the default disposition of one signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
