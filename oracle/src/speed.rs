@@ -36,6 +36,27 @@ pub struct SpeedArgs {
     /// CUDA device ordinal.
     #[arg(long, default_value_t = 0)]
     device: usize,
+    /// Also write the rows as JSON (for `ci/side-by-side`): per phase the median, min and max
+    /// seconds and tokens per second.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+/// One timed row of the JSON report.
+#[derive(serde::Serialize)]
+struct Row {
+    /// `prefill` or `decode`.
+    phase: &'static str,
+    /// Prompt length (prefill) or context before the first step (decode).
+    tokens: usize,
+    /// Timed repetitions (prefill) or steps (decode).
+    samples: usize,
+    /// Seconds per prefill or per step: median, minimum, maximum.
+    median_s: f64,
+    min_s: f64,
+    max_s: f64,
+    /// Tokens per second at the median.
+    tokens_per_s: f64,
 }
 
 /// Parameters one token touches: attention, router and the top-k experts of every layer, plus
@@ -152,6 +173,7 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
     println!("| phase | tokens | time | tokens/s | same flops at cuBLAS bf16 / launches | active weight bytes at copy rate |");
     println!("|---|---:|---:|---:|---:|---:|");
     let mut decode_rows = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
     // A short prefill first: module loads and scratch growth stay out of the numbers.
     s.prefill(&dev, &prompt(1, 16, cfg.vocab))?;
     for &n in &a.prefill {
@@ -173,6 +195,15 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
             times.iter().copied().fold(0.0, f64::max),
         );
         let secs = median(times);
+        rows.push(Row {
+            phase: "prefill",
+            tokens: n,
+            samples: a.reps,
+            median_s: secs,
+            min_s: lo,
+            max_s: hi,
+            tokens_per_s: n as f64 / secs,
+        });
         let ideal = 2.0 * params * n as f64 / (bf16_rate * 1e12);
         println!(
             "| prefill | {n} | {:.1} ms (min {:.1}, max {:.1}, {} reps) | {:.0} | {:.1} ms | - |",
@@ -206,6 +237,15 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
             times.iter().copied().fold(0.0, f64::max),
         );
         let secs = median(times);
+        rows.push(Row {
+            phase: "decode",
+            tokens: c,
+            samples: a.steps,
+            median_s: secs,
+            min_s: lo,
+            max_s: hi,
+            tokens_per_s: 1.0 / secs,
+        });
         // Kernels in one step: those of the captured graph (one launch a step), or the eager
         // launches per step.
         let kernels = s.graph_kernels().map_or(eager, |k| k as f64);
@@ -222,6 +262,10 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
             (1.0 / secs) / (copy / wbytes)
         ));
         println!("{}", decode_rows.last().unwrap());
+    }
+    if let Some(path) = &a.json {
+        crate::write_atomic(path, serde_json::to_string_pretty(&rows)?.as_bytes())?;
+        println!("report: {}", path.display());
     }
     Ok(true)
 }

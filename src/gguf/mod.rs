@@ -823,15 +823,17 @@ impl GgufFile {
                 let mut done = 0usize;
                 while done < buf.len() {
                     match file.read_at(&mut buf[done..], start + done as u64) {
-                        Ok(0) => return Err(GgufError::Truncated {
-                            at: (start + done as u64) as usize,
-                            what: format!(
+                        Ok(0) => {
+                            return Err(GgufError::Truncated {
+                                at: (start + done as u64) as usize,
+                                what: format!(
                                 "data of tensor `{}` ({path} is shorter than when it was opened)",
                                 t.name
                             ),
-                            need: t.bytes,
-                            have: done as u64,
-                        }),
+                                need: t.bytes,
+                                have: done as u64,
+                            })
+                        }
                         Ok(n) => done += n,
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                         Err(error) => {
