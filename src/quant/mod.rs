@@ -566,4 +566,32 @@ mod tests {
         assert_eq!(WeightFormat::parse("q4k"), Some(WeightFormat::Q4K));
         assert_eq!(WeightFormat::parse("Q3_K"), None);
     }
+
+    /// `cuda/gemm.cu` names each format with a `#define FMT_<name> <index>`; the kernels pick
+    /// their decode by it and the wrappers by [`WeightFormat::index`]. Nothing else ties the
+    /// two lists together, so this does: every format once, at its index.
+    #[test]
+    fn cuda_format_constants_match_the_enum() {
+        let src = include_str!("../../cuda/gemm.cu");
+        let mut seen = Vec::new();
+        for line in src.lines() {
+            let Some(rest) = line.strip_prefix("#define FMT_") else {
+                continue;
+            };
+            let mut it = rest.split_whitespace();
+            let (name, value) = (it.next().unwrap(), it.next().unwrap());
+            let f = WeightFormat::parse(name)
+                .unwrap_or_else(|| panic!("FMT_{name} names no WeightFormat"));
+            assert_eq!(value.parse::<usize>().unwrap(), f.index(), "FMT_{name}");
+            seen.push(f);
+        }
+        assert_eq!(
+            seen.len(),
+            WeightFormat::ALL.len(),
+            "one FMT_ constant per format"
+        );
+        for f in WeightFormat::ALL {
+            assert!(seen.contains(&f), "no FMT_ constant for {f}");
+        }
+    }
 }
