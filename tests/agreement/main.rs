@@ -189,6 +189,30 @@ fn f32_weights_agree_with_llama_cpp() {
     }
 }
 
+/// The `small` preset (GQA 4:1, 16 experts, top-4, head dim 32, 4 layers) without its shared
+/// expert, F32 weights: the same agreement.
+#[test]
+fn small_preset_agrees_with_llama_cpp() {
+    let Some(tool) = tool() else { return };
+    let mut cfg = ModelConfig::preset("small", WeightFormat::F32).unwrap();
+    cfg.moe.shared_ffn = None;
+    let w = ModelWeights::generate(&cfg, 13, None).unwrap();
+    let tokens = prompt(13, 130, cfg.vocab);
+    let a = compare(
+        &bitexact_logits(&w, &tokens),
+        &llama_logits(&tool, &w, &tokens, "small"),
+        cfg.vocab,
+    );
+    println!(
+        "small preset, F32, {} tokens: median relative L2 {:.3e}, max {:.3e}, top-1 mismatches {}",
+        tokens.len(),
+        a.median_rel,
+        a.max_rel,
+        a.top1_mismatches
+    );
+    assert!(agrees(&a), "bitexact and llama.cpp disagree: {a:?}");
+}
+
 /// With Q8_0 experts, bitexact and llama.cpp (both quantizing activations per 32 for the
 /// products) differ from each other by no more than llama.cpp's Q8_0 logits differ from its
 /// own F32 logits of the same weights.
