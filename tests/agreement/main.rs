@@ -213,9 +213,43 @@ fn small_preset_agrees_with_llama_cpp() {
     assert!(agrees(&a), "bitexact and llama.cpp disagree: {a:?}");
 }
 
-/// With Q8_0 experts, bitexact and llama.cpp (both quantizing activations per 32 for the
-/// products) differ from each other by no more than llama.cpp's Q8_0 logits differ from its
-/// own F32 logits of the same weights.
+/// With quantized experts, bitexact and llama.cpp differ from each other by no more than
+/// llama.cpp's quantized logits differ from its own F32 logits of the same weights. Q8_0: both
+/// quantize activations per 32. Q4_K: llama.cpp per 256 (q8_K), bitexact per 32.
+#[test]
+fn q4_k_within_llama_cpp_own_quantization_spread() {
+    let Some(tool) = tool() else { return };
+    let mut cq = ModelConfig::preset("small", WeightFormat::Q4K).unwrap();
+    cq.moe.shared_ffn = None;
+    let c32 = ModelConfig {
+        moe: bitexact::model::MoeConfig {
+            format: WeightFormat::F32,
+            ..cq.moe.clone()
+        },
+        ..cq.clone()
+    };
+    let (wq, w32) = (
+        ModelWeights::generate(&cq, 14, None).unwrap(),
+        ModelWeights::generate(&c32, 14, None).unwrap(),
+    );
+    let tokens = prompt(14, 70, cq.vocab);
+    let theirs = llama_logits(&tool, &wq, &tokens, "q4k");
+    let us_them = compare(&bitexact_logits(&wq, &tokens), &theirs, cq.vocab);
+    let spread = compare(
+        &theirs,
+        &llama_logits(&tool, &w32, &tokens, "q4k-f32"),
+        cq.vocab,
+    );
+    println!(
+        "Q4_K experts: bitexact vs llama.cpp median {:.3e} (top-1 mismatches {}); llama.cpp Q4_K vs F32 median {:.3e}",
+        us_them.median_rel, us_them.top1_mismatches, spread.median_rel
+    );
+    assert!(
+        us_them.median_rel <= spread.median_rel,
+        "bitexact vs llama.cpp ({us_them:?}) exceeds llama.cpp's own Q4_K spread ({spread:?})"
+    );
+}
+
 #[test]
 fn q8_0_within_llama_cpp_own_quantization_spread() {
     let Some(tool) = tool() else { return };
