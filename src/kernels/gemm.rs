@@ -210,8 +210,9 @@ impl RoutedRows {
     }
 
     /// The two routing tables of an MoE block built on the device from router ids
-    /// `ids: [n, k]` (each below `n_experts`, as `softmax_topk` guarantees), with no host
-    /// round trip: `(up, down)`. Routed row `r = token * k + slot` (no sorting, one row per
+    /// `ids: [n, k]`, with no host round trip: `(up, down)`. The ids are never read back, so
+    /// they cannot be checked: one `>= n_experts` (which `softmax_topk` never writes) is
+    /// clamped to the last expert, which keeps every read inside the weights. Routed row `r = token * k + slot` (no sorting, one row per
     /// tile) reads token `r / k` through expert `ids[r]` in `up` and row `r` in `down`; both
     /// write row `r`, so `down`'s output is the `[n * k, dim]` partials in slot order. Grouping
     /// never changes a bit, so products over these tables equal those over [`RoutedRows::new`]'s.

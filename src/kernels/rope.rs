@@ -71,7 +71,7 @@ impl Positions {
     /// Overwrites the positions (queued on the stream); each must be at most the bound (or
     /// largest position) this set was made with, and the count must match, else an error and
     /// nothing is written.
-    pub fn set(&mut self, dev: &Device, pos: &[u32]) -> Result<()> {
+    pub fn set(&mut self, pos: &[u32]) -> Result<()> {
         const OP: &str = "Positions::set";
         check_shape(OP, "pos", &[self.pos.len()], &[pos.len()])?;
         if let Some((i, &p)) = pos.iter().enumerate().find(|(_, &p)| p > self.max) {
@@ -83,7 +83,6 @@ impl Positions {
                 bound: u64::from(self.max) + 1,
             });
         }
-        let _ = dev;
         self.pos.copy_from_host(pos)
     }
 

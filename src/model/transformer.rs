@@ -432,6 +432,9 @@ pub struct SessionStats {
 /// position) and reads (logits) around each replay.
 struct DecodeGraph {
     kernels: u64,
+    /// The device it was captured for (a replay on another one would run another GPU's
+    /// pointers).
+    ordinal: usize,
     ids: GpuTensor<u32>,
     pos: Positions,
     logits: GpuTensor<f32>,
@@ -515,26 +518,32 @@ impl<'m> Session<'m> {
 
     /// Takes one token (a graph replay once the step is captured).
     pub fn decode(&mut self, dev: &Device, token: u32) -> Result<()> {
-        if !self.graphs || self.poisoned {
-            return self.forward(dev, &[token], None);
-        }
-        let Some(mut g) = self.graph.take() else {
+        const OP: &str = "Session::decode";
+        if !self.graphs || self.poisoned || self.graph.is_none() {
             self.forward(dev, &[token], None)?;
-            // The step ran; a capture that fails only turns graphs off, and says why.
-            match self.capture(dev) {
-                Ok(g) => self.graph = Some(g),
-                Err(e) => {
-                    self.graphs = false;
-                    self.stats.graph_error = Some(e.to_string());
+            if self.graphs && self.graph.is_none() {
+                // The step ran; a capture that fails only turns graphs off, and says why.
+                match self.capture(dev) {
+                    Ok(g) => self.graph = Some(g),
+                    Err(e) => {
+                        self.graphs = false;
+                        self.stats.graph_error = Some(e.to_string());
+                    }
                 }
             }
             return Ok(());
-        };
-        const OP: &str = "Session::decode";
+        }
         check_tokens(OP, &self.model.cfg, &[token], self.pos)?;
+        let g = self.graph.as_mut().expect("checked above");
+        if g.ordinal != dev.context().ordinal() {
+            return Err(Error::invalid(
+                OP,
+                "the session's decode graph was captured on another device: use one device per session",
+            ));
+        }
         self.poisoned = true;
         g.ids.copy_from_host(&[token])?;
-        g.pos.set(dev, &[self.pos as u32])?;
+        g.pos.set(&[self.pos as u32])?;
         // SAFETY: the graph's kernels read the token and position buffers written above and
         // this session's caches and the model (alive for 'm), and write the logits buffer; it
         // is launched on the device's stream, after the copies, and `&mut self` keeps any
@@ -543,7 +552,6 @@ impl<'m> Session<'m> {
             cudarc::driver::result::graph::launch(g.graph.cu_graph_exec(), dev.stream().cu_stream())
         }?;
         let logits = g.logits.to_host()?;
-        self.graph = Some(g);
         self.last_logits = Some(logits);
         self.pos += 1;
         self.stats.calls.push(1);
@@ -587,6 +595,7 @@ impl<'m> Session<'m> {
         })?;
         Ok(DecodeGraph {
             kernels: twin.launches(),
+            ordinal: dev.context().ordinal(),
             ids,
             pos,
             logits,
