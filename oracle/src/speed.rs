@@ -18,6 +18,10 @@ pub struct SpeedArgs {
     /// Model preset.
     #[arg(long, default_value = "qwen3-30b-a3b")]
     preset: String,
+    /// Run a GGUF file (qwen3moe, any mix of formats) instead of a preset: the file llama.cpp
+    /// is measured on (`ci/side-by-side`).
+    #[arg(long)]
+    gguf: Option<std::path::PathBuf>,
     /// Format of the experts (and attention and LM head for the large presets).
     #[arg(long, default_value = "Q8_0", value_parser = parse_format)]
     format: WeightFormat,
@@ -78,6 +82,39 @@ fn active(cfg: &ModelConfig) -> (f64, f64) {
             + bytes(m.format, experts))
         + bytes(cfg.lm_head_format, cfg.vocab * d);
     (params as f64, weight_bytes)
+}
+
+/// [`active`] counted from the matrices themselves (their own formats, as a GGUF file mixes
+/// them): per token, every attention matrix and router, `top_k / n_experts` of each expert
+/// stack, the shared expert and the LM head.
+fn active_of(w: &bitexact::model::ModelWeights) -> (f64, f64) {
+    let c = &w.cfg;
+    let share = c.moe.top_k as f64 / c.moe.n_experts as f64;
+    let mat = |m: &bitexact::quant::QuantMatrix, f: f64| {
+        (
+            f * (m.experts() * m.rows() * m.cols()) as f64,
+            f * m.bytes().len() as f64,
+        )
+    };
+    let mut total = mat(&w.lm_head, 1.0);
+    let mut add = |(p, b): (f64, f64)| {
+        total.0 += p;
+        total.1 += b;
+    };
+    for l in &w.layers {
+        for m in [&l.wq, &l.wk, &l.wv, &l.wo, &l.moe.router] {
+            add(mat(m, 1.0));
+        }
+        for m in [&l.moe.gate, &l.moe.up, &l.moe.down] {
+            add(mat(m, share));
+        }
+        if let Some(s) = &l.moe.shared {
+            for m in [&s.gate_inp, &s.gate, &s.up, &s.down] {
+                add(mat(m, 1.0));
+            }
+        }
+    }
+    total
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -141,16 +178,6 @@ fn copy_rate(dev: &Device) -> Result<f64> {
 }
 
 pub fn run(a: &SpeedArgs) -> Result<bool> {
-    let cfg = ModelConfig::preset(&a.preset, a.format)?;
-    let dev = Device::new(a.device)?;
-    dev.warm_up()?;
-    println!(
-        "bitexact oracle: speed, {} with {} experts on {} ({})",
-        cfg.name,
-        a.format,
-        dev.name(),
-        dev.arch()
-    );
     let longest = a
         .prefill
         .iter()
@@ -158,14 +185,48 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
         .copied()
         .max()
         .unwrap_or(1);
+    // A file: its weights as stored (llama.cpp's file, read once into host memory), with a
+    // context long enough for the longest phase. A preset: generated layer by layer.
+    let file = match &a.gguf {
+        Some(path) => {
+            let f = bitexact::gguf::GgufFile::open(path)?;
+            let context = longest + a.steps + 16;
+            Some(bitexact::gguf::arch::load(&f, Some(context), None)?)
+        }
+        None => None,
+    };
+    let cfg = match &file {
+        Some(w) => w.cfg.clone(),
+        None => ModelConfig::preset(&a.preset, a.format)?,
+    };
+    let dev = Device::new(a.device)?;
+    dev.warm_up()?;
+    println!(
+        "bitexact oracle: speed, {} on {} ({})",
+        match &a.gguf {
+            Some(p) => format!("{} ({})", cfg.name, p.display()),
+            None => format!("{} with {} experts", cfg.name, a.format),
+        },
+        dev.name(),
+        dev.arch()
+    );
     let t = Instant::now();
-    let model = GpuModel::generate(&dev, &cfg, 0, longest, |_| {}).context("building the model")?;
+    let (model, (params, wbytes)) = match &file {
+        Some(w) => (
+            GpuModel::load(&dev, w).context("uploading the model")?,
+            active_of(w),
+        ),
+        None => (
+            GpuModel::generate(&dev, &cfg, 0, longest, |_| {}).context("building the model")?,
+            active(&cfg),
+        ),
+    };
+    drop(file);
     println!(
         "model generated and uploaded in {:.1} s",
         t.elapsed().as_secs_f64()
     );
     let mut s = Session::new(&dev, &model)?;
-    let (params, wbytes) = active(&cfg);
     let bf16_rate = cublas_bf16_rate(&dev, 2048)?;
     let copy = copy_rate(&dev)?;
     println!("same-run ceilings: cuBLAS bf16 {bf16_rate:.0} TFLOP/s (2048 x 2048 x 2048), copy {:.0} GB/s", copy / 1e9);

@@ -250,6 +250,68 @@ fn q4_k_within_llama_cpp_own_quantization_spread() {
     );
 }
 
+/// A file llama.cpp's own quantizer made: our F32 export of the `small` preset through
+/// `llama-quantize ... Q4_K_M` (Q4_K with Q6_K for some v and down matrices and the LM head, the
+/// embedding in Q4_K). bitexact loads it and runs it; against llama.cpp on the same file it
+/// differs by no more than llama.cpp's Q4_K_M logits differ from its F32 ones.
+#[test]
+fn a_llama_quantize_q4_k_m_file_runs_and_agrees() {
+    let Some(tool) = tool() else { return };
+    let quantize = tool.parent().unwrap().join("quantize/llama-quantize");
+    if !quantize.is_file() {
+        let why = format!("llama-quantize is not built ({})", quantize.display());
+        if std::env::var("BITEXACT_REQUIRE_LLAMA").is_ok_and(|v| v == "1") {
+            panic!("BITEXACT_REQUIRE_LLAMA=1 but {why}");
+        }
+        println!("SKIP: {why}");
+        return;
+    }
+    let mut cfg = ModelConfig::preset("small", WeightFormat::F32).unwrap();
+    cfg.moe.shared_ffn = None;
+    let w32 = ModelWeights::generate(&cfg, 15, None).unwrap();
+    let dir = std::env::temp_dir().join(format!("bitexact-agreement-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (f32_path, q_path) = (dir.join("qm-f32.gguf"), dir.join("qm-q4_k_m.gguf"));
+    std::fs::write(&f32_path, export(&w32).unwrap()).unwrap();
+    let out = Command::new(&quantize)
+        .arg(&f32_path)
+        .arg(&q_path)
+        .arg("Q4_K_M")
+        .output()
+        .expect("running llama-quantize");
+    assert!(
+        out.status.success(),
+        "llama-quantize: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let file = bitexact::gguf::GgufFile::open(&q_path).unwrap();
+    let formats: std::collections::BTreeSet<String> =
+        file.tensors.iter().map(|t| t.ty.name.to_string()).collect();
+    let wq = bitexact::gguf::arch::load(&file, None, None).unwrap();
+    let tokens = prompt(15, 80, cfg.vocab);
+    let theirs = llama_logits(&tool, &wq, &tokens, "qm");
+    let us_them = compare(&bitexact_logits(&wq, &tokens), &theirs, cfg.vocab);
+    let spread = compare(
+        &theirs,
+        &llama_logits(&tool, &w32, &tokens, "qm-f32"),
+        cfg.vocab,
+    );
+    println!(
+        "llama-quantize Q4_K_M ({formats:?}): bitexact vs llama.cpp median {:.3e} (top-1 mismatches {} of {}); llama.cpp Q4_K_M vs F32 median {:.3e}",
+        us_them.median_rel, us_them.top1_mismatches, tokens.len(), spread.median_rel
+    );
+    assert!(
+        formats.contains("Q6_K") && formats.contains("Q4_K"),
+        "{formats:?}"
+    );
+    assert!(
+        us_them.median_rel <= spread.median_rel,
+        "bitexact vs llama.cpp ({us_them:?}) exceeds llama.cpp's own Q4_K_M spread ({spread:?})"
+    );
+    let _ = std::fs::remove_file(&f32_path);
+    let _ = std::fs::remove_file(&q_path);
+}
+
 #[test]
 fn q8_0_within_llama_cpp_own_quantization_spread() {
     let Some(tool) = tool() else { return };
