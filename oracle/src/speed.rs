@@ -117,6 +117,14 @@ fn active_of(w: &bitexact::model::ModelWeights) -> (f64, f64) {
     total
 }
 
+/// The fastest and slowest of `times`.
+fn spread(times: &[f64]) -> (f64, f64) {
+    (
+        times.iter().copied().fold(f64::INFINITY, f64::min),
+        times.iter().copied().fold(0.0, f64::max),
+    )
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -251,10 +259,7 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
                 times.push(t.elapsed().as_secs_f64());
             }
         }
-        let (lo, hi) = (
-            times.iter().copied().fold(f64::INFINITY, f64::min),
-            times.iter().copied().fold(0.0, f64::max),
-        );
+        let (lo, hi) = spread(&times);
         let secs = median(times);
         rows.push(Row {
             phase: "prefill",
@@ -293,10 +298,7 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
             println!("decode graph capture failed (steps launched eagerly): {e}");
         }
         let eager = (dev.launches() - launches0) as f64 / a.steps as f64;
-        let (lo, hi) = (
-            times.iter().copied().fold(f64::INFINITY, f64::min),
-            times.iter().copied().fold(0.0, f64::max),
-        );
+        let (lo, hi) = spread(&times);
         let secs = median(times);
         rows.push(Row {
             phase: "decode",

@@ -394,23 +394,12 @@ pub fn export_preset(
     cfg.validate()
         .map_err(|e| GgufError::Model(e.to_string()))?;
     let model_err = |e: crate::Error| GgufError::Model(e.to_string());
-    let head = ModelWeights::generate(
-        &ModelConfig {
-            n_layers: 1,
-            ..cfg.clone()
-        },
-        seed,
-        Some(0),
-    )
-    .map_err(model_err)?;
+    let head = ModelWeights::generate_head(cfg, seed).map_err(model_err)?;
     // Every layer has the same tensors and sizes: layer 0 gives the infos of all.
     let layer0 = LayerWeights::generate(cfg, seed, 0).map_err(model_err)?;
     let mut g = super::writer::GgufWriter::new();
     put_metadata(&mut g, cfg);
-    let head_t = head_tensors(&ModelWeights {
-        cfg: cfg.clone(),
-        ..head
-    });
+    let head_t = head_tensors(&head);
     let n_head = head_t.len();
     for (name, d, ty, bytes) in head_t {
         g.tensor(&name, &d, ty, bytes);

@@ -129,6 +129,20 @@ impl ModelWeights {
         })
     }
 
+    /// The embedding, final norm and LM head of `cfg` from `seed` and no layer: the bits
+    /// [`ModelWeights::generate`] gives them, for callers that make the layers one at a time
+    /// (a 30B preset never sits in memory whole).
+    pub fn generate_head(cfg: &ModelConfig, seed: u64) -> Result<Self> {
+        let one = ModelConfig {
+            n_layers: 1,
+            ..cfg.clone()
+        };
+        Ok(ModelWeights {
+            cfg: cfg.clone(),
+            ..ModelWeights::generate(&one, seed, Some(0))?
+        })
+    }
+
     /// True when every layer of the config is present.
     pub fn is_complete(&self) -> bool {
         self.layers.len() == self.cfg.n_layers
@@ -373,14 +387,7 @@ impl GpuModel {
     ) -> Result<Self> {
         cfg.validate()?;
         check_fits(dev, cfg, rows)?;
-        let head = ModelWeights::generate(
-            &ModelConfig {
-                n_layers: 1,
-                ..cfg.clone()
-            },
-            seed,
-            Some(0),
-        )?;
+        let head = ModelWeights::generate_head(cfg, seed)?;
         let lm = GpuMatrix::upload(dev, &head.lm_head)?;
         Self::assemble(dev, cfg, &head.embed, &head.out_norm, lm, |l| {
             let layer = upload_layer(dev, &LayerWeights::generate(cfg, seed, l)?);

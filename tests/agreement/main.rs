@@ -20,17 +20,14 @@ use bitexact::quant::{QuantMatrix, WeightFormat};
 /// at about 1e-6: both sides compute the same f32 model in different orders.
 const F32_MEDIAN_BOUND: f64 = 1e-5;
 
-fn tool() -> Option<PathBuf> {
-    let path = std::env::var_os("BITEXACT_LLAMA_LOGITS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join(".peers/build-cpu/bitexact-logits")
-        });
+/// `path` when it is built; otherwise prints why the test skips (or panics under
+/// `BITEXACT_REQUIRE_LLAMA=1`).
+fn built(path: PathBuf, what: &str) -> Option<PathBuf> {
     if path.is_file() {
         return Some(path);
     }
     let why = format!(
-        "llama.cpp's logits tool is not built ({}; run ci/llama-cpp fetch && ci/llama-cpp build-cpu)",
+        "{what} is not built ({}; run ci/llama-cpp fetch && ci/llama-cpp build-cpu)",
         path.display()
     );
     if std::env::var("BITEXACT_REQUIRE_LLAMA").is_ok_and(|v| v == "1") {
@@ -38,6 +35,15 @@ fn tool() -> Option<PathBuf> {
     }
     println!("SKIP: {why}");
     None
+}
+
+fn tool() -> Option<PathBuf> {
+    let path = std::env::var_os("BITEXACT_LLAMA_LOGITS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(".peers/build-cpu/bitexact-logits")
+        });
+    built(path, "llama.cpp's logits tool")
 }
 
 /// The `tiny` preset without a shared expert (llama.cpp's `qwen3moe` has none), 3 layers.
@@ -257,15 +263,12 @@ fn q4_k_within_llama_cpp_own_quantization_spread() {
 #[test]
 fn a_llama_quantize_q4_k_m_file_runs_and_agrees() {
     let Some(tool) = tool() else { return };
-    let quantize = tool.parent().unwrap().join("quantize/llama-quantize");
-    if !quantize.is_file() {
-        let why = format!("llama-quantize is not built ({})", quantize.display());
-        if std::env::var("BITEXACT_REQUIRE_LLAMA").is_ok_and(|v| v == "1") {
-            panic!("BITEXACT_REQUIRE_LLAMA=1 but {why}");
-        }
-        println!("SKIP: {why}");
+    let Some(quantize) = built(
+        tool.parent().unwrap().join("quantize/llama-quantize"),
+        "llama-quantize",
+    ) else {
         return;
-    }
+    };
     let mut cfg = ModelConfig::preset("small", WeightFormat::F32).unwrap();
     cfg.moe.shared_ffn = None;
     let w32 = ModelWeights::generate(&cfg, 15, None).unwrap();
