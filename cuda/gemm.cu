@@ -40,6 +40,10 @@
 //                                      each block's isum, every thread keeps its 16 outputs'
 //                                      four partials in registers (block j of a 256-wide chunk
 //                                      feeds partial j % 4, a compile-time index).
+//   gemm_mma_q8_0_async                v3, Q8_0 with K % 256 == 0: gemm_mma_q8_0's tile and
+//                                      epilogue, its operands copied raw into shared memory by
+//                                      cp.async, three chunks in flight (the register staging
+//                                      and decode pass of v2 left the SMs waiting on loads).
 
 #include "common.cuh"
 
@@ -296,6 +300,7 @@ __device__ __forceinline__ void gemv_body(float* __restrict__ y, const float* __
     const u32 m = blockIdx.x * GEMV_WARPS + warp;
     if (m >= M) return;  // the whole warp: rows are per warp, synchronization is per warp
     const Tile tl = get_tile(tiles, tile0 + blockIdx.y, NT, n_rows);
+    if (tl.rows == 0u) return;  // a padding tile of a device-built table
     const u8* wrow = W + ((u64)tl.expert * M + m) * row_bytes;
     const u32 nb = (K + DOT_BLOCK - 1u) / DOT_BLOCK;
     const u32 p = lane & 3u, cn = lane >> 2;  // this lane's chain: partial p of token cn
@@ -420,6 +425,7 @@ __device__ __forceinline__ void gemm_ffma_body(float* __restrict__ y, const floa
     const u32 t = threadIdx.x % FFMA_GROUP;
     const u32 tr = t / 8u, tc = t % 8u;
     const Tile tl = get_tile(tiles, tile0 + blockIdx.y, TILE, n_rows);
+    if (tl.rows == 0u) return;  // a padding tile of a device-built table (block-uniform)
     const u32 m0 = blockIdx.x * TILE;
 
     // Thread t loads row t of the activation tile and row t of the weight tile.
@@ -584,6 +590,7 @@ __device__ __forceinline__ void gemm_mma_body(float* __restrict__ y,
     const u32 gq = lane >> 2, tq = lane & 3u;  // mma groupID, threadID_in_group
     const u32 wm = warp & 1u, wn = warp >> 1;
     const Tile tl = get_tile(tiles, tile0 + blockIdx.y, TILE, n_rows);
+    if (tl.rows == 0u) return;  // a padding tile of a device-built table (block-uniform)
     const u32 m0 = blockIdx.x * TILE;
     const u32 nb = K / DOT_BLOCK;
 
@@ -764,6 +771,182 @@ __device__ __forceinline__ void gemm_mma_body(float* __restrict__ y,
 }
 
 // ------------------------------------------------------------------------------------------
+// Q8_0 with K % 256 == 0: the tile, warps, fragments and epilogue of gemm_mma_body, fed by
+// cp.async instead of registers. A chunk of 8 blocks of a weight row is 8 * 34 = 272
+// contiguous bytes at a 16-byte aligned offset (row_bytes = 34 * nb, nb % 8 == 0), so it is
+// copied into shared memory as stored, with no decode pass: block j's scale at byte 34j, its
+// codes at 34j + 2 (4-byte aligned for odd j; for even j each fragment word is two aligned
+// words funnel-shifted). Activation codes and scales are copied the same way; Q8A_STAGES
+// chunks are in flight while one is multiplied.
+
+#define Q8A_STAGES 3u
+#define Q8A_ROW 272u                                   // bytes per row and chunk, W and X
+#define Q8A_STAGE_BYTES (2u * TILE * Q8A_ROW + TILE * 8u * 4u)  // W, X codes, X scales
+#define Q8A_SMEM (Q8A_STAGES * Q8A_STAGE_BYTES)
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, u32 bytes) {
+    const u32 dst = (u32)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(gmem),
+                 "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N));
+}
+
+// The 4 code bytes at `off` of a raw Q8_0 chunk row in shared memory; `off` is 2 mod 4 when
+// `odd` is false (a compile-time fact of the block index), 0 mod 4 otherwise.
+template <bool ODD>
+__device__ __forceinline__ int q8a_word(const u8* row, u32 off) {
+    if (ODD) return *reinterpret_cast<const int*>(row + off);
+    const u32 lo = *reinterpret_cast<const u32*>(row + off - 2u);
+    const u32 hi = *reinterpret_cast<const u32*>(row + off + 2u);
+    return (int)__funnelshift_r(lo, hi, 16);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+    gemm_mma_q8_0_async(float* __restrict__ y, const float* __restrict__ x,
+                        const signed char* __restrict__ xq, const float* __restrict__ xd,
+                        const float* __restrict__ xa, const u8* __restrict__ W,
+                        const u32* __restrict__ tiles, const u32* __restrict__ x_rows,
+                        const u32* __restrict__ y_rows, u32 n_rows, u32 M, u32 K,
+                        u64 row_bytes, u32 tile0) {
+    extern __shared__ __align__(16) u8 q8a_smem[];
+    const u32 tid = threadIdx.x;
+    const u32 warp = tid >> 5, lane = tid & 31u;
+    const u32 gq = lane >> 2, tq = lane & 3u;
+    const u32 wm = warp & 1u, wn = warp >> 1;
+    const Tile tl = get_tile(tiles, tile0 + blockIdx.y, TILE, n_rows);
+    if (tl.rows == 0u) return;  // a padding tile of a device-built table (block-uniform)
+    const u32 m0 = blockIdx.x * TILE;
+    const u32 nb = K / DOT_BLOCK, nchunks = nb / 8u;
+
+    // This thread's copies of a chunk: W 64 rows x 17 pieces, X 64 rows x 16 pieces, X scales
+    // 64 rows x 2 pieces (16 bytes each). Out-of-range rows copy 0 bytes (zero fill).
+    const auto load = [&](u32 c, u32 stage) {
+        u8* sw = q8a_smem + stage * Q8A_STAGE_BYTES;
+        u8* sx = sw + TILE * Q8A_ROW;
+        u8* sd = sx + TILE * Q8A_ROW;
+        for (u32 i = tid; i < TILE * 17u; i += 256u) {
+            const u32 r = i / 17u, part = i % 17u;
+            const bool ok = m0 + r < M;
+            const u8* src = ok ? W + ((u64)tl.expert * M + m0 + r) * row_bytes + c * Q8A_ROW + part * 16u : W;
+            cp_async16(sw + r * Q8A_ROW + part * 16u, src, ok ? 16u : 0u);
+        }
+#pragma unroll
+        for (u32 s = 0; s < 4u; ++s) {
+            const u32 i = tid + s * 256u;
+            const u32 r = i >> 4, part = i & 15u;
+            const bool ok = r < tl.rows;
+            const signed char* src =
+                ok ? xq + (u64)map_row(x_rows, tl.row0 + r) * K + c * 256u + part * 16u : xq;
+            cp_async16(sx + r * Q8A_ROW + part * 16u, src, ok ? 16u : 0u);
+        }
+        if (tid < TILE * 2u) {
+            const u32 r = tid >> 1, part = tid & 1u;
+            const bool ok = r < tl.rows;
+            const float* src = ok ? xd + (u64)map_row(x_rows, tl.row0 + r) * nb + c * 8u + part * 4u : xd;
+            cp_async16(sd + tid * 16u, src, ok ? 16u : 0u);
+        }
+    };
+
+    float acc[4][2][2][4];
+#pragma unroll
+    for (int p = 0; p < 4; ++p)
+#pragma unroll
+        for (int a = 0; a < 2; ++a)
+#pragma unroll
+            for (int b = 0; b < 2; ++b)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[p][a][b][e] = 0.0f;
+
+    const bool busy0 = wn * 16u < tl.rows, busy1 = wn * 16u + 8u < tl.rows;
+#pragma unroll
+    for (u32 s = 0; s < Q8A_STAGES - 1u; ++s) {
+        if (s < nchunks) load(s, s);
+        cp_async_commit();
+    }
+    for (u32 c = 0; c < nchunks; ++c) {
+        cp_async_wait<Q8A_STAGES - 2u>();
+        __syncthreads();  // chunk c is in; every warp is done with chunk c - 1's stage
+        if (c + Q8A_STAGES - 1u < nchunks) load(c + Q8A_STAGES - 1u, (c + Q8A_STAGES - 1u) % Q8A_STAGES);
+        cp_async_commit();
+        if (!busy0) continue;
+        const u8* sw = q8a_smem + (c % Q8A_STAGES) * Q8A_STAGE_BYTES;
+        const u8* sx = sw + TILE * Q8A_ROW;
+        const float* sd = reinterpret_cast<const float*>(sx + TILE * Q8A_ROW);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            int af[2][4], bf[2][2];
+            float ws[4], dx[4];
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt) {
+                const u32 r = wm * 32u + mt * 16u + gq;
+                const u32 off = (u32)j * 34u + 2u + tq * 4u;
+                const u8* r0 = sw + r * Q8A_ROW;
+                const u8* r8 = sw + (r + 8u) * Q8A_ROW;
+                if (j & 1) {
+                    af[mt][0] = q8a_word<true>(r0, off);
+                    af[mt][1] = q8a_word<true>(r8, off);
+                    af[mt][2] = q8a_word<true>(r0, off + 16u);
+                    af[mt][3] = q8a_word<true>(r8, off + 16u);
+                } else {
+                    af[mt][0] = q8a_word<false>(r0, off);
+                    af[mt][1] = q8a_word<false>(r8, off);
+                    af[mt][2] = q8a_word<false>(r0, off + 16u);
+                    af[mt][3] = q8a_word<false>(r8, off + 16u);
+                }
+            }
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt) {
+                const u8* base = sx + (wn * 16u + nt * 8u + gq) * Q8A_ROW + j * 32 + tq * 4u;
+                bf[nt][0] = *reinterpret_cast<const int*>(base);
+                bf[nt][1] = *reinterpret_cast<const int*>(base + 16);
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const u32 mr = wm * 32u + (i >> 1) * 16u + gq + ((i & 1) ? 8u : 0u);
+                const u32 nr = wn * 16u + (i >> 1) * 8u + tq * 2u + (i & 1);
+                ws[i] = f16_to_f32(ld_u16(sw + mr * Q8A_ROW + (u32)j * 34u));
+                dx[i] = sd[nr * 8u + j];
+            }
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+                for (int nt = 0; nt < 2; ++nt) {
+                    if (nt == 1 && !busy1) continue;
+                    int lo[4] = {0, 0, 0, 0};
+                    mma_k32(lo, af[mt], bf[nt][0], bf[nt][1]);
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int mi = mt * 2 + (e >> 1), ni = nt * 2 + (e & 1);
+                        acc[j & 3][mt][nt][e] = fmaf(ws[mi] * dx[ni],
+                                                     isum_to_float<FMT_Q8_0>(lo[e]),
+                                                     acc[j & 3][mt][nt][e]);
+                    }
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const u32 m = m0 + wm * 32u + mt * 16u + gq + ((e & 2) ? 8u : 0u);
+                const u32 r = wn * 16u + nt * 8u + tq * 2u + (e & 1);
+                if (m < M && r < tl.rows)
+                    y[(u64)map_row(y_rows, tl.row0 + r) * M + m] =
+                        canon_tree(acc[0][mt][nt][e], acc[1][mt][nt][e], acc[2][mt][nt][e],
+                                   acc[3][mt][nt][e]);
+            }
+}
+
+// ------------------------------------------------------------------------------------------
 // Routing tables built on the device from the router's ids [len = n * k] (a decode step queues
 // its MoE products without a host round trip). Two packed tables in RoutedRows' layout
 // (x_rows | experts | y_rows | gemm tiles | gemv tiles), rows in (token, slot) order, one row
@@ -789,6 +972,133 @@ extern "C" __global__ void route_rows(u32* __restrict__ up, u32* __restrict__ do
         t[6u * len + 3u * r] = e;
         t[6u * len + 3u * r + 1u] = r;
         t[6u * len + 3u * r + 2u] = 1u;
+    }
+}
+
+// Sorted routing tables built on the device (a prefill's MoE block, no host round trip): the
+// rows of every expert together, in (token, slot) order within an expert, cut into tiles of at
+// most 64 (GEMM) and 8 (GEMV) rows. Two kernels, one block per expert e:
+//   route_count  counts[e] = routed rows with id e (an integer sum: any order);
+//   route_sort   its rows' place = the rows of lower experts, its tiles' place = their tiles;
+//                a stable compaction in row order writes x_rows (up: r / k; down: r), experts,
+//                y_rows (r) and the tiles; block 0 fills the tile tables past the last tile
+//                with empty tiles (rows 0), which the products skip. The host sizes those
+//                tables for the most tiles any routing can need.
+// Ids >= n_experts (which the router never writes) count as the last expert, as in route_rows.
+
+#define ROUTE_THREADS 256u
+
+__device__ __forceinline__ u32 route_id(const u32* __restrict__ ids, u32 r, u32 n_experts) {
+    return min(ids[r], n_experts - 1u);
+}
+
+// The sum of v over the block (every thread gets it); integers, so the order is free.
+__device__ __forceinline__ u32 route_block_sum(u32 v, u32* __restrict__ scratch) {
+    v = __reduce_add_sync(0xffffffffu, v);
+    const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    u32 t = 0;
+    for (u32 w = 0; w < ROUTE_THREADS / 32u; ++w) t += scratch[w];
+    return t;
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    route_count(u32* __restrict__ counts, const u32* __restrict__ ids, u32 len, u32 n_experts) {
+    __shared__ u32 scratch[ROUTE_THREADS / 32u];
+    const u32 e = blockIdx.x;
+    u32 c = 0;
+    for (u32 r = threadIdx.x; r < len; r += ROUTE_THREADS) c += route_id(ids, r, n_experts) == e;
+    c = route_block_sum(c, scratch);
+    if (threadIdx.x == 0) counts[e] = c;
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    route_sort(u32* __restrict__ up, u32* __restrict__ down, const u32* __restrict__ counts,
+               const u32* __restrict__ ids, u32 len, u32 k, u32 n_experts, u32 gemm_tiles,
+               u32 gemv_tiles) {
+    __shared__ u32 scratch[ROUTE_THREADS / 32u];
+    __shared__ u32 warp_hits[ROUTE_THREADS / 32u];
+    const u32 e = blockIdx.x, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31u;
+    // Rows and tiles of the experts below e (and, for block 0, of all experts).
+    u32 row0 = 0, gt0 = 0, vt0 = 0, gt_all = 0, vt_all = 0;
+    for (u32 f = tid; f < n_experts; f += ROUTE_THREADS) {
+        const u32 c = counts[f];
+        const u32 g = (c + 63u) / 64u, v = (c + 7u) / 8u;
+        if (f < e) {
+            row0 += c;
+            gt0 += g;
+            vt0 += v;
+        }
+        gt_all += g;
+        vt_all += v;
+    }
+    row0 = route_block_sum(row0, scratch);
+    gt0 = route_block_sum(gt0, scratch);
+    vt0 = route_block_sum(vt0, scratch);
+    if (e == 0) {
+        gt_all = route_block_sum(gt_all, scratch);
+        vt_all = route_block_sum(vt_all, scratch);
+    }
+    u32* tabs[2] = {up, down};
+    const u32 gt_at = 3u * len, vt_at = 3u * len + 3u * gemm_tiles;
+    // The stable compaction: chunks of 256 rows in order; within a chunk, warps in order, lanes
+    // in order.
+    u32 placed = 0;
+    for (u32 base = 0; base < len; base += ROUTE_THREADS) {
+        const u32 r = base + tid;
+        const bool hit = r < len && route_id(ids, r, n_experts) == e;
+        const u32 ballot = __ballot_sync(0xffffffffu, hit);
+        __syncthreads();
+        if (lane == 0) warp_hits[warp] = __popc(ballot);
+        __syncthreads();
+        u32 before = placed;
+        for (u32 w = 0; w < warp; ++w) before += warp_hits[w];
+        if (hit) {
+            const u32 at = row0 + before + __popc(ballot & ((1u << lane) - 1u));
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                tabs[i][at] = i == 0 ? r / k : r;
+                tabs[i][len + at] = e;
+                tabs[i][2u * len + at] = r;
+            }
+        }
+        for (u32 w = 0; w < ROUTE_THREADS / 32u; ++w) placed += warp_hits[w];
+    }
+    // This expert's tiles.
+    const u32 c = counts[e];
+    for (u32 t = tid; t < (c + 63u) / 64u; t += ROUTE_THREADS) {
+        const u32 rows = min(64u, c - 64u * t);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            u32* tl = tabs[i] + gt_at + 3u * (gt0 + t);
+            tl[0] = e;
+            tl[1] = row0 + 64u * t;
+            tl[2] = rows;
+        }
+    }
+    for (u32 t = tid; t < (c + 7u) / 8u; t += ROUTE_THREADS) {
+        const u32 rows = min(8u, c - 8u * t);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            u32* tl = tabs[i] + vt_at + 3u * (vt0 + t);
+            tl[0] = e;
+            tl[1] = row0 + 8u * t;
+            tl[2] = rows;
+        }
+    }
+    if (e == 0) {
+        for (u32 t = gt_all + tid; t < gemm_tiles; t += ROUTE_THREADS)
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+#pragma unroll
+                for (int j = 0; j < 3; ++j) tabs[i][gt_at + 3u * t + j] = 0u;
+        for (u32 t = vt_all + tid; t < gemv_tiles; t += ROUTE_THREADS)
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+#pragma unroll
+                for (int j = 0; j < 3; ++j) tabs[i][vt_at + 3u * t + j] = 0u;
     }
 }
 

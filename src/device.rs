@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream};
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 
 use crate::error::{Error, Result};
@@ -195,6 +195,21 @@ pub struct Device {
     fault_in: AtomicU64,
     /// Kernel lookups so far: one per launch site ([`Device::launches`]).
     launches: AtomicU64,
+    /// While profiling ([`Device::set_profiling`]): an event recorded on the stream at each
+    /// kernel lookup, with the kernel's name.
+    marks: Mutex<Option<Vec<(&'static str, CudaEvent)>>>,
+}
+
+/// Time spent in one kernel over a profiled stretch ([`Device::take_profile`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct KernelTime {
+    /// The kernel's name in its `.cu` file.
+    pub name: &'static str,
+    /// Launches of it.
+    pub launches: u64,
+    /// Summed time from the event before each of its launches to the event before the next
+    /// launch (or the end of the stretch), milliseconds.
+    pub ms: f64,
 }
 
 /// Reused device buffers for the quantized activations of a matrix product: allocating them on
@@ -254,6 +269,7 @@ impl Device {
             act_scratch: Mutex::new(None),
             fault_in: AtomicU64::new(0),
             launches: AtomicU64::new(0),
+            marks: Mutex::new(None),
         })
     }
 
@@ -272,6 +288,7 @@ impl Device {
             act_scratch: Mutex::new(None),
             fault_in: AtomicU64::new(0),
             launches: AtomicU64::new(0),
+            marks: Mutex::new(None),
         })
     }
 
@@ -366,6 +383,44 @@ impl Device {
         self.launches.load(Ordering::Relaxed)
     }
 
+    /// Starts (or, with `false`, stops and forgets) a per-kernel profile: from now on every
+    /// launch first records a timing event on the stream. The events cost a little time each
+    /// and cannot be captured into a graph, so profile eager work (a session with graphs off)
+    /// and read the totals as an attribution, not as the unprofiled time.
+    pub fn set_profiling(&self, on: bool) {
+        *self.marks.lock().unwrap_or_else(|e| e.into_inner()) = on.then(Vec::new);
+    }
+
+    /// Ends the profile started by [`Device::set_profiling`]: waits for the stream and returns
+    /// each kernel's launches and time, longest first. Empty when profiling was off.
+    pub fn take_profile(&self) -> Result<Vec<KernelTime>> {
+        let Some(marks) = self.marks.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return Ok(Vec::new());
+        };
+        let end = self
+            .stream
+            .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+        end.synchronize()?;
+        let mut total: Vec<KernelTime> = Vec::new();
+        for (i, (name, ev)) in marks.iter().enumerate() {
+            let next = marks.get(i + 1).map_or(&end, |m| &m.1);
+            let ms = f64::from(ev.elapsed_ms(next)?);
+            match total.iter_mut().find(|t| t.name == *name) {
+                Some(t) => {
+                    t.launches += 1;
+                    t.ms += ms;
+                }
+                None => total.push(KernelTime {
+                    name,
+                    launches: 1,
+                    ms,
+                }),
+            }
+        }
+        total.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+        Ok(total)
+    }
+
     /// The kernel `name` of `family`, compiling and loading the family on first use.
     pub(crate) fn function(&self, family: Family, name: &'static str) -> Result<CudaFunction> {
         self.function_with(family, name, |_| Ok(()))
@@ -385,6 +440,18 @@ impl Device {
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |k| k.checked_sub(1));
         if armed == Ok(1) {
             return Err(Error::InjectedFault { kernel: name });
+        }
+        if let Some(marks) = self
+            .marks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            // The launch that looked its kernel up is queued right after this event.
+            let ev = self
+                .stream
+                .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+            marks.push((name, ev));
         }
         if let Some(f) = self
             .functions

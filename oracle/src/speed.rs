@@ -44,6 +44,32 @@ pub struct SpeedArgs {
     /// seconds and tokens per second.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// After the timed runs, one more prefill of each length and one eager decode step at each
+    /// context with an event before every launch: the time per kernel, longest first.
+    #[arg(long)]
+    profile: bool,
+}
+
+/// The per-kernel table of one profiled stretch (`--profile`).
+fn print_profile(what: &str, prof: &[bitexact::device::KernelTime]) {
+    let total: f64 = prof.iter().map(|k| k.ms).sum();
+    println!();
+    println!(
+        "profile, {what}: {total:.3} ms in {} launches (eager, an event before each)",
+        prof.iter().map(|k| k.launches).sum::<u64>()
+    );
+    println!("| kernel | launches | ms | us/launch | share |");
+    println!("|---|---:|---:|---:|---:|");
+    for k in prof.iter().take(20) {
+        println!(
+            "| {} | {} | {:.3} | {:.1} | {:.1}% |",
+            k.name,
+            k.launches,
+            k.ms,
+            k.ms * 1e3 / k.launches as f64,
+            100.0 * k.ms / total
+        );
+    }
 }
 
 /// One timed row of the JSON report.
@@ -325,6 +351,28 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
             (1.0 / secs) / (copy / wbytes)
         ));
         println!("{}", decode_rows.last().unwrap());
+    }
+    if a.profile {
+        for &n in &a.prefill {
+            s.reset();
+            dev.synchronize()?;
+            dev.set_profiling(true);
+            s.prefill(&dev, &prompt(2, n, cfg.vocab))?;
+            print_profile(&format!("prefill {n}"), &dev.take_profile()?);
+        }
+        s.set_graphs(false);
+        for &c in &a.decode_at {
+            s.reset();
+            s.prefill(&dev, &prompt(3, c, cfg.vocab))?;
+            s.decode(&dev, 1)?;
+            dev.synchronize()?;
+            dev.set_profiling(true);
+            s.decode(&dev, 2)?;
+            print_profile(
+                &format!("decode step at context {}", c + 1),
+                &dev.take_profile()?,
+            );
+        }
     }
     if let Some(path) = &a.json {
         crate::write_atomic(path, serde_json::to_string_pretty(&rows)?.as_bytes())?;

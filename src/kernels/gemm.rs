@@ -272,6 +272,98 @@ impl RoutedRows {
         Ok((table(up, n), table(down, len)))
     }
 
+    /// The two routing tables of an MoE block, sorted by expert on the device from router ids
+    /// `ids: [n, k]`, with no host round trip: `(up, down)`. Each expert's rows lie together in
+    /// (token, slot) order and are cut into tiles of one expert, as [`RoutedRows::new`] cuts
+    /// them; routed row `r = token * k + slot` reads token `r / k` in `up` and row `r` in
+    /// `down`, and both write row `r`, so every intermediate (and `down`'s `[n * k, dim]`
+    /// output) is in slot order whatever the routing. The tile tables are sized for the most
+    /// tiles any routing of `n * k` rows over `n_experts` experts can need; the ones past the
+    /// last are empty and skipped by the products. As in [`RoutedRows::from_router`], an id
+    /// `>= n_experts` (which `softmax_topk` never writes) counts as the last expert. Two
+    /// launches, one block per expert each. Grouping never changes a bit: products over these
+    /// tables equal those over [`RoutedRows::new`]'s.
+    pub fn sorted_from_router(
+        dev: &Device,
+        ids: &GpuTensor<u32>,
+        n_experts: usize,
+    ) -> Result<(RoutedRows, RoutedRows)> {
+        const OP: &str = "RoutedRows::sorted_from_router";
+        let [n, k] = dims(OP, "ids", "[n, k]", ids.dims())?;
+        let len = n * k;
+        if n_experts == 0 {
+            return Err(Error::invalid(OP, "no experts"));
+        }
+        // Most tiles of height h: sum over the used experts of ceil(c / h) <= len / h + used.
+        let used = n_experts.min(len);
+        let (gt, vt) = (len / GEMM_TILE_ROWS + used, len / GEMV_MAX_ROWS + used);
+        let total = 3 * len + 3 * gt + 3 * vt;
+        as_u32(OP, "routing table", total + 1 + n_experts)?;
+        let (len32, k32, ne32, gt32, vt32) = (
+            len as u32,
+            as_u32(OP, "k", k)?,
+            as_u32(OP, "n_experts", n_experts)?,
+            gt as u32,
+            vt as u32,
+        );
+        let at = [0, len, 2 * len, 3 * len, 3 * len + 3 * gt, total];
+        let alloc = |extra: usize| {
+            // SAFETY: route_sort writes every element of the table's `total` entries below
+            // (rows, the used tiles and the padding tiles); `extra` holds route_count's counts,
+            // all written before route_sort reads them.
+            unsafe { dev.stream().alloc::<u32>(total + 1 + extra) }
+                .map_err(|e| Error::from_alloc(e, 4 * (total + 1 + extra), OP))
+        };
+        let (mut up, mut down) = (alloc(n_experts)?, alloc(0)?);
+        if len > 0 {
+            let (mut tab, mut counts) = up.split_at_mut(total + 1);
+            let count = dev.function(Family::Gemm, "route_count")?;
+            let cfg = LaunchConfig {
+                grid_dim: (ne32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut launch = dev.stream().launch_builder(&count);
+            launch
+                .arg(&mut counts)
+                .arg(ids.slice())
+                .arg(&len32)
+                .arg(&ne32);
+            // SAFETY: ids holds len entries, counts n_experts; one block per expert.
+            unsafe { launch.launch(cfg) }?;
+            let sort = dev.function(Family::Gemm, "route_sort")?;
+            let mut launch = dev.stream().launch_builder(&sort);
+            launch
+                .arg(&mut tab)
+                .arg(&mut down)
+                .arg(&mut counts)
+                .arg(ids.slice())
+                .arg(&len32)
+                .arg(&k32)
+                .arg(&ne32)
+                .arg(&gt32)
+                .arg(&vt32);
+            // SAFETY: both tables hold total + 1 entries laid out as `at` says (3 len rows,
+            // gt and vt tiles of 3); counts (written by route_count above, same stream) sum to
+            // len, so the rows and the used tiles fit; ids holds len entries.
+            unsafe { launch.launch(cfg) }?;
+        }
+        let table = |buf, nx| RoutedRows {
+            buf,
+            at,
+            n_gemm_tiles: gt,
+            n_gemv_tiles: vt,
+            // A bound: the router picks k distinct experts per token, so no expert has more
+            // than n rows (it only steers the choice of kernel).
+            largest_group: n.min(len),
+            len,
+            nx,
+            n_experts,
+            ny: len,
+        };
+        Ok((table(up, n), table(down, len)))
+    }
+
     /// Part `i` of the packed table (0 x_rows, 1 experts, 2 y_rows, 3 GEMM tiles, 4 GEMV
     /// tiles) as a device view.
     fn part(&self, i: usize) -> CudaView<'_, u32> {
@@ -678,6 +770,10 @@ struct ActRef<'a> {
 }
 
 /// Launches a GEMV or tiled GEMM over `n_tiles` row tiles (dense when `rows` is `None`).
+/// Dynamic shared memory of `gemm_mma_q8_0_async`: 3 stages of a 64-row chunk of raw weight
+/// blocks (64 x 272 bytes), activation codes (64 x 272) and activation scales (64 x 8 floats).
+const Q8_ASYNC_SMEM_BYTES: u32 = 3 * (2 * 64 * 272 + 64 * 8 * 4);
+
 #[allow(clippy::too_many_arguments)]
 fn launch_v2(
     dev: &Device,
@@ -702,7 +798,20 @@ fn launch_v2(
     if let (Plan::Gemv(h), Some(r)) = (plan, rows) {
         debug_assert!(r.largest_group.min(GEMV_MAX_ROWS) <= h);
     }
+    // Q8_0 rows of whole 256-wide chunks are 16-byte aligned: the cp.async kernel.
+    let q8_async = plan == Plan::Gemm && w.format == WeightFormat::Q8_0 && w.cols % 256 == 0;
+    let (name, smem) = if q8_async {
+        ("gemm_mma_q8_0_async", Q8_ASYNC_SMEM_BYTES)
+    } else {
+        (name, 0)
+    };
     let f = dev.function_with(Family::Gemm, name, |f| {
+        if q8_async {
+            f.set_attribute(
+                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )?;
+        }
         if plan == Plan::Gemm {
             // The whole unified cache as shared memory, so that two blocks fit on an SM (the
             // driver's default split left room for one).
@@ -726,7 +835,7 @@ fn launch_v2(
         let cfg = LaunchConfig {
             grid_dim: (m_blocks, count, 1),
             block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: smem,
         };
         let mut launch = dev.stream().launch_builder(&f);
         launch.arg(y.slice_mut()).arg(x.slice());
@@ -748,7 +857,10 @@ fn launch_v2(
         // SAFETY: x (or its quantization) is [nx, k] and y is [ny, m] with k, m and the routed
         // rows' indices checked against w, x and y by the callers; tiles cover routed rows
         // 0..n_rows of one expert each (< w.experts), at most the kernel's height per tile;
-        // output rows are distinct, so no two threads write one element.
+        // output rows are distinct, so no two threads write one element. The cp.async kernel
+        // copies 16-byte pieces: its weight rows (34 * K / 32 bytes, K % 256 == 0) and
+        // activation rows start 16-byte aligned in allocations that are, and its shared
+        // memory is the size set on the function above.
         unsafe { launch.launch(cfg) }?;
     }
     Ok(())

@@ -367,8 +367,8 @@ pub fn forward_cpu_batched(w: &MoeWeights, x: &[f32], n: usize) -> Result<MoeOut
     Ok(MoeOutput { out, ids, weights })
 }
 
-/// Tokens up to which [`GpuMoeBlock::forward_batched`] builds its routing tables on the device
-/// (decode steps); larger batches plan on the host.
+/// Tokens up to which [`GpuMoeBlock::forward_batched`] routes each row in a tile of its own
+/// (decode steps: one launch); larger batches sort their rows by expert on the device.
 pub const DEVICE_ROUTE_MAX_TOKENS: usize = 8;
 
 struct GpuShared {
@@ -446,11 +446,11 @@ impl GpuMoeBlock {
 
     /// All tokens at once: one router GEMM, one routing launch, each expert matrix as one
     /// grouped GEMM over the tokens routed to it, the shared expert as dense GEMMs, one
-    /// weighted reduce. `x: [n, dim]`. Up to [`DEVICE_ROUTE_MAX_TOKENS`] tokens the routing
-    /// tables are built on the device ([`gemm::RoutedRows::from_router`]) and nothing waits
-    /// for the host; larger batches are sorted by expert on the host
-    /// ([`ExpertPlan`]), so that each expert's weights are read once per tile of tokens.
-    /// Both give the same bits.
+    /// weighted reduce. `x: [n, dim]`. The routing tables are built on the device and nothing
+    /// waits for the host: up to [`DEVICE_ROUTE_MAX_TOKENS`] tokens one row per tile
+    /// ([`gemm::RoutedRows::from_router`]), larger batches sorted by expert
+    /// ([`gemm::RoutedRows::sorted_from_router`]), so that each expert's weights are read once
+    /// per tile of tokens. Both give the same bits.
     pub fn forward_batched(&self, dev: &Device, x: &GpuTensor<f32>) -> Result<GpuMoeOutput> {
         let c = &self.cfg;
         let (d, f, k, ne) = (c.dim, c.ffn, c.top_k, c.n_experts);
@@ -473,11 +473,7 @@ impl GpuMoeBlock {
         let (up_rows, down_rows) = if n <= DEVICE_ROUTE_MAX_TOKENS {
             gemm::RoutedRows::from_router(dev, &ids, ne)?
         } else {
-            let plan = ExpertPlan::new(&ids.to_host()?, k, ne)?;
-            (
-                gemm::RoutedRows::new(dev, &plan.tokens, &plan.experts, &plan.rows, n, ne, r)?,
-                gemm::RoutedRows::new(dev, &plan.rows, &plan.experts, &plan.pairs, r, ne, r)?,
-            )
+            gemm::RoutedRows::sorted_from_router(dev, &ids, ne)?
         };
 
         // Every product of x at once (x quantized once): routed gate and up, then the shared

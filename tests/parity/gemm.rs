@@ -92,6 +92,15 @@ proptest! {
         dense(fmt, n, m, k, seed, &KERNELS);
     }
 
+    /// Q8_0 with K a multiple of 256: the cp.async GEMM (every other Q8_0 K runs the v2 one).
+    #[test]
+    fn q8_0_whole_chunks_match_reference(
+        n in 1usize..=200, m in 1usize..=150, units in 1usize..=3, seed in any::<u64>(),
+    ) {
+        dense(WeightFormat::Q8_0, n, m, 256 * units, seed, &KERNELS);
+        grouped(WeightFormat::Q8_0, n.min(120), 1 + (seed % 5) as usize, m, 256 * units, seed);
+    }
+
     #[test]
     fn grouped_matches_reference(
         f in 0usize..7, n in 1usize..=120, ne in 1usize..=9, m in 1usize..=70, units in 1usize..=3,
@@ -99,6 +108,61 @@ proptest! {
     ) {
         let fmt = WeightFormat::ALL[f];
         grouped(fmt, n, ne, m, k_for(fmt, units, 5), seed);
+    }
+
+    #[test]
+    fn device_sorted_routing_matches_reference(
+        f in 0usize..7, n in 1usize..=200, k in 1usize..=4, ne in 1usize..=40, m in 1usize..=70,
+        units in 1usize..=2, seed in any::<u64>(),
+    ) {
+        let fmt = WeightFormat::ALL[f];
+        // Q8_0: K of whole 256-wide chunks every other case (the cp.async GEMM).
+        let kk = if fmt == WeightFormat::Q8_0 && seed % 2 == 0 { 256 * units } else { k_for(fmt, units, 3) };
+        device_sorted(fmt, n, k, ne, m, kk, seed);
+    }
+}
+
+/// `RoutedRows::sorted_from_router`'s tables (built on the device from router ids) through
+/// every kernel == the reference over the same routing: up (`x` row `r / k`, expert `ids[r]`,
+/// output row `r`) and down (`x` row `r`). Ids are skewed so that one expert exceeds the 64-row
+/// GEMM tile while others stay empty; ids `>= n_experts` count as the last expert.
+fn device_sorted(fmt: WeightFormat, n: usize, k: usize, ne: usize, m: usize, kk: usize, seed: u64) {
+    let Some(dev) = gpu() else { return };
+    let mut rng = StdRng::seed_from_u64(seed);
+    let len = n * k;
+    let ids: Vec<u32> = (0..len)
+        .map(|_| match rng.gen_range(0..10) {
+            0..=3 => 0,
+            4 => ne as u32 + rng.gen_range(0..3), // out of range: the last expert
+            _ => rng.gen_range(0..ne as u32),
+        })
+        .collect();
+    let clamped: Vec<u32> = ids.iter().map(|&e| e.min(ne as u32 - 1)).collect();
+    let wq = weights(fmt, ne, m, kk, seed ^ 5);
+    let w = GpuMatrix::upload(dev, &wq).unwrap();
+    let gids = GpuTensor::from_host(dev, &ids, &[n, k]).unwrap();
+    let (up, down) = RoutedRows::sorted_from_router(dev, &gids, ne).unwrap();
+    assert_eq!((up.len(), down.len()), (len, len));
+    let rows: Vec<u32> = (0..len as u32).collect();
+    let tokens: Vec<u32> = rows.iter().map(|&r| r / k as u32).collect();
+    for (name, table, nx, xr) in [("up", &up, n, &tokens), ("down", &down, len, &rows)] {
+        let xh = activations(nx, kk, seed ^ 11, 0.002);
+        let mut want = poison(len * m);
+        reference::gemm::gemm_grouped(&xh, &wq, &mut want, xr, &clamped, &rows).unwrap();
+        let x = GpuTensor::from_host(dev, &xh, &[nx, kk]).unwrap();
+        let mut kernels = KERNELS.to_vec();
+        if fmt == WeightFormat::F32 {
+            kernels.push(MatmulKernel::V1);
+        }
+        for kernel in kernels {
+            let mut y = GpuTensor::from_host(dev, &poison(len * m), &[len, m]).unwrap();
+            matmul_grouped_with(dev, kernel, &x, &w, table, &mut y).unwrap();
+            assert_bits_eq(
+                &format!("device-sorted {name} {fmt} n={n} k={k} ne={ne} m={m} K={kk} seed={seed} {kernel:?}"),
+                &y.to_host().unwrap(),
+                &want,
+            );
+        }
     }
 }
 
