@@ -30,6 +30,8 @@
 //                                      32 lanes stage weights (float) or form the blocks'
 //                                      integer dots (quantized); every weight byte is read once
 //                                      per tile; the tree is two shuffles.
+//   gemv_f32_wide                      v3, F32, tiles of one row (decode's router): 4 rows per
+//                                      block staged in shared memory, 16 chain lanes.
 //   gemm_ffma_<fmt>                    v2, float formats, tiles of 64 rows: 64 x 64 outputs per
 //                                      block, four groups of 64 threads, group g runs partial g
 //                                      (blocks g, g + 4, ..) in 16-wide K steps with an 8 x 8
@@ -397,6 +399,83 @@ __device__ __forceinline__ void gemv_body(float* __restrict__ y, const float* __
     const float s = (p & 2u) ? pair2 + pair : pair + pair2;
 #endif
     if (p == 0u && chain) y[(u64)map_row(y_rows, tl.row0 + cn) * M + m] = s;
+}
+
+// ------------------------------------------------------------------------------------------
+// F32 GEMV for tiles of one row (the router of a decode step): 4 weight rows per block of 128
+// threads. All threads stage a 2048-wide segment of the 4 rows and of x in shared memory (one
+// load round trip per segment), then 16 lanes of warp 0, lane 4r + p, run partial p of row r
+// from there. A warp per row with 4 chain lanes (gemv_f32_t1) waited on its loads segment by
+// segment: 18 us for the 128 x 2048 router (ncu). Element i of a staged row sits at
+// i + i / 32 in a row of GEMV_F32W_STRIDE floats, so the 16 chain lanes read 16 banks.
+
+#define GEMV_F32W_ROWS 4u
+#define GEMV_F32W_SEG 2048u
+#define GEMV_F32W_STRIDE (GEMV_F32W_SEG + GEMV_F32W_SEG / 32u + 4u)  // 4 mod 32
+
+extern "C" __global__ void __launch_bounds__(128)
+    gemv_f32_wide(float* __restrict__ y, const float* __restrict__ x,
+                  const signed char* __restrict__ xq, const float* __restrict__ xd,
+                  const float* __restrict__ xa, const u8* __restrict__ W,
+                  const u32* __restrict__ tiles, const u32* __restrict__ x_rows,
+                  const u32* __restrict__ y_rows, u32 n_rows, u32 M, u32 K, u64 row_bytes,
+                  u32 tile0) {
+    __shared__ float sw[GEMV_F32W_ROWS * GEMV_F32W_STRIDE];
+    __shared__ float sx[GEMV_F32W_STRIDE];
+    const u32 tid = threadIdx.x;
+    const Tile tl = get_tile(tiles, tile0 + blockIdx.y, 1u, n_rows);
+    if (tl.rows == 0u) return;  // a padding tile of a device-built table
+    const u32 m0 = blockIdx.x * GEMV_F32W_ROWS;
+    const float* xr = x + (u64)map_row(x_rows, tl.row0) * K;
+    const u32 cr = tid >> 2, p = tid & 3u;  // chain lanes (tid < 16): row cr, partial p
+    float acc = 0.0f;
+    for (u32 k0 = 0; k0 < K; k0 += GEMV_F32W_SEG) {
+        const u32 len = min(GEMV_F32W_SEG, K - k0);
+        __syncthreads();  // the chains are done with the previous segment
+#pragma unroll 4
+        for (u32 i = tid; i < len; i += 128u) sx[i + (i >> 5)] = __ldg(xr + k0 + i);
+#pragma unroll
+        for (u32 r = 0; r < GEMV_F32W_ROWS; ++r) {
+            const bool ok = m0 + r < M;
+            const float* wr =
+                reinterpret_cast<const float*>(W + ((u64)tl.expert * M + (ok ? m0 + r : 0u)) * row_bytes);
+#pragma unroll 4
+            for (u32 i = tid; i < len; i += 128u)
+                sw[r * GEMV_F32W_STRIDE + i + (i >> 5)] = ok ? __ldg(wr + k0 + i) : 0.0f;
+        }
+        __syncthreads();
+        if (tid < 4u * GEMV_F32W_ROWS) {
+            const float* wb = sw + cr * GEMV_F32W_STRIDE;
+            const u32 nblk = (len + DOT_BLOCK - 1u) / DOT_BLOCK;
+            for (u32 b = p; b < nblk; b += 4u) {
+                const u32 at = b * (DOT_BLOCK + 1u);
+                if (b * DOT_BLOCK + DOT_BLOCK <= len) {
+#pragma unroll
+                    for (u32 i = 0; i < DOT_BLOCK; ++i) acc = fmaf(wb[at + i], sx[at + i], acc);
+                } else {
+                    for (u32 i = 0; i < len - b * DOT_BLOCK; ++i) acc = fmaf(wb[at + i], sx[at + i], acc);
+                }
+            }
+        }
+    }
+    if (tid < 32u) {
+        // Lanes 4r..4r+3 hold p0..p3 of row r: (p0 + p1) + (p2 + p3), as gemv_body.
+        const float other = __shfl_xor_sync(BX_FULL_MASK, acc, 1);
+        const float pair = (p & 1u) ? other + acc : acc + other;
+        const float pair2 = __shfl_xor_sync(BX_FULL_MASK, pair, 2);
+#ifdef BITEXACT_MUTANT
+        // Broken on purpose (see BITEXACT_MUTANT): left to right, ((p0 + p1) + p2) + p3.
+        const u32 g0 = tid & ~3u;
+        const float t = ((__shfl_sync(BX_FULL_MASK, acc, g0) + __shfl_sync(BX_FULL_MASK, acc, g0 | 1u)) +
+                         __shfl_sync(BX_FULL_MASK, acc, g0 | 2u)) +
+                        __shfl_sync(BX_FULL_MASK, acc, g0 | 3u);
+        (void)pair2;
+#else
+        const float t = (p & 2u) ? pair2 + pair : pair + pair2;
+#endif
+        if (tid < 4u * GEMV_F32W_ROWS && p == 0u && m0 + cr < M)
+            y[(u64)map_row(y_rows, tl.row0) * M + m0 + cr] = t;
+    }
 }
 
 // ------------------------------------------------------------------------------------------

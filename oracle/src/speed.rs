@@ -37,6 +37,10 @@ pub struct SpeedArgs {
     /// Timed repetitions of each prefill, after one warm-up (the median is reported).
     #[arg(long, default_value_t = 5, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     reps: usize,
+    /// Keep only the first N layers of the preset (a quicker model for per-kernel work: every
+    /// per-layer figure is unchanged, the totals are not the model's).
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    layers: Option<usize>,
     /// CUDA device ordinal.
     #[arg(long, default_value_t = 0)]
     device: usize,
@@ -230,8 +234,22 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
         None => None,
     };
     let cfg = match &file {
+        Some(_) if a.layers.is_some() => {
+            anyhow::bail!("--layers applies to a preset, not to --gguf")
+        }
         Some(w) => w.cfg.clone(),
-        None => ModelConfig::preset(&a.preset, a.format)?,
+        None => {
+            let mut cfg = ModelConfig::preset(&a.preset, a.format)?;
+            if let Some(l) = a.layers {
+                anyhow::ensure!(
+                    l <= cfg.n_layers,
+                    "--layers {l}: the preset has {}",
+                    cfg.n_layers
+                );
+                cfg.n_layers = l;
+            }
+            cfg
+        }
     };
     let dev = Device::new(a.device)?;
     dev.warm_up()?;

@@ -800,8 +800,12 @@ fn launch_v2(
     }
     // Q8_0 rows of whole 256-wide chunks are 16-byte aligned: the cp.async kernel.
     let q8_async = plan == Plan::Gemm && w.format == WeightFormat::Q8_0 && w.cols % 256 == 0;
+    // F32 rows one token at a time (the router of a decode step): 4 rows per block, staged.
+    let f32_wide = plan == Plan::Gemv(1) && w.format == WeightFormat::F32;
     let (name, smem) = if q8_async {
         ("gemm_mma_q8_0_async", Q8_ASYNC_SMEM_BYTES)
+    } else if f32_wide {
+        ("gemv_f32_wide", 0)
     } else {
         (name, 0)
     };
@@ -825,16 +829,17 @@ fn launch_v2(
     let null = 0u64;
     let (n32, m32, k32) = (n_rows as u32, w.rows as u32, w.cols as u32);
     let row_bytes = w.row_bytes as u64;
-    let m_blocks = match plan {
-        Plan::Gemv(_) => m32.div_ceil(GEMV_ROWS_PER_BLOCK),
-        _ => m32.div_ceil(GEMM_TILE_ROWS as u32),
+    let (m_blocks, threads) = match plan {
+        _ if f32_wide => (m32.div_ceil(4), 128),
+        Plan::Gemv(_) => (m32.div_ceil(GEMV_ROWS_PER_BLOCK), 256),
+        _ => (m32.div_ceil(GEMM_TILE_ROWS as u32), 256),
     };
     for tile0 in (0..n_tiles).step_by(MAX_GRID_Y) {
         let count = (n_tiles - tile0).min(MAX_GRID_Y) as u32;
         let tile0 = tile0 as u32;
         let cfg = LaunchConfig {
             grid_dim: (m_blocks, count, 1),
-            block_dim: (256, 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: smem,
         };
         let mut launch = dev.stream().launch_builder(&f);

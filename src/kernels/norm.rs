@@ -8,6 +8,8 @@ use crate::error::{check_shape, Result};
 use crate::tensor::GpuTensor;
 
 const WARPS: u32 = 8;
+/// Rows at least this wide take the block-per-row kernel.
+pub const ROW_KERNEL_MIN_WIDTH: usize = 512;
 
 /// RMSNorm of each row of `x: [rows, width]` with weights `w: [width]` into `y` (same shape as
 /// `x`); the order is [`crate::reference::norm::rmsnorm`]'s. A per-head norm is the same call
@@ -28,9 +30,16 @@ pub fn rmsnorm(
     if rows == 0 || width == 0 {
         return Ok(());
     }
-    let f = dev.function(Family::Norm, "rmsnorm_f32")?;
+    // Wide rows: a block per row (one load round trip instead of eight for a lone warp);
+    // narrow ones (the per-head QK norms): a warp per row. The same order either way.
+    let (name, grid) = if width >= ROW_KERNEL_MIN_WIDTH {
+        ("rmsnorm_f32_row", rows32)
+    } else {
+        ("rmsnorm_f32", rows32.div_ceil(WARPS))
+    };
+    let f = dev.function(Family::Norm, name)?;
     let cfg = LaunchConfig {
-        grid_dim: (rows32.div_ceil(WARPS), 1, 1),
+        grid_dim: (grid, 1, 1),
         block_dim: (32 * WARPS, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -42,8 +51,8 @@ pub fn rmsnorm(
         .arg(&rows32)
         .arg(&width32)
         .arg(&eps);
-    // SAFETY: x and y are [rows, width], w is [width] (checked above); warps past the last row
-    // return before touching memory.
+    // SAFETY: x and y are [rows, width], w is [width] (checked above); warps (or blocks) past
+    // the last row return before touching memory.
     unsafe { launch.launch(cfg) }?;
     Ok(())
 }

@@ -451,3 +451,17 @@ fn malformed_blocks_and_shapes_are_typed_errors_and_write_nothing() {
     assert_bits_eq("untouched", &y.to_host().unwrap(), &poison(10));
     assert_bits_eq("untouched", &y_bad.to_host().unwrap(), &poison(8));
 }
+
+/// F32 weights one token at a time (the decode router's kernel, `gemv_f32_wide`): rows on
+/// each side of its 4-row blocks, K on each side of a 32-block and of its 2048-wide segments;
+/// and the same through one-row expert tiles.
+#[test]
+fn f32_one_row_every_segment() {
+    for m in [1usize, 3, 4, 5, 128] {
+        for k in [1usize, 31, 33, 2047, 2048, 2049, 4100] {
+            dense(WeightFormat::F32, 1, m, k, (m * 7 + k) as u64, &KERNELS);
+        }
+    }
+    grouped(WeightFormat::F32, 1, 3, 9, 2049, 4);
+    grouped(WeightFormat::F32, 2, 5, 6, 100, 5);
+}
