@@ -87,6 +87,10 @@ pub enum Error {
         kernel: &'static str,
     },
 
+    /// A GGUF file could not be read, written or mapped onto a model.
+    #[error("gguf: {0}")]
+    Gguf(#[from] crate::gguf::GgufError),
+
     /// Any other CUDA driver error.
     #[error("CUDA driver error: {0}")]
     Driver(#[from] DriverError),

@@ -10,11 +10,14 @@
 //!   root, no flush-to-zero, no fast math).
 //! - [`kernels`]: typed launch wrappers that validate every shape and index and return
 //!   [`Result`]; an error means nothing was queued.
-//! - [`mod@reference`]: the sequential CPU references, the specification of every kernel's bits.
+//! - [`mod@reference`]: the sequential CPU references, the specification of every kernel's bits,
+//!   and of the model built from them ([`reference::model`], [`reference::moe_block`]).
 //! - [`math`]: the scalar functions (our own `exp`, sigmoid, silu) shared by both sides.
 //! - [`quant`]: the weight formats (GGUF layouts) and the activation quantization.
-//! - [`model`]: the MoE block and the Qwen3-MoE-style decoder, each computed on the CPU, on the
-//!   GPU token by token, and batched; they agree bit for bit.
+//! - [`model`]: shapes, host weights, the GGUF mapping and the GPU MoE block and decoder, token
+//!   by token and batched; they agree bit for bit with the CPU references.
+//! - [`gguf`]: the GGUF file format (reader, writer); [`init`]: the seeded hash of every
+//!   synthetic weight.
 //!
 //! ```no_run
 //! use bitexact::{Device, GpuTensor, kernels::row_scale::row_scale};
@@ -31,6 +34,7 @@
 pub mod device;
 pub mod error;
 pub mod gguf;
+pub mod init;
 pub mod kernels;
 pub mod math;
 pub mod model;

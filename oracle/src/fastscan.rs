@@ -6,9 +6,9 @@
 use std::time::Instant;
 
 use anyhow::Result;
+use bitexact::init;
 use bitexact::kernels::fastscan::{fastscan_attention, AttentionWorkspace, FastScanCache};
 use bitexact::kernels::rope::Positions;
-use bitexact::model::init;
 use bitexact::quant::fastscan::{FastScanSpec, DIMS};
 use bitexact::reference::attention::attend as exact_attend;
 use bitexact::reference::fastscan::{CpuCache, ScoreMode, ValueMode};

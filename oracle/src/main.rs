@@ -10,8 +10,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use bitexact::model::moe_block::{self, GpuMoeBlock, MoeConfig, MoeOutput, MoeWeights};
+use bitexact::model::moe_block::{upload_input, GpuMoeBlock};
+use bitexact::model::{MoeConfig, MoeOutput, MoeWeights};
 use bitexact::quant::WeightFormat;
+use bitexact::reference::moe_block;
 use bitexact::Device;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -68,7 +70,7 @@ struct LogitsArgs {
 }
 
 fn run_logits(a: &LogitsArgs) -> Result<bool> {
-    use bitexact::model::transformer::{CpuSession, GpuModel, Session, Trace};
+    use bitexact::model::{CpuSession, GpuModel, Session, Trace};
     let raw =
         std::fs::read(&a.tokens).with_context(|| format!("reading {}", a.tokens.display()))?;
     if raw.is_empty() || raw.len() % 4 != 0 {
@@ -86,7 +88,7 @@ fn run_logits(a: &LogitsArgs) -> Result<bool> {
         Some(path) => {
             let f = bitexact::gguf::GgufFile::open(path)
                 .with_context(|| format!("reading {}", path.display()))?;
-            bitexact::gguf::arch::load(&f, Some(tokens.len().max(1)), None)?
+            bitexact::model::gguf::load(&f, Some(tokens.len().max(1)), None)?
         }
         None => a.preset.weights()?,
     };
@@ -166,7 +168,7 @@ fn run_export(a: &ExportArgs) -> Result<bool> {
     let bar = ProgressBar::new(cfg.n_layers as u64);
     bar.set_draw_target(ProgressDrawTarget::stderr_with_hz(4));
     let written =
-        bitexact::gguf::arch::export_preset(&cfg, a.preset.seed, &mut out, |_| bar.inc(1));
+        bitexact::model::gguf::export_preset(&cfg, a.preset.seed, &mut out, |_| bar.inc(1));
     bar.finish_and_clear();
     let written = written
         .map_err(anyhow::Error::from)
@@ -225,7 +227,7 @@ fn run_inspect(a: &InspectArgs) -> Result<bool> {
         );
     }
     println!("  {:<76} {:>14}", "total", total);
-    match bitexact::gguf::arch::config(&f, None) {
+    match bitexact::model::gguf::config(&f, None) {
         Ok(c) => println!("\nrunner config: {c:?}"),
         Err(e) => println!("\nthe runner cannot build this file: {e}"),
     }
@@ -501,7 +503,7 @@ fn run_moe_block(a: &MoeBlockArgs) -> Result<bool> {
     if let Some(dev) = &dev {
         dev.warm_up().context("compiling the kernels")?;
         let block = GpuMoeBlock::upload(dev, &w).context("uploading the weights")?;
-        let xg = moe_block::upload_input(dev, &cfg, &x, n)?;
+        let xg = upload_input(dev, &cfg, &x, n)?;
         dev.synchronize()?;
 
         progress.phase("gpu-seq");

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use bitexact::model::transformer::{prompt, CpuSession, GpuModel, ModelWeights, Session, Trace};
 use bitexact::model::ModelConfig;
+use bitexact::model::{prompt, CpuSession, GpuModel, ModelWeights, Session, Trace};
 use bitexact::quant::WeightFormat;
 use serde::Serialize;
 
@@ -100,7 +100,7 @@ impl Source {
     fn weights(&self, cfg: &ModelConfig, layers: Option<usize>) -> Result<ModelWeights> {
         Ok(match self {
             Source::Preset(seed) => ModelWeights::generate(cfg, *seed, layers)?,
-            Source::Gguf(f) => bitexact::gguf::arch::load(f, Some(cfg.max_context), layers)?,
+            Source::Gguf(f) => bitexact::model::gguf::load(f, Some(cfg.max_context), layers)?,
         })
     }
 }
@@ -119,7 +119,7 @@ pub fn run(a: &ModelArgs) -> Result<bool> {
     let (cfg, source) = match &a.gguf {
         Some(path) => {
             let f = bitexact::gguf::GgufFile::open(path)?;
-            let cfg = bitexact::gguf::arch::config(&f, a.max_context)?;
+            let cfg = bitexact::model::gguf::config(&f, a.max_context)?;
             println!(
                 "model file: {} ({} tensors)",
                 path.display(),

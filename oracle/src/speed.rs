@@ -4,8 +4,8 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use bitexact::model::transformer::{prompt, GpuModel, Session};
 use bitexact::model::ModelConfig;
+use bitexact::model::{prompt, GpuModel, Session};
 use bitexact::quant::WeightFormat;
 use bitexact::Device;
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
@@ -229,7 +229,7 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
         Some(path) => {
             let f = bitexact::gguf::GgufFile::open(path)?;
             let context = longest + a.steps + 16;
-            Some(bitexact::gguf::arch::load(&f, Some(context), None)?)
+            Some(bitexact::model::gguf::load(&f, Some(context), None)?)
         }
         None => None,
     };

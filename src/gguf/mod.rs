@@ -13,8 +13,6 @@
 //! to `general.alignment` (default 32); the tensor data, each tensor at its offset from the start
 //! of the data section, aligned.
 
-/// The runner's model files: `qwen3moe` to and from [`crate::model::ModelWeights`].
-pub mod arch;
 /// A minimal GGUF v3 writer.
 pub mod writer;
 
@@ -69,15 +67,6 @@ pub enum GgufError {
 
 /// Result alias of this module.
 pub type GgufResult<T> = std::result::Result<T, GgufError>;
-
-impl From<GgufError> for crate::Error {
-    fn from(e: GgufError) -> Self {
-        crate::Error::InvalidArgument {
-            op: "gguf",
-            msg: e.to_string(),
-        }
-    }
-}
 
 /// A metadata value.
 #[derive(Clone, Debug, PartialEq)]

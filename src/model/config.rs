@@ -1,7 +1,7 @@
 //! Model shapes: the presets of the runner.
 
 use crate::error::{Error, Result};
-use crate::model::MoeConfig;
+use crate::kernels::router;
 use crate::quant::WeightFormat;
 
 /// The shape of a Qwen3-MoE-style decoder.
@@ -227,4 +227,113 @@ impl ModelConfig {
                 + self.vocab);
         rows * per_row + (512 << 20)
     }
+}
+
+/// Shape of an MoE block.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MoeConfig {
+    /// Hidden size (model width).
+    pub dim: usize,
+    /// Number of routed experts.
+    pub n_experts: usize,
+    /// Experts each token is routed to.
+    pub top_k: usize,
+    /// Inner size of each routed expert.
+    pub ffn: usize,
+    /// Inner size of the shared expert, `None` for no shared expert.
+    pub shared_ffn: Option<usize>,
+    /// Divide the selected routing weights by their sum (Qwen3's `norm_topk_prob`).
+    pub renormalize: bool,
+    /// Format of the routed and shared experts' matrices (the router and the shared expert's
+    /// gate stay F32, as GGUF files keep them).
+    pub format: WeightFormat,
+}
+
+impl MoeConfig {
+    /// Checks the configuration; every forward path calls this first.
+    pub fn validate(&self) -> Result<()> {
+        const OP: &str = "MoeConfig";
+        if self.dim == 0 || self.ffn == 0 || self.shared_ffn == Some(0) {
+            return Err(Error::invalid(
+                OP,
+                "dim, ffn and shared_ffn must be positive",
+            ));
+        }
+        if self.n_experts == 0 || self.n_experts > router::MAX_EXPERTS {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "n_experts = {}, supported 1..={}",
+                    self.n_experts,
+                    router::MAX_EXPERTS
+                ),
+            ));
+        }
+        let blk = self.format.block_elems();
+        for (what, v) in [
+            ("dim", self.dim),
+            ("ffn", self.ffn),
+            ("shared_ffn", self.shared_ffn.unwrap_or(blk)),
+        ] {
+            if v % blk != 0 {
+                return Err(Error::invalid(
+                    OP,
+                    format!(
+                        "{what} = {v} is not a multiple of the {} block ({blk})",
+                        self.format
+                    ),
+                ));
+            }
+        }
+        if self.top_k == 0 || self.top_k > self.n_experts.min(router::MAX_TOP_K) {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "top_k = {}, supported 1..={}",
+                    self.top_k,
+                    self.n_experts.min(router::MAX_TOP_K)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Bytes of weights in their stored formats.
+    pub fn weight_bytes(&self) -> usize {
+        let per = |elems: usize| elems / self.format.block_elems() * self.format.block_bytes();
+        let routed = 4 * self.n_experts * self.dim + self.n_experts * 3 * per(self.ffn * self.dim);
+        let shared = self
+            .shared_ffn
+            .map_or(0, |s| 4 * self.dim + 3 * per(s * self.dim));
+        routed + shared
+    }
+}
+
+pub(crate) fn check_tokens(
+    op: &'static str,
+    cfg: &ModelConfig,
+    tokens: &[u32],
+    pos: usize,
+) -> Result<()> {
+    crate::error::check_indices(op, "tokens", tokens, cfg.vocab)?;
+    if pos + tokens.len() > cfg.max_context {
+        return Err(Error::invalid(
+            op,
+            format!(
+                "context full: {} tokens at position {pos} exceed max_context {}",
+                tokens.len(),
+                cfg.max_context
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks an MoE block's host input: `len` values for `n` tokens of `cfg.dim`.
+pub(crate) fn check_input(cfg: &MoeConfig, len: usize, n: usize) -> Result<()> {
+    cfg.validate()?;
+    if len != n * cfg.dim {
+        return Err(Error::shape("moe_block", "x", &[n, cfg.dim], &[len]));
+    }
+    Ok(())
 }

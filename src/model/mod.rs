@@ -1,11 +1,23 @@
 //! Model building blocks computed three ways: the CPU sequential reference, the GPU one token
 //! at a time, and the GPU batched over all tokens. The three must agree bit for bit.
+//!
+//! Here: the shapes ([`config`]), the host weights and their synthetic generation
+//! ([`weights`]), the GGUF mapping ([`gguf`]), the hidden-state [`trace`] every path fills,
+//! and the GPU model ([`transformer`], [`moe_block`]). The CPU references of the model live
+//! with the kernel references, in [`crate::reference::model`] and
+//! [`crate::reference::moe_block`]; they and the GPU model both build on `config`, `weights`
+//! and `trace`, and neither imports the other.
 
 pub mod config;
-pub mod init;
+pub mod gguf;
 pub mod moe_block;
+pub mod trace;
 pub mod transformer;
+pub mod weights;
 
-pub use config::ModelConfig;
-pub use moe_block::{GpuMoeBlock, MoeConfig, MoeOutput, MoeWeights};
-pub use transformer::{CpuSession, GpuModel, ModelWeights, Session, Trace};
+pub use crate::reference::model::CpuSession;
+pub use config::{ModelConfig, MoeConfig};
+pub use moe_block::GpuMoeBlock;
+pub use trace::{first_divergence, MoeOutput, Trace};
+pub use transformer::{GpuModel, Session};
+pub use weights::{prompt, LayerWeights, ModelWeights, MoeWeights, SharedWeights};

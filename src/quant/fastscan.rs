@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use crate::error::{Error, Result};
-use crate::model::init;
+use crate::init;
 
 /// Positions per tile.
 pub const TILE: usize = 32;

@@ -9,6 +9,8 @@ pub mod attention;
 pub mod elementwise;
 pub mod fastscan;
 pub mod gemm;
+pub mod model;
+pub mod moe_block;
 pub mod moe_reduce;
 pub mod norm;
 pub mod quantize;

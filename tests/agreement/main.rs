@@ -11,9 +11,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use bitexact::gguf::arch::export;
-use bitexact::model::transformer::{prompt, CpuSession, ModelWeights, Trace};
+use bitexact::model::gguf::export;
 use bitexact::model::ModelConfig;
+use bitexact::model::{prompt, CpuSession, ModelWeights, Trace};
 use bitexact::quant::{QuantMatrix, WeightFormat};
 
 /// Relative L2 error per token that F32 weights must stay under (median over tokens). Measured
@@ -290,7 +290,7 @@ fn a_llama_quantize_q4_k_m_file_runs_and_agrees() {
     let file = bitexact::gguf::GgufFile::open(&q_path).unwrap();
     let formats: std::collections::BTreeSet<String> =
         file.tensors.iter().map(|t| t.ty.name.to_string()).collect();
-    let wq = bitexact::gguf::arch::load(&file, None, None).unwrap();
+    let wq = bitexact::model::gguf::load(&file, None, None).unwrap();
     let tokens = prompt(15, 80, cfg.vocab);
     let theirs = llama_logits(&tool, &wq, &tokens, "qm");
     let us_them = compare(&bitexact_logits(&wq, &tokens), &theirs, cfg.vocab);

@@ -12,7 +12,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bitexact::gguf::writer::GgufWriter;
-use bitexact::gguf::{arch, Array, GgmlType, GgufFile, Value};
+use bitexact::gguf::{Array, GgmlType, GgufFile, Value};
+use bitexact::model::gguf as model_gguf;
 use bitexact::model::{ModelConfig, ModelWeights, MoeConfig};
 use bitexact::quant::{QuantMatrix, WeightFormat};
 use rand::rngs::StdRng;
@@ -53,7 +54,8 @@ fn micro(format: WeightFormat) -> ModelConfig {
 
 /// The seed corpus: two micro models, one tensor of every format, metadata of every type.
 fn seeds() -> Vec<(&'static str, Vec<u8>)> {
-    let model = |f| arch::export(&ModelWeights::generate(&micro(f), 1, None).unwrap()).unwrap();
+    let model =
+        |f| model_gguf::export(&ModelWeights::generate(&micro(f), 1, None).unwrap()).unwrap();
     let mut formats = GgufWriter::new();
     let v: Vec<f32> = (0..256).map(|i| (i as f32 - 128.0) / 17.0).collect();
     for f in WeightFormat::ALL {
@@ -190,8 +192,8 @@ fn check_with(bytes: &[u8], worst: &mut (f64, f64)) -> Result<bool, String> {
         Err(_) => Ok(false),
         Ok(f) => {
             catch_unwind(AssertUnwindSafe(|| {
-                if arch::config(&f, Some(64)).is_ok() {
-                    let _ = arch::load(&f, Some(64), Some(1));
+                if model_gguf::config(&f, Some(64)).is_ok() {
+                    let _ = model_gguf::load(&f, Some(64), Some(1));
                 }
                 for t in &f.tensors {
                     let _ = f.tensor_data(t);

@@ -5,10 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use bitexact::gguf::arch;
 use bitexact::gguf::writer::GgufWriter;
 use bitexact::gguf::{GgmlType, GgufFile, Value};
-use bitexact::model::transformer::{prompt, CpuSession, Trace};
+use bitexact::model::gguf as model_gguf;
+use bitexact::model::{prompt, CpuSession, Trace};
 use bitexact::model::{ModelConfig, ModelWeights};
 use bitexact::quant::{QuantMatrix, WeightFormat};
 
@@ -112,7 +112,7 @@ fn their_q8_0_blocks_through_our_reader() {
         );
     }
     // The config read back is the one written.
-    let cfg = arch::config(&f, None).unwrap();
+    let cfg = model_gguf::config(&f, None).unwrap();
     let c = &meta["config"];
     assert_eq!(cfg.n_layers as u64, c["layers"].as_u64().unwrap());
     assert_eq!(cfg.dim as u64, c["dim"].as_u64().unwrap());
@@ -125,7 +125,7 @@ fn their_q8_0_blocks_through_our_reader() {
     assert_eq!(cfg.vocab as u64, c["vocab"].as_u64().unwrap());
     assert_eq!(cfg.moe.format, WeightFormat::Q8_0);
     // The runner on the loaded model: batched == chunked == sequential.
-    let w = arch::load(&f, None, None).unwrap();
+    let w = model_gguf::load(&f, None, None).unwrap();
     let tokens = prompt(1, 24, cfg.vocab);
     let trace = |chunk: usize| {
         let mut s = CpuSession::new(&w);
@@ -192,7 +192,7 @@ fn our_blocks_through_their_reader() {
     let cfg = ModelConfig::preset("small", WeightFormat::Q4K).unwrap();
     let w = ModelWeights::generate(&cfg, 2, None).unwrap();
     let path = dir.join("small.gguf");
-    std::fs::write(&path, arch::export(&w).unwrap()).unwrap();
+    std::fs::write(&path, model_gguf::export(&w).unwrap()).unwrap();
     run(&["read", path.to_str().unwrap(), dir.to_str().unwrap()]);
     let (theirs, meta) = dump(&dir, "read");
     let num = |k: &str| meta[k].as_f64().unwrap_or_else(|| panic!("{k} missing"));

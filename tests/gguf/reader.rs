@@ -1,9 +1,9 @@
 //! The reader on files our writer made, and on malformed files built by hand.
 
-use bitexact::gguf::arch;
 use bitexact::gguf::writer::GgufWriter;
 use bitexact::gguf::{Array, GgmlType, GgufError, GgufFile, Value};
-use bitexact::model::transformer::{prompt, CpuSession, Trace};
+use bitexact::model::gguf as model_gguf;
+use bitexact::model::{prompt, CpuSession, Trace};
 use bitexact::model::{ModelConfig, ModelWeights};
 use bitexact::quant::WeightFormat;
 
@@ -27,7 +27,7 @@ fn streamed_export_equals_in_memory_export() {
         let w = ModelWeights::generate(&cfg, 9, None).unwrap();
         let mut streamed = Vec::new();
         let mut layers = Vec::new();
-        let n = arch::export_preset(&cfg, 9, &mut streamed, |l| layers.push(l)).unwrap();
+        let n = model_gguf::export_preset(&cfg, 9, &mut streamed, |l| layers.push(l)).unwrap();
         assert_eq!(n as usize, streamed.len());
         assert_eq!(
             layers,
@@ -35,7 +35,7 @@ fn streamed_export_equals_in_memory_export() {
             "{preset} progress"
         );
         assert!(
-            streamed == arch::export(&w).unwrap(),
+            streamed == model_gguf::export(&w).unwrap(),
             "{preset} {format}: bytes differ"
         );
     }
@@ -48,8 +48,8 @@ fn export_then_load_round_trips() {
     for format in [WeightFormat::F32, WeightFormat::Q8_0] {
         let cfg = ModelConfig::preset("tiny", format).unwrap();
         let w = ModelWeights::generate(&cfg, 5, None).unwrap();
-        let f = GgufFile::parse(arch::export(&w).unwrap()).unwrap();
-        let back = arch::load(&f, None, None).unwrap();
+        let f = GgufFile::parse(model_gguf::export(&w).unwrap()).unwrap();
+        let back = model_gguf::load(&f, None, None).unwrap();
         assert_eq!(back.cfg.dim, cfg.dim);
         assert_eq!(back.cfg.moe, cfg.moe);
         assert_eq!(back.cfg.max_context, cfg.max_context);
@@ -186,12 +186,12 @@ fn malformed_files_are_refused_with_reasons() {
 fn unsupported_models_are_refused_with_reasons() {
     let cfg = ModelConfig::preset("tiny", WeightFormat::F32).unwrap();
     let w = ModelWeights::generate(&cfg, 1, None).unwrap();
-    let bytes = arch::export(&w).unwrap();
+    let bytes = model_gguf::export(&w).unwrap();
     // Another architecture.
     let f = GgufFile::parse(bytes.clone()).unwrap();
     let mut g = GgufWriter::new();
     g.meta("general.architecture", Value::String("llama".into()));
-    let e = arch::config(&GgufFile::parse(g.to_bytes()).unwrap(), None).unwrap_err();
+    let e = model_gguf::config(&GgufFile::parse(g.to_bytes()).unwrap(), None).unwrap_err();
     assert!(e.to_string().contains("llama"), "{e}");
     // A missing tensor is named.
     let mut g = GgufWriter::new();
@@ -206,7 +206,7 @@ fn unsupported_models_are_refused_with_reasons() {
             f.tensor_data(t).unwrap().into_owned(),
         );
     }
-    let e = arch::load(&GgufFile::parse(g.to_bytes()).unwrap(), None, None).unwrap_err();
+    let e = model_gguf::load(&GgufFile::parse(g.to_bytes()).unwrap(), None, None).unwrap_err();
     assert!(e.to_string().contains("blk.1.attn_k.weight"), "{e}");
     // A tensor type the runner cannot run is named with its type.
     let mut g = GgufWriter::new();
@@ -227,7 +227,7 @@ fn unsupported_models_are_refused_with_reasons() {
             );
         }
     }
-    let e = arch::load(&GgufFile::parse(g.to_bytes()).unwrap(), None, None).unwrap_err();
+    let e = model_gguf::load(&GgufFile::parse(g.to_bytes()).unwrap(), None, None).unwrap_err();
     assert!(
         matches!(e, GgufError::UnsupportedType { ref tensor, .. } if tensor == "blk.0.attn_q.weight"),
         "{e}"
@@ -242,7 +242,7 @@ fn unsupported_models_are_refused_with_reasons() {
         GgmlType::of(WeightFormat::F32),
         vec![0; 16],
     );
-    let e = arch::config(&GgufFile::parse(g.to_bytes()).unwrap(), None).unwrap_err();
+    let e = model_gguf::config(&GgufFile::parse(g.to_bytes()).unwrap(), None).unwrap_err();
     assert!(e.to_string().contains("DeltaNet"), "{e}");
 }
 
@@ -258,7 +258,7 @@ fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
 fn a_file_shrunk_after_open_is_an_error_not_a_crash() {
     let cfg = ModelConfig::preset("tiny", WeightFormat::Q8_0).unwrap();
     let w = ModelWeights::generate(&cfg, 2, None).unwrap();
-    let bytes = arch::export(&w).unwrap();
+    let bytes = model_gguf::export(&w).unwrap();
     let path = temp_file("shrink.gguf", &bytes);
     let f = GgufFile::open(&path).unwrap();
     assert_eq!(f.len(), bytes.len());
@@ -288,7 +288,7 @@ fn a_file_shrunk_after_open_is_an_error_not_a_crash() {
             other.map(|b| b.len())
         ),
     }
-    assert!(arch::load(&f, None, None).is_err());
+    assert!(model_gguf::load(&f, None, None).is_err());
     let _ = std::fs::remove_file(&path);
 }
 

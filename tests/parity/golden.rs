@@ -7,8 +7,8 @@
 //! To print the current values: `BITEXACT_PRINT_GOLDEN=1 cargo test --test parity golden --
 //! --nocapture`.
 
-use bitexact::model::transformer::{prompt, CpuSession, GpuModel, ModelWeights, Session, Trace};
 use bitexact::model::ModelConfig;
+use bitexact::model::{prompt, CpuSession, GpuModel, ModelWeights, Session, Trace};
 use bitexact::quant::WeightFormat;
 
 use crate::common::gpu;

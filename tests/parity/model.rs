@@ -1,10 +1,10 @@
 //! The decoder: batched prefill == chunked prefill == sequential decode == CPU reference, bit
 //! for bit at every layer and at the logits.
 
-use bitexact::model::transformer::{
+use bitexact::model::ModelConfig;
+use bitexact::model::{
     first_divergence, prompt, CpuSession, GpuModel, ModelWeights, Session, Trace,
 };
-use bitexact::model::ModelConfig;
 use bitexact::quant::{QuantMatrix, WeightFormat};
 use bitexact::Error;
 
@@ -214,8 +214,8 @@ fn a_model_loaded_from_gguf_runs_bit_exact_on_the_gpu() {
     let Some(dev) = gpu() else { return };
     let cfg = ModelConfig::preset("tiny", WeightFormat::Q8_0).unwrap();
     let w = ModelWeights::generate(&cfg, 12, None).unwrap();
-    let file = bitexact::gguf::GgufFile::parse(bitexact::gguf::arch::export(&w).unwrap()).unwrap();
-    let loaded = bitexact::gguf::arch::load(&file, None, None).unwrap();
+    let file = bitexact::gguf::GgufFile::parse(bitexact::model::gguf::export(&w).unwrap()).unwrap();
+    let loaded = bitexact::model::gguf::load(&file, None, None).unwrap();
     let model = GpuModel::load(dev, &loaded).unwrap();
     let tokens = prompt(12, 30, cfg.vocab);
     let cpu = cpu_run(&w, &tokens, None);

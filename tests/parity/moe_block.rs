@@ -1,11 +1,11 @@
 //! The MoE block: CPU sequential == CPU batched (always), and with a GPU, GPU token by token ==
 //! GPU batched == CPU reference, bit for bit, for every N in 1..=64.
 
-use bitexact::model::moe_block::{
-    forward_cpu, forward_cpu_batched, upload_input, ExpertPlan, GpuMoeBlock, MoeConfig, MoeOutput,
-    MoeWeights,
-};
+use bitexact::model::moe_block::{upload_input, GpuMoeBlock};
+use bitexact::model::MoeOutput;
+use bitexact::model::{MoeConfig, MoeWeights};
 use bitexact::quant::WeightFormat;
+use bitexact::reference::moe_block::{forward_cpu, forward_cpu_batched, ExpertPlan};
 use bitexact::Error;
 use proptest::prelude::*;
 

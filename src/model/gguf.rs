@@ -9,10 +9,9 @@
 //! `ffn_gate_inp_shexp`. GGUF lists dims innermost first: a `[rows, cols]` matrix is stored with
 //! dims `[cols, rows]`, a stack of experts as `[cols, rows, experts]`.
 
-use super::{GgmlType, GgufError, GgufFile, GgufResult, TensorInfo, Value};
-use crate::model::moe_block::SharedWeights;
-use crate::model::transformer::{LayerWeights, ModelWeights};
-use crate::model::{ModelConfig, MoeConfig, MoeWeights};
+use crate::gguf::{GgmlType, GgufError, GgufFile, GgufResult, TensorInfo, Value};
+use crate::model::config::{ModelConfig, MoeConfig};
+use crate::model::weights::{LayerWeights, ModelWeights, MoeWeights, SharedWeights};
 use crate::quant::{dequantize_row, QuantMatrix, WeightFormat};
 
 /// Architectures the runner builds.
@@ -270,7 +269,7 @@ fn dims(m: &QuantMatrix) -> Vec<u64> {
 
 /// The `qwen3moe` metadata of `c` (llama.cpp's keys, `tokenizer.ggml.model = "none"` and
 /// `qwen3moe.vocab_size`, so llama.cpp loads the file without a vocabulary).
-fn put_metadata(g: &mut super::writer::GgufWriter, c: &ModelConfig) {
+fn put_metadata(g: &mut crate::gguf::writer::GgufWriter, c: &ModelConfig) {
     let a = "qwen3moe";
     let u = |v: usize| Value::U32(v as u32);
     g.meta("general.architecture", Value::String(a.into()))
@@ -369,7 +368,7 @@ pub fn export(w: &ModelWeights) -> GgufResult<Vec<u8>> {
     if !w.is_complete() {
         return Err(GgufError::Model("export needs every layer".into()));
     }
-    let mut g = super::writer::GgufWriter::new();
+    let mut g = crate::gguf::writer::GgufWriter::new();
     put_metadata(&mut g, &w.cfg);
     let layers = w.layers.iter().enumerate();
     for (name, d, ty, bytes) in head_tensors(w)
@@ -397,7 +396,7 @@ pub fn export_preset(
     let head = ModelWeights::generate_head(cfg, seed).map_err(model_err)?;
     // Every layer has the same tensors and sizes: layer 0 gives the infos of all.
     let layer0 = LayerWeights::generate(cfg, seed, 0).map_err(model_err)?;
-    let mut g = super::writer::GgufWriter::new();
+    let mut g = crate::gguf::writer::GgufWriter::new();
     put_metadata(&mut g, cfg);
     let head_t = head_tensors(&head);
     let n_head = head_t.len();
