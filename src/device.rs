@@ -25,84 +25,57 @@ use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 
 use crate::error::{Error, Result};
 
-/// A kernel family: one `cuda/<name>.cu` file, compiled as one NVRTC program.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Family {
-    /// `cuda/row_scale.cu`
-    RowScale,
-    /// `cuda/moe_reduce.cu`
-    MoeReduce,
-    /// `cuda/gemm.cu`
-    Gemm,
-    /// `cuda/router.cu`
-    Router,
-    /// `cuda/activation.cu`
-    Activation,
-    /// `cuda/quantize.cu`
-    Quantize,
-    /// `cuda/norm.cu`
-    Norm,
-    /// `cuda/rope.cu`
-    Rope,
-    /// `cuda/attention.cu`
-    Attention,
-    /// `cuda/elementwise.cu`
-    Elementwise,
-    /// `cuda/fastscan.cu`
-    FastScan,
+/// Declares [`Family`] from one table: variant and file stem. The enum, [`Family::ALL`], the
+/// names and the embedded sources all come from it, so adding a `cuda/*.cu` file is one line
+/// here (a unit test checks that every file under `cuda/` has its line).
+macro_rules! families {
+    ($($variant:ident => $stem:literal),* $(,)?) => {
+        /// A kernel family: one `cuda/<name>.cu` file, compiled as one NVRTC program.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum Family {
+            $(
+                #[doc = concat!("`cuda/", $stem, ".cu`")]
+                $variant,
+            )*
+        }
+
+        impl Family {
+            /// Every family, in a fixed order.
+            pub const ALL: &'static [Family] = &[$(Family::$variant),*];
+
+            /// The file stem under `cuda/`.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Family::$variant => $stem,)*
+                }
+            }
+
+            fn source(self) -> &'static str {
+                match self {
+                    $(Family::$variant => include_str!(concat!("../cuda/", $stem, ".cu")),)*
+                }
+            }
+        }
+    };
+}
+
+families! {
+    RowScale => "row_scale",
+    MoeReduce => "moe_reduce",
+    Gemm => "gemm",
+    Router => "router",
+    Activation => "activation",
+    Quantize => "quantize",
+    Norm => "norm",
+    Rope => "rope",
+    Attention => "attention",
+    Elementwise => "elementwise",
+    FastScan => "fastscan",
 }
 
 const COMMON: &str = include_str!("../cuda/common.cuh");
 
 impl Family {
-    /// Every family, in a fixed order.
-    pub const ALL: [Family; 11] = [
-        Family::RowScale,
-        Family::MoeReduce,
-        Family::Gemm,
-        Family::Router,
-        Family::Activation,
-        Family::Quantize,
-        Family::Norm,
-        Family::Rope,
-        Family::Attention,
-        Family::Elementwise,
-        Family::FastScan,
-    ];
-
-    /// The file stem under `cuda/`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Family::RowScale => "row_scale",
-            Family::MoeReduce => "moe_reduce",
-            Family::Gemm => "gemm",
-            Family::Router => "router",
-            Family::Activation => "activation",
-            Family::Quantize => "quantize",
-            Family::Norm => "norm",
-            Family::Rope => "rope",
-            Family::Attention => "attention",
-            Family::Elementwise => "elementwise",
-            Family::FastScan => "fastscan",
-        }
-    }
-
-    fn source(self) -> &'static str {
-        match self {
-            Family::RowScale => include_str!("../cuda/row_scale.cu"),
-            Family::MoeReduce => include_str!("../cuda/moe_reduce.cu"),
-            Family::Gemm => include_str!("../cuda/gemm.cu"),
-            Family::Router => include_str!("../cuda/router.cu"),
-            Family::Activation => include_str!("../cuda/activation.cu"),
-            Family::Quantize => include_str!("../cuda/quantize.cu"),
-            Family::Norm => include_str!("../cuda/norm.cu"),
-            Family::Rope => include_str!("../cuda/rope.cu"),
-            Family::Attention => include_str!("../cuda/attention.cu"),
-            Family::Elementwise => include_str!("../cuda/elementwise.cu"),
-            Family::FastScan => include_str!("../cuda/fastscan.cu"),
-        }
-    }
-
     /// The program text handed to NVRTC: `common.cuh` in place of its `#include`.
     fn program(self) -> String {
         self.source().replace("#include \"common.cuh\"", COMMON)
@@ -325,7 +298,7 @@ impl Device {
 
     /// Compiles and loads every kernel family now, so that later timings exclude compilation.
     pub fn warm_up(&self) -> Result<()> {
-        for f in Family::ALL {
+        for &f in Family::ALL {
             self.module(f)?;
         }
         Ok(())
@@ -468,5 +441,28 @@ impl Device {
             .unwrap_or_else(|e| e.into_inner())
             .insert(name, f.clone());
         Ok(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Family;
+
+    /// Every `cuda/*.cu` file is a family (and every family a file): a new kernel file cannot
+    /// be left out of the table, nor the mutant list of `ci/gpu-run`, which reads `cuda/`.
+    #[test]
+    fn every_cuda_file_is_a_family() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/cuda");
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| {
+                let name = e.unwrap().file_name().into_string().unwrap();
+                name.strip_suffix(".cu").map(str::to_owned)
+            })
+            .collect();
+        files.sort();
+        let mut names: Vec<String> = Family::ALL.iter().map(|f| f.name().to_owned()).collect();
+        names.sort();
+        assert_eq!(files, names);
     }
 }
