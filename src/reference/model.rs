@@ -8,6 +8,7 @@ use crate::model::config::check_tokens;
 use crate::model::trace::Trace;
 use crate::model::weights::ModelWeights;
 use crate::reference;
+use crate::reference::attention::QkMode;
 use crate::reference::moe_block;
 
 /// The CPU reference: tokens one at a time, each through the plain sequential loops of
@@ -18,6 +19,7 @@ pub struct CpuSession<'w> {
     v: Vec<Vec<f32>>,
     pos: usize,
     rope: (Vec<f32>, Vec<f32>),
+    qk: QkMode,
 }
 
 impl<'w> CpuSession<'w> {
@@ -31,7 +33,14 @@ impl<'w> CpuSession<'w> {
             v: vec![vec![0.0; per]; w.layers.len()],
             pos: 0,
             rope: reference::rope::rope_table(c.max_context, c.rope_dim, c.rope_base),
+            qk: QkMode::F32,
         }
+    }
+
+    /// How attention scores are formed ([`QkMode::F32`], the canonical order, by default). The
+    /// int8 modes exist on the CPU only, to measure what they cost in accuracy.
+    pub fn set_qk_mode(&mut self, mode: QkMode) {
+        self.qk = mode;
     }
 
     /// Decodes `tokens` one at a time, appending each layer's hidden state (and, when the
@@ -88,8 +97,17 @@ impl<'w> CpuSession<'w> {
                     self.v[l][at..at + hd].copy_from_slice(&v[src..src + hd]);
                 }
             }
-            let a =
-                attention::attention(&q, &self.k[l], &self.v[l], &pos, nh, nkv, hd, c.max_context);
+            let a = attention::attention_with(
+                self.qk,
+                &q,
+                &self.k[l],
+                &self.v[l],
+                &pos,
+                nh,
+                nkv,
+                hd,
+                c.max_context,
+            );
             let o = gemm(&a, &lw.wo, n)?;
             elementwise::add(&mut h, &o);
             let x2 = rmsnorm(&h, &lw.ffn_norm, c.norm_eps);

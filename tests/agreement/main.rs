@@ -15,6 +15,7 @@ use bitexact::model::gguf::export;
 use bitexact::model::ModelConfig;
 use bitexact::model::{prompt, CpuSession, ModelWeights, Trace};
 use bitexact::quant::{QuantMatrix, WeightFormat};
+use bitexact::reference::attention::QkMode;
 
 /// Relative L2 error per token that F32 weights must stay under (median over tokens). Measured
 /// at about 1e-6: both sides compute the same f32 model in different orders.
@@ -56,6 +57,17 @@ fn config(format: WeightFormat) -> ModelConfig {
 
 /// llama.cpp's logits `[tokens, vocab]` for `w` (exported to a temporary GGUF file).
 fn llama_logits(tool: &Path, w: &ModelWeights, tokens: &[u32], tag: &str) -> Vec<f32> {
+    llama_logits_with(tool, w, tokens, tag, &[])
+}
+
+/// [`llama_logits`] with more options for the logits tool (`--kv f16`, `--flash 1`).
+fn llama_logits_with(
+    tool: &Path,
+    w: &ModelWeights,
+    tokens: &[u32],
+    tag: &str,
+    extra: &[&str],
+) -> Vec<f32> {
     let dir = std::env::temp_dir().join(format!("bitexact-agreement-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (model, toks, out) = (
@@ -71,6 +83,7 @@ fn llama_logits(tool: &Path, w: &ModelWeights, tokens: &[u32], tag: &str) -> Vec
         .arg(&toks)
         .arg(&out)
         .args(["--threads", "2"])
+        .args(extra)
         .status()
         .expect("running bitexact-logits");
     assert!(
@@ -90,7 +103,12 @@ fn llama_logits(tool: &Path, w: &ModelWeights, tokens: &[u32], tag: &str) -> Vec
 }
 
 fn bitexact_logits(w: &ModelWeights, tokens: &[u32]) -> Vec<f32> {
+    bitexact_logits_with(w, tokens, QkMode::F32)
+}
+
+fn bitexact_logits_with(w: &ModelWeights, tokens: &[u32], qk: QkMode) -> Vec<f32> {
     let mut s = CpuSession::new(w);
+    s.set_qk_mode(qk);
     let mut t = Trace::default();
     s.forward(tokens, &mut t).unwrap();
     t.logits
@@ -337,4 +355,82 @@ fn q8_0_within_llama_cpp_own_quantization_spread() {
         us_them.median_rel <= spread.median_rel,
         "bitexact vs llama.cpp ({us_them:?}) exceeds llama.cpp's own Q8_0 spread ({spread:?})"
     );
+}
+
+/// What int8 attention scores would cost in accuracy (`QkMode`, CPU reference only), beside
+/// what llama.cpp's default KV cache (f16, flash attention) costs against its own f32 cache, on
+/// one model with the 30B preset's head shape (head dim 128, 4 query heads per kv head), F32
+/// weights, 256 tokens (4 attention chunks). Random weights: attention is near uniform, so
+/// these are indications, not a model's quality. The check: each int8 mode keeps the top-1
+/// token of the f32 scores at most positions and stays within 10x of llama.cpp's own f16 cost
+/// (a mode that breaks the scores, e.g. a lost scale, fails it).
+#[test]
+fn int8_attention_scores_cost_beside_llama_cpp_f16_cache() {
+    let Some(tool) = tool() else { return };
+    let mut cfg = ModelConfig::preset("small", WeightFormat::F32).unwrap();
+    cfg.moe.shared_ffn = None;
+    cfg.n_layers = 3;
+    cfg.head_dim = 128;
+    cfg.rope_dim = 128;
+    cfg.n_heads = 4;
+    cfg.n_kv_heads = 1;
+    let w = ModelWeights::generate(&cfg, 21, None).unwrap();
+    let tokens = prompt(21, 256, cfg.vocab);
+    let f32_ours = bitexact_logits(&w, &tokens);
+    let f32_theirs = llama_logits(&tool, &w, &tokens, "qk-f32");
+    let f16_theirs = llama_logits_with(
+        &tool,
+        &w,
+        &tokens,
+        "qk-f16",
+        &["--kv", "f16", "--flash", "1"],
+    );
+    let llama_f16 = compare(&f16_theirs, &f32_theirs, cfg.vocab);
+    println!(
+        "llama.cpp f16 KV + flash vs its f32 KV: median relative L2 {:.3e}, max {:.3e}, top-1 mismatches {} of {}",
+        llama_f16.median_rel, llama_f16.max_rel, llama_f16.top1_mismatches, tokens.len()
+    );
+    let agree = compare(&f32_ours, &f32_theirs, cfg.vocab);
+    assert!(agrees(&agree), "f32 paths disagree: {agree:?}");
+    // For scale: what Q8_0 experts (the same weights quantized) cost against F32 ones.
+    let mut c8 = cfg.clone();
+    c8.moe.format = WeightFormat::Q8_0;
+    let w8 = ModelWeights::generate(&c8, 21, None).unwrap();
+    let q8 = compare(&bitexact_logits(&w8, &tokens), &f32_ours, cfg.vocab);
+    println!(
+        "bitexact Q8_0 experts vs F32 experts: median relative L2 {:.3e}, max {:.3e}, top-1 mismatches {}",
+        q8.median_rel, q8.max_rel, q8.top1_mismatches
+    );
+    let modes = [QkMode::Int8Vector, QkMode::Int8Block];
+    let costs: Vec<Agreement> = modes
+        .iter()
+        .map(|&mode| {
+            compare(
+                &bitexact_logits_with(&w, &tokens, mode),
+                &f32_ours,
+                cfg.vocab,
+            )
+        })
+        .collect();
+    for (mode, a) in modes.iter().zip(&costs) {
+        println!(
+            "bitexact {mode:?} scores vs f32 scores: median relative L2 {:.3e}, max {:.3e}, top-1 mismatches {} of {} ({:.1}x llama.cpp's f16 median)",
+            a.median_rel,
+            a.max_rel,
+            a.top1_mismatches,
+            tokens.len(),
+            a.median_rel / llama_f16.median_rel
+        );
+    }
+    for (mode, a) in modes.iter().zip(&costs) {
+        assert!(
+            a.median_rel > 0.0,
+            "{mode:?} changed nothing: the mode is not wired"
+        );
+        assert!(
+            a.median_rel < 100.0 * llama_f16.median_rel.max(1e-7),
+            "{mode:?} costs more than 100x llama.cpp's f16 cache: {a:?} vs {llama_f16:?}"
+        );
+        assert!(a.top1_mismatches * 20 <= tokens.len(), "{mode:?}: {a:?}");
+    }
 }
