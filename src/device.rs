@@ -171,6 +171,12 @@ pub struct Device {
     /// While profiling ([`Device::set_profiling`]): an event recorded on the stream at each
     /// kernel lookup, with the kernel's name.
     marks: Mutex<Option<Vec<(&'static str, CudaEvent)>>>,
+    /// Device allocations so far ([`Device::allocations`]).
+    allocs: AtomicU64,
+    /// Allocations left before an injected out-of-memory (0: none armed).
+    alloc_fault_in: AtomicU64,
+    /// A family whose next compile fails ([`Device::inject_compile_failure`]).
+    compile_fault: Mutex<Option<Family>>,
 }
 
 /// Time spent in one kernel over a profiled stretch ([`Device::take_profile`]).
@@ -243,6 +249,9 @@ impl Device {
             fault_in: AtomicU64::new(0),
             launches: AtomicU64::new(0),
             marks: Mutex::new(None),
+            allocs: AtomicU64::new(0),
+            alloc_fault_in: AtomicU64::new(0),
+            compile_fault: Mutex::new(None),
         })
     }
 
@@ -262,6 +271,9 @@ impl Device {
             fault_in: AtomicU64::new(0),
             launches: AtomicU64::new(0),
             marks: Mutex::new(None),
+            allocs: AtomicU64::new(0),
+            alloc_fault_in: AtomicU64::new(0),
+            compile_fault: Mutex::new(None),
         })
     }
 
@@ -316,6 +328,7 @@ impl Device {
             let blocks = codes.div_ceil(32);
             let alloc_err =
                 |e| crate::error::Error::from_alloc(e, codes + 8 * blocks, "activation scratch");
+            self.alloc_gate(codes + 8 * blocks, "activation scratch")?;
             // SAFETY: scratch contents are always written by the quantize kernel before the
             // product that reads them.
             let fresh = unsafe {
@@ -335,6 +348,21 @@ impl Device {
         if let Some(m) = modules.get(&family) {
             return Ok(m.clone());
         }
+        let injected = {
+            let mut fault = self.compile_fault.lock().unwrap_or_else(|e| e.into_inner());
+            if *fault == Some(family) {
+                fault.take()
+            } else {
+                None
+            }
+        };
+        if injected.is_some() {
+            return Err(Error::Compile {
+                kernel: family.name(),
+                options: compile_options(&self.arch(), is_mutant(family)),
+                log: "compile failure injected by Device::inject_compile_failure".into(),
+            });
+        }
         let ptx = compile(family, &self.arch())?;
         let module = self.ctx.load_module(ptx)?;
         modules.insert(family, module.clone());
@@ -347,6 +375,39 @@ impl Device {
     /// after some launches have run, and check what the caller sees.
     pub fn inject_launch_failure(&self, k: Option<u64>) {
         self.fault_in.store(k.unwrap_or(0), Ordering::SeqCst);
+    }
+
+    /// Fault injection for tests: the `k`-th device allocation from now (buffers, tensors,
+    /// routing tables, scratch) fails with [`Error::OutOfMemory`], exactly as a real one would
+    /// reach the caller, then the switch disarms itself. `None` disarms it.
+    pub fn inject_alloc_failure(&self, k: Option<u64>) {
+        self.alloc_fault_in.store(k.unwrap_or(0), Ordering::SeqCst);
+    }
+
+    /// Fault injection for tests: the next compile of `family` for this device (its first use
+    /// here: a device loads each family once) fails with [`Error::Compile`], then the switch
+    /// disarms itself. `None` disarms it.
+    pub fn inject_compile_failure(&self, family: Option<Family>) {
+        *self.compile_fault.lock().unwrap_or_else(|e| e.into_inner()) = family;
+    }
+
+    /// Device allocations made so far through this device (each checked by
+    /// [`Device::inject_alloc_failure`]).
+    pub fn allocations(&self) -> u64 {
+        self.allocs.load(Ordering::Relaxed)
+    }
+
+    /// Counts an allocation of `bytes` for `what` and fails it when a failure is armed. Every
+    /// allocation in the crate goes through here first.
+    pub(crate) fn alloc_gate(&self, bytes: usize, what: &'static str) -> Result<()> {
+        self.allocs.fetch_add(1, Ordering::Relaxed);
+        let armed = self
+            .alloc_fault_in
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |k| k.checked_sub(1));
+        if armed == Ok(1) {
+            return Err(Error::OutOfMemory { bytes, what });
+        }
+        Ok(())
     }
 
     /// Kernels launched so far by this device's wrappers (each launch site looks its kernel up

@@ -34,6 +34,7 @@ impl<T: DeviceRepr + ValidAsZeroBits + Clone + Default> GpuTensor<T> {
     pub fn zeros(dev: &Device, dims: &[usize]) -> Result<Self> {
         let n = numel("GpuTensor::zeros", dims)?;
         let bytes = n.saturating_mul(std::mem::size_of::<T>());
+        dev.alloc_gate(bytes, "GpuTensor::zeros")?;
         let data = dev
             .stream()
             .alloc_zeros::<T>(n)
@@ -52,6 +53,7 @@ impl<T: DeviceRepr + ValidAsZeroBits + Clone + Default> GpuTensor<T> {
     pub(crate) unsafe fn uninit(dev: &Device, dims: &[usize]) -> Result<Self> {
         let n = numel("GpuTensor::uninit", dims)?;
         let bytes = n.saturating_mul(std::mem::size_of::<T>());
+        dev.alloc_gate(bytes, "GpuTensor::uninit")?;
         // SAFETY: the caller writes every element before reading it.
         let data = unsafe { dev.stream().alloc::<T>(n) }
             .map_err(|e| Error::from_alloc(e, bytes, "GpuTensor::uninit"))?;
@@ -83,6 +85,7 @@ impl<T: DeviceRepr + ValidAsZeroBits + Clone + Default> GpuTensor<T> {
             ));
         }
         let bytes = std::mem::size_of_val(host);
+        dev.alloc_gate(bytes, "GpuTensor::from_host")?;
         let data = dev
             .stream()
             .clone_htod(host)

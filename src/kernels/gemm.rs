@@ -62,6 +62,7 @@ pub struct GpuMatrix {
 impl GpuMatrix {
     /// Uploads a host matrix (already checked by [`QuantMatrix`]).
     pub fn upload(dev: &Device, m: &QuantMatrix) -> Result<Self> {
+        dev.alloc_gate(m.bytes().len(), "GpuMatrix::upload")?;
         let data = dev
             .stream()
             .clone_htod(m.bytes())
@@ -192,6 +193,7 @@ impl RoutedRows {
         at[5] = packed.len();
         // A zero-length table still needs a valid (non-null) buffer to pass.
         packed.push(0);
+        dev.alloc_gate(4 * packed.len(), "RoutedRows")?;
         let buf = dev
             .stream()
             .clone_htod(&packed)
@@ -234,6 +236,7 @@ impl RoutedRows {
         );
         let at = [0, len, 2 * len, 3 * len, 6 * len, 9 * len];
         let alloc = || {
+            dev.alloc_gate(4 * (9 * len + 1), OP)?;
             // SAFETY: route_rows writes every element of the 9 * len table below.
             unsafe { dev.stream().alloc::<u32>(9 * len + 1) }
                 .map_err(|e| Error::from_alloc(e, 4 * (9 * len + 1), OP))
@@ -308,6 +311,7 @@ impl RoutedRows {
         );
         let at = [0, len, 2 * len, 3 * len, 3 * len + 3 * gt, total];
         let alloc = |extra: usize| {
+            dev.alloc_gate(4 * (total + 1 + extra), OP)?;
             // SAFETY: route_sort writes every element of the table's `total` entries below
             // (rows, the used tiles and the padding tiles); `extra` holds route_count's counts,
             // all written before route_sort reads them.

@@ -10,6 +10,7 @@ mod activation;
 mod attention;
 mod elementwise;
 mod fastscan;
+mod faults;
 mod gemm;
 mod golden;
 mod math;
