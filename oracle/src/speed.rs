@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use bitexact::model::weights::Mixer;
 use bitexact::model::ModelConfig;
 use bitexact::model::{prompt, GpuModel, Session};
 use bitexact::quant::WeightFormat;
@@ -132,8 +133,18 @@ fn active_of(w: &bitexact::model::ModelWeights) -> (f64, f64) {
         total.1 += b;
     };
     for l in &w.layers {
-        for m in [&l.wq, &l.wk, &l.wv, &l.wo, &l.moe.router] {
-            add(mat(m, 1.0));
+        add(mat(&l.moe.router, 1.0));
+        match &l.mixer {
+            Mixer::Attention(a) => {
+                for m in [&a.wq, &a.wk, &a.wv, &a.wo] {
+                    add(mat(m, 1.0));
+                }
+            }
+            Mixer::DeltaNet(d) => {
+                for m in [&d.qkv, &d.z, &d.beta, &d.alpha, &d.out] {
+                    add(mat(m, 1.0));
+                }
+            }
         }
         for m in [&l.moe.gate, &l.moe.up, &l.moe.down] {
             add(mat(m, share));

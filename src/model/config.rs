@@ -35,10 +35,36 @@ pub struct ModelConfig {
     pub lm_head_format: WeightFormat,
     /// Positions a session's KV cache holds.
     pub max_context: usize,
+    /// The hybrid layout (Qwen3.5/3.6-MoE): Gated DeltaNet mixers in most layers, gated
+    /// attention in the rest. `None`: every layer is plain attention (Qwen3-MoE).
+    pub hybrid: Option<HybridConfig>,
+}
+
+/// The hybrid layout of a Qwen3.5/3.6-MoE decoder (llama.cpp's `qwen35moe`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HybridConfig {
+    /// Layer `l` is full attention when `(l + 1) % full_attention_interval == 0`, a Gated
+    /// DeltaNet mixer otherwise (llama.cpp's rule).
+    pub full_attention_interval: usize,
+    /// DeltaNet key heads.
+    pub k_heads: usize,
+    /// DeltaNet value heads (a multiple of `k_heads`).
+    pub v_heads: usize,
+    /// DeltaNet head dim (the state is `head_dim x head_dim` per value head).
+    pub head_dim: usize,
+    /// Taps of the DeltaNet's causal convolution.
+    pub conv_kernel: usize,
 }
 
 /// Names of the presets.
-pub const PRESETS: [&str; 4] = ["tiny", "small", "qwen3-30b-a3b", "qwen3.6-35b-a3b-like"];
+pub const PRESETS: [&str; 6] = [
+    "tiny",
+    "small",
+    "qwen3-30b-a3b",
+    "qwen3.6-35b-a3b-like",
+    "tiny-hybrid",
+    "qwen3.6-35b-a3b",
+];
 
 impl ModelConfig {
     /// A preset with its routed and shared experts (and, for the large presets, the attention
@@ -54,6 +80,12 @@ impl ModelConfig {
     ///   64 dims (base 1e7), 256 experts top-8 (ffn 512) plus a shared expert of 512 with a
     ///   sigmoid gate, vocab 248,320 (every layer attention: the gated-DeltaNet layers of the
     ///   real model are out of scope).
+    /// - `tiny-hybrid`: `tiny`'s shapes as a hybrid model: layers 0 and 2 Gated DeltaNet (2 key
+    ///   / 4 value heads of 16, conv of 4), 1 and 3 gated attention with rope over 8 dims.
+    /// - `qwen3.6-35b-a3b`: the hybrid Qwen3.6-35B-A3B: 40 layers, every 4th gated attention
+    ///   (16 / 2 heads of 256, rope over 64, base 1e7), the rest Gated DeltaNet (16 key / 32
+    ///   value heads of 128, conv of 4), 256 experts top-8 (ffn 512) plus a shared expert of
+    ///   512, vocab 248,320. The hybrid presets run on the CPU reference only for now.
     pub fn preset(name: &str, format: WeightFormat) -> Result<Self> {
         let moe = |dim, n_experts, top_k, ffn, shared_ffn| MoeConfig {
             dim,
@@ -87,6 +119,7 @@ impl ModelConfig {
                 attn_format: WeightFormat::F32,
                 lm_head_format: WeightFormat::F32,
                 max_context: 512,
+                hybrid: None,
             },
             "small" => ModelConfig {
                 name: name.into(),
@@ -103,6 +136,7 @@ impl ModelConfig {
                 attn_format: WeightFormat::F32,
                 lm_head_format: WeightFormat::F32,
                 max_context: 1024,
+                hybrid: None,
             },
             "qwen3-30b-a3b" => ModelConfig {
                 name: name.into(),
@@ -119,6 +153,53 @@ impl ModelConfig {
                 attn_format: big(format),
                 lm_head_format: big(format),
                 max_context: 8448,
+                hybrid: None,
+            },
+            "tiny-hybrid" => ModelConfig {
+                name: name.into(),
+                n_layers: 4,
+                dim: 64,
+                n_heads: 4,
+                n_kv_heads: 2,
+                head_dim: 16,
+                rope_dim: 8,
+                rope_base: 1e7,
+                vocab: 256,
+                norm_eps: 1e-6,
+                moe: moe(64, 8, 2, 64, Some(64)),
+                attn_format: WeightFormat::F32,
+                lm_head_format: WeightFormat::F32,
+                max_context: 512,
+                hybrid: Some(HybridConfig {
+                    full_attention_interval: 2,
+                    k_heads: 2,
+                    v_heads: 4,
+                    head_dim: 16,
+                    conv_kernel: 4,
+                }),
+            },
+            "qwen3.6-35b-a3b" => ModelConfig {
+                name: name.into(),
+                n_layers: 40,
+                dim: 2048,
+                n_heads: 16,
+                n_kv_heads: 2,
+                head_dim: 256,
+                rope_dim: 64,
+                rope_base: 1e7,
+                vocab: 248_320,
+                norm_eps: 1e-6,
+                moe: moe(2048, 256, 8, 512, Some(512)),
+                attn_format: big(format),
+                lm_head_format: big(format),
+                max_context: 8448,
+                hybrid: Some(HybridConfig {
+                    full_attention_interval: 4,
+                    k_heads: 16,
+                    v_heads: 32,
+                    head_dim: 128,
+                    conv_kernel: 4,
+                }),
             },
             "qwen3.6-35b-a3b-like" => ModelConfig {
                 name: name.into(),
@@ -135,6 +216,7 @@ impl ModelConfig {
                 attn_format: big(format),
                 lm_head_format: big(format),
                 max_context: 8448,
+                hybrid: None,
             },
             other => {
                 return Err(Error::invalid(
@@ -147,10 +229,46 @@ impl ModelConfig {
         Ok(cfg)
     }
 
+    /// Whether layer `l` is attention (every layer when the model is not hybrid).
+    pub fn is_attention_layer(&self, l: usize) -> bool {
+        self.hybrid
+            .as_ref()
+            .is_none_or(|h| (l + 1) % h.full_attention_interval == 0)
+    }
+
+    /// The DeltaNet mixer's shape in a hybrid model.
+    pub fn delta_net(&self) -> Option<crate::reference::delta_net::DeltaNetConfig> {
+        self.hybrid
+            .as_ref()
+            .map(|h| crate::reference::delta_net::DeltaNetConfig {
+                dim: self.dim,
+                k_heads: h.k_heads,
+                v_heads: h.v_heads,
+                head_dim: h.head_dim,
+                conv_kernel: h.conv_kernel,
+                format: self.attn_format,
+            })
+    }
+
+    /// Rows of the query projection: `n_heads * head_dim`, twice that in a hybrid model, whose
+    /// attention layers also project an output gate (per head `[q_h | gate_h]`).
+    pub fn q_rows(&self) -> usize {
+        self.n_heads * self.head_dim * if self.hybrid.is_some() { 2 } else { 1 }
+    }
+
     /// Checks the shape; every constructor and forward path calls it.
     pub fn validate(&self) -> Result<()> {
         const OP: &str = "ModelConfig";
         self.moe.validate()?;
+        if let Some(h) = &self.hybrid {
+            if h.full_attention_interval == 0 {
+                return Err(Error::invalid(
+                    OP,
+                    "full_attention_interval must be positive",
+                ));
+            }
+            self.delta_net().expect("hybrid").validate()?;
+        }
         if self.moe.dim != self.dim {
             return Err(Error::invalid(OP, "moe.dim must equal dim"));
         }

@@ -11,7 +11,9 @@
 
 use crate::gguf::{GgmlType, GgufError, GgufFile, GgufResult, TensorInfo, Value};
 use crate::model::config::{ModelConfig, MoeConfig};
-use crate::model::weights::{LayerWeights, ModelWeights, MoeWeights, SharedWeights};
+use crate::model::weights::{
+    AttentionWeights, LayerWeights, Mixer, ModelWeights, MoeWeights, SharedWeights,
+};
 use crate::quant::{dequantize_row, QuantMatrix, WeightFormat};
 
 /// Architectures the runner builds.
@@ -194,6 +196,8 @@ pub fn config(f: &GgufFile, max_context: Option<usize>) -> GgufResult<ModelConfi
         attn_format: fmt("blk.0.attn_q.weight")?,
         lm_head_format: fmt(lm)?,
         max_context: context.min(max_context.unwrap_or(DEFAULT_MAX_CONTEXT)),
+        // Files with DeltaNet layers are refused above: every layer read here is attention.
+        hybrid: None,
     };
     cfg.validate()
         .map_err(|e| GgufError::Model(e.to_string()))?;
@@ -233,12 +237,14 @@ pub fn load(
         };
         out_layers.push(LayerWeights {
             attn_norm: vector(f, &p("attn_norm"), d)?,
-            wq: matrix(f, &p("attn_q"), 1, qd, d)?,
-            wk: matrix(f, &p("attn_k"), 1, kvd, d)?,
-            wv: matrix(f, &p("attn_v"), 1, kvd, d)?,
-            wo: matrix(f, &p("attn_output"), 1, d, qd)?,
-            q_norm: vector(f, &p("attn_q_norm"), hd)?,
-            k_norm: vector(f, &p("attn_k_norm"), hd)?,
+            mixer: Mixer::Attention(AttentionWeights {
+                wq: matrix(f, &p("attn_q"), 1, qd, d)?,
+                wk: matrix(f, &p("attn_k"), 1, kvd, d)?,
+                wv: matrix(f, &p("attn_v"), 1, kvd, d)?,
+                wo: matrix(f, &p("attn_output"), 1, d, qd)?,
+                q_norm: vector(f, &p("attn_q_norm"), hd)?,
+                k_norm: vector(f, &p("attn_k_norm"), hd)?,
+            }),
             ffn_norm: vector(f, &p("ffn_norm"), d)?,
             moe: MoeWeights {
                 cfg: cfg.moe.clone(),
@@ -333,20 +339,34 @@ fn head_tensors(w: &ModelWeights) -> Vec<FileTensor> {
     ]
 }
 
-/// Layer `l`'s tensors, in file order.
+/// The writer knows `qwen3moe`; a hybrid model's `qwen35moe` file (DeltaNet tensors, gated
+/// queries) is not written yet.
+fn refuse_hybrid(c: &ModelConfig) -> GgufResult<()> {
+    match c.hybrid {
+        Some(_) => Err(GgufError::Model(
+            "writing a hybrid (qwen35moe) model is not supported yet: only qwen3moe".into(),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Layer `l`'s tensors, in file order (an attention layer: [`refuse_hybrid`] ran first).
 fn layer_tensors(c: &ModelConfig, l: usize, lw: &LayerWeights) -> Vec<FileTensor> {
     let p = |s: &str| format!("blk.{l}.{s}.weight");
+    let a = lw
+        .attention()
+        .expect("a qwen3moe layer is attention (refuse_hybrid checked the model)");
     let f32_t = GgmlType::of(WeightFormat::F32);
     let vector = |name: &str, n: usize, v: &[f32]| (p(name), vec![n as u64], f32_t, f32_bytes(v));
     let mut t = vec![
         vector("attn_norm", c.dim, &lw.attn_norm),
-        vector("attn_q_norm", c.head_dim, &lw.q_norm),
-        vector("attn_k_norm", c.head_dim, &lw.k_norm),
+        vector("attn_q_norm", c.head_dim, &a.q_norm),
+        vector("attn_k_norm", c.head_dim, &a.k_norm),
         vector("ffn_norm", c.dim, &lw.ffn_norm),
-        file_matrix(p("attn_q"), &lw.wq),
-        file_matrix(p("attn_k"), &lw.wk),
-        file_matrix(p("attn_v"), &lw.wv),
-        file_matrix(p("attn_output"), &lw.wo),
+        file_matrix(p("attn_q"), &a.wq),
+        file_matrix(p("attn_k"), &a.wk),
+        file_matrix(p("attn_v"), &a.wv),
+        file_matrix(p("attn_output"), &a.wo),
         file_matrix(p("ffn_gate_inp"), &lw.moe.router),
         file_matrix(p("ffn_gate_exps"), &lw.moe.gate),
         file_matrix(p("ffn_up_exps"), &lw.moe.up),
@@ -368,6 +388,7 @@ pub fn export(w: &ModelWeights) -> GgufResult<Vec<u8>> {
     if !w.is_complete() {
         return Err(GgufError::Model("export needs every layer".into()));
     }
+    refuse_hybrid(&w.cfg)?;
     let mut g = crate::gguf::writer::GgufWriter::new();
     put_metadata(&mut g, &w.cfg);
     let layers = w.layers.iter().enumerate();
@@ -392,6 +413,7 @@ pub fn export_preset(
 ) -> GgufResult<u64> {
     cfg.validate()
         .map_err(|e| GgufError::Model(e.to_string()))?;
+    refuse_hybrid(cfg)?;
     let model_err = |e: crate::Error| GgufError::Model(e.to_string());
     let head = ModelWeights::generate_head(cfg, seed).map_err(model_err)?;
     // Every layer has the same tensors and sizes: layer 0 gives the infos of all.

@@ -57,17 +57,27 @@ pub struct GpuModel {
 
 fn upload_layer(dev: &Device, lw: &LayerWeights) -> Result<GpuLayer> {
     let vec = |v: &[f32]| GpuTensor::from_host(dev, v, &[v.len()]);
+    let a = lw.attention().ok_or_else(|| refuse_hybrid("GpuModel"))?;
     Ok(GpuLayer {
         attn_norm: vec(&lw.attn_norm)?,
-        wq: GpuMatrix::upload(dev, &lw.wq)?,
-        wk: GpuMatrix::upload(dev, &lw.wk)?,
-        wv: GpuMatrix::upload(dev, &lw.wv)?,
-        wo: GpuMatrix::upload(dev, &lw.wo)?,
-        q_norm: vec(&lw.q_norm)?,
-        k_norm: vec(&lw.k_norm)?,
+        wq: GpuMatrix::upload(dev, &a.wq)?,
+        wk: GpuMatrix::upload(dev, &a.wk)?,
+        wv: GpuMatrix::upload(dev, &a.wv)?,
+        wo: GpuMatrix::upload(dev, &a.wo)?,
+        q_norm: vec(&a.q_norm)?,
+        k_norm: vec(&a.k_norm)?,
         ffn_norm: vec(&lw.ffn_norm)?,
         moe: GpuMoeBlock::upload(dev, &lw.moe)?,
     })
+}
+
+/// The GPU runs the all-attention decoder; a hybrid model (DeltaNet layers, gated attention)
+/// runs on the CPU reference only, for now.
+fn refuse_hybrid(op: &'static str) -> Error {
+    Error::invalid(
+        op,
+        "hybrid models (Gated DeltaNet layers) run on the CPU reference only: no GPU kernels yet",
+    )
 }
 
 /// Fails with [`Error::OutOfMemory`] before anything is allocated when the weights, one KV
@@ -87,6 +97,9 @@ pub fn check_fits(dev: &Device, cfg: &ModelConfig, rows: usize) -> Result<()> {
 impl GpuModel {
     /// Uploads complete host weights.
     pub fn load(dev: &Device, w: &ModelWeights) -> Result<Self> {
+        if w.cfg.hybrid.is_some() {
+            return Err(refuse_hybrid("GpuModel::load"));
+        }
         if !w.is_complete() {
             return Err(Error::invalid(
                 "GpuModel::load",
@@ -111,6 +124,9 @@ impl GpuModel {
         mut progress: impl FnMut(usize),
     ) -> Result<Self> {
         cfg.validate()?;
+        if cfg.hybrid.is_some() {
+            return Err(refuse_hybrid("GpuModel::generate"));
+        }
         check_fits(dev, cfg, rows)?;
         let head = ModelWeights::generate_head(cfg, seed)?;
         let lm = GpuMatrix::upload(dev, &head.lm_head)?;

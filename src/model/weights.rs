@@ -6,13 +6,13 @@ use crate::error::Result;
 use crate::init;
 use crate::model::config::{ModelConfig, MoeConfig};
 use crate::quant::{QuantMatrix, WeightFormat};
+use crate::reference::delta_net::DeltaNetWeights;
 
-/// One layer's weights (host).
+/// An attention mixer's weights (host).
 #[derive(Clone, Debug)]
-pub struct LayerWeights {
-    /// `[dim]`
-    pub attn_norm: Vec<f32>,
-    /// `[n_heads * hd, dim]`
+pub struct AttentionWeights {
+    /// `[q_rows, dim]` ([`ModelConfig::q_rows`]): the queries, and in a hybrid model each
+    /// head's output gate after its query (`[q_h | gate_h]` per head).
     pub wq: QuantMatrix,
     /// `[n_kv * hd, dim]`
     pub wk: QuantMatrix,
@@ -24,10 +24,46 @@ pub struct LayerWeights {
     pub q_norm: Vec<f32>,
     /// `[hd]`
     pub k_norm: Vec<f32>,
+}
+
+/// What mixes the tokens in a layer: attention, or (in a hybrid model) a Gated DeltaNet.
+#[derive(Clone, Debug)]
+pub enum Mixer {
+    /// Grouped-query attention over the KV cache (gated in a hybrid model).
+    Attention(AttentionWeights),
+    /// The Gated DeltaNet of [`crate::reference::delta_net`].
+    DeltaNet(DeltaNetWeights),
+}
+
+/// One layer's weights (host).
+#[derive(Clone, Debug)]
+pub struct LayerWeights {
+    /// `[dim]`
+    pub attn_norm: Vec<f32>,
+    /// The mixer.
+    pub mixer: Mixer,
     /// `[dim]`
     pub ffn_norm: Vec<f32>,
     /// The MoE block.
     pub moe: MoeWeights,
+}
+
+impl LayerWeights {
+    /// The attention mixer, when this layer has one.
+    pub fn attention(&self) -> Option<&AttentionWeights> {
+        match &self.mixer {
+            Mixer::Attention(a) => Some(a),
+            Mixer::DeltaNet(_) => None,
+        }
+    }
+
+    /// The attention mixer, mutable.
+    pub fn attention_mut(&mut self) -> Option<&mut AttentionWeights> {
+        match &mut self.mixer {
+            Mixer::Attention(a) => Some(a),
+            Mixer::DeltaNet(_) => None,
+        }
+    }
 }
 
 /// A model's weights (host): the embedding, the first `layers.len()` layers (a CPU reference
@@ -69,14 +105,29 @@ impl LayerWeights {
             let v = init::fill(seed, base + id, rows * cols, init::fan_in_scale(cols));
             QuantMatrix::quantize(cfg.attn_format, &v, 1, rows, cols)
         };
+        let mixer = if cfg.is_attention_layer(l) {
+            Mixer::Attention(AttentionWeights {
+                // A gated query projection has its own tensor id: the plain one keeps its bits.
+                wq: if cfg.hybrid.is_some() {
+                    mat(9, cfg.q_rows(), d)?
+                } else {
+                    mat(2, qd, d)?
+                },
+                wk: mat(3, kvd, d)?,
+                wv: mat(4, kvd, d)?,
+                wo: mat(5, d, qd)?,
+                q_norm: norm_weights(seed, base + 6, hd),
+                k_norm: norm_weights(seed, base + 7, hd),
+            })
+        } else {
+            let dn = cfg
+                .delta_net()
+                .expect("a DeltaNet layer is in a hybrid model");
+            Mixer::DeltaNet(DeltaNetWeights::generate(&dn, seed, base + 512)?)
+        };
         Ok(LayerWeights {
             attn_norm: norm_weights(seed, base + 1, d),
-            wq: mat(2, qd, d)?,
-            wk: mat(3, kvd, d)?,
-            wv: mat(4, kvd, d)?,
-            wo: mat(5, d, qd)?,
-            q_norm: norm_weights(seed, base + 6, hd),
-            k_norm: norm_weights(seed, base + 7, hd),
+            mixer,
             ffn_norm: norm_weights(seed, base + 8, d),
             moe: MoeWeights::generate_at(&cfg.moe, seed, base + 64)?,
         })

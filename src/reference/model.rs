@@ -4,11 +4,13 @@
 //! [`crate::model::transformer`]'s module docs.
 
 use crate::error::Result;
+use crate::math::sigmoid;
 use crate::model::config::check_tokens;
 use crate::model::trace::Trace;
-use crate::model::weights::ModelWeights;
+use crate::model::weights::{LayerWeights, Mixer, ModelWeights};
 use crate::reference;
 use crate::reference::attention::QkMode;
+use crate::reference::delta_net::{self, DeltaNetState};
 use crate::reference::moe_block;
 
 /// The CPU reference: tokens one at a time, each through the plain sequential loops of
@@ -20,6 +22,8 @@ pub struct CpuSession<'w> {
     pos: usize,
     rope: (Vec<f32>, Vec<f32>),
     qk: QkMode,
+    /// The state of each DeltaNet layer (`None` for attention layers).
+    dn: Vec<Option<DeltaNetState>>,
 }
 
 impl<'w> CpuSession<'w> {
@@ -27,13 +31,26 @@ impl<'w> CpuSession<'w> {
     pub fn new(w: &'w ModelWeights) -> Self {
         let c = &w.cfg;
         let per = c.n_kv_heads * c.max_context * c.head_dim;
+        // A KV cache for the attention layers, a recurrent state for the DeltaNet ones.
+        let cache = |l: &LayerWeights| match l.mixer {
+            Mixer::Attention(_) => vec![0.0; per],
+            Mixer::DeltaNet(_) => Vec::new(),
+        };
         CpuSession {
             w,
-            k: vec![vec![0.0; per]; w.layers.len()],
-            v: vec![vec![0.0; per]; w.layers.len()],
+            k: w.layers.iter().map(cache).collect(),
+            v: w.layers.iter().map(cache).collect(),
             pos: 0,
             rope: reference::rope::rope_table(c.max_context, c.rope_dim, c.rope_base),
             qk: QkMode::F32,
+            dn: w
+                .layers
+                .iter()
+                .map(|l| match &l.mixer {
+                    Mixer::DeltaNet(d) => Some(DeltaNetState::new(&d.cfg)),
+                    Mixer::Attention(_) => None,
+                })
+                .collect(),
         }
     }
 
@@ -66,11 +83,34 @@ impl<'w> CpuSession<'w> {
         let mut h = elementwise::gather_rows(&w.embed, tokens, d);
         for (l, lw) in w.layers.iter().enumerate() {
             let x = rmsnorm(&h, &lw.attn_norm, c.norm_eps);
-            let q = gemm(&x, &lw.wq, n)?;
-            let k = gemm(&x, &lw.wk, n)?;
-            let v = gemm(&x, &lw.wv, n)?;
-            let mut q = rmsnorm(&q, &lw.q_norm, c.norm_eps);
-            let mut k = rmsnorm(&k, &lw.k_norm, c.norm_eps);
+            let aw = match &lw.mixer {
+                Mixer::Attention(aw) => aw,
+                Mixer::DeltaNet(dw) => {
+                    let st = self.dn[l].as_mut().expect("a DeltaNet layer has a state");
+                    let o = delta_net::forward_cpu(dw, st, &x, n, c.norm_eps)?;
+                    elementwise::add(&mut h, &o);
+                    self.moe(l, lw, &mut h, n)?;
+                    trace.push_layer(l, &h);
+                    continue;
+                }
+            };
+            let q = gemm(&x, &aw.wq, n)?;
+            // A gated query projection holds `[q_h | gate_h]` per head: split it.
+            let (q, gate) = if c.hybrid.is_some() {
+                let mut qs = Vec::with_capacity(n * nh * hd);
+                let mut gs = Vec::with_capacity(n * nh * hd);
+                for head in q.chunks(2 * hd) {
+                    qs.extend_from_slice(&head[..hd]);
+                    gs.extend_from_slice(&head[hd..]);
+                }
+                (qs, Some(gs))
+            } else {
+                (q, None)
+            };
+            let k = gemm(&x, &aw.wk, n)?;
+            let v = gemm(&x, &aw.wv, n)?;
+            let mut q = rmsnorm(&q, &aw.q_norm, c.norm_eps);
+            let mut k = rmsnorm(&k, &aw.k_norm, c.norm_eps);
             rope_neox(
                 &mut q,
                 &pos,
@@ -97,7 +137,7 @@ impl<'w> CpuSession<'w> {
                     self.v[l][at..at + hd].copy_from_slice(&v[src..src + hd]);
                 }
             }
-            let a = attention::attention_with(
+            let mut a = attention::attention_with(
                 self.qk,
                 &q,
                 &self.k[l],
@@ -108,15 +148,15 @@ impl<'w> CpuSession<'w> {
                 hd,
                 c.max_context,
             );
-            let o = gemm(&a, &lw.wo, n)?;
+            if let Some(g) = gate {
+                // The output gate, before the output projection: one rounded multiply each.
+                for (ai, &gi) in a.iter_mut().zip(&g) {
+                    *ai *= sigmoid(gi);
+                }
+            }
+            let o = gemm(&a, &aw.wo, n)?;
             elementwise::add(&mut h, &o);
-            let x2 = rmsnorm(&h, &lw.ffn_norm, c.norm_eps);
-            let m = if n == 1 {
-                moe_block::forward_cpu(&lw.moe, &x2, 1)?
-            } else {
-                moe_block::forward_cpu_batched(&lw.moe, &x2, n)?
-            };
-            elementwise::add(&mut h, &m.out);
+            self.moe(l, lw, &mut h, n)?;
             trace.push_layer(l, &h);
         }
         if w.is_complete() {
@@ -130,5 +170,19 @@ impl<'w> CpuSession<'w> {
     /// Tokens taken so far.
     pub fn position(&self) -> usize {
         self.pos
+    }
+
+    /// The MoE half of layer `l`: `h += moe(rmsnorm(h, ffn_norm))`, one token's reference loop
+    /// for a single token, the batched schedule otherwise (the same bits).
+    fn moe(&self, _l: usize, lw: &LayerWeights, h: &mut [f32], n: usize) -> Result<()> {
+        use reference::{elementwise, norm::rmsnorm};
+        let x2 = rmsnorm(h, &lw.ffn_norm, self.w.cfg.norm_eps);
+        let m = if n == 1 {
+            moe_block::forward_cpu(&lw.moe, &x2, 1)?
+        } else {
+            moe_block::forward_cpu_batched(&lw.moe, &x2, n)?
+        };
+        elementwise::add(h, &m.out);
+        Ok(())
     }
 }

@@ -171,7 +171,8 @@ fn swap_experts(w: &ModelWeights) -> ModelWeights {
 fn swap_qk_norms(w: &ModelWeights) -> ModelWeights {
     let mut b = w.clone();
     for l in &mut b.layers {
-        std::mem::swap(&mut l.q_norm, &mut l.k_norm);
+        let a = l.attention_mut().expect("attention layer");
+        std::mem::swap(&mut a.q_norm, &mut a.k_norm);
     }
     b
 }

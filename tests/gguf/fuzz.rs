@@ -49,6 +49,7 @@ fn micro(format: WeightFormat) -> ModelConfig {
         attn_format: WeightFormat::F32,
         lm_head_format: WeightFormat::F32,
         max_context: 64,
+        hybrid: None,
     }
 }
 

@@ -55,10 +55,11 @@ fn export_then_load_round_trips() {
         assert_eq!(back.cfg.max_context, cfg.max_context);
         assert_eq!(bits(&back.embed), bits(&w.embed));
         for (a, b) in back.layers.iter().zip(&w.layers) {
-            assert_eq!(a.wq.bytes(), b.wq.bytes());
+            let (aa, ba) = (a.attention().unwrap(), b.attention().unwrap());
+            assert_eq!(aa.wq.bytes(), ba.wq.bytes());
             assert_eq!(a.moe.gate.bytes(), b.moe.gate.bytes());
             assert_eq!(a.moe.down.bytes(), b.moe.down.bytes());
-            assert_eq!(bits(&a.q_norm), bits(&b.q_norm));
+            assert_eq!(bits(&aa.q_norm), bits(&ba.q_norm));
         }
         let tokens = prompt(3, 20, cfg.vocab);
         let run = |chunk: usize| {

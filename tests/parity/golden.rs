@@ -54,6 +54,23 @@ fn cpu_digests() {
     }
 }
 
+/// The hybrid preset (Gated DeltaNet and gated attention layers): CPU only until its kernels
+/// exist. (preset, format, seed, tokens, digest).
+const GOLDEN_CPU_ONLY: [(&str, WeightFormat, u64, usize, u64); 1] =
+    [("tiny-hybrid", WeightFormat::F32, 10, 150, 0x433f66e8278c9133)];
+
+#[test]
+fn cpu_digests_hybrid() {
+    for (preset, fmt, seed, n, want) in GOLDEN_CPU_ONLY {
+        let cfg = ModelConfig::preset(preset, fmt).unwrap();
+        let w = ModelWeights::generate(&cfg, seed, None).unwrap();
+        let mut s = CpuSession::new(&w);
+        let mut t = Trace::default();
+        s.forward(&prompt(seed, n, cfg.vocab), &mut t).unwrap();
+        check(&format!("cpu {preset} {fmt}"), fnv1a(&t), want);
+    }
+}
+
 #[test]
 fn gpu_digests() {
     let Some(dev) = gpu() else { return };

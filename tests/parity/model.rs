@@ -151,11 +151,10 @@ fn a_flipped_weight_bit_is_found_in_its_layer() {
     let cpu = cpu_run(&w, &tokens, None);
     for layer in [0, 2, 3] {
         let mut bad = w.clone();
-        let m = &bad.layers[layer].wo;
-        let mut bytes = m.bytes().to_vec();
+        let a = bad.layers[layer].attention_mut().expect("attention layer");
+        let mut bytes = a.wo.bytes().to_vec();
         bytes[4 * 37 + 2] ^= 0x10; // one mantissa bit of one weight
-        bad.layers[layer].wo =
-            QuantMatrix::from_bytes(m.format(), 1, m.rows(), m.cols(), bytes).unwrap();
+        a.wo = QuantMatrix::from_bytes(a.wo.format(), 1, a.wo.rows(), a.wo.cols(), bytes).unwrap();
         let model = GpuModel::load(dev, &bad).unwrap();
         let got = gpu_run(dev, &model, &tokens, 6);
         let (l, _, _) = first_divergence(&cpu, &got, cfg.dim).expect("a flipped bit must show");
@@ -272,6 +271,33 @@ fn graph_decode_equals_eager_and_cpu() {
                 g,
                 &cpu.logits[at * vocab..(at + 1) * vocab],
             );
+        }
+    }
+}
+
+/// The hybrid decoder (Gated DeltaNet and gated attention layers) on the CPU reference: one
+/// token at a time == the whole prompt at once == chunks of 3 and 7, at every layer and at the
+/// logits, over 150 tokens (three attention chunks; the recurrent state carried across calls).
+/// The GPU refuses the model with a typed error until its kernels exist.
+#[test]
+fn hybrid_cpu_paths_agree_and_the_gpu_refuses() {
+    for fmt in [WeightFormat::F32, WeightFormat::Q8_0] {
+        let cfg = ModelConfig::preset("tiny-hybrid", fmt).unwrap();
+        assert!(!cfg.is_attention_layer(0) && cfg.is_attention_layer(1));
+        let w = ModelWeights::generate(&cfg, 4, None).unwrap();
+        let tokens = prompt(4, 150, cfg.vocab);
+        let seq = cpu_run(&w, &tokens, None);
+        assert!(seq.logits.iter().all(|v| v.is_finite()));
+        for chunk in [150, 3, 7] {
+            same(
+                &format!("hybrid {fmt} cpu chunk {chunk}"),
+                &seq,
+                &cpu_run(&w, &tokens, Some(chunk)),
+            );
+        }
+        if let Some(dev) = gpu() {
+            let e = GpuModel::load(dev, &w).err().expect("refused");
+            assert!(matches!(e, Error::InvalidArgument { .. }), "{e}");
         }
     }
 }
