@@ -276,7 +276,7 @@ fn dims(m: &QuantMatrix) -> Vec<u64> {
 /// The `qwen3moe` metadata of `c` (llama.cpp's keys, `tokenizer.ggml.model = "none"` and
 /// `qwen3moe.vocab_size`, so llama.cpp loads the file without a vocabulary).
 fn put_metadata(g: &mut crate::gguf::writer::GgufWriter, c: &ModelConfig) {
-    let a = "qwen3moe";
+    let a = arch_of(c);
     let u = |v: usize| Value::U32(v as u32);
     g.meta("general.architecture", Value::String(a.into()))
         .meta("general.name", Value::String(c.name.clone()))
@@ -304,6 +304,34 @@ fn put_metadata(g: &mut crate::gguf::writer::GgufWriter, c: &ModelConfig) {
         .meta(&format!("{a}.expert_feed_forward_length"), u(c.moe.ffn));
     if let Some(sf) = c.moe.shared_ffn {
         g.meta(&format!("{a}.expert_shared_feed_forward_length"), u(sf));
+    }
+    if let Some(h) = &c.hybrid {
+        // IMROPE sections covering the rope_dim / 2 rotated pairs (text positions: NEOX).
+        let r = (c.rope_dim / 2) as i32;
+        let s0 = (r + 2) / 3;
+        let s1 = (r - s0 + 1) / 2;
+        g.meta(
+            &format!("{a}.rope.dimension_sections"),
+            Value::Array(crate::gguf::Array::I32(vec![s0, s1, r - s0 - s1, 0])),
+        )
+        .meta(&format!("{a}.ssm.conv_kernel"), u(h.conv_kernel))
+        .meta(&format!("{a}.ssm.inner_size"), u(h.head_dim * h.v_heads))
+        .meta(&format!("{a}.ssm.state_size"), u(h.head_dim))
+        .meta(&format!("{a}.ssm.time_step_rank"), u(h.v_heads))
+        .meta(&format!("{a}.ssm.group_count"), u(h.k_heads))
+        .meta(
+            &format!("{a}.full_attention_interval"),
+            u(h.full_attention_interval),
+        );
+    }
+}
+
+/// `qwen35moe` for a hybrid model, `qwen3moe` otherwise.
+fn arch_of(c: &ModelConfig) -> &'static str {
+    if c.hybrid.is_some() {
+        "qwen35moe"
+    } else {
+        "qwen3moe"
     }
 }
 
@@ -339,39 +367,57 @@ fn head_tensors(w: &ModelWeights) -> Vec<FileTensor> {
     ]
 }
 
-/// The writer knows `qwen3moe`; a hybrid model's `qwen35moe` file (DeltaNet tensors, gated
-/// queries) is not written yet.
-fn refuse_hybrid(c: &ModelConfig) -> GgufResult<()> {
-    match c.hybrid {
-        Some(_) => Err(GgufError::Model(
-            "writing a hybrid (qwen35moe) model is not supported yet: only qwen3moe".into(),
-        )),
-        None => Ok(()),
-    }
-}
-
-/// Layer `l`'s tensors, in file order (an attention layer: [`refuse_hybrid`] ran first).
+/// Layer `l`'s tensors, in file order: llama.cpp's names for `qwen3moe`, and for `qwen35moe`
+/// (the pre-MoE norm is `post_attention_norm` there; a DeltaNet layer's `ssm_a` and
+/// `ssm_dt.bias` carry no `.weight` suffix; its convolution is stored `[Kc, conv_dim]`).
 fn layer_tensors(c: &ModelConfig, l: usize, lw: &LayerWeights) -> Vec<FileTensor> {
     let p = |s: &str| format!("blk.{l}.{s}.weight");
-    let a = lw
-        .attention()
-        .expect("a qwen3moe layer is attention (refuse_hybrid checked the model)");
     let f32_t = GgmlType::of(WeightFormat::F32);
-    let vector = |name: &str, n: usize, v: &[f32]| (p(name), vec![n as u64], f32_t, f32_bytes(v));
+    let vector = |name: String, n: usize, v: &[f32]| (name, vec![n as u64], f32_t, f32_bytes(v));
+    let ffn_norm = if c.hybrid.is_some() {
+        "post_attention_norm"
+    } else {
+        "ffn_norm"
+    };
     let mut t = vec![
-        vector("attn_norm", c.dim, &lw.attn_norm),
-        vector("attn_q_norm", c.head_dim, &a.q_norm),
-        vector("attn_k_norm", c.head_dim, &a.k_norm),
-        vector("ffn_norm", c.dim, &lw.ffn_norm),
-        file_matrix(p("attn_q"), &a.wq),
-        file_matrix(p("attn_k"), &a.wk),
-        file_matrix(p("attn_v"), &a.wv),
-        file_matrix(p("attn_output"), &a.wo),
+        vector(p("attn_norm"), c.dim, &lw.attn_norm),
+        vector(p(ffn_norm), c.dim, &lw.ffn_norm),
+    ];
+    match &lw.mixer {
+        Mixer::Attention(a) => t.extend([
+            vector(p("attn_q_norm"), c.head_dim, &a.q_norm),
+            vector(p("attn_k_norm"), c.head_dim, &a.k_norm),
+            file_matrix(p("attn_q"), &a.wq),
+            file_matrix(p("attn_k"), &a.wk),
+            file_matrix(p("attn_v"), &a.wv),
+            file_matrix(p("attn_output"), &a.wo),
+        ]),
+        Mixer::DeltaNet(d) => {
+            let dc = &d.cfg;
+            t.extend([
+                file_matrix(p("attn_qkv"), &d.qkv),
+                file_matrix(p("attn_gate"), &d.z),
+                file_matrix(p("ssm_beta"), &d.beta),
+                file_matrix(p("ssm_alpha"), &d.alpha),
+                file_matrix(p("ssm_out"), &d.out),
+                (
+                    p("ssm_conv1d"),
+                    vec![dc.conv_kernel as u64, dc.conv_dim() as u64],
+                    f32_t,
+                    f32_bytes(&d.conv),
+                ),
+                vector(format!("blk.{l}.ssm_dt.bias"), dc.v_heads, &d.dt_bias),
+                vector(format!("blk.{l}.ssm_a"), dc.v_heads, &d.ssm_a),
+                vector(p("ssm_norm"), dc.head_dim, &d.norm),
+            ]);
+        }
+    }
+    t.extend([
         file_matrix(p("ffn_gate_inp"), &lw.moe.router),
         file_matrix(p("ffn_gate_exps"), &lw.moe.gate),
         file_matrix(p("ffn_up_exps"), &lw.moe.up),
         file_matrix(p("ffn_down_exps"), &lw.moe.down),
-    ];
+    ]);
     if let Some(s) = &lw.moe.shared {
         t.push(file_matrix(p("ffn_gate_inp_shexp"), &s.gate_inp));
         t.push(file_matrix(p("ffn_gate_shexp"), &s.gate));
@@ -388,7 +434,6 @@ pub fn export(w: &ModelWeights) -> GgufResult<Vec<u8>> {
     if !w.is_complete() {
         return Err(GgufError::Model("export needs every layer".into()));
     }
-    refuse_hybrid(&w.cfg)?;
     let mut g = crate::gguf::writer::GgufWriter::new();
     put_metadata(&mut g, &w.cfg);
     let layers = w.layers.iter().enumerate();
@@ -413,11 +458,25 @@ pub fn export_preset(
 ) -> GgufResult<u64> {
     cfg.validate()
         .map_err(|e| GgufError::Model(e.to_string()))?;
-    refuse_hybrid(cfg)?;
     let model_err = |e: crate::Error| GgufError::Model(e.to_string());
     let head = ModelWeights::generate_head(cfg, seed).map_err(model_err)?;
-    // Every layer has the same tensors and sizes: layer 0 gives the infos of all.
-    let layer0 = LayerWeights::generate(cfg, seed, 0).map_err(model_err)?;
+    // Layers of one kind have the same tensors and sizes: the first of each kind gives the
+    // infos of all of that kind.
+    let rep = |attention: bool| -> GgufResult<Option<LayerWeights>> {
+        (0..cfg.n_layers)
+            .find(|&l| cfg.is_attention_layer(l) == attention)
+            .map(|l| LayerWeights::generate(cfg, seed, l).map_err(model_err))
+            .transpose()
+    };
+    let (attn_rep, dn_rep) = (rep(true)?, rep(false)?);
+    let infos = |l: usize| {
+        let r = if cfg.is_attention_layer(l) {
+            &attn_rep
+        } else {
+            &dn_rep
+        };
+        layer_tensors(cfg, l, r.as_ref().expect("a layer of this kind exists"))
+    };
     let mut g = crate::gguf::writer::GgufWriter::new();
     put_metadata(&mut g, cfg);
     let head_t = head_tensors(&head);
@@ -425,17 +484,21 @@ pub fn export_preset(
     for (name, d, ty, bytes) in head_t {
         g.tensor(&name, &d, ty, bytes);
     }
-    let per_layer = layer_tensors(cfg, 0, &layer0).len();
+    // starts[l]: index (after the head) of layer l's first tensor.
+    let mut starts = vec![0usize];
     for l in 0..cfg.n_layers {
-        for (name, d, ty, bytes) in layer_tensors(cfg, l, &layer0) {
-            g.tensor_deferred(&name, &d, ty, bytes.len() as u64);
+        let t = infos(l);
+        for (name, d, ty, bytes) in &t {
+            g.tensor_deferred(name, d, *ty, bytes.len() as u64);
         }
+        starts.push(starts[l] + t.len());
     }
-    let mut current: Option<(usize, Vec<FileTensor>)> = Some((0, layer_tensors(cfg, 0, &layer0)));
-    drop(layer0);
+    drop((attn_rep, dn_rep));
+    let mut current: Option<(usize, Vec<FileTensor>)> = None;
     let written = g
         .write_streaming(out, |i| {
-            let (l, j) = ((i - n_head) / per_layer, (i - n_head) % per_layer);
+            let k = i - n_head;
+            let l = starts.partition_point(|&s| s <= k) - 1;
             if current.as_ref().is_none_or(|(cl, _)| *cl != l) {
                 if let Some((done, _)) = current.take() {
                     progress(done);
@@ -445,7 +508,7 @@ pub fn export_preset(
                 current = Some((l, layer_tensors(cfg, l, &lw)));
             }
             let (_, tensors) = current.as_mut().expect("set above");
-            Ok(std::mem::take(&mut tensors[j].3))
+            Ok(std::mem::take(&mut tensors[k - starts[l]].3))
         })
         .map_err(|e| GgufError::Model(format!("writing the file: {e}")))?;
     if let Some((done, _)) = current {

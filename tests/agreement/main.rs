@@ -435,3 +435,78 @@ fn int8_attention_scores_cost_beside_llama_cpp_f16_cache() {
         assert!(a.top1_mismatches * 20 <= tokens.len(), "{mode:?}: {a:?}");
     }
 }
+
+/// The hybrid model (Gated DeltaNet and gated attention layers, shared expert), F32 weights, 4
+/// layers, 150 tokens, against llama.cpp's `qwen35moe` on the file our writer makes. llama.cpp
+/// runs its fused delta-rule op token by token with glibc's expf/logf and its own dot order;
+/// ours is the order of `src/reference/delta_net.rs`: the logits agree to float rounding, and a
+/// broken file (the DeltaNet output gate z and the beta projection's rows garbled) fails.
+#[test]
+fn hybrid_model_agrees_with_llama_cpp() {
+    let Some(tool) = tool() else { return };
+    let cfg = ModelConfig::preset("tiny-hybrid", WeightFormat::F32).unwrap();
+    let w = ModelWeights::generate(&cfg, 13, None).unwrap();
+    let tokens = prompt(13, 150, cfg.vocab);
+    let ours = bitexact_logits(&w, &tokens);
+    let theirs = llama_logits(&tool, &w, &tokens, "hybrid");
+    let a = compare(&ours, &theirs, cfg.vocab);
+    println!(
+        "hybrid (qwen35moe), F32 weights, {} tokens: median relative L2 {:.3e}, max {:.3e}, top-1 mismatches {}",
+        tokens.len(),
+        a.median_rel,
+        a.max_rel,
+        a.top1_mismatches
+    );
+    assert!(
+        agrees(&a),
+        "bitexact and llama.cpp disagree on the hybrid model: {a:?}"
+    );
+    // The real model's head shapes: DeltaNet state 128 x 128, 2 value heads per key head;
+    // attention heads of 256 with rope over 64 dims.
+    let mut big = cfg.clone();
+    big.dim = 128;
+    big.moe.dim = 128;
+    (big.n_heads, big.n_kv_heads, big.head_dim, big.rope_dim) = (2, 1, 256, 64);
+    let h = big.hybrid.as_mut().unwrap();
+    (h.k_heads, h.v_heads, h.head_dim) = (1, 2, 128);
+    let wb = ModelWeights::generate(&big, 14, None).unwrap();
+    let tb = prompt(14, 100, big.vocab);
+    let ab = compare(
+        &bitexact_logits(&wb, &tb),
+        &llama_logits(&tool, &wb, &tb, "hybrid-big"),
+        big.vocab,
+    );
+    println!(
+        "hybrid with the real head shapes, {} tokens: median relative L2 {:.3e}, max {:.3e}, top-1 mismatches {}",
+        tb.len(),
+        ab.median_rel,
+        ab.max_rel,
+        ab.top1_mismatches
+    );
+    assert!(
+        agrees(&ab),
+        "bitexact and llama.cpp disagree (real head shapes): {ab:?}"
+    );
+    // The check can fail: the DeltaNet's gate projection reversed in layer 0.
+    let mut broken = w.clone();
+    if let bitexact::model::weights::Mixer::DeltaNet(d) = &mut broken.layers[0].mixer {
+        let m = &d.z;
+        let row = m.bytes().len() / m.rows();
+        let mut bytes = m.bytes().to_vec();
+        let rows: Vec<Vec<u8>> = bytes.chunks(row).rev().map(|r| r.to_vec()).collect();
+        bytes = rows.concat();
+        d.z = QuantMatrix::from_bytes(m.format(), 1, m.rows(), m.cols(), bytes).unwrap();
+    } else {
+        panic!("layer 0 of tiny-hybrid is a DeltaNet layer");
+    }
+    let b = compare(
+        &ours,
+        &llama_logits(&tool, &broken, &tokens, "hybrid-broken"),
+        cfg.vocab,
+    );
+    println!(
+        "mutant (layer 0's z rows reversed): median relative L2 {:.3e}, top-1 mismatches {}",
+        b.median_rel, b.top1_mismatches
+    );
+    assert!(b.median_rel > 1e-3, "a broken hybrid file passed: {b:?}");
+}

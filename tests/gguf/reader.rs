@@ -19,6 +19,7 @@ fn streamed_export_equals_in_memory_export() {
         ("tiny", WeightFormat::F32, true),
         ("tiny", WeightFormat::Q8_0, false),
         ("small", WeightFormat::Q4K, true),
+        ("tiny-hybrid", WeightFormat::Q8_0, true),
     ] {
         let mut cfg = ModelConfig::preset(preset, format).unwrap();
         if !shared {

@@ -56,8 +56,13 @@ fn cpu_digests() {
 
 /// The hybrid preset (Gated DeltaNet and gated attention layers): CPU only until its kernels
 /// exist. (preset, format, seed, tokens, digest).
-const GOLDEN_CPU_ONLY: [(&str, WeightFormat, u64, usize, u64); 1] =
-    [("tiny-hybrid", WeightFormat::F32, 10, 150, 0x433f66e8278c9133)];
+const GOLDEN_CPU_ONLY: [(&str, WeightFormat, u64, usize, u64); 1] = [(
+    "tiny-hybrid",
+    WeightFormat::F32,
+    10,
+    150,
+    0x433f66e8278c9133,
+)];
 
 #[test]
 fn cpu_digests_hybrid() {
