@@ -10,11 +10,12 @@
 //! dims `[cols, rows]`, a stack of experts as `[cols, rows, experts]`.
 
 use crate::gguf::{GgmlType, GgufError, GgufFile, GgufResult, TensorInfo, Value};
-use crate::model::config::{ModelConfig, MoeConfig};
+use crate::model::config::{HybridConfig, ModelConfig, MoeConfig};
 use crate::model::weights::{
     AttentionWeights, LayerWeights, Mixer, ModelWeights, MoeWeights, SharedWeights,
 };
 use crate::quant::{dequantize_row, QuantMatrix, WeightFormat};
+use crate::reference::delta_net::DeltaNetWeights;
 
 /// Architectures the runner builds.
 pub const ARCHITECTURES: [&str; 2] = ["qwen3moe", "qwen35moe"];
@@ -106,15 +107,42 @@ pub fn config(f: &GgufFile, max_context: Option<usize>) -> GgufResult<ModelConfi
             ARCHITECTURES.join(", ")
         )));
     }
-    if let Some(t) = f.tensors.iter().find(|t| {
-        t.name.contains(".ssm_") || t.name.contains("linear_attn") || t.name.contains(".attn_qkv.")
-    }) {
-        return Err(GgufError::Model(format!(
-            "`{arch}` file with gated-DeltaNet layers (tensor `{}`): only all-attention models are supported",
-            t.name
-        )));
-    }
     let key = |k: &str| format!("{arch}.{k}");
+    let delta_net = f.tensors.iter().find(|t| {
+        t.name.contains(".ssm_") || t.name.contains("linear_attn") || t.name.contains(".attn_qkv.")
+    });
+    let hybrid = match delta_net {
+        None => None,
+        Some(t) if arch != "qwen35moe" => {
+            return Err(GgufError::Model(format!(
+                "`{arch}` file with gated-DeltaNet layers (tensor `{}`): only qwen35moe's layout is supported",
+                t.name
+            )))
+        }
+        Some(_) => {
+            if f.get(&key("attention.recurrent_layers")).is_some() {
+                return Err(GgufError::Model(
+                    "`attention.recurrent_layers` is not supported: layers follow `full_attention_interval`".into(),
+                ));
+            }
+            let h = HybridConfig {
+                full_attention_interval: f
+                    .get(&key("full_attention_interval"))
+                    .and_then(Value::as_u64)
+                    .map_or(4, |v| v as usize),
+                k_heads: meta_usize(f, &key("ssm.group_count"))?,
+                v_heads: meta_usize(f, &key("ssm.time_step_rank"))?,
+                head_dim: meta_usize(f, &key("ssm.state_size"))?,
+                conv_kernel: meta_usize(f, &key("ssm.conv_kernel"))?,
+            };
+            if meta_usize(f, &key("ssm.inner_size"))? != h.head_dim * h.v_heads {
+                return Err(GgufError::Model(
+                    "`ssm.inner_size` must equal `ssm.state_size * ssm.time_step_rank`".into(),
+                ));
+            }
+            Some(h)
+        }
+    };
     let dim = meta_usize(f, &key("embedding_length"))?;
     let n_heads = meta_usize(f, &key("attention.head_count"))?;
     let n_kv_heads = meta_usize(f, &key("attention.head_count_kv"))?;
@@ -193,18 +221,25 @@ pub fn config(f: &GgufFile, max_context: Option<usize>) -> GgufResult<ModelConfi
             renormalize: !matches!(f.get(&key("expert_weights_norm")), Some(Value::Bool(false))),
             format: fmt("blk.0.ffn_gate_exps.weight")?,
         },
-        attn_format: fmt("blk.0.attn_q.weight")?,
+        attn_format: {
+            // The first attention layer's query projection (layer 0 is a DeltaNet in a hybrid).
+            let first = match &hybrid {
+                Some(h) => h.full_attention_interval.max(1) - 1,
+                None => 0,
+            };
+            fmt(&format!("blk.{first}.attn_q.weight"))?
+        },
         lm_head_format: fmt(lm)?,
         max_context: context.min(max_context.unwrap_or(DEFAULT_MAX_CONTEXT)),
-        // Files with DeltaNet layers are refused above: every layer read here is attention.
-        hybrid: None,
+        hybrid,
     };
     cfg.validate()
         .map_err(|e| GgufError::Model(e.to_string()))?;
     Ok(cfg)
 }
 
-/// Loads the weights of the first `layers` layers (all when `None`) of a `qwen3moe` file.
+/// Loads the weights of the first `layers` layers (all when `None`) of a `qwen3moe` file or a
+/// hybrid `qwen35moe` one (its DeltaNet layers by `full_attention_interval`).
 pub fn load(
     f: &GgufFile,
     max_context: Option<usize>,
@@ -235,17 +270,42 @@ pub fn load(
             }),
             None => None,
         };
-        out_layers.push(LayerWeights {
-            attn_norm: vector(f, &p("attn_norm"), d)?,
-            mixer: Mixer::Attention(AttentionWeights {
-                wq: matrix(f, &p("attn_q"), 1, qd, d)?,
+        let mixer = if cfg.is_attention_layer(l) {
+            Mixer::Attention(AttentionWeights {
+                wq: matrix(f, &p("attn_q"), 1, cfg.q_rows(), d)?,
                 wk: matrix(f, &p("attn_k"), 1, kvd, d)?,
                 wv: matrix(f, &p("attn_v"), 1, kvd, d)?,
                 wo: matrix(f, &p("attn_output"), 1, d, qd)?,
                 q_norm: vector(f, &p("attn_q_norm"), hd)?,
                 k_norm: vector(f, &p("attn_k_norm"), hd)?,
-            }),
-            ffn_norm: vector(f, &p("ffn_norm"), d)?,
+            })
+        } else {
+            let dc = cfg
+                .delta_net()
+                .expect("a DeltaNet layer is in a hybrid model");
+            let (s, hv, cd) = (dc.head_dim, dc.v_heads, dc.conv_dim());
+            Mixer::DeltaNet(DeltaNetWeights {
+                qkv: matrix(f, &p("attn_qkv"), 1, cd, d)?,
+                z: matrix(f, &p("attn_gate"), 1, hv * s, d)?,
+                beta: matrix(f, &p("ssm_beta"), 1, hv, d)?,
+                alpha: matrix(f, &p("ssm_alpha"), 1, hv, d)?,
+                dt_bias: vector(f, &format!("blk.{l}.ssm_dt.bias"), hv)?,
+                ssm_a: vector(f, &format!("blk.{l}.ssm_a"), hv)?,
+                conv: matrix(f, &p("ssm_conv1d"), 1, cd, dc.conv_kernel)?.dequantize(),
+                norm: vector(f, &p("ssm_norm"), s)?,
+                out: matrix(f, &p("ssm_out"), 1, d, hv * s)?,
+                cfg: dc,
+            })
+        };
+        let ffn_norm = if cfg.hybrid.is_some() {
+            "post_attention_norm"
+        } else {
+            "ffn_norm"
+        };
+        out_layers.push(LayerWeights {
+            attn_norm: vector(f, &p("attn_norm"), d)?,
+            mixer,
+            ffn_norm: vector(f, &p(ffn_norm), d)?,
             moe: MoeWeights {
                 cfg: cfg.moe.clone(),
                 router: matrix(f, &p("ffn_gate_inp"), 1, e, d)?,
