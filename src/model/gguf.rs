@@ -1,6 +1,10 @@
-//! Mapping between GGUF model files and the runner: `qwen3moe` (and `qwen35moe` files whose
-//! every layer is attention) to [`ModelConfig`] and [`ModelWeights`], and the runner's synthetic
-//! models back to GGUF with llama.cpp's tensor names.
+//! Mapping between GGUF model files and the runner: `qwen3moe` and the hybrid `qwen35moe` to
+//! [`ModelConfig`] and [`ModelWeights`], and the runner's synthetic models back to GGUF with
+//! llama.cpp's tensor names. A hybrid layer `l` is attention when `(l + 1) %
+//! full_attention_interval == 0`, a Gated DeltaNet otherwise (`attn_qkv`, `attn_gate`,
+//! `ssm_beta`, `ssm_alpha`, `ssm_dt.bias`, `ssm_a`, `ssm_conv1d` stored `[Kc, conv_dim]`,
+//! `ssm_norm`, `ssm_out`); its attention queries carry each head's output gate
+//! (`[q_h | gate_h]`) and its pre-MoE norm is `post_attention_norm`.
 //!
 //! Tensor names are llama.cpp's: `token_embd`, `output_norm`, `output` (absent: tied to the
 //! embedding), and per layer `blk.N.` + `attn_norm`, `attn_q`, `attn_k`, `attn_v`,
