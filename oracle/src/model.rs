@@ -184,6 +184,15 @@ pub fn run(a: &ModelArgs) -> Result<bool> {
     );
     let want = |p: &str| a.paths.iter().any(|x| x == p);
     let (dev, note) = a.run.open_device();
+    // The GPU does not run hybrid models yet: their oracle is the CPU paths.
+    let (dev, note) = match (dev, &cfg.hybrid) {
+        (Some(_), Some(_)) => {
+            let why = "a hybrid model (Gated DeltaNet layers): no GPU kernels yet, CPU paths only";
+            println!("device: not used ({why})");
+            (None, Some(why.to_string()))
+        }
+        (dev, _) => (dev, note),
+    };
     let cpu_layers = a
         .cpu_layers
         .unwrap_or(if large { 2 } else { cfg.n_layers })

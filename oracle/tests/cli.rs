@@ -89,6 +89,8 @@ fn argument_sets(dir: &std::path::Path) -> Vec<Vec<String>> {
     let dir_s = dir.display().to_string();
     for extra in [
         vec!["model", "--cpu", "--preset", "nope"],
+        vec!["model", "--cpu", "--preset", "tiny-hybrid", "--tokens", "5"], // the hybrid model
+        vec!["export", &p("h.gguf"), "--preset", "tiny-hybrid"],
         vec!["model", "--cpu", "--format", "Q9_9"],
         vec!["model", "--cpu", "--preset", "tiny", "--format", "Q4_K"], // dim 64 < the Q4_K block
         vec!["model", "--cpu", "--tokens", "600"],                      // above tiny's context
