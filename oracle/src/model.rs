@@ -88,6 +88,9 @@ struct Report {
 struct Ran {
     run: PathRun,
     trace: Trace,
+    /// The recurrent (DeltaNet) state after the path's last token (CPU paths of a hybrid
+    /// model; empty otherwise).
+    state: Vec<f32>,
 }
 
 /// Where the weights come from: a preset's generator, or a GGUF file.
@@ -265,6 +268,7 @@ pub fn run(a: &ModelArgs) -> Result<bool> {
                     forward_calls: steps.iter().map(|s| s.len()).collect(),
                 },
                 trace,
+                state: s.recurrent_state(),
             });
         }
     }
@@ -306,6 +310,7 @@ pub fn run(a: &ModelArgs) -> Result<bool> {
                         forward_calls: session.stats().calls.clone(),
                     },
                     trace,
+                    state: Vec::new(),
                 })
             };
         if want("gpu-seq") {
@@ -420,6 +425,21 @@ pub fn run(a: &ModelArgs) -> Result<bool> {
             println_cmp(
                 &label,
                 "logits, every token",
+                c.elements,
+                c.differing,
+                f.as_deref(),
+            );
+            if first.is_none() {
+                first = f;
+            }
+            comparisons.push(c);
+        }
+        if !ra.state.is_empty() && ra.state.len() == rb.state.len() {
+            let c = compare_f32(&label, "state", &ra.state, &rb.state, ra.state.len());
+            let f = c.first.as_ref().map(|f| format!("op recurrent-state, {f}"));
+            println_cmp(
+                &label,
+                "state, every DeltaNet",
                 c.elements,
                 c.differing,
                 f.as_deref(),

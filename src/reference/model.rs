@@ -172,6 +172,17 @@ impl<'w> CpuSession<'w> {
         self.pos
     }
 
+    /// The recurrent state the session carries into its next token: for every DeltaNet layer
+    /// in order, its convolution window, then its delta-rule matrices (empty for a model
+    /// without DeltaNet layers). Two schedules of one prompt leave the same bits here.
+    pub fn recurrent_state(&self) -> Vec<f32> {
+        self.dn
+            .iter()
+            .flatten()
+            .flat_map(|st| st.conv.iter().chain(&st.m).copied())
+            .collect()
+    }
+
     /// The MoE half of layer `l`: `h += moe(rmsnorm(h, ffn_norm))`, one token's reference loop
     /// for a single token, the batched schedule otherwise (the same bits).
     fn moe(&self, _l: usize, lw: &LayerWeights, h: &mut [f32], n: usize) -> Result<()> {
