@@ -238,7 +238,17 @@ impl Device {
         // A stream of our own, not the legacy default stream: only such a stream can be
         // captured into a CUDA graph (the session's decode step).
         let stream = ctx.new_stream()?;
-        Ok(Device {
+        Ok(Device::with_stream(ctx, stream, name, cc))
+    }
+
+    /// A device handle on `stream` with nothing loaded, counted or armed yet.
+    fn with_stream(
+        ctx: Arc<CudaContext>,
+        stream: Arc<CudaStream>,
+        name: String,
+        cc: (i32, i32),
+    ) -> Self {
+        Device {
             ctx,
             stream,
             name,
@@ -252,7 +262,7 @@ impl Device {
             allocs: AtomicU64::new(0),
             alloc_fault_in: AtomicU64::new(0),
             compile_fault: Mutex::new(None),
-        })
+        }
     }
 
     /// A second handle on the same device and context with a stream, kernel modules and
@@ -260,21 +270,13 @@ impl Device {
     /// work on this device's stream never lands in the graph, and the graph's scratch is
     /// never reallocated under it.
     pub(crate) fn twin(&self) -> Result<Device> {
-        Ok(Device {
-            ctx: self.ctx.clone(),
-            stream: self.ctx.new_stream()?,
-            name: self.name.clone(),
-            cc: self.cc,
-            modules: Mutex::new(HashMap::new()),
-            functions: Mutex::new(HashMap::new()),
-            act_scratch: Mutex::new(None),
-            fault_in: AtomicU64::new(0),
-            launches: AtomicU64::new(0),
-            marks: Mutex::new(None),
-            allocs: AtomicU64::new(0),
-            alloc_fault_in: AtomicU64::new(0),
-            compile_fault: Mutex::new(None),
-        })
+        let stream = self.ctx.new_stream()?;
+        Ok(Device::with_stream(
+            self.ctx.clone(),
+            stream,
+            self.name.clone(),
+            self.cc,
+        ))
     }
 
     /// The device's name as the driver reports it.

@@ -42,15 +42,24 @@ fn check(what: &str, got: u64, want: u64) {
     );
 }
 
+/// The digest of the CPU reference's batched forward of `n` tokens of `preset` from `seed`.
+fn cpu_digest(preset: &str, fmt: WeightFormat, seed: u64, n: usize) -> u64 {
+    let cfg = ModelConfig::preset(preset, fmt).unwrap();
+    let w = ModelWeights::generate(&cfg, seed, None).unwrap();
+    let mut s = CpuSession::new(&w);
+    let mut t = Trace::default();
+    s.forward(&prompt(seed, n, cfg.vocab), &mut t).unwrap();
+    fnv1a(&t)
+}
+
 #[test]
 fn cpu_digests() {
     for (preset, fmt, seed, n, want) in GOLDEN {
-        let cfg = ModelConfig::preset(preset, fmt).unwrap();
-        let w = ModelWeights::generate(&cfg, seed, None).unwrap();
-        let mut s = CpuSession::new(&w);
-        let mut t = Trace::default();
-        s.forward(&prompt(seed, n, cfg.vocab), &mut t).unwrap();
-        check(&format!("cpu {preset} {fmt}"), fnv1a(&t), want);
+        check(
+            &format!("cpu {preset} {fmt}"),
+            cpu_digest(preset, fmt, seed, n),
+            want,
+        );
     }
 }
 
@@ -67,12 +76,11 @@ const GOLDEN_CPU_ONLY: [(&str, WeightFormat, u64, usize, u64); 1] = [(
 #[test]
 fn cpu_digests_hybrid() {
     for (preset, fmt, seed, n, want) in GOLDEN_CPU_ONLY {
-        let cfg = ModelConfig::preset(preset, fmt).unwrap();
-        let w = ModelWeights::generate(&cfg, seed, None).unwrap();
-        let mut s = CpuSession::new(&w);
-        let mut t = Trace::default();
-        s.forward(&prompt(seed, n, cfg.vocab), &mut t).unwrap();
-        check(&format!("cpu {preset} {fmt}"), fnv1a(&t), want);
+        check(
+            &format!("cpu {preset} {fmt}"),
+            cpu_digest(preset, fmt, seed, n),
+            want,
+        );
     }
 }
 
