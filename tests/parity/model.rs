@@ -140,6 +140,9 @@ fn gpu_small_every_path_equals_cpu() {
     gpu_case("small", WeightFormat::F32, 24, &[24, 5], 1);
     gpu_case("small", WeightFormat::Q4K, 20, &[20, 9], 2);
     gpu_case("small", WeightFormat::Q6K, 12, &[12], 3);
+    // Q8_0 at hidden 256: K a multiple of 256, so the prefill runs the cp.async GEMM, and 70
+    // tokens take the device-sorted routing.
+    gpu_case("small", WeightFormat::Q8_0, 70, &[70, 11], 4);
 }
 
 #[test]
