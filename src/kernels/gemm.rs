@@ -357,9 +357,9 @@ impl RoutedRows {
             at,
             n_gemm_tiles: gt,
             n_gemv_tiles: vt,
-            // A bound: the router picks k distinct experts per token, so no expert has more
-            // than n rows (it only steers the choice of kernel).
-            largest_group: n.min(len),
+            // A bound that holds for any ids (the router's k per token are distinct, but the
+            // tables take any): the GEMV height it picks must cover every tile.
+            largest_group: len,
             len,
             nx,
             n_experts,
@@ -386,7 +386,8 @@ impl RoutedRows {
     }
 
     /// Rows routed to the most popular expert (1 for the one-row tiles of
-    /// [`RoutedRows::from_router`]): what picks the kernel's tile height.
+    /// [`RoutedRows::from_router`]; for [`RoutedRows::sorted_from_router`]'s, which the host
+    /// never sees, the bound `n * k`): what picks the kernel's tile height.
     pub fn largest_group(&self) -> usize {
         self.largest_group
     }
@@ -773,11 +774,11 @@ struct ActRef<'a> {
     a: &'a CudaSlice<f32>,
 }
 
-/// Launches a GEMV or tiled GEMM over `n_tiles` row tiles (dense when `rows` is `None`).
 /// Dynamic shared memory of `gemm_mma_q8_0_async`: 3 stages of a 64-row chunk of raw weight
 /// blocks (64 x 272 bytes), activation codes (64 x 272) and activation scales (64 x 8 floats).
 const Q8_ASYNC_SMEM_BYTES: u32 = 3 * (2 * 64 * 272 + 64 * 8 * 4);
 
+/// Launches a GEMV or tiled GEMM over `n_tiles` row tiles (dense when `rows` is `None`).
 #[allow(clippy::too_many_arguments)]
 fn launch_v2(
     dev: &Device,
