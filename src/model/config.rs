@@ -201,22 +201,11 @@ impl ModelConfig {
                     conv_kernel: 4,
                 }),
             },
+            // The hybrid preset's shapes with every layer attention (what the GPU runs today).
             "qwen3.6-35b-a3b-like" => ModelConfig {
                 name: name.into(),
-                n_layers: 40,
-                dim: 2048,
-                n_heads: 16,
-                n_kv_heads: 2,
-                head_dim: 256,
-                rope_dim: 64,
-                rope_base: 1e7,
-                vocab: 248_320,
-                norm_eps: 1e-6,
-                moe: moe(2048, 256, 8, 512, Some(512)),
-                attn_format: big(format),
-                lm_head_format: big(format),
-                max_context: 8448,
                 hybrid: None,
+                ..Self::preset("qwen3.6-35b-a3b", format)?
             },
             other => {
                 return Err(Error::invalid(

@@ -122,6 +122,16 @@ struct Agreement {
     top1_mismatches: usize,
 }
 
+impl std::fmt::Display for Agreement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "median relative L2 {:.3e}, max {:.3e}, top-1 mismatches {}",
+            self.median_rel, self.max_rel, self.top1_mismatches
+        )
+    }
+}
+
 fn compare(got: &[f32], want: &[f32], vocab: usize) -> Agreement {
     let mut rel: Vec<f64> = Vec::new();
     let mut top1_mismatches = 0;
@@ -187,13 +197,7 @@ fn f32_weights_agree_with_llama_cpp() {
     let ours = bitexact_logits(&w, &tokens);
     let theirs = llama_logits(&tool, &w, &tokens, "f32");
     let a = compare(&ours, &theirs, cfg.vocab);
-    println!(
-        "F32 weights, {} tokens: median relative L2 {:.3e}, max {:.3e}, top-1 mismatches {}",
-        tokens.len(),
-        a.median_rel,
-        a.max_rel,
-        a.top1_mismatches
-    );
+    println!("F32 weights, {} tokens: {}", tokens.len(), a);
     assert!(agrees(&a), "bitexact and llama.cpp disagree: {a:?}");
 
     // The check can fail: a model llama.cpp computes differently from ours is caught.
@@ -203,10 +207,7 @@ fn f32_weights_agree_with_llama_cpp() {
     ] {
         let theirs = llama_logits(&tool, &broken, &tokens, "broken");
         let b = compare(&ours, &theirs, cfg.vocab);
-        println!(
-            "mutant ({what}): median relative L2 {:.3e}, top-1 mismatches {}",
-            b.median_rel, b.top1_mismatches
-        );
+        println!("mutant ({what}): {b}");
         assert!(
             !agrees(&b),
             "a broken file ({what}) passed the agreement check: {b:?}"
@@ -228,13 +229,7 @@ fn small_preset_agrees_with_llama_cpp() {
         &llama_logits(&tool, &w, &tokens, "small"),
         cfg.vocab,
     );
-    println!(
-        "small preset, F32, {} tokens: median relative L2 {:.3e}, max {:.3e}, top-1 mismatches {}",
-        tokens.len(),
-        a.median_rel,
-        a.max_rel,
-        a.top1_mismatches
-    );
+    println!("small preset, F32, {} tokens: {}", tokens.len(), a);
     assert!(agrees(&a), "bitexact and llama.cpp disagree: {a:?}");
 }
 
@@ -398,10 +393,7 @@ fn int8_attention_scores_cost_beside_llama_cpp_f16_cache() {
     c8.moe.format = WeightFormat::Q8_0;
     let w8 = ModelWeights::generate(&c8, 21, None).unwrap();
     let q8 = compare(&bitexact_logits(&w8, &tokens), &f32_ours, cfg.vocab);
-    println!(
-        "bitexact Q8_0 experts vs F32 experts: median relative L2 {:.3e}, max {:.3e}, top-1 mismatches {}",
-        q8.median_rel, q8.max_rel, q8.top1_mismatches
-    );
+    println!("bitexact Q8_0 experts vs F32 experts: {q8}");
     let modes = [QkMode::Int8Vector, QkMode::Int8Block];
     let costs: Vec<Agreement> = modes
         .iter()
@@ -451,11 +443,9 @@ fn hybrid_model_agrees_with_llama_cpp() {
     let theirs = llama_logits(&tool, &w, &tokens, "hybrid");
     let a = compare(&ours, &theirs, cfg.vocab);
     println!(
-        "hybrid (qwen35moe), F32 weights, {} tokens: median relative L2 {:.3e}, max {:.3e}, top-1 mismatches {}",
+        "hybrid (qwen35moe), F32 weights, {} tokens: {}",
         tokens.len(),
-        a.median_rel,
-        a.max_rel,
-        a.top1_mismatches
+        a
     );
     assert!(
         agrees(&a),
@@ -477,11 +467,9 @@ fn hybrid_model_agrees_with_llama_cpp() {
         big.vocab,
     );
     println!(
-        "hybrid with the real head shapes, {} tokens: median relative L2 {:.3e}, max {:.3e}, top-1 mismatches {}",
+        "hybrid with the real head shapes, {} tokens: {}",
         tb.len(),
-        ab.median_rel,
-        ab.max_rel,
-        ab.top1_mismatches
+        ab
     );
     assert!(
         agrees(&ab),
@@ -504,9 +492,6 @@ fn hybrid_model_agrees_with_llama_cpp() {
         &llama_logits(&tool, &broken, &tokens, "hybrid-broken"),
         cfg.vocab,
     );
-    println!(
-        "mutant (layer 0's z rows reversed): median relative L2 {:.3e}, top-1 mismatches {}",
-        b.median_rel, b.top1_mismatches
-    );
+    println!("mutant (layer 0's z rows reversed): {b}");
     assert!(b.median_rel > 1e-3, "a broken hybrid file passed: {b:?}");
 }
