@@ -32,6 +32,9 @@
 //                                      per tile; the tree is two shuffles.
 //   gemv_f32_wide                      v3, F32, tiles of one row (decode's router): 4 rows per
 //                                      block staged in shared memory, 16 chain lanes.
+//   gemv_q8_0_wide                     v3, Q8_0 with K % 256 == 0, tiles of one row (decode):
+//                                      gemv_body's warp per row, the row copied to shared
+//                                      memory with 16-byte loads first.
 //   gemm_ffma_<fmt>                    v2, float formats, tiles of 64 rows: 64 x 64 outputs per
 //                                      block, four groups of 64 threads, group g runs partial g
 //                                      (blocks g, g + 4, ..) in 16-wide K steps with an 8 x 8
@@ -399,6 +402,95 @@ __device__ __forceinline__ void gemv_body(float* __restrict__ y, const float* __
     const float s = (p & 2u) ? pair2 + pair : pair + pair2;
 #endif
     if (p == 0u && chain) y[(u64)map_row(y_rows, tl.row0 + cn) * M + m] = s;
+}
+
+// ------------------------------------------------------------------------------------------
+// Q8_0 GEMV for tiles of one row (decode) with K % 256 == 0: one warp per weight row, 8 rows
+// per block. The warp copies its whole row (34 * nb bytes, 16-byte aligned) into shared memory
+// with 16-byte loads, all in flight at once, instead of 17 two-byte loads per block; lane l then
+// forms the integer dots of blocks l, l + 32, .. from shared memory (each code word two aligned
+// words funnel-shifted) and the chain lanes run the blocks' steps in order, as gemv_body.
+
+#define GEMV_Q8W_MAX_K 4096u                                  // K covered in one pass
+#define GEMV_Q8W_ROW_BYTES (GEMV_Q8W_MAX_K / 32u * 34u)       // 4352
+#define GEMV_Q8W_BLOCKS (GEMV_Q8W_MAX_K / 32u)                // 128
+
+extern "C" __global__ void __launch_bounds__(256)
+    gemv_q8_0_wide(float* __restrict__ y, const float* __restrict__ x,
+                   const signed char* __restrict__ xq, const float* __restrict__ xd,
+                   const float* __restrict__ xa, const u8* __restrict__ W,
+                   const u32* __restrict__ tiles, const u32* __restrict__ x_rows,
+                   const u32* __restrict__ y_rows, u32 n_rows, u32 M, u32 K, u64 row_bytes,
+                   u32 tile0) {
+    __shared__ __align__(16) u8 s_row[GEMV_WARPS][GEMV_Q8W_ROW_BYTES + 16u];
+    __shared__ float s_t[GEMV_WARPS][GEMV_Q8W_BLOCKS][2];  // (scale product, isum) per block
+    const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
+    const u32 m = blockIdx.x * GEMV_WARPS + warp;
+    if (m >= M) return;  // the whole warp
+    const Tile tl = get_tile(tiles, tile0 + blockIdx.y, 1u, n_rows);
+    if (tl.rows == 0u) return;
+    const u8* wrow = W + ((u64)tl.expert * M + m) * row_bytes;
+    const u32 nb = K / DOT_BLOCK;
+    const u32 xr = map_row(x_rows, tl.row0);
+    const signed char* xrow = xq + (u64)xr * K;
+    const float* xdr = xd + (u64)xr * nb;
+    u8* srow = s_row[warp];
+    const u32 p = lane & 3u;
+    float acc = 0.0f;
+    for (u32 b0 = 0; b0 < nb; b0 += GEMV_Q8W_BLOCKS) {
+        const u32 seg = min(GEMV_Q8W_BLOCKS, nb - b0);  // a multiple of 8
+        const u32 pieces = seg * 34u / 16u;
+        const uint4* src = reinterpret_cast<const uint4*>(wrow + (u64)b0 * 34u);
+        uint4 v[9];  // 4352 / 16 / 32 = 8.5 pieces per lane at most
+#pragma unroll
+        for (u32 i = 0; i < 9u; ++i) {
+            const u32 at = lane + 32u * i;
+            if (at < pieces) v[i] = __ldg(src + at);
+        }
+#pragma unroll
+        for (u32 i = 0; i < 9u; ++i) {
+            const u32 at = lane + 32u * i;
+            if (at < pieces) reinterpret_cast<uint4*>(srow)[at] = v[i];
+        }
+        __syncwarp();
+        for (u32 bl = lane; bl < seg; bl += 32u) {
+            const u32 b = b0 + bl;
+            const u8* blk = srow + bl * 34u;
+            const float d = f16_to_f32(ld_u16(blk));
+            const u32 off = bl * 34u + 2u;  // 0 or 2 mod 4
+            const u32 base = off & ~3u, sh = (off & 3u) * 8u;
+            const u32* words = reinterpret_cast<const u32*>(srow + base);
+            const int4* xp = reinterpret_cast<const int4*>(xrow + b * 32u);
+            const int4 x0 = __ldg(xp), x1 = __ldg(xp + 1);
+            const int xs[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+            int lo = 0, hi = 0;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                const int q = (int)__funnelshift_r(words[i], words[i + 1], sh);
+                if (i < 4) lo = __dp4a(q, xs[i], lo);
+                else hi = __dp4a(q, xs[i], hi);
+            }
+            s_t[warp][bl][0] = d * __ldg(xdr + b);
+            s_t[warp][bl][1] = isum_to_float<FMT_Q8_0>(lo + hi);
+        }
+        __syncwarp();
+        if (lane < 4u)
+            for (u32 bl = p; bl < seg; bl += 4u) acc = fmaf(s_t[warp][bl][0], s_t[warp][bl][1], acc);
+        __syncwarp();
+    }
+    // Lanes 0..3 hold p0..p3: (p0 + p1) + (p2 + p3), the butterflies of gemv_body.
+    const float other = __shfl_xor_sync(BX_FULL_MASK, acc, 1);
+    const float pair = (p & 1u) ? other + acc : acc + other;
+    const float pair2 = __shfl_xor_sync(BX_FULL_MASK, pair, 2);
+#ifdef BITEXACT_MUTANT
+    const float s = ((__shfl_sync(BX_FULL_MASK, acc, 0) + __shfl_sync(BX_FULL_MASK, acc, 1)) +
+                     __shfl_sync(BX_FULL_MASK, acc, 2)) +
+                    __shfl_sync(BX_FULL_MASK, acc, 3);
+    (void)pair2;
+#else
+    const float s = (p & 2u) ? pair2 + pair : pair + pair2;
+#endif
+    if (lane == 0u) y[(u64)map_row(y_rows, tl.row0) * M + m] = s;
 }
 
 // ------------------------------------------------------------------------------------------

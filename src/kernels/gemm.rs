@@ -807,10 +807,14 @@ fn launch_v2(
     let q8_async = plan == Plan::Gemm && w.format == WeightFormat::Q8_0 && w.cols % 256 == 0;
     // F32 rows one token at a time (the router of a decode step): 4 rows per block, staged.
     let f32_wide = plan == Plan::Gemv(1) && w.format == WeightFormat::F32;
+    // Q8_0 rows of whole 256-wide chunks one token at a time: the row copied with 16-byte loads.
+    let q8_wide = plan == Plan::Gemv(1) && w.format == WeightFormat::Q8_0 && w.cols % 256 == 0;
     let (name, smem) = if q8_async {
         ("gemm_mma_q8_0_async", Q8_ASYNC_SMEM_BYTES)
     } else if f32_wide {
         ("gemv_f32_wide", 0)
+    } else if q8_wide {
+        ("gemv_q8_0_wide", 0)
     } else {
         (name, 0)
     };

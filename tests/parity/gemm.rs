@@ -465,3 +465,17 @@ fn f32_one_row_every_segment() {
     grouped(WeightFormat::F32, 1, 3, 9, 2049, 4);
     grouped(WeightFormat::F32, 2, 5, 6, 100, 5);
 }
+
+/// Q8_0 weights one token at a time with K of whole 256-wide chunks (`gemv_q8_0_wide`): rows on
+/// each side of its 8-row blocks, K on each side of its 4096-wide pass; and one-row expert
+/// tiles.
+#[test]
+fn q8_0_one_row_whole_chunks() {
+    for m in [1usize, 7, 8, 9, 100] {
+        for k in [256usize, 768, 4096, 4352, 8192] {
+            dense(WeightFormat::Q8_0, 1, m, k, (m * 13 + k) as u64, &KERNELS);
+        }
+    }
+    grouped(WeightFormat::Q8_0, 1, 4, 20, 2048, 6);
+    grouped(WeightFormat::Q8_0, 3, 6, 9, 512, 7);
+}
