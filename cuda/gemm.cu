@@ -45,6 +45,8 @@
 //                                      each block's isum, every thread keeps its 16 outputs'
 //                                      four partials in registers (block j of a 256-wide chunk
 //                                      feeds partial j % 4, a compile-time index).
+//   gemm_mma_q4_k_async, _q5_k_async   v3, the same for Q4_K and Q5_K (a chunk is one super-block),
+//                                      their scale products staged once per chunk.
 //   gemm_mma_q8_0_async                v3, Q8_0 with K % 256 == 0: gemm_mma_q8_0's tile and
 //                                      epilogue, its operands copied raw into shared memory by
 //                                      cp.async, three chunks in flight (the register staging
@@ -1116,6 +1118,192 @@ extern "C" __global__ void __launch_bounds__(256, 2)
                                    acc[3][mt][nt][e]);
             }
 }
+
+// ------------------------------------------------------------------------------------------
+// Q4_K and Q5_K through cp.async: a 256-wide chunk of a row is one super-block (144 or 176
+// contiguous bytes, 16-byte aligned), copied raw like the Q8_0 chunks. After each chunk lands,
+// the block's 64 x 8 scale products (ws = d * sc, wm = -(dmin * m), each rounded once, as
+// decode_wblock forms them) go to shared memory once; fragment words are the nibbles of one
+// aligned word (and, for Q5_K, the fifth bits of another), so no decode pass stages codes.
+
+#define KQA_STAGES 3u
+#define KQA_X_BYTES (TILE * Q8A_ROW + 2u * TILE * 8u * 4u)  // codes, then d and a per block
+
+template <int FMT>
+struct KqaShape {
+    static constexpr u32 SB = FMT == FMT_Q5_K ? 176u : 144u;  // super-block bytes
+    static constexpr u32 QS = FMT == FMT_Q5_K ? 48u : 16u;    // offset of the 4-bit codes
+    static constexpr u32 STAGE = TILE * SB + KQA_X_BYTES;
+    static constexpr u32 SMEM = KQA_STAGES * STAGE;
+};
+
+template <int FMT>
+__device__ __forceinline__ void gemm_mma_kq_async_body(
+    float* __restrict__ y, const signed char* __restrict__ xq, const float* __restrict__ xd,
+    const float* __restrict__ xa, const u8* __restrict__ W, const u32* __restrict__ tiles,
+    const u32* __restrict__ x_rows, const u32* __restrict__ y_rows, u32 n_rows, u32 M, u32 K,
+    u64 row_bytes, u32 tile0) {
+    typedef KqaShape<FMT> S;
+    extern __shared__ __align__(16) u8 kqa_smem[];
+    __shared__ float sWs[TILE][8], sWm[TILE][8];
+    const u32 tid = threadIdx.x;
+    const u32 warp = tid >> 5, lane = tid & 31u;
+    const u32 gq = lane >> 2, tq = lane & 3u;
+    const u32 wm = warp & 1u, wn = warp >> 1;
+    const Tile tl = get_tile(tiles, tile0 + blockIdx.y, TILE, n_rows);
+    if (tl.rows == 0u) return;  // a padding tile of a device-built table (block-uniform)
+    const u32 m0 = blockIdx.x * TILE;
+    const u32 nb = K / DOT_BLOCK, nchunks = nb / 8u;
+
+    const auto load = [&](u32 c, u32 stage) {
+        u8* sw = kqa_smem + stage * S::STAGE;
+        u8* sx = sw + TILE * S::SB;
+        u8* sd = sx + TILE * Q8A_ROW;
+        const u32 per_row = S::SB / 16u;
+        for (u32 i = tid; i < TILE * per_row; i += 256u) {
+            const u32 r = i / per_row, part = i % per_row;
+            const bool ok = m0 + r < M;
+            const u8* src = ok ? W + ((u64)tl.expert * M + m0 + r) * row_bytes + (u64)c * S::SB + part * 16u : W;
+            cp_async16(sw + r * S::SB + part * 16u, src, ok ? 16u : 0u);
+        }
+#pragma unroll
+        for (u32 s = 0; s < 4u; ++s) {
+            const u32 i = tid + s * 256u;
+            const u32 r = i >> 4, part = i & 15u;
+            const bool ok = r < tl.rows;
+            const signed char* src =
+                ok ? xq + (u64)map_row(x_rows, tl.row0 + r) * K + c * 256u + part * 16u : xq;
+            cp_async16(sx + r * Q8A_ROW + part * 16u, src, ok ? 16u : 0u);
+        }
+        {
+            // tid < 128: d of row tid >> 1, half tid & 1; tid >= 128: a, the same way.
+            const u32 t = tid & 127u, r = t >> 1, part = t & 1u;
+            const bool ok = r < tl.rows;
+            const float* base = tid < 128u ? xd : xa;
+            const float* src = ok ? base + (u64)map_row(x_rows, tl.row0 + r) * nb + c * 8u + part * 4u : base;
+            cp_async16(sd + (tid < 128u ? 0u : TILE * 8u * 4u) + t * 16u, src, ok ? 16u : 0u);
+        }
+    };
+
+    float acc[4][2][2][4];
+#pragma unroll
+    for (int p = 0; p < 4; ++p)
+#pragma unroll
+        for (int a = 0; a < 2; ++a)
+#pragma unroll
+            for (int b = 0; b < 2; ++b)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[p][a][b][e] = 0.0f;
+
+    const bool busy0 = wn * 16u < tl.rows, busy1 = wn * 16u + 8u < tl.rows;
+#pragma unroll
+    for (u32 s = 0; s < KQA_STAGES - 1u; ++s) {
+        if (s < nchunks) load(s, s);
+        cp_async_commit();
+    }
+    for (u32 c = 0; c < nchunks; ++c) {
+        cp_async_wait<KQA_STAGES - 2u>();
+        __syncthreads();  // chunk c is in; every warp is done with chunk c - 1 and its scales
+        if (c + KQA_STAGES - 1u < nchunks) load(c + KQA_STAGES - 1u, (c + KQA_STAGES - 1u) % KQA_STAGES);
+        cp_async_commit();
+        const u8* sw = kqa_smem + (c % KQA_STAGES) * S::STAGE;
+        const u8* sx = sw + TILE * S::SB;
+        const float* sd = reinterpret_cast<const float*>(sx + TILE * Q8A_ROW);
+        const float* sa = sd + TILE * 8u;
+#pragma unroll
+        for (u32 s = 0; s < 2u; ++s) {
+            const u32 pair = tid + s * 256u;
+            const u32 r = pair >> 3, j = pair & 7u;
+            const u8* sb = sw + r * S::SB;
+            int sc, mn;
+            scale_min_k4((int)j, sb + 4, sc, mn);
+            sWs[r][j] = f16_to_f32(ld_u16(sb)) * (float)sc;
+            sWm[r][j] = -(f16_to_f32(ld_u16(sb + 2)) * (float)mn);
+        }
+        __syncthreads();
+        if (!busy0) continue;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            int af[2][4], bf[2][2];
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt) {
+                const u32 r = wm * 32u + mt * 16u + gq;
+#pragma unroll
+                for (int h = 0; h < 4; ++h) {
+                    const u32 rr = r + ((h & 1) ? 8u : 0u);
+                    const u32 e = tq * 4u + ((h & 2) ? 16u : 0u);  // element of the block
+                    const u8* sb = sw + rr * S::SB;
+                    u32 v = (*reinterpret_cast<const u32*>(sb + S::QS + 32u * (j >> 1) + e) >> (4 * (j & 1))) &
+                            0x0F0F0F0Fu;
+                    if (FMT == FMT_Q5_K)
+                        v |= ((*reinterpret_cast<const u32*>(sb + 16u + e) >> j) & 0x01010101u) << 4;
+                    af[mt][h] = (int)v;
+                }
+            }
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt) {
+                const u8* base = sx + (wn * 16u + nt * 8u + gq) * Q8A_ROW + j * 32 + tq * 4u;
+                bf[nt][0] = *reinterpret_cast<const int*>(base);
+                bf[nt][1] = *reinterpret_cast<const int*>(base + 16);
+            }
+            float ws[4], wmn[4], dx[4], ax[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const u32 mr = wm * 32u + (i >> 1) * 16u + gq + ((i & 1) ? 8u : 0u);
+                const u32 nr = wn * 16u + (i >> 1) * 8u + tq * 2u + (i & 1);
+                ws[i] = sWs[mr][j];
+                wmn[i] = sWm[mr][j];
+                dx[i] = sd[nr * 8u + j];
+                ax[i] = sa[nr * 8u + j];
+            }
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+                for (int nt = 0; nt < 2; ++nt) {
+                    if (nt == 1 && !busy1) continue;
+                    int lo[4] = {0, 0, 0, 0};
+                    mma_k32(lo, af[mt], bf[nt][0], bf[nt][1]);
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int mi = mt * 2 + (e >> 1), ni = nt * 2 + (e & 1);
+                        float a = fmaf(ws[mi] * dx[ni], isum_to_float<FMT>(lo[e]), acc[j & 3][mt][nt][e]);
+                        acc[j & 3][mt][nt][e] = fmaf(wmn[mi], ax[ni], a);
+                    }
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const u32 m = m0 + wm * 32u + mt * 16u + gq + ((e & 2) ? 8u : 0u);
+                const u32 r = wn * 16u + nt * 8u + tq * 2u + (e & 1);
+                if (m < M && r < tl.rows)
+                    y[(u64)map_row(y_rows, tl.row0 + r) * M + m] =
+                        canon_tree(acc[0][mt][nt][e], acc[1][mt][nt][e], acc[2][mt][nt][e],
+                                   acc[3][mt][nt][e]);
+            }
+}
+
+#define KQA_ENTRY(fmt, FMT)                                                                    \
+    extern "C" __global__ void __launch_bounds__(256, 2)                                       \
+        gemm_mma_##fmt##_async(float* __restrict__ y, const float* __restrict__ x,             \
+                               const signed char* __restrict__ xq,                             \
+                               const float* __restrict__ xd, const float* __restrict__ xa,     \
+                               const u8* __restrict__ W, const u32* __restrict__ tiles,        \
+                               const u32* __restrict__ x_rows, const u32* __restrict__ y_rows, \
+                               u32 n_rows, u32 M, u32 K, u64 row_bytes, u32 tile0) {           \
+        gemm_mma_kq_async_body<FMT>(y, xq, xd, xa, W, tiles, x_rows, y_rows, n_rows, M, K,     \
+                                    row_bytes, tile0);                                         \
+    }
+
+KQA_ENTRY(q4_k, FMT_Q4_K)
+KQA_ENTRY(q5_k, FMT_Q5_K)
 
 // ------------------------------------------------------------------------------------------
 // Routing tables built on the device from the router's ids [len = n * k] (a decode step queues

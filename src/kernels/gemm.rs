@@ -778,6 +778,13 @@ struct ActRef<'a> {
 /// blocks (64 x 272 bytes), activation codes (64 x 272) and activation scales (64 x 8 floats).
 const Q8_ASYNC_SMEM_BYTES: u32 = 3 * (2 * 64 * 272 + 64 * 8 * 4);
 
+/// Dynamic shared memory of `gemm_mma_q{4,5}_k_async`: 3 stages of a 64-row chunk of raw
+/// super-blocks (`sb` bytes a row), activation codes (64 x 272) and activation scales and sums
+/// (2 x 64 x 8 floats).
+const fn kq_async_smem(sb: u32) -> u32 {
+    3 * (64 * sb + 64 * 272 + 2 * 64 * 8 * 4)
+}
+
 /// Launches a GEMV or tiled GEMM over `n_tiles` row tiles (dense when `rows` is `None`).
 #[allow(clippy::too_many_arguments)]
 fn launch_v2(
@@ -809,8 +816,14 @@ fn launch_v2(
     let f32_wide = plan == Plan::Gemv(1) && w.format == WeightFormat::F32;
     // Q8_0 rows of whole 256-wide chunks one token at a time: the row copied with 16-byte loads.
     let q8_wide = plan == Plan::Gemv(1) && w.format == WeightFormat::Q8_0 && w.cols % 256 == 0;
+    // Q4_K and Q5_K: a 256-wide chunk is one 16-byte aligned super-block (144 or 176 bytes).
+    let kq_async = plan == Plan::Gemm && matches!(w.format, WeightFormat::Q4K | WeightFormat::Q5K);
     let (name, smem) = if q8_async {
         ("gemm_mma_q8_0_async", Q8_ASYNC_SMEM_BYTES)
+    } else if kq_async && w.format == WeightFormat::Q4K {
+        ("gemm_mma_q4_k_async", kq_async_smem(144))
+    } else if kq_async {
+        ("gemm_mma_q5_k_async", kq_async_smem(176))
     } else if f32_wide {
         ("gemv_f32_wide", 0)
     } else if q8_wide {
@@ -819,7 +832,7 @@ fn launch_v2(
         (name, 0)
     };
     let f = dev.function_with(Family::Gemm, name, |f| {
-        if q8_async {
+        if q8_async || kq_async {
             f.set_attribute(
                 CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 smem as i32,
