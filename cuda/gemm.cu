@@ -30,11 +30,24 @@
 //                                      32 lanes stage weights (float) or form the blocks'
 //                                      integer dots (quantized); every weight byte is read once
 //                                      per tile; the tree is two shuffles.
-//   gemv_f32_wide                      v3, F32, tiles of one row (decode's router): 4 rows per
-//                                      block staged in shared memory, 16 chain lanes.
-//   gemv_q8_0_wide                     v3, Q8_0 with K % 256 == 0, tiles of one row (decode):
-//                                      gemv_body's warp per row, the row copied to shared
-//                                      memory with 16-byte loads first.
+//   gemv_f32_wide                      v3, F32, tiles of one row (decode's router): a block of
+//                                      128 threads per row stages it in shared memory with
+//                                      16-byte loads, 4 chain threads.
+//   gemv_q8_0_mma                      v3, Q8_0, tiles of one row, K % 256 == 0, 16384 rows or
+//                                      more (the LM head): the int8 tensor cores form 16
+//                                      rows' isums a block at once, 8 warps per 16 rows, a
+//                                      256-wide chunk each per pass (3.0 TB/s on 151936 x 2048
+//                                      in ncu, gemv_body 2.6).
+//   gemv_<q8_0|q4_k|q5_k>_async        v3, tiles of one row (decode), K % 256 == 0: a block
+//                                      of one warp takes 8 weight rows, lane 4r + p runs
+//                                      partial p of row r; the rows' 256-wide chunks are
+//                                      copied raw into shared memory by cp.async, several
+//                                      chunks in flight (gemv_body's warp per row waited on
+//                                      each row's loads: 1.3 TB/s). Q8_0 takes it for K <=
+//                                      1024 only (the expert down product: 7.8 us against
+//                                      gemv_body's 12.4); for wider rows of fewer than 16384
+//                                      (the attention and expert gate/up products) neither
+//                                      v3 kernel beat gemv_body in ncu.
 //   gemm_ffma_<fmt>                    v2, float formats, tiles of 64 rows: 64 x 64 outputs per
 //                                      block, four groups of 64 threads, group g runs partial g
 //                                      (blocks g, g + 4, ..) in 16-wide K steps with an 8 x 8
@@ -407,105 +420,16 @@ __device__ __forceinline__ void gemv_body(float* __restrict__ y, const float* __
 }
 
 // ------------------------------------------------------------------------------------------
-// Q8_0 GEMV for tiles of one row (decode) with K % 256 == 0: one warp per weight row, 8 rows
-// per block. The warp copies its whole row (34 * nb bytes, 16-byte aligned) into shared memory
-// with 16-byte loads, all in flight at once, instead of 17 two-byte loads per block; lane l then
-// forms the integer dots of blocks l, l + 32, .. from shared memory (each code word two aligned
-// words funnel-shifted) and the chain lanes run the blocks' steps in order, as gemv_body.
+// F32 GEMV for tiles of one row (the router of a decode step): one weight row per block of 128
+// threads. The threads stage a 2048-wide segment of the row and of x in shared memory with
+// 16-byte loads, all in flight at once; then threads 0..3 run partials 0..3 from there. The
+// chains are 512 fmaf long at K = 2048 (the canonical order), so a block per row spreads the
+// router's 128 rows over the SMs: 4 rows a block left 32 SMs waiting on loads (12.7 us for the
+// 128 x 2048 router in ncu). Block b of a segment sits at 36b floats (the 4 chain threads read
+// 4 different bank groups).
 
-#define GEMV_Q8W_MAX_K 4096u                                  // K covered in one pass
-#define GEMV_Q8W_ROW_BYTES (GEMV_Q8W_MAX_K / 32u * 34u)       // 4352
-#define GEMV_Q8W_BLOCKS (GEMV_Q8W_MAX_K / 32u)                // 128
-
-extern "C" __global__ void __launch_bounds__(256)
-    gemv_q8_0_wide(float* __restrict__ y, const float* __restrict__ x,
-                   const signed char* __restrict__ xq, const float* __restrict__ xd,
-                   const float* __restrict__ xa, const u8* __restrict__ W,
-                   const u32* __restrict__ tiles, const u32* __restrict__ x_rows,
-                   const u32* __restrict__ y_rows, u32 n_rows, u32 M, u32 K, u64 row_bytes,
-                   u32 tile0) {
-    __shared__ __align__(16) u8 s_row[GEMV_WARPS][GEMV_Q8W_ROW_BYTES + 16u];
-    __shared__ float s_t[GEMV_WARPS][GEMV_Q8W_BLOCKS][2];  // (scale product, isum) per block
-    const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
-    const u32 m = blockIdx.x * GEMV_WARPS + warp;
-    if (m >= M) return;  // the whole warp
-    const Tile tl = get_tile(tiles, tile0 + blockIdx.y, 1u, n_rows);
-    if (tl.rows == 0u) return;
-    const u8* wrow = W + ((u64)tl.expert * M + m) * row_bytes;
-    const u32 nb = K / DOT_BLOCK;
-    const u32 xr = map_row(x_rows, tl.row0);
-    const signed char* xrow = xq + (u64)xr * K;
-    const float* xdr = xd + (u64)xr * nb;
-    u8* srow = s_row[warp];
-    const u32 p = lane & 3u;
-    float acc = 0.0f;
-    for (u32 b0 = 0; b0 < nb; b0 += GEMV_Q8W_BLOCKS) {
-        const u32 seg = min(GEMV_Q8W_BLOCKS, nb - b0);  // a multiple of 8
-        const u32 pieces = seg * 34u / 16u;
-        const uint4* src = reinterpret_cast<const uint4*>(wrow + (u64)b0 * 34u);
-        uint4 v[9];  // 4352 / 16 / 32 = 8.5 pieces per lane at most
-#pragma unroll
-        for (u32 i = 0; i < 9u; ++i) {
-            const u32 at = lane + 32u * i;
-            if (at < pieces) v[i] = __ldg(src + at);
-        }
-#pragma unroll
-        for (u32 i = 0; i < 9u; ++i) {
-            const u32 at = lane + 32u * i;
-            if (at < pieces) reinterpret_cast<uint4*>(srow)[at] = v[i];
-        }
-        __syncwarp();
-        for (u32 bl = lane; bl < seg; bl += 32u) {
-            const u32 b = b0 + bl;
-            const u8* blk = srow + bl * 34u;
-            const float d = f16_to_f32(ld_u16(blk));
-            const u32 off = bl * 34u + 2u;  // 0 or 2 mod 4
-            const u32 base = off & ~3u, sh = (off & 3u) * 8u;
-            const u32* words = reinterpret_cast<const u32*>(srow + base);
-            const int4* xp = reinterpret_cast<const int4*>(xrow + b * 32u);
-            const int4 x0 = __ldg(xp), x1 = __ldg(xp + 1);
-            const int xs[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
-            int lo = 0, hi = 0;
-#pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                const int q = (int)__funnelshift_r(words[i], words[i + 1], sh);
-                if (i < 4) lo = __dp4a(q, xs[i], lo);
-                else hi = __dp4a(q, xs[i], hi);
-            }
-            s_t[warp][bl][0] = d * __ldg(xdr + b);
-            s_t[warp][bl][1] = isum_to_float<FMT_Q8_0>(lo + hi);
-        }
-        __syncwarp();
-        if (lane < 4u)
-            for (u32 bl = p; bl < seg; bl += 4u) acc = fmaf(s_t[warp][bl][0], s_t[warp][bl][1], acc);
-        __syncwarp();
-    }
-    // Lanes 0..3 hold p0..p3: (p0 + p1) + (p2 + p3), the butterflies of gemv_body.
-    const float other = __shfl_xor_sync(BX_FULL_MASK, acc, 1);
-    const float pair = (p & 1u) ? other + acc : acc + other;
-    const float pair2 = __shfl_xor_sync(BX_FULL_MASK, pair, 2);
-#ifdef BITEXACT_MUTANT
-    const float s = ((__shfl_sync(BX_FULL_MASK, acc, 0) + __shfl_sync(BX_FULL_MASK, acc, 1)) +
-                     __shfl_sync(BX_FULL_MASK, acc, 2)) +
-                    __shfl_sync(BX_FULL_MASK, acc, 3);
-    (void)pair2;
-#else
-    const float s = (p & 2u) ? pair2 + pair : pair + pair2;
-#endif
-    if (lane == 0u) y[(u64)map_row(y_rows, tl.row0) * M + m] = s;
-}
-
-// ------------------------------------------------------------------------------------------
-// F32 GEMV for tiles of one row (the router of a decode step): 4 weight rows per block of 128
-// threads. All threads stage a 2048-wide segment of the 4 rows and of x in shared memory (one
-// load round trip per segment), then 16 lanes of warp 0, lane 4r + p, run partial p of row r
-// from there. A warp per row with 4 chain lanes (gemv_f32_t1) waited on its loads segment by
-// segment: 18 us for the 128 x 2048 router (ncu). Element i of a staged row sits at
-// i + i / 32 in a row of GEMV_F32W_STRIDE floats, so the 16 chain lanes read 16 banks.
-
-#define GEMV_F32W_ROWS 4u
 #define GEMV_F32W_SEG 2048u
-#define GEMV_F32W_STRIDE (GEMV_F32W_SEG + GEMV_F32W_SEG / 32u + 4u)  // 4 mod 32
+#define GEMV_F32W_PAD 36u  // floats per staged 32-block
 
 extern "C" __global__ void __launch_bounds__(128)
     gemv_f32_wide(float* __restrict__ y, const float* __restrict__ x,
@@ -514,61 +438,68 @@ extern "C" __global__ void __launch_bounds__(128)
                   const u32* __restrict__ tiles, const u32* __restrict__ x_rows,
                   const u32* __restrict__ y_rows, u32 n_rows, u32 M, u32 K, u64 row_bytes,
                   u32 tile0) {
-    __shared__ float sw[GEMV_F32W_ROWS * GEMV_F32W_STRIDE];
-    __shared__ float sx[GEMV_F32W_STRIDE];
-    const u32 tid = threadIdx.x;
+    __shared__ __align__(16) float sw[GEMV_F32W_SEG / 32u * GEMV_F32W_PAD];
+    __shared__ __align__(16) float sx[GEMV_F32W_SEG / 32u * GEMV_F32W_PAD];
+    const u32 tid = threadIdx.x, m = blockIdx.x;
     const Tile tl = get_tile(tiles, tile0 + blockIdx.y, 1u, n_rows);
     if (tl.rows == 0u) return;  // a padding tile of a device-built table
-    const u32 m0 = blockIdx.x * GEMV_F32W_ROWS;
     const float* xr = x + (u64)map_row(x_rows, tl.row0) * K;
-    const u32 cr = tid >> 2, p = tid & 3u;  // chain lanes (tid < 16): row cr, partial p
+    const float* wr = reinterpret_cast<const float*>(W + ((u64)tl.expert * M + m) * row_bytes);
+    // Rows and x start 16-byte aligned when K % 4 == 0 (allocations are).
+    const bool vec = (K & 3u) == 0u;
     float acc = 0.0f;
     for (u32 k0 = 0; k0 < K; k0 += GEMV_F32W_SEG) {
         const u32 len = min(GEMV_F32W_SEG, K - k0);
         __syncthreads();  // the chains are done with the previous segment
-#pragma unroll 4
-        for (u32 i = tid; i < len; i += 128u) sx[i + (i >> 5)] = __ldg(xr + k0 + i);
+        if (vec) {
+            float4 wv[4], xv[4];
 #pragma unroll
-        for (u32 r = 0; r < GEMV_F32W_ROWS; ++r) {
-            const bool ok = m0 + r < M;
-            const float* wr =
-                reinterpret_cast<const float*>(W + ((u64)tl.expert * M + (ok ? m0 + r : 0u)) * row_bytes);
-#pragma unroll 4
-            for (u32 i = tid; i < len; i += 128u)
-                sw[r * GEMV_F32W_STRIDE + i + (i >> 5)] = ok ? __ldg(wr + k0 + i) : 0.0f;
+            for (u32 s = 0; s < 4u; ++s) {
+                const u32 e = 4u * (tid + 128u * s);
+                const bool ok = e < len;
+                wv[s] = ok ? __ldg(reinterpret_cast<const float4*>(wr + k0 + e)) : make_float4(0, 0, 0, 0);
+                xv[s] = ok ? __ldg(reinterpret_cast<const float4*>(xr + k0 + e)) : make_float4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (u32 s = 0; s < 4u; ++s) {
+                const u32 e = 4u * (tid + 128u * s);
+                const u32 at = (e >> 5) * GEMV_F32W_PAD + (e & 31u);
+                *reinterpret_cast<float4*>(sw + at) = wv[s];
+                *reinterpret_cast<float4*>(sx + at) = xv[s];
+            }
+        } else {
+            for (u32 e = tid; e < GEMV_F32W_SEG; e += 128u) {
+                const u32 at = (e >> 5) * GEMV_F32W_PAD + (e & 31u);
+                sw[at] = e < len ? __ldg(wr + k0 + e) : 0.0f;
+                sx[at] = e < len ? __ldg(xr + k0 + e) : 0.0f;
+            }
         }
         __syncthreads();
-        if (tid < 4u * GEMV_F32W_ROWS) {
-            const float* wb = sw + cr * GEMV_F32W_STRIDE;
+        if (tid < 4u) {
             const u32 nblk = (len + DOT_BLOCK - 1u) / DOT_BLOCK;
-            for (u32 b = p; b < nblk; b += 4u) {
-                const u32 at = b * (DOT_BLOCK + 1u);
+            for (u32 b = tid; b < nblk; b += 4u) {
+                const float* wb = sw + b * GEMV_F32W_PAD;
+                const float* xb = sx + b * GEMV_F32W_PAD;
                 if (b * DOT_BLOCK + DOT_BLOCK <= len) {
 #pragma unroll
-                    for (u32 i = 0; i < DOT_BLOCK; ++i) acc = fmaf(wb[at + i], sx[at + i], acc);
+                    for (u32 i = 0; i < DOT_BLOCK; i += 4u) {
+                        const float4 w4 = *reinterpret_cast<const float4*>(wb + i);
+                        const float4 x4 = *reinterpret_cast<const float4*>(xb + i);
+                        acc = fmaf(w4.x, x4.x, acc);
+                        acc = fmaf(w4.y, x4.y, acc);
+                        acc = fmaf(w4.z, x4.z, acc);
+                        acc = fmaf(w4.w, x4.w, acc);
+                    }
                 } else {
-                    for (u32 i = 0; i < len - b * DOT_BLOCK; ++i) acc = fmaf(wb[at + i], sx[at + i], acc);
+                    for (u32 i = 0; i < len - b * DOT_BLOCK; ++i) acc = fmaf(wb[i], xb[i], acc);
                 }
             }
         }
     }
     if (tid < 32u) {
-        // Lanes 4r..4r+3 hold p0..p3 of row r: (p0 + p1) + (p2 + p3), as gemv_body.
-        const float other = __shfl_xor_sync(BX_FULL_MASK, acc, 1);
-        const float pair = (p & 1u) ? other + acc : acc + other;
-        const float pair2 = __shfl_xor_sync(BX_FULL_MASK, pair, 2);
-#ifdef BITEXACT_MUTANT
-        // Broken on purpose (see BITEXACT_MUTANT): left to right, ((p0 + p1) + p2) + p3.
-        const u32 g0 = tid & ~3u;
-        const float t = ((__shfl_sync(BX_FULL_MASK, acc, g0) + __shfl_sync(BX_FULL_MASK, acc, g0 | 1u)) +
-                         __shfl_sync(BX_FULL_MASK, acc, g0 | 2u)) +
-                        __shfl_sync(BX_FULL_MASK, acc, g0 | 3u);
-        (void)pair2;
-#else
-        const float t = (p & 2u) ? pair2 + pair : pair + pair2;
-#endif
-        if (tid < 4u * GEMV_F32W_ROWS && p == 0u && m0 + cr < M)
-            y[(u64)map_row(y_rows, tl.row0) * M + m0 + cr] = t;
+        const float p0 = __shfl_sync(BX_FULL_MASK, acc, 0), p1 = __shfl_sync(BX_FULL_MASK, acc, 1);
+        const float p2 = __shfl_sync(BX_FULL_MASK, acc, 2), p3 = __shfl_sync(BX_FULL_MASK, acc, 3);
+        if (tid == 0u) y[(u64)map_row(y_rows, tl.row0) * M + m] = canon_tree(p0, p1, p2, p3);
     }
 }
 
@@ -1489,6 +1420,271 @@ GEMV_ALL_NT(q8_0, FMT_Q8_0)
 GEMV_ALL_NT(q4_k, FMT_Q4_K)
 GEMV_ALL_NT(q5_k, FMT_Q5_K)
 GEMV_ALL_NT(q6_k, FMT_Q6_K)
+
+// ------------------------------------------------------------------------------------------
+// GEMV for tiles of one row (decode) with K % 256 == 0, Q8_0, Q4_K, Q5_K: a block is one warp
+// and 8 consecutive weight rows of one expert; lane 4r + p runs the chain of partial p of row
+// r. The 8 rows' 256-wide chunks (272, 144 or 176 bytes a row: 8 rows are contiguous bytes)
+// and the activation chunk (256 codes, 8 scales, 8 sums) are copied raw into shared memory by
+// cp.async, RING chunks in flight; in chunk c lane 4r + p applies the steps of blocks
+// 8c + p and 8c + p + 4 of its row (partial p's blocks in increasing order, as the canonical
+// order takes them). Nothing is decoded into an intermediate buffer and no lane idles.
+
+template <int FMT>
+struct GkaShape {
+    static constexpr u32 CB = FMT == FMT_Q8_0 ? 272u : (FMT == FMT_Q5_K ? 176u : 144u);
+    static constexpr u32 ROWS = 8u;
+    static constexpr u32 W_BYTES = ROWS * CB;
+    static constexpr u32 STAGE = W_BYTES + 256u + 2u * 32u;  // W, X codes, X scales, X sums
+    // Chunks in flight, a ring (a Q8_0 stage holds twice the weight bytes of a Q4_K one).
+    // Copying a whole row group at once was slower (fewer blocks fit an SM).
+    static constexpr u32 RING = FMT == FMT_Q8_0 ? 4u : 6u;
+};
+
+template <int FMT>
+__device__ __forceinline__ void gemv_kq_async_body(
+    float* __restrict__ y, const signed char* __restrict__ xq, const float* __restrict__ xd,
+    const float* __restrict__ xa, const u8* __restrict__ W, const u32* __restrict__ tiles,
+    const u32* __restrict__ x_rows, const u32* __restrict__ y_rows, u32 n_rows, u32 M, u32 K,
+    u64 row_bytes, u32 tile0) {
+    typedef GkaShape<FMT> S;
+    extern __shared__ __align__(16) u8 smem[];
+    const u32 lane = threadIdx.x;
+    const Tile tl = get_tile(tiles, tile0 + blockIdx.y, 1u, n_rows);
+    if (tl.rows == 0u) return;  // a padding tile of a device-built table
+    const u32 m0 = blockIdx.x * S::ROWS;
+    const u32 nb = K / DOT_BLOCK, nchunks = nb / 8u;
+    const u32 xr = map_row(x_rows, tl.row0);
+    // Rows past M copy nothing (zero fill) and write nothing.
+    const u32 rows_here = min(S::ROWS, M - m0);
+    const u8* wbase = W + ((u64)tl.expert * M + m0) * row_bytes;
+
+    const auto load = [&](u32 c, u32 stage) {
+        u8* sw = smem + stage * S::STAGE;
+        constexpr u32 per_row = S::CB / 16u;
+        for (u32 i = lane; i < S::ROWS * per_row + 20u; i += 32u) {
+            if (i < S::ROWS * per_row) {
+                const u32 r = i / per_row, part = i % per_row;
+                const bool ok = r < rows_here;
+                const u8* src = ok ? wbase + r * row_bytes + (u64)c * S::CB + part * 16u : W;
+                cp_async16(sw + r * S::CB + part * 16u, src, ok ? 16u : 0u);
+            } else if (i < S::ROWS * per_row + 16u) {
+                const u32 part = i - S::ROWS * per_row;
+                cp_async16(sw + S::W_BYTES + part * 16u, xq + (u64)xr * K + c * 256u + part * 16u, 16u);
+            } else {
+                const u32 part = i - S::ROWS * per_row - 16u;  // 0, 1: scales; 2, 3: sums
+                const bool sums = part >= 2u;
+                if (!sums || FMT != FMT_Q8_0) {
+                    const float* src = (sums ? xa : xd) + (u64)xr * nb + c * 8u + (part & 1u) * 4u;
+                    cp_async16(sw + S::W_BYTES + 256u + part * 16u, src, 16u);
+                }
+            }
+        }
+    };
+
+    const u32 r = lane >> 2, p = lane & 3u;
+    float acc = 0.0f;
+    // Chunk c's steps for lane 4r + p: blocks 8c + p and 8c + p + 4.
+    const auto step = [&](const u8* sw) {
+        const u8* row = sw + r * S::CB;
+        const int4* sx = reinterpret_cast<const int4*>(sw + S::W_BYTES);
+        const float* sd = reinterpret_cast<const float*>(sw + S::W_BYTES + 256u);
+        const float* sa = sd + 8u;
+#pragma unroll
+        for (u32 h = 0; h < 2u; ++h) {
+            const u32 j = p + 4u * h;
+            const int4 x0 = sx[2u * j], x1 = sx[2u * j + 1u];
+            const int xs[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+            int isum = 0;
+            if (FMT == FMT_Q8_0) {
+                const u32 off = j * 34u + 2u;  // 2 mod 4 for even j, 0 mod 4 for odd j
+                const u32 sh = (off & 3u) * 8u;
+                const u32* words = reinterpret_cast<const u32*>(row + (off & ~3u));
+#pragma unroll
+                for (int i = 0; i < 8; ++i)
+                    isum = __dp4a((int)__funnelshift_r(words[i], words[i + 1], sh), xs[i], isum);
+                const float d = f16_to_f32(ld_u16(row + j * 34u));
+                acc = fmaf(d * sd[j], isum_to_float<FMT>(isum), acc);
+            } else {
+                constexpr u32 QS = FMT == FMT_Q5_K ? 48u : 16u;
+                const u32* qs = reinterpret_cast<const u32*>(row + QS + 32u * (j >> 1));
+                const u32* qh = reinterpret_cast<const u32*>(row + 16u);
+                const u32 shift = 4u * (j & 1u);
+#pragma unroll
+                for (int i = 0; i < 8; ++i) {
+                    u32 v = (qs[i] >> shift) & 0x0F0F0F0Fu;
+                    if (FMT == FMT_Q5_K) v |= ((qh[i] >> j) & 0x01010101u) << 4;
+                    isum = __dp4a((int)v, xs[i], isum);
+                }
+                int sc, mn;
+                scale_min_k4((int)j, row + 4, sc, mn);
+                const float ws = f16_to_f32(ld_u16(row)) * (float)sc;
+                const float wm = -(f16_to_f32(ld_u16(row + 2)) * (float)mn);
+                acc = fmaf(ws * sd[j], isum_to_float<FMT>(isum), acc);
+                acc = fmaf(wm, sa[j], acc);
+            }
+        }
+    };
+    {
+#pragma unroll
+        for (u32 s = 0; s < S::RING - 1u; ++s) {
+            if (s < nchunks) load(s, s);
+            cp_async_commit();
+        }
+        for (u32 c = 0; c < nchunks; ++c) {
+            cp_async_wait<S::RING - 2u>();
+            __syncwarp();  // chunk c is in for every lane; all are done with chunk c - 1's stage
+            if (c + S::RING - 1u < nchunks) load(c + S::RING - 1u, (c + S::RING - 1u) % S::RING);
+            cp_async_commit();
+            step(smem + (c % S::RING) * S::STAGE);
+        }
+    }
+    cp_async_wait<0>();
+    // Lanes 4r..4r+3 hold p0..p3 of row r.
+    const u32 g = lane & ~3u;
+    const float p0 = __shfl_sync(BX_FULL_MASK, acc, g), p1 = __shfl_sync(BX_FULL_MASK, acc, g | 1u);
+    const float p2 = __shfl_sync(BX_FULL_MASK, acc, g | 2u), p3 = __shfl_sync(BX_FULL_MASK, acc, g | 3u);
+    if (p == 0u && r < rows_here) y[(u64)map_row(y_rows, tl.row0) * M + m0 + r] = canon_tree(p0, p1, p2, p3);
+}
+
+#define GKA_ENTRY(fmt, FMT)                                                                    \
+    extern "C" __global__ void __launch_bounds__(32)                                           \
+        gemv_##fmt##_async(float* __restrict__ y, const float* __restrict__ x,                 \
+                           const signed char* __restrict__ xq, const float* __restrict__ xd,   \
+                           const float* __restrict__ xa, const u8* __restrict__ W,             \
+                           const u32* __restrict__ tiles, const u32* __restrict__ x_rows,      \
+                           const u32* __restrict__ y_rows, u32 n_rows, u32 M, u32 K,           \
+                           u64 row_bytes, u32 tile0) {                                         \
+        gemv_kq_async_body<FMT>(y, xq, xd, xa, W, tiles, x_rows, y_rows, n_rows, M, K,         \
+                                row_bytes, tile0);                                             \
+    }
+
+GKA_ENTRY(q8_0, FMT_Q8_0)
+GKA_ENTRY(q4_k, FMT_Q4_K)
+GKA_ENTRY(q5_k, FMT_Q5_K)
+
+// ------------------------------------------------------------------------------------------
+// Q8_0 GEMV for tiles of one row (decode) with K % 256 == 0 on the int8 tensor cores. The
+// dp4a GEMVs spend ~40 instructions on a 34-byte block (loads, funnel shifts, 8 dp4a, the
+// step): at 4 instructions a cycle an SM cannot keep up with its share of the copy rate (ncu:
+// 1.3 TB/s). A block of 8 warps takes 16 weight rows; in each pass warp w copies chunk w (256
+// wide: 16 x 272 contiguous bytes and the activation chunk) into shared memory by cp.async,
+// and one mma.sync m16n8k32 per block forms the 16 rows' isums (every column of B holds the
+// token's codes, so lane 4g + t finds row g's isum in c0 and row g + 8's in c2). Lane t keeps
+// the steps' operands (d * dx, isum) of blocks t and t + 4; then 64 threads, row r partial p,
+// run the chains over the pass's blocks in increasing order, as the canonical order takes
+// them. The loads of a pass are one round trip spread over 8 warps; a warp alone walking its
+// 16 rows' chunks one after the other took 12 us for a 512 x 2048 product.
+
+#define GMQ_ROWS 16u
+#define GMQ_WARPS 8u
+#define GMQ_CHUNK_BYTES (GMQ_ROWS * 272u + 256u + 32u)  // W, X codes, X scales
+#define GMQ_PASS_BLOCKS (GMQ_WARPS * 8u)                // 32-blocks per pass
+#define GMQ_SMEM (GMQ_WARPS * GMQ_CHUNK_BYTES + GMQ_ROWS * GMQ_PASS_BLOCKS * 8u)
+
+extern "C" __global__ void __launch_bounds__(256)
+    gemv_q8_0_mma(float* __restrict__ y, const float* __restrict__ x,
+                  const signed char* __restrict__ xq, const float* __restrict__ xd,
+                  const float* __restrict__ xa, const u8* __restrict__ W,
+                  const u32* __restrict__ tiles, const u32* __restrict__ x_rows,
+                  const u32* __restrict__ y_rows, u32 n_rows, u32 M, u32 K, u64 row_bytes,
+                  u32 tile0) {
+    extern __shared__ __align__(16) u8 gmq_smem[];
+    // (d * dx, isum) of [row][block of the pass]
+    float2* sstep = reinterpret_cast<float2*>(gmq_smem + GMQ_WARPS * GMQ_CHUNK_BYTES);
+    const u32 tid = threadIdx.x, warp = tid >> 5, lane = tid & 31u;
+    const Tile tl = get_tile(tiles, tile0 + blockIdx.y, 1u, n_rows);
+    if (tl.rows == 0u) return;  // a padding tile of a device-built table (block-uniform)
+    const u32 m0 = blockIdx.x * GMQ_ROWS;
+    const u32 nb = K / DOT_BLOCK, nchunks = nb / 8u;
+    const u32 xr = map_row(x_rows, tl.row0);
+    const u32 rows_here = min(GMQ_ROWS, M - m0);  // rows past M copy nothing, write nothing
+    const u8* wbase = W + ((u64)tl.expert * M + m0) * row_bytes;
+    u8* sw = gmq_smem + warp * GMQ_CHUNK_BYTES;
+    const u8* sx = sw + GMQ_ROWS * 272u;
+    const float* sd = reinterpret_cast<const float*>(sx + 256u);
+    const u32 g = lane >> 2, t = lane & 3u;
+    const u32 cr = tid >> 2, cp = tid & 3u;  // chain threads (tid < 64): row cr, partial cp
+    float acc = 0.0f;
+
+    for (u32 c0 = 0; c0 < nchunks; c0 += GMQ_WARPS) {
+        const u32 c = c0 + warp;  // this warp's chunk
+        const u32 pass_blocks = min(GMQ_WARPS, nchunks - c0) * 8u;
+        __syncthreads();  // the chains are done with the previous pass's steps
+        if (c < nchunks) {
+#pragma unroll
+            for (u32 it = 0; it < (GMQ_ROWS * 17u + 18u + 31u) / 32u; ++it) {
+                const u32 i = lane + 32u * it;
+                if (i < GMQ_ROWS * 17u) {
+                    const u32 r = i / 17u, part = i - r * 17u;
+                    const bool ok = r < rows_here;
+                    const u8* src = ok ? wbase + r * row_bytes + (u64)c * 272u + part * 16u : W;
+                    cp_async16(sw + r * 272u + part * 16u, src, ok ? 16u : 0u);
+                } else if (i < GMQ_ROWS * 17u + 16u) {
+                    const u32 part = i - GMQ_ROWS * 17u;
+                    cp_async16(sw + GMQ_ROWS * 272u + part * 16u, xq + (u64)xr * K + c * 256u + part * 16u, 16u);
+                } else if (i < GMQ_ROWS * 17u + 18u) {
+                    const u32 part = i - GMQ_ROWS * 17u - 16u;
+                    cp_async16(sw + GMQ_ROWS * 272u + 256u + part * 16u, xd + (u64)xr * nb + c * 8u + part * 4u, 16u);
+                }
+            }
+            cp_async_commit();
+            cp_async_wait<0>();
+            __syncwarp();
+            const u8* r0 = sw + g * 272u;
+            const u8* r1 = r0 + 8u * 272u;
+            int is0[8], is1[8];
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const u32 off = (u32)j * 34u + 2u + t * 4u;
+                int a[4];
+                if (j & 1) {
+                    a[0] = q8a_word<true>(r0, off);
+                    a[1] = q8a_word<true>(r1, off);
+                    a[2] = q8a_word<true>(r0, off + 16u);
+                    a[3] = q8a_word<true>(r1, off + 16u);
+                } else {
+                    a[0] = q8a_word<false>(r0, off);
+                    a[1] = q8a_word<false>(r1, off);
+                    a[2] = q8a_word<false>(r0, off + 16u);
+                    a[3] = q8a_word<false>(r1, off + 16u);
+                }
+                const int b0 = *reinterpret_cast<const int*>(sx + j * 32 + t * 4u);
+                const int b1 = *reinterpret_cast<const int*>(sx + j * 32 + 16u + t * 4u);
+                int cc[4] = {0, 0, 0, 0};
+                mma_k32(cc, a, b0, b1);
+                is0[j] = cc[0];
+                is1[j] = cc[2];
+            }
+#pragma unroll
+            for (u32 h = 0; h < 2u; ++h) {
+                const u32 j = t + 4u * h;
+                // Lane t's blocks t and t + 4: selects, not a run-time register index.
+                const int i0 = t == 0u ? is0[4u * h] : t == 1u ? is0[4u * h + 1u] : t == 2u ? is0[4u * h + 2u] : is0[4u * h + 3u];
+                const int i1 = t == 0u ? is1[4u * h] : t == 1u ? is1[4u * h + 1u] : t == 2u ? is1[4u * h + 2u] : is1[4u * h + 3u];
+                const float dx = sd[j];
+                const u32 bl = warp * 8u + j;  // block of the pass
+                sstep[g * GMQ_PASS_BLOCKS + bl] =
+                    make_float2(f16_to_f32(ld_u16(r0 + j * 34u)) * dx, isum_to_float<FMT_Q8_0>(i0));
+                sstep[(g + 8u) * GMQ_PASS_BLOCKS + bl] =
+                    make_float2(f16_to_f32(ld_u16(r1 + j * 34u)) * dx, isum_to_float<FMT_Q8_0>(i1));
+            }
+        }
+        __syncthreads();
+        if (tid < 4u * GMQ_ROWS) {
+            const float2* st = sstep + cr * GMQ_PASS_BLOCKS;
+#pragma unroll 4
+            for (u32 bl = cp; bl < pass_blocks; bl += 4u) acc = fmaf(st[bl].x, st[bl].y, acc);
+        }
+    }
+    if (tid < 4u * GMQ_ROWS) {
+        const u32 q = lane & ~3u;
+        const float p0 = __shfl_sync(BX_FULL_MASK, acc, q), p1 = __shfl_sync(BX_FULL_MASK, acc, q | 1u);
+        const float p2 = __shfl_sync(BX_FULL_MASK, acc, q | 2u), p3 = __shfl_sync(BX_FULL_MASK, acc, q | 3u);
+        if (cp == 0u && cr < rows_here) y[(u64)map_row(y_rows, tl.row0) * M + m0 + cr] = canon_tree(p0, p1, p2, p3);
+    }
+}
+
 
 #define FFMA_ENTRY(fmt, FMT)                                                                   \
     extern "C" __global__ void __launch_bounds__(256)                                          \

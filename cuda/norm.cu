@@ -11,10 +11,25 @@
 //                    shared memory in segments of 2048, the first warp runs the same 32 lane
 //                    chains from there. A warp alone on a 2048-wide row waited out 8 load
 //                    round trips and took 27 us (ncu, decode); the block takes one.
+//   add_rmsnorm_f32_row  the residual add and the norm after it in one launch (any width):
+//                    h[r, i] = h[r, i] + o[r, i] (elementwise.cu's add_f32), then y = the norm
+//                    of the new h, as rmsnorm_f32_row. Two launches of a decode step fewer a
+//                    layer, the same bits as add_f32 then rmsnorm_f32(_row).
 
 #include "common.cuh"
 
 #define NORM_WARPS 8u
+
+// rs = 1 / sqrtf(ss / width + eps): the family's one mutant site.
+__device__ __forceinline__ float norm_rs(float ss, u32 width, float eps) {
+#ifdef BITEXACT_MUTANT
+    // Broken on purpose (see BITEXACT_MUTANT): multiply by 1 / width instead of dividing.
+    const float ms = ss * (1.0f / (float)width);
+#else
+    const float ms = ss / (float)width;
+#endif
+    return 1.0f / sqrtf(ms + eps);
+}
 
 extern "C" __global__ void rmsnorm_f32(float* __restrict__ y, const float* __restrict__ x,
                                        const float* __restrict__ w, u32 rows, u32 width,
@@ -34,14 +49,7 @@ extern "C" __global__ void rmsnorm_f32(float* __restrict__ y, const float* __res
         for (u32 u = 0; u < 8u; ++u)
             if (base + 32u * u < width) p = fmaf(v[u], v[u], p);
     }
-    const float ss = bx_butterfly_sum(p);
-#ifdef BITEXACT_MUTANT
-    // Broken on purpose (see BITEXACT_MUTANT): multiply by 1 / width instead of dividing.
-    const float ms = ss * (1.0f / (float)width);
-#else
-    const float ms = ss / (float)width;
-#endif
-    const float rs = 1.0f / sqrtf(ms + eps);
+    const float rs = norm_rs(bx_butterfly_sum(p), width, eps);
     float* yr = y + row * width;
 #pragma unroll 8
     for (u32 i = lane; i < width; i += 32u) yr[i] = (xr[i] * rs) * w[i];
@@ -50,15 +58,19 @@ extern "C" __global__ void rmsnorm_f32(float* __restrict__ y, const float* __res
 #define NORM_ROW_THREADS 256u
 #define NORM_ROW_SEG 2048u
 
-extern "C" __global__ void __launch_bounds__(256)
-    rmsnorm_f32_row(float* __restrict__ y, const float* __restrict__ x,
-                    const float* __restrict__ w, u32 rows, u32 width, float eps) {
+// One block per row; with ADD, h += o first (each element's sum stored, then normed).
+template <bool ADD>
+__device__ __forceinline__ void rmsnorm_row_body(float* __restrict__ y, float* __restrict__ h,
+                                                 const float* __restrict__ o,
+                                                 const float* __restrict__ w, u32 rows,
+                                                 u32 width, float eps) {
     __shared__ float sx[NORM_ROW_SEG];
     __shared__ float s_rs;
     const u32 tid = threadIdx.x;
     const u64 row = blockIdx.x;
     if (row >= rows) return;  // the whole block
-    const float* xr = x + row * width;
+    float* xr = h + row * width;
+    const float* orow = ADD ? o + row * width : nullptr;
     // Lane l's chain takes i = l, l + 32, .. in increasing order across the segments (each
     // segment starts at a multiple of 32, so i mod 32 is the same within one).
     float p = 0.0f;
@@ -66,23 +78,38 @@ extern "C" __global__ void __launch_bounds__(256)
         const u32 len = min(NORM_ROW_SEG, width - k0);
         __syncthreads();  // the chains are done with the previous segment
 #pragma unroll 8
-        for (u32 i = tid; i < len; i += NORM_ROW_THREADS) sx[i] = xr[k0 + i];
+        for (u32 i = tid; i < len; i += NORM_ROW_THREADS) {
+            if (ADD) {
+                const float v = xr[k0 + i] + orow[k0 + i];
+                xr[k0 + i] = v;
+                sx[i] = v;
+            } else {
+                sx[i] = xr[k0 + i];
+            }
+        }
         __syncthreads();
         if (tid < 32u)
             for (u32 i = tid; i < len; i += 32u) p = fmaf(sx[i], sx[i], p);
     }
     if (tid < 32u) {
-        const float ss = bx_butterfly_sum(p);
-#ifdef BITEXACT_MUTANT
-        const float ms = ss * (1.0f / (float)width);
-#else
-        const float ms = ss / (float)width;
-#endif
-        if (tid == 0) s_rs = 1.0f / sqrtf(ms + eps);
+        const float rs = norm_rs(bx_butterfly_sum(p), width, eps);
+        if (tid == 0) s_rs = rs;
     }
-    __syncthreads();
+    __syncthreads();  // also orders every thread's h stores before the reads below
     const float rs = s_rs;
     float* yr = y + row * width;
 #pragma unroll 8
     for (u32 i = tid; i < width; i += NORM_ROW_THREADS) yr[i] = (xr[i] * rs) * w[i];
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    rmsnorm_f32_row(float* __restrict__ y, const float* __restrict__ x,
+                    const float* __restrict__ w, u32 rows, u32 width, float eps) {
+    rmsnorm_row_body<false>(y, const_cast<float*>(x), nullptr, w, rows, width, eps);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    add_rmsnorm_f32_row(float* __restrict__ y, float* __restrict__ h, const float* __restrict__ o,
+                        const float* __restrict__ w, u32 rows, u32 width, float eps) {
+    rmsnorm_row_body<true>(y, h, o, w, rows, width, eps);
 }

@@ -785,6 +785,28 @@ const fn kq_async_smem(sb: u32) -> u32 {
     3 * (64 * sb + 64 * 272 + 2 * 64 * 8 * 4)
 }
 
+/// Dynamic shared memory of `gemv_{q8_0,q4_k,q5_k}_async` (`GkaShape` in `cuda/gemm.cu`): a
+/// ring of 4 (Q8_0) or 6 stages, each 8 rows of a 256-wide chunk (272, 144 or 176 bytes each)
+/// and the activation chunk (256 codes, 8 scales, 8 sums).
+fn gka_smem(format: WeightFormat) -> u32 {
+    let (cb, ring) = match format {
+        WeightFormat::Q8_0 => (272, 4),
+        WeightFormat::Q5K => (176, 6),
+        _ => (144, 6),
+    };
+    ring * (8 * cb + 256 + 64)
+}
+
+/// Q8_0 weights of at least this many rows take `gemv_q8_0_mma` one token at a time.
+pub const GEMV_MMA_MIN_ROWS: usize = 16384;
+/// Q8_0 weights of at most this many columns (and fewer rows than [`GEMV_MMA_MIN_ROWS`]) take
+/// `gemv_q8_0_async` one token at a time.
+pub const GEMV_ASYNC_MAX_Q8_COLS: usize = 1024;
+
+/// Dynamic shared memory of `gemv_q8_0_mma` (`GMQ_SMEM`): a chunk per warp (16 rows of 272
+/// bytes, 256 codes, 8 scales) and the 16 x 64 step operands of a pass.
+const GMQ_SMEM_BYTES: u32 = 8 * (16 * 272 + 256 + 32) + 16 * 64 * 8;
+
 /// Launches a GEMV or tiled GEMM over `n_tiles` row tiles (dense when `rows` is `None`).
 #[allow(clippy::too_many_arguments)]
 fn launch_v2(
@@ -814,8 +836,17 @@ fn launch_v2(
     let q8_async = plan == Plan::Gemm && w.format == WeightFormat::Q8_0 && w.cols % 256 == 0;
     // F32 rows one token at a time (the router of a decode step): 4 rows per block, staged.
     let f32_wide = plan == Plan::Gemv(1) && w.format == WeightFormat::F32;
-    // Q8_0 rows of whole 256-wide chunks one token at a time: the row copied with 16-byte loads.
-    let q8_wide = plan == Plan::Gemv(1) && w.format == WeightFormat::Q8_0 && w.cols % 256 == 0;
+    // Q8_0 rows of whole 256-wide chunks one token at a time, by the weight's shape alone (ncu
+    // on the H200, the 30B shapes): 16384 rows or more (the LM head) on the tensor cores, rows
+    // of at most 1024 (the expert down product) through the cp.async dp4a kernel, the rest
+    // (gemv_body was as fast as either there) unchanged.
+    let q8_chunks = plan == Plan::Gemv(1) && w.format == WeightFormat::Q8_0 && w.cols % 256 == 0;
+    let q8_gemv = q8_chunks && w.rows >= GEMV_MMA_MIN_ROWS;
+    // Q4_K and Q5_K one token at a time (and Q8_0's short rows): 8 rows a warp, their chunks
+    // copied by cp.async.
+    let kq_gemv = plan == Plan::Gemv(1)
+        && (matches!(w.format, WeightFormat::Q4K | WeightFormat::Q5K)
+            || (q8_chunks && !q8_gemv && w.cols <= GEMV_ASYNC_MAX_Q8_COLS));
     // Q4_K and Q5_K: a 256-wide chunk is one 16-byte aligned super-block (144 or 176 bytes).
     let kq_async = plan == Plan::Gemm && matches!(w.format, WeightFormat::Q4K | WeightFormat::Q5K);
     let (name, smem) = if q8_async {
@@ -826,8 +857,17 @@ fn launch_v2(
         ("gemm_mma_q5_k_async", kq_async_smem(176))
     } else if f32_wide {
         ("gemv_f32_wide", 0)
-    } else if q8_wide {
-        ("gemv_q8_0_wide", 0)
+    } else if q8_gemv {
+        ("gemv_q8_0_mma", GMQ_SMEM_BYTES)
+    } else if kq_gemv {
+        (
+            match w.format {
+                WeightFormat::Q8_0 => "gemv_q8_0_async",
+                WeightFormat::Q4K => "gemv_q4_k_async",
+                _ => "gemv_q5_k_async",
+            },
+            gka_smem(w.format),
+        )
     } else {
         (name, 0)
     };
@@ -852,7 +892,9 @@ fn launch_v2(
     let (n32, m32, k32) = (n_rows as u32, w.rows as u32, w.cols as u32);
     let row_bytes = w.row_bytes as u64;
     let (m_blocks, threads) = match plan {
-        _ if f32_wide => (m32.div_ceil(4), 128),
+        _ if f32_wide => (m32, 128),
+        _ if q8_gemv => (m32.div_ceil(16), 256),
+        _ if kq_gemv => (m32.div_ceil(8), 32),
         Plan::Gemv(_) => (m32.div_ceil(GEMV_ROWS_PER_BLOCK), 256),
         _ => (m32.div_ceil(GEMM_TILE_ROWS as u32), 256),
     };
@@ -887,7 +929,8 @@ fn launch_v2(
         // output rows are distinct, so no two threads write one element. The cp.async kernel
         // copies 16-byte pieces: its weight rows (34 * K / 32 bytes, K % 256 == 0) and
         // activation rows start 16-byte aligned in allocations that are, and its shared
-        // memory is the size set on the function above.
+        // memory is the size set on the function above; the cp.async GEMV's rows (K % 256 ==
+        // 0) and activation rows start 16-byte aligned the same way.
         unsafe { launch.launch(cfg) }?;
     }
     Ok(())

@@ -56,3 +56,47 @@ pub fn rmsnorm(
     unsafe { launch.launch(cfg) }?;
     Ok(())
 }
+
+/// The residual add and the norm after it in one launch: `h += o`, then `y = rmsnorm(h, w)`
+/// (`h`, `o`, `y`: `[rows, width]`, `w: [width]`), the bits of [`crate::kernels::elementwise::add`]
+/// followed by [`rmsnorm`] (references [`crate::reference::elementwise::add`] and
+/// [`crate::reference::norm::rmsnorm`]). A bad shape is an error and nothing is written.
+pub fn add_rmsnorm(
+    dev: &Device,
+    h: &mut GpuTensor<f32>,
+    o: &GpuTensor<f32>,
+    w: &GpuTensor<f32>,
+    eps: f32,
+    y: &mut GpuTensor<f32>,
+) -> Result<()> {
+    const OP: &str = "add_rmsnorm";
+    let [width] = dims(OP, "w", "[width]", w.dims())?;
+    let [rows, hw] = dims(OP, "h", "[rows, width]", h.dims())?;
+    check_shape(OP, "h", &[rows, width], &[rows, hw])?;
+    check_shape(OP, "o", &[rows, width], o.dims())?;
+    check_shape(OP, "y", &[rows, width], y.dims())?;
+    let (rows32, width32) = (as_u32(OP, "rows", rows)?, as_u32(OP, "width", width)?);
+    if rows == 0 || width == 0 {
+        return Ok(());
+    }
+    let f = dev.function(Family::Norm, "add_rmsnorm_f32_row")?;
+    let cfg = LaunchConfig {
+        grid_dim: (rows32, 1, 1),
+        block_dim: (32 * WARPS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut launch = dev.stream().launch_builder(&f);
+    launch
+        .arg(y.slice_mut())
+        .arg(h.slice_mut())
+        .arg(o.slice())
+        .arg(w.slice())
+        .arg(&rows32)
+        .arg(&width32)
+        .arg(&eps);
+    // SAFETY: h, o and y are [rows, width] and w is [width] (checked above; y and h are two
+    // tensors, so they do not overlap); a block per row, and each element of h is read and
+    // written by one thread.
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
+}

@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::kernels::attention::{attention, kv_write, LayerCache};
 use crate::kernels::elementwise::{add, gather_rows_device};
 use crate::kernels::gemm::{matmul, matmul_shared, GpuMatrix, Product};
-use crate::kernels::norm::rmsnorm;
+use crate::kernels::norm::{add_rmsnorm, rmsnorm};
 use crate::kernels::rope::{rope_neox, Positions, RopeTable};
 use crate::model::config::{check_tokens, ModelConfig};
 use crate::model::moe_block::GpuMoeBlock;
@@ -430,8 +430,12 @@ impl<'m> Session<'m> {
         let mut kn = GpuTensor::output(dev, &[n * nkv, hd])?;
         let mut a = GpuTensor::output(dev, &[n, nh, hd])?;
         let mut o = GpuTensor::output(dev, &[n, d])?;
+        // x = the first layer's attention norm of h; every later one comes fused with the
+        // residual add before it (add_rmsnorm: the bits of add then rmsnorm, a launch fewer).
+        if let Some(first) = m.layers.first() {
+            rmsnorm(dev, &h, &first.attn_norm, c.norm_eps, &mut x)?;
+        }
         for (l, layer) in m.layers.iter().enumerate() {
-            rmsnorm(dev, &h, &layer.attn_norm, c.norm_eps, &mut x)?;
             matmul_shared(
                 dev,
                 &x,
@@ -460,10 +464,14 @@ impl<'m> Session<'m> {
             a.reshape(&[n, nh * hd])?;
             matmul(dev, &a, &layer.wo, &mut o)?;
             a.reshape(&[n, nh, hd])?;
-            add(dev, &mut h, &o)?;
-            rmsnorm(dev, &h, &layer.ffn_norm, c.norm_eps, &mut x)?;
+            add_rmsnorm(dev, &mut h, &o, &layer.ffn_norm, c.norm_eps, &mut x)?;
             let moe = layer.moe.forward_batched(dev, &x)?;
-            add(dev, &mut h, &moe.out)?;
+            match m.layers.get(l + 1) {
+                Some(next) => {
+                    add_rmsnorm(dev, &mut h, &moe.out, &next.attn_norm, c.norm_eps, &mut x)?
+                }
+                None => add(dev, &mut h, &moe.out)?,
+            }
             if let Some(t) = trace.as_deref_mut() {
                 t.push_layer(l, &h.to_host()?);
             }

@@ -4,7 +4,7 @@
 
 use bitexact::kernels::gemm::{
     gemm_f32, gemm_grouped_f32, matmul, matmul_grouped_with, matmul_with, GpuMatrix, MatmulKernel,
-    RoutedRows,
+    RoutedRows, GEMV_MMA_MIN_ROWS,
 };
 use bitexact::quant::{QuantMatrix, WeightFormat};
 use bitexact::{reference, Error, GpuTensor};
@@ -452,8 +452,8 @@ fn malformed_blocks_and_shapes_are_typed_errors_and_write_nothing() {
     assert_bits_eq("untouched", &y_bad.to_host().unwrap(), &poison(8));
 }
 
-/// F32 weights one token at a time (the decode router's kernel, `gemv_f32_wide`): rows on
-/// each side of its 4-row blocks, K on each side of a 32-block and of its 2048-wide segments;
+/// F32 weights one token at a time (the decode router's kernel, `gemv_f32_wide`, a block
+/// per row): K on each side of a 32-block, of its 16-byte loads and of its 2048-wide segments;
 /// and the same through one-row expert tiles.
 #[test]
 fn f32_one_row_every_segment() {
@@ -466,16 +466,36 @@ fn f32_one_row_every_segment() {
     grouped(WeightFormat::F32, 2, 5, 6, 100, 5);
 }
 
-/// Q8_0 weights one token at a time with K of whole 256-wide chunks (`gemv_q8_0_wide`): rows on
-/// each side of its 8-row blocks, K on each side of its 4096-wide pass; and one-row expert
-/// tiles.
+/// Q8_0, Q4_K and Q5_K weights one token at a time with K of whole 256-wide chunks
+/// (`gemv_<fmt>_async` for the K-quants and Q8_0 up to 1024 columns, `gemv_body` for wider
+/// Q8_0): rows on each side of the 8-row blocks, K of 1 to 32 chunks (fewer and more than the
+/// stages in flight); and one-row expert tiles, padding tiles among them.
 #[test]
-fn q8_0_one_row_whole_chunks() {
-    for m in [1usize, 7, 8, 9, 100] {
-        for k in [256usize, 768, 4096, 4352, 8192] {
-            dense(WeightFormat::Q8_0, 1, m, k, (m * 13 + k) as u64, &KERNELS);
+fn kq_one_row_whole_chunks() {
+    for fmt in [WeightFormat::Q8_0, WeightFormat::Q4K, WeightFormat::Q5K] {
+        for m in [1usize, 7, 8, 9, 15, 16, 17, 100] {
+            for k in [256usize, 768, 1024, 1280, 1536, 4096, 8192] {
+                dense(fmt, 1, m, k, (m * 13 + k) as u64, &KERNELS);
+            }
         }
+        grouped(fmt, 1, 4, 20, 2048, 6);
+        grouped(fmt, 3, 6, 9, 512, 7);
     }
-    grouped(WeightFormat::Q8_0, 1, 4, 20, 2048, 6);
-    grouped(WeightFormat::Q8_0, 3, 6, 9, 512, 7);
+}
+
+/// Q8_0 weights of [`GEMV_MMA_MIN_ROWS`] rows or more one token at a time (`gemv_q8_0_mma`, the
+/// LM head's kernel): rows not a multiple of its 16-row blocks; K of one chunk, of a pass of 8
+/// chunks and one more, of two passes.
+#[test]
+fn q8_0_one_row_tall() {
+    for k in [256usize, 2304, 4096] {
+        dense(
+            WeightFormat::Q8_0,
+            1,
+            GEMV_MMA_MIN_ROWS + 9,
+            k,
+            k as u64,
+            &KERNELS,
+        );
+    }
 }

@@ -1,6 +1,6 @@
-//! `rmsnorm`: GPU == CPU reference, bit for bit.
+//! `rmsnorm` and `add_rmsnorm`: GPU == CPU reference, bit for bit.
 
-use bitexact::kernels::norm::rmsnorm;
+use bitexact::kernels::norm::{add_rmsnorm, rmsnorm};
 use bitexact::{reference, Error, GpuTensor};
 use proptest::prelude::*;
 
@@ -56,4 +56,56 @@ fn shapes_must_match() {
         Err(Error::ShapeMismatch { .. })
     ));
     assert_bits_eq("untouched", &y.to_host().unwrap(), &poison(12));
+}
+
+/// `add_rmsnorm` == the reference add then the reference norm, for the sum written back to
+/// `h` and the normed rows: widths on each side of a warp, of the segments and of the row
+/// kernel's threshold (the fused kernel takes every width), one row and many; NaN and Inf in
+/// the residual pass through as the two kernels would carry them.
+#[test]
+fn add_then_norm() {
+    for width in [1usize, 31, 33, 511, 512, 2047, 2048, 2049, 4100] {
+        for rows in [1usize, 3, 40] {
+            add_case(rows, width, (width * 17 + rows) as u64, false);
+        }
+    }
+    add_case(2, 2048, 5, true);
+}
+
+fn add_case(rows: usize, width: usize, seed: u64, specials: bool) {
+    let Some(dev) = gpu() else { return };
+    let mut hh = values(seed, rows * width, 8.0, 0.01);
+    let oh = values(seed ^ 2, rows * width, 8.0, 0.01);
+    if specials {
+        hh[3] = f32::NAN;
+        hh[width + 7] = f32::INFINITY;
+        hh[width + 9] = f32::MIN_POSITIVE / 4.0;
+    }
+    let wh = values(seed ^ 1, width, 2.0, 0.0);
+    let mut want_h = hh.clone();
+    reference::elementwise::add(&mut want_h, &oh);
+    let want_y = reference::norm::rmsnorm(&want_h, &wh, 1e-6);
+    let mut h = GpuTensor::from_host(dev, &hh, &[rows, width]).unwrap();
+    let o = GpuTensor::from_host(dev, &oh, &[rows, width]).unwrap();
+    let w = GpuTensor::from_host(dev, &wh, &[width]).unwrap();
+    let mut y = GpuTensor::from_host(dev, &poison(rows * width), &[rows, width]).unwrap();
+    add_rmsnorm(dev, &mut h, &o, &w, 1e-6, &mut y).unwrap();
+    let what = format!("add_rmsnorm rows={rows} width={width} seed={seed}");
+    assert_bits_eq(&format!("{what} h"), &h.to_host().unwrap(), &want_h);
+    assert_bits_eq(&format!("{what} y"), &y.to_host().unwrap(), &want_y);
+}
+
+#[test]
+fn add_rmsnorm_shapes_must_match() {
+    let Some(dev) = gpu() else { return };
+    let mut h = GpuTensor::from_host(dev, &[1.0f32; 12], &[3, 4]).unwrap();
+    let o = GpuTensor::from_host(dev, &[1.0f32; 8], &[2, 4]).unwrap();
+    let w = GpuTensor::from_host(dev, &[1.0f32; 4], &[4]).unwrap();
+    let mut y = GpuTensor::from_host(dev, &poison(12), &[3, 4]).unwrap();
+    assert!(matches!(
+        add_rmsnorm(dev, &mut h, &o, &w, 1e-6, &mut y),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    assert_bits_eq("untouched y", &y.to_host().unwrap(), &poison(12));
+    assert_bits_eq("untouched h", &h.to_host().unwrap(), &[1.0f32; 12]);
 }
