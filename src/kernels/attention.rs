@@ -197,7 +197,7 @@ pub fn attention_with(
         _ => {}
     }
     // The fold's coefficients of the longest query (combine) and v1's running output.
-    if 3 * n_chunks * 4 > MAX_SMEM_BYTES || hd * 4 > MAX_SMEM_BYTES {
+    if combine_smem_bytes(n_chunks) > MAX_SMEM_BYTES || hd * 4 > MAX_SMEM_BYTES {
         return Err(Error::invalid(
             OP,
             format!(
@@ -234,6 +234,11 @@ struct Args {
 
 /// The kernel, with dynamic shared memory up to [`MAX_SMEM_BYTES`] and, for the tile kernels,
 /// the whole unified cache as shared memory (room for two blocks per SM), set once at load.
+/// Shared memory of `attention_combine`: m, l, M, a and b per chunk, and 4 warp maxima.
+fn combine_smem_bytes(n_chunks: usize) -> usize {
+    (5 * n_chunks + 4) * 4
+}
+
 fn function_with_smem(dev: &Device, name: &'static str) -> Result<cudarc::driver::CudaFunction> {
     dev.function_with(Family::Attention, name, |f| {
         if name.starts_with("attention_tile") {
@@ -349,7 +354,7 @@ fn launch_split(
     let mut part = unsafe { GpuTensor::<f32>::uninit(dev, &[nq, nh, n_chunks, hd + 2]) }?;
     let smem = split_smem_bytes(group, hd);
     let split = function_with_smem(dev, "attention_split")?;
-    let csmem = 3 * n_chunks * 4;
+    let csmem = combine_smem_bytes(n_chunks);
     let combine = function_with_smem(dev, "attention_combine")?;
     let nc32 = as_u32(OP, "chunks", n_chunks)?;
     for (row0, nrows) in row_chunks(nq) {
@@ -392,7 +397,7 @@ fn launch_split(
             .arg(&row0);
         // SAFETY: out is [nq, n_heads, hd]; part holds the chunks 0..=pos[i] / 64 of every
         // query of this row chunk (written by the launch above on the same stream); shared
-        // memory holds 3 floats per chunk.
+        // memory holds 5 floats per chunk and 4 more.
         unsafe { launch.launch(cfg) }?;
     }
     Ok(())
