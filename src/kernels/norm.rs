@@ -11,6 +11,27 @@ const WARPS: u32 = 8;
 /// Rows at least this wide take the block-per-row kernel.
 pub const ROW_KERNEL_MIN_WIDTH: usize = 512;
 
+/// Checks `x: [rows, width]` (named `xname`), each of `more` and `y` the same shape, `w:
+/// [width]`: `(rows, width)` as u32, `None` when there is nothing to do.
+fn row_shape(
+    op: &'static str,
+    xname: &'static str,
+    x: &GpuTensor<f32>,
+    more: &[(&'static str, &GpuTensor<f32>)],
+    w: &GpuTensor<f32>,
+    y: &GpuTensor<f32>,
+) -> Result<Option<(u32, u32)>> {
+    let [width] = dims(op, "w", "[width]", w.dims())?;
+    let [rows, xw] = dims(op, xname, "[rows, width]", x.dims())?;
+    check_shape(op, xname, &[rows, width], &[rows, xw])?;
+    for (name, t) in more {
+        check_shape(op, name, &[rows, width], t.dims())?;
+    }
+    check_shape(op, "y", &[rows, width], y.dims())?;
+    let (rows32, width32) = (as_u32(op, "rows", rows)?, as_u32(op, "width", width)?);
+    Ok((rows > 0 && width > 0).then_some((rows32, width32)))
+}
+
 /// RMSNorm of each row of `x: [rows, width]` with weights `w: [width]` into `y` (same shape as
 /// `x`); the order is [`crate::reference::norm::rmsnorm`]'s. A per-head norm is the same call
 /// on `x` viewed as `[tokens * heads, hd]`.
@@ -21,15 +42,10 @@ pub fn rmsnorm(
     eps: f32,
     y: &mut GpuTensor<f32>,
 ) -> Result<()> {
-    const OP: &str = "rmsnorm";
-    let [width] = dims(OP, "w", "[width]", w.dims())?;
-    let [rows, xw] = dims(OP, "x", "[rows, width]", x.dims())?;
-    check_shape(OP, "x", &[rows, width], &[rows, xw])?;
-    check_shape(OP, "y", &[rows, width], y.dims())?;
-    let (rows32, width32) = (as_u32(OP, "rows", rows)?, as_u32(OP, "width", width)?);
-    if rows == 0 || width == 0 {
+    let Some((rows32, width32)) = row_shape("rmsnorm", "x", x, &[], w, y)? else {
         return Ok(());
-    }
+    };
+    let width = width32 as usize;
     // Wide rows: a block per row (one load round trip instead of eight for a lone warp);
     // narrow ones (the per-head QK norms): a warp per row. The same order either way.
     let (name, grid) = if width >= ROW_KERNEL_MIN_WIDTH {
@@ -69,16 +85,9 @@ pub fn add_rmsnorm(
     eps: f32,
     y: &mut GpuTensor<f32>,
 ) -> Result<()> {
-    const OP: &str = "add_rmsnorm";
-    let [width] = dims(OP, "w", "[width]", w.dims())?;
-    let [rows, hw] = dims(OP, "h", "[rows, width]", h.dims())?;
-    check_shape(OP, "h", &[rows, width], &[rows, hw])?;
-    check_shape(OP, "o", &[rows, width], o.dims())?;
-    check_shape(OP, "y", &[rows, width], y.dims())?;
-    let (rows32, width32) = (as_u32(OP, "rows", rows)?, as_u32(OP, "width", width)?);
-    if rows == 0 || width == 0 {
+    let Some((rows32, width32)) = row_shape("add_rmsnorm", "h", h, &[("o", o)], w, y)? else {
         return Ok(());
-    }
+    };
     let f = dev.function(Family::Norm, "add_rmsnorm_f32_row")?;
     let cfg = LaunchConfig {
         grid_dim: (rows32, 1, 1),
