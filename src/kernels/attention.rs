@@ -232,13 +232,13 @@ struct Args {
     scale: f32,
 }
 
-/// The kernel, with dynamic shared memory up to [`MAX_SMEM_BYTES`] and, for the tile kernels,
-/// the whole unified cache as shared memory (room for two blocks per SM), set once at load.
 /// Shared memory of `attention_combine`: m, l, M, a and b per chunk, and 4 warp maxima.
 fn combine_smem_bytes(n_chunks: usize) -> usize {
     (5 * n_chunks + 4) * 4
 }
 
+/// The kernel, with dynamic shared memory up to [`MAX_SMEM_BYTES`] and, for the tile kernels,
+/// the whole unified cache as shared memory (room for two blocks per SM), set once at load.
 fn function_with_smem(dev: &Device, name: &'static str) -> Result<cudarc::driver::CudaFunction> {
     dev.function_with(Family::Attention, name, |f| {
         if name.starts_with("attention_tile") {
