@@ -40,6 +40,7 @@ pub mod math;
 pub mod model;
 pub mod quant;
 pub mod reference;
+pub mod sample;
 pub mod tensor;
 
 pub use device::Device;

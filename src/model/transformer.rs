@@ -357,6 +357,32 @@ impl<'m> Session<'m> {
         self.graph.as_ref().map(|g| g.kernels)
     }
 
+    /// Takes `prompt` in one prefill, then `n` tokens each drawn by [`crate::sample::sample`]
+    /// from the logits before it (sequence `sequence`, step = the position the drawn token
+    /// takes) and decoded; returns the drawn tokens: the tokens of
+    /// [`crate::reference::model::CpuSession::generate`], whatever the schedule.
+    pub fn generate(
+        &mut self,
+        dev: &Device,
+        prompt: &[u32],
+        n: usize,
+        params: &crate::sample::Sampling,
+        sequence: u64,
+    ) -> Result<Vec<u32>> {
+        params.validate()?;
+        if prompt.is_empty() {
+            return Err(Error::invalid("Session::generate", "an empty prompt"));
+        }
+        self.prefill(dev, prompt)?;
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let next = crate::sample::sample(&self.logits()?, params, sequence, self.pos as u64)?;
+            out.push(next);
+            self.decode(dev, next)?;
+        }
+        Ok(out)
+    }
+
     /// Logits `[vocab]` after the last token taken.
     pub fn logits(&self) -> Result<Vec<f32>> {
         self.last_logits

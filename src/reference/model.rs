@@ -3,7 +3,7 @@
 //! [`crate::model`] must match bit for bit. The per-token computation is stated in
 //! [`crate::model::transformer`]'s module docs.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::math::sigmoid;
 use crate::model::config::check_tokens;
 use crate::model::trace::Trace;
@@ -170,6 +170,41 @@ impl<'w> CpuSession<'w> {
     /// Tokens taken so far.
     pub fn position(&self) -> usize {
         self.pos
+    }
+
+    /// Takes `prompt` (decoded one token at a time), then `n` tokens each drawn by
+    /// [`crate::sample::sample`] from the logits before it, sequence `sequence`, step = the
+    /// position the drawn token takes; returns the drawn tokens. The GPU session's
+    /// `generate` draws the same tokens (its logits are these bits).
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        n: usize,
+        params: &crate::sample::Sampling,
+        sequence: u64,
+    ) -> Result<Vec<u32>> {
+        params.validate()?;
+        if prompt.is_empty() {
+            return Err(Error::invalid("CpuSession::generate", "an empty prompt"));
+        }
+        if !self.w.is_complete() {
+            return Err(Error::invalid(
+                "CpuSession::generate",
+                "the weights hold fewer layers than the config: no logits",
+            ));
+        }
+        let vocab = self.w.cfg.vocab;
+        let mut t = Trace::default();
+        self.run(prompt, &mut t)?;
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let logits = &t.logits[t.logits.len() - vocab..];
+            let next = crate::sample::sample(logits, params, sequence, self.pos as u64)?;
+            out.push(next);
+            t = Trace::default();
+            self.forward(&[next], &mut t)?;
+        }
+        Ok(out)
     }
 
     /// The recurrent state the session carries into its next token: for every DeltaNet layer
