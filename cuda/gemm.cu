@@ -81,7 +81,9 @@ typedef unsigned char u8;
 typedef unsigned short u16;
 
 // ------------------------------------------------------------------------------------------
-// The combination of the four partials (the one mutant site of this family).
+// The combination of the four partials. The family's mutant (BITEXACT_MUTANT) breaks it here
+// and, the same way (a left-to-right sum), in the two kernels that combine through shuffles or
+// shared memory instead of calling this: gemv_body and gemm_ffma_body (3 sites, one break).
 
 __device__ __forceinline__ float canon_tree(float p0, float p1, float p2, float p3) {
 #ifdef BITEXACT_MUTANT
