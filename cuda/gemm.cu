@@ -81,9 +81,10 @@ typedef unsigned char u8;
 typedef unsigned short u16;
 
 // ------------------------------------------------------------------------------------------
-// The combination of the four partials. The family's mutant (BITEXACT_MUTANT) breaks it here
-// and, the same way (a left-to-right sum), in the two kernels that combine through shuffles or
-// shared memory instead of calling this: gemv_body and gemm_ffma_body (3 sites, one break).
+// The combination of the four partials. The family's mutant (BITEXACT_MUTANT) changes its
+// association here and in the two kernels that combine through shuffles or shared memory
+// instead of calling this: gemv_body (left to right) and gemm_ffma_body ((p0 + p3) + (p2 +
+// p1)): three sites, each a wrong tree.
 
 __device__ __forceinline__ float canon_tree(float p0, float p1, float p2, float p3) {
 #ifdef BITEXACT_MUTANT
