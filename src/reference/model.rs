@@ -8,10 +8,35 @@ use crate::math::sigmoid;
 use crate::model::config::check_tokens;
 use crate::model::trace::Trace;
 use crate::model::weights::{LayerWeights, Mixer, ModelWeights};
+use crate::quant::fastscan::FastScanSpec;
 use crate::reference;
 use crate::reference::attention::QkMode;
 use crate::reference::delta_net::{self, DeltaNetState};
+use crate::reference::fastscan::{attend_f16, CpuCache, ScoreMode, ValueMode};
 use crate::reference::moe_block;
+
+/// How the attention layers keep their keys and values (and so which attention reads them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum KvMode {
+    /// f32 rows, [`reference::attention`]'s canonical order (the GPU runner's cache).
+    #[default]
+    F32,
+    /// f16 rows (rounded to nearest even), [`crate::reference::fastscan::attend_f16`]: the
+    /// f16-KV baseline of the FastScan family.
+    F16,
+    /// FastScan codes of `bits` (3 or 4) bits per coordinate, f32 tables and values
+    /// ([`crate::reference::fastscan::CpuCache`]); layer `l`'s rotation seeded by `l`.
+    FastScan {
+        /// 3 or 4.
+        bits: u32,
+    },
+}
+
+/// One attention layer's cache in a [`KvMode`] other than f32.
+enum OtherKv {
+    F16 { k: Vec<Vec<u16>>, v: Vec<Vec<u16>> },
+    FastScan(CpuCache),
+}
 
 /// The CPU reference: tokens one at a time, each through the plain sequential loops of
 /// [`crate::reference`], with an f32 KV cache. It runs the layers the weights hold.
@@ -22,6 +47,9 @@ pub struct CpuSession<'w> {
     pos: usize,
     rope: (Vec<f32>, Vec<f32>),
     qk: QkMode,
+    kv: KvMode,
+    /// Per layer, its cache when `kv` is not f32 (`None` for DeltaNet layers).
+    other_kv: Vec<Option<OtherKv>>,
     /// The state of each DeltaNet layer (`None` for attention layers).
     dn: Vec<Option<DeltaNetState>>,
 }
@@ -43,6 +71,8 @@ impl<'w> CpuSession<'w> {
             pos: 0,
             rope: reference::rope::rope_table(c.max_context, c.rope_dim, c.rope_base),
             qk: QkMode::F32,
+            kv: KvMode::F32,
+            other_kv: w.layers.iter().map(|_| None).collect(),
             dn: w
                 .layers
                 .iter()
@@ -58,6 +88,39 @@ impl<'w> CpuSession<'w> {
     /// int8 modes exist on the CPU only, to measure what they cost in accuracy.
     pub fn set_qk_mode(&mut self, mode: QkMode) {
         self.qk = mode;
+    }
+
+    /// How the attention layers keep keys and values ([`KvMode::F32`] by default). Only before
+    /// the first token; FastScan takes head dims 64, 128 and 256. The int8 score modes
+    /// ([`CpuSession::set_qk_mode`]) apply to the f32 cache alone.
+    pub fn set_kv_mode(&mut self, mode: KvMode) -> Result<()> {
+        const OP: &str = "CpuSession::set_kv_mode";
+        if self.pos != 0 {
+            return Err(Error::invalid(
+                OP,
+                "the KV mode is set before the first token",
+            ));
+        }
+        let c = &self.w.cfg;
+        let (hd, nkv, cap) = (c.head_dim, c.n_kv_heads, c.max_context);
+        let mut caches = Vec::with_capacity(self.w.layers.len());
+        for (l, lw) in self.w.layers.iter().enumerate() {
+            caches.push(match (&lw.mixer, mode) {
+                (Mixer::DeltaNet(_), _) | (_, KvMode::F32) => None,
+                (_, KvMode::F16) => Some(OtherKv::F16 {
+                    k: vec![vec![0; cap * hd]; nkv],
+                    v: vec![vec![0; cap * hd]; nkv],
+                }),
+                (_, KvMode::FastScan { bits }) => Some(OtherKv::FastScan(CpuCache::new(
+                    FastScanSpec::new(hd, bits, l as u64)?,
+                    nkv,
+                    cap,
+                ))),
+            });
+        }
+        self.kv = mode;
+        self.other_kv = caches;
+        Ok(())
     }
 
     /// Decodes `tokens` one at a time, appending each layer's hidden state (and, when the
@@ -129,25 +192,54 @@ impl<'w> CpuSession<'w> {
                 hd,
                 c.rope_dim / 2,
             );
-            for (i, &p) in pos.iter().enumerate() {
-                for kvh in 0..nkv {
-                    let at = (kvh * c.max_context + p as usize) * hd;
-                    let src = (i * nkv + kvh) * hd;
-                    self.k[l][at..at + hd].copy_from_slice(&k[src..src + hd]);
-                    self.v[l][at..at + hd].copy_from_slice(&v[src..src + hd]);
+            let mut a = match self.other_kv[l].as_mut() {
+                None => {
+                    for (i, &p) in pos.iter().enumerate() {
+                        for kvh in 0..nkv {
+                            let at = (kvh * c.max_context + p as usize) * hd;
+                            let src = (i * nkv + kvh) * hd;
+                            self.k[l][at..at + hd].copy_from_slice(&k[src..src + hd]);
+                            self.v[l][at..at + hd].copy_from_slice(&v[src..src + hd]);
+                        }
+                    }
+                    attention::attention_with(
+                        self.qk,
+                        &q,
+                        &self.k[l],
+                        &self.v[l],
+                        &pos,
+                        nh,
+                        nkv,
+                        hd,
+                        c.max_context,
+                    )
                 }
-            }
-            let mut a = attention::attention_with(
-                self.qk,
-                &q,
-                &self.k[l],
-                &self.v[l],
-                &pos,
-                nh,
-                nkv,
-                hd,
-                c.max_context,
-            );
+                Some(OtherKv::F16 { k: kc, v: vc }) => {
+                    let f16 = |x: f32| half::f16::from_f32(x).to_bits();
+                    for (i, &p) in pos.iter().enumerate() {
+                        for kvh in 0..nkv {
+                            let (at, src) = (p as usize * hd, (i * nkv + kvh) * hd);
+                            for j in 0..hd {
+                                kc[kvh][at + j] = f16(k[src + j]);
+                                vc[kvh][at + j] = f16(v[src + j]);
+                            }
+                        }
+                    }
+                    let mut a = Vec::with_capacity(n * nh * hd);
+                    for (i, &p) in pos.iter().enumerate() {
+                        for head in 0..nh {
+                            let kvh = head / (nh / nkv);
+                            let qh = &q[(i * nh + head) * hd..][..hd];
+                            a.extend(attend_f16(qh, &kc[kvh], &vc[kvh], p as usize, hd));
+                        }
+                    }
+                    a
+                }
+                Some(OtherKv::FastScan(cache)) => {
+                    cache.append(&k, &v);
+                    cache.attention(&q, &pos, nh, ScoreMode::F32, ValueMode::F32)
+                }
+            };
             if let Some(g) = gate {
                 // The output gate, before the output projection: one rounded multiply each.
                 for (ai, &gi) in a.iter_mut().zip(&g) {
