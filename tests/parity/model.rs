@@ -340,3 +340,50 @@ fn generation_draws_the_same_tokens_everywhere() {
         assert!(s.stats().graph_replays > 0, "decode ran as graph replays");
     }
 }
+
+/// Every KV mode of the CPU reference keeps the schedule invariance: one token at a time, the
+/// whole prompt at once and chunks of 7 give the same bits at every layer and token (FastScan
+/// codes a key from that key alone, and its attention's order depends on the position only).
+/// CPU only.
+#[test]
+fn cpu_kv_modes_are_schedule_invariant() {
+    use bitexact::reference::model::KvMode;
+    let mut cfg = ModelConfig::preset("tiny", WeightFormat::F32).unwrap();
+    cfg.head_dim = 64;
+    cfg.rope_dim = 64;
+    let w = ModelWeights::generate(&cfg, 13, None).unwrap();
+    let tokens = prompt(13, 90, cfg.vocab);
+    for mode in [
+        KvMode::F16,
+        KvMode::FastScan { bits: 4 },
+        KvMode::FastScan { bits: 3 },
+    ] {
+        let run = |chunk: usize| {
+            let mut s = CpuSession::new(&w);
+            s.set_kv_mode(mode).unwrap();
+            let mut t = Trace::default();
+            for step in tokens.chunks(chunk) {
+                s.forward(step, &mut t).unwrap();
+            }
+            t
+        };
+        let one = run(1);
+        for chunk in [90, 7] {
+            let got = run(chunk);
+            assert!(
+                first_divergence(&one, &got, cfg.dim).is_none(),
+                "{mode:?}, chunk {chunk}: {:?}",
+                first_divergence(&one, &got, cfg.dim)
+            );
+            assert_bits_eq(
+                &format!("{mode:?} logits, chunk {chunk}"),
+                &got.logits,
+                &one.logits,
+            );
+        }
+        // A mode is set before the first token only.
+        let mut s = CpuSession::new(&w);
+        s.forward(&tokens[..1], &mut Trace::default()).unwrap();
+        assert!(s.set_kv_mode(mode).is_err());
+    }
+}
