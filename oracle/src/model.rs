@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use bitexact::model::ModelConfig;
 use bitexact::model::{prompt, CpuSession, GpuModel, ModelWeights, Session, Trace};
 use bitexact::quant::WeightFormat;
+use bitexact::reference::model::KvMode;
 use serde::Serialize;
 
 use crate::compare::{compare_f32, Comparison};
@@ -51,6 +52,10 @@ pub struct ModelArgs {
     /// 16 for the large presets).
     #[arg(long, value_parser = crate::parse_positive)]
     cpu_tokens: Option<usize>,
+    /// KV cache of the attention layers: f32 (the runner's), or f16, fastscan4, fastscan3 (the
+    /// CPU reference's other modes: the GPU paths then do not run).
+    #[arg(long, default_value = "f32", value_parser = parse_kv)]
+    kv: KvMode,
     /// Stop at the first divergence.
     #[arg(long)]
     stop_early: bool,
@@ -73,6 +78,7 @@ struct Report {
     mode: &'static str,
     preset: String,
     format: String,
+    kv: &'static str,
     tokens: usize,
     seed: u64,
     device: Option<String>,
@@ -105,6 +111,29 @@ impl Source {
             Source::Preset(seed) => ModelWeights::generate(cfg, *seed, layers)?,
             Source::Gguf(f) => bitexact::model::gguf::load(f, Some(cfg.max_context), layers)?,
         })
+    }
+}
+
+/// `--kv`: f32, f16, fastscan4 or fastscan3.
+fn parse_kv(s: &str) -> Result<KvMode, String> {
+    match s {
+        "f32" => Ok(KvMode::F32),
+        "f16" => Ok(KvMode::F16),
+        "fastscan4" => Ok(KvMode::FastScan { bits: 4 }),
+        "fastscan3" => Ok(KvMode::FastScan { bits: 3 }),
+        _ => Err(format!(
+            "unknown KV mode `{s}` (one of f32, f16, fastscan4, fastscan3)"
+        )),
+    }
+}
+
+/// The `--kv` name of a mode.
+fn kv_name(m: KvMode) -> &'static str {
+    match m {
+        KvMode::F32 => "f32",
+        KvMode::F16 => "f16",
+        KvMode::FastScan { bits: 3 } => "fastscan3",
+        KvMode::FastScan { .. } => "fastscan4",
     }
 }
 
@@ -194,8 +223,15 @@ pub fn run(a: &ModelArgs) -> Result<bool> {
             println!("device: not used ({why})");
             (None, Some(why.to_string()))
         }
+        (Some(_), None) if a.kv != KvMode::F32 => {
+            let why =
+                "the GPU runner keeps an f32 KV cache: --kv other than f32 runs the CPU paths only";
+            println!("device: not used ({why})");
+            (None, Some(why.to_string()))
+        }
         (dev, _) => (dev, note),
     };
+    println!("kv cache: {}", kv_name(a.kv));
     let cpu_layers = a
         .cpu_layers
         .unwrap_or(if large { 2 } else { cfg.n_layers })
@@ -251,6 +287,7 @@ pub fn run(a: &ModelArgs) -> Result<bool> {
         for (name, steps) in cpu_paths {
             progress.phase("cpu");
             let mut s = CpuSession::new(&w);
+            s.set_kv_mode(a.kv)?;
             let mut trace = Trace::default();
             let t = Instant::now();
             for step in &steps {
@@ -482,6 +519,7 @@ pub fn run(a: &ModelArgs) -> Result<bool> {
         } else {
             a.format.name().into()
         },
+        kv: kv_name(a.kv),
         tokens: n,
         seed: a.seed,
         device: dev.as_ref().map(|d| format!("{} ({})", d.name(), d.arch())),

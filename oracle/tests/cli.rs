@@ -98,6 +98,11 @@ fn argument_sets(dir: &std::path::Path) -> Vec<Vec<String>> {
         vec!["model", "--cpu", "--tokens", "4", "--cpu-tokens", "9"],
         vec!["model", "--cpu", "--tokens", "4", "--cpu-layers", "9"],
         vec!["model", "--cpu", "--tokens", "4", "--paths", "cpu,gpu-sek"],
+        vec!["model", "--cpu", "--tokens", "4", "--kv", "f16"],
+        vec!["model", "--cpu", "--tokens", "4", "--kv", "fastscan4"], // tiny's head dim 16
+        vec!["model", "--cpu", "--tokens", "4", "--kv", "fastscan5"],
+        vec!["model", "--cpu", "--tokens", "4", "--kv", ""],
+        vec!["model", "--tokens", "4", "--kv", "fastscan3"], // no --cpu: the GPU paths refused
         vec!["model", "--cpu", "--gguf", &missing],
         vec!["model", "--cpu", "--gguf", &dir_s],
         vec!["model", "--cpu", "--tokens", "2", "--json", &dir_s],
