@@ -15,7 +15,9 @@
 //!    prefix whose sum reaches `top_p * c_all` (one rounded product), at least one candidate.
 //! 4. `u = (hash(seed, sequence, step) >> 40) * 2^-24` (exact, in `[0, 1)`, [`crate::init::hash`]);
 //!    `target = u * c_kept` (one rounded product); the token is the first kept candidate whose
-//!    running sum exceeds `target` (the last kept one if none does).
+//!    running sum exceeds `target` (the last kept one if none does). "Exceeds", not "reaches":
+//!    the two differ only when `target` equals a running sum exactly, about once in 2^24 draws,
+//!    so the golden digest below does not pin it; this line does.
 
 use crate::error::{Error, Result};
 use crate::init::hash;
