@@ -528,4 +528,42 @@ mod tests {
         names.sort();
         assert_eq!(files, names);
     }
+
+    /// Every family compiles under NVRTC with the pinned options, plain and as its mutant, for
+    /// the H200's `compute_90`: a kernel that does not compile fails here, on a machine without
+    /// a GPU, instead of at its first launch. Needs only libnvrtc (CI installs the
+    /// `nvidia-cuda-nvrtc` wheel and sets `BITEXACT_REQUIRE_NVRTC=1`); skips, saying why,
+    /// without it.
+    #[test]
+    fn every_family_compiles_under_nvrtc() {
+        // SAFETY: only probes whether the shared library can be opened.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            let why = "libnvrtc not found (LD_LIBRARY_PATH): the CUDA sources were not compiled";
+            if std::env::var("BITEXACT_REQUIRE_NVRTC").is_ok_and(|v| v == "1") {
+                panic!("BITEXACT_REQUIRE_NVRTC=1 but {why}");
+            }
+            println!("SKIP {why}");
+            return;
+        }
+        let mut failed = Vec::new();
+        for &family in Family::ALL {
+            for mutant in [false, true] {
+                let opts = cudarc::nvrtc::CompileOptions {
+                    options: super::compile_options("compute_90", mutant),
+                    name: Some(format!("{}.cu", family.name())),
+                    ..Default::default()
+                };
+                if let Err(e) = cudarc::nvrtc::compile_ptx_with_opts(family.program(), opts) {
+                    let log = match &e {
+                        cudarc::nvrtc::CompileError::CompileError { log, .. } => {
+                            log.to_string_lossy().into_owned()
+                        }
+                        other => format!("{other:?}"),
+                    };
+                    failed.push(format!("{} (mutant {mutant}):\n{log}", family.name()));
+                }
+            }
+        }
+        assert!(failed.is_empty(), "{}", failed.join("\n"));
+    }
 }
