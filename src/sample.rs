@@ -72,6 +72,15 @@ impl Sampling {
     }
 }
 
+/// What both sessions' `generate` check before taking a token: the parameters, a prompt.
+pub(crate) fn check_generate(op: &'static str, prompt: &[u32], params: &Sampling) -> Result<()> {
+    params.validate()?;
+    if prompt.is_empty() {
+        return Err(Error::invalid(op, "an empty prompt"));
+    }
+    Ok(())
+}
+
 /// `2^-24`: `u`'s step.
 const U_STEP: f32 = f32::from_bits(0x3380_0000);
 

@@ -369,10 +369,7 @@ impl<'m> Session<'m> {
         params: &crate::sample::Sampling,
         sequence: u64,
     ) -> Result<Vec<u32>> {
-        params.validate()?;
-        if prompt.is_empty() {
-            return Err(Error::invalid("Session::generate", "an empty prompt"));
-        }
+        crate::sample::check_generate("Session::generate", prompt, params)?;
         self.prefill(dev, prompt)?;
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {

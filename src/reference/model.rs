@@ -275,10 +275,7 @@ impl<'w> CpuSession<'w> {
         params: &crate::sample::Sampling,
         sequence: u64,
     ) -> Result<Vec<u32>> {
-        params.validate()?;
-        if prompt.is_empty() {
-            return Err(Error::invalid("CpuSession::generate", "an empty prompt"));
-        }
+        crate::sample::check_generate("CpuSession::generate", prompt, params)?;
         if !self.w.is_complete() {
             return Err(Error::invalid(
                 "CpuSession::generate",

@@ -354,6 +354,16 @@ fn q8_0_within_llama_cpp_own_quantization_spread() {
     );
 }
 
+/// The model of the attention-accuracy tests: the `small` preset with the 30B preset's head
+/// shape (head dim 128, 4 query heads per kv head), F32 weights, 3 layers, no shared expert.
+fn head_shape_config() -> ModelConfig {
+    let mut cfg = ModelConfig::preset("small", WeightFormat::F32).unwrap();
+    cfg.moe.shared_ffn = None;
+    cfg.n_layers = 3;
+    (cfg.head_dim, cfg.rope_dim, cfg.n_heads, cfg.n_kv_heads) = (128, 128, 4, 1);
+    cfg
+}
+
 /// What int8 attention scores would cost in accuracy (`QkMode`, CPU reference only), beside
 /// what llama.cpp's default KV cache (f16, flash attention) costs against its own f32 cache, on
 /// one model with the 30B preset's head shape (head dim 128, 4 query heads per kv head), F32
@@ -364,13 +374,7 @@ fn q8_0_within_llama_cpp_own_quantization_spread() {
 #[test]
 fn int8_attention_scores_cost_beside_llama_cpp_f16_cache() {
     let Some(tool) = tool() else { return };
-    let mut cfg = ModelConfig::preset("small", WeightFormat::F32).unwrap();
-    cfg.moe.shared_ffn = None;
-    cfg.n_layers = 3;
-    cfg.head_dim = 128;
-    cfg.rope_dim = 128;
-    cfg.n_heads = 4;
-    cfg.n_kv_heads = 1;
+    let cfg = head_shape_config();
     let w = ModelWeights::generate(&cfg, 21, None).unwrap();
     let tokens = prompt(21, 256, cfg.vocab);
     let f32_ours = bitexact_logits(&w, &tokens);
@@ -438,13 +442,7 @@ fn int8_attention_scores_cost_beside_llama_cpp_f16_cache() {
 /// top-1 token changes at a fifth of the positions at most (a broken cache scrambles most).
 #[test]
 fn kv_modes_cost_against_the_f32_cache() {
-    let mut cfg = ModelConfig::preset("small", WeightFormat::F32).unwrap();
-    cfg.moe.shared_ffn = None;
-    cfg.n_layers = 3;
-    cfg.head_dim = 128;
-    cfg.rope_dim = 128;
-    cfg.n_heads = 4;
-    cfg.n_kv_heads = 1;
+    let cfg = head_shape_config();
     let w = ModelWeights::generate(&cfg, 21, None).unwrap();
     let tokens = prompt(21, 256, cfg.vocab);
     let logits = |mode: KvMode| {
