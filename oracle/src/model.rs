@@ -147,6 +147,23 @@ const PATHS: [&str; 6] = [
     "gpu-chunked",
 ];
 
+/// Prints comparison `c` (`what` in the table, `op` in the first divergence), keeps its first
+/// divergence if none was found before, and adds it to the report.
+fn record(
+    first: &mut Option<String>,
+    comparisons: &mut Vec<Comparison>,
+    c: Comparison,
+    op: &str,
+    what: &str,
+) {
+    let f = c.first.as_ref().map(|f| format!("op {op}, {f}"));
+    println_cmp(&c.paths, what, c.elements, c.differing, f.as_deref());
+    if first.is_none() {
+        *first = f;
+    }
+    comparisons.push(c);
+}
+
 pub fn run(a: &ModelArgs) -> Result<bool> {
     let (cfg, source) = match &a.gguf {
         Some(path) => {
@@ -458,33 +475,23 @@ pub fn run(a: &ModelArgs) -> Result<bool> {
                 &rb.trace.logits[..tokens * v],
                 v,
             );
-            let f = c.first.as_ref().map(|f| format!("op logits, {f}"));
-            println_cmp(
-                &label,
+            record(
+                &mut first,
+                &mut comparisons,
+                c,
+                "logits",
                 "logits, every token",
-                c.elements,
-                c.differing,
-                f.as_deref(),
             );
-            if first.is_none() {
-                first = f;
-            }
-            comparisons.push(c);
         }
         if !ra.state.is_empty() && ra.state.len() == rb.state.len() {
             let c = compare_f32(&label, "state", &ra.state, &rb.state, ra.state.len());
-            let f = c.first.as_ref().map(|f| format!("op recurrent-state, {f}"));
-            println_cmp(
-                &label,
+            record(
+                &mut first,
+                &mut comparisons,
+                c,
+                "recurrent-state",
                 "state, every DeltaNet",
-                c.elements,
-                c.differing,
-                f.as_deref(),
             );
-            if first.is_none() {
-                first = f;
-            }
-            comparisons.push(c);
         }
         if a.stop_early && first.is_some() {
             println!("stopping at the first divergence (--stop-early)");
