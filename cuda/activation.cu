@@ -1,5 +1,7 @@
 // activation.cu — elementwise activations of the MoE block.
 //   swiglu_f32   out[j] = silu(gate[j]) * up[j], silu(g) = g / (1 + exp(-g))
+//   swiglu_halves_f32  out[r, i] = silu(gu[r, i]) * gu[r, f + i]: the gate and up halves of
+//                one stacked product's row (an expert's [gate; up] rows, one launch)
 //   sigmoid_f32  out[j] = 1 / (1 + exp(-x[j]))     (the shared expert's gate)
 // exp is bitexact's own fma polynomial (common.cuh), the same bits as src/math.rs.
 //
@@ -24,6 +26,17 @@ extern "C" __global__ void swiglu_f32(float* __restrict__ out, const float* __re
     for (u64 j = (u64)blockIdx.x * blockDim.x + threadIdx.x; j < n;
          j += (u64)gridDim.x * blockDim.x) {
         out[j] = swiglu_op(gate[j], up[j]);
+    }
+}
+
+extern "C" __global__ void swiglu_halves_f32(float* __restrict__ out,
+                                             const float* __restrict__ gu, u64 rows, u32 f) {
+    const u64 n = rows * f;
+    for (u64 j = (u64)blockIdx.x * blockDim.x + threadIdx.x; j < n;
+         j += (u64)gridDim.x * blockDim.x) {
+        const u64 r = j / f, i = j - r * f;
+        const float* row = gu + r * 2u * f;
+        out[j] = swiglu_op(row[i], row[f + i]);
     }
 }
 

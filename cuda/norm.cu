@@ -15,6 +15,13 @@
 //                    h[r, i] = h[r, i] + o[r, i] (elementwise.cu's add_f32), then y = the norm
 //                    of the new h, as rmsnorm_f32_row. Two launches of a decode step fewer a
 //                    layer, the same bits as add_f32 then rmsnorm_f32(_row).
+//   qkv_norm_rope_f32  the attention's inputs from the QKV products (one stacked product
+//                    [n, (nh + 2 nkv) * hd] read at three offsets, or three products):
+//                    a warp per (token, head slot); q and k heads get rmsnorm_f32's norm (the
+//                    same lane chains) and rope.cu's NEOX rotation of the normed values, q into
+//                    [n, nh, hd], k into its cache row; v heads are copied to theirs. One
+//                    launch for what took five (two norms, two ropes, the cache write), the
+//                    same bits.
 
 #include "common.cuh"
 
@@ -112,4 +119,56 @@ extern "C" __global__ void __launch_bounds__(256)
     add_rmsnorm_f32_row(float* __restrict__ y, float* __restrict__ h, const float* __restrict__ o,
                         const float* __restrict__ w, u32 rows, u32 width, float eps) {
     rmsnorm_row_body<true>(y, h, o, w, rows, width, eps);
+}
+
+// A warp per (token row0 + blockIdx.y, head slot 4 * blockIdx.x + warp); slots 0..nh are q heads,
+// nh..nh + nkv k heads, then v heads. Shared memory: hd floats per warp (the normed row, read
+// back in rotation pairs).
+extern "C" __global__ void __launch_bounds__(128)
+    qkv_norm_rope_f32(float* __restrict__ q_out, float* __restrict__ kc, float* __restrict__ vc,
+                      const float* __restrict__ qs, const float* __restrict__ ks,
+                      const float* __restrict__ vs, u64 q_stride, u64 k_stride, u64 v_stride,
+                      const float* __restrict__ q_norm, const float* __restrict__ k_norm,
+                      const u32* __restrict__ pos, const float* __restrict__ cos_t,
+                      const float* __restrict__ sin_t, u32 nh, u32 nkv, u32 hd, u32 half,
+                      u32 cap, float eps, u32 row0) {
+    extern __shared__ float qkv_sm[];
+    const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
+    const u32 slot = blockIdx.x * 4u + warp;
+    const u32 slots = nh + 2u * nkv;
+    if (slot >= slots) return;  // the whole warp
+    const u64 row = (u64)row0 + blockIdx.y;
+    // Token row's heads: q at qs + row * q_stride, k and v likewise (one stacked product's row
+    // at three offsets, or three products).
+    const float* x = slot < nh          ? qs + row * q_stride + (u64)slot * hd
+                     : slot < nh + nkv ? ks + row * k_stride + (u64)(slot - nh) * hd
+                                       : vs + row * v_stride + (u64)(slot - nh - nkv) * hd;
+    const u32 t = pos[row];
+    if (slot >= nh + nkv) {
+        float* dst = vc + ((u64)(slot - nh - nkv) * cap + t) * hd;
+        for (u32 i = lane; i < hd; i += 32u) dst[i] = x[i];
+        return;
+    }
+    const bool is_q = slot < nh;
+    const float* w = is_q ? q_norm : k_norm;
+    float* dst = is_q ? q_out + (row * nh + slot) * hd : kc + ((u64)(slot - nh) * cap + t) * hd;
+    // rmsnorm_f32's lane chains: lane l over i = l, l + 32, .. in increasing order.
+    float p = 0.0f;
+    for (u32 i = lane; i < hd; i += 32u) {
+        const float v = x[i];
+        p = fmaf(v, v, p);
+    }
+    const float rs = norm_rs(bx_butterfly_sum(p), hd, eps);
+    float* s = qkv_sm + warp * hd;
+    for (u32 i = lane; i < hd; i += 32u) s[i] = (x[i] * rs) * w[i];
+    __syncwarp();
+    // rope.cu's rotation of the normed values (dims 2 * half .. hd are left as they are).
+    const u64 tp = (u64)t * half;
+    for (u32 i = lane; i < half; i += 32u) {
+        const float a = s[i], b = s[i + half];
+        const float c = cos_t[tp + i], sn = sin_t[tp + i];
+        dst[i] = a * c - b * sn;
+        dst[i + half] = a * sn + b * c;
+    }
+    for (u32 i = 2u * half + lane; i < hd; i += 32u) dst[i] = s[i];
 }

@@ -47,6 +47,31 @@ pub fn swiglu(
     Ok(())
 }
 
+/// SwiGLU of the two halves of each row: `gu: [rows, 2f]` holds a row's gate outputs then its
+/// up outputs (one product of the stacked `[gate; up]` rows), `out: [rows, f]`,
+/// `out[r, i] = silu(gu[r, i]) * gu[r, f + i]`: the bits of [`swiglu`] on the halves.
+pub fn swiglu_halves(dev: &Device, gu: &GpuTensor<f32>, out: &mut GpuTensor<f32>) -> Result<()> {
+    const OP: &str = "swiglu_halves";
+    let [rows, f] = crate::kernels::dims(OP, "out", "[rows, f]", out.dims())?;
+    check_shape(OP, "gu", &[rows, 2 * f], gu.dims())?;
+    let f32_ = crate::kernels::as_u32(OP, "f", f)?;
+    let rows64 = rows as u64;
+    if rows == 0 || f == 0 {
+        return Ok(());
+    }
+    let func = dev.function(Family::Activation, "swiglu_halves_f32")?;
+    let mut launch = dev.stream().launch_builder(&func);
+    launch
+        .arg(out.slice_mut())
+        .arg(gu.slice())
+        .arg(&rows64)
+        .arg(&f32_);
+    // SAFETY: gu is [rows, 2f] and out [rows, f] (checked above); the grid-stride loop stays
+    // below rows * f.
+    unsafe { launch.launch(flat_cfg(rows * f)) }?;
+    Ok(())
+}
+
 /// `out = 1 / (1 + exp(-x))` elementwise ([`crate::reference::activation::sigmoid`]).
 /// `x` and `out` must have one shape.
 pub fn sigmoid(dev: &Device, x: &GpuTensor<f32>, out: &mut GpuTensor<f32>) -> Result<()> {

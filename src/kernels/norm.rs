@@ -2,9 +2,11 @@
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use super::{as_u32, dims};
+use super::{as_u32, dims, row_chunks};
 use crate::device::{Device, Family};
-use crate::error::{check_shape, Result};
+use crate::error::{check_shape, Error, Result};
+use crate::kernels::attention::LayerCache;
+use crate::kernels::rope::{Positions, RopeTable};
 use crate::tensor::GpuTensor;
 
 const WARPS: u32 = 8;
@@ -107,5 +109,134 @@ pub fn add_rmsnorm(
     // tensors, so they do not overlap); a block per row, and each element of h is read and
     // written by one thread.
     unsafe { launch.launch(cfg) }?;
+    Ok(())
+}
+
+/// Where [`qkv_norm_rope`] reads each token's q, k and v heads.
+#[derive(Clone, Copy)]
+pub enum QkvInput<'a> {
+    /// One product of Wq, Wk and Wv stacked ([`crate::quant::QuantMatrix::concat_rows`]):
+    /// `[n, (nh + 2 nkv) * hd]`, each row its q heads, then k heads, then v heads.
+    Stacked(&'a GpuTensor<f32>),
+    /// Three products (a file whose Wq, Wk, Wv formats differ): `q: [n, nh * hd]`,
+    /// `k, v: [n, nkv * hd]`.
+    Separate {
+        /// `[n, nh * hd]`
+        q: &'a GpuTensor<f32>,
+        /// `[n, nkv * hd]`
+        k: &'a GpuTensor<f32>,
+        /// `[n, nkv * hd]`
+        v: &'a GpuTensor<f32>,
+    },
+}
+
+/// The attention's inputs in one launch. Per token at `pos[r]`: each q head of `input` normed
+/// by `q_norm` and rotated into `q: [n, nh, hd]`; each k head normed by `k_norm`, rotated and
+/// written to its cache row; each v head copied to its cache row. The bits of [`rmsnorm`] per
+/// head, [`crate::kernels::rope::rope_neox`] and [`crate::kernels::attention::kv_write`] in
+/// turn (`nh` is `q`'s head count, `nkv` the cache's). A bad shape or position is an error and
+/// nothing is written.
+#[allow(clippy::too_many_arguments)]
+pub fn qkv_norm_rope(
+    dev: &Device,
+    input: QkvInput<'_>,
+    q_norm: &GpuTensor<f32>,
+    k_norm: &GpuTensor<f32>,
+    eps: f32,
+    pos: &Positions,
+    table: &RopeTable,
+    cache: &mut LayerCache,
+    q: &mut GpuTensor<f32>,
+) -> Result<()> {
+    const OP: &str = "qkv_norm_rope";
+    let [n, nh, hd] = dims(OP, "q", "[n, nh, hd]", q.dims())?;
+    let [nkv, cap, chd] = dims(OP, "cache.k", "[nkv, cap, hd]", cache.k.dims())?;
+    check_shape(OP, "cache.k", &[nkv, cap, hd], &[nkv, cap, chd])?;
+    check_shape(OP, "cache.v", &[nkv, cap, hd], cache.v.dims())?;
+    // (tensor, column offset, row stride) of the q, k and v heads.
+    let (qh, kh, vh) = (nh * hd, nkv * hd, nkv * hd);
+    let (qs, ks, vs) = match input {
+        QkvInput::Stacked(x) => {
+            let w = qh + kh + vh;
+            check_shape(OP, "qkv", &[n, w], x.dims())?;
+            ((x, 0, w), (x, qh, w), (x, qh + kh, w))
+        }
+        QkvInput::Separate {
+            q: xq,
+            k: xk,
+            v: xv,
+        } => {
+            check_shape(OP, "q input", &[n, qh], xq.dims())?;
+            check_shape(OP, "k input", &[n, kh], xk.dims())?;
+            check_shape(OP, "v input", &[n, vh], xv.dims())?;
+            ((xq, 0, qh), (xk, 0, kh), (xv, 0, vh))
+        }
+    };
+    check_shape(OP, "q_norm", &[hd], q_norm.dims())?;
+    check_shape(OP, "k_norm", &[hd], k_norm.dims())?;
+    check_shape(OP, "pos", &[n], &[pos.len()])?;
+    pos.check(OP, cap.min(table.max_pos()))?;
+    if 2 * table.half() > hd {
+        return Err(Error::invalid(
+            OP,
+            format!("rotary dims {} exceed head dims {hd}", 2 * table.half()),
+        ));
+    }
+    let slots = as_u32(OP, "heads", nh + 2 * nkv)?;
+    let (nh32, nkv32, hd32) = (nh as u32, nkv as u32, as_u32(OP, "hd", hd)?);
+    let (half32, cap32) = (table.half() as u32, as_u32(OP, "cap", cap)?);
+    let smem = 4 * hd * 4;
+    if smem > 48 * 1024 {
+        return Err(Error::invalid(OP, format!("head dim {hd} above 3072")));
+    }
+    if n == 0 || hd == 0 {
+        return Ok(());
+    }
+    let (cos, sin) = table.tables();
+    let (q_stride, k_stride, v_stride) = (qs.2 as u64, ks.2 as u64, vs.2 as u64);
+    let f = dev.function(Family::Norm, "qkv_norm_rope_f32")?;
+    for (row0, nrows) in row_chunks(n) {
+        let cfg = LaunchConfig {
+            grid_dim: (slots.div_ceil(4), nrows, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let mut launch = dev.stream().launch_builder(&f);
+        let (q_in, k_in, v_in) = (
+            qs.0.slice().slice(qs.1..),
+            ks.0.slice().slice(ks.1..),
+            vs.0.slice().slice(vs.1..),
+        );
+        launch
+            .arg(q.slice_mut())
+            .arg(cache.k.slice_mut())
+            .arg(cache.v.slice_mut())
+            .arg(&q_in)
+            .arg(&k_in)
+            .arg(&v_in)
+            .arg(&q_stride)
+            .arg(&k_stride)
+            .arg(&v_stride)
+            .arg(q_norm.slice())
+            .arg(k_norm.slice())
+            .arg(pos.tensor().slice())
+            .arg(cos.slice())
+            .arg(sin.slice())
+            .arg(&nh32)
+            .arg(&nkv32)
+            .arg(&hd32)
+            .arg(&half32)
+            .arg(&cap32)
+            .arg(&eps)
+            .arg(&row0);
+        // SAFETY: the q, k and v heads of row r sit at (column offset + r * stride) of their
+        // [n, stride] inputs, offset + heads * hd <= stride (checked above); q is [n, nh, hd],
+        // the caches [nkv, cap, hd], the norms [hd]; every position is below cap and the
+        // table's max_pos, 2 * half <= hd; the grid covers rows row0..row0 + nrows <= n and
+        // warps past the last slot return; shared memory is 4 warps x hd floats. Each (token,
+        // slot) writes its own row of q or of a cache (tokens at one position write one cache
+        // row, as kv_write).
+        unsafe { launch.launch(cfg) }?;
+    }
     Ok(())
 }

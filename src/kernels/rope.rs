@@ -39,6 +39,16 @@ impl RopeTable {
     pub fn max_pos(&self) -> usize {
         self.max_pos
     }
+
+    /// Half the rotary dims (pairs per head).
+    pub fn half(&self) -> usize {
+        self.half
+    }
+
+    /// `cos, sin: [max_pos, half]` (for the kernels that rotate on the way: `qkv_norm_rope`).
+    pub(crate) fn tables(&self) -> (&GpuTensor<f32>, &GpuTensor<f32>) {
+        (&self.cos, &self.sin)
+    }
 }
 
 /// Token positions on the device (`[rows]`), with their largest value kept on the host so that

@@ -21,6 +21,7 @@ use crate::kernels::{activation, gemm, moe_reduce, router, row_scale};
 use crate::model::config::{check_input, MoeConfig};
 use crate::model::trace::MoeOutput;
 use crate::model::weights::MoeWeights;
+use crate::quant::QuantMatrix;
 use crate::tensor::GpuTensor;
 
 /// Tokens up to which [`GpuMoeBlock::forward_batched`] routes each row in a tile of its own
@@ -34,12 +35,20 @@ struct GpuShared {
     down: GpuMatrix,
 }
 
+/// The routed experts' gate and up matrices: each expert's gate rows then its up rows in one
+/// matrix ([`QuantMatrix::concat_rows`]: one grouped product for both, SwiGLU over the two
+/// halves of each output row) when they share a format, two matrices otherwise. The same
+/// bits either way.
+enum GateUp {
+    Stacked(GpuMatrix),
+    Separate(GpuMatrix, GpuMatrix),
+}
+
 /// An MoE block's weights on the device, with the two GPU forward paths.
 pub struct GpuMoeBlock {
     cfg: MoeConfig,
     router: GpuMatrix,
-    gate: GpuMatrix,
-    up: GpuMatrix,
+    gate_up: GateUp,
     down: GpuMatrix,
     shared: Option<GpuShared>,
 }
@@ -88,8 +97,17 @@ impl GpuMoeBlock {
         Ok(GpuMoeBlock {
             cfg: c.clone(),
             router: GpuMatrix::upload(dev, &w.router)?,
-            gate: GpuMatrix::upload(dev, &w.gate)?,
-            up: GpuMatrix::upload(dev, &w.up)?,
+            gate_up: if w.gate.format() == w.up.format() {
+                GateUp::Stacked(GpuMatrix::upload(
+                    dev,
+                    &QuantMatrix::concat_rows(&[&w.gate, &w.up])?,
+                )?)
+            } else {
+                GateUp::Separate(
+                    GpuMatrix::upload(dev, &w.gate)?,
+                    GpuMatrix::upload(dev, &w.up)?,
+                )
+            },
             down: GpuMatrix::upload(dev, &w.down)?,
             shared,
         })
@@ -132,10 +150,15 @@ impl GpuMoeBlock {
             gemm::RoutedRows::sorted_from_router(dev, &ids, ne)?
         };
 
-        // Every product of x at once (x quantized once): routed gate and up, then the shared
-        // expert's gate, up and gate logit.
-        let mut g = GpuTensor::output(dev, &[r, f])?;
-        let mut u = GpuTensor::output(dev, &[r, f])?;
+        // Every product of x at once (x quantized once): routed gate and up (one stacked
+        // matrix), then the shared expert's gate, up and gate logit.
+        let stacked = matches!(self.gate_up, GateUp::Stacked(_));
+        // Stacked: [r, 2f], gate then up in each row; separate: gate and up [r, f] each.
+        let mut gu = GpuTensor::output(dev, &[r, if stacked { 2 * f } else { f }])?;
+        let mut u = match stacked {
+            true => None,
+            false => Some(GpuTensor::output(dev, &[r, f])?),
+        };
         let mut shared_in = match c.shared_ffn {
             Some(sf) if self.shared.is_some() => Some((
                 GpuTensor::output(dev, &[n, sf])?,
@@ -145,10 +168,16 @@ impl GpuMoeBlock {
             _ => None,
         };
         {
-            let mut products = vec![
-                gemm::Product::Grouped(&self.gate, &up_rows, &mut g),
-                gemm::Product::Grouped(&self.up, &up_rows, &mut u),
-            ];
+            let mut products = vec![gemm::Product::Grouped(
+                match &self.gate_up {
+                    GateUp::Stacked(w) | GateUp::Separate(w, _) => w,
+                },
+                &up_rows,
+                &mut gu,
+            )];
+            if let (GateUp::Separate(_, wu), Some(u)) = (&self.gate_up, u.as_mut()) {
+                products.push(gemm::Product::Grouped(wu, &up_rows, u));
+            }
             if let (Some(s), Some((sg, su, gl))) = (&self.shared, shared_in.as_mut()) {
                 products.push(gemm::Product::Dense(&s.gate, sg));
                 products.push(gemm::Product::Dense(&s.up, su));
@@ -157,7 +186,10 @@ impl GpuMoeBlock {
             gemm::matmul_shared(dev, x, &mut products)?;
         }
         let mut h = GpuTensor::output(dev, &[r, f])?;
-        activation::swiglu(dev, &g, &u, &mut h)?;
+        match &u {
+            None => activation::swiglu_halves(dev, &gu, &mut h)?,
+            Some(u) => activation::swiglu(dev, &gu, u, &mut h)?,
+        }
         let mut partial = GpuTensor::output(dev, &[n * k, d])?;
         gemm::matmul_grouped(dev, &h, &self.down, &down_rows, &mut partial)?;
         partial.reshape(&[n, k, d])?;

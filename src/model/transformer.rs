@@ -20,27 +20,34 @@
 
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::kernels::attention::{attention, kv_write, LayerCache};
+use crate::kernels::attention::{attention, LayerCache};
 use crate::kernels::elementwise::{add, gather_rows_device};
 use crate::kernels::gemm::{matmul, matmul_shared, GpuMatrix, Product};
-use crate::kernels::norm::{add_rmsnorm, rmsnorm};
-use crate::kernels::rope::{rope_neox, Positions, RopeTable};
+use crate::kernels::norm::{add_rmsnorm, qkv_norm_rope, rmsnorm, QkvInput};
+use crate::kernels::rope::{Positions, RopeTable};
 use crate::model::config::{check_tokens, ModelConfig};
 use crate::model::moe_block::GpuMoeBlock;
 use crate::model::trace::Trace;
 use crate::model::weights::{LayerWeights, ModelWeights};
+use crate::quant::QuantMatrix;
 use crate::tensor::GpuTensor;
 
 struct GpuLayer {
     attn_norm: GpuTensor<f32>,
-    wq: GpuMatrix,
-    wk: GpuMatrix,
-    wv: GpuMatrix,
+    qkv: QkvWeights,
     wo: GpuMatrix,
     q_norm: GpuTensor<f32>,
     k_norm: GpuTensor<f32>,
     ffn_norm: GpuTensor<f32>,
     moe: GpuMoeBlock,
+}
+
+/// A layer's Wq, Wk and Wv: stacked into one matrix ([`QuantMatrix::concat_rows`], one
+/// product for the three) when they share a format, as three otherwise (a GGUF file may keep
+/// Wv in another format). The same bits either way.
+enum QkvWeights {
+    Stacked(GpuMatrix),
+    Separate([GpuMatrix; 3]),
 }
 
 /// A model on the device. Build it with [`GpuModel::load`] (host weights) or
@@ -60,9 +67,18 @@ fn upload_layer(dev: &Device, lw: &LayerWeights) -> Result<GpuLayer> {
     let a = lw.attention().ok_or_else(|| refuse_hybrid("GpuModel"))?;
     Ok(GpuLayer {
         attn_norm: vec(&lw.attn_norm)?,
-        wq: GpuMatrix::upload(dev, &a.wq)?,
-        wk: GpuMatrix::upload(dev, &a.wk)?,
-        wv: GpuMatrix::upload(dev, &a.wv)?,
+        qkv: if a.wq.format() == a.wk.format() && a.wk.format() == a.wv.format() {
+            QkvWeights::Stacked(GpuMatrix::upload(
+                dev,
+                &QuantMatrix::concat_rows(&[&a.wq, &a.wk, &a.wv])?,
+            )?)
+        } else {
+            QkvWeights::Separate([
+                GpuMatrix::upload(dev, &a.wq)?,
+                GpuMatrix::upload(dev, &a.wk)?,
+                GpuMatrix::upload(dev, &a.wv)?,
+            ])
+        },
         wo: GpuMatrix::upload(dev, &a.wo)?,
         q_norm: vec(&a.q_norm)?,
         k_norm: vec(&a.k_norm)?,
@@ -446,11 +462,7 @@ impl<'m> Session<'m> {
         let mut h = GpuTensor::output(dev, &[n, d])?;
         gather_rows_device(dev, &m.embed, ids, &mut h)?;
         let mut x = GpuTensor::output(dev, &[n, d])?;
-        let mut q = GpuTensor::output(dev, &[n, nh * hd])?;
-        let mut k = GpuTensor::output(dev, &[n, nkv * hd])?;
-        let mut v = GpuTensor::output(dev, &[n, nkv * hd])?;
-        let mut qn = GpuTensor::output(dev, &[n * nh, hd])?;
-        let mut kn = GpuTensor::output(dev, &[n * nkv, hd])?;
+        let mut qn = GpuTensor::output(dev, &[n, nh, hd])?;
         let mut a = GpuTensor::output(dev, &[n, nh, hd])?;
         let mut o = GpuTensor::output(dev, &[n, d])?;
         // x = the first layer's attention norm of h; every later one comes fused with the
@@ -459,31 +471,48 @@ impl<'m> Session<'m> {
             rmsnorm(dev, &h, &first.attn_norm, c.norm_eps, &mut x)?;
         }
         for (l, layer) in m.layers.iter().enumerate() {
-            matmul_shared(
+            // One product for q, k and v (three if their formats differ); one launch for their
+            // norms, rotations and the cache write (the bits of rmsnorm, rope_neox and kv_write
+            // in turn).
+            let (mut y0, mut y1, mut y2);
+            let input = match &layer.qkv {
+                QkvWeights::Stacked(w) => {
+                    y0 = GpuTensor::output(dev, &[n, (nh + 2 * nkv) * hd])?;
+                    matmul(dev, &x, w, &mut y0)?;
+                    QkvInput::Stacked(&y0)
+                }
+                QkvWeights::Separate([wq, wk, wv]) => {
+                    y0 = GpuTensor::output(dev, &[n, nh * hd])?;
+                    y1 = GpuTensor::output(dev, &[n, nkv * hd])?;
+                    y2 = GpuTensor::output(dev, &[n, nkv * hd])?;
+                    matmul_shared(
+                        dev,
+                        &x,
+                        &mut [
+                            Product::Dense(wq, &mut y0),
+                            Product::Dense(wk, &mut y1),
+                            Product::Dense(wv, &mut y2),
+                        ],
+                    )?;
+                    QkvInput::Separate {
+                        q: &y0,
+                        k: &y1,
+                        v: &y2,
+                    }
+                }
+            };
+            qkv_norm_rope(
                 dev,
-                &x,
-                &mut [
-                    Product::Dense(&layer.wq, &mut q),
-                    Product::Dense(&layer.wk, &mut k),
-                    Product::Dense(&layer.wv, &mut v),
-                ],
+                input,
+                &layer.q_norm,
+                &layer.k_norm,
+                c.norm_eps,
+                positions,
+                &m.rope,
+                &mut self.caches[l],
+                &mut qn,
             )?;
-            q.reshape(&[n * nh, hd])?;
-            k.reshape(&[n * nkv, hd])?;
-            rmsnorm(dev, &q, &layer.q_norm, c.norm_eps, &mut qn)?;
-            rmsnorm(dev, &k, &layer.k_norm, c.norm_eps, &mut kn)?;
-            q.reshape(&[n, nh * hd])?;
-            k.reshape(&[n, nkv * hd])?;
-            qn.reshape(&[n, nh, hd])?;
-            kn.reshape(&[n, nkv, hd])?;
-            rope_neox(dev, &mut qn, positions, &m.rope)?;
-            rope_neox(dev, &mut kn, positions, &m.rope)?;
-            v.reshape(&[n, nkv, hd])?;
-            kv_write(dev, &mut self.caches[l], &kn, &v, positions)?;
-            v.reshape(&[n, nkv * hd])?;
             attention(dev, &qn, &self.caches[l], positions, &mut a)?;
-            qn.reshape(&[n * nh, hd])?;
-            kn.reshape(&[n * nkv, hd])?;
             a.reshape(&[n, nh * hd])?;
             matmul(dev, &a, &layer.wo, &mut o)?;
             a.reshape(&[n, nh, hd])?;

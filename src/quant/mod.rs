@@ -283,6 +283,39 @@ impl QuantMatrix {
         &self.data[(e * self.rows + r) * rb..][..rb]
     }
 
+    /// The matrices of `parts` stacked row-wise, expert by expert: expert `e` of the result is
+    /// expert `e` of `parts[0]`, then of `parts[1]`, .. (`[experts, sum of rows, cols]`). Each
+    /// output of a product with it is that of the part it came from, bit for bit (the rows are
+    /// the same bytes): the runner multiplies Wq, Wk, Wv (or an expert's gate and up) in one
+    /// launch. The parts must share format, expert count and columns.
+    pub fn concat_rows(parts: &[&QuantMatrix]) -> Result<QuantMatrix> {
+        const OP: &str = "QuantMatrix::concat_rows";
+        let first = parts
+            .first()
+            .ok_or_else(|| Error::invalid(OP, "no matrices to stack"))?;
+        if let Some(p) = parts
+            .iter()
+            .find(|p| (p.format, p.experts, p.cols) != (first.format, first.experts, first.cols))
+        {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "every part must be {} x {} experts x {} columns, got {} x {} x {}",
+                    first.format, first.experts, first.cols, p.format, p.experts, p.cols
+                ),
+            ));
+        }
+        let rb = first.format.row_bytes(first.cols)?;
+        let rows: usize = parts.iter().map(|p| p.rows).sum();
+        let mut data = Vec::with_capacity(first.experts * rows * rb);
+        for e in 0..first.experts {
+            for p in parts {
+                data.extend_from_slice(&p.data[e * p.rows * rb..(e + 1) * p.rows * rb]);
+            }
+        }
+        QuantMatrix::from_bytes(first.format, first.experts, rows, first.cols, data)
+    }
+
     /// Decodes every value to f32 (`[experts, rows, cols]`), as llama.cpp's `dequantize_row_*`
     /// does: Q8_0 `d * q`; Q4_K/Q5_K `(d * sc) * q - dmin * m`; Q6_K `(d * sc) * (q - 32)`.
     pub fn dequantize(&self) -> Vec<f32> {
@@ -328,6 +361,32 @@ pub(crate) fn f16_at(bytes: &[u8], at: usize) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn concat_rows_stacks_each_expert() {
+        let mk = |rows: usize, seed: u64| {
+            let v: Vec<f32> = (0..2 * rows * 64)
+                .map(|i| ((i as u64 * 2654435761 + seed) % 1000) as f32 / 100.0 - 5.0)
+                .collect();
+            QuantMatrix::quantize(WeightFormat::Q8_0, &v, 2, rows, 64).unwrap()
+        };
+        let (a, b, c) = (mk(3, 1), mk(1, 2), mk(2, 3));
+        let s = QuantMatrix::concat_rows(&[&a, &b, &c]).unwrap();
+        assert_eq!((s.experts(), s.rows(), s.cols()), (2, 6, 64));
+        for e in 0..2 {
+            let want: Vec<&[u8]> = (0..3)
+                .map(|r| a.row(e, r))
+                .chain([b.row(e, 0)])
+                .chain((0..2).map(|r| c.row(e, r)))
+                .collect();
+            for (r, w) in want.iter().enumerate() {
+                assert_eq!(s.row(e, r), *w, "expert {e} row {r}");
+            }
+        }
+        let other = QuantMatrix::quantize(WeightFormat::F32, &[0.0; 128], 2, 1, 64).unwrap();
+        assert!(QuantMatrix::concat_rows(&[&a, &other]).is_err());
+        assert!(QuantMatrix::concat_rows(&[]).is_err());
+    }
 
     /// Random bytes for `blocks` blocks of `format`, with finite f16 scales patched in.
     fn random_blocks(format: WeightFormat, blocks: usize, seed: u64) -> Vec<u8> {

@@ -1,6 +1,6 @@
 //! Elementwise activations: GPU == CPU reference, bit for bit, across the whole float range.
 
-use bitexact::kernels::activation::{sigmoid, swiglu};
+use bitexact::kernels::activation::{sigmoid, swiglu, swiglu_halves};
 use bitexact::{reference, Error, GpuTensor};
 use proptest::prelude::*;
 
@@ -58,4 +58,36 @@ fn swiglu_shapes_must_match() {
         Err(Error::ShapeMismatch { .. })
     ));
     assert_bits_eq("untouched", &out.to_host().unwrap(), &poison(6));
+}
+
+/// `swiglu_halves` == the reference SwiGLU of each row's two halves (NaN, Inf and denormals
+/// among the values); one row and many, odd widths; a bad shape writes nothing.
+#[test]
+fn swiglu_halves_matches_reference() {
+    let Some(dev) = gpu() else { return };
+    for (rows, f) in [(1usize, 768usize), (8, 768), (37, 5), (3, 1)] {
+        let guh = values(rows as u64 * 31 + f as u64, rows * 2 * f, 12.0, 0.05);
+        let mut want = Vec::with_capacity(rows * f);
+        for row in guh.chunks(2 * f) {
+            want.extend(reference::activation::swiglu(&row[..f], &row[f..]));
+        }
+        let gu = GpuTensor::from_host(dev, &guh, &[rows, 2 * f]).unwrap();
+        let mut out = GpuTensor::from_host(dev, &poison(rows * f), &[rows, f]).unwrap();
+        swiglu_halves(dev, &gu, &mut out).unwrap();
+        assert_bits_eq(
+            &format!("swiglu_halves rows={rows} f={f}"),
+            &out.to_host().unwrap(),
+            &want,
+        );
+        let mut bad = GpuTensor::from_host(dev, &poison(rows * (f + 1)), &[rows, f + 1]).unwrap();
+        assert!(matches!(
+            swiglu_halves(dev, &gu, &mut bad),
+            Err(Error::ShapeMismatch { .. })
+        ));
+        assert_bits_eq(
+            "untouched",
+            &bad.to_host().unwrap(),
+            &poison(rows * (f + 1)),
+        );
+    }
 }

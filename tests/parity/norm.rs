@@ -109,3 +109,100 @@ fn add_rmsnorm_shapes_must_match() {
     assert_bits_eq("untouched y", &y.to_host().unwrap(), &poison(12));
     assert_bits_eq("untouched h", &h.to_host().unwrap(), &[1.0f32; 12]);
 }
+
+/// `qkv_norm_rope` == the references in turn: per-head `rmsnorm` of q and k, `rope_neox` of
+/// both, k and v into their cache rows; head dims that are and are not multiples of a warp,
+/// full and partial rotary dims, one token (decode) and many, positions in any order.
+#[test]
+fn qkv_norm_rope_matches_the_references() {
+    for (n, nh, nkv, hd, rd) in [
+        (1usize, 4usize, 2usize, 128usize, 128usize),
+        (1, 32, 4, 128, 128),
+        (5, 4, 1, 96, 48),
+        (37, 6, 3, 16, 16),
+        (3, 2, 2, 130, 64),
+    ] {
+        qkv_case(n, nh, nkv, hd, rd, (n * 1000 + hd) as u64);
+    }
+}
+
+fn qkv_case(n: usize, nh: usize, nkv: usize, hd: usize, rd: usize, seed: u64) {
+    use bitexact::kernels::attention::LayerCache;
+    use bitexact::kernels::norm::{qkv_norm_rope, QkvInput};
+    use bitexact::kernels::rope::{Positions, RopeTable};
+    let Some(dev) = gpu() else { return };
+    let (cap, eps) = (300usize, 1e-6f32);
+    let slots = nh + 2 * nkv;
+    let qkv_h = values(seed, n * slots * hd, 8.0, 0.01);
+    let qn_h = values(seed ^ 1, hd, 2.0, 0.0);
+    let kn_h = values(seed ^ 2, hd, 2.0, 0.0);
+    let pos: Vec<u32> = (0..n as u32).map(|i| (i * 97 + 11) % cap as u32).collect();
+    // The references in turn.
+    let (cos, sin) = reference::rope::rope_table(cap, rd, 1e6);
+    let mut want_q = Vec::with_capacity(n * nh * hd);
+    let mut want_k = vec![0.0f32; nkv * cap * hd];
+    let mut want_v = vec![0.0f32; nkv * cap * hd];
+    for (r, row) in qkv_h.chunks(slots * hd).enumerate() {
+        let mut q = reference::norm::rmsnorm(&row[..nh * hd], &qn_h, eps);
+        let mut k = reference::norm::rmsnorm(&row[nh * hd..(nh + nkv) * hd], &kn_h, eps);
+        reference::rope::rope_neox(&mut q, &pos[r..r + 1], &cos, &sin, nh, hd, rd / 2);
+        reference::rope::rope_neox(&mut k, &pos[r..r + 1], &cos, &sin, nkv, hd, rd / 2);
+        want_q.extend(q);
+        let p = pos[r] as usize;
+        for h in 0..nkv {
+            let at = (h * cap + p) * hd;
+            want_k[at..at + hd].copy_from_slice(&k[h * hd..(h + 1) * hd]);
+            let v = &row[(nh + nkv + h) * hd..(nh + nkv + h + 1) * hd];
+            want_v[at..at + hd].copy_from_slice(v);
+        }
+    }
+    let qkv = GpuTensor::from_host(dev, &qkv_h, &[n, slots * hd]).unwrap();
+    let qn = GpuTensor::from_host(dev, &qn_h, &[hd]).unwrap();
+    let kn = GpuTensor::from_host(dev, &kn_h, &[hd]).unwrap();
+    let p = Positions::new(dev, &pos).unwrap();
+    let table = RopeTable::new(dev, cap, rd, 1e6).unwrap();
+    // The same heads as three inputs (a file whose Wq, Wk, Wv formats differ).
+    let cols = |from: usize, to: usize| -> Vec<f32> {
+        qkv_h
+            .chunks(slots * hd)
+            .flat_map(|row| row[from * hd..to * hd].to_vec())
+            .collect()
+    };
+    let xq = GpuTensor::from_host(dev, &cols(0, nh), &[n, nh * hd]).unwrap();
+    let xk = GpuTensor::from_host(dev, &cols(nh, nh + nkv), &[n, nkv * hd]).unwrap();
+    let xv = GpuTensor::from_host(dev, &cols(nh + nkv, slots), &[n, nkv * hd]).unwrap();
+    let separate = QkvInput::Separate {
+        q: &xq,
+        k: &xk,
+        v: &xv,
+    };
+    let mut cache = LayerCache::new(dev, nkv, cap, hd).unwrap();
+    for (input, how) in [(QkvInput::Stacked(&qkv), "stacked"), (separate, "separate")] {
+        let mut c = LayerCache::new(dev, nkv, cap, hd).unwrap();
+        let mut q = GpuTensor::from_host(dev, &poison(n * nh * hd), &[n, nh, hd]).unwrap();
+        qkv_norm_rope(dev, input, &qn, &kn, eps, &p, &table, &mut c, &mut q).unwrap();
+        let what = format!("qkv_norm_rope {how} n={n} nh={nh} nkv={nkv} hd={hd} rd={rd}");
+        assert_bits_eq(&format!("{what} q"), &q.to_host().unwrap(), &want_q);
+        assert_bits_eq(&format!("{what} k cache"), &c.k.to_host().unwrap(), &want_k);
+        assert_bits_eq(&format!("{what} v cache"), &c.v.to_host().unwrap(), &want_v);
+        cache = c;
+    }
+
+    // Refusals write nothing: a position past the cache, a qkv row of the wrong width.
+    let mut q2 = GpuTensor::from_host(dev, &poison(n * nh * hd), &[n, nh, hd]).unwrap();
+    let mut bad_pos = pos.clone();
+    bad_pos[n - 1] = cap as u32;
+    let bp = Positions::new(dev, &bad_pos).unwrap();
+    let stacked = QkvInput::Stacked(&qkv);
+    let e = qkv_norm_rope(
+        dev, stacked, &qn, &kn, eps, &bp, &table, &mut cache, &mut q2,
+    );
+    assert!(matches!(e, Err(Error::IndexOutOfRange { .. })), "{e:?}");
+    let narrow =
+        GpuTensor::from_host(dev, &qkv_h[..n * (slots - 1) * hd], &[n, (slots - 1) * hd]).unwrap();
+    let narrow = QkvInput::Stacked(&narrow);
+    let e = qkv_norm_rope(dev, narrow, &qn, &kn, eps, &p, &table, &mut cache, &mut q2);
+    assert!(matches!(e, Err(Error::ShapeMismatch { .. })), "{e:?}");
+    assert_bits_eq("untouched q", &q2.to_host().unwrap(), &poison(n * nh * hd));
+    assert_bits_eq("untouched k cache", &cache.k.to_host().unwrap(), &want_k);
+}
