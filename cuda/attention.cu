@@ -24,6 +24,8 @@
 //                        through shared memory once for all 64 queries (register-tiled f32
 //                        FMAs for both products), folding each chunk as it goes; head dims
 //                        up to H = 64, 128, 256 (multiples of 4), zero-padded to H.
+//   attention_split_tiled  decode, hd % 4 == 0: attention_split with its two products
+//                        register-tiled (4 heads x 2 keys, 4 heads x 4 dims a thread).
 //   attention_split      decode: one block per (query, kv head, chunk) writes the chunk's
 //   attention_combine    partial (m, l, o) for every query head of the group, sharing the
 //                        chunk's K and V across them; a second launch folds the partials of
@@ -530,6 +532,190 @@ extern "C" __global__ void __launch_bounds__(256)
         float o = 0.0f;
         for (u32 j = 0; j < n; ++j) o = fmaf(se[j], sV[j * hd + d], o);
         part[((qi * n_heads + h0 + g) * n_chunks + c) * (u64)(hd + 2u) + 2u + d] = o;
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// attention_split_tiled: attention_split's grid, loads, softmax and output for hd % 4 == 0,
+// its two products register-tiled. attention_split reads two shared words per FMA (a query
+// head's q and a key's k in the scores, a head's e and a value's v in the output): at context
+// 8192 its 512 blocks were bound by shared-memory traffic (39 us a layer in ncu). Here a
+// thread takes 4 heads x 2 keys of the scores (float4 of q and k: 6 loads for 32 FMAs) and 4
+// heads x 4 dims of the output (4 e and one float4 of v for 16 FMAs). Every dot and every
+// chain keeps the canonical order: partial p of a score takes its blocks b % 4 == p in
+// increasing k, each fmaf in increasing k; o[d] takes the keys in increasing j.
+// Shared memory: q [Gp][hd] (Gp = G rounded up to 4, rows past G zero), K [64][hd + 4]
+// (lanes read 32 consecutive keys' float4 without conflicts), V [64][hd], e [Gp][64].
+
+extern "C" __global__ void __launch_bounds__(256)
+    attention_split_tiled(float* __restrict__ part, const float* __restrict__ q,
+                          const float* __restrict__ kc, const float* __restrict__ vc,
+                          const u32* __restrict__ qpos, u32 n_heads, u32 n_kv, u32 hd, u32 cap,
+                          float scale, u32 n_chunks, u32 row0) {
+    extern __shared__ __align__(16) float tsm[];
+    const u32 G = n_heads / n_kv, Gp = (G + 3u) & ~3u;
+    const u32 ks = hd + 4u;  // K row stride
+    float* sQ = tsm;
+    float* sK = sQ + Gp * hd;
+    float* sV = sK + ATT_CHUNK * ks;
+    float* sE = sV + ATT_CHUNK * hd;
+    const u32 c = blockIdx.x, kvh = blockIdx.y;
+    const u64 qi = (u64)row0 + blockIdx.z;
+    const u32 tid = threadIdx.x;
+    const u32 t = qpos[qi];
+    const u32 j0 = c * ATT_CHUNK;
+    if (j0 > t) return;  // the whole block: this chunk holds none of the query's keys
+    const u32 n = min(ATT_CHUNK, t + 1u - j0);
+    const u32 h0 = kvh * G;
+    const float4* Q4 = reinterpret_cast<const float4*>(q + (qi * n_heads + h0) * hd);
+    const float4* K4 = reinterpret_cast<const float4*>(kc + ((u64)kvh * cap + j0) * hd);
+    const float4* V4 = reinterpret_cast<const float4*>(vc + ((u64)kvh * cap + j0) * hd);
+    const u32 hd4 = hd / 4u;
+    // Loads: every load of a batch before the first store (one or two round trips).
+    for (u32 base = 0; base < Gp * hd4; base += 4u * S_THREADS) {
+        float4 r[4];
+#pragma unroll
+        for (u32 u = 0; u < 4u; ++u) {
+            const u32 idx = base + u * S_THREADS + tid;
+            r[u] = idx < G * hd4 ? Q4[idx] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
+#pragma unroll
+        for (u32 u = 0; u < 4u; ++u) {
+            const u32 idx = base + u * S_THREADS + tid;
+            if (idx < Gp * hd4) reinterpret_cast<float4*>(sQ)[idx] = r[u];
+        }
+    }
+    const u32 n4 = n * hd4;
+    for (u32 base = 0; base < n4; base += 8u * S_THREADS) {
+        float4 kr[8], vr[8];
+#pragma unroll
+        for (u32 u = 0; u < 8u; ++u) {
+            const u32 idx = base + u * S_THREADS + tid;
+            if (idx < n4) {
+                kr[u] = K4[idx];
+                vr[u] = V4[idx];
+            }
+        }
+#pragma unroll
+        for (u32 u = 0; u < 8u; ++u) {
+            const u32 idx = base + u * S_THREADS + tid;
+            if (idx < n4) {
+                const u32 j = idx / hd4, d4 = idx - j * hd4;
+                *reinterpret_cast<float4*>(sK + j * ks + 4u * d4) = kr[u];
+                reinterpret_cast<float4*>(sV)[idx] = vr[u];
+            }
+        }
+    }
+    __syncthreads();
+
+    // Scores: thread (head group gg of 4, lane jl) takes keys jl and jl + 32 of heads 4gg..+3.
+    for (u32 w = tid; w < (Gp / 4u) * 32u; w += S_THREADS) {
+        const u32 gg = w >> 5, jl = w & 31u;
+        float acc[4][2][4];
+#pragma unroll
+        for (int g = 0; g < 4; ++g)
+#pragma unroll
+            for (int jj = 0; jj < 2; ++jj)
+#pragma unroll
+                for (int p = 0; p < 4; ++p) acc[g][jj][p] = 0.0f;
+        const float* qb = sQ + 4u * gg * hd;
+        const float* kb0 = sK + jl * ks;
+        const float* kb1 = sK + (jl + 32u) * ks;
+        for (u32 b0 = 0; b0 < hd; b0 += 128u) {
+#pragma unroll
+            for (int p = 0; p < 4; ++p) {
+                const u32 k0 = min(b0 + 32u * (u32)p, hd), k1 = min(k0 + 32u, hd);
+                for (u32 k = k0; k < k1; k += 4u) {
+                    float4 qv[4];
+#pragma unroll
+                    for (int g = 0; g < 4; ++g) qv[g] = *reinterpret_cast<const float4*>(qb + g * hd + k);
+                    const float4 kv0 = *reinterpret_cast<const float4*>(kb0 + k);
+                    const float4 kv1 = *reinterpret_cast<const float4*>(kb1 + k);
+#pragma unroll
+                    for (int g = 0; g < 4; ++g) {
+                        float a0 = acc[g][0][p], a1 = acc[g][1][p];
+                        a0 = fmaf(kv0.x, qv[g].x, a0);
+                        a1 = fmaf(kv1.x, qv[g].x, a1);
+                        a0 = fmaf(kv0.y, qv[g].y, a0);
+                        a1 = fmaf(kv1.y, qv[g].y, a1);
+                        a0 = fmaf(kv0.z, qv[g].z, a0);
+                        a1 = fmaf(kv1.z, qv[g].z, a1);
+                        a0 = fmaf(kv0.w, qv[g].w, a0);
+                        a1 = fmaf(kv1.w, qv[g].w, a1);
+                        acc[g][0][p] = a0;
+                        acc[g][1][p] = a1;
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int g = 0; g < 4; ++g)
+#pragma unroll
+            for (int jj = 0; jj < 2; ++jj) {
+                const u32 gh = 4u * gg + (u32)g, j = jl + 32u * (u32)jj;
+                if (gh < G && j < n)
+                    sE[gh * ATT_CHUNK + j] =
+                        ((acc[g][jj][0] + acc[g][jj][1]) + (acc[g][jj][2] + acc[g][jj][3])) * scale;
+            }
+    }
+    __syncthreads();
+
+    // Rows: attention_split's softmax of each head's scores, unchanged.
+    for (u32 base = 0; base < G * 4u; base += S_THREADS) {
+        const u32 g = (base + tid) >> 2, p = tid & 3u;
+        const bool live = g < G;
+        float* se = sE + (live ? g : 0u) * ATT_CHUNK;
+        float m = __uint_as_float(0xff800000u);
+        if (live)
+            for (u32 j = p; j < n; j += 4u) m = fmaxf(m, se[j]);
+        m = fmaxf(m, __shfl_xor_sync(BX_FULL_MASK, m, 1));
+        m = fmaxf(m, __shfl_xor_sync(BX_FULL_MASK, m, 2));
+        float lp = 0.0f;
+        if (live)
+            for (u32 j = p; j < n; j += 4u) {
+                const float e = bx_exp(se[j] - m);
+                se[j] = e;
+                lp = lp + e;
+            }
+        const float l01 = lp + __shfl_xor_sync(BX_FULL_MASK, lp, 1);
+        const float l = l01 + __shfl_xor_sync(BX_FULL_MASK, l01, 2);
+        if (live && p == 0u) {
+            float* dst = part + ((qi * n_heads + h0 + g) * n_chunks + c) * (u64)(hd + 2u);
+            dst[0] = m;
+            dst[1] = l;
+        }
+    }
+    __syncthreads();
+
+    // Output: thread (head group gg, dims 4dq..4dq+3) over the chunk's keys in order.
+    for (u32 w = tid; w < (Gp / 4u) * hd4; w += S_THREADS) {
+        const u32 gg = w / hd4, dq = w - gg * hd4;
+        float o[4][4];
+#pragma unroll
+        for (int g = 0; g < 4; ++g)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) o[g][i] = 0.0f;
+        const float* eb = sE + 4u * gg * ATT_CHUNK;
+        for (u32 j = 0; j < n; ++j) {
+            const float4 v4 = *reinterpret_cast<const float4*>(sV + j * hd + 4u * dq);
+#pragma unroll
+            for (int g = 0; g < 4; ++g) {
+                const float e = eb[g * ATT_CHUNK + j];
+                o[g][0] = fmaf(e, v4.x, o[g][0]);
+                o[g][1] = fmaf(e, v4.y, o[g][1]);
+                o[g][2] = fmaf(e, v4.z, o[g][2]);
+                o[g][3] = fmaf(e, v4.w, o[g][3]);
+            }
+        }
+#pragma unroll
+        for (int g = 0; g < 4; ++g) {
+            const u32 gh = 4u * gg + (u32)g;
+            if (gh < G) {
+                float* dst = part + ((qi * n_heads + h0 + gh) * n_chunks + c) * (u64)(hd + 2u) + 2u + 4u * dq;
+#pragma unroll
+                for (int i = 0; i < 4; ++i) dst[i] = o[g][i];
+            }
+        }
     }
 }
 

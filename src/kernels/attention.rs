@@ -129,8 +129,27 @@ fn tile_smem_bytes(h: usize) -> usize {
 
 /// Shared memory of the split kernel: q `[G][hd]`, K `[64][hd + 1]` (rounded up to 4 floats),
 /// V `[64][hd]`, e `[G][64]`.
+/// The split kernel for `g` query heads per kv head of `hd` dims and its shared memory:
+/// `attention_split_tiled` for hd % 4 == 0 (q [Gp][hd] with Gp = g rounded up to 4, K [64][hd +
+/// 4], V [64][hd], e [Gp][64]), `attention_split` otherwise (q [g][hd], K [64][hd + 1] rounded
+/// up to 4 floats, V [64][hd], e [g][64]).
+fn split_kernel(g: usize, hd: usize) -> (&'static str, usize) {
+    if hd % 4 == 0 {
+        let gp = g.next_multiple_of(4);
+        (
+            "attention_split_tiled",
+            (gp * hd + 64 * (hd + 4) + 64 * hd + gp * 64) * 4,
+        )
+    } else {
+        (
+            "attention_split",
+            (g * hd + (64 * (hd + 1)).next_multiple_of(4) + 64 * hd + g * 64) * 4,
+        )
+    }
+}
+
 fn split_smem_bytes(g: usize, hd: usize) -> usize {
-    (g * hd + (64 * (hd + 1)).next_multiple_of(4) + 64 * hd + g * 64) * 4
+    split_kernel(g, hd).1
 }
 
 fn tile_name(hd: usize) -> Option<(&'static str, usize)> {
@@ -352,8 +371,8 @@ fn launch_split(
     // SAFETY: the split kernel writes (m, l, o) of every chunk c <= pos[i] / 64 of every
     // (query, head), and the combine kernel reads exactly those.
     let mut part = unsafe { GpuTensor::<f32>::uninit(dev, &[nq, nh, n_chunks, hd + 2]) }?;
-    let smem = split_smem_bytes(group, hd);
-    let split = function_with_smem(dev, "attention_split")?;
+    let (split_name, smem) = split_kernel(group, hd);
+    let split = function_with_smem(dev, split_name)?;
     let csmem = combine_smem_bytes(n_chunks);
     let combine = function_with_smem(dev, "attention_combine")?;
     let nc32 = as_u32(OP, "chunks", n_chunks)?;
@@ -379,7 +398,8 @@ fn launch_split(
             .arg(&row0);
         // SAFETY: q is [nq, n_heads, hd], part [nq, n_heads, n_chunks, hd + 2] with n_chunks
         // covering the largest position, the caches [n_kv, cap, hd] with every position < cap;
-        // grid z covers queries row0..row0 + nrows <= nq; shared memory as split_smem_bytes.
+        // grid z covers queries row0..row0 + nrows <= nq; shared memory as split_kernel says
+        // (the tiled kernel reads q, K and V as float4: hd % 4 == 0, every row 16-byte aligned).
         unsafe { launch.launch(cfg) }?;
         let cfg = LaunchConfig {
             grid_dim: (a.n_heads, nrows, 1),

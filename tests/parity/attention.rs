@@ -186,6 +186,15 @@ fn scattered_positions() {
     }
 }
 
+/// Query heads per kv head that are not a multiple of 4 (the tiled split kernel pads its head
+/// groups of 4): 6, 5 and 3, at head dims the tiled kernel takes.
+#[test]
+fn odd_head_groups() {
+    case(3, 100, 12, 2, 128, 200, 4, 0.0);
+    case(2, 70, 5, 1, 64, 100, 5, 0.0);
+    case(1, 300, 3, 1, 48, 310, 6, 0.0);
+}
+
 #[test]
 fn long_context() {
     case(3, 4_500, 4, 2, 128, 4_600, 1, 0.0);
