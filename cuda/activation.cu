@@ -6,7 +6,8 @@
 // exp is bitexact's own fma polynomial (common.cuh), the same bits as src/math.rs.
 //
 // Versions:
-//   swiglu_f32, sigmoid_f32  v1: grid-stride loop over the flat index, one element per step.
+//   swiglu_f32, swiglu_halves_f32, sigmoid_f32  v1: grid-stride loop over the flat index, one
+//                element per step.
 //
 // References: src/reference/activation.rs.
 

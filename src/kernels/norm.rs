@@ -189,7 +189,7 @@ pub fn qkv_norm_rope(
     if smem > 48 * 1024 {
         return Err(Error::invalid(OP, format!("head dim {hd} above 3072")));
     }
-    if n == 0 || hd == 0 {
+    if n == 0 || hd == 0 || slots == 0 {
         return Ok(());
     }
     let (cos, sin) = table.tables();

@@ -165,6 +165,43 @@ fn a_flipped_weight_bit_is_found_in_its_layer() {
     }
 }
 
+/// Matrices of one layer in different formats, as a GGUF file may hold them (Wv and the experts'
+/// up matrices in Q8_0 beside F32): the runner multiplies them apart (no stacked product) and
+/// still gives the CPU reference's bits at every layer and for every token's logits.
+#[test]
+fn mixed_formats_in_one_layer_equal_cpu() {
+    let Some(dev) = gpu() else { return };
+    let cfg = ModelConfig::preset("tiny", WeightFormat::F32).unwrap();
+    let mut w = ModelWeights::generate(&cfg, 11, None).unwrap();
+    let requant = |m: &QuantMatrix| {
+        QuantMatrix::quantize(
+            WeightFormat::Q8_0,
+            &m.dequantize(),
+            m.experts(),
+            m.rows(),
+            m.cols(),
+        )
+        .unwrap()
+    };
+    for l in 0..2 {
+        let a = w.layers[l].attention_mut().expect("attention layer");
+        a.wv = requant(&a.wv);
+        w.layers[l].moe.up = requant(&w.layers[l].moe.up);
+    }
+    let tokens = prompt(11, 40, cfg.vocab);
+    let cpu = cpu_run(&w, &tokens, None);
+    let model = GpuModel::load(dev, &w).unwrap();
+    for chunk in [40, 7, 1] {
+        let got = gpu_run(dev, &model, &tokens, chunk);
+        assert!(
+            first_divergence(&cpu, &got, cfg.dim).is_none(),
+            "mixed formats, chunk {chunk}: {:?}",
+            first_divergence(&cpu, &got, cfg.dim)
+        );
+        assert_bits_eq(&format!("logits, chunk {chunk}"), &got.logits, &cpu.logits);
+    }
+}
+
 #[test]
 fn session_errors_and_poisoning() {
     let Some(dev) = gpu() else { return };
