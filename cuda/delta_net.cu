@@ -6,8 +6,8 @@
 //                        window is written to conv_out (the old one, conv_in, is read only).
 //   delta_net_gate_f32   out[i] = normed[i] * silu(z[i]) (step 6, after the per-head rmsnorm).
 // Reference: src/reference/delta_net.rs (scan_cpu, forward_cpu); the order of every step is
-// stated there. The family's mutant breaks both kernels: the scan's kv tree (caught only for
-// head dims of more than two 32-blocks: 128 in the tests) and the gate's silu.
+// stated there. The family's mutant breaks both kernels: the scan's kv tree (it differs only
+// when partial 3 is not empty, head dims above 96: 128 in the tests) and the gate's silu.
 //
 // Versions:
 //   delta_net_scan_f32   v1: one block per value head, 4 S threads (S <= 128): thread (p, j)

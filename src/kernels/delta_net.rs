@@ -49,6 +49,7 @@ impl GpuDeltaNetConsts {
 /// A sequence's recurrent state on the device: the convolution window (two buffers: the scan
 /// reads one and writes the other, then they swap) and the `[Hv, S, S]` matrices.
 pub struct GpuDeltaNetState {
+    cfg: DeltaNetConfig,
     conv: [GpuTensor<f32>; 2],
     cur: usize,
     m: GpuTensor<f32>,
@@ -57,9 +58,11 @@ pub struct GpuDeltaNetState {
 impl GpuDeltaNetState {
     /// The state before the first token (zeros).
     pub fn new(dev: &Device, cfg: &DeltaNetConfig) -> Result<Self> {
+        cfg.validate()?;
         let (kc1, cd, s) = (cfg.conv_kernel - 1, cfg.conv_dim(), cfg.head_dim);
         let rows = kc1.max(1);
         Ok(GpuDeltaNetState {
+            cfg: cfg.clone(),
             conv: [
                 GpuTensor::zeros(dev, &[rows, cd])?,
                 GpuTensor::zeros(dev, &[rows, cd])?,
@@ -70,7 +73,8 @@ impl GpuDeltaNetState {
     }
 
     /// The state on the host, as the CPU reference holds it.
-    pub fn to_host(&self, cfg: &DeltaNetConfig) -> Result<DeltaNetState> {
+    pub fn to_host(&self) -> Result<DeltaNetState> {
+        let cfg = &self.cfg;
         let mut conv = self.conv[self.cur].to_host()?;
         conv.truncate((cfg.conv_kernel - 1) * cfg.conv_dim());
         Ok(DeltaNetState {
@@ -108,15 +112,16 @@ pub fn delta_net_scan(
     check_shape(OP, "b", &[n, hv], b.dims())?;
     check_shape(OP, "a", &[n, hv], a.dims())?;
     check_shape(OP, "o", &[n, hv, s], o.dims())?;
-    check_shape(OP, "state.m", &[hv, s, s], state.m.dims())?;
-    check_shape(
-        OP,
-        "state.conv",
-        &[(kc - 1).max(1), cd],
-        state.conv[0].dims(),
-    )?;
+    if state.cfg != *c {
+        return Err(Error::invalid(
+            OP,
+            "the state was made for another mixer shape",
+        ));
+    }
     let n32 = as_u32(OP, "tokens", n)?;
-    let (hk32, hv32, s32, kc32) = (hk as u32, hv as u32, s as u32, kc as u32);
+    let (hk32, hv32) = (as_u32(OP, "k_heads", hk)?, as_u32(OP, "v_heads", hv)?);
+    let (s32, kc32) = (as_u32(OP, "head_dim", s)?, as_u32(OP, "conv_kernel", kc)?);
+    as_u32(OP, "conv_dim", cd)?;
     if n == 0 {
         return Ok(());
     }

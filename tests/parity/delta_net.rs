@@ -56,7 +56,7 @@ fn case(c: &DeltaNetConfig, n: usize, chunk: usize, seed: u64) {
     }
     let what = format!("scan {c:?} n={n} chunk={chunk}");
     assert_bits_eq(&format!("{what}: o"), &got, &want);
-    let gs = st.to_host(c).unwrap();
+    let gs = st.to_host().unwrap();
     assert_bits_eq(&format!("{what}: window"), &gs.conv, &want_state.conv);
     assert_bits_eq(&format!("{what}: matrices"), &gs.m, &want_state.m);
 }
@@ -77,6 +77,34 @@ fn scan_matches_reference() {
             case(&c, n, chunk, (n * 7 + chunk) as u64);
         }
     }
+}
+
+/// Bad shapes are errors and write nothing: a mixed row of the wrong width, an output of the
+/// wrong token count, a state of another shape; no tokens is no work.
+#[test]
+fn bad_scan_input_writes_nothing() {
+    let Some(dev) = gpu() else { return };
+    let c = cfg(64, 2, 4, 16, 4);
+    let w = DeltaNetWeights::generate(&c, 3, 500).unwrap();
+    let consts = GpuDeltaNetConsts::upload(dev, &w).unwrap();
+    let mut st = GpuDeltaNetState::new(dev, &c).unwrap();
+    let (cd, hv, s) = (c.conv_dim(), c.v_heads, c.head_dim);
+    let t = |n: usize, w: usize| {
+        GpuTensor::from_host(dev, &values(9, n * w, 1.0, 0.0), &[n, w]).unwrap()
+    };
+    let (mixed, b, a) = (t(3, cd), t(3, hv), t(3, hv));
+    let mut o = GpuTensor::from_host(dev, &poison(3 * hv * s), &[3, hv, s]).unwrap();
+    let bad_mixed = t(3, cd - 1);
+    assert!(delta_net_scan(dev, &consts, &mut st, &bad_mixed, &b, &a, 1e-6, &mut o).is_err());
+    let mut o2 = GpuTensor::from_host(dev, &poison(2 * hv * s), &[2, hv, s]).unwrap();
+    assert!(delta_net_scan(dev, &consts, &mut st, &mixed, &b, &a, 1e-6, &mut o2).is_err());
+    let mut other = GpuDeltaNetState::new(dev, &cfg(64, 2, 4, 32, 4)).unwrap();
+    assert!(delta_net_scan(dev, &consts, &mut other, &mixed, &b, &a, 1e-6, &mut o).is_err());
+    assert_bits_eq("untouched o", &o.to_host().unwrap(), &poison(3 * hv * s));
+    let zero = DeltaNetState::new(&c);
+    let gs = st.to_host().unwrap();
+    assert_bits_eq("untouched window", &gs.conv, &zero.conv);
+    assert_bits_eq("untouched matrices", &gs.m, &zero.m);
 }
 
 #[test]
