@@ -53,6 +53,47 @@ __device__ __forceinline__ float bx_exp(float x) {
     return p * __int_as_float((n2 + 127) << 23);
 }
 
+// ln(x), our own: x = m 2^e with m in [sqrt(1/2), sqrt(2)) (subnormals scaled by 2^23 first),
+// f = m - 1 (exact), s = f / (2 + f), z = s * s, R = z (1/3 + z (1/5 + z (1/7 + z (1/9 +
+// z / 11)))) by Horner with fmaf, ln m = fmaf(2s, R, 2s), the result fmaf(e, LN2_HI, fmaf(e,
+// LN2_LO, ln m)). ln 0 = -inf, ln inf = inf, negative or NaN gives the canonical NaN.
+// Mirror: math::ln.
+__device__ __forceinline__ float bx_ln(float x) {
+    if (x != x || x < 0.0f) return __uint_as_float(BX_CANON_NAN_BITS);
+    if (x == 0.0f) return __uint_as_float(0xff800000u);
+    if (x == __uint_as_float(0x7f800000u)) return x;
+    u32 bits = __float_as_uint(x);
+    i32 e = 0;
+    if (bits < 0x00800000u) {
+        bits = __float_as_uint(x * __uint_as_float(0x4b000000u));  // exact scaling by 2^23
+        e = -23;
+    }
+    e += (i32)((bits >> 23) & 0xffu) - 127;
+    float m = __uint_as_float((bits & 0x007fffffu) | 0x3f800000u);
+    if (m > __uint_as_float(0x3fb504f3u)) {  // sqrt(2)
+        m = m * 0.5f;
+        e += 1;
+    }
+    const float f = m - 1.0f;
+    const float s = f / (2.0f + f);
+    const float z = s * s;
+    float r = __uint_as_float(0x3dba2e8cu);         // 1/11
+    r = fmaf(r, z, __uint_as_float(0x3de38e39u));   // 1/9
+    r = fmaf(r, z, __uint_as_float(0x3e124925u));   // 1/7
+    r = fmaf(r, z, __uint_as_float(0x3e4ccccdu));   // 1/5
+    r = fmaf(r, z, __uint_as_float(0x3eaaaaabu));   // 1/3
+    r = r * z;
+    const float s2 = 2.0f * s;
+    const float lnm = fmaf(s2, r, s2);
+    const float ef = (float)e;
+    return fmaf(ef, __uint_as_float(0x3f317200u), fmaf(ef, __uint_as_float(0x35bfbe8eu), lnm));
+}
+
+// softplus(x) = ln(1 + exp(x)), and x itself above 20. Mirror: math::softplus.
+__device__ __forceinline__ float bx_softplus(float x) {
+    return x > 20.0f ? x : bx_ln(1.0f + bx_exp(x));
+}
+
 // sigmoid(x) = 1 / (1 + exp(-x)). Mirror: math::sigmoid.
 __device__ __forceinline__ float bx_sigmoid(float x) {
     return 1.0f / (1.0f + bx_exp(-x));

@@ -71,6 +71,7 @@ families! {
     Attention => "attention",
     Elementwise => "elementwise",
     FastScan => "fastscan",
+    DeltaNet => "delta_net",
 }
 
 const COMMON: &str = include_str!("../cuda/common.cuh");

@@ -7,6 +7,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod delta_net;
 pub mod elementwise;
 pub mod fastscan;
 pub mod gemm;

@@ -163,21 +163,19 @@ fn l2_normalize(u: &mut [f32], eps: f32) {
     }
 }
 
-/// The mixer over `n` tokens `x: [n, dim]` in order, from `state` (updated): `[n, dim]`.
-/// `eps` is the model's RMSNorm epsilon (also that of the q/k normalisation). The projections
-/// run over all `n` tokens at once, which gives the bits of one token at a time.
-pub fn forward_cpu(
+/// Steps 2 to 5 over `n` tokens, from `state` (updated): the convolution and SiLU of
+/// `mixed: [n, conv_dim]`, the unit q and k, the gates from `b, a: [n, Hv]` and the delta rule;
+/// returns `o: [n, Hv, S]` (before the gated norm). The GPU's `delta_net_scan` is this.
+pub fn scan_cpu(
     w: &DeltaNetWeights,
     state: &mut DeltaNetState,
-    x: &[f32],
+    mixed: &[f32],
+    b: &[f32],
+    a: &[f32],
     n: usize,
     eps: f32,
-) -> Result<Vec<f32>> {
+) -> Vec<f32> {
     let c = &w.cfg;
-    c.validate()?;
-    if x.len() != n * c.dim {
-        return Err(Error::shape("delta_net", "x", &[n, c.dim], &[x.len()]));
-    }
     let (s, hk, hv, kc, cd) = (
         c.head_dim,
         c.k_heads,
@@ -185,10 +183,6 @@ pub fn forward_cpu(
         c.conv_kernel,
         c.conv_dim(),
     );
-    let mixed = gemm(x, &w.qkv, n)?;
-    let z = gemm(x, &w.z, n)?;
-    let b = gemm(x, &w.beta, n)?;
-    let a = gemm(x, &w.alpha, n)?;
     let scale = 1.0 / (s as f32).sqrt();
     let mut o = vec![0.0f32; n * hv * s];
     for t in 0..n {
@@ -240,6 +234,29 @@ pub fn forward_cpu(
             }
         }
     }
+    o
+}
+
+/// The mixer over `n` tokens `x: [n, dim]` in order, from `state` (updated): `[n, dim]`.
+/// `eps` is the model's RMSNorm epsilon (also that of the q/k normalisation). The projections
+/// run over all `n` tokens at once, which gives the bits of one token at a time.
+pub fn forward_cpu(
+    w: &DeltaNetWeights,
+    state: &mut DeltaNetState,
+    x: &[f32],
+    n: usize,
+    eps: f32,
+) -> Result<Vec<f32>> {
+    let c = &w.cfg;
+    c.validate()?;
+    if x.len() != n * c.dim {
+        return Err(Error::shape("delta_net", "x", &[n, c.dim], &[x.len()]));
+    }
+    let mixed = gemm(x, &w.qkv, n)?;
+    let z = gemm(x, &w.z, n)?;
+    let b = gemm(x, &w.beta, n)?;
+    let a = gemm(x, &w.alpha, n)?;
+    let o = scan_cpu(w, state, &mixed, &b, &a, n, eps);
     // 6. Gated norm per value head, 7. the output projection.
     let normed = rmsnorm(&o, &w.norm, eps);
     let gated: Vec<f32> = normed

@@ -8,6 +8,7 @@ mod common;
 
 mod activation;
 mod attention;
+mod delta_net;
 mod elementwise;
 mod fastscan;
 mod faults;

@@ -1,0 +1,142 @@
+//! `delta_net_scan` and `delta_net_gate`: GPU == CPU reference (`scan_cpu`), bit for bit, for
+//! the outputs and the state a sequence carries, over any chunking of its tokens.
+
+use bitexact::kernels::delta_net::{
+    delta_net_gate, delta_net_scan, GpuDeltaNetConsts, GpuDeltaNetState,
+};
+use bitexact::quant::WeightFormat;
+use bitexact::reference::delta_net::{scan_cpu, DeltaNetConfig, DeltaNetState, DeltaNetWeights};
+use bitexact::{Error, GpuTensor};
+
+use crate::common::{assert_bits_eq, gpu, poison, values};
+
+fn cfg(dim: usize, k_heads: usize, v_heads: usize, head_dim: usize, conv: usize) -> DeltaNetConfig {
+    DeltaNetConfig {
+        dim,
+        k_heads,
+        v_heads,
+        head_dim,
+        conv_kernel: conv,
+        format: WeightFormat::F32,
+    }
+}
+
+/// `n` tokens through the GPU scan in chunks of `chunk` against one CPU scan of all of them:
+/// every chunk's outputs and the final state (window and matrices).
+fn case(c: &DeltaNetConfig, n: usize, chunk: usize, seed: u64) {
+    let Some(dev) = gpu() else { return };
+    let w = DeltaNetWeights::generate(c, seed, 500).unwrap();
+    let (cd, hv, s) = (c.conv_dim(), c.v_heads, c.head_dim);
+    let mixed = values(seed ^ 1, n * cd, 2.0, 0.0);
+    let b = values(seed ^ 2, n * hv, 2.0, 0.0);
+    let a = values(seed ^ 3, n * hv, 2.0, 0.0);
+    let mut want_state = DeltaNetState::new(c);
+    let want = scan_cpu(&w, &mut want_state, &mixed, &b, &a, n, 1e-6);
+    let consts = GpuDeltaNetConsts::upload(dev, &w).unwrap();
+    let mut st = GpuDeltaNetState::new(dev, c).unwrap();
+    let mut got = Vec::with_capacity(want.len());
+    for t0 in (0..n).step_by(chunk) {
+        let m = chunk.min(n - t0);
+        let up = |x: &[f32], width: usize| {
+            GpuTensor::from_host(dev, &x[t0 * width..(t0 + m) * width], &[m, width]).unwrap()
+        };
+        let mut o = GpuTensor::from_host(dev, &poison(m * hv * s), &[m, hv, s]).unwrap();
+        delta_net_scan(
+            dev,
+            &consts,
+            &mut st,
+            &up(&mixed, cd),
+            &up(&b, hv),
+            &up(&a, hv),
+            1e-6,
+            &mut o,
+        )
+        .unwrap();
+        got.extend(o.to_host().unwrap());
+    }
+    let what = format!("scan {c:?} n={n} chunk={chunk}");
+    assert_bits_eq(&format!("{what}: o"), &got, &want);
+    let gs = st.to_host().unwrap();
+    assert_bits_eq(&format!("{what}: window"), &gs.conv, &want_state.conv);
+    assert_bits_eq(&format!("{what}: matrices"), &gs.m, &want_state.m);
+}
+
+/// The tiny-hybrid shape (head dim 16: one partial 32-block), a head dim of 48 (a partial
+/// second block), no window (conv 1) and the real Qwen3.6 shape (16 key heads, 32 value heads
+/// of 128, conv 4); chunks of 1 (decode), of fewer tokens than the window and of all. A head
+/// dim above 128 is refused.
+#[test]
+fn scan_matches_reference() {
+    for (c, n) in [
+        (cfg(64, 2, 4, 16, 4), 23),
+        (cfg(64, 1, 3, 48, 2), 9),
+        (cfg(2048, 16, 32, 128, 4), 12),
+        (cfg(64, 2, 2, 64, 1), 5),
+    ] {
+        for chunk in [n, 1, 2, 5] {
+            case(&c, n, chunk, (n * 7 + chunk) as u64);
+        }
+    }
+}
+
+/// Bad shapes are errors and write nothing: a mixed row of the wrong width, an output of the
+/// wrong token count, a state of another shape; no tokens is no work.
+#[test]
+fn bad_scan_input_writes_nothing() {
+    let Some(dev) = gpu() else { return };
+    let c = cfg(64, 2, 4, 16, 4);
+    let w = DeltaNetWeights::generate(&c, 3, 500).unwrap();
+    let consts = GpuDeltaNetConsts::upload(dev, &w).unwrap();
+    let mut st = GpuDeltaNetState::new(dev, &c).unwrap();
+    let (cd, hv, s) = (c.conv_dim(), c.v_heads, c.head_dim);
+    let t = |n: usize, w: usize| {
+        GpuTensor::from_host(dev, &values(9, n * w, 1.0, 0.0), &[n, w]).unwrap()
+    };
+    let (mixed, b, a) = (t(3, cd), t(3, hv), t(3, hv));
+    let mut o = GpuTensor::from_host(dev, &poison(3 * hv * s), &[3, hv, s]).unwrap();
+    let bad_mixed = t(3, cd - 1);
+    assert!(delta_net_scan(dev, &consts, &mut st, &bad_mixed, &b, &a, 1e-6, &mut o).is_err());
+    let mut o2 = GpuTensor::from_host(dev, &poison(2 * hv * s), &[2, hv, s]).unwrap();
+    assert!(delta_net_scan(dev, &consts, &mut st, &mixed, &b, &a, 1e-6, &mut o2).is_err());
+    let mut other = GpuDeltaNetState::new(dev, &cfg(64, 2, 4, 32, 4)).unwrap();
+    assert!(delta_net_scan(dev, &consts, &mut other, &mixed, &b, &a, 1e-6, &mut o).is_err());
+    assert_bits_eq("untouched o", &o.to_host().unwrap(), &poison(3 * hv * s));
+    let zero = DeltaNetState::new(&c);
+    let gs = st.to_host().unwrap();
+    assert_bits_eq("untouched window", &gs.conv, &zero.conv);
+    assert_bits_eq("untouched matrices", &gs.m, &zero.m);
+}
+
+#[test]
+fn wide_heads_are_refused() {
+    let Some(dev) = gpu() else { return };
+    let w = DeltaNetWeights::generate(&cfg(64, 1, 1, 256, 4), 1, 500).unwrap();
+    assert!(matches!(
+        GpuDeltaNetConsts::upload(dev, &w),
+        Err(Error::InvalidArgument { .. })
+    ));
+}
+
+#[test]
+fn gate_matches_reference_and_bad_shapes_write_nothing() {
+    let Some(dev) = gpu() else { return };
+    let len = 1000;
+    let nh = values(4, len, 4.0, 0.05);
+    let zh = values(5, len, 8.0, 0.05);
+    let want: Vec<f32> = nh
+        .iter()
+        .zip(&zh)
+        .map(|(&v, &z)| bitexact::math::canon(v * bitexact::math::silu(z)))
+        .collect();
+    let normed = GpuTensor::from_host(dev, &nh, &[len]).unwrap();
+    let z = GpuTensor::from_host(dev, &zh, &[len]).unwrap();
+    let mut out = GpuTensor::from_host(dev, &poison(len), &[len]).unwrap();
+    delta_net_gate(dev, &normed, &z, &mut out).unwrap();
+    assert_bits_eq("gate", &out.to_host().unwrap(), &want);
+    let mut bad = GpuTensor::from_host(dev, &poison(len - 1), &[len - 1]).unwrap();
+    assert!(matches!(
+        delta_net_gate(dev, &normed, &z, &mut bad),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    assert_bits_eq("untouched", &bad.to_host().unwrap(), &poison(len - 1));
+}
