@@ -24,6 +24,7 @@ __device__ __forceinline__ float swiglu_op(float g, float u) {
 
 extern "C" __global__ void swiglu_f32(float* __restrict__ out, const float* __restrict__ gate,
                                       const float* __restrict__ up, u64 n) {
+    bx_grid_begin();
     for (u64 j = (u64)blockIdx.x * blockDim.x + threadIdx.x; j < n;
          j += (u64)gridDim.x * blockDim.x) {
         out[j] = swiglu_op(gate[j], up[j]);
@@ -32,6 +33,7 @@ extern "C" __global__ void swiglu_f32(float* __restrict__ out, const float* __re
 
 extern "C" __global__ void swiglu_halves_f32(float* __restrict__ out,
                                              const float* __restrict__ gu, u64 rows, u32 f) {
+    bx_grid_begin();
     const u64 n = rows * f;
     for (u64 j = (u64)blockIdx.x * blockDim.x + threadIdx.x; j < n;
          j += (u64)gridDim.x * blockDim.x) {
@@ -43,6 +45,7 @@ extern "C" __global__ void swiglu_halves_f32(float* __restrict__ out,
 
 extern "C" __global__ void sigmoid_f32(float* __restrict__ out, const float* __restrict__ x,
                                        u64 n) {
+    bx_grid_begin();
     for (u64 j = (u64)blockIdx.x * blockDim.x + threadIdx.x; j < n;
          j += (u64)gridDim.x * blockDim.x) {
         out[j] = bx_sigmoid(x[j]);

@@ -51,6 +51,7 @@ extern "C" __global__ void __launch_bounds__(128)
                   const float* __restrict__ kc, const float* __restrict__ vc,
                   const u32* __restrict__ qpos, u32 n_heads, u32 n_kv, u32 hd, u32 cap,
                   float scale) {
+    bx_grid_begin();
     extern __shared__ float att_o[];  // hd running outputs
     __shared__ float red[ATT_THREADS / 32u];
     __shared__ float se[ATT_CHUNK];
@@ -109,6 +110,7 @@ extern "C" __global__ void kv_write_f32(float* __restrict__ kc, float* __restric
                                         const float* __restrict__ k, const float* __restrict__ v,
                                         const u32* __restrict__ pos, u32 n_kv, u32 hd, u32 cap,
                                         u32 row0) {
+    bx_grid_begin();
     const u32 idx = blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= n_kv * hd) return;
     const u32 kvh = idx / hd, d = idx - kvh * hd;
@@ -394,6 +396,7 @@ __device__ __forceinline__ void attention_tile_body(float* __restrict__ out,
         float* __restrict__ out, const float* __restrict__ q, const float* __restrict__ kc,    \
         const float* __restrict__ vc, const u32* __restrict__ qpos, u32 nq, u32 n_heads,       \
         u32 n_kv, u32 hd, u32 cap, float scale) {                                              \
+        bx_grid_begin();                                                                       \
         attention_tile_body<H>(out, q, kc, vc, qpos, nq, n_heads, n_kv, hd, cap, scale);       \
     }
 
@@ -414,6 +417,7 @@ extern "C" __global__ void __launch_bounds__(256)
                     const float* __restrict__ kc, const float* __restrict__ vc,
                     const u32* __restrict__ qpos, u32 n_heads, u32 n_kv, u32 hd, u32 cap,
                     float scale, u32 n_chunks, u32 row0) {
+    bx_grid_begin();
     extern __shared__ __align__(16) float ssm[];
     const u32 G = n_heads / n_kv;
     float* sQ = ssm;
@@ -552,6 +556,7 @@ extern "C" __global__ void __launch_bounds__(256)
                           const float* __restrict__ kc, const float* __restrict__ vc,
                           const u32* __restrict__ qpos, u32 n_heads, u32 n_kv, u32 hd, u32 cap,
                           float scale, u32 n_chunks, u32 row0) {
+    bx_grid_begin();
     extern __shared__ __align__(16) float tsm[];
     const u32 G = n_heads / n_kv, Gp = (G + 3u) & ~3u;
     const u32 ks = hd + 4u;  // K row stride
@@ -719,33 +724,58 @@ extern "C" __global__ void __launch_bounds__(256)
     }
 }
 
-// Fold of the chunk partials of one (query, head), 128 threads. The chunks' m and l are staged
-// in shared memory with every load in flight; the prefix maxima M_c (any order: fmaxf is exact
-// and m_c is never NaN) by a block scan; a_c = bx_exp(M_(c-1) - M_c), b_c = bx_exp(m_c - M_c)
-// in parallel; then every thread runs the fold of L and thread d that of O[d], in chunk order,
-// O's partials loaded 32 chunks at a time before their folds. At context 8192 (129 chunks) the
-// fold of L from device memory waited out one load per chunk: 30 us a layer in ncu.
+// Fold of the chunk partials of one (query, head, slice of 32 dims), 128 threads: block
+// (h * n_slices + s, query) for dims 32 s .. 32 s + 31. A block per (query, head) waited out one
+// dependent load per chunk (54 us a layer at context 8192 in ncu, 32 blocks on 132 SMs): here
+// the slice's partials of up to CMB_STAGE chunks are copied into shared memory by cp.async,
+// every copy in flight at once and issued first, while the chunks' m and l are staged and the
+// prefix maxima M_c formed (any order: fmaxf is exact and m_c is never NaN) by a block scan;
+// a_c = bx_exp(M_(c-1) - M_c), b_c = bx_exp(m_c - M_c) in parallel; then lane d of warp 0 runs
+// the folds of L and of O[d] in chunk order from shared memory. The bits are the reference's.
 
 #define CMB_THREADS 128u
-#define CMB_BATCH 32u
+#define CMB_DIMS 32u
+#define CMB_STAGE 128u
+
+__device__ __forceinline__ void cp_async4(float* smem, const float* gmem) {
+    const u32 dst = (u32)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(gmem));
+}
+
+// Copies the slice's partials of chunks c0 .. c0 + count (count <= CMB_STAGE) into so[c][dd].
+__device__ __forceinline__ void cmb_stage(float* so, const float* P, u64 stride, u32 d0,
+                                          u32 width, u32 c0, u32 count, u32 tid) {
+    for (u32 i = tid; i < count * CMB_DIMS; i += CMB_THREADS) {
+        const u32 c = i / CMB_DIMS, dd = i - c * CMB_DIMS;
+        if (dd < width) cp_async4(so + i, P + (u64)(c0 + c) * stride + 2u + d0 + dd);
+    }
+    asm volatile("cp.async.commit_group;");
+}
 
 extern "C" __global__ void __launch_bounds__(128)
     attention_combine(float* __restrict__ out, const float* __restrict__ part,
                       const u32* __restrict__ qpos, u32 n_heads, u32 hd, u32 n_chunks,
                       u32 row0) {
-    extern __shared__ float csm[];  // m[nc], l[nc], M[nc], a[nc], b[nc], warp maxima[4]
-    const u32 h = blockIdx.x;
+    bx_grid_begin();
+    // so[CMB_STAGE][32], then m, l, M, a, b per chunk, then 4 warp maxima
+    extern __shared__ __align__(16) float csm[];
+    const u32 n_slices = (hd + CMB_DIMS - 1u) / CMB_DIMS;
+    const u32 h = blockIdx.x / n_slices, d0 = (blockIdx.x - h * n_slices) * CMB_DIMS;
+    const u32 width = min(CMB_DIMS, hd - d0);
     const u64 qi = (u64)row0 + blockIdx.y;
     const u32 tid = threadIdx.x, lane = tid & 31u, warp = tid >> 5;
     const u32 nc = qpos[qi] / ATT_CHUNK + 1u;
     const u64 stride = hd + 2u;
     const float* P = part + (qi * n_heads + h) * n_chunks * stride;
-    float* sm = csm;
+    float* so = csm;
+    float* sm = so + CMB_STAGE * CMB_DIMS;
     float* sl = sm + nc;
     float* sM = sl + nc;
     float* sa = sM + nc;
     float* sb = sa + nc;
     float* swm = sb + nc;
+    // The first batch (chunks 1 ..) goes out before anything else is read.
+    cmb_stage(so, P, stride, d0, width, 1u, min(CMB_STAGE, nc - 1u), tid);
     for (u32 c = tid; c < nc; c += CMB_THREADS) {
         sm[c] = P[c * stride];
         sl[c] = P[c * stride + 1u];
@@ -774,20 +804,28 @@ extern "C" __global__ void __launch_bounds__(128)
         sa[c] = bx_exp(sM[c - 1u] - sM[c]);
         sb[c] = bx_exp(sm[c] - sM[c]);
     }
-    __syncthreads();
-    // Every thread folds L itself (the same shared words: broadcasts), so that none waits.
-    float L = sl[0];
-    for (u32 c = 1; c < nc; ++c) L = att_fold(L, sa[c], sl[c], sb[c]);
-    for (u32 d = tid; d < hd; d += CMB_THREADS) {
-        float O = P[2u + d];
-        for (u32 c0 = 1; c0 < nc; c0 += CMB_BATCH) {
-            float v[CMB_BATCH];
-#pragma unroll
-            for (u32 i = 0; i < CMB_BATCH; ++i) v[i] = c0 + i < nc ? P[(c0 + i) * stride + 2u + d] : 0.0f;
-#pragma unroll
-            for (u32 i = 0; i < CMB_BATCH; ++i)
-                if (c0 + i < nc) O = att_fold(O, sa[c0 + i], v[i], sb[c0 + i]);
-        }
-        out[(qi * n_heads + h) * hd + d] = bx_canon(O / L);
+    float L = 0.0f, O = 0.0f;
+    if (warp == 0u) {
+        L = sl[0];
+        if (lane < width) O = P[2u + d0 + lane];
     }
+    for (u32 c0 = 1; c0 < nc; c0 += CMB_STAGE) {
+        const u32 count = min(CMB_STAGE, nc - c0);
+        asm volatile("cp.async.wait_all;" ::: "memory");
+        __syncthreads();  // every thread's copies, and (first batch) sa, sb
+        if (warp == 0u) {
+            // Lanes fold L redundantly (broadcast reads) so that none waits for another.
+#pragma unroll 8
+            for (u32 c = 0; c < count; ++c) {
+                L = att_fold(L, sa[c0 + c], sl[c0 + c], sb[c0 + c]);
+                O = att_fold(O, sa[c0 + c], so[c * CMB_DIMS + lane], sb[c0 + c]);
+            }
+        }
+        if (c0 + CMB_STAGE < nc) {
+            __syncthreads();  // the batch is folded before it is overwritten
+            cmb_stage(so, P, stride, d0, width, c0 + CMB_STAGE, min(CMB_STAGE, nc - c0 - CMB_STAGE),
+                      tid);
+        }
+    }
+    if (warp == 0u && lane < width) out[(qi * n_heads + h) * hd + d0 + lane] = bx_canon(O / L);
 }

@@ -12,6 +12,19 @@ typedef int i32;
 #define BX_FULL_MASK 0xffffffffu
 #define BX_MAX_GRID_Y 65535u
 
+// The first statement of every kernel (a unit test checks each one; src/launch.rs says why).
+// Kernels are launched with programmatic dependent launch allowed, so a kernel's blocks may start
+// while the kernel before it on the stream is still running: griddepcontrol.wait returns once
+// that kernel has completed and its writes are visible, before this one reads or writes any
+// memory. Then launch_dependents lets the next kernel's blocks be scheduled as soon as every block
+// of this one has started. Launched without the attribute (or before sm_90) both are no-ops.
+__device__ __forceinline__ void bx_grid_begin() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // The one NaN every bitexact kernel returns: what CUDA's float arithmetic produces.
 #define BX_CANON_NAN_BITS 0x7fffffffu
 

@@ -37,6 +37,7 @@ extern "C" __global__ void __launch_bounds__(512)
                        const float* __restrict__ conv_in, const float* __restrict__ dt_bias,
                        const float* __restrict__ ssm_a, u32 n, u32 hk, u32 hv, u32 s, u32 kc,
                        float eps) {
+    bx_grid_begin();
     __shared__ float sq[DN_MAX_S], sk[DN_MAX_S], sv[DN_MAX_S];
     __shared__ float part[4][DN_MAX_S];
     __shared__ float npart[8];
@@ -151,6 +152,7 @@ extern "C" __global__ void __launch_bounds__(512)
 extern "C" __global__ void delta_net_gate_f32(float* __restrict__ out,
                                               const float* __restrict__ normed,
                                               const float* __restrict__ z, u64 len) {
+    bx_grid_begin();
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < len;
          i += (u64)gridDim.x * blockDim.x) {
 #ifdef BITEXACT_MUTANT

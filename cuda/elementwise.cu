@@ -9,6 +9,7 @@
 #include "common.cuh"
 
 extern "C" __global__ void add_f32(float* __restrict__ a, const float* __restrict__ b, u64 n) {
+    bx_grid_begin();
     for (u64 j = (u64)blockIdx.x * blockDim.x + threadIdx.x; j < n;
          j += (u64)gridDim.x * blockDim.x) {
 #ifdef BITEXACT_MUTANT
@@ -23,6 +24,7 @@ extern "C" __global__ void add_f32(float* __restrict__ a, const float* __restric
 extern "C" __global__ void gather_rows_f32(float* __restrict__ out,
                                            const float* __restrict__ table,
                                            const u32* __restrict__ ids, u64 rows, u32 width) {
+    bx_grid_begin();
     const u64 n = rows * width;
     for (u64 j = (u64)blockIdx.x * blockDim.x + threadIdx.x; j < n;
          j += (u64)gridDim.x * blockDim.x) {

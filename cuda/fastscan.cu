@@ -96,6 +96,7 @@ extern "C" __global__ void fastscan_encode(u8* __restrict__ cache, const float* 
                                            u32 slots, const float* __restrict__ signs,
                                            const float* __restrict__ bounds, u32 nbounds,
                                            u32 D, u32 tile_bytes, u64 head_bytes, float k) {
+    bx_grid_begin();
     __shared__ float v[FS_ENC_WARPS][FS_MAX_D];
     __shared__ u8 codes[FS_ENC_WARPS][2][FS_MAX_D];
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
@@ -166,6 +167,7 @@ extern "C" __global__ void __launch_bounds__(256)
                     u32 nchunk, const float* __restrict__ signs,
                     const float* __restrict__ centroids, u32 H, u32 n_kv, u32 D, u32 levels,
                     u32 tile_bytes, u64 head_bytes, u32 smode, float k) {
+    bx_grid_begin();
     __shared__ float qr[FS_MAX_D];
     __shared__ float table[FS_MAX_D * FS_MAX_LEVELS];
     __shared__ signed char lut[FS_MAX_D * FS_MAX_LEVELS];
@@ -347,6 +349,7 @@ extern "C" __global__ void __launch_bounds__(256)
                     const u8* __restrict__ vc, const u32* __restrict__ qpos, u32 span,
                     u32 nchunk, const float* __restrict__ centroids, u32 H, u32 n_kv, u32 D,
                     u32 levels, u32 tile_bytes, u64 head_bytes, u32 vmode) {
+    bx_grid_begin();
     __shared__ FsChunk sh;
     __shared__ float cent[FS_MAX_LEVELS];
     __shared__ int cq[FS_MAX_LEVELS];
@@ -371,6 +374,7 @@ extern "C" __global__ void __launch_bounds__(256)
     fastscan_finish(float* __restrict__ out, const float* __restrict__ vpart,
                     const float* __restrict__ esum, const u32* __restrict__ qpos, u32 nchunk,
                     const float* __restrict__ signs, u32 H, u32 D, u32 rotate, float k) {
+    bx_grid_begin();
     __shared__ float o[FS_MAX_D];
     const u32 h = blockIdx.x;
     const u64 qi = blockIdx.y;
@@ -398,6 +402,7 @@ extern "C" __global__ void __launch_bounds__(256)
     f16kv_scores(float* __restrict__ s, float* __restrict__ cmax, const float* __restrict__ q,
                  const u16* __restrict__ kc, const u32* __restrict__ qpos, u32 span, u32 nchunk,
                  u32 H, u32 n_kv, u32 D, u32 cap, float k) {
+    bx_grid_begin();
     __shared__ float qs[FS_MAX_D];
     __shared__ float ks[FS_THREADS / 32u][32][33];
     __shared__ float red[FS_THREADS / 32u];
@@ -455,6 +460,7 @@ extern "C" __global__ void __launch_bounds__(256)
                  const float* __restrict__ s, const float* __restrict__ cmax,
                  const u16* __restrict__ vc, const u32* __restrict__ qpos, u32 span, u32 nchunk,
                  u32 H, u32 n_kv, u32 D, u32 cap) {
+    bx_grid_begin();
     __shared__ FsChunk sh;
     const u32 c = blockIdx.x, h = blockIdx.y;
     const u64 qi = blockIdx.z;

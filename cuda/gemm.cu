@@ -107,6 +107,7 @@ __device__ __forceinline__ float dot_f32_canonical(const float* __restrict__ x,
 
 extern "C" __global__ void gemm_f32_v1(float* __restrict__ y, const float* __restrict__ x,
                                        const float* __restrict__ w, u32 M, u32 K, u32 row0) {
+    bx_grid_begin();
     const u32 m = blockIdx.x * blockDim.x + threadIdx.x;
     if (m >= M) return;
     const u64 n = (u64)row0 + blockIdx.y;
@@ -119,6 +120,7 @@ extern "C" __global__ void gemm_grouped_f32_v1(float* __restrict__ y, const floa
                                                const u32* __restrict__ experts,
                                                const u32* __restrict__ y_rows, u32 M, u32 K,
                                                u32 row0) {
+    bx_grid_begin();
     const u32 m = blockIdx.x * blockDim.x + threadIdx.x;
     if (m >= M) return;
     const u64 r = (u64)row0 + blockIdx.y;
@@ -441,6 +443,7 @@ extern "C" __global__ void __launch_bounds__(128)
                   const u32* __restrict__ tiles, const u32* __restrict__ x_rows,
                   const u32* __restrict__ y_rows, u32 n_rows, u32 M, u32 K, u64 row_bytes,
                   u32 tile0) {
+    bx_grid_begin();
     __shared__ __align__(16) float sw[GEMV_F32W_SEG / 32u * GEMV_F32W_PAD];
     __shared__ __align__(16) float sx[GEMV_F32W_SEG / 32u * GEMV_F32W_PAD];
     const u32 tid = threadIdx.x, m = blockIdx.x;
@@ -919,6 +922,7 @@ extern "C" __global__ void __launch_bounds__(256, 2)
                         const u32* __restrict__ tiles, const u32* __restrict__ x_rows,
                         const u32* __restrict__ y_rows, u32 n_rows, u32 M, u32 K,
                         u64 row_bytes, u32 tile0) {
+    bx_grid_begin();
     extern __shared__ __align__(16) u8 q8a_smem[];
     const u32 tid = threadIdx.x;
     const u32 warp = tid >> 5, lane = tid & 31u;
@@ -1232,6 +1236,7 @@ __device__ __forceinline__ void gemm_mma_kq_async_body(
                                const u8* __restrict__ W, const u32* __restrict__ tiles,        \
                                const u32* __restrict__ x_rows, const u32* __restrict__ y_rows, \
                                u32 n_rows, u32 M, u32 K, u64 row_bytes, u32 tile0) {           \
+        bx_grid_begin();                                                                       \
         gemm_mma_kq_async_body<FMT>(y, xq, xd, xa, W, tiles, x_rows, y_rows, n_rows, M, K,     \
                                     row_bytes, tile0);                                         \
     }
@@ -1249,6 +1254,7 @@ KQA_ENTRY(q5_k, FMT_Q5_K)
 extern "C" __global__ void route_rows(u32* __restrict__ up, u32* __restrict__ down,
                                       const u32* __restrict__ ids, u32 len, u32 k,
                                       u32 n_experts) {
+    bx_grid_begin();
     const u32 r = blockIdx.x * blockDim.x + threadIdx.x;
     if (r >= len) return;
     const u32 e = min(ids[r], n_experts - 1u);
@@ -1299,6 +1305,7 @@ __device__ __forceinline__ u32 route_block_sum(u32 v, u32* __restrict__ scratch)
 
 extern "C" __global__ void __launch_bounds__(256)
     route_count(u32* __restrict__ counts, const u32* __restrict__ ids, u32 len, u32 n_experts) {
+    bx_grid_begin();
     __shared__ u32 scratch[ROUTE_THREADS / 32u];
     const u32 e = blockIdx.x;
     u32 c = 0;
@@ -1311,6 +1318,7 @@ extern "C" __global__ void __launch_bounds__(256)
     route_sort(u32* __restrict__ up, u32* __restrict__ down, const u32* __restrict__ counts,
                const u32* __restrict__ ids, u32 len, u32 k, u32 n_experts, u32 gemm_tiles,
                u32 gemv_tiles) {
+    bx_grid_begin();
     __shared__ u32 scratch[ROUTE_THREADS / 32u];
     __shared__ u32 warp_hits[ROUTE_THREADS / 32u];
     const u32 e = blockIdx.x, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31u;
@@ -1406,6 +1414,7 @@ extern "C" __global__ void __launch_bounds__(256)
              const u32* __restrict__ tiles, const u32* __restrict__ x_rows,                    \
              const u32* __restrict__ y_rows, u32 n_rows, u32 M, u32 K, u64 row_bytes,          \
              u32 tile0) {                                                                      \
+        bx_grid_begin();                                                                       \
         gemv_body<FMT, NT>(y, x, xq, xd, xa, W, tiles, x_rows, y_rows, n_rows, M, K,           \
                            row_bytes, tile0);                                                  \
     }
@@ -1558,6 +1567,7 @@ __device__ __forceinline__ void gemv_kq_async_body(
                            const u32* __restrict__ tiles, const u32* __restrict__ x_rows,      \
                            const u32* __restrict__ y_rows, u32 n_rows, u32 M, u32 K,           \
                            u64 row_bytes, u32 tile0) {                                         \
+        bx_grid_begin();                                                                       \
         gemv_kq_async_body<FMT>(y, xq, xd, xa, W, tiles, x_rows, y_rows, n_rows, M, K,         \
                                 row_bytes, tile0);                                             \
     }
@@ -1592,6 +1602,7 @@ extern "C" __global__ void __launch_bounds__(256)
                   const u32* __restrict__ tiles, const u32* __restrict__ x_rows,
                   const u32* __restrict__ y_rows, u32 n_rows, u32 M, u32 K, u64 row_bytes,
                   u32 tile0) {
+    bx_grid_begin();
     extern __shared__ __align__(16) u8 gmq_smem[];
     // (d * dx, isum) of [row][block of the pass]
     float2* sstep = reinterpret_cast<float2*>(gmq_smem + GMQ_WARPS * GMQ_CHUNK_BYTES);
@@ -1697,6 +1708,7 @@ extern "C" __global__ void __launch_bounds__(256)
                         const u32* __restrict__ tiles, const u32* __restrict__ x_rows,         \
                         const u32* __restrict__ y_rows, u32 n_rows, u32 M, u32 K,              \
                         u64 row_bytes, u32 tile0) {                                            \
+        bx_grid_begin();                                                                       \
         gemm_ffma_body<FMT>(y, x, W, tiles, x_rows, y_rows, n_rows, M, K, row_bytes, tile0);   \
     }
 
@@ -1715,6 +1727,7 @@ FFMA_ENTRY(bf16, FMT_BF16)
                        const u32* __restrict__ tiles, const u32* __restrict__ x_rows,          \
                        const u32* __restrict__ y_rows, u32 n_rows, u32 M, u32 K,               \
                        u64 row_bytes, u32 tile0) {                                             \
+        bx_grid_begin();                                                                       \
         gemm_mma_body<FMT>(y, xq, xd, xa, W, tiles, x_rows, y_rows, n_rows, M, K, row_bytes,  \
                            tile0);                                                             \
     }

@@ -30,6 +30,7 @@ extern "C" __global__ void moe_weighted_reduce_f32_v1(float* __restrict__ out,
                                                       const float* __restrict__ shared,
                                                       u32 na, u32 dim, u32 row0,
                                                       u32 has_shared) {
+    bx_grid_begin();
     const u32 col = blockIdx.x * blockDim.x + threadIdx.x;
     if (col >= dim) return;
     const u64 row = (u64)row0 + blockIdx.y;
@@ -50,6 +51,7 @@ extern "C" __global__ void moe_weighted_reduce_f32_v2(float* __restrict__ out,
                                                       const float* __restrict__ shared,
                                                       u32 na, u32 dim4, u32 row0,
                                                       u32 has_shared) {
+    bx_grid_begin();
     const u32 c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= dim4) return;
     const u64 row = (u64)row0 + blockIdx.y;

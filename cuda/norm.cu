@@ -41,6 +41,7 @@ __device__ __forceinline__ float norm_rs(float ss, u32 width, float eps) {
 extern "C" __global__ void rmsnorm_f32(float* __restrict__ y, const float* __restrict__ x,
                                        const float* __restrict__ w, u32 rows, u32 width,
                                        float eps) {
+    bx_grid_begin();
     const u32 lane = threadIdx.x & 31u;
     const u64 row = (u64)blockIdx.x * NORM_WARPS + (threadIdx.x >> 5);
     if (row >= rows) return;
@@ -112,12 +113,14 @@ __device__ __forceinline__ void rmsnorm_row_body(float* __restrict__ y, float* _
 extern "C" __global__ void __launch_bounds__(256)
     rmsnorm_f32_row(float* __restrict__ y, const float* __restrict__ x,
                     const float* __restrict__ w, u32 rows, u32 width, float eps) {
+    bx_grid_begin();
     rmsnorm_row_body<false>(y, const_cast<float*>(x), nullptr, w, rows, width, eps);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
     add_rmsnorm_f32_row(float* __restrict__ y, float* __restrict__ h, const float* __restrict__ o,
                         const float* __restrict__ w, u32 rows, u32 width, float eps) {
+    bx_grid_begin();
     rmsnorm_row_body<true>(y, h, o, w, rows, width, eps);
 }
 
@@ -132,6 +135,7 @@ extern "C" __global__ void __launch_bounds__(128)
                       const u32* __restrict__ pos, const float* __restrict__ cos_t,
                       const float* __restrict__ sin_t, u32 nh, u32 nkv, u32 hd, u32 half,
                       u32 cap, float eps, u32 row0) {
+    bx_grid_begin();
     extern __shared__ float qkv_sm[];
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
     const u32 slot = blockIdx.x * 4u + warp;

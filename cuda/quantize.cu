@@ -16,6 +16,7 @@ extern "C" __global__ void quantize_q8_32(const float* __restrict__ x,
                                           signed char* __restrict__ codes,
                                           float* __restrict__ d, float* __restrict__ a,
                                           u64 n_blocks) {
+    bx_grid_begin();
     const u32 lane = threadIdx.x & 31u;
     const u64 first = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const u64 stride = ((u64)gridDim.x * blockDim.x) >> 5;

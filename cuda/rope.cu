@@ -13,6 +13,7 @@ extern "C" __global__ void rope_neox_f32(float* __restrict__ x, const u32* __res
                                          const float* __restrict__ cos_t,
                                          const float* __restrict__ sin_t, u32 heads, u32 hd,
                                          u32 half, u32 row0) {
+    bx_grid_begin();
     const u32 idx = blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= heads * half) return;
     const u32 head = idx / half, i = idx - head * half;

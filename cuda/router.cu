@@ -31,6 +31,7 @@ __device__ __forceinline__ u64 router_candidate(float p, u32 e) {
 extern "C" __global__ void softmax_topk_f32(const float* __restrict__ logits,
                                             u32* __restrict__ ids, float* __restrict__ weights,
                                             u32 n_tokens, u32 E, u32 k, u32 renormalize) {
+    bx_grid_begin();
     extern __shared__ float router_smem[];
     const u32 warp = threadIdx.x >> 5;
     const u32 lane = threadIdx.x & 31u;

@@ -26,6 +26,7 @@ __device__ __forceinline__ float row_scale_op(float v, float s) {
 extern "C" __global__ void row_scale_f32_v1(float* __restrict__ buf,
                                             const float* __restrict__ scales, u32 cols,
                                             u32 row0) {
+    bx_grid_begin();
     const u32 col = blockIdx.x * blockDim.x + threadIdx.x;
     if (col >= cols) return;
     const u64 row = (u64)row0 + blockIdx.y;
@@ -36,6 +37,7 @@ extern "C" __global__ void row_scale_f32_v1(float* __restrict__ buf,
 extern "C" __global__ void row_scale_f32_v2(float* __restrict__ buf,
                                             const float* __restrict__ scales, u32 cols4,
                                             u32 row0) {
+    bx_grid_begin();
     const u32 c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= cols4) return;
     const u64 row = (u64)row0 + blockIdx.y;

@@ -17,7 +17,7 @@
 //! operation, so the driver's PTX JIT cannot contract or reorder them either.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream};
@@ -174,6 +174,8 @@ pub struct Device {
     marks: Mutex<Option<Vec<(&'static str, CudaEvent)>>>,
     /// Device allocations so far ([`Device::allocations`]).
     allocs: AtomicU64,
+    /// Whether launches allow programmatic dependent launch (`src/launch.rs`).
+    overlap: AtomicBool,
     /// Allocations left before an injected out-of-memory (0: none armed).
     alloc_fault_in: AtomicU64,
     /// A family whose next compile fails ([`Device::inject_compile_failure`]).
@@ -261,6 +263,7 @@ impl Device {
             launches: AtomicU64::new(0),
             marks: Mutex::new(None),
             allocs: AtomicU64::new(0),
+            overlap: AtomicBool::new(crate::launch::pdl_default(cc)),
             alloc_fault_in: AtomicU64::new(0),
             compile_fault: Mutex::new(None),
         }
@@ -272,12 +275,25 @@ impl Device {
     /// never reallocated under it.
     pub(crate) fn twin(&self) -> Result<Device> {
         let stream = self.ctx.new_stream()?;
-        Ok(Device::with_stream(
-            self.ctx.clone(),
-            stream,
-            self.name.clone(),
-            self.cc,
-        ))
+        let twin = Device::with_stream(self.ctx.clone(), stream, self.name.clone(), self.cc);
+        twin.set_launch_overlap(self.launch_overlap());
+        Ok(twin)
+    }
+
+    /// Lets each kernel's launch overlap the end of the kernel before it (programmatic
+    /// dependent launch, compute capability 9.0 and up; off by default, on with
+    /// `BITEXACT_PDL=1`), or turns that off. Scheduling only: no output bit depends on it (`src/launch.rs`). A
+    /// decode graph keeps the setting it was captured with.
+    pub fn set_launch_overlap(&self, on: bool) {
+        self.overlap.store(
+            on && crate::launch::pdl_supported(self.cc),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Whether launches overlap the kernel before them ([`Device::set_launch_overlap`]).
+    pub fn launch_overlap(&self) -> bool {
+        self.overlap.load(Ordering::Relaxed)
     }
 
     /// The device's name as the driver reports it.
@@ -554,17 +570,68 @@ mod tests {
                     name: Some(format!("{}.cu", family.name())),
                     ..Default::default()
                 };
-                if let Err(e) = cudarc::nvrtc::compile_ptx_with_opts(family.program(), opts) {
-                    let log = match &e {
-                        cudarc::nvrtc::CompileError::CompileError { log, .. } => {
-                            log.to_string_lossy().into_owned()
-                        }
-                        other => format!("{other:?}"),
-                    };
-                    failed.push(format!("{} (mutant {mutant}):\n{log}", family.name()));
+                match cudarc::nvrtc::compile_ptx_with_opts(family.program(), opts) {
+                    Ok(ptx) => failed.extend(
+                        entries_touching_memory_before_the_grid_wait(&ptx.to_src())
+                            .into_iter()
+                            .map(|k| {
+                                format!(
+                                    "{}: kernel {k} does not start with bx_grid_begin()",
+                                    family.name()
+                                )
+                            }),
+                    ),
+                    Err(e) => {
+                        let log = match &e {
+                            cudarc::nvrtc::CompileError::CompileError { log, .. } => {
+                                log.to_string_lossy().into_owned()
+                            }
+                            other => format!("{other:?}"),
+                        };
+                        failed.push(format!("{} (mutant {mutant}):\n{log}", family.name()));
+                    }
                 }
             }
         }
         assert!(failed.is_empty(), "{}", failed.join("\n"));
+    }
+
+    /// The `.entry` kernels of `ptx` in which a memory instruction (global, shared or async
+    /// copy, atomics) comes before `griddepcontrol.wait`, or that have no wait at all: with
+    /// programmatic dependent launch such a kernel could read its input before the kernel that
+    /// writes it has finished (see `src/launch.rs`).
+    fn entries_touching_memory_before_the_grid_wait(ptx: &str) -> Vec<String> {
+        const MEMORY: [&str; 7] = [
+            "ld.global",
+            "st.global",
+            "ld.shared",
+            "st.shared",
+            "cp.async",
+            "atom.",
+            "red.",
+        ];
+        let mut bad = Vec::new();
+        for entry in ptx.split(".entry ").skip(1) {
+            let name: String = entry.chars().take_while(|c| *c != '(').collect();
+            let wait = entry.find("griddepcontrol.wait");
+            let first_memory = MEMORY.iter().filter_map(|m| entry.find(m)).min();
+            match (wait, first_memory) {
+                (Some(w), Some(m)) if m < w => bad.push(name),
+                (None, _) => bad.push(name),
+                _ => {}
+            }
+        }
+        bad
+    }
+
+    /// The check above fails on a kernel that reads before it waits, or never waits.
+    #[test]
+    fn the_grid_wait_check_can_fail() {
+        let ok = ".entry a(\n) {\n ld.param.u64 %rd1, [p];\n griddepcontrol.wait;\n ld.global.f32 %f1, [%rd1];\n}";
+        let early = ".entry b(\n) {\n ld.global.f32 %f1, [%rd1];\n griddepcontrol.wait;\n}";
+        let never = ".entry c(\n) {\n st.global.f32 [%rd1], %f1;\n}";
+        let found =
+            entries_touching_memory_before_the_grid_wait(&format!("{ok}\n{early}\n{never}"));
+        assert_eq!(found, ["b", "c"]);
     }
 }

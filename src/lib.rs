@@ -36,6 +36,7 @@ pub mod error;
 pub mod gguf;
 pub mod init;
 pub mod kernels;
+mod launch;
 pub mod math;
 pub mod model;
 pub mod quant;

@@ -336,51 +336,82 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
             ideal * 1e3
         );
     }
+    // Each context twice: kernels launched as the library does by default, then with launch
+    // overlap (programmatic dependent launch) the other way, as a same-run comparison; on a
+    // device without it, once.
+    let default_overlap = dev.launch_overlap();
+    dev.set_launch_overlap(true);
+    let can_overlap = dev.launch_overlap();
     for &c in &a.decode_at {
-        s.reset();
-        s.prefill(&dev, &prompt(3, c, cfg.vocab))?;
-        let steps = prompt(4, a.steps, cfg.vocab);
-        dev.synchronize()?;
-        let launches0 = dev.launches();
-        let mut times = Vec::with_capacity(steps.len());
-        for &tok in &steps {
-            let t = Instant::now();
-            s.decode(&dev, tok)?;
-            times.push(t.elapsed().as_secs_f64());
+        let modes = if can_overlap {
+            vec![default_overlap, !default_overlap]
+        } else {
+            vec![false]
+        };
+        for overlap in modes {
+            dev.set_launch_overlap(overlap);
+            // A new capture under this setting.
+            s.set_graphs(false);
+            s.set_graphs(true);
+            s.reset();
+            s.prefill(&dev, &prompt(3, c, cfg.vocab))?;
+            let steps = prompt(4, a.steps, cfg.vocab);
+            dev.synchronize()?;
+            let launches0 = dev.launches();
+            let replays0 = s.stats().graph_replays;
+            let mut times = Vec::with_capacity(steps.len());
+            for &tok in &steps {
+                let t = Instant::now();
+                s.decode(&dev, tok)?;
+                times.push(t.elapsed().as_secs_f64());
+            }
+            let replays = s.stats().graph_replays - replays0;
+            if let Some(e) = &s.stats().graph_error {
+                println!("decode graph capture failed (steps launched eagerly): {e}");
+            }
+            let eager = (dev.launches() - launches0) as f64 / a.steps as f64;
+            let (lo, hi) = spread(&times);
+            let secs = median(times);
+            rows.push(Row {
+                phase: if overlap == default_overlap {
+                    "decode"
+                } else if overlap {
+                    "decode, launch overlap on"
+                } else {
+                    "decode, launch overlap off"
+                },
+                tokens: c,
+                samples: a.steps,
+                median_s: secs,
+                min_s: lo,
+                max_s: hi,
+                tokens_per_s: 1.0 / secs,
+            });
+            // Kernels in one step: those of the captured graph (one launch a step), or the
+            // eager launches per step.
+            let kernels = s.graph_kernels().map_or(eager, |k| k as f64);
+            let label = if overlap == default_overlap {
+                format!("decode at context {c}")
+            } else {
+                let on = if overlap { "on" } else { "off" };
+                format!("decode at context {c}, launch overlap {on} (same-run comparison)")
+            };
+            decode_rows.push(format!(
+                "| {label} | {} ({replays} graph replays) | {:.2} ms/token (min {:.2}, max {:.2}) | {:.1} | {kernels:.0} kernels/step ({:.1}/layer) | {:.3} ms/token ({:.0} tokens/s, {:.2} of it) |",
+                a.steps,
+                secs * 1e3,
+                lo * 1e3,
+                hi * 1e3,
+                1.0 / secs,
+                kernels / cfg.n_layers as f64,
+                wbytes / copy * 1e3,
+                copy / wbytes,
+                (1.0 / secs) / (copy / wbytes)
+            ));
+            println!("{}", decode_rows.last().unwrap());
         }
-        let replays = s.stats().graph_replays;
-        if let Some(e) = &s.stats().graph_error {
-            println!("decode graph capture failed (steps launched eagerly): {e}");
-        }
-        let eager = (dev.launches() - launches0) as f64 / a.steps as f64;
-        let (lo, hi) = spread(&times);
-        let secs = median(times);
-        rows.push(Row {
-            phase: "decode",
-            tokens: c,
-            samples: a.steps,
-            median_s: secs,
-            min_s: lo,
-            max_s: hi,
-            tokens_per_s: 1.0 / secs,
-        });
-        // Kernels in one step: those of the captured graph (one launch a step), or the eager
-        // launches per step.
-        let kernels = s.graph_kernels().map_or(eager, |k| k as f64);
-        decode_rows.push(format!(
-            "| decode at context {c} | {} ({replays} graph replays) | {:.2} ms/token (min {:.2}, max {:.2}) | {:.1} | {kernels:.0} kernels/step ({:.1}/layer) | {:.3} ms/token ({:.0} tokens/s, {:.2} of it) |",
-            a.steps,
-            secs * 1e3,
-            lo * 1e3,
-            hi * 1e3,
-            1.0 / secs,
-            kernels / cfg.n_layers as f64,
-            wbytes / copy * 1e3,
-            copy / wbytes,
-            (1.0 / secs) / (copy / wbytes)
-        ));
-        println!("{}", decode_rows.last().unwrap());
     }
+    dev.set_launch_overlap(default_overlap);
     if a.profile {
         for &n in &a.prefill {
             s.reset();

@@ -1,7 +1,7 @@
 //! Elementwise activations (kernels `cuda/activation.cu`, references
 //! [`crate::reference::activation`]).
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 use crate::device::{Device, Family};
 use crate::error::{check_shape, Result};
@@ -35,7 +35,7 @@ pub fn swiglu(
         return Ok(());
     }
     let f = dev.function(Family::Activation, "swiglu_f32")?;
-    let mut launch = dev.stream().launch_builder(&f);
+    let mut launch = dev.launch_builder(&f);
     launch
         .arg(out.slice_mut())
         .arg(gate.slice())
@@ -60,7 +60,7 @@ pub fn swiglu_halves(dev: &Device, gu: &GpuTensor<f32>, out: &mut GpuTensor<f32>
         return Ok(());
     }
     let func = dev.function(Family::Activation, "swiglu_halves_f32")?;
-    let mut launch = dev.stream().launch_builder(&func);
+    let mut launch = dev.launch_builder(&func);
     launch
         .arg(out.slice_mut())
         .arg(gu.slice())
@@ -82,7 +82,7 @@ pub fn sigmoid(dev: &Device, x: &GpuTensor<f32>, out: &mut GpuTensor<f32>) -> Re
         return Ok(());
     }
     let f = dev.function(Family::Activation, "sigmoid_f32")?;
-    let mut launch = dev.stream().launch_builder(&f);
+    let mut launch = dev.launch_builder(&f);
     launch.arg(out.slice_mut()).arg(x.slice()).arg(&n);
     // SAFETY: x and out hold n elements each (checked above); the grid-stride loop stays
     // below n.

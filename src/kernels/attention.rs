@@ -7,7 +7,7 @@
 //! how the work is spread over blocks, never in an operation.
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 use super::rope::Positions;
 use super::{as_u32, dims, row_chunks};
@@ -66,7 +66,7 @@ pub fn kv_write(
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut launch = dev.stream().launch_builder(&f);
+        let mut launch = dev.launch_builder(&f);
         launch
             .arg(cache.k.slice_mut())
             .arg(cache.v.slice_mut())
@@ -251,9 +251,13 @@ struct Args {
     scale: f32,
 }
 
-/// Shared memory of `attention_combine`: m, l, M, a and b per chunk, and 4 warp maxima.
+/// Dims of one `attention_combine` block (`CMB_DIMS`).
+const COMBINE_DIMS: usize = 32;
+
+/// Shared memory of `attention_combine`: a batch of 128 chunks' partials of 32 dims, m, l, M,
+/// a and b per chunk, and 4 warp maxima.
 fn combine_smem_bytes(n_chunks: usize) -> usize {
-    (5 * n_chunks + 4) * 4
+    (128 * COMBINE_DIMS + 5 * n_chunks + 4) * 4
 }
 
 /// The kernel, with dynamic shared memory up to [`MAX_SMEM_BYTES`] and, for the tile kernels,
@@ -294,7 +298,7 @@ fn launch_v1(
         let qv = q.slice().slice(row0 as usize * nh * hd..);
         let pv = pos.tensor().slice().slice(row0 as usize..);
         let mut ov = out.slice_mut().slice_mut(row0 as usize * nh * hd..);
-        let mut launch = dev.stream().launch_builder(&f);
+        let mut launch = dev.launch_builder(&f);
         launch
             .arg(&mut ov)
             .arg(&qv)
@@ -334,7 +338,7 @@ fn launch_tile(
         block_dim: (256, 1, 1),
         shared_mem_bytes: smem as u32,
     };
-    let mut launch = dev.stream().launch_builder(&f);
+    let mut launch = dev.launch_builder(&f);
     launch
         .arg(out.slice_mut())
         .arg(q.slice())
@@ -376,13 +380,15 @@ fn launch_split(
     let csmem = combine_smem_bytes(n_chunks);
     let combine = function_with_smem(dev, "attention_combine")?;
     let nc32 = as_u32(OP, "chunks", n_chunks)?;
+    // A combine block per (query, head, 32 dims).
+    let combine_blocks = as_u32(OP, "combine blocks", hd.div_ceil(COMBINE_DIMS) * nh)?;
     for (row0, nrows) in row_chunks(nq) {
         let cfg = LaunchConfig {
             grid_dim: (nc32, a.n_kv, nrows),
             block_dim: (256, 1, 1),
             shared_mem_bytes: smem as u32,
         };
-        let mut launch = dev.stream().launch_builder(&split);
+        let mut launch = dev.launch_builder(&split);
         launch
             .arg(part.slice_mut())
             .arg(q.slice())
@@ -402,11 +408,11 @@ fn launch_split(
         // (the tiled kernel reads q, K and V as float4: hd % 4 == 0, every row 16-byte aligned).
         unsafe { launch.launch(cfg) }?;
         let cfg = LaunchConfig {
-            grid_dim: (a.n_heads, nrows, 1),
+            grid_dim: (combine_blocks, nrows, 1),
             block_dim: (128, 1, 1),
             shared_mem_bytes: csmem as u32,
         };
-        let mut launch = dev.stream().launch_builder(&combine);
+        let mut launch = dev.launch_builder(&combine);
         launch
             .arg(out.slice_mut())
             .arg(part.slice())
@@ -417,7 +423,7 @@ fn launch_split(
             .arg(&row0);
         // SAFETY: out is [nq, n_heads, hd]; part holds the chunks 0..=pos[i] / 64 of every
         // query of this row chunk (written by the launch above on the same stream); shared
-        // memory holds 5 floats per chunk and 4 more.
+        // memory as combine_smem_bytes says; a block per (head, 32 dims), lanes past hd idle.
         unsafe { launch.launch(cfg) }?;
     }
     Ok(())

@@ -2,7 +2,7 @@
 //! [`crate::reference::delta_net`]): the recurrent steps of the Gated DeltaNet mixer on the
 //! device, and the state a sequence carries between calls.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 use super::{as_u32, dims};
 use crate::device::{Device, Family};
@@ -134,7 +134,7 @@ pub fn delta_net_scan(
     let (rd, wr) = (state.cur, 1 - state.cur);
     let [c0, c1] = &mut state.conv;
     let (conv_in, conv_out) = if rd == 0 { (&*c0, c1) } else { (&*c1, c0) };
-    let mut launch = dev.stream().launch_builder(&f);
+    let mut launch = dev.launch_builder(&f);
     launch
         .arg(o.slice_mut())
         .arg(state.m.slice_mut())
@@ -183,7 +183,7 @@ pub fn delta_net_gate(
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut launch = dev.stream().launch_builder(&f);
+    let mut launch = dev.launch_builder(&f);
     launch
         .arg(out.slice_mut())
         .arg(normed.slice())

@@ -1,7 +1,7 @@
 //! The residual add and the embedding gather (kernels `cuda/elementwise.cu`, references
 //! [`crate::reference::elementwise`]).
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 use super::dims;
 use crate::device::{Device, Family};
@@ -24,7 +24,7 @@ pub fn add(dev: &Device, a: &mut GpuTensor<f32>, b: &GpuTensor<f32>) -> Result<(
         return Ok(());
     }
     let f = dev.function(Family::Elementwise, "add_f32")?;
-    let mut launch = dev.stream().launch_builder(&f);
+    let mut launch = dev.launch_builder(&f);
     launch.arg(a.slice_mut()).arg(b.slice()).arg(&n);
     // SAFETY: a and b hold n elements each (same shape, checked above).
     unsafe { launch.launch(flat_cfg(n as usize)) }?;
@@ -67,7 +67,7 @@ pub(crate) fn gather_rows_device(
     }
     let (rows, width32) = (ids_dev.len() as u64, width as u32);
     let f = dev.function(Family::Elementwise, "gather_rows_f32")?;
-    let mut launch = dev.stream().launch_builder(&f);
+    let mut launch = dev.launch_builder(&f);
     launch
         .arg(out.slice_mut())
         .arg(table.slice())

@@ -5,7 +5,7 @@
 //! A query's result is a function of its position and the cache alone: [`fastscan_attention`]
 //! with every query of a sequence (prefill) gives the bits of one call per query (decode).
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 use half::f16;
 
 use super::rope::Positions;
@@ -152,7 +152,7 @@ impl FastScanCache {
         );
         let kk = self.spec.inv_sqrt_d();
         for (cache, x) in [(&mut self.k, k), (&mut self.v, v)] {
-            let mut launch = dev.stream().launch_builder(&f);
+            let mut launch = dev.launch_builder(&f);
             launch
                 .arg(cache.slice_mut())
                 .arg(x.slice())
@@ -346,7 +346,7 @@ fn attention(
                 let hb = c.spec.cache_bytes(c.cap) as u64;
                 let sm = u32::from(*smode == ScoreMode::F32);
                 let vm = u32::from(*vmode == ValueMode::Int8);
-                let mut l = dev.stream().launch_builder(&scores_fn);
+                let mut l = dev.launch_builder(&scores_fn);
                 l.arg(&mut s_v)
                     .arg(&mut cmax_v)
                     .arg(&qv)
@@ -368,7 +368,7 @@ fn attention(
                 // len <= cap, the scratch views hold [nb * H] rows of span, nchunk and
                 // nchunk * D floats; the cache [n_kv, cache_bytes(cap)], H a multiple of n_kv.
                 unsafe { l.launch(cfg) }?;
-                let mut l = dev.stream().launch_builder(&values_fn);
+                let mut l = dev.launch_builder(&values_fn);
                 l.arg(&mut vpart_v)
                     .arg(&mut esum_v)
                     .arg(&mut s_v)
@@ -391,7 +391,7 @@ fn attention(
             }
             Kv::F16(c) => {
                 let cap32 = c.len as u32;
-                let mut l = dev.stream().launch_builder(&scores_fn);
+                let mut l = dev.launch_builder(&scores_fn);
                 l.arg(&mut s_v)
                     .arg(&mut cmax_v)
                     .arg(&qv)
@@ -407,7 +407,7 @@ fn attention(
                 // SAFETY: q is [nq, H, D] from this batch, every position < len, the caches
                 // [n_kv, len, D], the scratch views as sized above.
                 unsafe { l.launch(cfg) }?;
-                let mut l = dev.stream().launch_builder(&values_fn);
+                let mut l = dev.launch_builder(&values_fn);
                 l.arg(&mut vpart_v)
                     .arg(&mut esum_v)
                     .arg(&mut s_v)
@@ -434,7 +434,7 @@ fn attention(
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut l = dev.stream().launch_builder(&finish_fn);
+        let mut l = dev.launch_builder(&finish_fn);
         l.arg(&mut ov)
             .arg(&mut vpart_v)
             .arg(&mut esum_v)

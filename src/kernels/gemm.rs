@@ -15,7 +15,7 @@
 //! formats, int8 `mma.sync` for the quantized ones), in tiles of [`GEMM_TILE_ROWS`] rows.
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
-use cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, LaunchConfig};
 
 use super::quantize::quantize_into;
 use super::{as_u32, dims, row_chunks, MAX_GRID_Y};
@@ -249,7 +249,7 @@ impl RoutedRows {
                 block_dim: (128, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let mut launch = dev.stream().launch_builder(&f);
+            let mut launch = dev.launch_builder(&f);
             launch
                 .arg(&mut up)
                 .arg(&mut down)
@@ -327,7 +327,7 @@ impl RoutedRows {
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let mut launch = dev.stream().launch_builder(&count);
+            let mut launch = dev.launch_builder(&count);
             launch
                 .arg(&mut counts)
                 .arg(ids.slice())
@@ -336,7 +336,7 @@ impl RoutedRows {
             // SAFETY: ids holds len entries, counts n_experts; one block per expert.
             unsafe { launch.launch(cfg) }?;
             let sort = dev.function(Family::Gemm, "route_sort")?;
-            let mut launch = dev.stream().launch_builder(&sort);
+            let mut launch = dev.launch_builder(&sort);
             launch
                 .arg(&mut tab)
                 .arg(&mut down)
@@ -512,7 +512,7 @@ fn launch_v1_dense<W>(
             block_dim: (V1_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut launch = dev.stream().launch_builder(&f);
+        let mut launch = dev.launch_builder(&f);
         launch
             .arg(y.slice_mut())
             .arg(x.slice())
@@ -546,7 +546,7 @@ fn launch_v1_grouped<W>(
             shared_mem_bytes: 0,
         };
         let (xr, ex, yr) = (rows.part(0), rows.part(1), rows.part(2));
-        let mut launch = dev.stream().launch_builder(&f);
+        let mut launch = dev.launch_builder(&f);
         launch
             .arg(y.slice_mut())
             .arg(x.slice())
@@ -906,7 +906,7 @@ fn launch_v2(
             block_dim: (threads, 1, 1),
             shared_mem_bytes: smem,
         };
-        let mut launch = dev.stream().launch_builder(&f);
+        let mut launch = dev.launch_builder(&f);
         launch.arg(y.slice_mut()).arg(x.slice());
         match act {
             Some(a) => launch.arg(a.codes).arg(a.d).arg(a.a),

@@ -1,7 +1,7 @@
 //! `moe_weighted_reduce` (kernel `cuda/moe_reduce.cu`, reference
 //! [`crate::reference::moe_reduce`]).
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 use super::{as_u32, dims, row_chunks, ROW_THREADS};
 use crate::device::{Device, Family};
@@ -74,7 +74,7 @@ pub fn moe_weighted_reduce_version(
             block_dim: (ROW_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut launch = dev.stream().launch_builder(&f);
+        let mut launch = dev.launch_builder(&f);
         launch
             .arg(out.slice_mut())
             .arg(partial.slice())

@@ -1,6 +1,6 @@
 //! `rmsnorm` (kernel `cuda/norm.cu`, reference [`crate::reference::norm`]).
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 use super::{as_u32, dims, row_chunks};
 use crate::device::{Device, Family};
@@ -61,7 +61,7 @@ pub fn rmsnorm(
         block_dim: (32 * WARPS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut launch = dev.stream().launch_builder(&f);
+    let mut launch = dev.launch_builder(&f);
     launch
         .arg(y.slice_mut())
         .arg(x.slice())
@@ -96,7 +96,7 @@ pub fn add_rmsnorm(
         block_dim: (32 * WARPS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut launch = dev.stream().launch_builder(&f);
+    let mut launch = dev.launch_builder(&f);
     launch
         .arg(y.slice_mut())
         .arg(h.slice_mut())
@@ -201,7 +201,7 @@ pub fn qkv_norm_rope(
             block_dim: (128, 1, 1),
             shared_mem_bytes: smem as u32,
         };
-        let mut launch = dev.stream().launch_builder(&f);
+        let mut launch = dev.launch_builder(&f);
         let (q_in, k_in, v_in) = (
             qs.0.slice().slice(qs.1..),
             ks.0.slice().slice(ks.1..),

@@ -1,7 +1,7 @@
 //! `quantize_q8_32`: activation quantization for the quantized matrix products (kernel
 //! `cuda/quantize.cu`, reference [`crate::reference::quantize`]).
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig};
 
 use super::dims;
 use crate::device::{Device, Family};
@@ -84,7 +84,7 @@ pub(crate) fn quantize_into(
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut launch = dev.stream().launch_builder(&f);
+    let mut launch = dev.launch_builder(&f);
     launch.arg(x.slice()).arg(codes).arg(d).arg(a).arg(&blocks);
     // SAFETY: x holds n * k = 32 * blocks floats; codes, d and a hold at least as many codes
     // and `blocks` scalars (checked above); the grid-stride loop stays below `blocks`.

@@ -1,6 +1,6 @@
 //! `rope_neox` (kernel `cuda/rope.cu`, reference [`crate::reference::rope`]).
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 use super::{as_u32, dims, row_chunks};
 use crate::device::{Device, Family};
@@ -160,7 +160,7 @@ pub fn rope_neox(
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut launch = dev.stream().launch_builder(&f);
+        let mut launch = dev.launch_builder(&f);
         launch
             .arg(x.slice_mut())
             .arg(pos.tensor().slice())

@@ -1,7 +1,7 @@
 //! `softmax_topk`: MoE routing (kernel `cuda/router.cu`, reference
 //! [`crate::reference::router`]).
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 use super::{as_u32, dims};
 use crate::device::{Device, Family};
@@ -55,7 +55,7 @@ pub fn softmax_topk(
         block_dim: (32 * WARPS, 1, 1),
         shared_mem_bytes: WARPS * e32 * 4,
     };
-    let mut launch = dev.stream().launch_builder(&f);
+    let mut launch = dev.launch_builder(&f);
     launch
         .arg(logits.slice())
         .arg(ids.slice_mut())

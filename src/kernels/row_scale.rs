@@ -1,7 +1,7 @@
 //! `row_scale`: `buf[i, e] *= scales[i]` (kernel `cuda/row_scale.cu`, reference
 //! [`crate::reference::row_scale`]).
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 use super::{as_u32, dims, row_chunks, ROW_THREADS};
 use crate::device::{Device, Family};
@@ -53,7 +53,7 @@ pub fn row_scale_version(
             block_dim: (ROW_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut launch = dev.stream().launch_builder(&f);
+        let mut launch = dev.launch_builder(&f);
         launch
             .arg(buf.slice_mut())
             .arg(scales.slice())

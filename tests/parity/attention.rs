@@ -195,8 +195,11 @@ fn odd_head_groups() {
     case(1, 300, 3, 1, 48, 310, 6, 0.0);
 }
 
+/// Long contexts; the combine kernel stages 128 chunks at a time: queries whose chunks end
+/// on either side of that batch boundary (129 and 130 chunks: positions 8255 and 8256).
 #[test]
 fn long_context() {
+    case(2, 8_255, 8, 2, 128, 8_300, 4, 0.0);
     case(3, 4_500, 4, 2, 128, 4_600, 1, 0.0);
     case(2, 20_000, 2, 1, 64, 20_002, 2, 0.0);
     case(130, 2_000, 8, 1, 128, 2_130, 3, 0.0);

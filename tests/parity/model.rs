@@ -1,6 +1,7 @@
 //! The decoder: batched prefill == chunked prefill == sequential decode == CPU reference, bit
 //! for bit at every layer and at the logits.
 
+use bitexact::device::Device;
 use bitexact::model::ModelConfig;
 use bitexact::model::{
     first_divergence, prompt, CpuSession, GpuModel, ModelWeights, Session, Trace,
@@ -286,14 +287,19 @@ fn graph_decode_equals_eager_and_cpu() {
         let tokens = prompt(seed, 140, cfg.vocab);
         let cpu = cpu_run(&w, &tokens, None);
         let (pre, vocab) = (10, cfg.vocab);
+        // Eager, a graph, and a graph whose launches overlap the kernel before them (a device
+        // handle of its own with programmatic dependent launch on where the device has it):
+        // scheduling never changes a bit.
+        let overlapped = Device::new(0).unwrap();
+        overlapped.set_launch_overlap(true);
         let mut steps = Vec::new();
-        for graphs in [false, true] {
-            let mut s = Session::new(dev, &model).unwrap();
+        for (graphs, d) in [(false, dev), (true, dev), (true, &overlapped)] {
+            let mut s = Session::new(d, &model).unwrap();
             s.set_graphs(graphs);
-            s.prefill(dev, &tokens[..pre]).unwrap();
+            s.prefill(d, &tokens[..pre]).unwrap();
             let mut logits = Vec::new();
             for &t in &tokens[pre..] {
-                s.decode(dev, t).unwrap();
+                s.decode(d, t).unwrap();
                 logits.push(s.logits().unwrap());
             }
             let st = s.stats();
@@ -306,6 +312,11 @@ fn graph_decode_equals_eager_and_cpu() {
             let at = pre + i;
             let what = format!("{preset} {fmt} step at position {at}");
             assert_bits_eq(&format!("{what}: graph vs eager"), g, e);
+            assert_bits_eq(
+                &format!("{what}: overlapped graph vs graph"),
+                &steps[2][i],
+                g,
+            );
             assert_bits_eq(
                 &format!("{what}: graph vs cpu"),
                 g,

@@ -1,0 +1,174 @@
+//! The one way a bitexact kernel is launched: [`Device::launch_builder`] and [`Launch`].
+//!
+//! Every launch goes through `cuLaunchKernelEx`. On devices of compute capability 9.0 and up
+//! a launch may allow *programmatic dependent launch* (`CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_
+//! SERIALIZATION`): the driver may then start a kernel's blocks while the kernel before it on
+//! the stream is still finishing, and the blocks wait in `bx_grid_begin()` (`cuda/common.cuh`,
+//! the first statement of every kernel, checked by a unit test on the PTX:
+//! `griddepcontrol.wait`, which returns once the previous kernel has completed and its writes
+//! are visible) before they read or write anything. It is scheduling only: every kernel still
+//! runs after the one before it has finished, so no output bit can depend on it.
+//!
+//! It is off by default: measured on the H200 (decode of the 30B preset, graphs on) it was no
+//! faster (4.37 against 4.34 ms a token at context 512, 5.44 against 5.30 at 8192: the waiting
+//! blocks hold SM slots and gain nothing while no kernel does work before its wait). It is
+//! kept for kernels that will (a matrix product may fetch its weights, which no earlier kernel
+//! writes, before it waits). `BITEXACT_PDL=1` or `Device::set_launch_overlap(true)` turns it
+//! on; the oracle's speed report times both.
+
+use std::ffi::c_void;
+use std::marker::PhantomData;
+
+use cudarc::driver::sys;
+use cudarc::driver::{
+    CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut,
+    DriverError, LaunchConfig,
+};
+
+use crate::device::Device;
+
+/// A kernel argument as the launch passes it: a device address, or a host value the driver
+/// copies at launch.
+pub(crate) enum Param<'a> {
+    Addr(sys::CUdeviceptr),
+    Value(*const c_void, PhantomData<&'a ()>),
+}
+
+/// What [`Launch::arg`] takes: device buffers (by address) and plain scalars (by value).
+pub(crate) trait KernelParam<'a> {
+    fn param(self, stream: &CudaStream) -> Param<'a>;
+}
+
+macro_rules! scalar_params {
+    ($($t:ty),*) => {$(
+        impl<'a> KernelParam<'a> for &'a $t {
+            fn param(self, _: &CudaStream) -> Param<'a> {
+                Param::Value((self as *const $t).cast(), PhantomData)
+            }
+        }
+    )*};
+}
+scalar_params!(u8, i8, u16, i16, u32, i32, u64, i64, f32, f64);
+
+// The device-pointer accessors record events only when the context tracks them, which
+// `Device::new` turns off (one stream), so the guards they return are dropped at once.
+impl<'a, T> KernelParam<'a> for &'a CudaSlice<T> {
+    fn param(self, stream: &CudaStream) -> Param<'a> {
+        Param::Addr(self.device_ptr(stream).0)
+    }
+}
+impl<'a, T> KernelParam<'a> for &'a mut CudaSlice<T> {
+    fn param(self, stream: &CudaStream) -> Param<'a> {
+        Param::Addr(self.device_ptr_mut(stream).0)
+    }
+}
+impl<'a, 'b, T> KernelParam<'a> for &'a CudaView<'b, T> {
+    fn param(self, stream: &CudaStream) -> Param<'a> {
+        Param::Addr(self.device_ptr(stream).0)
+    }
+}
+impl<'a, 'b, T> KernelParam<'a> for &'a mut CudaViewMut<'b, T> {
+    fn param(self, stream: &CudaStream) -> Param<'a> {
+        Param::Addr(self.device_ptr_mut(stream).0)
+    }
+}
+
+/// A launch being assembled: the kernel, then its arguments in order, then
+/// [`Launch::launch`].
+pub(crate) struct Launch<'a> {
+    dev: &'a Device,
+    func: &'a CudaFunction,
+    params: Vec<Param<'a>>,
+}
+
+impl Device {
+    /// Starts a launch of `func` on this device's stream.
+    pub(crate) fn launch_builder<'a>(&'a self, func: &'a CudaFunction) -> Launch<'a> {
+        Launch {
+            dev: self,
+            func,
+            params: Vec::with_capacity(24),
+        }
+    }
+}
+
+/// Whether the device can overlap launches (compute capability 9.0 and up).
+pub(crate) fn pdl_supported(cc: (i32, i32)) -> bool {
+    cc.0 >= 9
+}
+
+/// The default of [`Device::launch_overlap`]: supported and `BITEXACT_PDL=1`; read once per
+/// process.
+pub(crate) fn pdl_default(cc: (i32, i32)) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    pdl_supported(cc) && *ON.get_or_init(|| std::env::var("BITEXACT_PDL").is_ok_and(|v| v == "1"))
+}
+
+impl<'a> Launch<'a> {
+    /// Appends the next kernel argument.
+    pub(crate) fn arg(&mut self, p: impl KernelParam<'a>) -> &mut Self {
+        let p = p.param(self.dev.stream());
+        self.params.push(p);
+        self
+    }
+
+    /// Queues the kernel with `cfg`.
+    ///
+    /// # Safety
+    /// The arguments must be the kernel's parameters, in order and of their types, and the
+    /// kernel must stay inside the buffers it is given for `cfg`'s grid: the caller's
+    /// `// SAFETY:` line says why it does.
+    pub(crate) unsafe fn launch(&mut self, cfg: LaunchConfig) -> Result<(), DriverError> {
+        // Device addresses live here until the call returns; scalars are borrowed for 'a.
+        let addrs: Vec<sys::CUdeviceptr> = self
+            .params
+            .iter()
+            .map(|p| match p {
+                Param::Addr(a) => *a,
+                Param::Value(..) => 0,
+            })
+            .collect();
+        let mut ptrs: Vec<*mut c_void> = self
+            .params
+            .iter()
+            .zip(&addrs)
+            .map(|(p, a)| match p {
+                Param::Addr(_) => (a as *const sys::CUdeviceptr).cast_mut().cast(),
+                Param::Value(v, _) => v.cast_mut(),
+            })
+            .collect();
+        let mut attr = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            // SAFETY: a zeroed union is a valid value of every member (plain integers).
+            value: unsafe { std::mem::zeroed() },
+        };
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let pdl = self.dev.launch_overlap();
+        let config = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.dev.stream().cu_stream(),
+            attrs: &mut attr,
+            numAttrs: u32::from(pdl),
+        };
+        self.dev.context().bind_to_thread()?;
+        // SAFETY: `config` and its one attribute outlive the call; `ptrs` holds one pointer per
+        // kernel parameter, each to a live value of the parameter's type (the caller's
+        // contract above).
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &config,
+                self.func.cu_function(),
+                ptrs.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+    }
+}
