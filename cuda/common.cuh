@@ -155,3 +155,30 @@ __device__ __forceinline__ float bx_block_max(float v, float* red) {
     for (u32 w = 1; w < THREADS / 32u; ++w) v = fmaxf(v, red[w]);
     return v;
 }
+
+// Quantizes one block of 32 activations held one per lane of a warp (lane i holds x_i; every
+// lane of the warp calls it): the rule of quantize.cu (src/quant/act.rs), writing the 32 codes
+// at q and the block's d and a. MUTANT_SITE: quantize.cu's mutant (codes by truncation), for
+// that family's kernel only.
+template <bool MUTANT_SITE>
+__device__ __forceinline__ void bx_quantize_block32(float v, u32 lane, signed char* __restrict__ q,
+                                                    float* __restrict__ d, float* __restrict__ a) {
+    const bool bad = ((__float_as_uint(v) >> 23) & 0xffu) == 0xffu;  // NaN or inf
+    const bool any_bad = __any_sync(BX_FULL_MASK, bad);
+    float amax = fabsf(v);
+    for (u32 off = 16u; off; off >>= 1)
+        amax = fmaxf(amax, __shfl_xor_sync(BX_FULL_MASK, amax, off));
+    const float dd = amax / 127.0f;
+    const float r = rintf(v / dd);
+    int c = (r != r) ? 0 : (int)fminf(fmaxf(r, -127.0f), 127.0f);
+    if (any_bad) c = 0;
+    if (MUTANT_SITE && !any_bad && r == r) c = (int)fminf(fmaxf(truncf(v / dd), -127.0f), 127.0f);
+    int s = c;
+    for (u32 off = 16u; off; off >>= 1) s += __shfl_xor_sync(BX_FULL_MASK, s, off);
+    q[lane] = (signed char)c;
+    if (lane == 0) {
+        const float nan = __uint_as_float(BX_CANON_NAN_BITS);
+        *d = any_bad ? nan : dd;
+        *a = any_bad ? nan : dd * (float)s;
+    }
+}

@@ -15,6 +15,8 @@
 //                    h[r, i] = h[r, i] + o[r, i] (elementwise.cu's add_f32), then y = the norm
 //                    of the new h, as rmsnorm_f32_row. Two launches of a decode step fewer a
 //                    layer, the same bits as add_f32 then rmsnorm_f32(_row).
+//   add_rmsnorm_q8_f32_row  add_rmsnorm_f32_row that also writes y's Q8 quantization (the rule
+//                    of quantize.cu) for the matrix products that read it.
 //   qkv_norm_rope_f32  the attention's inputs from the QKV products (one stacked product
 //                    [n, (nh + 2 nkv) * hd] read at three offsets, or three products):
 //                    a warp per (token, head slot); q and k heads get rmsnorm_f32's norm (the
@@ -66,12 +68,17 @@ extern "C" __global__ void rmsnorm_f32(float* __restrict__ y, const float* __res
 #define NORM_ROW_THREADS 256u
 #define NORM_ROW_SEG 2048u
 
-// One block per row; with ADD, h += o first (each element's sum stored, then normed).
-template <bool ADD>
+// One block per row; with ADD, h += o first (each element's sum stored, then normed); with
+// Q8 (width % 32 == 0), y's quantized copy too: warp v's 32 lanes hold block v + (T / 32) j of
+// the row. T threads (the order does not depend on it: the chains are warp 0's).
+template <bool ADD, bool Q8, u32 T = NORM_ROW_THREADS>
 __device__ __forceinline__ void rmsnorm_row_body(float* __restrict__ y, float* __restrict__ h,
                                                  const float* __restrict__ o,
                                                  const float* __restrict__ w, u32 rows,
-                                                 u32 width, float eps) {
+                                                 u32 width, float eps,
+                                                 signed char* __restrict__ qc = nullptr,
+                                                 float* __restrict__ qd = nullptr,
+                                                 float* __restrict__ qa = nullptr) {
     __shared__ float sx[NORM_ROW_SEG];
     __shared__ float s_rs;
     const u32 tid = threadIdx.x;
@@ -86,7 +93,7 @@ __device__ __forceinline__ void rmsnorm_row_body(float* __restrict__ y, float* _
         const u32 len = min(NORM_ROW_SEG, width - k0);
         __syncthreads();  // the chains are done with the previous segment
 #pragma unroll 8
-        for (u32 i = tid; i < len; i += NORM_ROW_THREADS) {
+        for (u32 i = tid; i < len; i += T) {
             if (ADD) {
                 const float v = xr[k0 + i] + orow[k0 + i];
                 xr[k0 + i] = v;
@@ -107,21 +114,43 @@ __device__ __forceinline__ void rmsnorm_row_body(float* __restrict__ y, float* _
     const float rs = s_rs;
     float* yr = y + row * width;
 #pragma unroll 8
-    for (u32 i = tid; i < width; i += NORM_ROW_THREADS) yr[i] = (xr[i] * rs) * w[i];
+    for (u32 i = tid; i < width; i += T) {
+        const float v = (xr[i] * rs) * w[i];
+        yr[i] = v;
+        if (Q8) {
+            const u64 blk = row * (width / 32u) + i / 32u;
+            bx_quantize_block32<false>(v, tid & 31u, qc + blk * 32u, qd + blk, qa + blk);
+        }
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(256)
     rmsnorm_f32_row(float* __restrict__ y, const float* __restrict__ x,
                     const float* __restrict__ w, u32 rows, u32 width, float eps) {
     bx_grid_begin();
-    rmsnorm_row_body<false>(y, const_cast<float*>(x), nullptr, w, rows, width, eps);
+    rmsnorm_row_body<false, false>(y, const_cast<float*>(x), nullptr, w, rows, width, eps);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
     add_rmsnorm_f32_row(float* __restrict__ y, float* __restrict__ h, const float* __restrict__ o,
                         const float* __restrict__ w, u32 rows, u32 width, float eps) {
     bx_grid_begin();
-    rmsnorm_row_body<true>(y, h, o, w, rows, width, eps);
+    rmsnorm_row_body<true, false>(y, h, o, w, rows, width, eps);
+}
+
+// add_rmsnorm_f32_row writing y's quantization (quantize.cu's rule) beside y: codes
+// [rows, width], d and a [rows, width / 32]; width % 32 == 0. The launch of quantize_q8_32 the
+// next matrix product would make, saved. 1024 threads: with 256, one block's warps took 8
+// quantization blocks each of a 2048-wide row in turn, and the step was no faster for the
+// launch saved (H200, decode).
+#define NORM_Q8_THREADS 1024u
+extern "C" __global__ void __launch_bounds__(1024)
+    add_rmsnorm_q8_f32_row(float* __restrict__ y, signed char* __restrict__ qc,
+                           float* __restrict__ qd, float* __restrict__ qa, float* __restrict__ h,
+                           const float* __restrict__ o, const float* __restrict__ w, u32 rows,
+                           u32 width, float eps) {
+    bx_grid_begin();
+    rmsnorm_row_body<true, true, NORM_Q8_THREADS>(y, h, o, w, rows, width, eps, qc, qd, qa);
 }
 
 // A warp per (token row0 + blockIdx.y, head slot 4 * blockIdx.x + warp); slots 0..nh are q heads,

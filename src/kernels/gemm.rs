@@ -17,7 +17,7 @@
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaSlice, CudaView, LaunchConfig};
 
-use super::quantize::quantize_into;
+use super::quantize::{quantize_into, GpuActPair, GpuActQ8};
 use super::{as_u32, dims, row_chunks, MAX_GRID_Y};
 use crate::device::{Device, Family};
 use crate::error::{check_indices, check_shape, Error, Result};
@@ -586,7 +586,7 @@ pub fn matmul_with(
     y: &mut GpuTensor<f32>,
 ) -> Result<()> {
     let plan = plan_dense(kernel, x, w, y)?;
-    run_planned(dev, x, &mut [(plan, w, None, y)])
+    run_planned(dev, x, None, &mut [(plan, w, None, y)])
 }
 
 /// One product of [`matmul_shared`]: a dense product into `y`, or an expert-grouped one over
@@ -603,6 +603,26 @@ pub enum Product<'a> {
 /// with `x` quantized once for all of them instead of once per product. Every product is
 /// checked before anything is queued.
 pub fn matmul_shared(dev: &Device, x: &GpuTensor<f32>, products: &mut [Product<'_>]) -> Result<()> {
+    shared_products(dev, x, None, products)
+}
+
+/// [`matmul_shared`] of `x = xp.x()` with its quantization already made ([`GpuActPair`]):
+/// the same bits, without the launch that would quantize `x`.
+pub fn matmul_shared_pair(
+    dev: &Device,
+    xp: &GpuActPair,
+    products: &mut [Product<'_>],
+) -> Result<()> {
+    shared_products(dev, xp.x(), Some(xp.q()), products)
+}
+
+/// Checks every product of `x`, then queues them ([`run_planned`]).
+fn shared_products(
+    dev: &Device,
+    x: &GpuTensor<f32>,
+    pre: Option<&GpuActQ8>,
+    products: &mut [Product<'_>],
+) -> Result<()> {
     let mut planned = Vec::with_capacity(products.len());
     for p in products.iter_mut() {
         planned.push(match p {
@@ -620,7 +640,7 @@ pub fn matmul_shared(dev: &Device, x: &GpuTensor<f32>, products: &mut [Product<'
             ),
         });
     }
-    run_planned(dev, x, &mut planned)
+    run_planned(dev, x, pre, &mut planned)
 }
 
 /// What a checked product launches: `(plan, tiles, rows)`, `None` when there is no work.
@@ -654,10 +674,12 @@ fn plan_dense(
     Ok(Some((plan, n.div_ceil(height), n)))
 }
 
-/// Queues checked products of `x`, quantizing `x` once if any weight is quantized.
+/// Queues checked products of `x`, quantizing `x` once if any weight is quantized (unless its
+/// quantization `pre` is given).
 fn run_planned(
     dev: &Device,
     x: &GpuTensor<f32>,
+    pre: Option<&GpuActQ8>,
     products: &mut [(
         Planned,
         &GpuMatrix,
@@ -698,6 +720,14 @@ fn run_planned(
     if !quantized {
         return launch_all(None, products);
     }
+    if let Some(q) = pre {
+        let act = ActRef {
+            codes: q.codes.slice(),
+            d: q.d.slice(),
+            a: q.a.slice(),
+        };
+        return launch_all(Some(act), products);
+    }
     let mut guard = dev.act_scratch(x.len())?;
     let s = guard.as_mut().expect("act_scratch allocates");
     quantize_into(dev, x, &mut s.codes, &mut s.d, &mut s.a)?;
@@ -733,7 +763,7 @@ pub fn matmul_grouped_with(
     y: &mut GpuTensor<f32>,
 ) -> Result<()> {
     let plan = plan_grouped(kernel, x, w, rows, y)?;
-    run_planned(dev, x, &mut [(plan, w, Some(rows), y)])
+    run_planned(dev, x, None, &mut [(plan, w, Some(rows), y)])
 }
 
 fn plan_grouped(

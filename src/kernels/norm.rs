@@ -6,6 +6,7 @@ use super::{as_u32, dims, row_chunks};
 use crate::device::{Device, Family};
 use crate::error::{check_shape, Error, Result};
 use crate::kernels::attention::LayerCache;
+use crate::kernels::quantize::GpuActPair;
 use crate::kernels::rope::{Positions, RopeTable};
 use crate::tensor::GpuTensor;
 
@@ -128,6 +129,48 @@ pub enum QkvInput<'a> {
         /// `[n, nkv * hd]`
         v: &'a GpuTensor<f32>,
     },
+}
+
+/// [`add_rmsnorm`] writing `y` together with its quantization (the bits of `add_rmsnorm` then
+/// [`crate::kernels::quantize::quantize_act`], one launch): `h += o`, `y.x = rmsnorm(h, w)`,
+/// `y.q = quantize_act(y.x)`. `h`, `o`, `y: [rows, width]` with `width % 32 == 0` (the pair's
+/// own rule), `w: [width]`. A bad shape is an error and nothing is written.
+pub fn add_rmsnorm_q8(
+    dev: &Device,
+    h: &mut GpuTensor<f32>,
+    o: &GpuTensor<f32>,
+    w: &GpuTensor<f32>,
+    eps: f32,
+    y: &mut GpuActPair,
+) -> Result<()> {
+    let (yx, yq) = y.parts_mut();
+    let Some((rows32, width32)) = row_shape("add_rmsnorm_q8", "h", h, &[("o", o)], w, yx)? else {
+        return Ok(());
+    };
+    let f = dev.function(Family::Norm, "add_rmsnorm_q8_f32_row")?;
+    let cfg = LaunchConfig {
+        grid_dim: (rows32, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut launch = dev.launch_builder(&f);
+    launch
+        .arg(yx.slice_mut())
+        .arg(yq.codes.slice_mut())
+        .arg(yq.d.slice_mut())
+        .arg(yq.a.slice_mut())
+        .arg(h.slice_mut())
+        .arg(o.slice())
+        .arg(w.slice())
+        .arg(&rows32)
+        .arg(&width32)
+        .arg(&eps);
+    // SAFETY: h, o and y.x are [rows, width], w is [width] (checked above), y's codes
+    // [rows, width] and scales [rows, width / 32] with width % 32 == 0 (the pair's shape, set
+    // when it was made); a block per row, each element of h read and written by one thread,
+    // each quantization block by one warp.
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
 }
 
 /// The attention's inputs in one launch. Per token at `pos[r]`: each q head of `input` normed

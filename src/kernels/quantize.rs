@@ -27,6 +27,105 @@ impl GpuActQ8 {
     }
 }
 
+/// Activations `x: [n, k]` together with their quantization `q = quantize_act(x)`, the input
+/// of the quantized matrix products ([`crate::kernels::gemm::matmul_shared_pair`]), so that a
+/// product need not quantize `x` itself. The two are only ever written together (by
+/// [`GpuActPair::quantize`] or by a kernel that writes both, such as
+/// [`crate::kernels::norm::add_rmsnorm_q8`]), so they always agree.
+#[derive(Debug)]
+pub struct GpuActPair {
+    x: GpuTensor<f32>,
+    q: GpuActQ8,
+}
+
+impl GpuActPair {
+    /// `[n, k]` buffers (`k % 32 == 0`), zeroed: the pair of an all-zero `x`.
+    pub fn zeros(dev: &Device, n: usize, k: usize) -> Result<Self> {
+        if k % 32 != 0 {
+            return Err(Error::invalid(
+                "GpuActPair",
+                format!("k = {k} is not a multiple of 32"),
+            ));
+        }
+        Ok(GpuActPair {
+            x: GpuTensor::zeros(dev, &[n, k])?,
+            q: GpuActQ8 {
+                codes: GpuTensor::zeros(dev, &[n, k])?,
+                d: GpuTensor::zeros(dev, &[n, k / 32])?,
+                a: GpuTensor::zeros(dev, &[n, k / 32])?,
+            },
+        })
+    }
+
+    /// `x` and its quantization (one launch of `quantize_q8_32`).
+    pub fn quantize(dev: &Device, x: GpuTensor<f32>) -> Result<Self> {
+        let q = quantize_act(dev, &x)?;
+        Ok(GpuActPair { x, q })
+    }
+
+    /// `[n, k]`.
+    pub fn dims(&self) -> [usize; 2] {
+        self.q.dims()
+    }
+
+    /// The activations.
+    pub fn x(&self) -> &GpuTensor<f32> {
+        &self.x
+    }
+
+    /// Their quantization.
+    pub fn q(&self) -> &GpuActQ8 {
+        &self.q
+    }
+
+    /// `[n, k]` buffers left unwritten (`k % 32 == 0`, checked): the first use must write
+    /// both, through [`GpuActPair::write_with`] or a kernel that writes both.
+    ///
+    /// # Safety
+    /// Nothing may read the pair before it is written.
+    pub(crate) unsafe fn uninit(dev: &Device, n: usize, k: usize) -> Result<Self> {
+        if k % 32 != 0 {
+            return Err(Error::invalid(
+                "GpuActPair",
+                format!("k = {k} is not a multiple of 32"),
+            ));
+        }
+        // SAFETY: the caller writes every element before reading any (above).
+        unsafe {
+            Ok(GpuActPair {
+                x: GpuTensor::uninit(dev, &[n, k])?,
+                q: GpuActQ8 {
+                    codes: GpuTensor::uninit(dev, &[n, k])?,
+                    d: GpuTensor::uninit(dev, &[n, k / 32])?,
+                    a: GpuTensor::uninit(dev, &[n, k / 32])?,
+                },
+            })
+        }
+    }
+
+    /// Writes `x` with `f` (which must write all of it), then its quantization.
+    pub(crate) fn write_with(
+        &mut self,
+        dev: &Device,
+        f: impl FnOnce(&mut GpuTensor<f32>) -> Result<()>,
+    ) -> Result<()> {
+        f(&mut self.x)?;
+        let q = &mut self.q;
+        quantize_into(
+            dev,
+            &self.x,
+            q.codes.slice_mut(),
+            q.d.slice_mut(),
+            q.a.slice_mut(),
+        )
+    }
+
+    /// Both, for a kernel that writes both (the caller writes `q = quantize_act(x)`).
+    pub(crate) fn parts_mut(&mut self) -> (&mut GpuTensor<f32>, &mut GpuActQ8) {
+        (&mut self.x, &mut self.q)
+    }
+}
+
 /// Quantizes `x: [n, k]` per block of 32 (`k % 32 == 0`), each row on its own; the rule is
 /// [`crate::reference::quantize::quantize_block`]'s.
 pub fn quantize_act(dev: &Device, x: &GpuTensor<f32>) -> Result<GpuActQ8> {

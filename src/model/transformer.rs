@@ -22,8 +22,9 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::kernels::attention::{attention, LayerCache};
 use crate::kernels::elementwise::{add, gather_rows_device};
-use crate::kernels::gemm::{matmul, matmul_shared, GpuMatrix, Product};
-use crate::kernels::norm::{add_rmsnorm, qkv_norm_rope, rmsnorm, QkvInput};
+use crate::kernels::gemm::{matmul, matmul_shared_pair, GpuMatrix, Product};
+use crate::kernels::norm::{add_rmsnorm_q8, qkv_norm_rope, rmsnorm, QkvInput};
+use crate::kernels::quantize::GpuActPair;
 use crate::kernels::rope::{Positions, RopeTable};
 use crate::model::config::{check_tokens, ModelConfig};
 use crate::model::moe_block::GpuMoeBlock;
@@ -461,14 +462,17 @@ impl<'m> Session<'m> {
         let (d, hd, nh, nkv) = (c.dim, c.head_dim, c.n_heads, c.n_kv_heads);
         let mut h = GpuTensor::output(dev, &[n, d])?;
         gather_rows_device(dev, &m.embed, ids, &mut h)?;
-        let mut x = GpuTensor::output(dev, &[n, d])?;
+        // The norms' outputs with their quantization beside them (add_rmsnorm_q8): the
+        // products that read them launch no quantization of their own.
+        // SAFETY: written below (the first layer's norm) before anything reads it.
+        let mut x = unsafe { GpuActPair::uninit(dev, n, d) }?;
         let mut qn = GpuTensor::output(dev, &[n, nh, hd])?;
         let mut a = GpuTensor::output(dev, &[n, nh, hd])?;
         let mut o = GpuTensor::output(dev, &[n, d])?;
         // x = the first layer's attention norm of h; every later one comes fused with the
         // residual add before it (add_rmsnorm: the bits of add then rmsnorm, a launch fewer).
         if let Some(first) = m.layers.first() {
-            rmsnorm(dev, &h, &first.attn_norm, c.norm_eps, &mut x)?;
+            x.write_with(dev, |x| rmsnorm(dev, &h, &first.attn_norm, c.norm_eps, x))?;
         }
         for (l, layer) in m.layers.iter().enumerate() {
             // One product for q, k and v (three if their formats differ); one launch for their
@@ -478,14 +482,14 @@ impl<'m> Session<'m> {
             let input = match &layer.qkv {
                 QkvWeights::Stacked(w) => {
                     y0 = GpuTensor::output(dev, &[n, (nh + 2 * nkv) * hd])?;
-                    matmul(dev, &x, w, &mut y0)?;
+                    matmul_shared_pair(dev, &x, &mut [Product::Dense(w, &mut y0)])?;
                     QkvInput::Stacked(&y0)
                 }
                 QkvWeights::Separate([wq, wk, wv]) => {
                     y0 = GpuTensor::output(dev, &[n, nh * hd])?;
                     y1 = GpuTensor::output(dev, &[n, nkv * hd])?;
                     y2 = GpuTensor::output(dev, &[n, nkv * hd])?;
-                    matmul_shared(
+                    matmul_shared_pair(
                         dev,
                         &x,
                         &mut [
@@ -516,11 +520,11 @@ impl<'m> Session<'m> {
             a.reshape(&[n, nh * hd])?;
             matmul(dev, &a, &layer.wo, &mut o)?;
             a.reshape(&[n, nh, hd])?;
-            add_rmsnorm(dev, &mut h, &o, &layer.ffn_norm, c.norm_eps, &mut x)?;
-            let moe = layer.moe.forward_batched(dev, &x)?;
+            add_rmsnorm_q8(dev, &mut h, &o, &layer.ffn_norm, c.norm_eps, &mut x)?;
+            let moe = layer.moe.forward_batched_pair(dev, &x)?;
             match m.layers.get(l + 1) {
                 Some(next) => {
-                    add_rmsnorm(dev, &mut h, &moe.out, &next.attn_norm, c.norm_eps, &mut x)?
+                    add_rmsnorm_q8(dev, &mut h, &moe.out, &next.attn_norm, c.norm_eps, &mut x)?
                 }
                 None => add(dev, &mut h, &moe.out)?,
             }

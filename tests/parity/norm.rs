@@ -1,6 +1,7 @@
 //! `rmsnorm` and `add_rmsnorm`: GPU == CPU reference, bit for bit.
 
-use bitexact::kernels::norm::{add_rmsnorm, rmsnorm};
+use bitexact::kernels::norm::{add_rmsnorm, add_rmsnorm_q8, rmsnorm};
+use bitexact::kernels::quantize::GpuActPair;
 use bitexact::{reference, Error, GpuTensor};
 use proptest::prelude::*;
 
@@ -64,7 +65,7 @@ fn shapes_must_match() {
 /// the residual pass through as the two kernels would carry them.
 #[test]
 fn add_then_norm() {
-    for width in [1usize, 31, 33, 511, 512, 2047, 2048, 2049, 4100] {
+    for width in [1usize, 31, 32, 33, 511, 512, 2047, 2048, 2049, 4096, 4100] {
         for rows in [1usize, 3, 40] {
             add_case(rows, width, (width * 17 + rows) as u64, false);
         }
@@ -93,6 +94,33 @@ fn add_case(rows: usize, width: usize, seed: u64, specials: bool) {
     let what = format!("add_rmsnorm rows={rows} width={width} seed={seed}");
     assert_bits_eq(&format!("{what} h"), &h.to_host().unwrap(), &want_h);
     assert_bits_eq(&format!("{what} y"), &y.to_host().unwrap(), &want_y);
+    if width % 32 != 0 {
+        return;
+    }
+    // The variant that writes y's quantization too: the same h and y, and the codes, scales
+    // and block sums of the reference quantization of y.
+    let mut h = GpuTensor::from_host(dev, &hh, &[rows, width]).unwrap();
+    let mut yp = GpuActPair::zeros(dev, rows, width).unwrap();
+    add_rmsnorm_q8(dev, &mut h, &o, &w, 1e-6, &mut yp).unwrap();
+    let what = format!("add_rmsnorm_q8 rows={rows} width={width} seed={seed}");
+    assert_bits_eq(&format!("{what} h"), &h.to_host().unwrap(), &want_h);
+    assert_bits_eq(&format!("{what} y"), &yp.x().to_host().unwrap(), &want_y);
+    let want_q = reference::quantize::quantize_act(&want_y, rows, width);
+    assert_eq!(
+        yp.q().codes.to_host().unwrap(),
+        want_q.codes,
+        "{what} codes"
+    );
+    assert_bits_eq(
+        &format!("{what} d"),
+        &yp.q().d.to_host().unwrap(),
+        &want_q.d,
+    );
+    assert_bits_eq(
+        &format!("{what} a"),
+        &yp.q().a.to_host().unwrap(),
+        &want_q.a,
+    );
 }
 
 #[test]
@@ -108,6 +136,21 @@ fn add_rmsnorm_shapes_must_match() {
     ));
     assert_bits_eq("untouched y", &y.to_host().unwrap(), &poison(12));
     assert_bits_eq("untouched h", &h.to_host().unwrap(), &[1.0f32; 12]);
+    // The quantizing variant: a pair of another shape than h is refused, nothing written.
+    let mut h = GpuTensor::from_host(dev, &[1.0f32; 96], &[3, 32]).unwrap();
+    let o = GpuTensor::from_host(dev, &[1.0f32; 96], &[3, 32]).unwrap();
+    let w = GpuTensor::from_host(dev, &[1.0f32; 32], &[32]).unwrap();
+    let mut yp = GpuActPair::zeros(dev, 2, 32).unwrap();
+    assert!(matches!(
+        add_rmsnorm_q8(dev, &mut h, &o, &w, 1e-6, &mut yp),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    assert_bits_eq("untouched pair", &yp.x().to_host().unwrap(), &[0.0f32; 64]);
+    assert_bits_eq("untouched h (q8)", &h.to_host().unwrap(), &[1.0f32; 96]);
+    assert!(
+        GpuActPair::zeros(dev, 2, 48).is_err(),
+        "k % 32 != 0 is refused"
+    );
 }
 
 /// `qkv_norm_rope` == the references in turn: per-head `rmsnorm` of q and k, `rope_neox` of
