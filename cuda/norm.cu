@@ -145,10 +145,10 @@ extern "C" __global__ void __launch_bounds__(256)
 // launch saved (H200, decode).
 #define NORM_Q8_THREADS 1024u
 extern "C" __global__ void __launch_bounds__(1024)
-    add_rmsnorm_q8_f32_row(float* __restrict__ y, signed char* __restrict__ qc,
-                           float* __restrict__ qd, float* __restrict__ qa, float* __restrict__ h,
+    add_rmsnorm_q8_f32_row(float* __restrict__ y, float* __restrict__ h,
                            const float* __restrict__ o, const float* __restrict__ w, u32 rows,
-                           u32 width, float eps) {
+                           u32 width, float eps, signed char* __restrict__ qc,
+                           float* __restrict__ qd, float* __restrict__ qa) {
     bx_grid_begin();
     rmsnorm_row_body<true, true, NORM_Q8_THREADS>(y, h, o, w, rows, width, eps, qc, qd, qa);
 }

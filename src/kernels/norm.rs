@@ -6,7 +6,7 @@ use super::{as_u32, dims, row_chunks};
 use crate::device::{Device, Family};
 use crate::error::{check_shape, Error, Result};
 use crate::kernels::attention::LayerCache;
-use crate::kernels::quantize::GpuActPair;
+use crate::kernels::quantize::{GpuActPair, GpuActQ8};
 use crate::kernels::rope::{Positions, RopeTable};
 use crate::tensor::GpuTensor;
 
@@ -88,13 +88,34 @@ pub fn add_rmsnorm(
     eps: f32,
     y: &mut GpuTensor<f32>,
 ) -> Result<()> {
-    let Some((rows32, width32)) = row_shape("add_rmsnorm", "h", h, &[("o", o)], w, y)? else {
+    add_norm(dev, "add_rmsnorm", h, o, w, eps, y, None)
+}
+
+/// The launch of [`add_rmsnorm`] (`q: None`) or [`add_rmsnorm_q8`] (`q`: y's quantization,
+/// `[rows, width]` codes and `[rows, width / 32]` scales, `width % 32 == 0`).
+#[allow(clippy::too_many_arguments)]
+fn add_norm(
+    dev: &Device,
+    op: &'static str,
+    h: &mut GpuTensor<f32>,
+    o: &GpuTensor<f32>,
+    w: &GpuTensor<f32>,
+    eps: f32,
+    y: &mut GpuTensor<f32>,
+    q: Option<&mut GpuActQ8>,
+) -> Result<()> {
+    let Some((rows32, width32)) = row_shape(op, "h", h, &[("o", o)], w, y)? else {
         return Ok(());
     };
-    let f = dev.function(Family::Norm, "add_rmsnorm_f32_row")?;
+    // The quantizing kernel takes 1024 threads (its warps each quantize blocks of the row).
+    let (name, threads) = match q {
+        None => ("add_rmsnorm_f32_row", 32 * WARPS),
+        Some(_) => ("add_rmsnorm_q8_f32_row", 1024),
+    };
+    let f = dev.function(Family::Norm, name)?;
     let cfg = LaunchConfig {
         grid_dim: (rows32, 1, 1),
-        block_dim: (32 * WARPS, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     };
     let mut launch = dev.launch_builder(&f);
@@ -106,9 +127,16 @@ pub fn add_rmsnorm(
         .arg(&rows32)
         .arg(&width32)
         .arg(&eps);
+    if let Some(q) = q {
+        launch
+            .arg(q.codes.slice_mut())
+            .arg(q.d.slice_mut())
+            .arg(q.a.slice_mut());
+    }
     // SAFETY: h, o and y are [rows, width] and w is [width] (checked above; y and h are two
-    // tensors, so they do not overlap); a block per row, and each element of h is read and
-    // written by one thread.
+    // tensors, so they do not overlap); q, when given, is y's pair: codes [rows, width] and
+    // scales [rows, width / 32], width % 32 == 0 (set when the pair was made). A block per row;
+    // each element of h is read and written by one thread, each quantization block by one warp.
     unsafe { launch.launch(cfg) }?;
     Ok(())
 }
@@ -144,33 +172,7 @@ pub fn add_rmsnorm_q8(
     y: &mut GpuActPair,
 ) -> Result<()> {
     let (yx, yq) = y.parts_mut();
-    let Some((rows32, width32)) = row_shape("add_rmsnorm_q8", "h", h, &[("o", o)], w, yx)? else {
-        return Ok(());
-    };
-    let f = dev.function(Family::Norm, "add_rmsnorm_q8_f32_row")?;
-    let cfg = LaunchConfig {
-        grid_dim: (rows32, 1, 1),
-        block_dim: (1024, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let mut launch = dev.launch_builder(&f);
-    launch
-        .arg(yx.slice_mut())
-        .arg(yq.codes.slice_mut())
-        .arg(yq.d.slice_mut())
-        .arg(yq.a.slice_mut())
-        .arg(h.slice_mut())
-        .arg(o.slice())
-        .arg(w.slice())
-        .arg(&rows32)
-        .arg(&width32)
-        .arg(&eps);
-    // SAFETY: h, o and y.x are [rows, width], w is [width] (checked above), y's codes
-    // [rows, width] and scales [rows, width / 32] with width % 32 == 0 (the pair's shape, set
-    // when it was made); a block per row, each element of h read and written by one thread,
-    // each quantization block by one warp.
-    unsafe { launch.launch(cfg) }?;
-    Ok(())
+    add_norm(dev, "add_rmsnorm_q8", h, o, w, eps, yx, Some(yq))
 }
 
 /// The attention's inputs in one launch. Per token at `pos[r]`: each q head of `input` normed
