@@ -3,11 +3,13 @@
 //   swiglu_halves_f32  out[r, i] = silu(gu[r, i]) * gu[r, f + i]: the gate and up halves of
 //                one stacked product's row (an expert's [gate; up] rows, one launch)
 //   sigmoid_f32  out[j] = 1 / (1 + exp(-x[j]))     (the shared expert's gate)
+//   gate_heads_sigmoid_f32  a[r, h, i] *= sigmoid(qg[r * width + offset + h * head_stride + i])
+//                (a gated attention layer's output gate, read from its query product)
 // exp is bitexact's own fma polynomial (common.cuh), the same bits as src/math.rs.
 //
 // Versions:
-//   swiglu_f32, swiglu_halves_f32, sigmoid_f32  v1: grid-stride loop over the flat index, one
-//                element per step.
+//   swiglu_f32, swiglu_halves_f32, sigmoid_f32, gate_heads_sigmoid_f32  v1: grid-stride loop
+//                over the flat index, one element per step.
 //
 // References: src/reference/activation.rs.
 
@@ -49,5 +51,18 @@ extern "C" __global__ void sigmoid_f32(float* __restrict__ out, const float* __r
     for (u64 j = (u64)blockIdx.x * blockDim.x + threadIdx.x; j < n;
          j += (u64)gridDim.x * blockDim.x) {
         out[j] = bx_sigmoid(x[j]);
+    }
+}
+
+extern "C" __global__ void gate_heads_sigmoid_f32(float* __restrict__ a,
+                                                  const float* __restrict__ qg, u64 n, u32 nh,
+                                                  u32 hd, u64 width, u64 offset,
+                                                  u64 head_stride) {
+    bx_grid_begin();
+    const u64 per_row = (u64)nh * hd, total = n * per_row;
+    for (u64 j = (u64)blockIdx.x * blockDim.x + threadIdx.x; j < total;
+         j += (u64)gridDim.x * blockDim.x) {
+        const u64 r = j / per_row, rem = j - r * per_row, h = rem / hd, i = rem - h * hd;
+        a[j] = a[j] * bx_sigmoid(qg[r * width + offset + h * head_stride + i]);
     }
 }

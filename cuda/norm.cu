@@ -153,8 +153,9 @@ extern "C" __global__ void __launch_bounds__(1024)
     rmsnorm_row_body<true, true, NORM_Q8_THREADS>(y, h, o, w, rows, width, eps, qc, qd, qa);
 }
 
-// A warp per (token row0 + blockIdx.y, head slot 4 * blockIdx.x + warp); slots 0..nh are q heads,
-// nh..nh + nkv k heads, then v heads. Shared memory: hd floats per warp (the normed row, read
+// A warp per (token row0 + blockIdx.y, head slot 4 * blockIdx.x + warp); slots 0..nh are q heads
+// (head h at h * q_head_stride of its row: hd, or 2 hd when each head is followed by its output
+// gate), nh..nh + nkv k heads, then v heads. Shared memory: hd floats per warp (the normed row, read
 // back in rotation pairs).
 extern "C" __global__ void __launch_bounds__(128)
     qkv_norm_rope_f32(float* __restrict__ q_out, float* __restrict__ kc, float* __restrict__ vc,
@@ -163,7 +164,7 @@ extern "C" __global__ void __launch_bounds__(128)
                       const float* __restrict__ q_norm, const float* __restrict__ k_norm,
                       const u32* __restrict__ pos, const float* __restrict__ cos_t,
                       const float* __restrict__ sin_t, u32 nh, u32 nkv, u32 hd, u32 half,
-                      u32 cap, float eps, u32 row0) {
+                      u32 cap, float eps, u32 row0, u32 q_head_stride) {
     bx_grid_begin();
     extern __shared__ float qkv_sm[];
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
@@ -173,7 +174,7 @@ extern "C" __global__ void __launch_bounds__(128)
     const u64 row = (u64)row0 + blockIdx.y;
     // Token row's heads: q at qs + row * q_stride, k and v likewise (one stacked product's row
     // at three offsets, or three products).
-    const float* x = slot < nh          ? qs + row * q_stride + (u64)slot * hd
+    const float* x = slot < nh          ? qs + row * q_stride + (u64)slot * q_head_stride
                      : slot < nh + nkv ? ks + row * k_stride + (u64)(slot - nh) * hd
                                        : vs + row * v_stride + (u64)(slot - nh - nkv) * hd;
     const u32 t = pos[row];

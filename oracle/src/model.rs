@@ -94,8 +94,8 @@ struct Report {
 struct Ran {
     run: PathRun,
     trace: Trace,
-    /// The recurrent (DeltaNet) state after the path's last token (CPU paths of a hybrid
-    /// model; empty otherwise).
+    /// The recurrent (DeltaNet) state after the path's last token (a hybrid model; empty
+    /// otherwise).
     state: Vec<f32>,
 }
 
@@ -233,14 +233,8 @@ pub fn run(a: &ModelArgs) -> Result<bool> {
     );
     let want = |p: &str| a.paths.iter().any(|x| x == p);
     let (dev, note) = a.run.open_device();
-    // The GPU does not run hybrid models yet: their oracle is the CPU paths.
     let (dev, note) = match (dev, &cfg.hybrid) {
-        (Some(_), Some(_)) => {
-            let why = "a hybrid model (Gated DeltaNet layers): no GPU kernels yet, CPU paths only";
-            println!("device: not used ({why})");
-            (None, Some(why.to_string()))
-        }
-        (Some(_), None) if a.kv != KvMode::F32 => {
+        (Some(_), _) if a.kv != KvMode::F32 => {
             let why =
                 "the GPU runner keeps an f32 KV cache: --kv other than f32 runs the CPU paths only";
             println!("device: not used ({why})");
@@ -364,7 +358,7 @@ pub fn run(a: &ModelArgs) -> Result<bool> {
                         forward_calls: session.stats().calls.clone(),
                     },
                     trace,
-                    state: Vec::new(),
+                    state: session.recurrent_state()?,
                 })
             };
         if want("gpu-seq") {
@@ -483,8 +477,14 @@ pub fn run(a: &ModelArgs) -> Result<bool> {
                 "logits, every token",
             );
         }
-        if !ra.state.is_empty() && ra.state.len() == rb.state.len() {
-            let c = compare_f32(&label, "state", &ra.state, &rb.state, ra.state.len());
+        // States after the same tokens through the same layers only (the CPU's scope may be
+        // shorter than the GPU paths').
+        // A path that should have a state of the same length and has not is a divergence.
+        let same_scope = ra.run.tokens == rb.run.tokens && ra.run.layers == rb.run.layers;
+        if same_scope && (!ra.state.is_empty() || !rb.state.is_empty()) {
+            // compare_f32 counts every element one side lacks as differing.
+            let n = ra.state.len().max(rb.state.len());
+            let c = compare_f32(&label, "state", &ra.state, &rb.state, n);
             record(
                 &mut first,
                 &mut comparisons,

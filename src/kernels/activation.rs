@@ -89,3 +89,55 @@ pub fn sigmoid(dev: &Device, x: &GpuTensor<f32>, out: &mut GpuTensor<f32>) -> Re
     unsafe { launch.launch(flat_cfg(n as usize)) }?;
     Ok(())
 }
+
+/// The output gate of a gated attention layer, in place: `a: [n, nh, hd]`,
+/// `a[r, h, i] *= sigmoid(qg[r, offset + h * head_stride + i])` with `qg: [n, width]` (the query
+/// product, whose heads hold `[q | gate]`: `offset = hd`, `head_stride = 2 hd`)
+/// ([`crate::reference::activation::gate_heads_sigmoid`]). A gate past a row of `qg` is an
+/// error and nothing is written.
+pub fn gate_heads_sigmoid(
+    dev: &Device,
+    a: &mut GpuTensor<f32>,
+    qg: &GpuTensor<f32>,
+    offset: usize,
+    head_stride: usize,
+) -> Result<()> {
+    const OP: &str = "gate_heads_sigmoid";
+    let [n, nh, hd] = crate::kernels::dims(OP, "a", "[n, nh, hd]", a.dims())?;
+    let [qn, width] = crate::kernels::dims(OP, "qg", "[n, width]", qg.dims())?;
+    check_shape(OP, "qg", &[n, width], &[qn, width])?;
+    if nh > 0 && hd > 0 && offset + (nh - 1) * head_stride + hd > width {
+        return Err(crate::error::Error::invalid(
+            OP,
+            format!(
+                "the gate of head {} ends at {} past the row width {width}",
+                nh - 1,
+                offset + (nh - 1) * head_stride + hd
+            ),
+        ));
+    }
+    let (nh32, hd32) = (
+        crate::kernels::as_u32(OP, "nh", nh)?,
+        crate::kernels::as_u32(OP, "hd", hd)?,
+    );
+    let (n64, w64, off64, hs64) = (n as u64, width as u64, offset as u64, head_stride as u64);
+    let total = a.len();
+    if total == 0 {
+        return Ok(());
+    }
+    let f = dev.function(Family::Activation, "gate_heads_sigmoid_f32")?;
+    let mut launch = dev.launch_builder(&f);
+    launch
+        .arg(a.slice_mut())
+        .arg(qg.slice())
+        .arg(&n64)
+        .arg(&nh32)
+        .arg(&hd32)
+        .arg(&w64)
+        .arg(&off64)
+        .arg(&hs64);
+    // SAFETY: a is [n, nh, hd] and qg [n, width] with every gate index below width (checked
+    // above); the grid-stride loop stays below n * nh * hd; a and qg are two tensors.
+    unsafe { launch.launch(flat_cfg(total)) }?;
+    Ok(())
+}

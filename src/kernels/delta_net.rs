@@ -46,12 +46,14 @@ impl GpuDeltaNetConsts {
     }
 }
 
-/// A sequence's recurrent state on the device: the convolution window (two buffers: the scan
-/// reads one and writes the other, then they swap) and the `[Hv, S, S]` matrices.
+/// A sequence's recurrent state on the device: the convolution window, the scan's second
+/// window (it reads one and writes the other: several blocks read a key head's channels; the
+/// new window is then copied back, so that a captured decode step reads and writes the same
+/// buffers on every replay) and the `[Hv, S, S]` matrices.
 pub struct GpuDeltaNetState {
     cfg: DeltaNetConfig,
-    conv: [GpuTensor<f32>; 2],
-    cur: usize,
+    conv: GpuTensor<f32>,
+    conv_next: GpuTensor<f32>,
     m: GpuTensor<f32>,
 }
 
@@ -63,19 +65,23 @@ impl GpuDeltaNetState {
         let rows = kc1.max(1);
         Ok(GpuDeltaNetState {
             cfg: cfg.clone(),
-            conv: [
-                GpuTensor::zeros(dev, &[rows, cd])?,
-                GpuTensor::zeros(dev, &[rows, cd])?,
-            ],
-            cur: 0,
+            conv: GpuTensor::zeros(dev, &[rows, cd])?,
+            conv_next: GpuTensor::zeros(dev, &[rows, cd])?,
             m: GpuTensor::zeros(dev, &[cfg.v_heads, s, s])?,
         })
+    }
+
+    /// Back to the state before the first token (zeros), on the device's stream.
+    pub fn clear(&mut self, dev: &Device) -> Result<()> {
+        dev.stream().memset_zeros(self.conv.slice_mut())?;
+        dev.stream().memset_zeros(self.m.slice_mut())?;
+        Ok(())
     }
 
     /// The state on the host, as the CPU reference holds it.
     pub fn to_host(&self) -> Result<DeltaNetState> {
         let cfg = &self.cfg;
-        let mut conv = self.conv[self.cur].to_host()?;
+        let mut conv = self.conv.to_host()?;
         conv.truncate((cfg.conv_kernel - 1) * cfg.conv_dim());
         Ok(DeltaNetState {
             conv,
@@ -131,9 +137,7 @@ pub fn delta_net_scan(
         block_dim: (4 * s32, 1, 1),
         shared_mem_bytes: 0,
     };
-    let (rd, wr) = (state.cur, 1 - state.cur);
-    let [c0, c1] = &mut state.conv;
-    let (conv_in, conv_out) = if rd == 0 { (&*c0, c1) } else { (&*c1, c0) };
+    let (conv_in, conv_out) = (&state.conv, &mut state.conv_next);
     let mut launch = dev.launch_builder(&f);
     launch
         .arg(o.slice_mut())
@@ -158,7 +162,8 @@ pub fn delta_net_scan(
     // value head of 4 S <= 512 threads, each head's matrix written by its block alone, each
     // window channel by one block.
     unsafe { launch.launch(cfg) }?;
-    state.cur = wr;
+    dev.stream()
+        .memcpy_dtod(state.conv_next.slice(), state.conv.slice_mut())?;
     Ok(())
 }
 

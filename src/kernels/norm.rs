@@ -179,12 +179,15 @@ pub fn add_rmsnorm_q8(
 /// by `q_norm` and rotated into `q: [n, nh, hd]`; each k head normed by `k_norm`, rotated and
 /// written to its cache row; each v head copied to its cache row. The bits of [`rmsnorm`] per
 /// head, [`crate::kernels::rope::rope_neox`] and [`crate::kernels::attention::kv_write`] in
-/// turn (`nh` is `q`'s head count, `nkv` the cache's). A bad shape or position is an error and
-/// nothing is written.
+/// turn (`nh` is `q`'s head count, `nkv` the cache's). With `gated`, each q head of the input
+/// is followed by its output gate (`[q_h | gate_h]`, a hybrid model's attention; the gates are
+/// read later by [`crate::kernels::activation::gate_heads_sigmoid`]). A bad shape or position
+/// is an error and nothing is written.
 #[allow(clippy::too_many_arguments)]
 pub fn qkv_norm_rope(
     dev: &Device,
     input: QkvInput<'_>,
+    gated: bool,
     q_norm: &GpuTensor<f32>,
     k_norm: &GpuTensor<f32>,
     eps: f32,
@@ -199,7 +202,8 @@ pub fn qkv_norm_rope(
     check_shape(OP, "cache.k", &[nkv, cap, hd], &[nkv, cap, chd])?;
     check_shape(OP, "cache.v", &[nkv, cap, hd], cache.v.dims())?;
     // (tensor, column offset, row stride) of the q, k and v heads.
-    let (qh, kh, vh) = (nh * hd, nkv * hd, nkv * hd);
+    let q_head = if gated { 2 * hd } else { hd };
+    let (qh, kh, vh) = (nh * q_head, nkv * hd, nkv * hd);
     let (qs, ks, vs) = match input {
         QkvInput::Stacked(x) => {
             let w = qh + kh + vh;
@@ -230,6 +234,7 @@ pub fn qkv_norm_rope(
     let slots = as_u32(OP, "heads", nh + 2 * nkv)?;
     let (nh32, nkv32, hd32) = (nh as u32, nkv as u32, as_u32(OP, "hd", hd)?);
     let (half32, cap32) = (table.half() as u32, as_u32(OP, "cap", cap)?);
+    let q_head32 = as_u32(OP, "q head stride", q_head)?;
     let smem = 4 * hd * 4;
     if smem > 48 * 1024 {
         return Err(Error::invalid(OP, format!("head dim {hd} above 3072")));
@@ -273,9 +278,11 @@ pub fn qkv_norm_rope(
             .arg(&half32)
             .arg(&cap32)
             .arg(&eps)
-            .arg(&row0);
+            .arg(&row0)
+            .arg(&q_head32);
         // SAFETY: the q, k and v heads of row r sit at (column offset + r * stride) of their
-        // [n, stride] inputs, offset + heads * hd <= stride (checked above); q is [n, nh, hd],
+        // [n, stride] inputs, q head h at h * q_head, offset + heads * head width <= stride
+        // (checked above); q is [n, nh, hd],
         // the caches [nkv, cap, hd], the norms [hd]; every position is below cap and the
         // table's max_pos, 2 * half <= hd; the grid covers rows row0..row0 + nrows <= n and
         // warps past the last slot return; shared memory is 4 warps x hd floats. Each (token,

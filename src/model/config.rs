@@ -85,7 +85,7 @@ impl ModelConfig {
     /// - `qwen3.6-35b-a3b`: the hybrid Qwen3.6-35B-A3B: 40 layers, every 4th gated attention
     ///   (16 / 2 heads of 256, rope over 64, base 1e7), the rest Gated DeltaNet (16 key / 32
     ///   value heads of 128, conv of 4), 256 experts top-8 (ffn 512) plus a shared expert of
-    ///   512, vocab 248,320. The hybrid presets run on the CPU reference only for now.
+    ///   512, vocab 248,320.
     pub fn preset(name: &str, format: WeightFormat) -> Result<Self> {
         let moe = |dim, n_experts, top_k, ffn, shared_ffn| MoeConfig {
             dim,
@@ -201,7 +201,7 @@ impl ModelConfig {
                     conv_kernel: 4,
                 }),
             },
-            // The hybrid preset's shapes with every layer attention (what the GPU runs today).
+            // The hybrid preset's shapes with every layer attention (the all-attention runner's shape).
             "qwen3.6-35b-a3b-like" => ModelConfig {
                 name: name.into(),
                 hybrid: None,

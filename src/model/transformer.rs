@@ -1,4 +1,4 @@
-//! The thin Qwen3-MoE-style decoder on the GPU: [`GpuModel`] and its [`Session`] (batched
+//! The thin Qwen3-MoE-style decoder (and its hybrid Gated DeltaNet form) on the GPU: [`GpuModel`] and its [`Session`] (batched
 //! prefill, chunked prefill, sequential decode). Its weights are [`crate::model::weights`]'; its
 //! CPU reference is [`crate::reference::model::CpuSession`].
 //!
@@ -13,6 +13,11 @@
 //!   h = h + moe(rmsnorm(h, ffn_norm))
 //! logits = W_lm rmsnorm(h, out_norm)
 //! ```
+//! A hybrid model (Qwen3.5/3.6-MoE) replaces the attention of three layers in four by a Gated
+//! DeltaNet ([`crate::reference::delta_net`]: projections, the scan over the tokens in order
+//! with the recurrent state the session keeps, the gated norm, the output projection), and its
+//! attention layers are gated: each query head of Wq is followed by an output gate,
+//! `attention(q, ..) * sigmoid(gate)` before Wo.
 //! Each operation is a kernel whose bits are its reference's (norm, rope, attention, gemm,
 //! moe block, elementwise), and each reduction's order depends only on the token's own row
 //! and position: a prompt prefilled at once, in chunks of any size, or decoded one token at a
@@ -20,7 +25,11 @@
 
 use crate::device::Device;
 use crate::error::{Error, Result};
+use crate::kernels::activation::gate_heads_sigmoid;
 use crate::kernels::attention::{attention, LayerCache};
+use crate::kernels::delta_net::{
+    delta_net_gate, delta_net_scan, GpuDeltaNetConsts, GpuDeltaNetState,
+};
 use crate::kernels::elementwise::{add, gather_rows_device};
 use crate::kernels::gemm::{matmul, matmul_shared_pair, GpuMatrix, Product};
 use crate::kernels::norm::{add_rmsnorm_q8, qkv_norm_rope, rmsnorm, QkvInput};
@@ -29,18 +38,44 @@ use crate::kernels::rope::{Positions, RopeTable};
 use crate::model::config::{check_tokens, ModelConfig};
 use crate::model::moe_block::GpuMoeBlock;
 use crate::model::trace::Trace;
-use crate::model::weights::{LayerWeights, ModelWeights};
+use crate::model::weights::{LayerWeights, Mixer, ModelWeights};
 use crate::quant::QuantMatrix;
 use crate::tensor::GpuTensor;
 
 struct GpuLayer {
     attn_norm: GpuTensor<f32>,
-    qkv: QkvWeights,
-    wo: GpuMatrix,
-    q_norm: GpuTensor<f32>,
-    k_norm: GpuTensor<f32>,
+    mixer: GpuMixer,
     ffn_norm: GpuTensor<f32>,
     moe: GpuMoeBlock,
+}
+
+/// A layer's token mixer on the device.
+enum GpuMixer {
+    /// Grouped-query attention; `gated` (a hybrid model): each query head of Wq is followed by
+    /// its output gate.
+    Attention {
+        qkv: QkvWeights,
+        wo: GpuMatrix,
+        q_norm: GpuTensor<f32>,
+        k_norm: GpuTensor<f32>,
+        gated: bool,
+    },
+    /// The Gated DeltaNet ([`crate::reference::delta_net`]): its four input projections (qkv,
+    /// z, beta, alpha: one quantization of x for the four), the scan's constants, the gated
+    /// norm's weights and the output projection.
+    DeltaNet {
+        proj: Box<[GpuMatrix; 4]>,
+        consts: GpuDeltaNetConsts,
+        norm: GpuTensor<f32>,
+        out: GpuMatrix,
+    },
+}
+
+/// What a session keeps per layer: the KV cache of an attention layer, the recurrent state of
+/// a DeltaNet layer.
+enum LayerState {
+    Kv(LayerCache),
+    DeltaNet(GpuDeltaNetState),
 }
 
 /// A layer's Wq, Wk and Wv: stacked into one matrix ([`QuantMatrix::concat_rows`], one
@@ -63,38 +98,45 @@ pub struct GpuModel {
     rope: RopeTable,
 }
 
-fn upload_layer(dev: &Device, lw: &LayerWeights) -> Result<GpuLayer> {
+fn upload_layer(dev: &Device, cfg: &ModelConfig, lw: &LayerWeights) -> Result<GpuLayer> {
     let vec = |v: &[f32]| GpuTensor::from_host(dev, v, &[v.len()]);
-    let a = lw.attention().ok_or_else(|| refuse_hybrid("GpuModel"))?;
+    let mixer = match &lw.mixer {
+        Mixer::Attention(a) => GpuMixer::Attention {
+            qkv: if a.wq.format() == a.wk.format() && a.wk.format() == a.wv.format() {
+                QkvWeights::Stacked(GpuMatrix::upload(
+                    dev,
+                    &QuantMatrix::concat_rows(&[&a.wq, &a.wk, &a.wv])?,
+                )?)
+            } else {
+                QkvWeights::Separate([
+                    GpuMatrix::upload(dev, &a.wq)?,
+                    GpuMatrix::upload(dev, &a.wk)?,
+                    GpuMatrix::upload(dev, &a.wv)?,
+                ])
+            },
+            wo: GpuMatrix::upload(dev, &a.wo)?,
+            q_norm: vec(&a.q_norm)?,
+            k_norm: vec(&a.k_norm)?,
+            gated: cfg.hybrid.is_some(),
+        },
+        Mixer::DeltaNet(d) => GpuMixer::DeltaNet {
+            proj: Box::new([
+                GpuMatrix::upload(dev, &d.qkv)?,
+                GpuMatrix::upload(dev, &d.z)?,
+                GpuMatrix::upload(dev, &d.beta)?,
+                GpuMatrix::upload(dev, &d.alpha)?,
+            ]),
+            consts: GpuDeltaNetConsts::upload(dev, d)?,
+            norm: vec(&d.norm)?,
+            out: GpuMatrix::upload(dev, &d.out)?,
+        },
+    };
     Ok(GpuLayer {
         attn_norm: vec(&lw.attn_norm)?,
-        qkv: if a.wq.format() == a.wk.format() && a.wk.format() == a.wv.format() {
-            QkvWeights::Stacked(GpuMatrix::upload(
-                dev,
-                &QuantMatrix::concat_rows(&[&a.wq, &a.wk, &a.wv])?,
-            )?)
-        } else {
-            QkvWeights::Separate([
-                GpuMatrix::upload(dev, &a.wq)?,
-                GpuMatrix::upload(dev, &a.wk)?,
-                GpuMatrix::upload(dev, &a.wv)?,
-            ])
-        },
-        wo: GpuMatrix::upload(dev, &a.wo)?,
-        q_norm: vec(&a.q_norm)?,
-        k_norm: vec(&a.k_norm)?,
+        mixer,
         ffn_norm: vec(&lw.ffn_norm)?,
         moe: GpuMoeBlock::upload(dev, &lw.moe)?,
     })
-}
-
-/// The GPU runs the all-attention decoder; a hybrid model (DeltaNet layers, gated attention)
-/// runs on the CPU reference only, for now.
-fn refuse_hybrid(op: &'static str) -> Error {
-    Error::invalid(
-        op,
-        "hybrid models (Gated DeltaNet layers) run on the CPU reference only: no GPU kernels yet",
-    )
 }
 
 /// Fails with [`Error::OutOfMemory`] before anything is allocated when the weights, one KV
@@ -114,9 +156,6 @@ pub fn check_fits(dev: &Device, cfg: &ModelConfig, rows: usize) -> Result<()> {
 impl GpuModel {
     /// Uploads complete host weights.
     pub fn load(dev: &Device, w: &ModelWeights) -> Result<Self> {
-        if w.cfg.hybrid.is_some() {
-            return Err(refuse_hybrid("GpuModel::load"));
-        }
         if !w.is_complete() {
             return Err(Error::invalid(
                 "GpuModel::load",
@@ -125,7 +164,7 @@ impl GpuModel {
         }
         let lm = GpuMatrix::upload(dev, &w.lm_head)?;
         Self::assemble(dev, &w.cfg, &w.embed, &w.out_norm, lm, |l| {
-            upload_layer(dev, &w.layers[l])
+            upload_layer(dev, &w.cfg, &w.layers[l])
         })
     }
 
@@ -141,14 +180,11 @@ impl GpuModel {
         mut progress: impl FnMut(usize),
     ) -> Result<Self> {
         cfg.validate()?;
-        if cfg.hybrid.is_some() {
-            return Err(refuse_hybrid("GpuModel::generate"));
-        }
         check_fits(dev, cfg, rows)?;
         let head = ModelWeights::generate_head(cfg, seed)?;
         let lm = GpuMatrix::upload(dev, &head.lm_head)?;
         Self::assemble(dev, cfg, &head.embed, &head.out_norm, lm, |l| {
-            let layer = upload_layer(dev, &LayerWeights::generate(cfg, seed, l)?);
+            let layer = upload_layer(dev, cfg, &LayerWeights::generate(cfg, seed, l)?);
             progress(l);
             layer
         })
@@ -209,7 +245,8 @@ struct DecodeGraph {
     _twin: Device,
 }
 
-/// A decoding session on the GPU: an f32 KV cache for `max_context` positions and the position
+/// A decoding session on the GPU: an f32 KV cache for `max_context` positions (per attention
+/// layer), the recurrent state of each Gated DeltaNet layer (a hybrid model), and the position
 /// reached. `prefill` takes many tokens at once, `decode` one; both give the bits of the CPU
 /// reference for every token. After an error in the middle of a forward the session refuses
 /// further calls until [`Session::reset`], rather than go on from a half-written cache.
@@ -221,7 +258,10 @@ struct DecodeGraph {
 /// [`Session::set_graphs`] turns it off.
 pub struct Session<'m> {
     model: &'m GpuModel,
-    caches: Vec<LayerCache>,
+    /// Per layer: its KV cache or its DeltaNet state.
+    states: Vec<LayerState>,
+    /// Set by [`Session::reset`]: the DeltaNet states are zeroed before the next forward.
+    clear_states: bool,
     pos: usize,
     poisoned: bool,
     last_logits: Option<Vec<f32>>,
@@ -231,14 +271,25 @@ pub struct Session<'m> {
 }
 
 impl<'m> Session<'m> {
-    /// A fresh session (allocates the KV cache).
+    /// A fresh session (allocates the KV caches and the DeltaNet states, zeroed).
     pub fn new(dev: &Device, model: &'m GpuModel) -> Result<Self> {
         let c = &model.cfg;
         Ok(Session {
             model,
-            caches: (0..c.n_layers)
-                .map(|_| LayerCache::new(dev, c.n_kv_heads, c.max_context, c.head_dim))
+            states: (0..c.n_layers)
+                .map(|l| match c.delta_net() {
+                    Some(dn) if !c.is_attention_layer(l) => {
+                        Ok(LayerState::DeltaNet(GpuDeltaNetState::new(dev, &dn)?))
+                    }
+                    _ => Ok(LayerState::Kv(LayerCache::new(
+                        dev,
+                        c.n_kv_heads,
+                        c.max_context,
+                        c.head_dim,
+                    )?)),
+                })
                 .collect::<Result<_>>()?,
+            clear_states: false,
             pos: 0,
             poisoned: false,
             last_logits: None,
@@ -267,9 +318,11 @@ impl<'m> Session<'m> {
         }
     }
 
-    /// Forgets every token: position 0, the error state cleared. The cache is overwritten as
-    /// positions are reused, so it is not cleared.
+    /// Forgets every token: position 0, the error state cleared. The KV cache is overwritten
+    /// as positions are reused, so it is not cleared; the DeltaNet states are zeroed before the
+    /// next forward.
     pub fn reset(&mut self) {
+        self.clear_states = true;
         self.pos = 0;
         self.poisoned = false;
         self.last_logits = None;
@@ -299,13 +352,15 @@ impl<'m> Session<'m> {
             return Ok(());
         }
         check_tokens(OP, &self.model.cfg, &[token], self.pos)?;
-        let g = self.graph.as_mut().expect("checked above");
-        if g.ordinal != dev.context().ordinal() {
+        let ordinal = self.graph.as_ref().expect("checked above").ordinal;
+        if ordinal != dev.context().ordinal() {
             return Err(Error::invalid(
                 OP,
                 "the session's decode graph was captured on another device: use one device per session",
             ));
         }
+        self.clear_if_reset(dev)?;
+        let g = self.graph.as_mut().expect("checked above");
         self.poisoned = true;
         g.ids.copy_from_host(&[token])?;
         g.pos.set(&[self.pos as u32])?;
@@ -342,6 +397,7 @@ impl<'m> Session<'m> {
             c.n_heads * c.head_dim,
             c.moe.top_k * c.moe.ffn,
             c.moe.shared_ffn.unwrap_or(0),
+            c.delta_net().map_or(0, |d| d.v_heads * d.head_dim),
         ];
         drop(twin.act_scratch(widest.into_iter().max().unwrap_or(1))?);
         dev.synchronize()?;
@@ -367,6 +423,40 @@ impl<'m> Session<'m> {
             graph,
             _twin: twin,
         })
+    }
+
+    /// Zeroes the DeltaNet states after a [`Session::reset`].
+    fn clear_if_reset(&mut self, dev: &Device) -> Result<()> {
+        if self.clear_states {
+            for st in &mut self.states {
+                if let LayerState::DeltaNet(d) = st {
+                    d.clear(dev)?;
+                }
+            }
+            self.clear_states = false;
+        }
+        Ok(())
+    }
+
+    /// Every DeltaNet layer's recurrent state after the tokens taken, in layer order: its
+    /// convolution window, then its delta-rule matrices (empty for a model without DeltaNet
+    /// layers): [`crate::reference::model::CpuSession::recurrent_state`]'s layout, to compare
+    /// bit for bit.
+    pub fn recurrent_state(&self) -> Result<Vec<f32>> {
+        let mut out = Vec::new();
+        for st in &self.states {
+            if let LayerState::DeltaNet(d) = st {
+                let h = d.to_host()?;
+                if self.clear_states {
+                    // Reset, not yet zeroed on the device: the state before the first token.
+                    out.resize(out.len() + h.conv.len() + h.m.len(), 0.0);
+                } else {
+                    out.extend(h.conv);
+                    out.extend(h.m);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Kernels in the captured decode step (one graph launch replays them all), once captured.
@@ -424,6 +514,7 @@ impl<'m> Session<'m> {
             return Ok(());
         }
         self.poisoned = true;
+        self.clear_if_reset(dev)?;
         let n = tokens.len();
         let pos: Vec<u32> = (self.pos..self.pos + n).map(|p| p as u32).collect();
         let positions = Positions::new(dev, &pos)?;
@@ -475,51 +566,110 @@ impl<'m> Session<'m> {
             x.write_with(dev, |x| rmsnorm(dev, &h, &first.attn_norm, c.norm_eps, x))?;
         }
         for (l, layer) in m.layers.iter().enumerate() {
-            // One product for q, k and v (three if their formats differ); one launch for their
-            // norms, rotations and the cache write (the bits of rmsnorm, rope_neox and kv_write
-            // in turn).
-            let (mut y0, mut y1, mut y2);
-            let input = match &layer.qkv {
-                QkvWeights::Stacked(w) => {
-                    y0 = GpuTensor::output(dev, &[n, (nh + 2 * nkv) * hd])?;
-                    matmul_shared_pair(dev, &x, &mut [Product::Dense(w, &mut y0)])?;
-                    QkvInput::Stacked(&y0)
+            match (&layer.mixer, &mut self.states[l]) {
+                (
+                    GpuMixer::Attention {
+                        qkv,
+                        wo,
+                        q_norm,
+                        k_norm,
+                        gated,
+                    },
+                    LayerState::Kv(cache),
+                ) => {
+                    // One product for q, k and v (three if their formats differ); one launch
+                    // for their norms, rotations and the cache write (the bits of rmsnorm,
+                    // rope_neox and kv_write in turn). Gated: each q head is followed by its
+                    // output gate, applied to the attention's output before Wo.
+                    let qw = if *gated { 2 * nh * hd } else { nh * hd };
+                    let (mut y0, mut y1, mut y2);
+                    let input = match qkv {
+                        QkvWeights::Stacked(w) => {
+                            y0 = GpuTensor::output(dev, &[n, qw + 2 * nkv * hd])?;
+                            matmul_shared_pair(dev, &x, &mut [Product::Dense(w, &mut y0)])?;
+                            QkvInput::Stacked(&y0)
+                        }
+                        QkvWeights::Separate([wq, wk, wv]) => {
+                            y0 = GpuTensor::output(dev, &[n, qw])?;
+                            y1 = GpuTensor::output(dev, &[n, nkv * hd])?;
+                            y2 = GpuTensor::output(dev, &[n, nkv * hd])?;
+                            matmul_shared_pair(
+                                dev,
+                                &x,
+                                &mut [
+                                    Product::Dense(wq, &mut y0),
+                                    Product::Dense(wk, &mut y1),
+                                    Product::Dense(wv, &mut y2),
+                                ],
+                            )?;
+                            QkvInput::Separate {
+                                q: &y0,
+                                k: &y1,
+                                v: &y2,
+                            }
+                        }
+                    };
+                    qkv_norm_rope(
+                        dev, input, *gated, q_norm, k_norm, c.norm_eps, positions, &m.rope, cache,
+                        &mut qn,
+                    )?;
+                    attention(dev, &qn, cache, positions, &mut a)?;
+                    if *gated {
+                        // The gates sit at hd + h * 2 hd of the q product's rows (the stacked
+                        // product's q columns come first).
+                        gate_heads_sigmoid(dev, &mut a, &y0, hd, 2 * hd)?;
+                    }
+                    a.reshape(&[n, nh * hd])?;
+                    matmul(dev, &a, wo, &mut o)?;
+                    a.reshape(&[n, nh, hd])?;
                 }
-                QkvWeights::Separate([wq, wk, wv]) => {
-                    y0 = GpuTensor::output(dev, &[n, nh * hd])?;
-                    y1 = GpuTensor::output(dev, &[n, nkv * hd])?;
-                    y2 = GpuTensor::output(dev, &[n, nkv * hd])?;
+                (
+                    GpuMixer::DeltaNet {
+                        proj,
+                        consts,
+                        norm,
+                        out,
+                    },
+                    LayerState::DeltaNet(state),
+                ) => {
+                    // The four projections of x (one quantization), the scan (conv, unit q/k,
+                    // gates, the delta rule), the gated norm per value head, the output.
+                    let dn = c.delta_net().expect("a DeltaNet layer has its config");
+                    let (hv, sd) = (dn.v_heads, dn.head_dim);
+                    let [wqkv, wz, wb, wa] = &**proj;
+                    let mut mixed = GpuTensor::output(dev, &[n, dn.conv_dim()])?;
+                    let mut z = GpuTensor::output(dev, &[n * hv, sd])?;
+                    let mut bt = GpuTensor::output(dev, &[n, hv])?;
+                    let mut al = GpuTensor::output(dev, &[n, hv])?;
+                    z.reshape(&[n, hv * sd])?;
                     matmul_shared_pair(
                         dev,
                         &x,
                         &mut [
-                            Product::Dense(wq, &mut y0),
-                            Product::Dense(wk, &mut y1),
-                            Product::Dense(wv, &mut y2),
+                            Product::Dense(wqkv, &mut mixed),
+                            Product::Dense(wz, &mut z),
+                            Product::Dense(wb, &mut bt),
+                            Product::Dense(wa, &mut al),
                         ],
                     )?;
-                    QkvInput::Separate {
-                        q: &y0,
-                        k: &y1,
-                        v: &y2,
-                    }
+                    z.reshape(&[n * hv, sd])?;
+                    let mut so = GpuTensor::output(dev, &[n, hv, sd])?;
+                    delta_net_scan(dev, consts, state, &mixed, &bt, &al, c.norm_eps, &mut so)?;
+                    so.reshape(&[n * hv, sd])?;
+                    let mut normed = GpuTensor::output(dev, &[n * hv, sd])?;
+                    rmsnorm(dev, &so, norm, c.norm_eps, &mut normed)?;
+                    let mut gated = GpuTensor::output(dev, &[n * hv, sd])?;
+                    delta_net_gate(dev, &normed, &z, &mut gated)?;
+                    gated.reshape(&[n, hv * sd])?;
+                    matmul(dev, &gated, out, &mut o)?;
                 }
-            };
-            qkv_norm_rope(
-                dev,
-                input,
-                &layer.q_norm,
-                &layer.k_norm,
-                c.norm_eps,
-                positions,
-                &m.rope,
-                &mut self.caches[l],
-                &mut qn,
-            )?;
-            attention(dev, &qn, &self.caches[l], positions, &mut a)?;
-            a.reshape(&[n, nh * hd])?;
-            matmul(dev, &a, &layer.wo, &mut o)?;
-            a.reshape(&[n, nh, hd])?;
+                _ => {
+                    return Err(Error::invalid(
+                        "Session::forward",
+                        "a layer's state does not match its mixer",
+                    ))
+                }
+            }
             add_rmsnorm_q8(dev, &mut h, &o, &layer.ffn_norm, c.norm_eps, &mut x)?;
             let moe = layer.moe.forward_batched_pair(dev, &x)?;
             match m.layers.get(l + 1) {

@@ -2,7 +2,8 @@
 //! `qwen35moe`; three of every four layers): linear attention with a recurrent state, computed
 //! token by token. The same operations serve prefill and decode, so a prompt taken at once, in
 //! chunks of any size, or one token at a time leaves the same bits in the outputs and in the
-//! state. No kernel implements it yet.
+//! state. The GPU's `delta_net_scan` (`cuda/delta_net.cu`) performs steps 2 to 5 with these
+//! operations ([`scan_cpu`]).
 //!
 //! Shapes: `Hk` key heads and `Hv` value heads (`Hv % Hk == 0`; value head `h` reads key head
 //! `h % Hk`, llama.cpp's tiling), all of `S` dims; `conv_dim = 2 Hk S + Hv S`. Per token `x: [dim]`,
@@ -262,7 +263,7 @@ pub fn forward_cpu(
     let gated: Vec<f32> = normed
         .iter()
         .zip(&z)
-        .map(|(&v, &zz)| v * silu(zz))
+        .map(|(&v, &zz)| crate::math::canon(v * silu(zz)))
         .collect();
     gemm(&gated, &w.out, n)
 }

@@ -243,7 +243,7 @@ impl<'w> CpuSession<'w> {
             if let Some(g) = gate {
                 // The output gate, before the output projection: one rounded multiply each.
                 for (ai, &gi) in a.iter_mut().zip(&g) {
-                    *ai *= sigmoid(gi);
+                    *ai = crate::math::canon(*ai * sigmoid(gi));
                 }
             }
             let o = gemm(&a, &aw.wo, n)?;

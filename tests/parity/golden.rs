@@ -1,5 +1,5 @@
 //! Golden digests: FNV-1a hashes of the bits of fixed-seed model outputs (every token's logits
-//! and every layer's hidden states of the `tiny` and `small` presets), committed here. A refactor that
+//! and every layer's hidden states of the `tiny`, `small` and `tiny-hybrid` presets), committed here. A refactor that
 //! changes no bit keeps them; only a deliberate change of a canonical order may update them,
 //! in the same commit as the reference that defines the new order. The GPU must give the same
 //! digests as the CPU.
@@ -15,10 +15,18 @@ use crate::common::gpu;
 
 /// (preset, format, seed, tokens, digest). More than 64 tokens: several attention chunks, so
 /// the fold runs.
-const GOLDEN: [(&str, WeightFormat, u64, usize, u64); 3] = [
+/// `tiny-hybrid`: Gated DeltaNet and gated attention layers.
+const GOLDEN: [(&str, WeightFormat, u64, usize, u64); 4] = [
     ("tiny", WeightFormat::F32, 7, 150, 0x867d4587d0aa1c07),
     ("tiny", WeightFormat::Q8_0, 8, 150, 0x10dcf04c06f69dfb),
     ("small", WeightFormat::Q4K, 9, 100, 0xab29c1e345c5aaa6),
+    (
+        "tiny-hybrid",
+        WeightFormat::F32,
+        10,
+        150,
+        0x433f66e8278c9133,
+    ),
 ];
 
 fn fnv1a(trace: &Trace) -> u64 {
@@ -55,27 +63,6 @@ fn cpu_digest(preset: &str, fmt: WeightFormat, seed: u64, n: usize) -> u64 {
 #[test]
 fn cpu_digests() {
     for (preset, fmt, seed, n, want) in GOLDEN {
-        check(
-            &format!("cpu {preset} {fmt}"),
-            cpu_digest(preset, fmt, seed, n),
-            want,
-        );
-    }
-}
-
-/// The hybrid preset (Gated DeltaNet and gated attention layers): CPU only until its kernels
-/// exist. (preset, format, seed, tokens, digest).
-const GOLDEN_CPU_ONLY: [(&str, WeightFormat, u64, usize, u64); 1] = [(
-    "tiny-hybrid",
-    WeightFormat::F32,
-    10,
-    150,
-    0x433f66e8278c9133,
-)];
-
-#[test]
-fn cpu_digests_hybrid() {
-    for (preset, fmt, seed, n, want) in GOLDEN_CPU_ONLY {
         check(
             &format!("cpu {preset} {fmt}"),
             cpu_digest(preset, fmt, seed, n),

@@ -228,13 +228,79 @@ fn qkv_case(n: usize, nh: usize, nkv: usize, hd: usize, rd: usize, seed: u64, sp
     for (input, how) in [(QkvInput::Stacked(&qkv), "stacked"), (separate, "separate")] {
         let mut c = LayerCache::new(dev, nkv, cap, hd).unwrap();
         let mut q = GpuTensor::from_host(dev, &poison(n * nh * hd), &[n, nh, hd]).unwrap();
-        qkv_norm_rope(dev, input, &qn, &kn, eps, &p, &table, &mut c, &mut q).unwrap();
+        qkv_norm_rope(dev, input, false, &qn, &kn, eps, &p, &table, &mut c, &mut q).unwrap();
         let what = format!("qkv_norm_rope {how} n={n} nh={nh} nkv={nkv} hd={hd} rd={rd}");
         assert_bits_eq(&format!("{what} q"), &q.to_host().unwrap(), &want_q);
         assert_bits_eq(&format!("{what} k cache"), &c.k.to_host().unwrap(), &want_k);
         assert_bits_eq(&format!("{what} v cache"), &c.v.to_host().unwrap(), &want_v);
         cache = c;
     }
+
+    // Gated (a hybrid model's attention): each q head followed by its output gate in the row;
+    // the same q and caches, then the gate applied to an attention output from those gates.
+    let gates = values(seed ^ 3, n * nh * hd, 4.0, special);
+    let gated_h: Vec<f32> = (0..n)
+        .flat_map(|r| {
+            let row = &qkv_h[r * slots * hd..(r + 1) * slots * hd];
+            let mut out = Vec::with_capacity((2 * nh + 2 * nkv) * hd);
+            for h in 0..nh {
+                out.extend_from_slice(&row[h * hd..(h + 1) * hd]);
+                out.extend_from_slice(&gates[(r * nh + h) * hd..(r * nh + h + 1) * hd]);
+            }
+            out.extend_from_slice(&row[nh * hd..]);
+            out
+        })
+        .collect();
+    let width = (2 * nh + 2 * nkv) * hd;
+    let gated = GpuTensor::from_host(dev, &gated_h, &[n, width]).unwrap();
+    // ... and as three inputs, the q one holding the gates.
+    let gq_h: Vec<f32> = gated_h
+        .chunks(width)
+        .flat_map(|row| row[..2 * nh * hd].to_vec())
+        .collect();
+    let gq = GpuTensor::from_host(dev, &gq_h, &[n, 2 * nh * hd]).unwrap();
+    let gsep = QkvInput::Separate {
+        q: &gq,
+        k: &xk,
+        v: &xv,
+    };
+    for (gin, how) in [(QkvInput::Stacked(&gated), "stacked"), (gsep, "separate")] {
+        let mut c = LayerCache::new(dev, nkv, cap, hd).unwrap();
+        let mut q = GpuTensor::from_host(dev, &poison(n * nh * hd), &[n, nh, hd]).unwrap();
+        qkv_norm_rope(dev, gin, true, &qn, &kn, eps, &p, &table, &mut c, &mut q).unwrap();
+        let what = format!("qkv_norm_rope gated {how} n={n} nh={nh} nkv={nkv} hd={hd} rd={rd}");
+        assert_bits_eq(&format!("{what} q"), &q.to_host().unwrap(), &want_q);
+        assert_bits_eq(&format!("{what} k cache"), &c.k.to_host().unwrap(), &want_k);
+        assert_bits_eq(&format!("{what} v cache"), &c.v.to_host().unwrap(), &want_v);
+    }
+    let what = format!("gate_heads_sigmoid n={n} nh={nh} hd={hd}");
+    let a_h = values(seed ^ 4, n * nh * hd, 4.0, special);
+    let mut want_a = a_h.clone();
+    reference::activation::gate_heads_sigmoid(&mut want_a, &gated_h, n, nh, hd, width, hd, 2 * hd);
+    let mut a = GpuTensor::from_host(dev, &a_h, &[n, nh, hd]).unwrap();
+    bitexact::kernels::activation::gate_heads_sigmoid(dev, &mut a, &gated, hd, 2 * hd).unwrap();
+    assert_bits_eq(
+        &format!("{what} output gate"),
+        &a.to_host().unwrap(),
+        &want_a,
+    );
+    let mut a2 = GpuTensor::from_host(dev, &a_h, &[n, nh, hd]).unwrap();
+    bitexact::kernels::activation::gate_heads_sigmoid(dev, &mut a2, &gq, hd, 2 * hd).unwrap();
+    assert_bits_eq(
+        &format!("{what} output gate (q input alone)"),
+        &a2.to_host().unwrap(),
+        &want_a,
+    );
+    // A gate past the row is refused, nothing written.
+    let e = bitexact::kernels::activation::gate_heads_sigmoid(
+        dev,
+        &mut a,
+        &gated,
+        width - hd + 1,
+        2 * hd,
+    );
+    assert!(matches!(e, Err(Error::InvalidArgument { .. })), "{e:?}");
+    assert_bits_eq("untouched gated output", &a.to_host().unwrap(), &want_a);
 
     // Refusals write nothing: a position past the cache, a qkv row of the wrong width.
     let mut q2 = GpuTensor::from_host(dev, &poison(n * nh * hd), &[n, nh, hd]).unwrap();
@@ -243,13 +309,15 @@ fn qkv_case(n: usize, nh: usize, nkv: usize, hd: usize, rd: usize, seed: u64, sp
     let bp = Positions::new(dev, &bad_pos).unwrap();
     let stacked = QkvInput::Stacked(&qkv);
     let e = qkv_norm_rope(
-        dev, stacked, &qn, &kn, eps, &bp, &table, &mut cache, &mut q2,
+        dev, stacked, false, &qn, &kn, eps, &bp, &table, &mut cache, &mut q2,
     );
     assert!(matches!(e, Err(Error::IndexOutOfRange { .. })), "{e:?}");
     let narrow =
         GpuTensor::from_host(dev, &qkv_h[..n * (slots - 1) * hd], &[n, (slots - 1) * hd]).unwrap();
     let narrow = QkvInput::Stacked(&narrow);
-    let e = qkv_norm_rope(dev, narrow, &qn, &kn, eps, &p, &table, &mut cache, &mut q2);
+    let e = qkv_norm_rope(
+        dev, narrow, false, &qn, &kn, eps, &p, &table, &mut cache, &mut q2,
+    );
     assert!(matches!(e, Err(Error::ShapeMismatch { .. })), "{e:?}");
     assert_bits_eq("untouched q", &q2.to_host().unwrap(), &poison(n * nh * hd));
     assert_bits_eq("untouched k cache", &cache.k.to_host().unwrap(), &want_k);
