@@ -301,26 +301,61 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// Bytes of weights on the device (stored formats; embedding and norms in f32).
+    /// Bytes of weights on the device (stored formats; embedding, norms and the DeltaNet's small
+    /// vectors in f32): attention layers (Wq of [`ModelConfig::q_rows`] rows), DeltaNet layers
+    /// (qkv, z, beta, alpha, out; conv taps, dt_bias, ssm_a, norm) and every layer's MoE block.
     pub fn weight_bytes(&self) -> usize {
         let bytes = |f: WeightFormat, rows: usize, cols: usize| {
             rows * cols / f.block_elems() * f.block_bytes()
         };
         let qd = self.n_heads * self.head_dim;
         let kvd = self.n_kv_heads * self.head_dim;
-        let attn = bytes(self.attn_format, qd, self.dim)
+        let attn = bytes(self.attn_format, self.q_rows(), self.dim)
             + 2 * bytes(self.attn_format, kvd, self.dim)
-            + bytes(self.attn_format, self.dim, qd);
-        let norms = 4 * (2 * self.dim + 2 * self.head_dim);
-        self.n_layers * (attn + norms + self.moe.weight_bytes())
+            + bytes(self.attn_format, self.dim, qd)
+            + 4 * 2 * self.head_dim;
+        let delta = self.delta_net().map_or(0, |d| {
+            let (hv, s) = (d.v_heads, d.head_dim);
+            bytes(d.format, d.conv_dim(), d.dim)
+                + bytes(d.format, hv * s, d.dim)
+                + 2 * bytes(d.format, hv, d.dim)
+                + bytes(d.format, d.dim, hv * s)
+                + 4 * (d.conv_dim() * d.conv_kernel + 2 * hv + s)
+        });
+        let mixers: usize = (0..self.n_layers)
+            .map(|l| {
+                if self.is_attention_layer(l) {
+                    attn
+                } else {
+                    delta
+                }
+            })
+            .sum();
+        mixers
+            + self.n_layers * (4 * 2 * self.dim + self.moe.weight_bytes())
             + 4 * self.vocab * self.dim
             + 4 * self.dim
             + bytes(self.lm_head_format, self.vocab, self.dim)
     }
 
-    /// Bytes of one session's KV cache (f32, `max_context` positions).
+    /// Bytes of one session's recurrent memory: the f32 KV cache of each attention layer
+    /// (`max_context` positions) and the state of each DeltaNet layer (two convolution windows
+    /// and the `[Hv, S, S]` matrices).
     pub fn cache_bytes(&self) -> usize {
-        2 * 4 * self.n_layers * self.n_kv_heads * self.max_context * self.head_dim
+        let kv = 2 * 4 * self.n_kv_heads * self.max_context * self.head_dim;
+        let delta = self.delta_net().map_or(0, |d| {
+            4 * (2 * (d.conv_kernel - 1).max(1) * d.conv_dim()
+                + d.v_heads * d.head_dim * d.head_dim)
+        });
+        (0..self.n_layers)
+            .map(|l| {
+                if self.is_attention_layer(l) {
+                    kv
+                } else {
+                    delta
+                }
+            })
+            .sum()
     }
 
     /// Rough bytes of the activations of a forward over `rows` tokens (the MoE block's

@@ -272,3 +272,74 @@ pub fn prompt(seed: u64, n: usize, vocab: usize) -> Vec<u32> {
         .map(|i| (init::hash(seed, 0xbeef, i) % vocab as u64) as u32)
         .collect()
 }
+
+#[cfg(test)]
+mod byte_count_tests {
+    use super::*;
+
+    /// The bytes the weights really hold: every matrix as stored, every vector in f32.
+    fn stored(w: &ModelWeights) -> usize {
+        let m = |q: &QuantMatrix| q.bytes().len();
+        let v = |x: &[f32]| 4 * x.len();
+        let layers: usize = w
+            .layers
+            .iter()
+            .map(|l| {
+                let mixer = match &l.mixer {
+                    Mixer::Attention(a) => {
+                        m(&a.wq) + m(&a.wk) + m(&a.wv) + m(&a.wo) + v(&a.q_norm) + v(&a.k_norm)
+                    }
+                    Mixer::DeltaNet(d) => {
+                        m(&d.qkv)
+                            + m(&d.z)
+                            + m(&d.beta)
+                            + m(&d.alpha)
+                            + m(&d.out)
+                            + v(&d.dt_bias)
+                            + v(&d.ssm_a)
+                            + v(&d.conv)
+                            + v(&d.norm)
+                    }
+                };
+                let e = &l.moe;
+                let shared = e
+                    .shared
+                    .as_ref()
+                    .map_or(0, |s| m(&s.gate_inp) + m(&s.gate) + m(&s.up) + m(&s.down));
+                mixer
+                    + v(&l.attn_norm)
+                    + v(&l.ffn_norm)
+                    + m(&e.router)
+                    + m(&e.gate)
+                    + m(&e.up)
+                    + m(&e.down)
+                    + shared
+            })
+            .sum();
+        layers + v(&w.embed) + v(&w.out_norm) + m(&w.lm_head)
+    }
+
+    /// `ModelConfig::weight_bytes` (the memory check before a GPU model is built) is what the
+    /// weights hold, for the all-attention and the hybrid layouts, in several formats.
+    #[test]
+    fn weight_bytes_match_the_weights() {
+        for (preset, fmt) in [
+            ("tiny", WeightFormat::F32),
+            ("tiny", WeightFormat::Q8_0),
+            ("small", WeightFormat::Q4K),
+            ("tiny-hybrid", WeightFormat::F32),
+            ("tiny-hybrid", WeightFormat::Q8_0),
+        ] {
+            let mut cfg = ModelConfig::preset(preset, fmt).unwrap();
+            for attn in [cfg.attn_format, WeightFormat::Q8_0] {
+                cfg.attn_format = attn;
+                let w = ModelWeights::generate(&cfg, 1, None).unwrap();
+                assert_eq!(
+                    cfg.weight_bytes(),
+                    stored(&w),
+                    "{preset} {fmt} attention {attn}"
+                );
+            }
+        }
+    }
+}
