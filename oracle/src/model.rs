@@ -16,7 +16,7 @@ use crate::{fmt_secs, parse_format, Progress, RunArgs};
 
 #[derive(clap::Args)]
 pub struct ModelArgs {
-    /// Model preset: tiny, small, qwen3-30b-a3b, qwen3.6-35b-a3b-like.
+    /// Model preset: tiny, small, qwen3-30b-a3b, tiny-hybrid, qwen3.6-35b-a3b.
     #[arg(long, default_value = "tiny")]
     preset: String,
     /// Run a real model file (GGUF, qwen3moe) instead of a preset.

@@ -57,11 +57,10 @@ pub struct HybridConfig {
 }
 
 /// Names of the presets.
-pub const PRESETS: [&str; 6] = [
+pub const PRESETS: [&str; 5] = [
     "tiny",
     "small",
     "qwen3-30b-a3b",
-    "qwen3.6-35b-a3b-like",
     "tiny-hybrid",
     "qwen3.6-35b-a3b",
 ];
@@ -76,10 +75,6 @@ impl ModelConfig {
     ///   shared expert, vocab 2048.
     /// - `qwen3-30b-a3b`: 48 layers, hidden 2048, 32 / 4 heads of 128, 128 experts top-8
     ///   (ffn 768), no shared expert, vocab 151,936, rope base 1e6.
-    /// - `qwen3.6-35b-a3b-like`: 40 layers, hidden 2048, 16 / 2 heads of 256 with NEOX rope over
-    ///   64 dims (base 1e7), 256 experts top-8 (ffn 512) plus a shared expert of 512 with a
-    ///   sigmoid gate, vocab 248,320 (every layer attention: the gated-DeltaNet layers of the
-    ///   real model are out of scope).
     /// - `tiny-hybrid`: `tiny`'s shapes as a hybrid model: layers 0 and 2 Gated DeltaNet (2 key
     ///   / 4 value heads of 16, conv of 4), 1 and 3 gated attention with rope over 8 dims.
     /// - `qwen3.6-35b-a3b`: the hybrid Qwen3.6-35B-A3B: 40 layers, every 4th gated attention
@@ -200,12 +195,6 @@ impl ModelConfig {
                     head_dim: 128,
                     conv_kernel: 4,
                 }),
-            },
-            // The hybrid preset's shapes with every layer attention (the all-attention runner's shape).
-            "qwen3.6-35b-a3b-like" => ModelConfig {
-                name: name.into(),
-                hybrid: None,
-                ..Self::preset("qwen3.6-35b-a3b", format)?
             },
             other => {
                 return Err(Error::invalid(
