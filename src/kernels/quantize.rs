@@ -21,6 +21,21 @@ pub struct GpuActQ8 {
 }
 
 impl GpuActQ8 {
+    /// `[n, k]` buffers (`k % 32 == 0`, the caller's check) left unwritten.
+    ///
+    /// # Safety
+    /// Nothing may read them before they are written.
+    unsafe fn uninit(dev: &Device, n: usize, k: usize) -> Result<Self> {
+        // SAFETY: the caller's contract (above).
+        unsafe {
+            Ok(GpuActQ8 {
+                codes: GpuTensor::uninit(dev, &[n, k])?,
+                d: GpuTensor::uninit(dev, &[n, k / 32])?,
+                a: GpuTensor::uninit(dev, &[n, k / 32])?,
+            })
+        }
+    }
+
     /// `[n, k]`.
     pub fn dims(&self) -> [usize; 2] {
         [self.codes.dims()[0], self.codes.dims()[1]]
@@ -41,12 +56,7 @@ pub struct GpuActPair {
 impl GpuActPair {
     /// `[n, k]` buffers (`k % 32 == 0`), zeroed: the pair of an all-zero `x`.
     pub fn zeros(dev: &Device, n: usize, k: usize) -> Result<Self> {
-        if k % 32 != 0 {
-            return Err(Error::invalid(
-                "GpuActPair",
-                format!("k = {k} is not a multiple of 32"),
-            ));
-        }
+        check_k("GpuActPair", k)?;
         Ok(GpuActPair {
             x: GpuTensor::zeros(dev, &[n, k])?,
             q: GpuActQ8 {
@@ -84,21 +94,12 @@ impl GpuActPair {
     /// # Safety
     /// Nothing may read the pair before it is written.
     pub(crate) unsafe fn uninit(dev: &Device, n: usize, k: usize) -> Result<Self> {
-        if k % 32 != 0 {
-            return Err(Error::invalid(
-                "GpuActPair",
-                format!("k = {k} is not a multiple of 32"),
-            ));
-        }
+        check_k("GpuActPair", k)?;
         // SAFETY: the caller writes every element before reading any (above).
         unsafe {
             Ok(GpuActPair {
                 x: GpuTensor::uninit(dev, &[n, k])?,
-                q: GpuActQ8 {
-                    codes: GpuTensor::uninit(dev, &[n, k])?,
-                    d: GpuTensor::uninit(dev, &[n, k / 32])?,
-                    a: GpuTensor::uninit(dev, &[n, k / 32])?,
-                },
+                q: GpuActQ8::uninit(dev, n, k)?,
             })
         }
     }
@@ -131,13 +132,7 @@ impl GpuActPair {
 pub fn quantize_act(dev: &Device, x: &GpuTensor<f32>) -> Result<GpuActQ8> {
     let [n, k] = check(x)?;
     // SAFETY: quantize_into writes every code, scale and sum (one warp per block).
-    let mut out = unsafe {
-        GpuActQ8 {
-            codes: GpuTensor::uninit(dev, &[n, k])?,
-            d: GpuTensor::uninit(dev, &[n, k / 32])?,
-            a: GpuTensor::uninit(dev, &[n, k / 32])?,
-        }
-    };
+    let mut out = unsafe { GpuActQ8::uninit(dev, n, k) }?;
     quantize_into(
         dev,
         x,
@@ -151,13 +146,19 @@ pub fn quantize_act(dev: &Device, x: &GpuTensor<f32>) -> Result<GpuActQ8> {
 fn check(x: &GpuTensor<f32>) -> Result<[usize; 2]> {
     const OP: &str = "quantize_act";
     let [n, k] = dims(OP, "x", "[n, k]", x.dims())?;
+    check_k(OP, k)?;
+    Ok([n, k])
+}
+
+/// Activations are quantized in blocks of 32 along k.
+fn check_k(op: &'static str, k: usize) -> Result<()> {
     if k % 32 != 0 {
         return Err(Error::invalid(
-            OP,
+            op,
             format!("k = {k} is not a multiple of 32"),
         ));
     }
-    Ok([n, k])
+    Ok(())
 }
 
 /// Quantizes `x: [n, k]` into buffers of at least `n * k` codes and `n * k / 32` scalars.
