@@ -37,9 +37,13 @@ fn main() {
         let mut out = GpuTensor::zeros(&dev, &[n, HEADS, HD]).unwrap();
         let flops = 4.0 * (HD * HEADS) as f64 * (n * (n + 1) / 2) as f64;
         let kernels: &[AttentionKernel] = if n <= 2_048 {
-            &[AttentionKernel::Tile, AttentionKernel::V1]
+            &[
+                AttentionKernel::Tile,
+                AttentionKernel::Tile2,
+                AttentionKernel::V1,
+            ]
         } else {
-            &[AttentionKernel::Tile]
+            &[AttentionKernel::Tile, AttentionKernel::Tile2]
         };
         for &k in kernels {
             let key = format!("prefill {k:?} {n}");
@@ -59,7 +63,11 @@ fn main() {
         let pos = Positions::new(&dev, &[ctx as u32 - 1]).unwrap();
         let mut out = GpuTensor::zeros(&dev, &[1, HEADS, HD]).unwrap();
         let bytes = 2 * KV * ctx * HD * 4;
-        for k in [AttentionKernel::Split, AttentionKernel::V1] {
+        for k in [
+            AttentionKernel::Split,
+            AttentionKernel::Split2,
+            AttentionKernel::V1,
+        ] {
             let key = format!("decode {k:?} {ctx}");
             group.bench_function(BenchmarkId::new(format!("decode {k:?}"), ctx), |b| {
                 b.iter_custom(|iters| {

@@ -156,38 +156,50 @@ fn bench_gemv(c: &mut Criterion, dev: &Device, rows: &mut Vec<common::Row>) {
             let ws: Vec<GpuMatrix> = (0..sets)
                 .map(|_| GpuMatrix::upload(dev, &q).unwrap())
                 .collect();
-            group.throughput(Throughput::Bytes(bytes as u64));
-            let key = format!("gemv/{name}/{f}");
-            group.bench_function(BenchmarkId::new(format!("{name} {f}"), 1), |b| {
-                b.iter_custom(|iters| {
-                    common::timed(dev, &key, iters, |i| {
-                        matmul_with(dev, MatmulKernel::Auto, &x, &ws[i as usize % sets], &mut y)
-                            .unwrap()
-                    })
-                })
-            });
+            // GemvMma beside Auto where it runs another kernel (Q8_0 below 16384 rows, Q6_K):
+            // the A/B that decides Auto's dispatch.
+            let kernels: &[MatmulKernel] = match f {
+                WeightFormat::Q8_0 | WeightFormat::Q6K => {
+                    &[MatmulKernel::Auto, MatmulKernel::GemvMma]
+                }
+                _ => &[MatmulKernel::Auto],
+            };
             let copy_key = format!("gemv/{name}/{f}/copy");
             let id = BenchmarkId::new(format!("{name} {f} copy"), 1);
             common::bench_copy(&mut group, dev, &copy_key, id, bytes);
-            rows.push(common::Row {
-                kernel: format!("GEMV {f}, {name}"),
-                n: 1,
-                bytes,
-                key,
-                copy_key,
-            });
+            for &kernel in kernels {
+                group.throughput(Throughput::Bytes(bytes as u64));
+                let key = format!("gemv/{name}/{f}/{kernel:?}");
+                group.bench_function(BenchmarkId::new(format!("{name} {f} {kernel:?}"), 1), |b| {
+                    b.iter_custom(|iters| {
+                        common::timed(dev, &key, iters, |i| {
+                            matmul_with(dev, kernel, &x, &ws[i as usize % sets], &mut y).unwrap()
+                        })
+                    })
+                });
+                rows.push(common::Row {
+                    kernel: format!("GEMV {f} ({kernel:?}), {name}"),
+                    n: 1,
+                    bytes,
+                    key,
+                    copy_key: copy_key.clone(),
+                });
+            }
         }
     }
     group.finish();
 }
 
-/// One MoE layer's expert products for 512 tokens (gate, up, down through `matmul_grouped`).
+/// One MoE layer's expert products for 512 and 2048 tokens (gate, up, down through
+/// `matmul_grouped`; prefill's two lengths).
 fn bench_grouped(c: &mut Criterion, dev: &Device, blas: &CudaBlas, table: &mut Flops) {
     let mut group = c.benchmark_group("moe_grouped");
-    let (n, dim, k_top) = (512usize, 2048usize, 8usize);
-    for (name, ne, ffn) in [
-        ("128 experts, ffn 768", 128usize, 768usize),
-        ("256 experts, ffn 512", 256, 512),
+    let (dim, k_top) = (2048usize, 8usize);
+    for (n, name, ne, ffn) in [
+        (512usize, "128 experts, ffn 768", 128usize, 768usize),
+        (512, "256 experts, ffn 512", 256, 512),
+        (2048, "128 experts, ffn 768", 128, 768),
+        (2048, "256 experts, ffn 512", 256, 512),
     ] {
         // A deterministic spread routing: token t to experts (t * 7 + 13 j) % ne.
         let mut xr = Vec::new();
@@ -227,7 +239,7 @@ fn bench_grouped(c: &mut Criterion, dev: &Device, blas: &CudaBlas, table: &mut F
                 &QuantMatrix::quantize(f, &wd_vals, ne, dim, ffn).unwrap(),
             )
             .unwrap();
-            let key = format!("grouped/{name}/{f}");
+            let key = format!("grouped/{name}/{n}/{f}");
             group.bench_function(BenchmarkId::new(format!("{name} {f}"), n), |b| {
                 b.iter_custom(|iters| {
                     common::timed(dev, &key, iters, |_| {
@@ -244,7 +256,7 @@ fn bench_grouped(c: &mut Criterion, dev: &Device, blas: &CudaBlas, table: &mut F
                 .rows
                 .push((format!("grouped {f}"), n, key, name.to_string()));
         }
-        // The same flops as dense cuBLAS bf16 products over all 4096 routed rows.
+        // The same flops as dense cuBLAS bf16 products over all n * 8 routed rows.
         let wgb = dev
             .stream()
             .clone_htod(&vec![bf16::from_f32(0.01); ffn * dim])
@@ -263,7 +275,7 @@ fn bench_grouped(c: &mut Criterion, dev: &Device, blas: &CudaBlas, table: &mut F
             .unwrap();
         let mut gb = dev.stream().alloc_zeros::<bf16>(r * ffn).unwrap();
         let mut ob = dev.stream().alloc_zeros::<bf16>(r * dim).unwrap();
-        let key = format!("grouped/{name}/cublas-bf16-dense");
+        let key = format!("grouped/{name}/{n}/cublas-bf16-dense");
         let (one, zero) = (bf16::ONE, bf16::ZERO);
         group.bench_function(
             BenchmarkId::new(format!("{name} cublas-bf16 dense"), n),
@@ -315,7 +327,7 @@ fn print_flops(table: &Flops) {
         };
         let base = |what: &str| {
             let k = if key.starts_with("grouped/") {
-                format!("grouped/{shape}/cublas-bf16-dense")
+                format!("grouped/{shape}/{n}/cublas-bf16-dense")
             } else {
                 format!("dense/{what}/{n}")
             };

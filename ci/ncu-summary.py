@@ -36,4 +36,7 @@ def main(path, last):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    try:
+        main(sys.argv[1], int(sys.argv[2]))
+    except BrokenPipeError:  # piped into head: the rows it kept are all that was asked for
+        sys.stderr.close()

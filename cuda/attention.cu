@@ -24,12 +24,21 @@
 //                        through shared memory once for all 64 queries (register-tiled f32
 //                        FMAs for both products), folding each chunk as it goes; head dims
 //                        up to H = 64, 128, 256 (multiples of 4), zero-padded to H.
+//   attention_tile2_<H>[x2]  prefill v2 (the wrapper's Tile2): the tile kernel with K and V
+//                        copied by cp.async while the other product runs, swizzled row-major
+//                        Q and K, warps of 4 x 8 threads, and two heads of a kv group a block
+//                        (x2, even groups, H <= 128) sharing each chunk.
 //   attention_split_tiled  decode, hd % 4 == 0: attention_split with its two products
-//                        register-tiled (4 heads x 2 keys, 4 heads x 4 dims a thread).
+//                        register-tiled (a partial of 4 heads x 2 keys, then 1 head x 4
+//                        dims a thread).
+//   attention_split_async  decode v2 (the wrapper's Split2): attention_split_tiled with K and V
+//                        copied by cp.async (no staging registers; V lands during the scores).
 //   attention_split      decode: one block per (query, kv head, chunk) writes the chunk's
 //   attention_combine    partial (m, l, o) for every query head of the group, sharing the
 //                        chunk's K and V across them; a second launch folds the partials of
 //                        each (query, head) in chunk order.
+//   attention_combine_q8 the combine writing beside out its Q8 quantization (hd % 32 == 0):
+//                        the output product's input, so it launches no quantization.
 
 #include "common.cuh"
 
@@ -129,6 +138,119 @@ extern "C" __global__ void kv_write_f32(float* __restrict__ kc, float* __restric
 //           the fold coefficients of the row.
 //   values  O[64 rows][H dims]: thread (tr, tc) owns rows 4tr..4tr+3 x dims 64g + 4tc..+3.
 // K and then V of a chunk share one buffer (the scores are done before V is loaded).
+
+// The two stages every tile kernel runs per chunk after its scores sit in sE ([64 keys][68],
+// column = row of the tile): one definition each, so v1 and v2 cannot drift apart.
+
+// The row stage: four threads per row (rrow, lane rp takes keys rp, rp + 4, ..) form the
+// chunk's max, its e_j (in place in sE), l_p and l, fold (M, L) (lane 0's registers) and leave
+// the row's fold coefficients a, b, its L and its mode (0: skip, 1: first, 2: fold) in
+// sA, sB, sL, sMode. t_r: the row's position; c, j0: the chunk and its first key.
+__device__ __forceinline__ void tile_row_stage(float* __restrict__ sE, float* __restrict__ sA,
+                                               float* __restrict__ sB, float* __restrict__ sL,
+                                               u32* __restrict__ sMode, u32 rrow, u32 rp,
+                                               u32 t_r, u32 c, u32 j0, float& M, float& L) {
+    constexpr u32 ES = 68u;
+    const u32 n = t_r >= j0 ? min(ATT_CHUNK, t_r + 1u - j0) : 0u;
+    float m = __uint_as_float(0xff800000u);
+    for (u32 j = rp; j < n; j += 4u) m = fmaxf(m, sE[j * ES + rrow]);
+    m = fmaxf(m, __shfl_xor_sync(BX_FULL_MASK, m, 1));
+    m = fmaxf(m, __shfl_xor_sync(BX_FULL_MASK, m, 2));
+    float lp = 0.0f;
+    for (u32 j = rp; j < n; j += 4u) {
+        const float e = bx_exp(sE[j * ES + rrow] - m);
+        sE[j * ES + rrow] = e;
+        lp = lp + e;
+    }
+    const float l01 = lp + __shfl_xor_sync(BX_FULL_MASK, lp, 1);
+    const float l = l01 + __shfl_xor_sync(BX_FULL_MASK, l01, 2);
+    if (rp == 0u) {
+        u32 mode = 0u;
+        float a = 1.0f, b = 0.0f;
+        if (n > 0u && c == 0u) {
+            mode = 1u;
+            M = m;
+            L = l;
+        } else if (n > 0u) {
+            mode = 2u;
+            const float m2 = fmaxf(M, m);
+            a = bx_exp(M - m2);
+            b = bx_exp(m - m2);
+            L = att_fold(L, a, l, b);
+            M = m2;
+        }
+        sA[rrow] = a;
+        sB[rrow] = b;
+        sL[rrow] = L;
+        sMode[rrow] = mode;
+    }
+}
+
+// The values: o = the chunk's E x V for rows 4tr..4tr+3 x dims 64g + 4tc..+3 (V row j at
+// sV + j * VS), each an fmaf chain from +0 in increasing j (the causal mask by trow where the
+// chunk is cut), then the fold into O by the rows' modes and coefficients.
+template <u32 DG, u32 VS>
+__device__ __forceinline__ void tile_values_fold(float (&O)[4][4 * DG], const float* __restrict__ sE,
+                                                 const float* __restrict__ sV,
+                                                 const float* __restrict__ sA,
+                                                 const float* __restrict__ sB,
+                                                 const u32* __restrict__ sMode, u32 tr, u32 tc,
+                                                 u32 j0, u32 tmin, u32 tmax,
+                                                 const u32 (&trow)[4]) {
+    constexpr u32 ES = 68u;
+    float o[4][4 * DG];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int x = 0; x < 4 * (int)DG; ++x) o[i][x] = 0.0f;
+    const u32 jn = min(ATT_CHUNK, tmax + 1u - j0);
+    const bool full = j0 + ATT_CHUNK <= tmin + 1u;  // every row sees the whole chunk
+    if (full) {
+#pragma unroll 4
+        for (u32 j = 0; j < ATT_CHUNK; ++j) {
+            const float4 ev = *reinterpret_cast<const float4*>(sE + j * ES + tr * 4u);
+            const float er[4] = {ev.x, ev.y, ev.z, ev.w};
+#pragma unroll
+            for (u32 g = 0; g < DG; ++g) {
+                const float4 vv = *reinterpret_cast<const float4*>(sV + j * VS + 64u * g + tc * 4u);
+                const float vr[4] = {vv.x, vv.y, vv.z, vv.w};
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+#pragma unroll
+                    for (int x = 0; x < 4; ++x)
+                        o[i][4 * g + x] = fmaf(er[i], vr[x], o[i][4 * g + x]);
+            }
+        }
+    } else {
+        for (u32 j = 0; j < jn; ++j) {
+            const float4 ev = *reinterpret_cast<const float4*>(sE + j * ES + tr * 4u);
+            const float er[4] = {ev.x, ev.y, ev.z, ev.w};
+#pragma unroll
+            for (u32 g = 0; g < DG; ++g) {
+                const float4 vv = *reinterpret_cast<const float4*>(sV + j * VS + 64u * g + tc * 4u);
+                const float vr[4] = {vv.x, vv.y, vv.z, vv.w};
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const bool live = j0 + j <= trow[i];
+#pragma unroll
+                    for (int x = 0; x < 4; ++x)
+                        o[i][4 * g + x] = live ? fmaf(er[i], vr[x], o[i][4 * g + x]) : o[i][4 * g + x];
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const u32 r = tr * 4u + i;
+        const u32 mode = sMode[r];
+        const float a = sA[r], b = sB[r];
+#pragma unroll
+        for (int x = 0; x < 4 * (int)DG; ++x) {
+            if (mode == 1u) O[i][x] = o[i][x];
+            if (mode == 2u) O[i][x] = att_fold(O[i][x], a, o[i][x], b);
+        }
+    }
+}
 
 #define TQ 64u
 #define TSTRIDE 68u  // floats per transposed row: 64 + 4 keeps float4 alignment, staggers banks
@@ -276,101 +398,11 @@ __device__ __forceinline__ void attention_tile_body(float* __restrict__ out,
                 v = *reinterpret_cast<const float4*>(V + (u64)(j0 + j) * hd + 4u * k4);
             *reinterpret_cast<float4*>(sKV + j * (H + 4u) + 4u * k4) = v;
         }
-        {
-            const u32 n = t_r >= j0 ? min(ATT_CHUNK, t_r + 1u - j0) : 0u;
-            float m = __uint_as_float(0xff800000u);
-            for (u32 j = rp; j < n; j += 4u) m = fmaxf(m, sE[j * TSTRIDE + rrow]);
-            m = fmaxf(m, __shfl_xor_sync(BX_FULL_MASK, m, 1));
-            m = fmaxf(m, __shfl_xor_sync(BX_FULL_MASK, m, 2));
-            float lp = 0.0f;
-            for (u32 j = rp; j < n; j += 4u) {
-                const float e = bx_exp(sE[j * TSTRIDE + rrow] - m);
-                sE[j * TSTRIDE + rrow] = e;
-                lp = lp + e;
-            }
-            const float l01 = lp + __shfl_xor_sync(BX_FULL_MASK, lp, 1);
-            const float l = l01 + __shfl_xor_sync(BX_FULL_MASK, l01, 2);
-            if (rp == 0u) {
-                u32 mode = 0u;
-                float a = 1.0f, b = 0.0f;
-                if (n > 0u && c == 0u) {
-                    mode = 1u;
-                    M = m;
-                    L = l;
-                } else if (n > 0u) {
-                    mode = 2u;
-                    const float m2 = fmaxf(M, m);
-                    a = bx_exp(M - m2);
-                    b = bx_exp(m - m2);
-                    L = att_fold(L, a, l, b);
-                    M = m2;
-                }
-                sA[rrow] = a;
-                sB[rrow] = b;
-                sL[rrow] = L;
-                sMode[rrow] = mode;
-            }
-        }
+        tile_row_stage(sE, sA, sB, sL, sMode, rrow, rp, t_r, c, j0, M, L);
         __syncthreads();
 
         // Values: o = the chunk's E x V for the thread's 4 rows x 4 DG dims, then the fold.
-        {
-            float o[4][4 * DG];
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-#pragma unroll
-                for (int x = 0; x < 4 * (int)DG; ++x) o[i][x] = 0.0f;
-            const u32 jn = min(ATT_CHUNK, tmax + 1u - j0);
-            const bool full = j0 + ATT_CHUNK <= tmin + 1u;  // every row sees the whole chunk
-            if (full) {
-#pragma unroll 4
-                for (u32 j = 0; j < ATT_CHUNK; ++j) {
-                    const float4 ev = *reinterpret_cast<const float4*>(sE + j * TSTRIDE + tr * 4u);
-                    const float er[4] = {ev.x, ev.y, ev.z, ev.w};
-#pragma unroll
-                    for (u32 g = 0; g < DG; ++g) {
-                        const float4 vv =
-                            *reinterpret_cast<const float4*>(sKV + j * (H + 4u) + 64u * g + tc * 4u);
-                        const float vr[4] = {vv.x, vv.y, vv.z, vv.w};
-#pragma unroll
-                        for (int i = 0; i < 4; ++i)
-#pragma unroll
-                            for (int x = 0; x < 4; ++x)
-                                o[i][4 * g + x] = fmaf(er[i], vr[x], o[i][4 * g + x]);
-                    }
-                }
-            } else {
-                for (u32 j = 0; j < jn; ++j) {
-                    const float4 ev = *reinterpret_cast<const float4*>(sE + j * TSTRIDE + tr * 4u);
-                    const float er[4] = {ev.x, ev.y, ev.z, ev.w};
-#pragma unroll
-                    for (u32 g = 0; g < DG; ++g) {
-                        const float4 vv =
-                            *reinterpret_cast<const float4*>(sKV + j * (H + 4u) + 64u * g + tc * 4u);
-                        const float vr[4] = {vv.x, vv.y, vv.z, vv.w};
-#pragma unroll
-                        for (int i = 0; i < 4; ++i) {
-                            const bool live = j0 + j <= trow[i];
-#pragma unroll
-                            for (int x = 0; x < 4; ++x)
-                                o[i][4 * g + x] =
-                                    live ? fmaf(er[i], vr[x], o[i][4 * g + x]) : o[i][4 * g + x];
-                        }
-                    }
-                }
-            }
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const u32 r = tr * 4u + i;
-                const u32 mode = sMode[r];
-                const float a = sA[r], b = sB[r];
-#pragma unroll
-                for (int x = 0; x < 4 * (int)DG; ++x) {
-                    if (mode == 1u) O[i][x] = o[i][x];
-                    if (mode == 2u) O[i][x] = att_fold(O[i][x], a, o[i][x], b);
-                }
-            }
-        }
+        tile_values_fold<DG, H + 4u>(O, sE, sKV, sA, sB, sMode, tr, tc, j0, tmin, tmax, trow);
         __syncthreads();
     }
 
@@ -403,6 +435,269 @@ __device__ __forceinline__ void attention_tile_body(float* __restrict__ out,
 TILE_ENTRY(64, 2)
 TILE_ENTRY(128, 2)
 TILE_ENTRY(256, 1)
+
+// ------------------------------------------------------------------------------------------
+// Prefill v2: one block per (64 queries, HPB heads of one kv group), 256 threads a head. The
+// chunk's K and V arrive by cp.async, each while the other product runs (V of chunk c during
+// its scores, K of chunk c + 1 during its values), and the HPB heads share them. Q and K sit
+// row-major with their float4 columns XOR-swizzled by row (column c of row r at c ^ (r & 7)),
+// so the strided rows a warp reads fall in distinct banks; V row-major as it is.
+//   scores  S[64 rows][64 keys]: thread (tr, tc) owns rows tr + 16i x keys tc + 16jj.
+//   rows    four threads per row (lane p takes keys p, p + 4, ..): the max, the e_j, l_p, and
+//           the fold coefficients of the row.
+//   values  O[64 rows][H dims]: thread (tr, tc) owns rows 4tr..4tr+3 x dims 64g + 4tc..+3.
+// A warp spans 4 tr x 8 tc in both products: its float4 reads touch 4 and 8 distinct
+// addresses, one wavefront each, per 64 (scores, 4 dims) or 16 DG (values, 1 key) FMAs.
+
+#define ESTRIDE 68u  // floats per row of E: 64 + 4 keeps the score stores conflict-free
+#define T2_HEAD_THREADS 256u
+
+template <u32 H, u32 HPB>
+struct Tile2Smem {
+    static constexpr u32 k = ATT_CHUNK * H;        // K [64][H], swizzled
+    static constexpr u32 v = ATT_CHUNK * H;        // V [64][H]
+    static constexpr u32 q = TQ * H;               // per head: Q [64][H], swizzled
+    static constexpr u32 e = ATT_CHUNK * ESTRIDE;  // per head: E [64 keys][68]
+    static constexpr u32 head = q + e + 4u * TQ;   // per head: Q, E, a, b, L, mode
+    static constexpr u32 floats = k + v + HPB * head;
+};
+
+// Row r's float4 column c in a swizzled [rows][H] array (float4 units).
+template <u32 H>
+__device__ __forceinline__ u32 tile_swz(u32 r, u32 c) {
+    return r * (H / 4u) + (c ^ (r & 7u));
+}
+
+__device__ __forceinline__ void tile_cp16(float* smem, const float* gmem, bool ok) {
+    // Zero-filled (src-size 0) where the row or the dims lie past the data; the address is
+    // then never read.
+    const u32 dst = (u32)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(gmem),
+                 "r"(ok ? 16u : 0u));
+}
+__device__ __forceinline__ void tile_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+__device__ __forceinline__ void tile_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// Cache rows r0..r0 + 63 of a [cap, hd] cache into [64][H] (swizzled or not), zero past cap
+// and hd. r0: the chunk's first position (one sequence a cache), or its page's first row.
+template <u32 H, bool SWZ>
+__device__ __forceinline__ void tile_copy_chunk(float* dst, const float* src, u32 r0, u32 cap,
+                                                u32 hd4, u32 hd, u32 tid, u32 nthreads) {
+    for (u32 idx = tid; idx < ATT_CHUNK * (H / 4u); idx += nthreads) {
+        const u32 j = idx / (H / 4u), c = idx % (H / 4u);
+        const bool ok = r0 + j < cap && c < hd4;
+        const u32 at = SWZ ? tile_swz<H>(j, c) : j * (H / 4u) + c;
+        tile_cp16(dst + 4u * at, ok ? src + (u64)(r0 + j) * hd + 4u * c : src, ok);
+    }
+}
+
+// PAGED (attention_tile2_*_paged): the launch's queries are one sequence's, whose chunk c sits
+// in cache page pages[c] (rows 64 * pages[c] ..); positions, and so every bit, as before.
+template <u32 H, u32 HPB, bool PAGED>
+__device__ __forceinline__ void attention_tile2_body(float* __restrict__ out,
+                                                    const float* __restrict__ q,
+                                                    const float* __restrict__ kc,
+                                                    const float* __restrict__ vc,
+                                                    const u32* __restrict__ qpos, u32 nq,
+                                                    u32 n_heads, u32 n_kv, u32 hd, u32 cap,
+                                                    float scale, const u32* __restrict__ pages) {
+    using S = Tile2Smem<H, HPB>;
+    extern __shared__ __align__(16) float tsm[];
+    constexpr u32 NT = HPB * T2_HEAD_THREADS;
+    constexpr u32 DG = H / 64u;  // float4 groups of dims per thread in the value product
+    constexpr u32 C4 = H / 4u;   // float4 columns of a row
+    float* sK = tsm;
+    float* sV = sK + S::k;
+    __shared__ u32 s_tmin, s_tmax;
+
+    const u32 tid = threadIdx.x, hs = tid / T2_HEAD_THREADS, tl = tid % T2_HEAD_THREADS;
+    const u32 w = tl >> 5, ln = tl & 31u;
+    const u32 tr = (w >> 1) * 4u + (ln >> 3), tc = (w & 1u) * 8u + (ln & 7u);
+    float* sQ = sV + S::v + hs * S::head;
+    float* sE = sQ + S::q;
+    float* sA = sE + S::e;
+    float* sB = sA + TQ;
+    float* sL = sB + TQ;
+    u32* sMode = reinterpret_cast<u32*>(sL + TQ);  // 0: skip the chunk, 1: first, 2: fold
+
+    const u32 tile = gridDim.x - 1u - blockIdx.x;  // longest tiles first
+    const u32 h = blockIdx.y * HPB + hs;
+    const u32 i0 = tile * TQ;
+    const u32 kvh = (blockIdx.y * HPB) / (n_heads / n_kv);
+    const float* K = kc + (u64)kvh * cap * hd;
+    const float* V = vc + (u64)kvh * cap * hd;
+    const u32 hd4 = hd >> 2;
+
+    // Q of every head of the block and K of chunk 0: the first copy group.
+    for (u32 idx = tid; idx < HPB * TQ * C4; idx += NT) {
+        const u32 hh = idx / (TQ * C4), r = (idx / C4) % TQ, c = idx % C4;
+        const bool ok = i0 + r < nq && c < hd4;
+        const float* src = q + ((u64)(i0 + r) * n_heads + blockIdx.y * HPB + hh) * hd + 4u * c;
+        tile_cp16(sV + S::v + hh * S::head + 4u * tile_swz<H>(r, c), ok ? src : q, ok);
+    }
+    // Chunk c's first cache row.
+    auto chunk_row = [&](u32 c) { return PAGED ? pages[c] * ATT_CHUNK : c * ATT_CHUNK; };
+    tile_copy_chunk<H, true>(sK, K, chunk_row(0u), cap, hd4, hd, tid, NT);
+    tile_commit();
+
+    if (tid == 0) {
+        s_tmin = 0xffffffffu;
+        s_tmax = 0u;
+    }
+    __syncthreads();
+    if (tid < TQ && i0 + tid < nq) {
+        atomicMin(&s_tmin, qpos[i0 + tid]);
+        atomicMax(&s_tmax, qpos[i0 + tid]);
+    }
+    __syncthreads();
+    const u32 tmin = s_tmin, tmax = s_tmax;
+    // Rows past the last query take the tile's largest position: they never force the masked
+    // path, and their outputs are not stored.
+    u32 trow[4];  // the value product's rows 4tr + i
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const u32 r = i0 + tr * 4u + i;
+        trow[i] = r < nq ? qpos[r] : tmax;
+    }
+    const u32 rrow = tl >> 2, rp = tl & 3u;  // the row stage's row and lane
+    const u32 t_r = i0 + rrow < nq ? qpos[i0 + rrow] : tmax;
+    float M = 0.0f, L = 0.0f;  // the row stage's fold state (lane rp == 0)
+
+    float O[4][4 * DG];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int x = 0; x < 4 * (int)DG; ++x) O[i][x] = 0.0f;
+
+    const float4* sQ4 = reinterpret_cast<const float4*>(sQ);
+    const float4* sK4 = reinterpret_cast<const float4*>(sK);
+    for (u32 c = 0; c * ATT_CHUNK <= tmax; ++c) {
+        const u32 j0 = c * ATT_CHUNK;
+        // V of this chunk streams in during its scores (the values of chunk c - 1 are done).
+        tile_copy_chunk<H, false>(sV, V, chunk_row(c), cap, hd4, hd, tid, NT);
+        tile_commit();
+        tile_wait<1>();  // Q and K of this chunk
+        __syncthreads();
+
+        // Scores: partial p runs over dim blocks p, p + 4, .. (zero padding adds +0 exactly),
+        // each an fma chain over its 32 dims in increasing order.
+        {
+            float s01[4][4], s2[4][4];
+#pragma unroll
+            for (int p = 0; p < 4; ++p) {
+                float acc[4][4];
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+#pragma unroll
+                    for (int jj = 0; jj < 4; ++jj) acc[i][jj] = 0.0f;
+                for (u32 b = p; b * 32u < H; b += 4u) {
+                    // Rows tc + 16jj share tc's swizzle (and tr + 16i tr's): one base each.
+                    const float4* kb = sK4 + tc * C4 + 8u * b;
+                    const float4* qb = sQ4 + tr * C4 + 8u * b;
+#pragma unroll 2
+                    for (u32 cc = 0; cc < 8u; ++cc) {
+                        const u32 kcol = cc ^ (tc & 7u), qcol = cc ^ (tr & 7u);
+                        float4 kv4[4];
+#pragma unroll
+                        for (int jj = 0; jj < 4; ++jj) kv4[jj] = kb[16u * jj * C4 + kcol];
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) {
+                            const float4 qa = qb[16u * i * C4 + qcol];
+                            const float qr[4] = {qa.x, qa.y, qa.z, qa.w};
+#pragma unroll
+                            for (int x = 0; x < 4; ++x) {
+#pragma unroll
+                                for (int jj = 0; jj < 4; ++jj) {
+                                    const float kx = x == 0   ? kv4[jj].x
+                                                     : x == 1 ? kv4[jj].y
+                                                     : x == 2 ? kv4[jj].z
+                                                              : kv4[jj].w;
+                                    acc[i][jj] = fmaf(kx, qr[x], acc[i][jj]);
+                                }
+                            }
+                        }
+                    }
+                }
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+#pragma unroll
+                    for (int jj = 0; jj < 4; ++jj) {
+                        if (p == 0) s01[i][jj] = acc[i][jj];
+                        if (p == 1) s01[i][jj] = s01[i][jj] + acc[i][jj];
+                        if (p == 2) s2[i][jj] = acc[i][jj];
+                        if (p == 3) s01[i][jj] = (s01[i][jj] + (s2[i][jj] + acc[i][jj])) * scale;
+                    }
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int jj = 0; jj < 4; ++jj)
+                    sE[(tc + 16u * jj) * ESTRIDE + tr + 16u * i] = s01[i][jj];
+        }
+        __syncthreads();
+
+        // K of the next chunk streams in during this chunk's row stage and values.
+        if ((c + 1u) * ATT_CHUNK <= tmax)
+            tile_copy_chunk<H, true>(sK, K, chunk_row(c + 1u), cap, hd4, hd, tid, NT);
+        tile_commit();
+        tile_row_stage(sE, sA, sB, sL, sMode, rrow, rp, t_r, c, j0, M, L);
+        tile_wait<1>();  // V of this chunk
+        __syncthreads();
+
+        // Values: o = the chunk's E x V for the thread's 4 rows x 4 DG dims, then the fold.
+        tile_values_fold<DG, H>(O, sE, sV, sA, sB, sMode, tr, tc, j0, tmin, tmax, trow);
+        __syncthreads();
+    }
+    tile_wait<0>();  // nothing is left in flight (the last groups are empty)
+
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const u32 r = tr * 4u + i;
+        if (i0 + r >= nq) continue;
+        const float l = sL[r];
+        float* orow = out + ((u64)(i0 + r) * n_heads + h) * hd;
+#pragma unroll
+        for (u32 g = 0; g < DG; ++g) {
+            const u32 d = 64u * g + tc * 4u;
+            if (d < hd)
+                *reinterpret_cast<float4*>(orow + d) =
+                    make_float4(bx_canon(O[i][4 * g] / l), bx_canon(O[i][4 * g + 1] / l),
+                                bx_canon(O[i][4 * g + 2] / l), bx_canon(O[i][4 * g + 3] / l));
+        }
+    }
+}
+
+// attention_tile2_<H> takes one head a block (any group size), attention_tile2_<H>x2 two heads
+// of one kv group (an even group): K and V once for both. Shared memory allows two blocks an SM
+// for attention_tile2_64 only (128 needs 117.8 KB a block with the reserve, 256 more): the
+// others run one block an SM, whose register budget then reaches 128 (x2, 512 threads) or
+// 255 (one head).
+#define TILE2_ENTRY(NAME, H, HPB, MIN_BLOCKS)                                                   \
+    extern "C" __global__ void __launch_bounds__(HPB * 256, MIN_BLOCKS) NAME(                  \
+        float* __restrict__ out, const float* __restrict__ q, const float* __restrict__ kc,    \
+        const float* __restrict__ vc, const u32* __restrict__ qpos, u32 nq, u32 n_heads,       \
+        u32 n_kv, u32 hd, u32 cap, float scale) {                                              \
+        bx_grid_begin();                                                                       \
+        attention_tile2_body<H, HPB, false>(out, q, kc, vc, qpos, nq, n_heads, n_kv, hd, cap,  \
+                                            scale, nullptr);                                   \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(HPB * 256, MIN_BLOCKS) NAME##_paged(          \
+        float* __restrict__ out, const float* __restrict__ q, const float* __restrict__ kc,    \
+        const float* __restrict__ vc, const u32* __restrict__ qpos, u32 nq, u32 n_heads,       \
+        u32 n_kv, u32 hd, u32 cap, float scale, const u32* __restrict__ pages) {               \
+        bx_grid_begin();                                                                       \
+        attention_tile2_body<H, HPB, true>(out, q, kc, vc, qpos, nq, n_heads, n_kv, hd, cap,   \
+                                           scale, pages);                                      \
+    }
+
+TILE2_ENTRY(attention_tile2_64, 64, 1, 2)
+TILE2_ENTRY(attention_tile2_128, 128, 1, 1)
+TILE2_ENTRY(attention_tile2_256, 256, 1, 1)
+TILE2_ENTRY(attention_tile2_64x2, 64, 2, 1)
+TILE2_ENTRY(attention_tile2_128x2, 128, 2, 1)
 
 // ------------------------------------------------------------------------------------------
 // Decode: block (chunk c, kv head, query) computes the chunk partial of each of the group's G
@@ -540,23 +835,32 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 // ------------------------------------------------------------------------------------------
-// attention_split_tiled: attention_split's grid, loads, softmax and output for hd % 4 == 0,
-// its two products register-tiled. attention_split reads two shared words per FMA (a query
-// head's q and a key's k in the scores, a head's e and a value's v in the output): at context
-// 8192 its 512 blocks were bound by shared-memory traffic (39 us a layer in ncu). Here a
-// thread takes 4 heads x 2 keys of the scores (float4 of q and k: 6 loads for 32 FMAs) and 4
-// heads x 4 dims of the output (4 e and one float4 of v for 16 FMAs). Every dot and every
-// chain keeps the canonical order: partial p of a score takes its blocks b % 4 == p in
-// increasing k, each fmaf in increasing k; o[d] takes the keys in increasing j.
+// attention_split_tiled: attention_split's grid, loads and values for hd % 4 == 0, its two
+// products register-tiled and its softmax a warp per head. attention_split reads two shared
+// words per FMA (a query head's q and a key's k in the scores, a head's e and a value's v in
+// the output): at context 8192 its 512 blocks were bound by shared-memory traffic (39 us a
+// layer in ncu). Here a thread takes one partial of 4 heads x 2 keys of the scores (float4 of
+// q and k: 6 loads for 32 FMAs) and one head x 4 dims of the output (one e and one float4 of
+// v for 4 FMAs), so that a chunk's work fills the block's 8 warps (ncu, context 512: 13.5 ->
+// 10.7 us; 8192: 28.6 -> 23.5). Every dot and every chain keeps the canonical order: partial
+// p of a score takes its blocks b % 4 == p in increasing k, each fmaf in increasing k; o[d]
+// takes the keys in increasing j.
 // Shared memory: q [Gp][hd] (Gp = G rounded up to 4, rows past G zero), K [64][hd + 4]
 // (lanes read 32 consecutive keys' float4 without conflicts), V [64][hd], e [Gp][64].
 
-extern "C" __global__ void __launch_bounds__(256)
-    attention_split_tiled(float* __restrict__ part, const float* __restrict__ q,
-                          const float* __restrict__ kc, const float* __restrict__ vc,
-                          const u32* __restrict__ qpos, u32 n_heads, u32 n_kv, u32 hd, u32 cap,
-                          float scale, u32 n_chunks, u32 row0) {
-    bx_grid_begin();
+// ASYNC (attention_split_async, the wrapper's Split2): K and V copied by cp.async, V still in
+// flight while the scores run, and no staging registers (the register copy holds 16 float4 a
+// thread, which kept the kernel at 100 registers and two blocks an SM). The shared memory,
+// and so every bit, is the same.
+// PAGED (attention_split_paged, a paged cache of many sequences): chunk c of query qi's keys
+// is cache page pages[qi * page_stride + c] (64 rows from row 64 * page), not rows 64 c ..;
+// positions, and so every bit, are as before.
+template <bool ASYNC, bool PAGED = false>
+__device__ __forceinline__ void attention_split_tiled_body(
+    float* __restrict__ part, const float* __restrict__ q, const float* __restrict__ kc,
+    const float* __restrict__ vc, const u32* __restrict__ qpos, u32 n_heads, u32 n_kv, u32 hd,
+    u32 cap, float scale, u32 n_chunks, u32 row0, const u32* __restrict__ pages = nullptr,
+    u32 page_stride = 0u) {
     extern __shared__ __align__(16) float tsm[];
     const u32 G = n_heads / n_kv, Gp = (G + 3u) & ~3u;
     const u32 ks = hd + 4u;  // K row stride
@@ -567,15 +871,30 @@ extern "C" __global__ void __launch_bounds__(256)
     const u32 c = blockIdx.x, kvh = blockIdx.y;
     const u64 qi = (u64)row0 + blockIdx.z;
     const u32 tid = threadIdx.x;
+    const u32 warp_id = tid >> 5, lane_id = tid & 31u;
     const u32 t = qpos[qi];
     const u32 j0 = c * ATT_CHUNK;
     if (j0 > t) return;  // the whole block: this chunk holds none of the query's keys
     const u32 n = min(ATT_CHUNK, t + 1u - j0);
     const u32 h0 = kvh * G;
     const float4* Q4 = reinterpret_cast<const float4*>(q + (qi * n_heads + h0) * hd);
-    const float4* K4 = reinterpret_cast<const float4*>(kc + ((u64)kvh * cap + j0) * hd);
-    const float4* V4 = reinterpret_cast<const float4*>(vc + ((u64)kvh * cap + j0) * hd);
+    const u32 r0 = PAGED ? pages[qi * page_stride + c] * ATT_CHUNK : j0;  // the chunk's cache row
+    const float4* K4 = reinterpret_cast<const float4*>(kc + ((u64)kvh * cap + r0) * hd);
+    const float4* V4 = reinterpret_cast<const float4*>(vc + ((u64)kvh * cap + r0) * hd);
     const u32 hd4 = hd / 4u;
+    const u32 n4 = n * hd4;
+    if (ASYNC) {
+        // K then V, two copy groups issued before anything waits (q goes through registers
+        // below, covered by the barrier before the scores).
+        for (u32 idx = tid; idx < n4; idx += S_THREADS) {
+            const u32 j = idx / hd4, d4 = idx - j * hd4;
+            tile_cp16(sK + j * ks + 4u * d4, reinterpret_cast<const float*>(K4 + idx), true);
+        }
+        tile_commit();
+        for (u32 idx = tid; idx < n4; idx += S_THREADS)
+            tile_cp16(sV + 4u * idx, reinterpret_cast<const float*>(V4 + idx), true);
+        tile_commit();
+    }
     // Loads: every load of a batch before the first store (one or two round trips).
     for (u32 base = 0; base < Gp * hd4; base += 4u * S_THREADS) {
         float4 r[4];
@@ -590,8 +909,7 @@ extern "C" __global__ void __launch_bounds__(256)
             if (idx < Gp * hd4) reinterpret_cast<float4*>(sQ)[idx] = r[u];
         }
     }
-    const u32 n4 = n * hd4;
-    for (u32 base = 0; base < n4; base += 8u * S_THREADS) {
+    for (u32 base = 0; !ASYNC && base < n4; base += 8u * S_THREADS) {
         float4 kr[8], vr[8];
 #pragma unroll
         for (u32 u = 0; u < 8u; ++u) {
@@ -611,45 +929,47 @@ extern "C" __global__ void __launch_bounds__(256)
             }
         }
     }
+    if (ASYNC) tile_wait<1>();  // K (V may still be in flight)
     __syncthreads();
 
-    // Scores: thread (head group gg of 4, lane jl) takes keys jl and jl + 32 of heads 4gg..+3.
-    for (u32 w = tid; w < (Gp / 4u) * 32u; w += S_THREADS) {
-        const u32 gg = w >> 5, jl = w & 31u;
-        float acc[4][2][4];
+    // Scores: warp (head group gg of 4, keys 8kq..8kq+7) and lane 8p + jq: partial p of keys
+    // jl = 8kq + jq and jl + 32 of heads 4gg..+3 (its blocks b % 4 == p, each in increasing k);
+    // the partials meet through shuffles as (p0 + p1) + (p2 + p3) (IEEE addition commutes,
+    // so every lane forms the same bits). Eight lanes of one p read eight keys' float4 at one
+    // k (K rows 4 banks apart: no conflicts); q is a broadcast. All four partials in flight
+    // keep 256 threads busy (one thread per (4 heads, 2 keys) left 3 of 4 warps idle: 13.5 us
+    // a layer at context 512).
+    for (u32 w = tid; w < (Gp / 4u) * 128u; w += S_THREADS) {
+        const u32 wi = w >> 5, lane = w & 31u;
+        const u32 gg = wi >> 2, p = lane >> 3, jl = (wi & 3u) * 8u + (lane & 7u);
+        float acc[4][2];
 #pragma unroll
-        for (int g = 0; g < 4; ++g)
-#pragma unroll
-            for (int jj = 0; jj < 2; ++jj)
-#pragma unroll
-                for (int p = 0; p < 4; ++p) acc[g][jj][p] = 0.0f;
+        for (int g = 0; g < 4; ++g) acc[g][0] = acc[g][1] = 0.0f;
         const float* qb = sQ + 4u * gg * hd;
         const float* kb0 = sK + jl * ks;
         const float* kb1 = sK + (jl + 32u) * ks;
-        for (u32 b0 = 0; b0 < hd; b0 += 128u) {
+        for (u32 k0 = 32u * p; k0 < hd; k0 += 128u) {
+            const u32 k1 = min(k0 + 32u, hd);
+#pragma unroll 4
+            for (u32 k = k0; k < k1; k += 4u) {
+                float4 qv[4];
 #pragma unroll
-            for (int p = 0; p < 4; ++p) {
-                const u32 k0 = min(b0 + 32u * (u32)p, hd), k1 = min(k0 + 32u, hd);
-                for (u32 k = k0; k < k1; k += 4u) {
-                    float4 qv[4];
+                for (int g = 0; g < 4; ++g) qv[g] = *reinterpret_cast<const float4*>(qb + g * hd + k);
+                const float4 kv0 = *reinterpret_cast<const float4*>(kb0 + k);
+                const float4 kv1 = *reinterpret_cast<const float4*>(kb1 + k);
 #pragma unroll
-                    for (int g = 0; g < 4; ++g) qv[g] = *reinterpret_cast<const float4*>(qb + g * hd + k);
-                    const float4 kv0 = *reinterpret_cast<const float4*>(kb0 + k);
-                    const float4 kv1 = *reinterpret_cast<const float4*>(kb1 + k);
-#pragma unroll
-                    for (int g = 0; g < 4; ++g) {
-                        float a0 = acc[g][0][p], a1 = acc[g][1][p];
-                        a0 = fmaf(kv0.x, qv[g].x, a0);
-                        a1 = fmaf(kv1.x, qv[g].x, a1);
-                        a0 = fmaf(kv0.y, qv[g].y, a0);
-                        a1 = fmaf(kv1.y, qv[g].y, a1);
-                        a0 = fmaf(kv0.z, qv[g].z, a0);
-                        a1 = fmaf(kv1.z, qv[g].z, a1);
-                        a0 = fmaf(kv0.w, qv[g].w, a0);
-                        a1 = fmaf(kv1.w, qv[g].w, a1);
-                        acc[g][0][p] = a0;
-                        acc[g][1][p] = a1;
-                    }
+                for (int g = 0; g < 4; ++g) {
+                    float a0 = acc[g][0], a1 = acc[g][1];
+                    a0 = fmaf(kv0.x, qv[g].x, a0);
+                    a1 = fmaf(kv1.x, qv[g].x, a1);
+                    a0 = fmaf(kv0.y, qv[g].y, a0);
+                    a1 = fmaf(kv1.y, qv[g].y, a1);
+                    a0 = fmaf(kv0.z, qv[g].z, a0);
+                    a1 = fmaf(kv1.z, qv[g].z, a1);
+                    a0 = fmaf(kv0.w, qv[g].w, a0);
+                    a1 = fmaf(kv1.w, qv[g].w, a1);
+                    acc[g][0] = a0;
+                    acc[g][1] = a1;
                 }
             }
         }
@@ -657,71 +977,95 @@ extern "C" __global__ void __launch_bounds__(256)
         for (int g = 0; g < 4; ++g)
 #pragma unroll
             for (int jj = 0; jj < 2; ++jj) {
+                const float pair = acc[g][jj] + __shfl_xor_sync(BX_FULL_MASK, acc[g][jj], 8);
+                const float s = pair + __shfl_xor_sync(BX_FULL_MASK, pair, 16);
                 const u32 gh = 4u * gg + (u32)g, j = jl + 32u * (u32)jj;
-                if (gh < G && j < n)
-                    sE[gh * ATT_CHUNK + j] =
-                        ((acc[g][jj][0] + acc[g][jj][1]) + (acc[g][jj][2] + acc[g][jj][3])) * scale;
+                if (p == 0u && gh < G && j < n) sE[gh * ATT_CHUNK + j] = s * scale;
             }
     }
     __syncthreads();
 
-    // Rows: attention_split's softmax of each head's scores, unchanged.
-    for (u32 base = 0; base < G * 4u; base += S_THREADS) {
-        const u32 g = (base + tid) >> 2, p = tid & 3u;
-        const bool live = g < G;
-        float* se = sE + (live ? g : 0u) * ATT_CHUNK;
-        float m = __uint_as_float(0xff800000u);
-        if (live)
-            for (u32 j = p; j < n; j += 4u) m = fmaxf(m, se[j]);
-        m = fmaxf(m, __shfl_xor_sync(BX_FULL_MASK, m, 1));
-        m = fmaxf(m, __shfl_xor_sync(BX_FULL_MASK, m, 2));
+    // Rows: a warp per head (lane_id l holds keys l and l + 32): the max by a butterfly (fmaxf
+    // is exact and ignores NaN: any order), e_j in parallel, then lanes 0..3 add their l_p
+    // chains (keys p, p + 4, .. in order) from shared memory and meet as (l0 + l1) + (l2 +
+    // l3): attention_split's values, where four lanes per head (one warp for 8 heads) ran the
+    // exps one after another while the other warps waited.
+    for (u32 g = warp_id; g < G; g += S_THREADS / 32u) {
+        float* se = sE + g * ATT_CHUNK;
+        const float s0 = lane_id < n ? se[lane_id] : __uint_as_float(0xff800000u);
+        const float s1 = lane_id + 32u < n ? se[lane_id + 32u] : __uint_as_float(0xff800000u);
+        // From -inf, as the reference: a chunk of NaN scores alone gives m = -inf, not NaN.
+        float m = fmaxf(fmaxf(__uint_as_float(0xff800000u), s0), s1);
+        for (u32 off = 16u; off; off >>= 1) m = fmaxf(m, __shfl_xor_sync(BX_FULL_MASK, m, off));
+        if (lane_id < n) se[lane_id] = bx_exp(s0 - m);
+        if (lane_id + 32u < n) se[lane_id + 32u] = bx_exp(s1 - m);
+        __syncwarp();
         float lp = 0.0f;
-        if (live)
-            for (u32 j = p; j < n; j += 4u) {
-                const float e = bx_exp(se[j] - m);
-                se[j] = e;
-                lp = lp + e;
-            }
+        if (lane_id < 4u)
+            for (u32 jj = lane_id; jj < n; jj += 4u) lp = lp + se[jj];
         const float l01 = lp + __shfl_xor_sync(BX_FULL_MASK, lp, 1);
         const float l = l01 + __shfl_xor_sync(BX_FULL_MASK, l01, 2);
-        if (live && p == 0u) {
+        if (lane_id == 0u) {
             float* dst = part + ((qi * n_heads + h0 + g) * n_chunks + c) * (u64)(hd + 2u);
             dst[0] = m;
             dst[1] = l;
         }
     }
+    if (ASYNC) tile_wait<0>();  // V
     __syncthreads();
 
-    // Output: thread (head group gg, dims 4dq..4dq+3) over the chunk's keys in order.
-    for (u32 w = tid; w < (Gp / 4u) * hd4; w += S_THREADS) {
-        const u32 gg = w / hd4, dq = w - gg * hd4;
-        float o[4][4];
-#pragma unroll
-        for (int g = 0; g < 4; ++g)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) o[g][i] = 0.0f;
-        const float* eb = sE + 4u * gg * ATT_CHUNK;
+    // Output: thread (head g, dims 4dq..4dq+3) over the chunk's keys in order: G * hd / 4
+    // threads busy (256 for 8 heads of 128), where 4 heads a thread left 64.
+    for (u32 w = tid; w < G * hd4; w += S_THREADS) {
+        const u32 g = w / hd4, dq = w - g * hd4;
+        float o0 = 0.0f, o1 = 0.0f, o2 = 0.0f, o3 = 0.0f;
+        const float* eb = sE + g * ATT_CHUNK;
+#pragma unroll 4
         for (u32 j = 0; j < n; ++j) {
             const float4 v4 = *reinterpret_cast<const float4*>(sV + j * hd + 4u * dq);
-#pragma unroll
-            for (int g = 0; g < 4; ++g) {
-                const float e = eb[g * ATT_CHUNK + j];
-                o[g][0] = fmaf(e, v4.x, o[g][0]);
-                o[g][1] = fmaf(e, v4.y, o[g][1]);
-                o[g][2] = fmaf(e, v4.z, o[g][2]);
-                o[g][3] = fmaf(e, v4.w, o[g][3]);
-            }
+            const float e = eb[j];
+            o0 = fmaf(e, v4.x, o0);
+            o1 = fmaf(e, v4.y, o1);
+            o2 = fmaf(e, v4.z, o2);
+            o3 = fmaf(e, v4.w, o3);
         }
-#pragma unroll
-        for (int g = 0; g < 4; ++g) {
-            const u32 gh = 4u * gg + (u32)g;
-            if (gh < G) {
-                float* dst = part + ((qi * n_heads + h0 + gh) * n_chunks + c) * (u64)(hd + 2u) + 2u + 4u * dq;
-#pragma unroll
-                for (int i = 0; i < 4; ++i) dst[i] = o[g][i];
-            }
-        }
+        float* dst = part + ((qi * n_heads + h0 + g) * n_chunks + c) * (u64)(hd + 2u) + 2u + 4u * dq;
+        dst[0] = o0;
+        dst[1] = o1;
+        dst[2] = o2;
+        dst[3] = o3;
     }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    attention_split_tiled(float* __restrict__ part, const float* __restrict__ q,
+                          const float* __restrict__ kc, const float* __restrict__ vc,
+                          const u32* __restrict__ qpos, u32 n_heads, u32 n_kv, u32 hd, u32 cap,
+                          float scale, u32 n_chunks, u32 row0) {
+    bx_grid_begin();
+    attention_split_tiled_body<false>(part, q, kc, vc, qpos, n_heads, n_kv, hd, cap, scale,
+                                      n_chunks, row0);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    attention_split_async(float* __restrict__ part, const float* __restrict__ q,
+                          const float* __restrict__ kc, const float* __restrict__ vc,
+                          const u32* __restrict__ qpos, u32 n_heads, u32 n_kv, u32 hd, u32 cap,
+                          float scale, u32 n_chunks, u32 row0) {
+    bx_grid_begin();
+    attention_split_tiled_body<true>(part, q, kc, vc, qpos, n_heads, n_kv, hd, cap, scale,
+                                     n_chunks, row0);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    attention_split_paged(float* __restrict__ part, const float* __restrict__ q,
+                          const float* __restrict__ kc, const float* __restrict__ vc,
+                          const u32* __restrict__ qpos, u32 n_heads, u32 n_kv, u32 hd, u32 cap,
+                          float scale, u32 n_chunks, u32 row0, const u32* __restrict__ pages,
+                          u32 page_stride) {
+    bx_grid_begin();
+    attention_split_tiled_body<true, true>(part, q, kc, vc, qpos, n_heads, n_kv, hd, cap, scale,
+                                           n_chunks, row0, pages, page_stride);
 }
 
 // Fold of the chunk partials of one (query, head, slice of 32 dims), 128 threads: block
@@ -752,11 +1096,15 @@ __device__ __forceinline__ void cmb_stage(float* so, const float* P, u64 stride,
     asm volatile("cp.async.commit_group;");
 }
 
-extern "C" __global__ void __launch_bounds__(128)
-    attention_combine(float* __restrict__ out, const float* __restrict__ part,
-                      const u32* __restrict__ qpos, u32 n_heads, u32 hd, u32 n_chunks,
-                      u32 row0) {
-    bx_grid_begin();
+// Q8: also writes the slice's quantization (hd % 32 == 0, so the slice is one 32-block of the
+// [nq, n_heads * hd] row the output product reads: codes, d and a at the block's index).
+template <bool Q8>
+__device__ __forceinline__ void combine_body(float* __restrict__ out,
+                                             signed char* __restrict__ codes,
+                                             float* __restrict__ dq, float* __restrict__ aq,
+                                             const float* __restrict__ part,
+                                             const u32* __restrict__ qpos, u32 n_heads, u32 hd,
+                                             u32 n_chunks, u32 row0) {
     // so[CMB_STAGE][32], then m, l, M, a, b per chunk, then 4 warp maxima
     extern __shared__ __align__(16) float csm[];
     const u32 n_slices = (hd + CMB_DIMS - 1u) / CMB_DIMS;
@@ -827,5 +1175,31 @@ extern "C" __global__ void __launch_bounds__(128)
                       tid);
         }
     }
-    if (warp == 0u && lane < width) out[(qi * n_heads + h) * hd + d0 + lane] = bx_canon(O / L);
+    const u64 at = (qi * n_heads + h) * hd + d0;
+    if (Q8) {
+        if (warp == 0u) {
+            const float v = bx_canon(O / L);  // width == 32: every lane holds a dim
+            out[at + lane] = v;
+            bx_quantize_block32<false>(v, lane, codes + at, dq + at / 32u, aq + at / 32u);
+        }
+    } else if (warp == 0u && lane < width) {
+        out[at + lane] = bx_canon(O / L);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    attention_combine(float* __restrict__ out, const float* __restrict__ part,
+                      const u32* __restrict__ qpos, u32 n_heads, u32 hd, u32 n_chunks,
+                      u32 row0) {
+    bx_grid_begin();
+    combine_body<false>(out, nullptr, nullptr, nullptr, part, qpos, n_heads, hd, n_chunks, row0);
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    attention_combine_q8(float* __restrict__ out, signed char* __restrict__ codes,
+                         float* __restrict__ d, float* __restrict__ a,
+                         const float* __restrict__ part, const u32* __restrict__ qpos,
+                         u32 n_heads, u32 hd, u32 n_chunks, u32 row0) {
+    bx_grid_begin();
+    combine_body<true>(out, codes, d, a, part, qpos, n_heads, hd, n_chunks, row0);
 }

@@ -182,3 +182,95 @@ __device__ __forceinline__ void bx_quantize_block32(float v, u32 lane, signed ch
         *a = any_bad ? nan : dd * (float)s;
     }
 }
+
+// Routed row r = token * k + slot of expert e in the two unsorted routing tables of `len` rows
+// (RoutedRows' layout: x_rows | experts | y_rows | gemm tiles | gemv tiles, one row per tile):
+// `up` reads token r / k, `down` routed row r; both write row r. Written by gemm.cu's
+// route_rows and by router.cu's router_route_f32, which must agree.
+__device__ __forceinline__ void bx_route_row(u32* __restrict__ up, u32* __restrict__ down, u32 r,
+                                             u32 e, u32 len, u32 k) {
+    u32* tabs[2] = {up, down};
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        u32* t = tabs[i];
+        t[r] = i == 0 ? r / k : r;
+        t[len + r] = e;
+        t[2u * len + r] = r;
+        t[3u * len + 3u * r] = e;
+        t[3u * len + 3u * r + 1u] = r;
+        t[3u * len + 3u * r + 2u] = 1u;
+        t[6u * len + 3u * r] = e;
+        t[6u * len + 3u * r + 1u] = r;
+        t[6u * len + 3u * r + 2u] = 1u;
+    }
+}
+
+// The canonical f32 dot of one weight row wr and one activation row xr of K elements, by a
+// block of T threads staging them in shared memory (sw, sx: BX_F32ROW_SEG / 32 blocks of
+// BX_F32ROW_PAD floats each) in 2048-wide segments with 16-byte loads when K % 4 == 0; thread
+// p < 4 runs partial p over the 32-blocks b % 4 == p in increasing order (a segment holds 64
+// whole blocks, so a block keeps its partial) and returns it; the caller combines the four.
+// Every thread of the block must call it (it synchronizes). gemm.cu's gemv_f32_wide and
+// router.cu's router_route_f32 (the decode router) share it.
+#define BX_F32ROW_SEG 2048u
+#define BX_F32ROW_PAD 36u  // floats per staged 32-block
+
+template <u32 T>
+__device__ __forceinline__ float bx_f32_row_partial(float* __restrict__ sw, float* __restrict__ sx,
+                                                    const float* __restrict__ wr,
+                                                    const float* __restrict__ xr, u32 K,
+                                                    u32 tid) {
+    static_assert(T * 16u == BX_F32ROW_SEG, "four float4 a thread cover a segment");
+    // Rows and x start 16-byte aligned when K % 4 == 0 (allocations are).
+    const bool vec = (K & 3u) == 0u;
+    float acc = 0.0f;
+    for (u32 k0 = 0; k0 < K; k0 += BX_F32ROW_SEG) {
+        const u32 len = min(BX_F32ROW_SEG, K - k0);
+        __syncthreads();  // the chains are done with the previous segment
+        if (vec) {
+            float4 wv[4], xv[4];
+#pragma unroll
+            for (u32 s = 0; s < 4u; ++s) {
+                const u32 e = 4u * (tid + T * s);
+                const bool ok = e < len;
+                wv[s] = ok ? __ldg(reinterpret_cast<const float4*>(wr + k0 + e)) : make_float4(0, 0, 0, 0);
+                xv[s] = ok ? __ldg(reinterpret_cast<const float4*>(xr + k0 + e)) : make_float4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (u32 s = 0; s < 4u; ++s) {
+                const u32 e = 4u * (tid + T * s);
+                const u32 at = (e >> 5) * BX_F32ROW_PAD + (e & 31u);
+                *reinterpret_cast<float4*>(sw + at) = wv[s];
+                *reinterpret_cast<float4*>(sx + at) = xv[s];
+            }
+        } else {
+            for (u32 e = tid; e < BX_F32ROW_SEG; e += T) {
+                const u32 at = (e >> 5) * BX_F32ROW_PAD + (e & 31u);
+                sw[at] = e < len ? __ldg(wr + k0 + e) : 0.0f;
+                sx[at] = e < len ? __ldg(xr + k0 + e) : 0.0f;
+            }
+        }
+        __syncthreads();
+        if (tid < 4u) {
+            const u32 nblk = (len + 31u) / 32u;
+            for (u32 b = tid; b < nblk; b += 4u) {
+                const float* wb = sw + b * BX_F32ROW_PAD;
+                const float* xb = sx + b * BX_F32ROW_PAD;
+                if (b * 32u + 32u <= len) {
+#pragma unroll
+                    for (u32 i = 0; i < 32u; i += 4u) {
+                        const float4 w4 = *reinterpret_cast<const float4*>(wb + i);
+                        const float4 x4 = *reinterpret_cast<const float4*>(xb + i);
+                        acc = fmaf(w4.x, x4.x, acc);
+                        acc = fmaf(w4.y, x4.y, acc);
+                        acc = fmaf(w4.z, x4.z, acc);
+                        acc = fmaf(w4.w, x4.w, acc);
+                    }
+                } else {
+                    for (u32 i = 0; i < len - b * 32u; ++i) acc = fmaf(wb[i], xb[i], acc);
+                }
+            }
+        }
+    }
+    return acc;
+}

@@ -6,14 +6,18 @@
 //                        window is written to conv_out (the old one, conv_in, is read only).
 //   delta_net_gate_f32   out[i] = normed[i] * silu(z[i]) (step 6, after the per-head rmsnorm).
 // Reference: src/reference/delta_net.rs (scan_cpu, forward_cpu); the order of every step is
-// stated there. The family's mutant breaks both kernels: the scan's kv tree (it differs only
-// when partial 3 is not empty, head dims above 96: 128 in the tests) and the gate's silu.
+// stated there. The family's mutant breaks every kernel but the prep: the scans' kv tree (it
+// differs only when partial 3 is not empty, head dims above 96: 128 in the tests) and the
+// gate's silu.
 //
 // Versions:
 //   delta_net_scan_f32   v1: one block per value head, 4 S threads (S <= 128): thread (p, j)
 //                        keeps 32-block p of column j of the state in registers (the
 //                        canonical dot's partial p), so both dots of a column are 4 register
 //                        chains and one combination through shared memory; tokens in order.
+//   delta_net_prep_f32   v2 (with delta_net_scan2_f32; prefills of 16 tokens or more): steps 2-4
+//   delta_net_scan2_f32  of every token at once, then the delta rule alone in token order (see
+//                        below). The same operations as v1 in the same order.
 //   delta_net_gate_f32   v1: grid-stride loop.
 
 #include "common.cuh"
@@ -28,6 +32,95 @@ __device__ __forceinline__ float dn_partial(const float* __restrict__ w, const f
     for (u32 b = p; b * 32u < s; b += 4u)
         for (u32 i = b * 32u; i < min(b * 32u + 32u, s); ++i) acc = fmaf(w[i], x[i], acc);
     return acc;
+}
+
+// Both scans keep column j of a value head's state in the registers of 4 threads, block p of
+// it in thread (p, j); these are their shared steps.
+
+// Column j's block p from the state m, zeros past s.
+__device__ __forceinline__ void dn_load_column(float (&reg)[32], const float* __restrict__ mh,
+                                               u32 p, u32 s) {
+#pragma unroll
+    for (u32 i = 0; i < 32u; ++i) {
+        const u32 d = p * 32u + i;
+        reg[i] = d < s ? mh[d] : 0.0f;
+    }
+}
+
+__device__ __forceinline__ void dn_store_column(const float (&reg)[32], float* __restrict__ mh,
+                                                u32 p, u32 s) {
+#pragma unroll
+    for (u32 i = 0; i < 32u; ++i) {
+        const u32 d = p * 32u + i;
+        if (d < s) mh[d] = reg[i];
+    }
+}
+
+// Step 5's first half on block p of column j: the decay, then partial p of kv = dot(M_j, k).
+__device__ __forceinline__ float dn_decay_kv(float (&reg)[32], const float* sk, float decay,
+                                             u32 p, u32 s) {
+    float acc = 0.0f;
+#pragma unroll
+    for (u32 i = 0; i < 32u; ++i) {
+        const u32 d = p * 32u + i;
+        if (d < s) {
+            reg[i] = reg[i] * decay;
+            acc = fmaf(sk[d], reg[i], acc);
+        }
+    }
+    return acc;
+}
+
+// kv from its four partials: the family's mutant site.
+__device__ __forceinline__ float dn_kv_tree(const float (*part)[DN_MAX_S], u32 j) {
+#ifdef BITEXACT_MUTANT
+    // Broken on purpose (see BITEXACT_MUTANT): the partials left to right.
+    return ((part[0][j] + part[1][j]) + part[2][j]) + part[3][j];
+#else
+    return (part[0][j] + part[1][j]) + (part[2][j] + part[3][j]);
+#endif
+}
+
+// Step 5's second half: the update M_j += k * delta, then partial p of o_j = dot(M_j, q).
+__device__ __forceinline__ float dn_update_out(float (&reg)[32], const float* sk,
+                                               const float* sq, float delta, u32 p, u32 s) {
+    float acc = 0.0f;
+#pragma unroll
+    for (u32 i = 0; i < 32u; ++i) {
+        const u32 d = p * 32u + i;
+        if (d < s) {
+            reg[i] = fmaf(sk[d], delta, reg[i]);
+            acc = fmaf(sq[d], reg[i], acc);
+        }
+    }
+    return acc;
+}
+
+// The convolution's new window after n tokens: q and k channels by the first value head of
+// their key head (h < hk), v channels by their own head (thread tid's channel ch). Tap tp holds
+// token n - (kc - 1) + tp.
+__device__ __forceinline__ void dn_write_window(float* __restrict__ conv_out,
+                                                const float* __restrict__ mixed,
+                                                const float* __restrict__ conv_in, u32 ch,
+                                                bool owner, u32 n, u32 kc, u32 cd) {
+    if (owner && kc > 1u) {
+        for (u32 tp = 0; tp + 1u < kc; ++tp) {
+            const i32 src = (i32)(n + tp) - (i32)(kc - 1u);
+            conv_out[(u64)tp * cd + ch] =
+                src >= 0 ? mixed[(u64)src * cd + ch] : conv_in[(u64)(n + tp) * cd + ch];
+        }
+    }
+}
+
+// Thread tid's channel of the convolution (tid < 3 s): q, k of key head kh, v of head h; and
+// whether its block writes that channel's window.
+__device__ __forceinline__ u32 dn_channel(u32 tid, u32 s, u32 kh, u32 hk, u32 h) {
+    return tid < s ? kh * s + tid
+         : tid < 2u * s ? hk * s + kh * s + (tid - s)
+                        : 2u * hk * s + h * s + (tid - 2u * s);
+}
+__device__ __forceinline__ bool dn_window_owner(u32 tid, u32 s, u32 h, u32 hk) {
+    return tid < 2u * s ? h < hk : tid < 3u * s;
 }
 
 extern "C" __global__ void __launch_bounds__(512)
@@ -47,18 +140,12 @@ extern "C" __global__ void __launch_bounds__(512)
     const u32 kh = h % hk;
     const u32 cd = (2u * hk + hv) * s;
     const float scale = 1.0f / sqrtf((float)s);
-    // This thread's channel of the convolution (tid < 3 s): q, k of key head kh, v of head h.
-    const u32 ch = tid < s ? kh * s + tid
-                 : tid < 2u * s ? hk * s + kh * s + (tid - s)
-                                : 2u * hk * s + h * s + (tid - 2u * s);
-    // Column j's state, block p (zeros past s).
+    // This thread's channel of the convolution (tid < 3 s).
+    const u32 ch = dn_channel(tid, s, kh, hk, h);
+    // Column j's state, block p.
     float* mh = m + (u64)h * s * s + (u64)j * s;
     float reg[32];
-#pragma unroll
-    for (u32 i = 0; i < 32u; ++i) {
-        const u32 d = p * 32u + i;
-        reg[i] = d < s ? mh[d] : 0.0f;
-    }
+    dn_load_column(reg, mh, p, s);
 
     for (u32 t = 0; t < n; ++t) {
         // 2. Convolution + SiLU: y = fmaf(w[ch, tap], in_tap, y) from +0, taps oldest first;
@@ -97,33 +184,11 @@ extern "C" __global__ void __launch_bounds__(512)
         __syncthreads();
         // 5. The delta rule on column j: decay, kv = dot(M_j, k), delta, the update, o_j.
         const float beta = gates[0], decay = gates[1];
-        float acc = 0.0f;
-#pragma unroll
-        for (u32 i = 0; i < 32u; ++i) {
-            const u32 d = p * 32u + i;
-            if (d < s) {
-                reg[i] = reg[i] * decay;
-                acc = fmaf(sk[d], reg[i], acc);
-            }
-        }
-        part[p][j] = acc;
+        part[p][j] = dn_decay_kv(reg, sk, decay, p, s);
         __syncthreads();
-#ifdef BITEXACT_MUTANT
-        // Broken on purpose (see BITEXACT_MUTANT): the partials left to right.
-        const float kv = ((part[0][j] + part[1][j]) + part[2][j]) + part[3][j];
-#else
-        const float kv = (part[0][j] + part[1][j]) + (part[2][j] + part[3][j]);
-#endif
+        const float kv = dn_kv_tree(part, j);
         const float delta = (sv[j] - kv) * beta;
-        acc = 0.0f;
-#pragma unroll
-        for (u32 i = 0; i < 32u; ++i) {
-            const u32 d = p * 32u + i;
-            if (d < s) {
-                reg[i] = fmaf(sk[d], delta, reg[i]);
-                acc = fmaf(sq[d], reg[i], acc);
-            }
-        }
+        const float acc = dn_update_out(reg, sk, sq, delta, p, s);
         __syncthreads();  // every thread has read part[][] for kv
         part[p][j] = acc;
         __syncthreads();
@@ -132,21 +197,131 @@ extern "C" __global__ void __launch_bounds__(512)
                 ((part[0][j] + part[1][j]) + (part[2][j] + part[3][j])) * scale;
         __syncthreads();  // part[][], sq, sk, sv are rewritten by the next token
     }
-#pragma unroll
-    for (u32 i = 0; i < 32u; ++i) {
-        const u32 d = p * 32u + i;
-        if (d < s) mh[d] = reg[i];
-    }
-    // The new window of this block's channels: q and k channels by the first value head of
-    // their key head (h < hk), v channels by their own head. Tap tp holds token n - (kc - 1) + tp.
-    const bool owner = tid < 2u * s ? h < hk : tid < 3u * s;
-    if (owner && kc > 1u) {
-        for (u32 tp = 0; tp + 1u < kc; ++tp) {
-            const i32 src = (i32)(n + tp) - (i32)(kc - 1u);
-            conv_out[(u64)tp * cd + ch] =
-                src >= 0 ? mixed[(u64)src * cd + ch] : conv_in[(u64)(n + tp) * cd + ch];
+    dn_store_column(reg, mh, p, s);
+    dn_write_window(conv_out, mixed, conv_in, ch, dn_window_owner(tid, s, h, hk), n, kc, cd);
+}
+
+// ------------------------------------------------------------------------------------------
+// v2 of the scan, for prefills (16 tokens or more): what does not depend on the state leaves
+// the sequential loop. delta_net_prep_f32 runs steps 2-4 for every token at once (a block per
+// token): the convolution + SiLU of every channel, the unit q and k of every key head and the
+// two gates, the same operations in the same order as v1 (and scan_cpu); delta_net_scan2_f32
+// then walks the tokens with the delta rule alone, the next token's q, k, v and gates copied
+// (cp.async) while the current one runs, three barriers a token where v1 took six, a global
+// round trip and the serial gate chain.
+//   prep   [n, conv_dim]: q (unit) | k (unit) | v, as mixed's channels; gates [n, Hv, 2]:
+//          beta = sigmoid(b), decay = exp(softplus(a + dt_bias) * ssm_a).
+
+extern "C" __global__ void __launch_bounds__(256)
+    delta_net_prep_f32(float* __restrict__ prep, float* __restrict__ gates,
+                       const float* __restrict__ mixed, const float* __restrict__ bg,
+                       const float* __restrict__ ag, const float* __restrict__ conv_w,
+                       const float* __restrict__ conv_in, const float* __restrict__ dt_bias,
+                       const float* __restrict__ ssm_a, u32 hk, u32 hv, u32 s, u32 kc,
+                       float eps) {
+    bx_grid_begin();
+    extern __shared__ float dn_prep[];  // the token's conv_dim SiLU outputs, then 2 hk scales
+    const u32 t = blockIdx.x, tid = threadIdx.x;
+    const u32 cd = (2u * hk + hv) * s, nv = 2u * hk;  // channels; q and k vectors
+    float* sy = dn_prep;
+    float* sinv = dn_prep + cd;
+    float* snp = sinv + nv;  // [nv][4] partials
+    // 2. Convolution + SiLU of every channel (v1's step 2, per channel).
+    for (u32 ch = tid; ch < cd; ch += blockDim.x) {
+        float y = 0.0f;
+        for (u32 tp = 0; tp < kc; ++tp) {
+            const i32 src = (i32)(t + tp) - (i32)(kc - 1u);
+            const float in = src >= 0 ? mixed[(u64)src * cd + ch] : conv_in[(u64)(t + tp) * cd + ch];
+            y = fmaf(conv_w[(u64)ch * kc + tp], in, y);
         }
+        sy[ch] = bx_silu(y);
     }
+    // 4. The gates of every value head.
+    for (u32 h = tid; h < hv; h += blockDim.x) {
+        float* g = gates + ((u64)t * hv + h) * 2u;
+        g[0] = bx_sigmoid(bg[(u64)t * hv + h]);
+        g[1] = bx_exp(bx_softplus(ag[(u64)t * hv + h] + dt_bias[h]) * ssm_a[h]);
+    }
+    __syncthreads();
+    // 3. Each q and k vector's squared norm: 4 partials (v1's dn_partial), then the scale.
+    for (u32 w = tid; w < 4u * nv; w += blockDim.x) {
+        const float* u = sy + (w >> 2) * s;
+        snp[w] = dn_partial(u, u, w & 3u, s);
+    }
+    __syncthreads();
+    for (u32 v = tid; v < nv; v += blockDim.x) {
+        const float* np = snp + 4u * v;
+        const float dd = (np[0] + np[1]) + (np[2] + np[3]);
+        sinv[v] = 1.0f / sqrtf(dd + eps);
+    }
+    __syncthreads();
+    for (u32 ch = tid; ch < cd; ch += blockDim.x)
+        prep[(u64)t * cd + ch] = ch < nv * s ? sy[ch] * sinv[ch / s] : sy[ch];
+}
+
+__device__ __forceinline__ void dn_cp4(float* smem, const float* gmem) {
+    const u32 dst = (u32)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(gmem));
+}
+
+// Token t's q, k (key head kh), v (value head h) and gates into buf [3 S + 2], one copy group.
+__device__ __forceinline__ void dn_fetch(float* buf, const float* __restrict__ prep,
+                                         const float* __restrict__ gates, u32 t, u32 h, u32 kh,
+                                         u32 hk, u32 hv, u32 s, u32 cd, u32 tid) {
+    if (tid < 3u * s + 2u) {
+        const float* src;
+        if (tid < s) src = prep + (u64)t * cd + kh * s + tid;
+        else if (tid < 2u * s) src = prep + (u64)t * cd + hk * s + kh * s + (tid - s);
+        else if (tid < 3u * s) src = prep + (u64)t * cd + 2u * hk * s + h * s + (tid - 2u * s);
+        else src = gates + ((u64)t * hv + h) * 2u + (tid - 3u * s);
+        dn_cp4(buf + tid, src);
+    }
+    asm volatile("cp.async.commit_group;");
+}
+
+extern "C" __global__ void __launch_bounds__(512)
+    delta_net_scan2_f32(float* __restrict__ o, float* __restrict__ m, float* __restrict__ conv_out,
+                        const float* __restrict__ prep, const float* __restrict__ gates,
+                        const float* __restrict__ mixed, const float* __restrict__ conv_in,
+                        u32 n, u32 hk, u32 hv, u32 s, u32 kc) {
+    bx_grid_begin();
+    __shared__ float buf[2][3u * DN_MAX_S + 2u];  // token t in buf[t & 1]: q | k | v | beta, decay
+    __shared__ float part_kv[4][DN_MAX_S], part_o[4][DN_MAX_S];
+    const u32 h = blockIdx.x, tid = threadIdx.x;
+    const u32 j = tid % s, p = tid / s;  // column j, partial p (blocks p, p + 4)
+    const u32 kh = h % hk;
+    const u32 cd = (2u * hk + hv) * s;
+    const float scale = 1.0f / sqrtf((float)s);
+    float* mh = m + (u64)h * s * s + (u64)j * s;
+    float reg[32];
+    dn_load_column(reg, mh, p, s);
+    dn_fetch(buf[0], prep, gates, 0u, h, kh, hk, hv, s, cd, tid);
+    for (u32 t = 0; t < n; ++t) {
+        // Token t's inputs have landed (and every thread is done with token t - 1's buffer,
+        // which token t + 1 takes next).
+        asm volatile("cp.async.wait_group 0;" ::: "memory");
+        __syncthreads();
+        if (t + 1u < n) dn_fetch(buf[(t + 1u) & 1u], prep, gates, t + 1u, h, kh, hk, hv, s, cd, tid);
+        const float* sq = buf[t & 1u];
+        const float* sk = sq + s;
+        const float* sv = sk + s;
+        const float beta = sv[s], decay = sv[s + 1u];
+        // 5. The delta rule on column j (v1's step 5, its operations in its order).
+        part_kv[p][j] = dn_decay_kv(reg, sk, decay, p, s);
+        __syncthreads();
+        const float kv = dn_kv_tree(part_kv, j);
+        const float delta = (sv[j] - kv) * beta;
+        part_o[p][j] = dn_update_out(reg, sk, sq, delta, p, s);
+        __syncthreads();
+        if (p == 0u)
+            o[((u64)t * hv + h) * s + j] =
+                ((part_o[0][j] + part_o[1][j]) + (part_o[2][j] + part_o[3][j])) * scale;
+        // part_kv is rewritten after the next token's first barrier, part_o after its second:
+        // both once every thread has read them here.
+    }
+    dn_store_column(reg, mh, p, s);
+    dn_write_window(conv_out, mixed, conv_in, dn_channel(tid, s, kh, hk, h),
+                    dn_window_owner(tid, s, h, hk), n, kc, cd);
 }
 
 extern "C" __global__ void delta_net_gate_f32(float* __restrict__ out,

@@ -30,7 +30,7 @@
 //                                      32 lanes stage weights (float) or form the blocks'
 //                                      integer dots (quantized); every weight byte is read once
 //                                      per tile; the tree is two shuffles.
-//   gemv_f32_wide                      v3, F32, tiles of one row (decode's router): a block of
+//   gemv_f32_wide                      v3, F32, tiles of one row: a block of
 //                                      128 threads per row stages it in shared memory with
 //                                      16-byte loads, 4 chain threads.
 //   gemv_q8_0_mma                      v3, Q8_0, tiles of one row, K % 256 == 0, 16384 rows or
@@ -38,6 +38,14 @@
 //                                      rows' isums a block at once, 8 warps per 16 rows, a
 //                                      256-wide chunk each per pass (3.0 TB/s on 151936 x 2048
 //                                      in ncu, gemv_body 2.6).
+//   gemv_q6_k_mma                      the same for Q6_K (each row's super-block copied in its
+//                                      aligned 224-byte window, an m16n8k16 per 16-element
+//                                      sub-block): opt-in (MatmulKernel::GemvMma), not yet
+//                                      measured against gemv_body (0.59 TB/s on the LM head).
+//   gemv_q8_0_rows                     v4, Q8_0, tiles of one row, K % 256 == 0, more than 1024
+//                                      columns and fewer than 16384 rows (attention, expert
+//                                      gate/up): 2 rows a warp, segments of 64 blocks copied
+//                                      by cp.async, lane per block, chains by shuffles.
 //   gemv_<q8_0|q4_k|q5_k>_async        v3, tiles of one row (decode), K % 256 == 0: a block
 //                                      of one warp takes 8 weight rows, lane 4r + p runs
 //                                      partial p of row r; the rows' 256-wide chunks are
@@ -45,9 +53,8 @@
 //                                      chunks in flight (gemv_body's warp per row waited on
 //                                      each row's loads: 1.3 TB/s). Q8_0 takes it for K <=
 //                                      1024 only (the expert down product: 7.8 us against
-//                                      gemv_body's 12.4); for wider rows of fewer than 16384
-//                                      (the attention and expert gate/up products) neither
-//                                      v3 kernel beat gemv_body in ncu.
+//                                      gemv_body's 12.4); wider rows of fewer than 16384 take
+//                                      gemv_q8_0_rows.
 //   gemm_ffma_<fmt>                    v2, float formats, tiles of 64 rows: 64 x 64 outputs per
 //                                      block, four groups of 64 threads, group g runs partial g
 //                                      (blocks g, g + 4, ..) in 16-wide K steps with an 8 x 8
@@ -58,8 +65,10 @@
 //                                      each block's isum, every thread keeps its 16 outputs'
 //                                      four partials in registers (block j of a 256-wide chunk
 //                                      feeds partial j % 4, a compile-time index).
-//   gemm_mma_q4_k_async, _q5_k_async   v3, the same for Q4_K and Q5_K (a chunk is one super-block),
-//                                      their scale products staged once per chunk.
+//   gemm_mma_q{4,5,6}_k_async          v3, the same for the K-quants (a chunk is one
+//                                      super-block, copied raw by cp.async; scale products,
+//                                      and Q6_K's codes, staged once per chunk), 16 warps as
+//                                      two groups of two partials each (no spills).
 //   gemm_mma_q8_0_async                v3, Q8_0 with K % 256 == 0: gemm_mma_q8_0's tile and
 //                                      epilogue, its operands copied raw into shared memory by
 //                                      cp.async, three chunks in flight (the register staging
@@ -300,6 +309,17 @@ __device__ __forceinline__ float small_int_to_float(int i) {
     return __int_as_float(0x4B400000 + i) - 12582912.0f;
 }
 
+// The tensor cores add the bias of small_int_to_float themselves: an mma accumulating from
+// ISUM_BIAS (the bits of 1.5 * 2^23) leaves the bits of 1.5 * 2^23 + isum, exactly (an int32 sum
+// far from overflow), and one subtraction gives the float of isum: the bits of
+// small_int_to_float with one integer add a block fewer. gemm_mma_q8_0_async takes it (ptxas:
+// 2437 -> 2309 instructions, no spills); in the v2 and K-quant kernels, already at their
+// register limit, the four biased accumulators cost more spills than the adds they save.
+#define ISUM_BIAS 0x4B400000
+__device__ __forceinline__ float biased_isum_to_float(int b) {
+    return __int_as_float(b) - 12582912.0f;
+}
+
 template <int FMT>
 __device__ __forceinline__ float isum_to_float(int i) {
     // |isum| < 2^22 for Q8_0 (32 * 127 * 127), Q4_K and Q5_K (32 * 31 * 127); Q6_K's scaled
@@ -425,16 +445,14 @@ __device__ __forceinline__ void gemv_body(float* __restrict__ y, const float* __
 }
 
 // ------------------------------------------------------------------------------------------
-// F32 GEMV for tiles of one row (the router of a decode step): one weight row per block of 128
+// F32 GEMV for tiles of one row (a router's product when router.cu's router_route_f32 does
+// not take it, any F32 one-row product): one weight row per block of 128
 // threads. The threads stage a 2048-wide segment of the row and of x in shared memory with
 // 16-byte loads, all in flight at once; then threads 0..3 run partials 0..3 from there. The
 // chains are 512 fmaf long at K = 2048 (the canonical order), so a block per row spreads the
 // router's 128 rows over the SMs: 4 rows a block left 32 SMs waiting on loads (12.7 us for the
 // 128 x 2048 router in ncu). Block b of a segment sits at 36b floats (the 4 chain threads read
 // 4 different bank groups).
-
-#define GEMV_F32W_SEG 2048u
-#define GEMV_F32W_PAD 36u  // floats per staged 32-block
 
 extern "C" __global__ void __launch_bounds__(128)
     gemv_f32_wide(float* __restrict__ y, const float* __restrict__ x,
@@ -444,64 +462,14 @@ extern "C" __global__ void __launch_bounds__(128)
                   const u32* __restrict__ y_rows, u32 n_rows, u32 M, u32 K, u64 row_bytes,
                   u32 tile0) {
     bx_grid_begin();
-    __shared__ __align__(16) float sw[GEMV_F32W_SEG / 32u * GEMV_F32W_PAD];
-    __shared__ __align__(16) float sx[GEMV_F32W_SEG / 32u * GEMV_F32W_PAD];
+    __shared__ __align__(16) float sw[BX_F32ROW_SEG / 32u * BX_F32ROW_PAD];
+    __shared__ __align__(16) float sx[BX_F32ROW_SEG / 32u * BX_F32ROW_PAD];
     const u32 tid = threadIdx.x, m = blockIdx.x;
     const Tile tl = get_tile(tiles, tile0 + blockIdx.y, 1u, n_rows);
     if (tl.rows == 0u) return;  // a padding tile of a device-built table
     const float* xr = x + (u64)map_row(x_rows, tl.row0) * K;
     const float* wr = reinterpret_cast<const float*>(W + ((u64)tl.expert * M + m) * row_bytes);
-    // Rows and x start 16-byte aligned when K % 4 == 0 (allocations are).
-    const bool vec = (K & 3u) == 0u;
-    float acc = 0.0f;
-    for (u32 k0 = 0; k0 < K; k0 += GEMV_F32W_SEG) {
-        const u32 len = min(GEMV_F32W_SEG, K - k0);
-        __syncthreads();  // the chains are done with the previous segment
-        if (vec) {
-            float4 wv[4], xv[4];
-#pragma unroll
-            for (u32 s = 0; s < 4u; ++s) {
-                const u32 e = 4u * (tid + 128u * s);
-                const bool ok = e < len;
-                wv[s] = ok ? __ldg(reinterpret_cast<const float4*>(wr + k0 + e)) : make_float4(0, 0, 0, 0);
-                xv[s] = ok ? __ldg(reinterpret_cast<const float4*>(xr + k0 + e)) : make_float4(0, 0, 0, 0);
-            }
-#pragma unroll
-            for (u32 s = 0; s < 4u; ++s) {
-                const u32 e = 4u * (tid + 128u * s);
-                const u32 at = (e >> 5) * GEMV_F32W_PAD + (e & 31u);
-                *reinterpret_cast<float4*>(sw + at) = wv[s];
-                *reinterpret_cast<float4*>(sx + at) = xv[s];
-            }
-        } else {
-            for (u32 e = tid; e < GEMV_F32W_SEG; e += 128u) {
-                const u32 at = (e >> 5) * GEMV_F32W_PAD + (e & 31u);
-                sw[at] = e < len ? __ldg(wr + k0 + e) : 0.0f;
-                sx[at] = e < len ? __ldg(xr + k0 + e) : 0.0f;
-            }
-        }
-        __syncthreads();
-        if (tid < 4u) {
-            const u32 nblk = (len + DOT_BLOCK - 1u) / DOT_BLOCK;
-            for (u32 b = tid; b < nblk; b += 4u) {
-                const float* wb = sw + b * GEMV_F32W_PAD;
-                const float* xb = sx + b * GEMV_F32W_PAD;
-                if (b * DOT_BLOCK + DOT_BLOCK <= len) {
-#pragma unroll
-                    for (u32 i = 0; i < DOT_BLOCK; i += 4u) {
-                        const float4 w4 = *reinterpret_cast<const float4*>(wb + i);
-                        const float4 x4 = *reinterpret_cast<const float4*>(xb + i);
-                        acc = fmaf(w4.x, x4.x, acc);
-                        acc = fmaf(w4.y, x4.y, acc);
-                        acc = fmaf(w4.z, x4.z, acc);
-                        acc = fmaf(w4.w, x4.w, acc);
-                    }
-                } else {
-                    for (u32 i = 0; i < len - b * DOT_BLOCK; ++i) acc = fmaf(wb[i], xb[i], acc);
-                }
-            }
-        }
-    }
+    const float acc = bx_f32_row_partial<128u>(sw, sx, wr, xr, K, tid);
     if (tid < 32u) {
         const float p0 = __shfl_sync(BX_FULL_MASK, acc, 0), p1 = __shfl_sync(BX_FULL_MASK, acc, 1);
         const float p2 = __shfl_sync(BX_FULL_MASK, acc, 2), p3 = __shfl_sync(BX_FULL_MASK, acc, 3);
@@ -1027,13 +995,13 @@ extern "C" __global__ void __launch_bounds__(256, 2)
 #pragma unroll
                 for (int nt = 0; nt < 2; ++nt) {
                     if (nt == 1 && !busy1) continue;
-                    int lo[4] = {0, 0, 0, 0};
+                    int lo[4] = {ISUM_BIAS, ISUM_BIAS, ISUM_BIAS, ISUM_BIAS};
                     mma_k32(lo, af[mt], bf[nt][0], bf[nt][1]);
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
                         const int mi = mt * 2 + (e >> 1), ni = nt * 2 + (e & 1);
                         acc[j & 3][mt][nt][e] = fmaf(ws[mi] * dx[ni],
-                                                     isum_to_float<FMT_Q8_0>(lo[e]),
+                                                     biased_isum_to_float(lo[e]),
                                                      acc[j & 3][mt][nt][e]);
                     }
                 }
@@ -1058,21 +1026,42 @@ extern "C" __global__ void __launch_bounds__(256, 2)
 }
 
 // ------------------------------------------------------------------------------------------
-// Q4_K and Q5_K through cp.async: a 256-wide chunk of a row is one super-block (144 or 176
-// contiguous bytes, 16-byte aligned), copied raw like the Q8_0 chunks. After each chunk lands,
-// the block's 64 x 8 scale products (ws = d * sc, wm = -(dmin * m), each rounded once, as
-// decode_wblock forms them) go to shared memory once; fragment words are the nibbles of one
-// aligned word (and, for Q5_K, the fifth bits of another), so no decode pass stages codes.
+// The K-quants through cp.async: a 256-wide chunk of a row is one super-block, copied raw.
+//   Q4_K, Q5_K  144 / 176 contiguous, 16-byte aligned bytes (K % 256 == 0). After each chunk
+//               lands, its 64 x 8 scale products (ws = d * sc, wm = -(dmin * m), each rounded
+//               once, as decode_wblock forms them) go to shared memory once; fragment words are
+//               the nibbles of one aligned word (and, for Q5_K, the fifth bits of another).
+//   Q6_K        210 bytes at any even offset (210 = 2 mod 16, rows of 210 K / 256 bytes): the
+//               16-byte aligned window of 224 bytes around it is copied (up to 14 bytes past
+//               the matrix for its last super-block: the upload pads it), and a decode pass
+//               writes the chunk's int8 codes (aligned, as gemm_mma_body stages them) and
+//               sub-block scales to shared memory once.
+// 512 threads: warps 8ks + w, ks in {0, 1}, w as gemm_mma_body's 8 warps (2 x 4, warp tile 32
+// outputs x 16 rows). Warp group ks runs partials 2ks and 2ks + 1 of its tile (blocks j of a
+// chunk with (j >> 1) & 1 == ks), 32 accumulators a thread instead of 64: the v3 kernel of
+// 256 threads held all four and spilled 612 bytes at two blocks an SM. The groups meet once,
+// at the end, through shared memory for the tree.
 
 #define KQA_STAGES 3u
+#define KQA_THREADS 512u
 #define KQA_X_BYTES (TILE * Q8A_ROW + 2u * TILE * 8u * 4u)  // codes, then d and a per block
+#define Q6A_WINDOW 224u                                     // 14 pieces of 16 bytes
+
+// Where a Q6_K super-block at global address `at` sits in its 16-byte aligned window (even,
+// 0..14): the window starts at at - q6_window_off(at).
+__device__ __forceinline__ u32 q6_window_off(const u8* at) {
+    return (u32)(reinterpret_cast<size_t>(at) & 15u);
+}
 
 template <int FMT>
 struct KqaShape {
-    static constexpr u32 SB = FMT == FMT_Q5_K ? 176u : 144u;  // super-block bytes
-    static constexpr u32 QS = FMT == FMT_Q5_K ? 48u : 16u;    // offset of the 4-bit codes
-    static constexpr u32 STAGE = TILE * SB + KQA_X_BYTES;
-    static constexpr u32 SMEM = KQA_STAGES * STAGE;
+    static constexpr u32 SB = FMT == FMT_Q6_K ? 210u : FMT == FMT_Q5_K ? 176u : 144u;
+    static constexpr u32 ROW = FMT == FMT_Q6_K ? Q6A_WINDOW : SB;  // staged bytes a row
+    static constexpr u32 QS = FMT == FMT_Q5_K ? 48u : 16u;  // Q4_K/Q5_K: offset of the nibbles
+    static constexpr u32 STAGE = TILE * ROW + KQA_X_BYTES;
+    // Q6_K: the decoded codes after the stages (64 rows x 272 bytes).
+    static constexpr u32 DEC = FMT == FMT_Q6_K ? TILE * Q8A_ROW : 0u;
+    static constexpr u32 SMEM = KQA_STAGES * STAGE + DEC;
 };
 
 template <int FMT>
@@ -1082,38 +1071,42 @@ __device__ __forceinline__ void gemm_mma_kq_async_body(
     const u32* __restrict__ x_rows, const u32* __restrict__ y_rows, u32 n_rows, u32 M, u32 K,
     u64 row_bytes, u32 tile0) {
     typedef KqaShape<FMT> S;
+    constexpr bool Q6 = FMT == FMT_Q6_K;
     extern __shared__ __align__(16) u8 kqa_smem[];
     __shared__ float sWs[TILE][8], sWm[TILE][8];
+    __shared__ int sWsc[TILE][8];  // Q6_K: sc0 | sc1 << 16
     const u32 tid = threadIdx.x;
     const u32 warp = tid >> 5, lane = tid & 31u;
     const u32 gq = lane >> 2, tq = lane & 3u;
-    const u32 wm = warp & 1u, wn = warp >> 1;
+    const u32 ks = warp >> 3, wm = warp & 1u, wn = (warp & 7u) >> 1;
     const Tile tl = get_tile(tiles, tile0 + blockIdx.y, TILE, n_rows);
     if (tl.rows == 0u) return;  // a padding tile of a device-built table (block-uniform)
     const u32 m0 = blockIdx.x * TILE;
     const u32 nb = K / DOT_BLOCK, nchunks = nb / 8u;
+    u8* dec = kqa_smem + KQA_STAGES * S::STAGE;  // Q6_K only
 
     const auto load = [&](u32 c, u32 stage) {
         u8* sw = kqa_smem + stage * S::STAGE;
-        u8* sx = sw + TILE * S::SB;
+        u8* sx = sw + TILE * S::ROW;
         u8* sd = sx + TILE * Q8A_ROW;
-        const u32 per_row = S::SB / 16u;
-        for (u32 i = tid; i < TILE * per_row; i += 256u) {
+        const u32 per_row = S::ROW / 16u;
+        for (u32 i = tid; i < TILE * per_row; i += KQA_THREADS) {
             const u32 r = i / per_row, part = i % per_row;
             const bool ok = m0 + r < M;
-            const u8* src = ok ? W + ((u64)tl.expert * M + m0 + r) * row_bytes + (u64)c * S::SB + part * 16u : W;
-            cp_async16(sw + r * S::SB + part * 16u, src, ok ? 16u : 0u);
+            const u8* at = W + ((u64)tl.expert * M + m0 + r) * row_bytes + (u64)c * S::SB;
+            // Q6_K: the aligned window's piece (the last may reach 14 bytes past the super-
+            // block: GpuMatrix::upload pads every matrix with 16 zero bytes).
+            const u8* src = !ok ? W : Q6 ? at - q6_window_off(at) + part * 16u : at + part * 16u;
+            cp_async16(sw + r * S::ROW + part * 16u, src, ok ? 16u : 0u);
         }
-#pragma unroll
-        for (u32 s = 0; s < 4u; ++s) {
-            const u32 i = tid + s * 256u;
+        for (u32 i = tid; i < TILE * 16u; i += KQA_THREADS) {
             const u32 r = i >> 4, part = i & 15u;
             const bool ok = r < tl.rows;
             const signed char* src =
                 ok ? xq + (u64)map_row(x_rows, tl.row0 + r) * K + c * 256u + part * 16u : xq;
             cp_async16(sx + r * Q8A_ROW + part * 16u, src, ok ? 16u : 0u);
         }
-        {
+        if (tid < 256u) {
             // tid < 128: d of row tid >> 1, half tid & 1; tid >= 128: a, the same way.
             const u32 t = tid & 127u, r = t >> 1, part = t & 1u;
             const bool ok = r < tl.rows;
@@ -1123,9 +1116,10 @@ __device__ __forceinline__ void gemm_mma_kq_async_body(
         }
     };
 
-    float acc[4][2][2][4];
+    // acc[q] is partial 2ks + q.
+    float acc[2][2][2][4];
 #pragma unroll
-    for (int p = 0; p < 4; ++p)
+    for (int p = 0; p < 2; ++p)
 #pragma unroll
         for (int a = 0; a < 2; ++a)
 #pragma unroll
@@ -1145,23 +1139,34 @@ __device__ __forceinline__ void gemm_mma_kq_async_body(
         if (c + KQA_STAGES - 1u < nchunks) load(c + KQA_STAGES - 1u, (c + KQA_STAGES - 1u) % KQA_STAGES);
         cp_async_commit();
         const u8* sw = kqa_smem + (c % KQA_STAGES) * S::STAGE;
-        const u8* sx = sw + TILE * S::SB;
+        const u8* sx = sw + TILE * S::ROW;
         const float* sd = reinterpret_cast<const float*>(sx + TILE * Q8A_ROW);
         const float* sa = sd + TILE * 8u;
+        {
+            // One (row, block) pair a thread: its scale product(s), and for Q6_K its codes.
+            const u32 r = tid >> 3, j = tid & 7u;
+            if (Q6) {
+                // decode_wblock itself, on the super-block where the window holds it.
+                const u8* at = W + ((u64)tl.expert * M + m0 + r) * row_bytes + (u64)c * S::SB;
+                const WBlk w = decode_wblock<FMT_Q6_K>(sw + r * S::ROW + q6_window_off(at), j);
+                int* dst = reinterpret_cast<int*>(dec + r * Q8A_ROW + j * 32u);
 #pragma unroll
-        for (u32 s = 0; s < 2u; ++s) {
-            const u32 pair = tid + s * 256u;
-            const u32 r = pair >> 3, j = pair & 7u;
-            const u8* sb = sw + r * S::SB;
-            int sc, mn;
-            scale_min_k4((int)j, sb + 4, sc, mn);
-            sWs[r][j] = f16_to_f32(ld_u16(sb)) * (float)sc;
-            sWm[r][j] = -(f16_to_f32(ld_u16(sb + 2)) * (float)mn);
+                for (int i = 0; i < 8; ++i) dst[i] = w.q[i];
+                sWs[r][j] = w.s1;
+                sWsc[r][j] = (w.sc0 & 0xffff) | (w.sc1 << 16);
+            } else {
+                const u8* sb = sw + r * S::ROW;
+                int sc, mn;
+                scale_min_k4((int)j, sb + 4, sc, mn);
+                sWs[r][j] = f16_to_f32(ld_u16(sb)) * (float)sc;
+                sWm[r][j] = -(f16_to_f32(ld_u16(sb + 2)) * (float)mn);
+            }
         }
         __syncthreads();
         if (!busy0) continue;
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
+        for (int jj = 0; jj < 4; ++jj) {
+            const u32 j = (u32)(jj & 1) + 2u * ks + 4u * (u32)(jj >> 1);
             int af[2][4], bf[2][2];
 #pragma unroll
             for (int mt = 0; mt < 2; ++mt) {
@@ -1170,49 +1175,86 @@ __device__ __forceinline__ void gemm_mma_kq_async_body(
                 for (int h = 0; h < 4; ++h) {
                     const u32 rr = r + ((h & 1) ? 8u : 0u);
                     const u32 e = tq * 4u + ((h & 2) ? 16u : 0u);  // element of the block
-                    const u8* sb = sw + rr * S::SB;
-                    u32 v = (*reinterpret_cast<const u32*>(sb + S::QS + 32u * (j >> 1) + e) >> (4 * (j & 1))) &
-                            0x0F0F0F0Fu;
-                    if (FMT == FMT_Q5_K)
-                        v |= ((*reinterpret_cast<const u32*>(sb + 16u + e) >> j) & 0x01010101u) << 4;
-                    af[mt][h] = (int)v;
+                    if (Q6) {
+                        af[mt][h] = *reinterpret_cast<const int*>(dec + rr * Q8A_ROW + j * 32u + e);
+                    } else {
+                        const u8* sb = sw + rr * S::ROW;
+                        u32 v = (*reinterpret_cast<const u32*>(sb + S::QS + 32u * (j >> 1) + e) >>
+                                 (4u * (j & 1u))) &
+                                0x0F0F0F0Fu;
+                        if (FMT == FMT_Q5_K)
+                            v |= ((*reinterpret_cast<const u32*>(sb + 16u + e) >> j) & 0x01010101u) << 4;
+                        af[mt][h] = (int)v;
+                    }
                 }
             }
 #pragma unroll
             for (int nt = 0; nt < 2; ++nt) {
-                const u8* base = sx + (wn * 16u + nt * 8u + gq) * Q8A_ROW + j * 32 + tq * 4u;
+                const u8* base = sx + (wn * 16u + nt * 8u + gq) * Q8A_ROW + j * 32u + tq * 4u;
                 bf[nt][0] = *reinterpret_cast<const int*>(base);
                 bf[nt][1] = *reinterpret_cast<const int*>(base + 16);
             }
             float ws[4], wmn[4], dx[4], ax[4];
+            int sc0[4], sc1[4];
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const u32 mr = wm * 32u + (i >> 1) * 16u + gq + ((i & 1) ? 8u : 0u);
                 const u32 nr = wn * 16u + (i >> 1) * 8u + tq * 2u + (i & 1);
                 ws[i] = sWs[mr][j];
-                wmn[i] = sWm[mr][j];
                 dx[i] = sd[nr * 8u + j];
-                ax[i] = sa[nr * 8u + j];
+                if (Q6) {
+                    const int scp = sWsc[mr][j];
+                    sc0[i] = (int)(short)(scp & 0xffff);
+                    sc1[i] = scp >> 16;
+                } else {
+                    wmn[i] = sWm[mr][j];
+                    ax[i] = sa[nr * 8u + j];
+                }
             }
 #pragma unroll
             for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
                 for (int nt = 0; nt < 2; ++nt) {
                     if (nt == 1 && !busy1) continue;
-                    int lo[4] = {0, 0, 0, 0};
-                    mma_k32(lo, af[mt], bf[nt][0], bf[nt][1]);
+                    int lo[4] = {0, 0, 0, 0}, hi[4] = {0, 0, 0, 0};
+                    if (Q6) {
+                        mma_k16(lo, af[mt][0], af[mt][1], bf[nt][0]);
+                        mma_k16(hi, af[mt][2], af[mt][3], bf[nt][1]);
+                    } else {
+                        mma_k32(lo, af[mt], bf[nt][0], bf[nt][1]);
+                    }
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
                         const int mi = mt * 2 + (e >> 1), ni = nt * 2 + (e & 1);
-                        float a = fmaf(ws[mi] * dx[ni], isum_to_float<FMT>(lo[e]), acc[j & 3][mt][nt][e]);
-                        acc[j & 3][mt][nt][e] = fmaf(wmn[mi], ax[ni], a);
+                        const int isum = Q6 ? sc0[mi] * lo[e] + sc1[mi] * hi[e] : lo[e];
+                        float a = fmaf(ws[mi] * dx[ni], isum_to_float<FMT>(isum), acc[jj & 1][mt][nt][e]);
+                        if (!Q6) a = fmaf(wmn[mi], ax[ni], a);
+                        acc[jj & 1][mt][nt][e] = a;
                     }
                 }
             }
         }
     }
     cp_async_wait<0>();
+    __syncthreads();  // every warp is done with the stages: they hold the exchange now
 
+    // Group 1 leaves partials 2 and 3 for group 0's thread of the same tile place; group 0
+    // forms the tree. Row of 33 floats a thread: the 32 lanes of a warp hit distinct banks.
+    float* xch = reinterpret_cast<float*>(kqa_smem);
+    const u32 place = tid & 255u;
+    if (ks == 1u) {
+#pragma unroll
+        for (int q = 0; q < 2; ++q)
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        xch[place * 33u + q * 16 + mt * 8 + nt * 4 + e] = acc[q][mt][nt][e];
+    }
+    __syncthreads();
+    if (ks == 1u) return;
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
@@ -1221,15 +1263,16 @@ __device__ __forceinline__ void gemm_mma_kq_async_body(
             for (int e = 0; e < 4; ++e) {
                 const u32 m = m0 + wm * 32u + mt * 16u + gq + ((e & 2) ? 8u : 0u);
                 const u32 r = wn * 16u + nt * 8u + tq * 2u + (e & 1);
+                const float p2 = xch[place * 33u + mt * 8 + nt * 4 + e];
+                const float p3 = xch[place * 33u + 16 + mt * 8 + nt * 4 + e];
                 if (m < M && r < tl.rows)
                     y[(u64)map_row(y_rows, tl.row0 + r) * M + m] =
-                        canon_tree(acc[0][mt][nt][e], acc[1][mt][nt][e], acc[2][mt][nt][e],
-                                   acc[3][mt][nt][e]);
+                        canon_tree(acc[0][mt][nt][e], acc[1][mt][nt][e], p2, p3);
             }
 }
 
 #define KQA_ENTRY(fmt, FMT)                                                                    \
-    extern "C" __global__ void __launch_bounds__(256, 2)                                       \
+    extern "C" __global__ void __launch_bounds__(KQA_THREADS, 1)                               \
         gemm_mma_##fmt##_async(float* __restrict__ y, const float* __restrict__ x,             \
                                const signed char* __restrict__ xq,                             \
                                const float* __restrict__ xd, const float* __restrict__ xa,     \
@@ -1243,6 +1286,7 @@ __device__ __forceinline__ void gemm_mma_kq_async_body(
 
 KQA_ENTRY(q4_k, FMT_Q4_K)
 KQA_ENTRY(q5_k, FMT_Q5_K)
+KQA_ENTRY(q6_k, FMT_Q6_K)
 
 // ------------------------------------------------------------------------------------------
 // Routing tables built on the device from the router's ids [len = n * k] (a decode step queues
@@ -1257,21 +1301,7 @@ extern "C" __global__ void route_rows(u32* __restrict__ up, u32* __restrict__ do
     bx_grid_begin();
     const u32 r = blockIdx.x * blockDim.x + threadIdx.x;
     if (r >= len) return;
-    const u32 e = min(ids[r], n_experts - 1u);
-    u32* tabs[2] = {up, down};
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        u32* t = tabs[i];
-        t[r] = i == 0 ? r / k : r;
-        t[len + r] = e;
-        t[2u * len + r] = r;
-        t[3u * len + 3u * r] = e;
-        t[3u * len + 3u * r + 1u] = r;
-        t[3u * len + 3u * r + 2u] = 1u;
-        t[6u * len + 3u * r] = e;
-        t[6u * len + 3u * r + 1u] = r;
-        t[6u * len + 3u * r + 2u] = 1u;
-    }
+    bx_route_row(up, down, r, min(ids[r], n_experts - 1u), len, k);
 }
 
 // Sorted routing tables built on the device (a prefill's MoE block, no host round trip): the
@@ -1442,6 +1472,15 @@ GEMV_ALL_NT(q6_k, FMT_Q6_K)
 // 8c + p and 8c + p + 4 of its row (partial p's blocks in increasing order, as the canonical
 // order takes them). Nothing is decoded into an intermediate buffer and no lane idles.
 
+// The canonical tree of a row whose four partials sit in lanes 4r .. 4r + 3 (lane 4r + p holds
+// p): every lane gets its row's (p0 + p1) + (p2 + p3). All 32 lanes of the warp call it.
+__device__ __forceinline__ float gemv_quad_tree(float acc, u32 lane) {
+    const u32 g = lane & ~3u;
+    const float p0 = __shfl_sync(BX_FULL_MASK, acc, g), p1 = __shfl_sync(BX_FULL_MASK, acc, g | 1u);
+    const float p2 = __shfl_sync(BX_FULL_MASK, acc, g | 2u), p3 = __shfl_sync(BX_FULL_MASK, acc, g | 3u);
+    return canon_tree(p0, p1, p2, p3);
+}
+
 template <int FMT>
 struct GkaShape {
     static constexpr u32 CB = FMT == FMT_Q8_0 ? 272u : (FMT == FMT_Q5_K ? 176u : 144u);
@@ -1553,10 +1592,8 @@ __device__ __forceinline__ void gemv_kq_async_body(
     }
     cp_async_wait<0>();
     // Lanes 4r..4r+3 hold p0..p3 of row r.
-    const u32 g = lane & ~3u;
-    const float p0 = __shfl_sync(BX_FULL_MASK, acc, g), p1 = __shfl_sync(BX_FULL_MASK, acc, g | 1u);
-    const float p2 = __shfl_sync(BX_FULL_MASK, acc, g | 2u), p3 = __shfl_sync(BX_FULL_MASK, acc, g | 3u);
-    if (p == 0u && r < rows_here) y[(u64)map_row(y_rows, tl.row0) * M + m0 + r] = canon_tree(p0, p1, p2, p3);
+    const float v = gemv_quad_tree(acc, lane);
+    if (p == 0u && r < rows_here) y[(u64)map_row(y_rows, tl.row0) * M + m0 + r] = v;
 }
 
 #define GKA_ENTRY(fmt, FMT)                                                                    \
@@ -1577,13 +1614,147 @@ GKA_ENTRY(q4_k, FMT_Q4_K)
 GKA_ENTRY(q5_k, FMT_Q5_K)
 
 // ------------------------------------------------------------------------------------------
-// Q8_0 GEMV for tiles of one row (decode) with K % 256 == 0 on the int8 tensor cores. The
-// dp4a GEMVs spend ~40 instructions on a 34-byte block (loads, funnel shifts, 8 dp4a, the
-// step): at 4 instructions a cycle an SM cannot keep up with its share of the copy rate (ncu:
-// 1.3 TB/s). A block of 8 warps takes 16 weight rows; in each pass warp w copies chunk w (256
-// wide: 16 x 272 contiguous bytes and the activation chunk) into shared memory by cp.async,
-// and one mma.sync m16n8k32 per block forms the 16 rows' isums (every column of B holds the
-// token's codes, so lane 4g + t finds row g's isum in c0 and row g + 8's in c2). Lane t keeps
+// Q8_0 GEMV for tiles of one row (decode), K % 256 == 0, the rows between the expert down
+// product and the LM head (attention q/k/v and output, expert gate/up). gemv_body's lane per
+// block read its 34-byte blocks with 17 two-byte loads each (ncu: 1.7 TB/s on 26.7 MB, the
+// L1 busy with them, 1.9 waves). Here a block of 8 warps takes 16 weight rows of one tile, 2 a
+// warp; per segment of 64 blocks (2176 bytes, 16-byte aligned since K % 256 == 0) the warp's
+// two row segments and the block's activation codes and scales are copied into shared memory
+// by cp.async, 16 bytes a lane, all at once; then lane l forms the integer dots of blocks l
+// and l + 32 (dp4a on words funnel-shifted out of the 2-byte aligned blocks) and their scale
+// products d * dx. Lane l's blocks all belong to partial l % 4 (64 | the segment start), and
+// the lanes of partial p run its chain over blocks p, p + 4, .. (lanes p, p + 4, .. by
+// shuffles), in block order; canon_tree combines. The bits are the reference's.
+
+#define GQR_WARPS 8u
+#define GQR_ROWS 2u                  // weight rows per warp
+#define GQR_SEG 64u                  // blocks per segment
+#define GQR_SEG_BYTES (GQR_SEG * 34u)  // 2176, a multiple of 16
+
+// A warp's two row segments of segment `seg` into s_w (16-byte pieces, lane-strided).
+__device__ __forceinline__ void gqr_stage_rows(u8 (*s_w)[GQR_SEG_BYTES], const u8* __restrict__ W,
+                                               u32 expert, u32 M, u32 m0, u64 row_bytes, u32 seg,
+                                               u32 n16, u32 warp, u32 lane) {
+#pragma unroll
+    for (u32 r = 0; r < GQR_ROWS; ++r) {
+        const u32 m = m0 + r;
+        if (m < M) {
+            const u8* src = W + ((u64)expert * M + m) * row_bytes + (u64)seg * 34u;
+            for (u32 i = lane; i < n16; i += 32u)
+                cp_async16(s_w[warp * GQR_ROWS + r] + 16u * i, src + 16u * i, 16u);
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    gemv_q8_0_rows(float* __restrict__ y, const float* __restrict__ x,
+                   const signed char* __restrict__ xq, const float* __restrict__ xd,
+                   const float* __restrict__ xa, const u8* __restrict__ W,
+                   const u32* __restrict__ tiles, const u32* __restrict__ x_rows,
+                   const u32* __restrict__ y_rows, u32 n_rows, u32 M, u32 K, u64 row_bytes,
+                   u32 tile0) {
+    __shared__ __align__(16) u8 s_w[GQR_WARPS * GQR_ROWS][GQR_SEG_BYTES];
+    __shared__ __align__(16) signed char s_xq[GQR_SEG * 32u];
+    __shared__ __align__(16) float s_xd[GQR_SEG];
+    const u32 tid = threadIdx.x, warp = tid >> 5, lane = tid & 31u, p = lane & 3u;
+    const u32 nb = K / 32u;
+    const u32 m0 = (blockIdx.x * GQR_WARPS + warp) * GQR_ROWS;
+    // A dense product's weights are known before the kernel before it ends (they are never
+    // written): with programmatic dependent launch on, the first segment's rows are copied
+    // before the grid wait, under the previous kernel's tail. The only memory touched before
+    // the wait: these copies of W into this block's shared memory (src/device.rs checks it).
+    const bool early = tiles == nullptr;
+    if (early) gqr_stage_rows(s_w, W, 0u, M, m0, row_bytes, 0u, min(GQR_SEG, nb) * 34u / 16u, warp, lane);
+    bx_grid_begin();
+    const Tile tl = get_tile(tiles, tile0 + blockIdx.y, 1u, n_rows);
+    if (tl.rows == 0u) return;  // a padding tile of a device-built table (the whole block)
+    const u32 xr = map_row(x_rows, tl.row0);
+    float acc[GQR_ROWS];
+#pragma unroll
+    for (u32 r = 0; r < GQR_ROWS; ++r) acc[r] = 0.0f;
+
+    for (u32 seg = 0; seg < nb; seg += GQR_SEG) {
+        const u32 sb = min(GQR_SEG, nb - seg);  // a multiple of 8 blocks
+        const u32 n16 = sb * 34u / 16u;         // 16-byte pieces of a row's segment
+        if (seg > 0u) __syncthreads();          // the previous segment is consumed
+        const signed char* xs = xq + (u64)xr * K + (u64)seg * 32u;
+        for (u32 i = tid; i < sb * 2u; i += 256u) cp_async16(s_xq + 16u * i, xs + 16u * i, 16u);
+        const float* ds = xd + (u64)xr * nb + seg;
+        for (u32 i = tid; i < sb / 4u; i += 256u) cp_async16(s_xd + 4u * i, ds + 4u * i, 16u);
+        if (!(early && seg == 0u))
+            gqr_stage_rows(s_w, W, tl.expert, M, m0, row_bytes, seg, n16, warp, lane);
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
+
+        float t[GQR_ROWS][2], sv[GQR_ROWS][2];
+#pragma unroll
+        for (u32 j = 0; j < 2u; ++j) {
+            const u32 bl = lane + 32u * j;
+            const bool live = bl < sb;
+            const u32 bs = live ? bl : 0u;  // idle lanes read block 0 and drop it
+            const int4 x0 = *reinterpret_cast<const int4*>(s_xq + 32u * bs);
+            const int4 x1 = *reinterpret_cast<const int4*>(s_xq + 32u * bs + 16u);
+            const float dx = s_xd[bs];
+            const u32 B = 34u * bs, off = B & 2u;  // the block's byte offset is 0 or 2 mod 4
+#pragma unroll
+            for (u32 r = 0; r < GQR_ROWS; ++r) {
+                const u32* wp = reinterpret_cast<const u32*>(s_w[warp * GQR_ROWS + r] + (B - off));
+                u32 w[9];
+#pragma unroll
+                for (int i = 0; i < 9; ++i) w[i] = wp[i];
+                const u32 sh = 16u + 8u * off;  // codes start at byte off + 2: 16 or 32 (w[i + 1])
+                int isum = 0;
+                isum = __dp4a((int)__funnelshift_rc(w[0], w[1], sh), x0.x, isum);
+                isum = __dp4a((int)__funnelshift_rc(w[1], w[2], sh), x0.y, isum);
+                isum = __dp4a((int)__funnelshift_rc(w[2], w[3], sh), x0.z, isum);
+                isum = __dp4a((int)__funnelshift_rc(w[3], w[4], sh), x0.w, isum);
+                isum = __dp4a((int)__funnelshift_rc(w[4], w[5], sh), x1.x, isum);
+                isum = __dp4a((int)__funnelshift_rc(w[5], w[6], sh), x1.y, isum);
+                isum = __dp4a((int)__funnelshift_rc(w[6], w[7], sh), x1.z, isum);
+                isum = __dp4a((int)__funnelshift_rc(w[7], w[8], sh), x1.w, isum);
+                const float d = f16_to_f32((u16)((w[0] >> (8u * off)) & 0xffffu));
+                t[r][j] = d * dx;
+                sv[r][j] = small_int_to_float(isum);
+            }
+        }
+        // Partial p's chain over the segment: blocks p, p + 4, .., p + 60 in order.
+#pragma unroll
+        for (u32 j = 0; j < 2u; ++j)
+#pragma unroll
+            for (u32 i = 0; i < 8u; ++i) {
+                const u32 src = 4u * i + p;
+                const bool live = 32u * j + src < sb;
+#pragma unroll
+                for (u32 r = 0; r < GQR_ROWS; ++r) {
+                    const float tv = __shfl_sync(BX_FULL_MASK, t[r][j], src);
+                    const float svv = __shfl_sync(BX_FULL_MASK, sv[r][j], src);
+                    if (live) acc[r] = fmaf(tv, svv, acc[r]);
+                }
+            }
+    }
+    const u32 yr = map_row(y_rows, tl.row0);
+#pragma unroll
+    for (u32 r = 0; r < GQR_ROWS; ++r) {
+        const float p0 = __shfl_sync(BX_FULL_MASK, acc[r], 0);
+        const float p1 = __shfl_sync(BX_FULL_MASK, acc[r], 1);
+        const float p2 = __shfl_sync(BX_FULL_MASK, acc[r], 2);
+        const float p3 = __shfl_sync(BX_FULL_MASK, acc[r], 3);
+        const u32 m = m0 + r;
+        if (lane == 0u && m < M) y[(u64)yr * M + m] = canon_tree(p0, p1, p2, p3);
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Q8_0 (and Q6_K) GEMV for tiles of one row (decode) with K % 256 == 0 on the int8 tensor
+// cores. The dp4a GEMVs spend ~40 instructions on a 34-byte block (loads, funnel shifts, 8
+// dp4a, the step): at 4 instructions a cycle an SM cannot keep up with its share of the copy
+// rate (ncu: 1.3 TB/s). A block of 8 warps takes 16 weight rows; in each pass warp w copies
+// chunk w (256 wide: 16 x 272 contiguous bytes, or Q6_K's 16 windows of 224, and the
+// activation chunk) into shared memory by cp.async, and one mma.sync m16n8k32 per block (Q6_K:
+// one m16n8k16 per sub-block, their isums combined with the sub-block scales) forms the 16
+// rows' isums (every column of B holds the token's codes, so lane 4g + t finds row g's isum
+// in c0 and row g + 8's in c2). Lane t keeps
 // the steps' operands (d * dx, isum) of blocks t and t + 4; then 64 threads, row r partial p,
 // run the chains over the pass's blocks in increasing order, as the canonical order takes
 // them. The loads of a pass are one round trip spread over 8 warps; a warp alone walking its
@@ -1591,21 +1762,51 @@ GKA_ENTRY(q5_k, FMT_Q5_K)
 
 #define GMQ_ROWS 16u
 #define GMQ_WARPS 8u
-#define GMQ_CHUNK_BYTES (GMQ_ROWS * 272u + 256u + 32u)  // W, X codes, X scales
-#define GMQ_PASS_BLOCKS (GMQ_WARPS * 8u)                // 32-blocks per pass
-#define GMQ_SMEM (GMQ_WARPS * GMQ_CHUNK_BYTES + GMQ_ROWS * GMQ_PASS_BLOCKS * 8u)
+#define GMQ_PASS_BLOCKS (GMQ_WARPS * 8u)  // 32-blocks per pass
 
-extern "C" __global__ void __launch_bounds__(256)
-    gemv_q8_0_mma(float* __restrict__ y, const float* __restrict__ x,
-                  const signed char* __restrict__ xq, const float* __restrict__ xd,
-                  const float* __restrict__ xa, const u8* __restrict__ W,
-                  const u32* __restrict__ tiles, const u32* __restrict__ x_rows,
-                  const u32* __restrict__ y_rows, u32 n_rows, u32 M, u32 K, u64 row_bytes,
-                  u32 tile0) {
-    bx_grid_begin();
+// Per warp: 16 rows of a chunk (Q8_0: 272 contiguous bytes a row; Q6_K: the 16-byte aligned
+// window of 224 around the 210-byte super-block, as the Q6_K GEMM copies it, at a stride of
+// 240), the activation chunk (256 codes) and its 8 scales; after the 8 warps, the 16 x 64 step
+// operands of a pass.
+template <int FMT>
+struct GmqShape {
+    // Row stride: Q6_K's window of 224 padded to 240 (60 words: rows g = 0..7 of a fragment
+    // load start 4 banks apart, as Q8_0's 272 do; 224 gave 2-way conflicts).
+    static constexpr u32 ROW = FMT == FMT_Q6_K ? Q6A_WINDOW + 16u : 272u;
+    static constexpr u32 PIECES = FMT == FMT_Q6_K ? Q6A_WINDOW / 16u : 17u;  // copied a row
+    static constexpr u32 SB = FMT == FMT_Q6_K ? 210u : 272u;  // bytes of a chunk of a row
+    static constexpr u32 CHUNK = GMQ_ROWS * ROW + 256u + 32u;  // W, X codes, X scales
+    static constexpr u32 SMEM = GMQ_WARPS * CHUNK + GMQ_ROWS * GMQ_PASS_BLOCKS * 8u;
+};
+#define GMQ_SMEM (GmqShape<FMT_Q8_0>::SMEM)
+
+// Q6_K: the 4 codes of `row` (its super-block at byte `off` of its window) for block j,
+// elements 16s + 4t .. + 3: decode_wblock's bits, two aligned words funnel-shifted when the
+// super-block sits 2 mod 4.
+__device__ __forceinline__ int gmq_q6_word(const u8* row, u32 off, u32 j, u32 s, u32 t) {
+    const u32 half = j >> 2, g4 = j & 3u, l0 = 16u * s + 4u * t;
+    const u32 sh = (off & 3u) * 8u;
+    const u32* ql = reinterpret_cast<const u32*>(row + (off & ~3u) + 64u * half + ((g4 & 1u) ? 32u : 0u) + l0);
+    const u32* qh = reinterpret_cast<const u32*>(row + (off & ~3u) + 128u + 32u * half + l0);
+    const u32 lo = (__funnelshift_r(ql[0], ql[1], sh) >> (4u * (g4 >> 1))) & 0x0F0F0F0Fu;
+    const u32 hi = ((__funnelshift_r(qh[0], qh[1], sh) >> (2u * g4)) & 0x03030303u) << 4;
+    return (int)__vsub4(lo | hi, 0x20202020u);
+}
+
+template <int FMT>
+__device__ __forceinline__ void gemv_mma_body(float* __restrict__ y,
+                                              const signed char* __restrict__ xq,
+                                              const float* __restrict__ xd,
+                                              const u8* __restrict__ W,
+                                              const u32* __restrict__ tiles,
+                                              const u32* __restrict__ x_rows,
+                                              const u32* __restrict__ y_rows, u32 n_rows,
+                                              u32 M, u32 K, u64 row_bytes, u32 tile0) {
+    typedef GmqShape<FMT> S;
+    constexpr bool Q6 = FMT == FMT_Q6_K;
     extern __shared__ __align__(16) u8 gmq_smem[];
     // (d * dx, isum) of [row][block of the pass]
-    float2* sstep = reinterpret_cast<float2*>(gmq_smem + GMQ_WARPS * GMQ_CHUNK_BYTES);
+    float2* sstep = reinterpret_cast<float2*>(gmq_smem + GMQ_WARPS * S::CHUNK);
     const u32 tid = threadIdx.x, warp = tid >> 5, lane = tid & 31u;
     const Tile tl = get_tile(tiles, tile0 + blockIdx.y, 1u, n_rows);
     if (tl.rows == 0u) return;  // a padding tile of a device-built table (block-uniform)
@@ -1614,12 +1815,13 @@ extern "C" __global__ void __launch_bounds__(256)
     const u32 xr = map_row(x_rows, tl.row0);
     const u32 rows_here = min(GMQ_ROWS, M - m0);  // rows past M copy nothing, write nothing
     const u8* wbase = W + ((u64)tl.expert * M + m0) * row_bytes;
-    u8* sw = gmq_smem + warp * GMQ_CHUNK_BYTES;
-    const u8* sx = sw + GMQ_ROWS * 272u;
+    u8* sw = gmq_smem + warp * S::CHUNK;
+    const u8* sx = sw + GMQ_ROWS * S::ROW;
     const float* sd = reinterpret_cast<const float*>(sx + 256u);
     const u32 g = lane >> 2, t = lane & 3u;
     const u32 cr = tid >> 2, cp = tid & 3u;  // chain threads (tid < 64): row cr, partial cp
     float acc = 0.0f;
+    constexpr u32 per_row = S::PIECES;
 
     for (u32 c0 = 0; c0 < nchunks; c0 += GMQ_WARPS) {
         const u32 c = c0 + warp;  // this warp's chunk
@@ -1627,48 +1829,70 @@ extern "C" __global__ void __launch_bounds__(256)
         __syncthreads();  // the chains are done with the previous pass's steps
         if (c < nchunks) {
 #pragma unroll
-            for (u32 it = 0; it < (GMQ_ROWS * 17u + 18u + 31u) / 32u; ++it) {
+            for (u32 it = 0; it < (GMQ_ROWS * per_row + 18u + 31u) / 32u; ++it) {
                 const u32 i = lane + 32u * it;
-                if (i < GMQ_ROWS * 17u) {
-                    const u32 r = i / 17u, part = i - r * 17u;
+                if (i < GMQ_ROWS * per_row) {
+                    const u32 r = i / per_row, part = i - r * per_row;
                     const bool ok = r < rows_here;
-                    const u8* src = ok ? wbase + r * row_bytes + (u64)c * 272u + part * 16u : W;
-                    cp_async16(sw + r * 272u + part * 16u, src, ok ? 16u : 0u);
-                } else if (i < GMQ_ROWS * 17u + 16u) {
-                    const u32 part = i - GMQ_ROWS * 17u;
-                    cp_async16(sw + GMQ_ROWS * 272u + part * 16u, xq + (u64)xr * K + c * 256u + part * 16u, 16u);
-                } else if (i < GMQ_ROWS * 17u + 18u) {
-                    const u32 part = i - GMQ_ROWS * 17u - 16u;
-                    cp_async16(sw + GMQ_ROWS * 272u + 256u + part * 16u, xd + (u64)xr * nb + c * 8u + part * 4u, 16u);
+                    const u8* src = ok ? wbase + r * row_bytes + (u64)c * S::SB + part * 16u : W;
+                    if (Q6 && ok) {
+                        // The aligned window's piece (the last may pass the matrix's end by up
+                        // to 14 bytes: GpuMatrix::upload pads every matrix with 16).
+                        const u8* at = wbase + r * row_bytes + (u64)c * S::SB;
+                        src = at - q6_window_off(at) + part * 16u;
+                    }
+                    cp_async16(sw + r * S::ROW + part * 16u, src, ok ? 16u : 0u);
+                } else if (i < GMQ_ROWS * per_row + 16u) {
+                    const u32 part = i - GMQ_ROWS * per_row;
+                    cp_async16(sw + GMQ_ROWS * S::ROW + part * 16u, xq + (u64)xr * K + c * 256u + part * 16u, 16u);
+                } else if (i < GMQ_ROWS * per_row + 18u) {
+                    const u32 part = i - GMQ_ROWS * per_row - 16u;
+                    cp_async16(sw + GMQ_ROWS * S::ROW + 256u + part * 16u, xd + (u64)xr * nb + c * 8u + part * 4u, 16u);
                 }
             }
             cp_async_commit();
             cp_async_wait<0>();
             __syncwarp();
-            const u8* r0 = sw + g * 272u;
-            const u8* r1 = r0 + 8u * 272u;
+            const u8* r0 = sw + g * S::ROW;
+            const u8* r1 = r0 + 8u * S::ROW;
+            // Q6_K: where rows g and g + 8 hold their super-block in their windows.
+            const u32 off0 = Q6 ? q6_window_off(wbase + g * row_bytes + (u64)c * 210u) : 0u;
+            const u32 off1 = Q6 ? q6_window_off(wbase + (g + 8u) * row_bytes + (u64)c * 210u) : 0u;
             int is0[8], is1[8];
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
-                const u32 off = (u32)j * 34u + 2u + t * 4u;
-                int a[4];
-                if (j & 1) {
-                    a[0] = q8a_word<true>(r0, off);
-                    a[1] = q8a_word<true>(r1, off);
-                    a[2] = q8a_word<true>(r0, off + 16u);
-                    a[3] = q8a_word<true>(r1, off + 16u);
+                if (Q6) {
+                    // Two 16-element sub-blocks, each an m16n8k16, combined with their scales.
+                    int lo[4] = {0, 0, 0, 0}, hi[4] = {0, 0, 0, 0};
+                    const int b0 = *reinterpret_cast<const int*>(sx + j * 32 + t * 4u);
+                    const int b1 = *reinterpret_cast<const int*>(sx + j * 32 + 16u + t * 4u);
+                    mma_k16(lo, gmq_q6_word(r0, off0, j, 0u, t), gmq_q6_word(r1, off1, j, 0u, t), b0);
+                    mma_k16(hi, gmq_q6_word(r0, off0, j, 1u, t), gmq_q6_word(r1, off1, j, 1u, t), b1);
+                    const u8* s0 = r0 + off0 + 192u + 2u * j;
+                    const u8* s1 = r1 + off1 + 192u + 2u * j;
+                    is0[j] = (int)(signed char)s0[0] * lo[0] + (int)(signed char)s0[1] * hi[0];
+                    is1[j] = (int)(signed char)s1[0] * lo[2] + (int)(signed char)s1[1] * hi[2];
                 } else {
-                    a[0] = q8a_word<false>(r0, off);
-                    a[1] = q8a_word<false>(r1, off);
-                    a[2] = q8a_word<false>(r0, off + 16u);
-                    a[3] = q8a_word<false>(r1, off + 16u);
+                    const u32 off = (u32)j * 34u + 2u + t * 4u;
+                    int a[4];
+                    if (j & 1) {
+                        a[0] = q8a_word<true>(r0, off);
+                        a[1] = q8a_word<true>(r1, off);
+                        a[2] = q8a_word<true>(r0, off + 16u);
+                        a[3] = q8a_word<true>(r1, off + 16u);
+                    } else {
+                        a[0] = q8a_word<false>(r0, off);
+                        a[1] = q8a_word<false>(r1, off);
+                        a[2] = q8a_word<false>(r0, off + 16u);
+                        a[3] = q8a_word<false>(r1, off + 16u);
+                    }
+                    const int b0 = *reinterpret_cast<const int*>(sx + j * 32 + t * 4u);
+                    const int b1 = *reinterpret_cast<const int*>(sx + j * 32 + 16u + t * 4u);
+                    int cc[4] = {0, 0, 0, 0};
+                    mma_k32(cc, a, b0, b1);
+                    is0[j] = cc[0];
+                    is1[j] = cc[2];
                 }
-                const int b0 = *reinterpret_cast<const int*>(sx + j * 32 + t * 4u);
-                const int b1 = *reinterpret_cast<const int*>(sx + j * 32 + 16u + t * 4u);
-                int cc[4] = {0, 0, 0, 0};
-                mma_k32(cc, a, b0, b1);
-                is0[j] = cc[0];
-                is1[j] = cc[2];
             }
 #pragma unroll
             for (u32 h = 0; h < 2u; ++h) {
@@ -1678,10 +1902,13 @@ extern "C" __global__ void __launch_bounds__(256)
                 const int i1 = t == 0u ? is1[4u * h] : t == 1u ? is1[4u * h + 1u] : t == 2u ? is1[4u * h + 2u] : is1[4u * h + 3u];
                 const float dx = sd[j];
                 const u32 bl = warp * 8u + j;  // block of the pass
+                // The block's d: Q8_0 at its start, Q6_K once at the super-block's end.
+                const u8* d0 = Q6 ? r0 + off0 + 208u : r0 + j * 34u;
+                const u8* d1 = Q6 ? r1 + off1 + 208u : r1 + j * 34u;
                 sstep[g * GMQ_PASS_BLOCKS + bl] =
-                    make_float2(f16_to_f32(ld_u16(r0 + j * 34u)) * dx, isum_to_float<FMT_Q8_0>(i0));
+                    make_float2(f16_to_f32(ld_u16(d0)) * dx, isum_to_float<FMT>(i0));
                 sstep[(g + 8u) * GMQ_PASS_BLOCKS + bl] =
-                    make_float2(f16_to_f32(ld_u16(r1 + j * 34u)) * dx, isum_to_float<FMT_Q8_0>(i1));
+                    make_float2(f16_to_f32(ld_u16(d1)) * dx, isum_to_float<FMT>(i1));
             }
         }
         __syncthreads();
@@ -1692,12 +1919,26 @@ extern "C" __global__ void __launch_bounds__(256)
         }
     }
     if (tid < 4u * GMQ_ROWS) {
-        const u32 q = lane & ~3u;
-        const float p0 = __shfl_sync(BX_FULL_MASK, acc, q), p1 = __shfl_sync(BX_FULL_MASK, acc, q | 1u);
-        const float p2 = __shfl_sync(BX_FULL_MASK, acc, q | 2u), p3 = __shfl_sync(BX_FULL_MASK, acc, q | 3u);
-        if (cp == 0u && cr < rows_here) y[(u64)map_row(y_rows, tl.row0) * M + m0 + cr] = canon_tree(p0, p1, p2, p3);
+        const float v = gemv_quad_tree(acc, lane);
+        if (cp == 0u && cr < rows_here) y[(u64)map_row(y_rows, tl.row0) * M + m0 + cr] = v;
     }
 }
+
+#define GMQ_ENTRY(fmt, FMT)                                                                    \
+    extern "C" __global__ void __launch_bounds__(256)                                          \
+        gemv_##fmt##_mma(float* __restrict__ y, const float* __restrict__ x,                   \
+                         const signed char* __restrict__ xq, const float* __restrict__ xd,     \
+                         const float* __restrict__ xa, const u8* __restrict__ W,               \
+                         const u32* __restrict__ tiles, const u32* __restrict__ x_rows,        \
+                         const u32* __restrict__ y_rows, u32 n_rows, u32 M, u32 K,             \
+                         u64 row_bytes, u32 tile0) {                                           \
+        bx_grid_begin();                                                                       \
+        gemv_mma_body<FMT>(y, xq, xd, W, tiles, x_rows, y_rows, n_rows, M, K, row_bytes,       \
+                           tile0);                                                             \
+    }
+
+GMQ_ENTRY(q8_0, FMT_Q8_0)
+GMQ_ENTRY(q6_k, FMT_Q6_K)
 
 
 #define FFMA_ENTRY(fmt, FMT)                                                                   \

@@ -157,15 +157,16 @@ extern "C" __global__ void __launch_bounds__(1024)
 // (head h at h * q_head_stride of its row: hd, or 2 hd when each head is followed by its output
 // gate), nh..nh + nkv k heads, then v heads. Shared memory: hd floats per warp (the normed row, read
 // back in rotation pairs).
-extern "C" __global__ void __launch_bounds__(128)
-    qkv_norm_rope_f32(float* __restrict__ q_out, float* __restrict__ kc, float* __restrict__ vc,
-                      const float* __restrict__ qs, const float* __restrict__ ks,
-                      const float* __restrict__ vs, u64 q_stride, u64 k_stride, u64 v_stride,
-                      const float* __restrict__ q_norm, const float* __restrict__ k_norm,
-                      const u32* __restrict__ pos, const float* __restrict__ cos_t,
-                      const float* __restrict__ sin_t, u32 nh, u32 nkv, u32 hd, u32 half,
-                      u32 cap, float eps, u32 row0, u32 q_head_stride) {
-    bx_grid_begin();
+// ROWS (qkv_norm_rope_rows_f32, a paged cache): token row's cache row is crow[row] (its page
+// slot), its rotation still pos[row]'s; otherwise the cache row is the position.
+template <bool ROWS>
+__device__ __forceinline__ void qkv_norm_rope_body(
+    float* __restrict__ q_out, float* __restrict__ kc, float* __restrict__ vc,
+    const float* __restrict__ qs, const float* __restrict__ ks, const float* __restrict__ vs,
+    u64 q_stride, u64 k_stride, u64 v_stride, const float* __restrict__ q_norm,
+    const float* __restrict__ k_norm, const u32* __restrict__ pos, const u32* __restrict__ crow,
+    const float* __restrict__ cos_t, const float* __restrict__ sin_t, u32 nh, u32 nkv, u32 hd,
+    u32 half, u32 cap, float eps, u32 row0, u32 q_head_stride) {
     extern __shared__ float qkv_sm[];
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
     const u32 slot = blockIdx.x * 4u + warp;
@@ -178,14 +179,15 @@ extern "C" __global__ void __launch_bounds__(128)
                      : slot < nh + nkv ? ks + row * k_stride + (u64)(slot - nh) * hd
                                        : vs + row * v_stride + (u64)(slot - nh - nkv) * hd;
     const u32 t = pos[row];
+    const u32 cr = ROWS ? crow[row] : t;
     if (slot >= nh + nkv) {
-        float* dst = vc + ((u64)(slot - nh - nkv) * cap + t) * hd;
+        float* dst = vc + ((u64)(slot - nh - nkv) * cap + cr) * hd;
         for (u32 i = lane; i < hd; i += 32u) dst[i] = x[i];
         return;
     }
     const bool is_q = slot < nh;
     const float* w = is_q ? q_norm : k_norm;
-    float* dst = is_q ? q_out + (row * nh + slot) * hd : kc + ((u64)(slot - nh) * cap + t) * hd;
+    float* dst = is_q ? q_out + (row * nh + slot) * hd : kc + ((u64)(slot - nh) * cap + cr) * hd;
     // rmsnorm_f32's lane chains: lane l over i = l, l + 32, .. in increasing order.
     float p = 0.0f;
     for (u32 i = lane; i < hd; i += 32u) {
@@ -205,4 +207,34 @@ extern "C" __global__ void __launch_bounds__(128)
         dst[i + half] = a * sn + b * c;
     }
     for (u32 i = 2u * half + lane; i < hd; i += 32u) dst[i] = s[i];
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    qkv_norm_rope_f32(float* __restrict__ q_out, float* __restrict__ kc, float* __restrict__ vc,
+                      const float* __restrict__ qs, const float* __restrict__ ks,
+                      const float* __restrict__ vs, u64 q_stride, u64 k_stride, u64 v_stride,
+                      const float* __restrict__ q_norm, const float* __restrict__ k_norm,
+                      const u32* __restrict__ pos, const float* __restrict__ cos_t,
+                      const float* __restrict__ sin_t, u32 nh, u32 nkv, u32 hd, u32 half,
+                      u32 cap, float eps, u32 row0, u32 q_head_stride) {
+    bx_grid_begin();
+    qkv_norm_rope_body<false>(q_out, kc, vc, qs, ks, vs, q_stride, k_stride, v_stride, q_norm,
+                              k_norm, pos, pos, cos_t, sin_t, nh, nkv, hd, half, cap, eps, row0,
+                              q_head_stride);
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    qkv_norm_rope_rows_f32(float* __restrict__ q_out, float* __restrict__ kc,
+                           float* __restrict__ vc, const float* __restrict__ qs,
+                           const float* __restrict__ ks, const float* __restrict__ vs,
+                           u64 q_stride, u64 k_stride, u64 v_stride,
+                           const float* __restrict__ q_norm, const float* __restrict__ k_norm,
+                           const u32* __restrict__ pos, const u32* __restrict__ crow,
+                           const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+                           u32 nh, u32 nkv, u32 hd, u32 half, u32 cap, float eps, u32 row0,
+                           u32 q_head_stride) {
+    bx_grid_begin();
+    qkv_norm_rope_body<true>(q_out, kc, vc, qs, ks, vs, q_stride, k_stride, v_stride, q_norm,
+                             k_norm, pos, crow, cos_t, sin_t, nh, nkv, hd, half, cap, eps, row0,
+                             q_head_stride);
 }

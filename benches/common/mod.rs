@@ -146,3 +146,40 @@ pub fn vals(n: usize, salt: usize) -> Vec<f32> {
         .map(|i| (((i * 2_654_435_761 + salt) % 2_001) as f32 - 1_000.0) / 700.0)
         .collect()
 }
+
+/// Benchmarks `f` (its argument: the iteration, to rotate buffers) under `group/name/n` and a
+/// device copy of the same `bytes` beside it, and adds the pair's row to `rows`: one
+/// memory-bound kernel's line of the closing table.
+#[allow(clippy::too_many_arguments)]
+pub fn bench_against_copy(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    dev: &Device,
+    rows: &mut Vec<Row>,
+    family: &str,
+    name: &str,
+    n: usize,
+    bytes: usize,
+    mut f: impl FnMut(u64),
+) {
+    let key = format!("{family}/{name}/{n}");
+    group.bench_function(BenchmarkId::new(name, n), |b| {
+        b.iter_custom(|iters| timed(dev, &key, iters, &mut f))
+    });
+    let copy_key = format!("{family}/copy/{n}/{bytes}");
+    if median_ns(&copy_key).is_none() {
+        bench_copy(
+            group,
+            dev,
+            &copy_key,
+            BenchmarkId::new("copy", format!("{n}/{bytes}")),
+            bytes,
+        );
+    }
+    rows.push(Row {
+        kernel: name.to_string(),
+        n,
+        bytes,
+        key,
+        copy_key,
+    });
+}

@@ -236,7 +236,7 @@ pub fn run(a: &FastScanArgs) -> Result<bool> {
         "fastscan: {len} positions, D={d}, {} bits, {heads} query heads over {nkv} kv heads, seed {}",
         a.bits, a.seed
     );
-    let (dev, gpu_note) = a.run.open_device();
+    let (dev, gpu_note) = a.run.open_device()?;
     let dat = data(a.seed, len, nkv, heads, d, false);
     let cpu_pos = spread(len, a.cpu_positions);
     let mut comparisons = Vec::new();

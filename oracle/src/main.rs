@@ -1,6 +1,7 @@
 //! `oracle`: runs bitexact's computation paths side by side on the same inputs and compares
 //! every output bit for bit, naming the first divergence.
 
+mod batch;
 mod compare;
 mod fastscan;
 mod model;
@@ -9,7 +10,7 @@ mod speed;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use bitexact::model::moe_block::{upload_input, GpuMoeBlock};
 use bitexact::model::{MoeConfig, MoeOutput, MoeWeights};
 use bitexact::quant::WeightFormat;
@@ -41,6 +42,9 @@ enum Command {
     Fastscan(fastscan::FastScanArgs),
     /// Prefill and decode throughput of the runner against same-run ceilings (GPU only).
     Speed(speed::SpeedArgs),
+    /// Many sequences served together (a seeded schedule of arrivals, prompt chunks mixed with
+    /// decode tokens, pages freed and reused) against each sequence run alone, bit for bit.
+    Batch(batch::BatchArgs),
     /// Print a GGUF file's metadata and tensor table.
     Inspect(InspectArgs),
     /// Write a preset's synthetic model as a qwen3moe GGUF file (llama.cpp loads it).
@@ -286,13 +290,19 @@ pub(crate) struct RunArgs {
 
 impl RunArgs {
     /// The device (none with `--cpu` or when none opens) and a note saying why there is none;
-    /// prints the choice.
-    pub(crate) fn open_device(&self) -> (Option<Device>, Option<String>) {
+    /// prints the choice. With `BITEXACT_REQUIRE_GPU=1` (the GPU machine's runner sets it) a
+    /// device that does not open is an error, not a run of the CPU paths alone.
+    pub(crate) fn open_device(&self) -> Result<(Option<Device>, Option<String>)> {
         let (dev, note) = if self.cpu {
             (None, Some("--cpu given: CPU paths only".to_string()))
         } else {
             match Device::new(self.device) {
                 Ok(d) => (Some(d), None),
+                Err(e) if std::env::var("BITEXACT_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
+                    bail!(
+                        "{e}, and BITEXACT_REQUIRE_GPU=1 requires the GPU paths (unset it, or pass --cpu, to run the CPU paths only)"
+                    )
+                }
                 Err(e) => (None, Some(format!("{e}: running the CPU paths only"))),
             }
         };
@@ -300,7 +310,7 @@ impl RunArgs {
             (Some(d), _) => println!("device: {} ({})", d.name(), d.arch()),
             (None, note) => println!("device: none ({})", note.as_deref().unwrap_or("")),
         }
-        (dev, note)
+        Ok((dev, note))
     }
 
     /// Writes `report` as JSON when `--json` was given.
@@ -428,6 +438,7 @@ fn main() {
         Command::Model(args) => model::run(&args),
         Command::Fastscan(args) => fastscan::run(&args),
         Command::Speed(args) => speed::run(&args),
+        Command::Batch(args) => batch::run(&args),
         Command::Inspect(args) => run_inspect(&args),
         Command::Export(args) => run_export(&args),
         Command::Logits(args) => run_logits(&args),
@@ -469,7 +480,7 @@ fn run_moe_block(a: &MoeBlockArgs) -> Result<bool> {
         cfg.weight_bytes() as f64 / (1 << 20) as f64
     );
 
-    let (dev, gpu_note) = a.run.open_device();
+    let (dev, gpu_note) = a.run.open_device()?;
 
     let w = MoeWeights::generate(&cfg, a.seed)?;
     let x = MoeWeights::inputs(&cfg, a.seed, n);

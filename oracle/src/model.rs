@@ -59,6 +59,10 @@ pub struct ModelArgs {
     /// Stop at the first divergence.
     #[arg(long)]
     stop_early: bool,
+    /// Run the GPU paths' attention through the v2 kernels (asynchronous tile and split:
+    /// `Session::set_attention_v2`).
+    #[arg(long)]
+    attention_v2: bool,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -232,7 +236,7 @@ pub fn run(a: &ModelArgs) -> Result<bool> {
         cfg.weight_bytes() as f64 / (1u64 << 20) as f64
     );
     let want = |p: &str| a.paths.iter().any(|x| x == p);
-    let (dev, note) = a.run.open_device();
+    let (dev, note) = a.run.open_device()?;
     let (dev, note) = match (dev, &cfg.hybrid) {
         (Some(_), _) if a.kv != KvMode::F32 => {
             let why =
@@ -334,6 +338,10 @@ pub fn run(a: &ModelArgs) -> Result<bool> {
             }
         };
         let mut session = Session::new(dev, &model)?;
+        session.set_attention_v2(a.attention_v2);
+        if a.attention_v2 {
+            println!("gpu attention: the v2 kernels (asynchronous tile and split)");
+        }
         let mut gpu_path =
             |name: String, steps: Vec<Vec<u32>>, progress: &mut Progress| -> Result<Ran> {
                 progress.phase("gpu");

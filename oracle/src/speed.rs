@@ -53,6 +53,15 @@ pub struct SpeedArgs {
     /// context with an event before every launch: the time per kernel, longest first.
     #[arg(long)]
     profile: bool,
+    /// Also time every prefill and decode row with the v2 attention kernels
+    /// (`Session::set_attention_v2`), a same-run comparison (the same bits).
+    #[arg(long)]
+    attention_v2: bool,
+    /// Also time batched decode: for each count S, S sequences each prefilled to every
+    /// --decode-at context, then steps of S decode rows (one per sequence) through one
+    /// BatchSession; the aggregate tokens/s.
+    #[arg(long, value_delimiter = ',', value_parser = crate::parse_positive)]
+    sequences: Vec<usize>,
 }
 
 /// The per-kernel table of one profiled stretch (`--profile`).
@@ -300,7 +309,17 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
     let mut rows: Vec<Row> = Vec::new();
     // A short prefill first: module loads and scratch growth stay out of the numbers.
     s.prefill(&dev, &prompt(1, 16, cfg.vocab))?;
-    for &n in &a.prefill {
+    let versions: &[bool] = if a.attention_v2 {
+        &[false, true]
+    } else {
+        &[false]
+    };
+    for (&n, &v2) in a
+        .prefill
+        .iter()
+        .flat_map(|n| versions.iter().map(move |v| (n, v)))
+    {
+        s.set_attention_v2(v2);
         let tokens = prompt(2, n, cfg.vocab);
         // A warm-up prefill, then the median of `reps` (prefill is far longer than a step).
         let mut times = Vec::new();
@@ -317,7 +336,11 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
         let (lo, hi) = spread(&times);
         let secs = median(times);
         rows.push(Row {
-            phase: "prefill",
+            phase: if v2 {
+                "prefill, attention v2"
+            } else {
+                "prefill"
+            },
             tokens: n,
             samples: a.reps,
             median_s: secs,
@@ -327,7 +350,12 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
         });
         let ideal = 2.0 * params * n as f64 / (bf16_rate * 1e12);
         println!(
-            "| prefill | {n} | {:.1} ms (min {:.1}, max {:.1}, {} reps) | {:.0} | {:.1} ms | - |",
+            "| prefill{} | {n} | {:.1} ms (min {:.1}, max {:.1}, {} reps) | {:.0} | {:.1} ms | - |",
+            if v2 {
+                ", attention v2 (same-run comparison)"
+            } else {
+                ""
+            },
             secs * 1e3,
             lo * 1e3,
             hi * 1e3,
@@ -342,14 +370,20 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
     let default_overlap = dev.launch_overlap();
     dev.set_launch_overlap(true);
     let can_overlap = dev.launch_overlap();
+    s.set_attention_v2(false);
     for &c in &a.decode_at {
-        let modes = if can_overlap {
-            vec![default_overlap, !default_overlap]
+        // (launch overlap, attention v2): the default, the other overlap, then v2.
+        let mut modes = if can_overlap {
+            vec![(default_overlap, false), (!default_overlap, false)]
         } else {
-            vec![false]
+            vec![(false, false)]
         };
-        for overlap in modes {
+        if a.attention_v2 {
+            modes.push((default_overlap, true));
+        }
+        for (overlap, v2) in modes {
             dev.set_launch_overlap(overlap);
+            s.set_attention_v2(v2);
             // A new capture under this setting.
             s.set_graphs(false);
             s.set_graphs(true);
@@ -373,7 +407,9 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
             let (lo, hi) = spread(&times);
             let secs = median(times);
             rows.push(Row {
-                phase: if overlap == default_overlap {
+                phase: if v2 {
+                    "decode, attention v2"
+                } else if overlap == default_overlap {
                     "decode"
                 } else if overlap {
                     "decode, launch overlap on"
@@ -390,7 +426,9 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
             // Kernels in one step: those of the captured graph (one launch a step), or the
             // eager launches per step.
             let kernels = s.graph_kernels().map_or(eager, |k| k as f64);
-            let label = if overlap == default_overlap {
+            let label = if v2 {
+                format!("decode at context {c}, attention v2 (same-run comparison)")
+            } else if overlap == default_overlap {
                 format!("decode at context {c}")
             } else {
                 let on = if overlap { "on" } else { "off" };
@@ -412,30 +450,98 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
         }
     }
     dev.set_launch_overlap(default_overlap);
-    if a.profile {
-        for &n in &a.prefill {
-            s.reset();
-            dev.synchronize()?;
-            dev.set_profiling(true);
-            s.prefill(&dev, &prompt(2, n, cfg.vocab))?;
-            print_profile(&format!("prefill {n}"), &dev.take_profile()?);
-        }
-        s.set_graphs(false);
+    s.set_attention_v2(false);
+    if !a.sequences.is_empty() {
+        drop(s);
+        println!();
+        println!("| batched decode | context each | sequences | step | aggregate tokens/s | per sequence |");
+        println!("|---|---:|---:|---:|---:|---:|");
         for &c in &a.decode_at {
-            s.reset();
-            s.prefill(&dev, &prompt(3, c, cfg.vocab))?;
-            s.decode(&dev, 1)?;
-            dev.synchronize()?;
-            dev.set_profiling(true);
-            s.decode(&dev, 2)?;
-            print_profile(
-                &format!("decode step at context {}", c + 1),
-                &dev.take_profile()?,
-            );
+            for &n_seq in &a.sequences {
+                let pages = n_seq * (c + a.steps + 1).div_ceil(bitexact::model::PAGE);
+                let mut bs = bitexact::model::BatchSession::new(&dev, &model, pages)?;
+                let mut ids = Vec::with_capacity(n_seq);
+                for q in 0..n_seq {
+                    let id = bs.add_sequence(&dev)?;
+                    let toks = prompt(3 + q as u64, c, cfg.vocab);
+                    let rows: Vec<bitexact::model::BatchToken> = toks
+                        .iter()
+                        .enumerate()
+                        .map(|(p, &token)| bitexact::model::BatchToken {
+                            seq: id,
+                            pos: p as u32,
+                            token,
+                        })
+                        .collect();
+                    for chunk in rows.chunks(2048) {
+                        bs.forward(&dev, chunk, None)?;
+                    }
+                    ids.push(id);
+                }
+                let steps = prompt(4, a.steps, cfg.vocab);
+                let mut times = Vec::with_capacity(a.steps);
+                for (i, &tok) in steps.iter().enumerate() {
+                    let batch: Vec<bitexact::model::BatchToken> = ids
+                        .iter()
+                        .map(|&seq| bitexact::model::BatchToken {
+                            seq,
+                            pos: (c + i) as u32,
+                            token: tok,
+                        })
+                        .collect();
+                    dev.synchronize()?;
+                    let t = Instant::now();
+                    bs.forward(&dev, &batch, None)?;
+                    times.push(t.elapsed().as_secs_f64());
+                }
+                let (lo, hi) = spread(&times);
+                let secs = median(times);
+                println!(
+                    "| batched decode | {c} | {n_seq} | {:.2} ms (min {:.2}, max {:.2}) | {:.1} | {:.1} |",
+                    secs * 1e3,
+                    lo * 1e3,
+                    hi * 1e3,
+                    n_seq as f64 / secs,
+                    1.0 / secs
+                );
+            }
         }
+        return finish_json(a, &rows);
     }
+    if a.profile {
+        s.set_graphs(false);
+        for &v2 in versions {
+            s.set_attention_v2(v2);
+            let tag = if v2 { ", attention v2" } else { "" };
+            for &n in &a.prefill {
+                s.reset();
+                dev.synchronize()?;
+                dev.set_profiling(true);
+                s.prefill(&dev, &prompt(2, n, cfg.vocab))?;
+                print_profile(&format!("prefill {n}{tag}"), &dev.take_profile()?);
+            }
+            for &c in &a.decode_at {
+                s.reset();
+                s.prefill(&dev, &prompt(3, c, cfg.vocab))?;
+                s.decode(&dev, 1)?;
+                dev.synchronize()?;
+                dev.set_profiling(true);
+                s.decode(&dev, 2)?;
+                print_profile(
+                    &format!("decode step at context {}{tag}", c + 1),
+                    &dev.take_profile()?,
+                );
+            }
+        }
+        s.set_attention_v2(false);
+    }
+    finish_json(a, &rows)
+}
+
+/// Writes the rows as JSON when `--json` was given.
+fn finish_json(a: &SpeedArgs, rows: &[Row]) -> Result<bool> {
     if let Some(path) = &a.json {
-        crate::write_atomic(path, serde_json::to_string_pretty(&rows)?.as_bytes())?;
+        crate::write_atomic(path, serde_json::to_string_pretty(rows)?.as_bytes())?;
         println!("report: {}", path.display());
     }
     Ok(true)

@@ -3,7 +3,8 @@
 //! kinds of paths). Each run must end normally, or print one line that starts with `error:`
 //! and exit with 2 (usage: clap refused an argument) or 1 (failure: the run refused or broke),
 //! never panic; and a path's label must say what ran. CPU paths only (`--cpu`), so it runs in
-//! CI.
+//! CI; on the GPU machine (`BITEXACT_CLI_GPU=1`, which `.gpu/run cli` sets) the GPU paths of
+//! every subcommand get their own hunt.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -14,12 +15,42 @@ struct Outcome {
     stderr: String,
 }
 
+/// The binary under test: `BITEXACT_ORACLE` where the tests run away from the build (the GPU
+/// machine's `.gpu/oracle`), else the one cargo built beside them.
+fn oracle_bin() -> String {
+    std::env::var("BITEXACT_ORACLE").unwrap_or_else(|_| env!("CARGO_BIN_EXE_oracle").to_owned())
+}
+
+/// Runs the CPU hunt's sets without `BITEXACT_REQUIRE_GPU`, so that a GPU-less machine with
+/// the switch set does not turn their (CPU) runs into failures.
 fn oracle(args: &[String]) -> Outcome {
-    let out = Command::new(env!("CARGO_BIN_EXE_oracle"))
-        .args(args)
-        .env_remove("BITEXACT_REQUIRE_GPU")
-        .output()
-        .expect("running oracle");
+    run_oracle(args, Require::Unset)
+}
+
+/// How a run sees `BITEXACT_REQUIRE_GPU`.
+#[derive(Clone, Copy)]
+enum Require {
+    /// Removed: the CPU hunt's runs.
+    Unset,
+    /// As the test's own environment has it: the GPU hunt's runs.
+    Inherit,
+    /// Set to 1.
+    Set,
+}
+
+fn run_oracle(args: &[String], require: Require) -> Outcome {
+    let mut cmd = Command::new(oracle_bin());
+    cmd.args(args);
+    match require {
+        Require::Unset => {
+            cmd.env_remove("BITEXACT_REQUIRE_GPU");
+        }
+        Require::Inherit => {}
+        Require::Set => {
+            cmd.env("BITEXACT_REQUIRE_GPU", "1");
+        }
+    }
+    let out = cmd.output().expect("running oracle");
     Outcome {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -81,6 +112,20 @@ fn argument_sets(dir: &std::path::Path) -> Vec<Vec<String>> {
             sets.push(a);
         }
     }
+    for flag in [
+        "--sequences",
+        "--max-len",
+        "--pages",
+        "--max-live",
+        "--max-chunk",
+        "--seed",
+    ] {
+        for v in VALUES {
+            let mut a = s(&["batch", "--cpu", "--max-len", "40"]);
+            a.extend(s(&[flag, v]));
+            sets.push(a);
+        }
+    }
     for v in VALUES {
         sets.push(s(&["fastscan", "--cpu", "--len", v]));
         sets.push(s(&["speed", "--steps", v]));
@@ -89,6 +134,19 @@ fn argument_sets(dir: &std::path::Path) -> Vec<Vec<String>> {
     let dir_s = dir.display().to_string();
     for extra in [
         vec!["model", "--cpu", "--preset", "nope"],
+        vec!["batch", "--cpu", "--preset", "nope"],
+        vec!["batch", "--cpu", "--max-len", "600"], // above tiny's context
+        vec![
+            "batch",
+            "--cpu",
+            "--preset",
+            "tiny-hybrid",
+            "--max-len",
+            "40",
+        ],
+        vec!["batch", "--cpu", "--max-len", "40", "--json", &dir_s],
+        vec!["batch", "--cpu", "--max-len", "40", "--pages", "67108863"], // 2^32 / 64 - 1
+        vec!["batch", "--cpu", "--max-len", "40", "--pages", "67108864"], // past u32 slots
         vec!["model", "--cpu", "--preset", "tiny-hybrid", "--tokens", "5"], // the hybrid model
         vec!["export", &p("h.gguf"), "--preset", "tiny-hybrid"],
         vec!["model", "--cpu", "--format", "Q9_9"],
@@ -171,13 +229,131 @@ fn argument_sets(dir: &std::path::Path) -> Vec<Vec<String>> {
     sets
 }
 
-#[test]
-fn no_argument_set_panics_and_errors_are_one_line() {
-    let dir = scratch();
-    let sets = argument_sets(&dir);
+/// The GPU paths of every subcommand on the tiny presets, over values that pass clap's checks
+/// and reach the runner (too many tokens, layers, sequences or positions for the model, a
+/// device that does not exist) and a few that do not. Each GPU run compiles its kernels, so
+/// the sets are few.
+fn gpu_argument_sets() -> Vec<Vec<String>> {
+    let mut sets = Vec::new();
+    let speed = |extra: &[&str]| {
+        let mut a = s(&["speed", "--preset", "tiny", "--steps", "2", "--reps", "1"]);
+        a.extend(s(extra));
+        a
+    };
+    // 600: past the tiny presets' 512 positions (and their 2 layers); 100: a batch of many
+    // sequences that still runs in seconds.
+    for v in ["0", "1", "600", "abc"] {
+        sets.push(speed(&["--prefill", v, "--decode-at", "8"]));
+        sets.push(speed(&["--prefill", "8", "--decode-at", v]));
+        sets.push(speed(&[
+            "--prefill",
+            "8",
+            "--decode-at",
+            "8",
+            "--layers",
+            v,
+        ]));
+        sets.push(s(&["model", "--tokens", "3", "--chunk", v]));
+        sets.push(s(&["model", "--tokens", v]));
+        sets.push(s(&["fastscan", "--len", v]));
+    }
+    for v in ["0", "1", "100", "abc"] {
+        sets.push(speed(&[
+            "--prefill",
+            "8",
+            "--decode-at",
+            "8",
+            "--sequences",
+            v,
+        ]));
+        sets.push(s(&["batch", "--max-len", "40", "--sequences", v]));
+    }
+    for extra in [
+        vec![
+            "speed",
+            "--preset",
+            "tiny-hybrid",
+            "--prefill",
+            "8",
+            "--decode-at",
+            "8",
+            "--steps",
+            "2",
+            "--reps",
+            "1",
+        ],
+        vec![
+            "speed",
+            "--preset",
+            "tiny",
+            "--device",
+            "9",
+            "--prefill",
+            "8",
+            "--decode-at",
+            "8",
+        ],
+        vec![
+            "speed",
+            "--preset",
+            "tiny",
+            "--format",
+            "Q4_K",
+            "--prefill",
+            "8",
+            "--decode-at",
+            "8",
+        ],
+        vec!["model", "--tokens", "3", "--device", "9"],
+        vec!["model", "--preset", "tiny-hybrid", "--tokens", "5"],
+        vec!["model", "--tokens", "600"], // above tiny's context
+        vec!["model", "--tokens", "5", "--paths", "gpu-seq,gpu-batched"],
+        vec![
+            "moe-block",
+            "--tokens",
+            "2",
+            "--dim",
+            "64",
+            "--experts",
+            "4",
+            "--top-k",
+            "5",
+        ],
+        vec![
+            "moe-block",
+            "--tokens",
+            "3",
+            "--dim",
+            "64",
+            "--experts",
+            "4",
+            "--top-k",
+            "2",
+            "--format",
+            "Q4_K",
+        ],
+        vec![
+            "batch",
+            "--preset",
+            "tiny-hybrid",
+            "--max-len",
+            "40",
+            "--sequences",
+            "3",
+        ],
+        vec!["batch", "--max-len", "600"], // above tiny's context
+    ] {
+        sets.push(s(&extra));
+    }
+    sets
+}
+
+/// Runs `sets`, requiring each to end normally or with one `error` line (exit 1 or 2) and no
+/// panic; returns (ran, usage errors, failures).
+fn hunt(sets: &[Vec<String>], require: Require) -> (usize, usize, usize) {
     let (mut ok, mut usage, mut failed) = (0, 0, 0);
-    for args in &sets {
-        let o = oracle(args);
+    for args in sets {
+        let o = run_oracle(args, require);
         let what = format!("oracle {}", args.join(" "));
         assert!(
             !o.stderr.contains("panicked"),
@@ -203,11 +379,82 @@ fn no_argument_set_panics_and_errors_are_one_line() {
             c => panic!("{what}: exit status {c}\n{}", o.stderr),
         }
     }
+    (ok, usage, failed)
+}
+
+#[test]
+fn no_argument_set_panics_and_errors_are_one_line() {
+    let dir = scratch();
+    let sets = argument_sets(&dir);
+    let (ok, usage, failed) = hunt(&sets, Require::Unset);
     println!(
         "{} argument sets: {ok} ran, {usage} refused as usage errors (exit 2), {failed} failed with a reason (exit 1)",
         sets.len()
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The GPU hunt, on the GPU machine only (`BITEXACT_CLI_GPU=1`); it requires runs that
+/// succeeded, so that a machine without a device cannot pass it on refusals alone.
+#[test]
+fn no_gpu_argument_set_panics_and_errors_are_one_line() {
+    if std::env::var("BITEXACT_CLI_GPU").map_or(true, |v| v != "1") {
+        println!(
+            "SKIP gpu argument hunt: set BITEXACT_CLI_GPU=1 on a GPU machine (.gpu/run cli does)"
+        );
+        return;
+    }
+    let sets = gpu_argument_sets();
+    let (ok, usage, failed) = hunt(&sets, Require::Inherit);
+    println!(
+        "{} GPU argument sets: {ok} ran, {usage} refused as usage errors (exit 2), {failed} failed with a reason (exit 1)",
+        sets.len()
+    );
+    assert!(ok > 0, "no GPU argument set ran: is there a device?");
+}
+
+/// With `BITEXACT_REQUIRE_GPU=1` every subcommand with GPU paths runs them or fails with one
+/// line naming the switch: never the CPU paths alone under a run that asked for the GPU.
+#[test]
+fn required_gpu_is_run_or_refused() {
+    let moe = [
+        "moe-block",
+        "--tokens",
+        "2",
+        "--dim",
+        "64",
+        "--experts",
+        "4",
+        "--top-k",
+        "2",
+        "--ffn",
+        "32",
+        "--shared-ffn",
+        "32",
+    ];
+    for args in [
+        s(&["model", "--tokens", "3"]),
+        s(&moe),
+        s(&["fastscan", "--len", "8"]),
+        s(&["batch", "--max-len", "40", "--sequences", "12"]),
+    ] {
+        let o = run_oracle(&args, Require::Set);
+        let what = format!("oracle {}", args.join(" "));
+        match o.code {
+            // A device opened: the GPU paths ran (the device line names it).
+            0 => assert!(
+                o.stdout.contains("device: ") && !o.stdout.contains("device: none"),
+                "{what}:\n{}",
+                o.stdout
+            ),
+            1 => assert!(
+                o.stderr.contains("BITEXACT_REQUIRE_GPU=1") && o.stderr.lines().count() == 1,
+                "{what}: {}",
+                o.stderr
+            ),
+            c => panic!("{what}: exit {c}\n{}", o.stderr),
+        }
+    }
 }
 
 /// Zero counts are usage errors, not runs under a label that says otherwise.

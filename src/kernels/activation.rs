@@ -4,7 +4,8 @@
 use cudarc::driver::LaunchConfig;
 
 use crate::device::{Device, Family};
-use crate::error::{check_shape, Result};
+use crate::error::{check_shape, Error, Result};
+use crate::kernels::quantize::GpuActPair;
 use crate::tensor::GpuTensor;
 
 const THREADS: u32 = 256;
@@ -68,6 +69,44 @@ pub fn swiglu_halves(dev: &Device, gu: &GpuTensor<f32>, out: &mut GpuTensor<f32>
         .arg(&f32_);
     // SAFETY: gu is [rows, 2f] and out [rows, f] (checked above); the grid-stride loop stays
     // below rows * f.
+    unsafe { launch.launch(flat_cfg(rows * f)) }?;
+    Ok(())
+}
+
+/// [`swiglu_halves`] into `out.x(): [rows, f]` with its quantization written beside it in
+/// the same launch (`f % 32 == 0`): the pair the down product reads through
+/// [`crate::kernels::gemm::matmul_shared_pair`], the bits of `swiglu_halves` then
+/// [`crate::kernels::quantize::quantize_act`], a launch fewer.
+pub fn swiglu_halves_q8(dev: &Device, gu: &GpuTensor<f32>, out: &mut GpuActPair) -> Result<()> {
+    const OP: &str = "swiglu_halves_q8";
+    let [rows, f] = out.dims();
+    check_shape(OP, "gu", &[rows, 2 * f], gu.dims())?;
+    if f % 32 != 0 {
+        // GpuActPair's constructors hold k % 32 == 0; kept as a check, not an assumption.
+        return Err(Error::invalid(
+            OP,
+            format!("f = {f} is not a multiple of 32"),
+        ));
+    }
+    let f32_ = crate::kernels::as_u32(OP, "f", f)?;
+    let rows64 = rows as u64;
+    if rows == 0 || f == 0 {
+        return Ok(());
+    }
+    let func = dev.function(Family::Activation, "swiglu_halves_q8_f32")?;
+    let (x, q) = out.parts_mut();
+    let mut launch = dev.launch_builder(&func);
+    launch
+        .arg(x.slice_mut())
+        .arg(q.codes.slice_mut())
+        .arg(q.d.slice_mut())
+        .arg(q.a.slice_mut())
+        .arg(gu.slice())
+        .arg(&rows64)
+        .arg(&f32_);
+    // SAFETY: gu is [rows, 2f] (checked above), the pair [rows, f] with codes [rows, f] and
+    // d, a [rows, f / 32]; a warp per 32-block, the grid-stride loop stays below rows * f / 32
+    // blocks.
     unsafe { launch.launch(flat_cfg(rows * f)) }?;
     Ok(())
 }

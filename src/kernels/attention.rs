@@ -13,6 +13,7 @@ use super::rope::Positions;
 use super::{as_u32, dims, row_chunks};
 use crate::device::{Device, Family};
 use crate::error::{check_shape, Error, Result};
+use crate::kernels::quantize::{GpuActPair, GpuActQ8};
 use crate::reference::attention::CHUNK;
 use crate::tensor::GpuTensor;
 
@@ -92,19 +93,35 @@ pub const SPLIT_MAX_QUERIES: usize = 16;
 /// [`crate::reference::attention::attend`]'s whichever runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum AttentionKernel {
-    /// The split decode kernels for at most [`SPLIT_MAX_QUERIES`] queries, the tile kernel
-    /// otherwise (v1 where the head dim is not a multiple of 4 or exceeds 256).
+    /// The split decode kernels for at most [`SPLIT_MAX_QUERIES`] queries ([`AttentionKernel::Split2`],
+    /// measured the faster), the tile kernel otherwise (v1 where the head dim is not a multiple
+    /// of 4 or exceeds 256).
     #[default]
     Auto,
+    /// [`AttentionKernel::Auto`]'s choice with the v2 kernels: [`AttentionKernel::Split2`]
+    /// for decode batches, [`AttentionKernel::Tile2`] above (`Session::set_attention_v2`).
+    Auto2,
     /// v1: one block per (query, head) walking the chunks in order; any head dim. The
     /// baseline and second witness.
     V1,
     /// Prefill: one block per 64 queries of a head, K and V chunks shared through shared
     /// memory. Head dims up to 256, multiples of 4.
     Tile,
+    /// Prefill v2: [`AttentionKernel::Tile`] with K and V copied asynchronously while the
+    /// other product runs, and two heads of a kv group a block (even groups, head dims up to
+    /// 128) sharing each chunk. Measured no faster (H200: 0.163 / 1.595 / 19.3 ms against
+    /// 0.164 / 1.551 / 20.1 at 512 / 2048 / 8192 queries: the kernel is bound by its shared-memory
+    /// reads and FMA issue, not by the loads it overlaps), so `Auto` keeps v1; the paged cache
+    /// reads through it.
+    Tile2,
     /// Decode: one block per (query, kv head, chunk) writing chunk partials, then one launch
     /// folding them in chunk order.
     Split,
+    /// Decode v2: [`AttentionKernel::Split`] with K and V copied asynchronously (V lands while
+    /// the scores run; half the registers, so more blocks an SM) where the head dim is a
+    /// multiple of 4 (v1's kernel otherwise). `Auto` picks it: on the H200 11.7 / 27.1 / 78.0 us
+    /// against Split's 12.0 / 27.6 / 92.7 at contexts 512 / 8192 / 32768 (32 heads over 4 of 128).
+    Split2,
 }
 
 /// Attention of queries `q: [nq, n_heads, hd]`, query `i` at position `pos[i]` seeing cache
@@ -120,8 +137,14 @@ pub fn attention(
     attention_with(dev, AttentionKernel::Auto, q, cache, pos, out)
 }
 
-/// Shared memory of the tile kernel for padded head dim `h` (mirrors `TileSmem` in CUDA).
-fn tile_smem_bytes(h: usize) -> usize {
+/// Shared memory of a tile kernel for padded head dim `h` (mirrors `TileSmem` and
+/// `Tile2Smem` in CUDA). v1: Q and K transposed `[h][68]`, V `[64][h + 4]` in K's place, E
+/// `[64][68]` and four row vectors of 64. v2 with `hpb` heads a block: K and V `[64][h]`, and
+/// per head Q `[64][h]`, E `[64][68]` and the four row vectors.
+fn tile_smem_bytes(h: usize, hpb: usize, v2: bool) -> usize {
+    if v2 {
+        return (2 * 64 * h + hpb * (64 * h + 64 * 68 + 4 * 64)) * 4;
+    }
     let q = h * 68;
     let kv = q.max(64 * (h + 4));
     (q + kv + 64 * 68 + 4 * 64) * 4
@@ -133,11 +156,15 @@ fn tile_smem_bytes(h: usize) -> usize {
 /// `attention_split_tiled` for hd % 4 == 0 (q [Gp][hd] with Gp = g rounded up to 4, K [64][hd +
 /// 4], V [64][hd], e [Gp][64]), `attention_split` otherwise (q [g][hd], K [64][hd + 1] rounded
 /// up to 4 floats, V [64][hd], e [g][64]).
-fn split_kernel(g: usize, hd: usize) -> (&'static str, usize) {
+fn split_kernel(g: usize, hd: usize, v2: bool) -> (&'static str, usize) {
     if hd % 4 == 0 {
         let gp = g.next_multiple_of(4);
         (
-            "attention_split_tiled",
+            if v2 {
+                "attention_split_async"
+            } else {
+                "attention_split_tiled"
+            },
             (gp * hd + 64 * (hd + 4) + 64 * hd + gp * 64) * 4,
         )
     } else {
@@ -149,18 +176,112 @@ fn split_kernel(g: usize, hd: usize) -> (&'static str, usize) {
 }
 
 fn split_smem_bytes(g: usize, hd: usize) -> usize {
-    split_kernel(g, hd).1
+    split_kernel(g, hd, false).1
 }
 
-fn tile_name(hd: usize) -> Option<(&'static str, usize)> {
+/// A tile kernel for head dim `hd` and `group` query heads per kv head: its name, padded head
+/// dim and heads per block. v1 takes one head a block; v2 two heads of one kv group (sharing
+/// the block's K and V chunks) where the group is even and the head dim at most 128.
+fn tile_name(hd: usize, group: usize, v2: bool) -> Option<(&'static str, usize, usize)> {
     if hd % 4 != 0 {
         return None;
     }
-    match hd {
-        0..=64 => Some(("attention_tile_64", 64)),
-        65..=128 => Some(("attention_tile_128", 128)),
-        129..=256 => Some(("attention_tile_256", 256)),
+    let pair = group % 2 == 0;
+    match (hd, v2) {
+        (0..=64, false) => Some(("attention_tile_64", 64, 1)),
+        (65..=128, false) => Some(("attention_tile_128", 128, 1)),
+        (129..=256, false) => Some(("attention_tile_256", 256, 1)),
+        (0..=64, true) if pair => Some(("attention_tile2_64x2", 64, 2)),
+        (0..=64, true) => Some(("attention_tile2_64", 64, 1)),
+        (65..=128, true) if pair => Some(("attention_tile2_128x2", 128, 2)),
+        (65..=128, true) => Some(("attention_tile2_128", 128, 1)),
+        (129..=256, true) => Some(("attention_tile2_256", 256, 1)),
         _ => None,
+    }
+}
+
+/// [`tile_name`]'s v2 kernel reading a paged cache (`attention_tile2_*_paged`).
+fn tile_name_paged(hd: usize, group: usize) -> Option<(&'static str, usize, usize)> {
+    let (name, h, hpb) = tile_name(hd, group, true)?;
+    let paged = match name {
+        "attention_tile2_64x2" => "attention_tile2_64x2_paged",
+        "attention_tile2_64" => "attention_tile2_64_paged",
+        "attention_tile2_128x2" => "attention_tile2_128x2_paged",
+        "attention_tile2_128" => "attention_tile2_128_paged",
+        _ => "attention_tile2_256_paged",
+    };
+    Some((paged, h, hpb))
+}
+
+/// [`attention`] into `out.x(): [nq, n_heads * hd]` with its Q8 quantization beside it (the
+/// output product's input, read through [`crate::kernels::gemm::matmul_shared_pair`]): the
+/// bits of [`attention`] then [`crate::kernels::quantize::quantize_act`]. Decode batches (the
+/// split kernels) with `hd % 32 == 0` quantize in the combine launch (`attention_combine_q8`);
+/// anything else runs the two in turn.
+pub fn attention_pair(
+    dev: &Device,
+    q: &GpuTensor<f32>,
+    cache: &LayerCache,
+    pos: &Positions,
+    out: &mut GpuActPair,
+) -> Result<()> {
+    attention_pair_with(dev, AttentionKernel::Auto, q, cache, pos, out)
+}
+
+/// [`attention_pair`] with `kernel` [`AttentionKernel::Auto`] or [`AttentionKernel::Auto2`]
+/// choosing (the same bits either way).
+pub fn attention_pair_with(
+    dev: &Device,
+    kernel: AttentionKernel,
+    q: &GpuTensor<f32>,
+    cache: &LayerCache,
+    pos: &Positions,
+    out: &mut GpuActPair,
+) -> Result<()> {
+    const OP: &str = "attention_pair";
+    let v2 = match kernel {
+        AttentionKernel::Auto => false,
+        AttentionKernel::Auto2 => true,
+        k => {
+            return Err(Error::invalid(
+                OP,
+                format!("the kernel is chosen by Auto or Auto2, not {k:?}"),
+            ))
+        }
+    };
+    let [nq, n_heads, hd] = dims(OP, "q", "[nq, n_heads, hd]", q.dims())?;
+    check_shape(OP, "out", &[nq, n_heads * hd], &out.dims())?;
+    let n_kv = cache.k.dims().first().copied().unwrap_or(0);
+    let split = n_kv > 0 && n_heads % n_kv == 0 && hd % 32 == 0;
+    let split = split.then(|| auto_kernel(nq, n_heads / n_kv, hd, v2));
+    let flat = [nq, n_heads * hd];
+    if let Some(k @ (AttentionKernel::Split | AttentionKernel::Split2)) = split {
+        let (x, q8) = out.parts_mut();
+        x.reshape(&[nq, n_heads, hd])?;
+        let r = attention_into(dev, k, q, cache, pos, x, Some(q8));
+        x.reshape(&flat)?;
+        return r;
+    }
+    out.write_with(dev, |x| {
+        x.reshape(&[nq, n_heads, hd])?;
+        let r = attention_with(dev, kernel, q, cache, pos, x);
+        x.reshape(&flat)?;
+        r
+    })
+}
+
+/// The kernel [`AttentionKernel::Auto`] picks for `nq` queries, `group` query heads per kv
+/// head of `hd` dims.
+fn auto_kernel(nq: usize, group: usize, hd: usize, v2: bool) -> AttentionKernel {
+    if nq <= SPLIT_MAX_QUERIES && split_smem_bytes(group, hd) <= MAX_SMEM_BYTES {
+        // Split2 for both: as fast as Split at contexts 512 and 8192 and 16% faster at 32768
+        // (H200, benches/attention.rs, 2026-12-01), the same bits.
+        let _ = v2;
+        AttentionKernel::Split2
+    } else if tile_name(hd, group, false).is_some() {
+        [AttentionKernel::Tile, AttentionKernel::Tile2][usize::from(v2)]
+    } else {
+        AttentionKernel::V1
     }
 }
 
@@ -173,37 +294,90 @@ pub fn attention_with(
     pos: &Positions,
     out: &mut GpuTensor<f32>,
 ) -> Result<()> {
-    const OP: &str = "attention";
-    let [n_kv, cap, hd] = dims(OP, "cache.k", "[n_kv, cap, hd]", cache.k.dims())?;
-    check_shape(OP, "cache.v", &[n_kv, cap, hd], cache.v.dims())?;
-    let [nq, n_heads, qhd] = dims(OP, "q", "[nq, n_heads, hd]", q.dims())?;
-    check_shape(OP, "q", &[nq, n_heads, hd], &[nq, n_heads, qhd])?;
-    check_shape(OP, "out", &[nq, n_heads, hd], out.dims())?;
-    check_shape(OP, "pos", &[nq], &[pos.len()])?;
+    attention_into(dev, kernel, q, cache, pos, out, None)
+}
+
+/// The sizes of an attention call, checked: `cache.k`, `cache.v: [n_kv, cap, hd]`, `q` and
+/// `out: [nq, n_heads, hd]`, `pos: [nq]`, `n_heads` a multiple of `n_kv > 0`.
+struct Shapes {
+    n_kv: usize,
+    cap: usize,
+    hd: usize,
+    nq: usize,
+    n_heads: usize,
+}
+
+fn check_shapes(
+    op: &'static str,
+    q: &GpuTensor<f32>,
+    cache: &LayerCache,
+    pos: &Positions,
+    out: &[usize],
+) -> Result<Shapes> {
+    let [n_kv, cap, hd] = dims(op, "cache.k", "[n_kv, cap, hd]", cache.k.dims())?;
+    check_shape(op, "cache.v", &[n_kv, cap, hd], cache.v.dims())?;
+    let [nq, n_heads, qhd] = dims(op, "q", "[nq, n_heads, hd]", q.dims())?;
+    check_shape(op, "q", &[nq, n_heads, hd], &[nq, n_heads, qhd])?;
+    check_shape(op, "out", &[nq, n_heads, hd], out)?;
+    check_shape(op, "pos", &[nq], &[pos.len()])?;
     if n_kv == 0 || n_heads % n_kv != 0 {
         return Err(Error::invalid(
-            OP,
+            op,
             format!("{n_heads} query heads over {n_kv} kv heads"),
         ));
     }
+    Ok(Shapes {
+        n_kv,
+        cap,
+        hd,
+        nq,
+        n_heads,
+    })
+}
+
+/// [`attention_with`]; with `q8` (the split kernels only: [`attention_pair`] asks for it then
+/// alone) the combine writes `out`'s quantization too.
+fn attention_into(
+    dev: &Device,
+    kernel: AttentionKernel,
+    q: &GpuTensor<f32>,
+    cache: &LayerCache,
+    pos: &Positions,
+    out: &mut GpuTensor<f32>,
+    q8: Option<&mut GpuActQ8>,
+) -> Result<()> {
+    const OP: &str = "attention";
+    let Shapes {
+        n_kv,
+        cap,
+        hd,
+        nq,
+        n_heads,
+    } = check_shapes(OP, q, cache, pos, out.dims())?;
     pos.check(OP, cap)?;
     let n_chunks = pos.max() as usize / CHUNK + 1;
     let group = n_heads / n_kv;
     let split_fits = split_smem_bytes(group, hd) <= MAX_SMEM_BYTES;
     let kernel = match kernel {
-        AttentionKernel::Auto if nq <= SPLIT_MAX_QUERIES && split_fits => AttentionKernel::Split,
-        AttentionKernel::Auto if tile_name(hd).is_some() => AttentionKernel::Tile,
-        AttentionKernel::Auto => AttentionKernel::V1,
+        AttentionKernel::Auto => auto_kernel(nq, group, hd, false),
+        AttentionKernel::Auto2 => auto_kernel(nq, group, hd, true),
         k => k,
     };
+    let split = matches!(kernel, AttentionKernel::Split | AttentionKernel::Split2);
+    if q8.is_some() && (!split || hd % 32 != 0) {
+        return Err(Error::invalid(
+            OP,
+            "only the split kernels quantize their output, for head dims in multiples of 32",
+        ));
+    }
     match kernel {
-        AttentionKernel::Tile if tile_name(hd).is_none() => {
+        AttentionKernel::Tile | AttentionKernel::Tile2 if tile_name(hd, group, false).is_none() => {
             return Err(Error::invalid(
                 OP,
                 format!("the tile kernel takes head dims up to 256 in multiples of 4, not {hd}"),
             ))
         }
-        AttentionKernel::Split if !split_fits => {
+        AttentionKernel::Split | AttentionKernel::Split2 if !split_fits => {
             return Err(Error::invalid(
                 OP,
                 format!(
@@ -236,9 +410,146 @@ pub fn attention_with(
         scale: crate::reference::attention::scale(hd),
     };
     match kernel {
-        AttentionKernel::V1 | AttentionKernel::Auto => launch_v1(dev, &a, q, cache, pos, out),
-        AttentionKernel::Tile => launch_tile(dev, &a, q, cache, pos, out),
-        AttentionKernel::Split => launch_split(dev, &a, n_chunks, q, cache, pos, out),
+        AttentionKernel::V1 | AttentionKernel::Auto | AttentionKernel::Auto2 => {
+            launch_v1(dev, &a, q, cache, pos, out)
+        }
+        AttentionKernel::Tile => launch_tile(dev, &a, false, q, cache, pos, out, None),
+        AttentionKernel::Tile2 => launch_tile(dev, &a, true, q, cache, pos, out, None),
+        AttentionKernel::Split => {
+            launch_split(dev, &a, false, n_chunks, q, cache, pos, out, q8, None)
+        }
+        AttentionKernel::Split2 => {
+            launch_split(dev, &a, true, n_chunks, q, cache, pos, out, q8, None)
+        }
+    }
+}
+
+/// Where the queries of an [`attention_paged`] call find their keys in a paged cache
+/// ([`crate::model::paged`]: page `p` holds cache rows `64 p .. 64 p + 64`; chunk `c` of a
+/// sequence, its positions `64 c ..`, is the page its block table names at `c`).
+#[derive(Clone, Copy, Debug)]
+pub enum PagedQueries<'a> {
+    /// Each query its own block table: query `i`'s at `tables[i * stride .. (i + 1) * stride]`
+    /// (decode rows of many sequences).
+    Rows {
+        /// `[nq, stride]` page indices.
+        tables: &'a [u32],
+        /// Entries per query.
+        stride: usize,
+    },
+    /// Every query of one sequence: its block table (a prefill chunk).
+    Sequence {
+        /// Page indices, in position order.
+        table: &'a [u32],
+    },
+}
+
+/// [`attention`] over a paged cache: query `i` at position `pos[i]` of its sequence reads keys
+/// `0..=pos[i]` of that sequence through its block table (`pages`), in the canonical order:
+/// the bits of the same sequence in a cache of its own. `cache` is `[n_kv, n_pages * 64, hd]`;
+/// every table entry is below `n_pages` and a table covers chunk `pos[i] / 64`. Decode rows
+/// (any table layout) run the split kernels; more than [`SPLIT_MAX_QUERIES`] queries of one
+/// sequence run the v2 tile kernel. Head dims in multiples of 4 (to 256). A bad table is an
+/// error and nothing is written.
+pub fn attention_paged(
+    dev: &Device,
+    q: &GpuTensor<f32>,
+    cache: &LayerCache,
+    pos: &Positions,
+    pages: PagedQueries<'_>,
+    out: &mut GpuTensor<f32>,
+) -> Result<()> {
+    const OP: &str = "attention_paged";
+    let Shapes {
+        n_kv,
+        cap,
+        hd,
+        nq,
+        n_heads,
+    } = check_shapes(OP, q, cache, pos, out.dims())?;
+    if cap % CHUNK != 0 || hd % 4 != 0 || hd > 256 {
+        return Err(Error::invalid(
+            OP,
+            format!(
+                "a paged cache holds whole pages of {CHUNK} rows and head dims in multiples \
+                 of 4 up to 256 (cap {cap}, hd {hd})"
+            ),
+        ));
+    }
+    let n_pages = cap / CHUNK;
+    let n_chunks = if nq == 0 {
+        0
+    } else {
+        pos.max() as usize / CHUNK + 1
+    };
+    // Positions are a sequence's, not cache rows: the table maps them into the cache.
+    let (host, stride, one_seq) = match pages {
+        PagedQueries::Rows { tables, stride } => (tables, stride, false),
+        PagedQueries::Sequence { table } => (table, 0, true),
+    };
+    let per_query = if one_seq { host.len() } else { stride };
+    if (!one_seq && host.len() != nq * stride) || per_query < n_chunks {
+        return Err(Error::invalid(
+            OP,
+            format!(
+                "block tables of {per_query} pages for {nq} queries reaching chunk {} ({} \
+                 entries given)",
+                n_chunks.saturating_sub(1),
+                host.len()
+            ),
+        ));
+    }
+    if let Some((i, &p)) = host
+        .iter()
+        .enumerate()
+        .find(|(_, &p)| p as usize >= n_pages)
+    {
+        return Err(Error::IndexOutOfRange {
+            op: OP,
+            what: "pages",
+            position: i,
+            index: u64::from(p),
+            bound: n_pages as u64,
+        });
+    }
+    let group = n_heads / n_kv;
+    let tile = one_seq && nq > SPLIT_MAX_QUERIES;
+    if !tile && split_smem_bytes(group, hd) > MAX_SMEM_BYTES
+        || tile && tile_name_paged(hd, group).is_none()
+        || combine_smem_bytes(n_chunks) > MAX_SMEM_BYTES
+    {
+        return Err(Error::invalid(
+            OP,
+            format!("{group} query heads per kv head of {hd} dims over {n_chunks} chunks"),
+        ));
+    }
+    if nq == 0 || n_heads == 0 {
+        return Ok(());
+    }
+    let table = GpuTensor::from_host(dev, host, &[host.len()])?;
+    let a = Args {
+        n_heads: as_u32(OP, "n_heads", n_heads)?,
+        n_kv: as_u32(OP, "n_kv", n_kv)?,
+        hd: as_u32(OP, "hd", hd)?,
+        cap: as_u32(OP, "cap", cap)?,
+        scale: crate::reference::attention::scale(hd),
+    };
+    if tile {
+        launch_tile(dev, &a, true, q, cache, pos, out, Some(&table))
+    } else {
+        let stride32 = as_u32(OP, "stride", stride)?;
+        launch_split(
+            dev,
+            &a,
+            true,
+            n_chunks,
+            q,
+            cache,
+            pos,
+            out,
+            None,
+            Some((&table, stride32)),
+        )
     }
 }
 
@@ -261,10 +572,14 @@ fn combine_smem_bytes(n_chunks: usize) -> usize {
 }
 
 /// The kernel, with dynamic shared memory up to [`MAX_SMEM_BYTES`] and, for the tile kernels,
-/// the whole unified cache as shared memory (room for two blocks per SM), set once at load.
+/// the whole unified cache as shared memory (room for two blocks per SM; three of
+/// `attention_split_async` and `attention_split_paged`), set once at load.
 fn function_with_smem(dev: &Device, name: &'static str) -> Result<cudarc::driver::CudaFunction> {
     dev.function_with(Family::Attention, name, |f| {
-        if name.starts_with("attention_tile") {
+        if name.starts_with("attention_tile")
+            || name == "attention_split_async"
+            || name == "attention_split_paged"
+        {
             f.set_attribute(
                 CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
                 100,
@@ -318,24 +633,33 @@ fn launch_v1(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn launch_tile(
     dev: &Device,
     a: &Args,
+    v2: bool,
     q: &GpuTensor<f32>,
     cache: &LayerCache,
     pos: &Positions,
     out: &mut GpuTensor<f32>,
+    pages: Option<&GpuTensor<u32>>,
 ) -> Result<()> {
     const OP: &str = "attention";
-    let (name, h) = tile_name(a.hd as usize).expect("checked by attention_with");
-    let smem = tile_smem_bytes(h);
+    let group = (a.n_heads / a.n_kv) as usize;
+    let (name, h, hpb) = match pages {
+        Some(_) => tile_name_paged(a.hd as usize, group),
+        None => tile_name(a.hd as usize, group, v2),
+    }
+    .expect("checked by the caller");
+    let smem = tile_smem_bytes(h, hpb, v2);
     let f = function_with_smem(dev, name)?;
     let nq = pos.len();
     let tiles = as_u32(OP, "query tiles", nq.div_ceil(64))?;
     let nq32 = as_u32(OP, "nq", nq)?;
+    // hpb divides the group, so a block's heads share one kv head.
     let cfg = LaunchConfig {
-        grid_dim: (tiles, a.n_heads, 1),
-        block_dim: (256, 1, 1),
+        grid_dim: (tiles, a.n_heads / hpb as u32, 1),
+        block_dim: (256 * hpb as u32, 1, 1),
         shared_mem_bytes: smem as u32,
     };
     let mut launch = dev.launch_builder(&f);
@@ -351,9 +675,15 @@ fn launch_tile(
         .arg(&a.hd)
         .arg(&a.cap)
         .arg(&a.scale);
+    if let Some(p) = pages {
+        launch.arg(p.slice());
+    }
     // SAFETY: q and out are [nq, n_heads, hd], the caches [n_kv, cap, hd] with n_heads a
-    // multiple of n_kv and hd <= h a multiple of 4 (float4 rows), every position < cap (cache
-    // rows past cap are not read); the dynamic shared memory is TileSmem<h>'s.
+    // multiple of n_kv and hd <= h a multiple of 4 (float4 rows); paged, the pages hold an
+    // entry below cap / 64 for every chunk up to the largest position; every position < cap (cache
+    // rows past cap are not read; v2's copies of rows past cap or dims past hd are zero fills
+    // that read nothing); the grid's y covers the heads hpb at a time, hpb dividing the group;
+    // the dynamic shared memory is TileSmem<h>'s (v1) or Tile2Smem<h, hpb>'s (v2).
     unsafe { launch.launch(cfg) }?;
     Ok(())
 }
@@ -362,11 +692,14 @@ fn launch_tile(
 fn launch_split(
     dev: &Device,
     a: &Args,
+    v2: bool,
     n_chunks: usize,
     q: &GpuTensor<f32>,
     cache: &LayerCache,
     pos: &Positions,
     out: &mut GpuTensor<f32>,
+    mut q8: Option<&mut GpuActQ8>,
+    pages: Option<(&GpuTensor<u32>, u32)>,
 ) -> Result<()> {
     const OP: &str = "attention";
     let (nh, hd) = (a.n_heads as usize, a.hd as usize);
@@ -375,10 +708,21 @@ fn launch_split(
     // SAFETY: the split kernel writes (m, l, o) of every chunk c <= pos[i] / 64 of every
     // (query, head), and the combine kernel reads exactly those.
     let mut part = unsafe { GpuTensor::<f32>::uninit(dev, &[nq, nh, n_chunks, hd + 2]) }?;
-    let (split_name, smem) = split_kernel(group, hd);
+    let (split_name, smem) = split_kernel(group, hd, v2);
+    let split_name = if pages.is_some() {
+        "attention_split_paged"
+    } else {
+        split_name
+    };
     let split = function_with_smem(dev, split_name)?;
     let csmem = combine_smem_bytes(n_chunks);
-    let combine = function_with_smem(dev, "attention_combine")?;
+    let combine = function_with_smem(
+        dev,
+        match q8 {
+            Some(_) => "attention_combine_q8",
+            None => "attention_combine",
+        },
+    )?;
     let nc32 = as_u32(OP, "chunks", n_chunks)?;
     // A combine block per (query, head, 32 dims).
     let combine_blocks = as_u32(OP, "combine blocks", hd.div_ceil(COMBINE_DIMS) * nh)?;
@@ -402,6 +746,9 @@ fn launch_split(
             .arg(&a.scale)
             .arg(&nc32)
             .arg(&row0);
+        if let Some((p, stride)) = &pages {
+            launch.arg(p.slice()).arg(stride);
+        }
         // SAFETY: q is [nq, n_heads, hd], part [nq, n_heads, n_chunks, hd + 2] with n_chunks
         // covering the largest position, the caches [n_kv, cap, hd] with every position < cap;
         // grid z covers queries row0..row0 + nrows <= nq; shared memory as split_kernel says
@@ -413,8 +760,14 @@ fn launch_split(
             shared_mem_bytes: csmem as u32,
         };
         let mut launch = dev.launch_builder(&combine);
+        launch.arg(out.slice_mut());
+        if let Some(q) = q8.as_deref_mut() {
+            launch
+                .arg(q.codes.slice_mut())
+                .arg(q.d.slice_mut())
+                .arg(q.a.slice_mut());
+        }
         launch
-            .arg(out.slice_mut())
             .arg(part.slice())
             .arg(pos.tensor().slice())
             .arg(&a.n_heads)
@@ -423,7 +776,9 @@ fn launch_split(
             .arg(&row0);
         // SAFETY: out is [nq, n_heads, hd]; part holds the chunks 0..=pos[i] / 64 of every
         // query of this row chunk (written by the launch above on the same stream); shared
-        // memory as combine_smem_bytes says; a block per (head, 32 dims), lanes past hd idle.
+        // memory as combine_smem_bytes says; a block per (head, 32 dims), lanes past hd idle;
+        // with q8 (hd % 32 == 0, the caller's check), its codes [nq, n_heads * hd] and d, a
+        // [nq, n_heads * hd / 32], one 32-block per combine block.
         unsafe { launch.launch(cfg) }?;
     }
     Ok(())

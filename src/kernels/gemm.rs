@@ -45,7 +45,16 @@ pub enum MatmulKernel {
     Gemv,
     /// The tiled GEMM (FFMA for float formats, int8 tensor cores for quantized ones).
     Gemm,
+    /// For tiles of one row with K % 256 == 0, Q8_0 and Q6_K weights: the int8 tensor-core
+    /// GEMV (`gemv_<fmt>_mma`, which `Auto` runs for Q8_0 weights of at least
+    /// [`GEMV_MMA_MIN_ROWS`] rows) at any number of rows; everything else as [`Self::Gemv`].
+    GemvMma,
 }
+
+/// Zero bytes after every uploaded matrix: the Q6_K GEMM copies the 16-byte aligned window
+/// around each 210-byte super-block, which for the matrix's last one reaches up to 14 bytes
+/// past it.
+const MATRIX_TAIL: usize = 16;
 
 /// A weight matrix, or a stack of expert matrices `[experts, rows, cols]`, on the device in its
 /// stored (GGUF) format.
@@ -60,13 +69,18 @@ pub struct GpuMatrix {
 }
 
 impl GpuMatrix {
-    /// Uploads a host matrix (already checked by [`QuantMatrix`]).
+    /// Uploads a host matrix (already checked by [`QuantMatrix`]), with [`MATRIX_TAIL`] zero
+    /// bytes after it.
     pub fn upload(dev: &Device, m: &QuantMatrix) -> Result<Self> {
-        dev.alloc_gate(m.bytes().len(), "GpuMatrix::upload")?;
-        let data = dev
-            .stream()
-            .clone_htod(m.bytes())
-            .map_err(|e| Error::from_alloc(e, m.bytes().len(), "GpuMatrix::upload"))?;
+        let len = m.bytes().len() + MATRIX_TAIL;
+        dev.alloc_gate(len, "GpuMatrix::upload")?;
+        let stream = dev.stream();
+        let mut data = stream
+            .alloc_zeros::<u8>(len)
+            .map_err(|e| Error::from_alloc(e, len, "GpuMatrix::upload"))?;
+        stream
+            .memcpy_htod(m.bytes(), &mut data.slice_mut(..m.bytes().len()))
+            .map_err(|e| Error::from_alloc(e, len, "GpuMatrix::upload"))?;
         Ok(GpuMatrix {
             format: m.format(),
             experts: m.experts(),
@@ -97,9 +111,14 @@ impl GpuMatrix {
         self.cols
     }
 
-    /// Bytes on the device.
+    /// Bytes of the stored matrix on the device (without the [`MATRIX_TAIL`] padding).
     pub fn num_bytes(&self) -> usize {
-        self.data.len()
+        self.data.len() - MATRIX_TAIL
+    }
+
+    /// The stored bytes, for a kernel family that reads the matrix itself (the router).
+    pub(crate) fn data(&self) -> &CudaSlice<u8> {
+        &self.data
     }
 }
 
@@ -225,24 +244,11 @@ impl RoutedRows {
     ) -> Result<(RoutedRows, RoutedRows)> {
         const OP: &str = "RoutedRows::from_router";
         let [n, k] = dims(OP, "ids", "[n, k]", ids.dims())?;
+        // SAFETY: route_rows writes every entry of both tables below.
+        let (mut up, mut down) = unsafe { RoutedRows::unsorted_uninit(dev, OP, n, k, n_experts) }?;
         let len = n * k;
-        if n_experts == 0 {
-            return Err(Error::invalid(OP, "no experts"));
-        }
-        let (len32, k32, ne32) = (
-            as_u32(OP, "routed rows", 9 * len)? / 9,
-            as_u32(OP, "k", k)?,
-            as_u32(OP, "n_experts", n_experts)?,
-        );
-        let at = [0, len, 2 * len, 3 * len, 6 * len, 9 * len];
-        let alloc = || {
-            dev.alloc_gate(4 * (9 * len + 1), OP)?;
-            // SAFETY: route_rows writes every element of the 9 * len table below.
-            unsafe { dev.stream().alloc::<u32>(9 * len + 1) }
-                .map_err(|e| Error::from_alloc(e, 4 * (9 * len + 1), OP))
-        };
-        let (mut up, mut down) = (alloc()?, alloc()?);
         if len > 0 {
+            let (len32, k32, ne32) = (len as u32, k as u32, n_experts as u32);
             let f = dev.function(Family::Gemm, "route_rows")?;
             let cfg = LaunchConfig {
                 grid_dim: (len32.div_ceil(128), 1, 1),
@@ -251,8 +257,8 @@ impl RoutedRows {
             };
             let mut launch = dev.launch_builder(&f);
             launch
-                .arg(&mut up)
-                .arg(&mut down)
+                .arg(&mut up.buf)
+                .arg(&mut down.buf)
                 .arg(ids.slice())
                 .arg(&len32)
                 .arg(&k32)
@@ -261,6 +267,38 @@ impl RoutedRows {
             // grid covers r < len.
             unsafe { launch.launch(cfg) }?;
         }
+        Ok((up, down))
+    }
+
+    /// The two unsorted tables `(up, down)` of `n * k` routed rows (one row per tile, in
+    /// (token, slot) order: [`RoutedRows::from_router`]'s layout), left unwritten for a
+    /// kernel that writes every entry (`route_rows`, `router_route_f32`; `bx_route_row` in
+    /// `cuda/common.cuh`). Checks `n_experts > 0` and that the tables' indices fit in u32.
+    ///
+    /// # Safety
+    /// Nothing may read the tables (no product may use them) before every entry is written.
+    pub(crate) unsafe fn unsorted_uninit(
+        dev: &Device,
+        op: &'static str,
+        n: usize,
+        k: usize,
+        n_experts: usize,
+    ) -> Result<(RoutedRows, RoutedRows)> {
+        let len = n * k;
+        if n_experts == 0 {
+            return Err(Error::invalid(op, "no experts"));
+        }
+        as_u32(op, "routed rows", 9 * len + 1)?;
+        as_u32(op, "k", k)?;
+        as_u32(op, "n_experts", n_experts)?;
+        let at = [0, len, 2 * len, 3 * len, 6 * len, 9 * len];
+        let alloc = || {
+            dev.alloc_gate(4 * (9 * len + 1), op)?;
+            // SAFETY: the caller writes every entry before any read (above).
+            unsafe { dev.stream().alloc::<u32>(9 * len + 1) }
+                .map_err(|e| Error::from_alloc(e, 4 * (9 * len + 1), op))
+        };
+        let (up, down) = (alloc()?, alloc()?);
         let table = |buf, nx| RoutedRows {
             buf,
             at,
@@ -273,6 +311,24 @@ impl RoutedRows {
             ny: len,
         };
         Ok((table(up, n), table(down, len)))
+    }
+
+    /// The packed table for a kernel that writes it ([`RoutedRows::unsorted_uninit`]).
+    pub(crate) fn buf_mut(&mut self) -> &mut CudaSlice<u32> {
+        &mut self.buf
+    }
+
+    /// The packed table on the host, `x_rows | experts | y_rows | gemm tiles | gemv tiles`
+    /// (tiles as `(expert, first row, rows)` triples): what the products read, for inspection
+    /// and tests.
+    pub fn to_host(&self) -> Result<Vec<u32>> {
+        if self.at[5] == 0 {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .buf
+            .stream()
+            .clone_dtoh(&self.buf.slice(..self.at[5]))?)
     }
 
     /// The two routing tables of an MoE block, sorted by expert on the device from router ids
@@ -399,6 +455,8 @@ enum Plan {
     V1,
     /// GEMV with this many rows per tile (1, 2, 4 or 8).
     Gemv(usize),
+    /// GEMV for one-row tiles, on the tensor cores where the format has that kernel.
+    GemvMma,
     Gemm,
 }
 
@@ -416,6 +474,8 @@ fn plan(kernel: MatmulKernel, format: WeightFormat, largest_tile: usize) -> Resu
             ))
         }
         MatmulKernel::Gemv => Plan::Gemv(gemv_height(largest_tile)),
+        MatmulKernel::GemvMma if gemv_height(largest_tile) == 1 => Plan::GemvMma,
+        MatmulKernel::GemvMma => Plan::Gemv(gemv_height(largest_tile)),
         MatmulKernel::Gemm => Plan::Gemm,
         MatmulKernel::Auto if largest_tile <= GEMV_MAX_ROWS => {
             Plan::Gemv(gemv_height(largest_tile))
@@ -669,6 +729,7 @@ fn plan_dense(
     }
     let height = match plan {
         Plan::Gemv(h) => h,
+        Plan::GemvMma => 1,
         _ => GEMM_TILE_ROWS,
     };
     Ok(Some((plan, n.div_ceil(height), n)))
@@ -789,7 +850,7 @@ fn plan_grouped(
         return Ok(None);
     }
     let n_tiles = match plan {
-        Plan::Gemv(_) => rows.n_gemv_tiles,
+        Plan::Gemv(_) | Plan::GemvMma => rows.n_gemv_tiles,
         _ => rows.n_gemm_tiles,
     };
     Ok(Some((plan, n_tiles, rows.len)))
@@ -808,12 +869,17 @@ struct ActRef<'a> {
 /// blocks (64 x 272 bytes), activation codes (64 x 272) and activation scales (64 x 8 floats).
 const Q8_ASYNC_SMEM_BYTES: u32 = 3 * (2 * 64 * 272 + 64 * 8 * 4);
 
-/// Dynamic shared memory of `gemm_mma_q{4,5}_k_async`: 3 stages of a 64-row chunk of raw
-/// super-blocks (`sb` bytes a row), activation codes (64 x 272) and activation scales and sums
-/// (2 x 64 x 8 floats).
-const fn kq_async_smem(sb: u32) -> u32 {
-    3 * (64 * sb + 64 * 272 + 2 * 64 * 8 * 4)
+/// Dynamic shared memory of `gemm_mma_q{4,5,6}_k_async` (`KqaShape` in `cuda/gemm.cu`): 3
+/// stages of a 64-row chunk of raw super-blocks (`row` bytes a row: 144 and 176, Q6_K's
+/// 16-byte aligned window of 224), activation codes (64 x 272) and activation scales and sums
+/// (2 x 64 x 8 floats); Q6_K adds its decoded codes (64 x 272).
+const fn kq_async_smem(row: u32, decoded: bool) -> u32 {
+    3 * (64 * row + 64 * 272 + 2 * 64 * 8 * 4) + if decoded { 64 * 272 } else { 0 }
 }
+
+/// Threads of a `gemm_mma_q{4,5,6}_k_async` block: two groups of 8 warps, each running two of
+/// the four partials of the same 64 x 64 tile.
+const KQ_ASYNC_THREADS: u32 = 512;
 
 /// Dynamic shared memory of `gemv_{q8_0,q4_k,q5_k}_async` (`GkaShape` in `cuda/gemm.cu`): a
 /// ring of 4 (Q8_0) or 6 stages, each 8 rows of a 256-wide chunk (272, 144 or 176 bytes each)
@@ -836,6 +902,9 @@ pub const GEMV_ASYNC_MAX_Q8_COLS: usize = 1024;
 /// Dynamic shared memory of `gemv_q8_0_mma` (`GMQ_SMEM`): a chunk per warp (16 rows of 272
 /// bytes, 256 codes, 8 scales) and the 16 x 64 step operands of a pass.
 const GMQ_SMEM_BYTES: u32 = 8 * (16 * 272 + 256 + 32) + 16 * 64 * 8;
+/// Dynamic shared memory of `gemv_q6_k_mma` (`GmqShape<FMT_Q6_K>`): the same with each row's
+/// 16-byte aligned window of 224 bytes around its 210-byte super-block, at a stride of 240.
+const GMQ_Q6_SMEM_BYTES: u32 = 8 * (16 * 240 + 256 + 32) + 16 * 64 * 8;
 
 /// Launches a GEMV or tiled GEMM over `n_tiles` row tiles (dense when `rows` is `None`).
 #[allow(clippy::too_many_arguments)]
@@ -856,6 +925,7 @@ fn launch_v2(
             GEMV_NAMES[fi][h.trailing_zeros() as usize],
             rows.map(|r| r.part(4)),
         ),
+        Plan::GemvMma => (GEMV_NAMES[fi][0], rows.map(|r| r.part(4))),
         _ => (GEMM_NAMES[fi], rows.map(|r| r.part(3))),
     };
     let maps = rows.map(|r| (r.part(0), r.part(2)));
@@ -864,31 +934,48 @@ fn launch_v2(
     }
     // Q8_0 rows of whole 256-wide chunks are 16-byte aligned: the cp.async kernel.
     let q8_async = plan == Plan::Gemm && w.format == WeightFormat::Q8_0 && w.cols % 256 == 0;
+    let one_row = matches!(plan, Plan::Gemv(1) | Plan::GemvMma);
     // F32 rows one token at a time (the router of a decode step): 4 rows per block, staged.
-    let f32_wide = plan == Plan::Gemv(1) && w.format == WeightFormat::F32;
+    let f32_wide = one_row && w.format == WeightFormat::F32;
     // Q8_0 rows of whole 256-wide chunks one token at a time, by the weight's shape alone (ncu
     // on the H200, the 30B shapes): 16384 rows or more (the LM head) on the tensor cores, rows
-    // of at most 1024 (the expert down product) through the cp.async dp4a kernel, the rest
-    // (gemv_body was as fast as either there) unchanged.
-    let q8_chunks = plan == Plan::Gemv(1) && w.format == WeightFormat::Q8_0 && w.cols % 256 == 0;
-    let q8_gemv = q8_chunks && w.rows >= GEMV_MMA_MIN_ROWS;
+    // of at most 1024 (the expert down product) through the cp.async dp4a kernel (8.5 us; the
+    // same staging as gemv_q8_0_rows, 4 rows a warp, took 11.4), the rest (attention, expert
+    // gate/up) through gemv_q8_0_rows (gate/up 15.6 -> 12.8 us against gemv_body).
+    let q8_chunks = one_row && w.format == WeightFormat::Q8_0 && w.cols % 256 == 0;
+    let q8_gemv = q8_chunks && (w.rows >= GEMV_MMA_MIN_ROWS || plan == Plan::GemvMma);
+    // Q6_K one token at a time on the tensor cores: opt-in (MatmulKernel::GemvMma) until
+    // measured against gemv_body.
+    let q6_gemv = plan == Plan::GemvMma && w.format == WeightFormat::Q6K;
+    let q8_rows = q8_chunks && !q8_gemv && w.cols > GEMV_ASYNC_MAX_Q8_COLS;
     // Q4_K and Q5_K one token at a time (and Q8_0's short rows): 8 rows a warp, their chunks
     // copied by cp.async.
-    let kq_gemv = plan == Plan::Gemv(1)
+    let kq_gemv = one_row
         && (matches!(w.format, WeightFormat::Q4K | WeightFormat::Q5K)
             || (q8_chunks && !q8_gemv && w.cols <= GEMV_ASYNC_MAX_Q8_COLS));
-    // Q4_K and Q5_K: a 256-wide chunk is one 16-byte aligned super-block (144 or 176 bytes).
-    let kq_async = plan == Plan::Gemm && matches!(w.format, WeightFormat::Q4K | WeightFormat::Q5K);
+    // The K-quants: a 256-wide chunk is one super-block (Q4_K and Q5_K: 144 or 176 bytes,
+    // 16-byte aligned; Q6_K: 210 bytes at any even offset, copied with its aligned window).
+    let kq_async = plan == Plan::Gemm
+        && matches!(
+            w.format,
+            WeightFormat::Q4K | WeightFormat::Q5K | WeightFormat::Q6K
+        );
     let (name, smem) = if q8_async {
         ("gemm_mma_q8_0_async", Q8_ASYNC_SMEM_BYTES)
-    } else if kq_async && w.format == WeightFormat::Q4K {
-        ("gemm_mma_q4_k_async", kq_async_smem(144))
     } else if kq_async {
-        ("gemm_mma_q5_k_async", kq_async_smem(176))
+        match w.format {
+            WeightFormat::Q4K => ("gemm_mma_q4_k_async", kq_async_smem(144, false)),
+            WeightFormat::Q5K => ("gemm_mma_q5_k_async", kq_async_smem(176, false)),
+            _ => ("gemm_mma_q6_k_async", kq_async_smem(224, true)),
+        }
     } else if f32_wide {
         ("gemv_f32_wide", 0)
     } else if q8_gemv {
         ("gemv_q8_0_mma", GMQ_SMEM_BYTES)
+    } else if q6_gemv {
+        ("gemv_q6_k_mma", GMQ_Q6_SMEM_BYTES)
+    } else if q8_rows {
+        ("gemv_q8_0_rows", 0)
     } else if kq_gemv {
         (
             match w.format {
@@ -923,9 +1010,11 @@ fn launch_v2(
     let row_bytes = w.row_bytes as u64;
     let (m_blocks, threads) = match plan {
         _ if f32_wide => (m32, 128),
-        _ if q8_gemv => (m32.div_ceil(16), 256),
+        _ if q8_gemv || q6_gemv => (m32.div_ceil(16), 256),
+        _ if q8_rows => (m32.div_ceil(16), 256),
         _ if kq_gemv => (m32.div_ceil(8), 32),
-        Plan::Gemv(_) => (m32.div_ceil(GEMV_ROWS_PER_BLOCK), 256),
+        _ if kq_async => (m32.div_ceil(GEMM_TILE_ROWS as u32), KQ_ASYNC_THREADS),
+        Plan::Gemv(_) | Plan::GemvMma => (m32.div_ceil(GEMV_ROWS_PER_BLOCK), 256),
         _ => (m32.div_ceil(GEMM_TILE_ROWS as u32), 256),
     };
     for tile0 in (0..n_tiles).step_by(MAX_GRID_Y) {
@@ -960,7 +1049,10 @@ fn launch_v2(
         // copies 16-byte pieces: its weight rows (34 * K / 32 bytes, K % 256 == 0) and
         // activation rows start 16-byte aligned in allocations that are, and its shared
         // memory is the size set on the function above; the cp.async GEMV's rows (K % 256 ==
-        // 0) and activation rows start 16-byte aligned the same way.
+        // 0) and activation rows start 16-byte aligned the same way. The Q6_K GEMM copies the
+        // aligned 16-byte window around each 210-byte super-block: its first piece starts at
+        // or after the allocation's (256-byte aligned) start, its last ends at most 14 bytes
+        // past the matrix, inside the MATRIX_TAIL bytes upload adds.
         unsafe { launch.launch(cfg) }?;
     }
     Ok(())

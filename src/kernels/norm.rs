@@ -196,6 +196,56 @@ pub fn qkv_norm_rope(
     cache: &mut LayerCache,
     q: &mut GpuTensor<f32>,
 ) -> Result<()> {
+    qkv_norm_rope_into(
+        dev, input, gated, q_norm, k_norm, eps, pos, None, table, cache, q,
+    )
+}
+
+/// [`qkv_norm_rope`] into a paged cache: token `i` rotates by `pos[i]` and lands in cache row
+/// `slots[i]` (its page slot, [`crate::model::paged`]), every slot below the cache's capacity.
+#[allow(clippy::too_many_arguments)]
+pub fn qkv_norm_rope_paged(
+    dev: &Device,
+    input: QkvInput<'_>,
+    gated: bool,
+    q_norm: &GpuTensor<f32>,
+    k_norm: &GpuTensor<f32>,
+    eps: f32,
+    pos: &Positions,
+    slots: &Positions,
+    table: &RopeTable,
+    cache: &mut LayerCache,
+    q: &mut GpuTensor<f32>,
+) -> Result<()> {
+    qkv_norm_rope_into(
+        dev,
+        input,
+        gated,
+        q_norm,
+        k_norm,
+        eps,
+        pos,
+        Some(slots),
+        table,
+        cache,
+        q,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn qkv_norm_rope_into(
+    dev: &Device,
+    input: QkvInput<'_>,
+    gated: bool,
+    q_norm: &GpuTensor<f32>,
+    k_norm: &GpuTensor<f32>,
+    eps: f32,
+    pos: &Positions,
+    slots: Option<&Positions>,
+    table: &RopeTable,
+    cache: &mut LayerCache,
+    q: &mut GpuTensor<f32>,
+) -> Result<()> {
     const OP: &str = "qkv_norm_rope";
     let [n, nh, hd] = dims(OP, "q", "[n, nh, hd]", q.dims())?;
     let [nkv, cap, chd] = dims(OP, "cache.k", "[nkv, cap, hd]", cache.k.dims())?;
@@ -224,14 +274,22 @@ pub fn qkv_norm_rope(
     check_shape(OP, "q_norm", &[hd], q_norm.dims())?;
     check_shape(OP, "k_norm", &[hd], k_norm.dims())?;
     check_shape(OP, "pos", &[n], &[pos.len()])?;
-    pos.check(OP, cap.min(table.max_pos()))?;
+    match slots {
+        // Rotations by position (the table's range), cache rows by slot (the cache's).
+        Some(sl) => {
+            check_shape(OP, "slots", &[n], &[sl.len()])?;
+            pos.check(OP, table.max_pos())?;
+            sl.check(OP, cap)?;
+        }
+        None => pos.check(OP, cap.min(table.max_pos()))?,
+    }
     if 2 * table.half() > hd {
         return Err(Error::invalid(
             OP,
             format!("rotary dims {} exceed head dims {hd}", 2 * table.half()),
         ));
     }
-    let slots = as_u32(OP, "heads", nh + 2 * nkv)?;
+    let heads = as_u32(OP, "heads", nh + 2 * nkv)?;
     let (nh32, nkv32, hd32) = (nh as u32, nkv as u32, as_u32(OP, "hd", hd)?);
     let (half32, cap32) = (table.half() as u32, as_u32(OP, "cap", cap)?);
     let q_head32 = as_u32(OP, "q head stride", q_head)?;
@@ -239,15 +297,19 @@ pub fn qkv_norm_rope(
     if smem > 48 * 1024 {
         return Err(Error::invalid(OP, format!("head dim {hd} above 3072")));
     }
-    if n == 0 || hd == 0 || slots == 0 {
+    if n == 0 || hd == 0 || heads == 0 {
         return Ok(());
     }
     let (cos, sin) = table.tables();
     let (q_stride, k_stride, v_stride) = (qs.2 as u64, ks.2 as u64, vs.2 as u64);
-    let f = dev.function(Family::Norm, "qkv_norm_rope_f32")?;
+    let name = match slots {
+        Some(_) => "qkv_norm_rope_rows_f32",
+        None => "qkv_norm_rope_f32",
+    };
+    let f = dev.function(Family::Norm, name)?;
     for (row0, nrows) in row_chunks(n) {
         let cfg = LaunchConfig {
-            grid_dim: (slots.div_ceil(4), nrows, 1),
+            grid_dim: (heads.div_ceil(4), nrows, 1),
             block_dim: (128, 1, 1),
             shared_mem_bytes: smem as u32,
         };
@@ -269,7 +331,11 @@ pub fn qkv_norm_rope(
             .arg(&v_stride)
             .arg(q_norm.slice())
             .arg(k_norm.slice())
-            .arg(pos.tensor().slice())
+            .arg(pos.tensor().slice());
+        if let Some(sl) = slots {
+            launch.arg(sl.tensor().slice());
+        }
+        launch
             .arg(cos.slice())
             .arg(sin.slice())
             .arg(&nh32)
@@ -284,7 +350,8 @@ pub fn qkv_norm_rope(
         // [n, stride] inputs, q head h at h * q_head, offset + heads * head width <= stride
         // (checked above); q is [n, nh, hd],
         // the caches [nkv, cap, hd], the norms [hd]; every position is below cap and the
-        // table's max_pos, 2 * half <= hd; the grid covers rows row0..row0 + nrows <= n and
+        // table's max_pos (with slots: every position below max_pos, every slot [n] below
+        // cap), 2 * half <= hd; the grid covers rows row0..row0 + nrows <= n and
         // warps past the last slot return; shared memory is 4 warps x hd floats. Each (token,
         // slot) writes its own row of q or of a cache (tokens at one position write one cache
         // row, as kv_write).

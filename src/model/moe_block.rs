@@ -14,19 +14,23 @@
 //! [`GpuMoeBlock::forward_batched`]) return the same bits. The config is
 //! [`crate::model::config::MoeConfig`], the weights [`crate::model::weights::MoeWeights`].
 
+use std::sync::Mutex;
+
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::kernels::gemm::GpuMatrix;
 use crate::kernels::quantize::GpuActPair;
+use crate::kernels::router::RouteCounters;
 use crate::kernels::{activation, gemm, moe_reduce, router, row_scale};
 use crate::model::config::{check_input, MoeConfig};
 use crate::model::trace::MoeOutput;
 use crate::model::weights::MoeWeights;
-use crate::quant::QuantMatrix;
+use crate::quant::{QuantMatrix, WeightFormat};
 use crate::tensor::GpuTensor;
 
 /// Tokens up to which [`GpuMoeBlock::forward_batched`] routes each row in a tile of its own
-/// (decode steps: one launch); larger batches sort their rows by expert on the device.
+/// (decode steps: one launch, [`router::route`], for an F32 router); larger batches sort
+/// their rows by expert on the device.
 pub const DEVICE_ROUTE_MAX_TOKENS: usize = 8;
 
 struct GpuShared {
@@ -52,6 +56,9 @@ pub struct GpuMoeBlock {
     gate_up: GateUp,
     down: GpuMatrix,
     shared: Option<GpuShared>,
+    /// The fused decode routing's arrival counters (zero between launches; the lock only
+    /// gives the launch its `&mut`: the work is queued on the device's one stream).
+    counters: Mutex<RouteCounters>,
 }
 
 /// GPU forward result, on the device.
@@ -111,6 +118,7 @@ impl GpuMoeBlock {
             },
             down: GpuMatrix::upload(dev, &w.down)?,
             shared,
+            counters: Mutex::new(RouteCounters::new(dev, DEVICE_ROUTE_MAX_TOKENS)?),
         })
     }
 
@@ -119,10 +127,12 @@ impl GpuMoeBlock {
         &self.cfg
     }
 
-    /// All tokens at once: one router GEMM, one routing launch, each expert matrix as one
-    /// grouped GEMM over the tokens routed to it, the shared expert as dense GEMMs, one
-    /// weighted reduce. `x: [n, dim]`. The routing tables are built on the device and nothing
-    /// waits for the host: up to [`DEVICE_ROUTE_MAX_TOKENS`] tokens one row per tile
+    /// All tokens at once: the router product and routing (one launch, [`router::route`], for
+    /// up to [`DEVICE_ROUTE_MAX_TOKENS`] tokens and an F32 router; otherwise a router GEMM and
+    /// a routing launch), each expert matrix as one grouped GEMM over the tokens routed to it,
+    /// the shared expert as dense GEMMs, one weighted reduce. `x: [n, dim]`. The routing
+    /// tables are built on the device and nothing waits for the host: up to
+    /// [`DEVICE_ROUTE_MAX_TOKENS`] tokens one row per tile
     /// ([`gemm::RoutedRows::from_router`]), larger batches sorted by expert
     /// ([`gemm::RoutedRows::sorted_from_router`]), so that each expert's weights are read once
     /// per tile of tokens. Both give the same bits.
@@ -156,15 +166,31 @@ impl GpuMoeBlock {
         let n = x.dims()[0];
 
         let mut logits = GpuTensor::output(dev, &[n, ne])?;
-        gemm::matmul(dev, x, &self.router, &mut logits)?;
         let mut ids = GpuTensor::<u32>::output(dev, &[n, k])?;
         let mut weights = GpuTensor::output(dev, &[n, k])?;
-        router::softmax_topk(dev, &logits, k, c.renormalize, &mut ids, &mut weights)?;
         let r = n * k;
-        let (up_rows, down_rows) = if n <= DEVICE_ROUTE_MAX_TOKENS {
-            gemm::RoutedRows::from_router(dev, &ids, ne)?
+        let decode = n <= DEVICE_ROUTE_MAX_TOKENS;
+        let (up_rows, down_rows) = if decode && self.router.format() == WeightFormat::F32 {
+            // The router product, softmax, top-k and tables in one launch.
+            let mut counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+            router::route(
+                dev,
+                x,
+                &self.router,
+                k,
+                c.renormalize,
+                &mut counters,
+                &mut logits,
+                &mut ids,
+                &mut weights,
+            )?
         } else {
-            gemm::RoutedRows::sorted_from_router(dev, &ids, ne)?
+            gemm::matmul(dev, x, &self.router, &mut logits)?;
+            router::softmax_topk(dev, &logits, k, c.renormalize, &mut ids, &mut weights)?;
+            match decode {
+                true => gemm::RoutedRows::from_router(dev, &ids, ne)?,
+                false => gemm::RoutedRows::sorted_from_router(dev, &ids, ne)?,
+            }
         };
 
         // Every product of x at once (x quantized once): routed gate and up (one stacked
@@ -205,13 +231,25 @@ impl GpuMoeBlock {
                 None => gemm::matmul_shared(dev, x, &mut products)?,
             }
         }
-        let mut h = GpuTensor::output(dev, &[r, f])?;
-        match &u {
-            None => activation::swiglu_halves(dev, &gu, &mut h)?,
-            Some(u) => activation::swiglu(dev, &gu, u, &mut h)?,
-        }
         let mut partial = GpuTensor::output(dev, &[n * k, d])?;
-        gemm::matmul_grouped(dev, &h, &self.down, &down_rows, &mut partial)?;
+        if u.is_none() && f % 32 == 0 && self.down.format().is_quantized() {
+            // SwiGLU writes the down product's quantized input itself (a launch fewer).
+            // SAFETY: swiglu_halves_q8 writes the whole pair before the product reads it.
+            let mut hp = unsafe { GpuActPair::uninit(dev, r, f) }?;
+            activation::swiglu_halves_q8(dev, &gu, &mut hp)?;
+            gemm::matmul_shared_pair(
+                dev,
+                &hp,
+                &mut [gemm::Product::Grouped(&self.down, &down_rows, &mut partial)],
+            )?;
+        } else {
+            let mut h = GpuTensor::output(dev, &[r, f])?;
+            match &u {
+                None => activation::swiglu_halves(dev, &gu, &mut h)?,
+                Some(u) => activation::swiglu(dev, &gu, u, &mut h)?,
+            }
+            gemm::matmul_grouped(dev, &h, &self.down, &down_rows, &mut partial)?;
+        }
         partial.reshape(&[n, k, d])?;
 
         let shared = match (&self.shared, shared_in) {

@@ -26,13 +26,13 @@
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::kernels::activation::gate_heads_sigmoid;
-use crate::kernels::attention::{attention, LayerCache};
+use crate::kernels::attention::{attention_pair_with, attention_with, AttentionKernel, LayerCache};
 use crate::kernels::delta_net::{
     delta_net_gate, delta_net_scan, GpuDeltaNetConsts, GpuDeltaNetState,
 };
 use crate::kernels::elementwise::{add, gather_rows_device};
 use crate::kernels::gemm::{matmul, matmul_shared_pair, GpuMatrix, Product};
-use crate::kernels::norm::{add_rmsnorm_q8, qkv_norm_rope, rmsnorm, QkvInput};
+use crate::kernels::norm::{add_rmsnorm_q8, qkv_norm_rope, qkv_norm_rope_paged, rmsnorm, QkvInput};
 use crate::kernels::quantize::GpuActPair;
 use crate::kernels::rope::{Positions, RopeTable};
 use crate::model::config::{check_tokens, ModelConfig};
@@ -73,7 +73,7 @@ enum GpuMixer {
 
 /// What a session keeps per layer: the KV cache of an attention layer, the recurrent state of
 /// a DeltaNet layer.
-enum LayerState {
+pub(crate) enum LayerState {
     Kv(LayerCache),
     DeltaNet(GpuDeltaNetState),
 }
@@ -268,6 +268,9 @@ pub struct Session<'m> {
     stats: SessionStats,
     graphs: bool,
     graph: Option<DecodeGraph>,
+    /// How attention picks its kernels: [`AttentionKernel::Auto`] (v1, the default) or
+    /// [`AttentionKernel::Auto2`] (the v2 kernels).
+    attention: AttentionKernel,
 }
 
 impl<'m> Session<'m> {
@@ -296,6 +299,7 @@ impl<'m> Session<'m> {
             stats: SessionStats::default(),
             graphs: true,
             graph: None,
+            attention: AttentionKernel::Auto,
         })
     }
 
@@ -314,6 +318,17 @@ impl<'m> Session<'m> {
     pub fn set_graphs(&mut self, on: bool) {
         self.graphs = on;
         if !on {
+            self.graph = None;
+        }
+    }
+
+    /// Runs attention through its v2 kernels ([`AttentionKernel::Auto2`]: the asynchronous
+    /// tile and split kernels) or the v1 ones (the default). Either gives the same bits; the
+    /// captured decode step is dropped and captured again under the new choice.
+    pub fn set_attention_v2(&mut self, on: bool) {
+        let k = [AttentionKernel::Auto, AttentionKernel::Auto2][usize::from(on)];
+        if k != self.attention {
+            self.attention = k;
             self.graph = None;
         }
     }
@@ -544,157 +559,368 @@ impl<'m> Session<'m> {
         dev: &Device,
         ids: &GpuTensor<u32>,
         positions: &Positions,
-        mut trace: Option<&mut Trace>,
+        trace: Option<&mut Trace>,
         logits: &mut GpuTensor<f32>,
     ) -> Result<()> {
-        let m = self.model;
-        let c = &m.cfg;
-        let n = ids.len();
-        let (d, hd, nh, nkv) = (c.dim, c.head_dim, c.n_heads, c.n_kv_heads);
-        let mut h = GpuTensor::output(dev, &[n, d])?;
-        gather_rows_device(dev, &m.embed, ids, &mut h)?;
-        // The norms' outputs with their quantization beside them (add_rmsnorm_q8): the
-        // products that read them launch no quantization of their own.
-        // SAFETY: written below (the first layer's norm) before anything reads it.
-        let mut x = unsafe { GpuActPair::uninit(dev, n, d) }?;
-        let mut qn = GpuTensor::output(dev, &[n, nh, hd])?;
-        let mut a = GpuTensor::output(dev, &[n, nh, hd])?;
-        let mut o = GpuTensor::output(dev, &[n, d])?;
-        // x = the first layer's attention norm of h; every later one comes fused with the
-        // residual add before it (add_rmsnorm: the bits of add then rmsnorm, a launch fewer).
-        if let Some(first) = m.layers.first() {
-            x.write_with(dev, |x| rmsnorm(dev, &h, &first.attn_norm, c.norm_eps, x))?;
-        }
-        for (l, layer) in m.layers.iter().enumerate() {
-            match (&layer.mixer, &mut self.states[l]) {
-                (
-                    GpuMixer::Attention {
-                        qkv,
-                        wo,
-                        q_norm,
-                        k_norm,
-                        gated,
-                    },
-                    LayerState::Kv(cache),
-                ) => {
-                    // One product for q, k and v (three if their formats differ); one launch
-                    // for their norms, rotations and the cache write (the bits of rmsnorm,
-                    // rope_neox and kv_write in turn). Gated: each q head is followed by its
-                    // output gate, applied to the attention's output before Wo.
-                    let qw = if *gated { 2 * nh * hd } else { nh * hd };
-                    let (mut y0, mut y1, mut y2);
-                    let input = match qkv {
-                        QkvWeights::Stacked(w) => {
-                            y0 = GpuTensor::output(dev, &[n, qw + 2 * nkv * hd])?;
-                            matmul_shared_pair(dev, &x, &mut [Product::Dense(w, &mut y0)])?;
-                            QkvInput::Stacked(&y0)
-                        }
-                        QkvWeights::Separate([wq, wk, wv]) => {
-                            y0 = GpuTensor::output(dev, &[n, qw])?;
-                            y1 = GpuTensor::output(dev, &[n, nkv * hd])?;
-                            y2 = GpuTensor::output(dev, &[n, nkv * hd])?;
-                            matmul_shared_pair(
-                                dev,
-                                &x,
-                                &mut [
-                                    Product::Dense(wq, &mut y0),
-                                    Product::Dense(wk, &mut y1),
-                                    Product::Dense(wv, &mut y2),
-                                ],
-                            )?;
-                            QkvInput::Separate {
-                                q: &y0,
-                                k: &y1,
-                                v: &y2,
-                            }
-                        }
-                    };
-                    qkv_norm_rope(
-                        dev, input, *gated, q_norm, k_norm, c.norm_eps, positions, &m.rope, cache,
-                        &mut qn,
-                    )?;
-                    attention(dev, &qn, cache, positions, &mut a)?;
-                    if *gated {
-                        // The gates sit at hd + h * 2 hd of the q product's rows (the stacked
-                        // product's q columns come first).
-                        gate_heads_sigmoid(dev, &mut a, &y0, hd, 2 * hd)?;
-                    }
-                    a.reshape(&[n, nh * hd])?;
-                    matmul(dev, &a, wo, &mut o)?;
-                    a.reshape(&[n, nh, hd])?;
-                }
-                (
-                    GpuMixer::DeltaNet {
-                        proj,
-                        consts,
-                        norm,
-                        out,
-                    },
-                    LayerState::DeltaNet(state),
-                ) => {
-                    // The four projections of x (one quantization), the scan (conv, unit q/k,
-                    // gates, the delta rule), the gated norm per value head, the output.
-                    let dn = c.delta_net().expect("a DeltaNet layer has its config");
-                    let (hv, sd) = (dn.v_heads, dn.head_dim);
-                    let [wqkv, wz, wb, wa] = &**proj;
-                    let mut mixed = GpuTensor::output(dev, &[n, dn.conv_dim()])?;
-                    let mut z = GpuTensor::output(dev, &[n * hv, sd])?;
-                    let mut bt = GpuTensor::output(dev, &[n, hv])?;
-                    let mut al = GpuTensor::output(dev, &[n, hv])?;
-                    z.reshape(&[n, hv * sd])?;
-                    matmul_shared_pair(
-                        dev,
-                        &x,
-                        &mut [
-                            Product::Dense(wqkv, &mut mixed),
-                            Product::Dense(wz, &mut z),
-                            Product::Dense(wb, &mut bt),
-                            Product::Dense(wa, &mut al),
-                        ],
-                    )?;
-                    z.reshape(&[n * hv, sd])?;
-                    let mut so = GpuTensor::output(dev, &[n, hv, sd])?;
-                    delta_net_scan(dev, consts, state, &mixed, &bt, &al, c.norm_eps, &mut so)?;
-                    so.reshape(&[n * hv, sd])?;
-                    let mut normed = GpuTensor::output(dev, &[n * hv, sd])?;
-                    rmsnorm(dev, &so, norm, c.norm_eps, &mut normed)?;
-                    let mut gated = GpuTensor::output(dev, &[n * hv, sd])?;
-                    delta_net_gate(dev, &normed, &z, &mut gated)?;
-                    gated.reshape(&[n, hv * sd])?;
-                    matmul(dev, &gated, out, &mut o)?;
-                }
-                _ => {
-                    return Err(Error::invalid(
-                        "Session::forward",
-                        "a layer's state does not match its mixer",
-                    ))
-                }
-            }
-            add_rmsnorm_q8(dev, &mut h, &o, &layer.ffn_norm, c.norm_eps, &mut x)?;
-            let moe = layer.moe.forward_batched_pair(dev, &x)?;
-            match m.layers.get(l + 1) {
-                Some(next) => {
-                    add_rmsnorm_q8(dev, &mut h, &moe.out, &next.attn_norm, c.norm_eps, &mut x)?
-                }
-                None => add(dev, &mut h, &moe.out)?,
-            }
-            if let Some(t) = trace.as_deref_mut() {
-                t.push_layer(l, &h.to_host()?);
-            }
-        }
-        // Logits: every token's when tracing, the last token's otherwise.
-        let rows = logits.dims()[0];
-        let hl = if rows == n {
-            h
-        } else {
-            let mut last = GpuTensor::output(dev, &[1, d])?;
-            dev.stream()
-                .memcpy_dtod(&h.slice().slice((n - 1) * d..), last.slice_mut())?;
-            last
-        };
-        let mut hn = GpuTensor::output(dev, &[rows, d])?;
-        rmsnorm(dev, &hl, &m.out_norm, c.norm_eps, &mut hn)?;
-        matmul(dev, &hn, &m.lm_head, logits)?;
-        Ok(())
+        let mem = Memory::Solo(&mut self.states);
+        forward_layers(
+            self.model,
+            self.attention,
+            dev,
+            ids,
+            positions,
+            mem,
+            trace,
+            logits,
+            None,
+        )
     }
+}
+
+/// Where a forward's rows keep their keys, values and recurrent states: one sequence's caches
+/// ([`Session`]) or the paged caches and per-sequence states of many
+/// ([`crate::model::batch::BatchSession`], with the step's rows). The layer loop,
+/// [`forward_layers`], is the same for both.
+pub(crate) enum Memory<'a> {
+    /// Per layer its KV cache or DeltaNet state.
+    Solo(&'a mut [LayerState]),
+    /// The paged caches and states, and where this step's rows go.
+    Paged(&'a mut PagedDevice, &'a PagedRows),
+}
+
+/// A batched session's device memory: per layer a paged KV cache (`[n_kv, n_pages * 64, hd]`,
+/// attention layers), per sequence its DeltaNet states.
+pub(crate) struct PagedDevice {
+    pub(crate) caches: Vec<Option<LayerCache>>,
+    pub(crate) dn:
+        std::collections::BTreeMap<crate::model::paged::SeqId, Vec<Option<GpuDeltaNetState>>>,
+}
+
+/// One segment of a batched step: rows `row0..row0 + rows` (after the step's reordering, a
+/// sequence's rows are contiguous and in position order), their positions on the device and
+/// the sequence's block table.
+pub(crate) struct PagedSegment {
+    pub(crate) seq: crate::model::paged::SeqId,
+    pub(crate) row0: usize,
+    pub(crate) rows: usize,
+    pub(crate) pos: Positions,
+    pub(crate) table: Vec<u32>,
+}
+
+/// Where a batched step's rows go: every row's cache slot, the segments, and the decode block
+/// (rows `0..short.0` are the segments of at most `SPLIT_MAX_QUERIES` rows: one attention
+/// launch with a block table per row, `short.2` entries each).
+pub(crate) struct PagedRows {
+    pub(crate) slots: Positions,
+    pub(crate) segments: Vec<PagedSegment>,
+    pub(crate) short: Option<(usize, Positions, Vec<u32>, usize)>,
+}
+
+/// The layer loop of every forward: `ids: [n]` at `positions` through the model's layers,
+/// each layer's hidden states appended to `trace` when given; logits into `logits: [rows,
+/// vocab]` of the rows `logit_rows` names (on the device), or, without them, of every token
+/// (`rows == n`) or the last one.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_layers(
+    m: &GpuModel,
+    attn: AttentionKernel,
+    dev: &Device,
+    ids: &GpuTensor<u32>,
+    positions: &Positions,
+    mut mem: Memory<'_>,
+    mut trace: Option<&mut Trace>,
+    logits: &mut GpuTensor<f32>,
+    logit_rows: Option<&GpuTensor<u32>>,
+) -> Result<()> {
+    let c = &m.cfg;
+    let n = ids.len();
+    let (d, hd, nh, nkv) = (c.dim, c.head_dim, c.n_heads, c.n_kv_heads);
+    let mut h = GpuTensor::output(dev, &[n, d])?;
+    gather_rows_device(dev, &m.embed, ids, &mut h)?;
+    // The norms' outputs with their quantization beside them (add_rmsnorm_q8): the
+    // products that read them launch no quantization of their own.
+    // SAFETY: written below (the first layer's norm) before anything reads it.
+    let mut x = unsafe { GpuActPair::uninit(dev, n, d) }?;
+    let mut qn = GpuTensor::output(dev, &[n, nh, hd])?;
+    let mut a = GpuTensor::output(dev, &[n, nh, hd])?;
+    let mut o = GpuTensor::output(dev, &[n, d])?;
+    // The attention output with its quantization (ungated layers, nh * hd % 32 == 0).
+    let ungated = m
+        .layers
+        .iter()
+        .any(|l| matches!(l.mixer, GpuMixer::Attention { gated: false, .. }));
+    let mut ap = match ungated && (nh * hd) % 32 == 0 {
+        // SAFETY: attention_pair writes the whole pair before Wo reads it.
+        true => Some(unsafe { GpuActPair::uninit(dev, n, nh * hd) }?),
+        false => None,
+    };
+    // x = the first layer's attention norm of h; every later one comes fused with the
+    // residual add before it (add_rmsnorm: the bits of add then rmsnorm, a launch fewer).
+    if let Some(first) = m.layers.first() {
+        x.write_with(dev, |x| rmsnorm(dev, &h, &first.attn_norm, c.norm_eps, x))?;
+    }
+    for (l, layer) in m.layers.iter().enumerate() {
+        match &layer.mixer {
+            GpuMixer::Attention {
+                qkv,
+                wo,
+                q_norm,
+                k_norm,
+                gated,
+            } => {
+                // One product for q, k and v (three if their formats differ); one launch
+                // for their norms, rotations and the cache write (the bits of rmsnorm,
+                // rope_neox and kv_write in turn). Gated: each q head is followed by its
+                // output gate, applied to the attention's output before Wo.
+                let qw = if *gated { 2 * nh * hd } else { nh * hd };
+                let (mut y0, mut y1, mut y2);
+                let input = match qkv {
+                    QkvWeights::Stacked(w) => {
+                        y0 = GpuTensor::output(dev, &[n, qw + 2 * nkv * hd])?;
+                        matmul_shared_pair(dev, &x, &mut [Product::Dense(w, &mut y0)])?;
+                        QkvInput::Stacked(&y0)
+                    }
+                    QkvWeights::Separate([wq, wk, wv]) => {
+                        y0 = GpuTensor::output(dev, &[n, qw])?;
+                        y1 = GpuTensor::output(dev, &[n, nkv * hd])?;
+                        y2 = GpuTensor::output(dev, &[n, nkv * hd])?;
+                        matmul_shared_pair(
+                            dev,
+                            &x,
+                            &mut [
+                                Product::Dense(wq, &mut y0),
+                                Product::Dense(wk, &mut y1),
+                                Product::Dense(wv, &mut y2),
+                            ],
+                        )?;
+                        QkvInput::Separate {
+                            q: &y0,
+                            k: &y1,
+                            v: &y2,
+                        }
+                    }
+                };
+                let paged = match &mut mem {
+                    Memory::Solo(states) => {
+                        let LayerState::Kv(cache) = &mut states[l] else {
+                            return Err(mismatch());
+                        };
+                        qkv_norm_rope(
+                            dev, input, *gated, q_norm, k_norm, c.norm_eps, positions, &m.rope,
+                            cache, &mut qn,
+                        )?;
+                        Some(cache)
+                    }
+                    Memory::Paged(pd, rows) => {
+                        let cache = pd.caches[l].as_mut().ok_or_else(mismatch)?;
+                        qkv_norm_rope_paged(
+                            dev,
+                            input,
+                            *gated,
+                            q_norm,
+                            k_norm,
+                            c.norm_eps,
+                            positions,
+                            &rows.slots,
+                            &m.rope,
+                            cache,
+                            &mut qn,
+                        )?;
+                        attend_paged(dev, cache, rows, &qn, &mut a)?;
+                        None
+                    }
+                };
+                match (ap.as_mut(), paged) {
+                    // The attention writes Wo's quantized input itself (a launch fewer).
+                    (Some(ap), Some(cache)) if !*gated => {
+                        attention_pair_with(dev, attn, &qn, cache, positions, ap)?;
+                        matmul_shared_pair(dev, ap, &mut [Product::Dense(wo, &mut o)])?;
+                    }
+                    (_, cache) => {
+                        // (A paged step's attention is already in a.)
+                        if let Some(cache) = cache {
+                            attention_with(dev, attn, &qn, cache, positions, &mut a)?;
+                        }
+                        if *gated {
+                            // The gates sit at hd + h * 2 hd of the q product's rows (the
+                            // stacked product's q columns come first).
+                            gate_heads_sigmoid(dev, &mut a, &y0, hd, 2 * hd)?;
+                        }
+                        a.reshape(&[n, nh * hd])?;
+                        matmul(dev, &a, wo, &mut o)?;
+                        a.reshape(&[n, nh, hd])?;
+                    }
+                }
+            }
+            GpuMixer::DeltaNet {
+                proj,
+                consts,
+                norm,
+                out,
+            } => {
+                // The four projections of x (one quantization), the scan (conv, unit q/k,
+                // gates, the delta rule), the gated norm per value head, the output.
+                let dn = c.delta_net().expect("a DeltaNet layer has its config");
+                let (hv, sd) = (dn.v_heads, dn.head_dim);
+                let [wqkv, wz, wb, wa] = &**proj;
+                let mut mixed = GpuTensor::output(dev, &[n, dn.conv_dim()])?;
+                let mut z = GpuTensor::output(dev, &[n * hv, sd])?;
+                let mut bt = GpuTensor::output(dev, &[n, hv])?;
+                let mut al = GpuTensor::output(dev, &[n, hv])?;
+                z.reshape(&[n, hv * sd])?;
+                matmul_shared_pair(
+                    dev,
+                    &x,
+                    &mut [
+                        Product::Dense(wqkv, &mut mixed),
+                        Product::Dense(wz, &mut z),
+                        Product::Dense(wb, &mut bt),
+                        Product::Dense(wa, &mut al),
+                    ],
+                )?;
+                z.reshape(&[n * hv, sd])?;
+                let mut so = GpuTensor::output(dev, &[n, hv, sd])?;
+                match &mut mem {
+                    Memory::Solo(states) => {
+                        let LayerState::DeltaNet(state) = &mut states[l] else {
+                            return Err(mismatch());
+                        };
+                        delta_net_scan(dev, consts, state, &mixed, &bt, &al, c.norm_eps, &mut so)?;
+                    }
+                    Memory::Paged(pd, rows) => scan_paged(
+                        dev, consts, pd, rows, l, &mixed, &bt, &al, c.norm_eps, &mut so,
+                    )?,
+                }
+                so.reshape(&[n * hv, sd])?;
+                let mut normed = GpuTensor::output(dev, &[n * hv, sd])?;
+                rmsnorm(dev, &so, norm, c.norm_eps, &mut normed)?;
+                let mut gated = GpuTensor::output(dev, &[n * hv, sd])?;
+                delta_net_gate(dev, &normed, &z, &mut gated)?;
+                gated.reshape(&[n, hv * sd])?;
+                matmul(dev, &gated, out, &mut o)?;
+            }
+        }
+        add_rmsnorm_q8(dev, &mut h, &o, &layer.ffn_norm, c.norm_eps, &mut x)?;
+        let moe = layer.moe.forward_batched_pair(dev, &x)?;
+        match m.layers.get(l + 1) {
+            Some(next) => {
+                add_rmsnorm_q8(dev, &mut h, &moe.out, &next.attn_norm, c.norm_eps, &mut x)?
+            }
+            None => add(dev, &mut h, &moe.out)?,
+        }
+        if let Some(t) = trace.as_deref_mut() {
+            t.push_layer(l, &h.to_host()?);
+        }
+    }
+    // Logits: of the rows asked for, or every token's when tracing, the last token's otherwise.
+    let rows = logits.dims()[0];
+    let hl = if let Some(idx) = logit_rows {
+        let mut sel = GpuTensor::output(dev, &[idx.len(), d])?;
+        gather_rows_device(dev, &h, idx, &mut sel)?;
+        sel
+    } else if rows == n {
+        h
+    } else {
+        let mut last = GpuTensor::output(dev, &[1, d])?;
+        dev.stream()
+            .memcpy_dtod(&h.slice().slice((n - 1) * d..), last.slice_mut())?;
+        last
+    };
+    let mut hn = GpuTensor::output(dev, &[rows, d])?;
+    rmsnorm(dev, &hl, &m.out_norm, c.norm_eps, &mut hn)?;
+    matmul(dev, &hn, &m.lm_head, logits)?;
+    Ok(())
+}
+
+fn mismatch() -> Error {
+    Error::invalid(
+        "Session::forward",
+        "a layer's state does not match its mixer",
+    )
+}
+
+/// Rows `r0..r0 + rows` of `x: [n, w]` (any trailing dims flattened) as a tensor of their own.
+fn rows_of(dev: &Device, x: &GpuTensor<f32>, r0: usize, rows: usize) -> Result<GpuTensor<f32>> {
+    let n = x.dims()[0];
+    let w = x.len() / n.max(1);
+    let mut dims = x.dims().to_vec();
+    dims[0] = rows;
+    let mut out = GpuTensor::output(dev, &dims)?;
+    dev.stream()
+        .memcpy_dtod(&x.slice().slice(r0 * w..(r0 + rows) * w), out.slice_mut())?;
+    Ok(out)
+}
+
+/// Writes `part` into rows `r0..` of `x`.
+fn put_rows(dev: &Device, x: &mut GpuTensor<f32>, r0: usize, part: &GpuTensor<f32>) -> Result<()> {
+    let w = x.len() / x.dims()[0].max(1);
+    let len = part.len();
+    dev.stream().memcpy_dtod(
+        part.slice(),
+        &mut x.slice_mut().slice_mut(r0 * w..r0 * w + len),
+    )?;
+    Ok(())
+}
+
+/// A batched step's attention into `a: [n, nh, hd]`: the decode block (rows `0..short`) in one
+/// launch with a block table per row, each longer segment in one launch with its sequence's.
+fn attend_paged(
+    dev: &Device,
+    cache: &LayerCache,
+    rows: &PagedRows,
+    qn: &GpuTensor<f32>,
+    a: &mut GpuTensor<f32>,
+) -> Result<()> {
+    use crate::kernels::attention::{attention_paged, PagedQueries};
+    let n = qn.dims()[0];
+    if let Some((k, pos, tables, stride)) = &rows.short {
+        let q = rows_of(dev, qn, 0, *k)?;
+        let mut o = GpuTensor::output(dev, q.dims())?;
+        let t = PagedQueries::Rows {
+            tables,
+            stride: *stride,
+        };
+        attention_paged(dev, &q, cache, pos, t, &mut o)?;
+        put_rows(dev, a, 0, &o)?;
+    }
+    let first_long = rows.short.as_ref().map_or(0, |s| s.0);
+    for seg in rows.segments.iter().filter(|s| s.row0 >= first_long) {
+        let q = rows_of(dev, qn, seg.row0, seg.rows)?;
+        let mut o = GpuTensor::output(dev, q.dims())?;
+        let t = PagedQueries::Sequence { table: &seg.table };
+        attention_paged(dev, &q, cache, &seg.pos, t, &mut o)?;
+        put_rows(dev, a, seg.row0, &o)?;
+    }
+    debug_assert!(rows.segments.iter().all(|s| s.row0 + s.rows <= n));
+    Ok(())
+}
+
+/// A batched step's DeltaNet scan of layer `l`: each segment's rows through its sequence's
+/// state, in order.
+#[allow(clippy::too_many_arguments)]
+fn scan_paged(
+    dev: &Device,
+    consts: &GpuDeltaNetConsts,
+    pd: &mut PagedDevice,
+    rows: &PagedRows,
+    l: usize,
+    mixed: &GpuTensor<f32>,
+    bt: &GpuTensor<f32>,
+    al: &GpuTensor<f32>,
+    eps: f32,
+    so: &mut GpuTensor<f32>,
+) -> Result<()> {
+    for seg in &rows.segments {
+        let states = pd.dn.get_mut(&seg.seq).ok_or_else(mismatch)?;
+        let state = states[l].as_mut().ok_or_else(mismatch)?;
+        let (mx, b, a) = (
+            rows_of(dev, mixed, seg.row0, seg.rows)?,
+            rows_of(dev, bt, seg.row0, seg.rows)?,
+            rows_of(dev, al, seg.row0, seg.rows)?,
+        );
+        let mut o = rows_of(dev, so, seg.row0, seg.rows)?;
+        delta_net_scan(dev, consts, state, &mx, &b, &a, eps, &mut o)?;
+        put_rows(dev, so, seg.row0, &o)?;
+    }
+    Ok(())
 }

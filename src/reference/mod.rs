@@ -6,6 +6,7 @@
 
 pub mod activation;
 pub mod attention;
+pub mod batch;
 pub mod delta_net;
 pub mod elementwise;
 pub mod fastscan;

@@ -5,13 +5,13 @@
 
 use crate::error::{Error, Result};
 use crate::math::sigmoid;
-use crate::model::config::check_tokens;
+use crate::model::config::{check_tokens, ModelConfig};
 use crate::model::trace::Trace;
 use crate::model::weights::{LayerWeights, Mixer, ModelWeights};
 use crate::quant::fastscan::FastScanSpec;
 use crate::reference;
 use crate::reference::attention::QkMode;
-use crate::reference::delta_net::{self, DeltaNetState};
+use crate::reference::delta_net::{self, DeltaNetState, DeltaNetWeights};
 use crate::reference::fastscan::{attend_f16, CpuCache, ScoreMode, ValueMode};
 use crate::reference::moe_block;
 
@@ -42,16 +42,53 @@ enum OtherKv {
 /// [`crate::reference`], with an f32 KV cache. It runs the layers the weights hold.
 pub struct CpuSession<'w> {
     w: &'w ModelWeights,
+    pos: usize,
+    rope: RopeTable,
+    mem: SoloMemory,
+}
+
+/// The rope table of a model's context: `(cos, sin)`, [`reference::rope::rope_table`]'s.
+pub(crate) type RopeTable = (Vec<f32>, Vec<f32>);
+
+/// One sequence's caches and states ([`CpuSession`]'s [`Memory`]).
+struct SoloMemory {
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
-    pos: usize,
-    rope: (Vec<f32>, Vec<f32>),
+    max_context: usize,
     qk: QkMode,
     kv: KvMode,
     /// Per layer, its cache when `kv` is not f32 (`None` for DeltaNet layers).
     other_kv: Vec<Option<OtherKv>>,
     /// The state of each DeltaNet layer (`None` for attention layers).
     dn: Vec<Option<DeltaNetState>>,
+}
+
+/// Where a forward's rows keep their keys, values and recurrent states, and how attention reads
+/// them back: the one thing [`CpuSession`] (one sequence) and
+/// [`crate::reference::batch::CpuBatchSession`] (many, paged) do differently. The rest of a
+/// forward is [`forward_rows`], the same for both.
+pub(crate) trait Memory {
+    /// Attention layer `l`: stores the rows' `k, v: [n, n_kv, hd]` (row `i` at position
+    /// `pos[i]` of its sequence), then returns `[n, n_heads, hd]`: each row's query heads
+    /// `q: [n, n_heads, hd]` over keys `0..=pos[i]` of its sequence.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &mut self,
+        c: &ModelConfig,
+        l: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        pos: &[u32],
+    ) -> Result<Vec<f32>>;
+    /// DeltaNet layer `l` over rows `x: [n, dim]`, each continuing its sequence's state.
+    fn delta_net(
+        &mut self,
+        l: usize,
+        dw: &DeltaNetWeights,
+        x: &[f32],
+        eps: f32,
+    ) -> Result<Vec<f32>>;
 }
 
 impl<'w> CpuSession<'w> {
@@ -66,28 +103,24 @@ impl<'w> CpuSession<'w> {
         };
         CpuSession {
             w,
-            k: w.layers.iter().map(cache).collect(),
-            v: w.layers.iter().map(cache).collect(),
             pos: 0,
             rope: reference::rope::rope_table(c.max_context, c.rope_dim, c.rope_base),
-            qk: QkMode::F32,
-            kv: KvMode::F32,
-            other_kv: w.layers.iter().map(|_| None).collect(),
-            dn: w
-                .layers
-                .iter()
-                .map(|l| match &l.mixer {
-                    Mixer::DeltaNet(d) => Some(DeltaNetState::new(&d.cfg)),
-                    Mixer::Attention(_) => None,
-                })
-                .collect(),
+            mem: SoloMemory {
+                k: w.layers.iter().map(cache).collect(),
+                v: w.layers.iter().map(cache).collect(),
+                max_context: c.max_context,
+                qk: QkMode::F32,
+                kv: KvMode::F32,
+                other_kv: w.layers.iter().map(|_| None).collect(),
+                dn: new_states(w),
+            },
         }
     }
 
     /// How attention scores are formed ([`QkMode::F32`], the canonical order, by default). The
     /// int8 modes exist on the CPU only, to measure what they cost in accuracy.
     pub fn set_qk_mode(&mut self, mode: QkMode) {
-        self.qk = mode;
+        self.mem.qk = mode;
     }
 
     /// How the attention layers keep keys and values ([`KvMode::F32`] by default). Only before
@@ -118,8 +151,8 @@ impl<'w> CpuSession<'w> {
                 ))),
             });
         }
-        self.kv = mode;
-        self.other_kv = caches;
+        self.mem.kv = mode;
+        self.mem.other_kv = caches;
         Ok(())
     }
 
@@ -136,125 +169,10 @@ impl<'w> CpuSession<'w> {
     /// Takes `tokens` in one batched step: every stage over all of them (the schedule of the
     /// GPU prefill, on the CPU). It must give the bits of [`CpuSession::run`].
     pub fn forward(&mut self, tokens: &[u32], trace: &mut Trace) -> Result<()> {
-        use reference::{attention, elementwise, gemm::gemm, norm::rmsnorm, rope::rope_neox};
         check_tokens("CpuSession::forward", &self.w.cfg, tokens, self.pos)?;
-        let w = self.w;
-        let c = &w.cfg;
         let n = tokens.len();
-        let (d, hd, nh, nkv) = (c.dim, c.head_dim, c.n_heads, c.n_kv_heads);
         let pos: Vec<u32> = (self.pos..self.pos + n).map(|p| p as u32).collect();
-        let mut h = elementwise::gather_rows(&w.embed, tokens, d);
-        for (l, lw) in w.layers.iter().enumerate() {
-            let x = rmsnorm(&h, &lw.attn_norm, c.norm_eps);
-            let aw = match &lw.mixer {
-                Mixer::Attention(aw) => aw,
-                Mixer::DeltaNet(dw) => {
-                    let st = self.dn[l].as_mut().expect("a DeltaNet layer has a state");
-                    let o = delta_net::forward_cpu(dw, st, &x, n, c.norm_eps)?;
-                    elementwise::add(&mut h, &o);
-                    self.moe(l, lw, &mut h, n)?;
-                    trace.push_layer(l, &h);
-                    continue;
-                }
-            };
-            let q = gemm(&x, &aw.wq, n)?;
-            // A gated query projection holds `[q_h | gate_h]` per head: split it.
-            let (q, gate) = if c.hybrid.is_some() {
-                let mut qs = Vec::with_capacity(n * nh * hd);
-                let mut gs = Vec::with_capacity(n * nh * hd);
-                for head in q.chunks(2 * hd) {
-                    qs.extend_from_slice(&head[..hd]);
-                    gs.extend_from_slice(&head[hd..]);
-                }
-                (qs, Some(gs))
-            } else {
-                (q, None)
-            };
-            let k = gemm(&x, &aw.wk, n)?;
-            let v = gemm(&x, &aw.wv, n)?;
-            let mut q = rmsnorm(&q, &aw.q_norm, c.norm_eps);
-            let mut k = rmsnorm(&k, &aw.k_norm, c.norm_eps);
-            rope_neox(
-                &mut q,
-                &pos,
-                &self.rope.0,
-                &self.rope.1,
-                nh,
-                hd,
-                c.rope_dim / 2,
-            );
-            rope_neox(
-                &mut k,
-                &pos,
-                &self.rope.0,
-                &self.rope.1,
-                nkv,
-                hd,
-                c.rope_dim / 2,
-            );
-            let mut a = match self.other_kv[l].as_mut() {
-                None => {
-                    for (i, &p) in pos.iter().enumerate() {
-                        for kvh in 0..nkv {
-                            let at = (kvh * c.max_context + p as usize) * hd;
-                            let src = (i * nkv + kvh) * hd;
-                            self.k[l][at..at + hd].copy_from_slice(&k[src..src + hd]);
-                            self.v[l][at..at + hd].copy_from_slice(&v[src..src + hd]);
-                        }
-                    }
-                    attention::attention_with(
-                        self.qk,
-                        &q,
-                        &self.k[l],
-                        &self.v[l],
-                        &pos,
-                        nh,
-                        nkv,
-                        hd,
-                        c.max_context,
-                    )
-                }
-                Some(OtherKv::F16 { k: kc, v: vc }) => {
-                    let f16 = |x: f32| half::f16::from_f32(x).to_bits();
-                    for (i, &p) in pos.iter().enumerate() {
-                        for kvh in 0..nkv {
-                            let (at, src) = (p as usize * hd, (i * nkv + kvh) * hd);
-                            for j in 0..hd {
-                                kc[kvh][at + j] = f16(k[src + j]);
-                                vc[kvh][at + j] = f16(v[src + j]);
-                            }
-                        }
-                    }
-                    let mut a = Vec::with_capacity(n * nh * hd);
-                    for (i, &p) in pos.iter().enumerate() {
-                        for head in 0..nh {
-                            let kvh = head / (nh / nkv);
-                            let qh = &q[(i * nh + head) * hd..][..hd];
-                            a.extend(attend_f16(qh, &kc[kvh], &vc[kvh], p as usize, hd));
-                        }
-                    }
-                    a
-                }
-                Some(OtherKv::FastScan(cache)) => {
-                    cache.append(&k, &v);
-                    cache.attention(&q, &pos, nh, ScoreMode::F32, ValueMode::F32)
-                }
-            };
-            if let Some(g) = gate {
-                // The output gate, before the output projection: one rounded multiply each.
-                for (ai, &gi) in a.iter_mut().zip(&g) {
-                    *ai = crate::math::canon(*ai * sigmoid(gi));
-                }
-            }
-            let o = gemm(&a, &aw.wo, n)?;
-            elementwise::add(&mut h, &o);
-            self.moe(l, lw, &mut h, n)?;
-            trace.push_layer(l, &h);
-        }
-        if w.is_complete() {
-            let hn = rmsnorm(&h, &w.out_norm, c.norm_eps);
-            trace.logits.extend(gemm(&hn, &w.lm_head, n)?);
-        }
+        forward_rows(self.w, &self.rope, &mut self.mem, tokens, &pos, trace)?;
         self.pos += n;
         Ok(())
     }
@@ -300,24 +218,189 @@ impl<'w> CpuSession<'w> {
     /// in order, its convolution window, then its delta-rule matrices (empty for a model
     /// without DeltaNet layers). Two schedules of one prompt leave the same bits here.
     pub fn recurrent_state(&self) -> Vec<f32> {
-        self.dn
-            .iter()
-            .flatten()
-            .flat_map(|st| st.conv.iter().chain(&st.m).copied())
-            .collect()
+        flat_states(&self.mem.dn)
+    }
+}
+
+/// Stores rows `k, v: [n, n_kv, hd]` into caches `kc, vc: [n_kv, cap, hd]`, row `i` at cache
+/// row `rows[i]` (its position, or its page slot in a paged cache).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn store_kv(
+    kc: &mut [f32],
+    vc: &mut [f32],
+    k: &[f32],
+    v: &[f32],
+    rows: &[u32],
+    nkv: usize,
+    cap: usize,
+    hd: usize,
+) {
+    for (i, &r) in rows.iter().enumerate() {
+        for kvh in 0..nkv {
+            let at = (kvh * cap + r as usize) * hd;
+            let src = (i * nkv + kvh) * hd;
+            kc[at..at + hd].copy_from_slice(&k[src..src + hd]);
+            vc[at..at + hd].copy_from_slice(&v[src..src + hd]);
+        }
+    }
+}
+
+/// A fresh state for each DeltaNet layer of `w` (`None` for attention layers).
+pub(crate) fn new_states(w: &ModelWeights) -> Vec<Option<DeltaNetState>> {
+    w.layers
+        .iter()
+        .map(|l| match &l.mixer {
+            Mixer::DeltaNet(d) => Some(DeltaNetState::new(&d.cfg)),
+            Mixer::Attention(_) => None,
+        })
+        .collect()
+}
+
+/// The states of [`new_states`]' layout, flattened: for every DeltaNet layer in order, its
+/// convolution window, then its delta-rule matrices.
+pub(crate) fn flat_states(dn: &[Option<DeltaNetState>]) -> Vec<f32> {
+    dn.iter()
+        .flatten()
+        .flat_map(|st| st.conv.iter().chain(&st.m).copied())
+        .collect()
+}
+
+/// One forward over rows `tokens` at positions `pos` (each row continuing its sequence in
+/// `mem`): every layer of `w` over all rows (the per-token computation of
+/// [`crate::model::transformer`]'s module docs), each layer's hidden states and, when the
+/// weights hold every layer, the logits appended to `trace`. The caller has checked the tokens
+/// and positions.
+pub(crate) fn forward_rows(
+    w: &ModelWeights,
+    rope: &RopeTable,
+    mem: &mut impl Memory,
+    tokens: &[u32],
+    pos: &[u32],
+    trace: &mut Trace,
+) -> Result<()> {
+    use reference::{elementwise, gemm::gemm, norm::rmsnorm, rope::rope_neox};
+    let c = &w.cfg;
+    let n = tokens.len();
+    let (d, hd, nh, nkv) = (c.dim, c.head_dim, c.n_heads, c.n_kv_heads);
+    let mut h = elementwise::gather_rows(&w.embed, tokens, d);
+    for (l, lw) in w.layers.iter().enumerate() {
+        let x = rmsnorm(&h, &lw.attn_norm, c.norm_eps);
+        let aw = match &lw.mixer {
+            Mixer::Attention(aw) => aw,
+            Mixer::DeltaNet(dw) => {
+                let o = mem.delta_net(l, dw, &x, c.norm_eps)?;
+                elementwise::add(&mut h, &o);
+                moe(lw, &mut h, n, c.norm_eps)?;
+                trace.push_layer(l, &h);
+                continue;
+            }
+        };
+        let q = gemm(&x, &aw.wq, n)?;
+        // A gated query projection holds `[q_h | gate_h]` per head: split it.
+        let (q, gate) = if c.hybrid.is_some() {
+            let mut qs = Vec::with_capacity(n * nh * hd);
+            let mut gs = Vec::with_capacity(n * nh * hd);
+            for head in q.chunks(2 * hd) {
+                qs.extend_from_slice(&head[..hd]);
+                gs.extend_from_slice(&head[hd..]);
+            }
+            (qs, Some(gs))
+        } else {
+            (q, None)
+        };
+        let k = gemm(&x, &aw.wk, n)?;
+        let v = gemm(&x, &aw.wv, n)?;
+        let mut q = rmsnorm(&q, &aw.q_norm, c.norm_eps);
+        let mut k = rmsnorm(&k, &aw.k_norm, c.norm_eps);
+        let half = c.rope_dim / 2;
+        rope_neox(&mut q, pos, &rope.0, &rope.1, nh, hd, half);
+        rope_neox(&mut k, pos, &rope.0, &rope.1, nkv, hd, half);
+        let mut a = mem.attention(c, l, &q, &k, &v, pos)?;
+        if let Some(g) = gate {
+            // The output gate, before the output projection: one rounded multiply each.
+            for (ai, &gi) in a.iter_mut().zip(&g) {
+                *ai = crate::math::canon(*ai * sigmoid(gi));
+            }
+        }
+        let o = gemm(&a, &aw.wo, n)?;
+        elementwise::add(&mut h, &o);
+        moe(lw, &mut h, n, c.norm_eps)?;
+        trace.push_layer(l, &h);
+    }
+    if w.is_complete() {
+        let hn = rmsnorm(&h, &w.out_norm, c.norm_eps);
+        trace.logits.extend(gemm(&hn, &w.lm_head, n)?);
+    }
+    Ok(())
+}
+
+/// The MoE half of a layer: `h += moe(rmsnorm(h, ffn_norm))`, one token's reference loop for a
+/// single token, the batched schedule otherwise (the same bits).
+fn moe(lw: &LayerWeights, h: &mut [f32], n: usize, eps: f32) -> Result<()> {
+    use reference::{elementwise, norm::rmsnorm};
+    let x2 = rmsnorm(h, &lw.ffn_norm, eps);
+    let m = if n == 1 {
+        moe_block::forward_cpu(&lw.moe, &x2, 1)?
+    } else {
+        moe_block::forward_cpu_batched(&lw.moe, &x2, n)?
+    };
+    elementwise::add(h, &m.out);
+    Ok(())
+}
+
+impl Memory for SoloMemory {
+    fn attention(
+        &mut self,
+        c: &ModelConfig,
+        l: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        pos: &[u32],
+    ) -> Result<Vec<f32>> {
+        use reference::attention;
+        let (hd, nh, nkv, cap) = (c.head_dim, c.n_heads, c.n_kv_heads, self.max_context);
+        Ok(match self.other_kv[l].as_mut() {
+            None => {
+                store_kv(&mut self.k[l], &mut self.v[l], k, v, pos, nkv, cap, hd);
+                attention::attention_with(self.qk, q, &self.k[l], &self.v[l], pos, nh, nkv, hd, cap)
+            }
+            Some(OtherKv::F16 { k: kc, v: vc }) => {
+                let f16 = |x: f32| half::f16::from_f32(x).to_bits();
+                for (i, &p) in pos.iter().enumerate() {
+                    for kvh in 0..nkv {
+                        let (at, src) = (p as usize * hd, (i * nkv + kvh) * hd);
+                        for j in 0..hd {
+                            kc[kvh][at + j] = f16(k[src + j]);
+                            vc[kvh][at + j] = f16(v[src + j]);
+                        }
+                    }
+                }
+                let mut a = Vec::with_capacity(pos.len() * nh * hd);
+                for (i, &p) in pos.iter().enumerate() {
+                    for head in 0..nh {
+                        let kvh = head / (nh / nkv);
+                        let qh = &q[(i * nh + head) * hd..][..hd];
+                        a.extend(attend_f16(qh, &kc[kvh], &vc[kvh], p as usize, hd));
+                    }
+                }
+                a
+            }
+            Some(OtherKv::FastScan(cache)) => {
+                cache.append(k, v);
+                cache.attention(q, pos, nh, ScoreMode::F32, ValueMode::F32)
+            }
+        })
     }
 
-    /// The MoE half of layer `l`: `h += moe(rmsnorm(h, ffn_norm))`, one token's reference loop
-    /// for a single token, the batched schedule otherwise (the same bits).
-    fn moe(&self, _l: usize, lw: &LayerWeights, h: &mut [f32], n: usize) -> Result<()> {
-        use reference::{elementwise, norm::rmsnorm};
-        let x2 = rmsnorm(h, &lw.ffn_norm, self.w.cfg.norm_eps);
-        let m = if n == 1 {
-            moe_block::forward_cpu(&lw.moe, &x2, 1)?
-        } else {
-            moe_block::forward_cpu_batched(&lw.moe, &x2, n)?
-        };
-        elementwise::add(h, &m.out);
-        Ok(())
+    fn delta_net(
+        &mut self,
+        l: usize,
+        dw: &DeltaNetWeights,
+        x: &[f32],
+        eps: f32,
+    ) -> Result<Vec<f32>> {
+        let st = self.dn[l].as_mut().expect("a DeltaNet layer has a state");
+        delta_net::forward_cpu(dw, st, x, x.len() / dw.cfg.dim, eps)
     }
 }

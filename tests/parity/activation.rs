@@ -1,10 +1,11 @@
 //! Elementwise activations: GPU == CPU reference, bit for bit, across the whole float range.
 
-use bitexact::kernels::activation::{sigmoid, swiglu, swiglu_halves};
+use bitexact::kernels::activation::{sigmoid, swiglu, swiglu_halves, swiglu_halves_q8};
+use bitexact::kernels::quantize::GpuActPair;
 use bitexact::{reference, Error, GpuTensor};
 use proptest::prelude::*;
 
-use crate::common::{assert_bits_eq, gpu, gpu_cases, poison, values};
+use crate::common::{assert_bits_eq, assert_pair_eq, gpu, gpu_cases, poison, values};
 
 fn swiglu_case(len: usize, seed: u64, scale: f32) {
     let Some(dev) = gpu() else { return };
@@ -65,7 +66,7 @@ fn swiglu_shapes_must_match() {
 #[test]
 fn swiglu_halves_matches_reference() {
     let Some(dev) = gpu() else { return };
-    for (rows, f) in [(1usize, 768usize), (8, 768), (37, 5), (3, 1)] {
+    for (rows, f) in [(1usize, 768usize), (8, 768), (130, 96), (37, 5), (3, 1)] {
         let guh = values(rows as u64 * 31 + f as u64, rows * 2 * f, 12.0, 0.05);
         let mut want = Vec::with_capacity(rows * f);
         for row in guh.chunks(2 * f) {
@@ -89,5 +90,29 @@ fn swiglu_halves_matches_reference() {
             &bad.to_host().unwrap(),
             &poison(rows * (f + 1)),
         );
+        if f % 32 != 0 {
+            continue;
+        }
+        // The variant that quantizes its output too: the pair starts as poison's (every value
+        // and code is overwritten), then holds want and want's reference quantization.
+        let seed = GpuTensor::from_host(dev, &poison(rows * f), &[rows, f]).unwrap();
+        let mut pair = GpuActPair::quantize(dev, seed).unwrap();
+        swiglu_halves_q8(dev, &gu, &mut pair).unwrap();
+        assert_pair_eq(
+            &format!("swiglu_halves_q8 rows={rows} f={f}"),
+            &pair,
+            &want,
+            rows,
+            f,
+        );
     }
+    // f % 32 != 0 cannot make a pair; a gu of the wrong width is a typed error, nothing written.
+    let gu = GpuTensor::from_host(dev, &values(3, 2 * 64, 2.0, 0.0), &[1, 128]).unwrap();
+    let seed = GpuTensor::from_host(dev, &poison(2 * 32), &[2, 32]).unwrap();
+    let mut pair = GpuActPair::quantize(dev, seed).unwrap();
+    assert!(matches!(
+        swiglu_halves_q8(dev, &gu, &mut pair),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    assert_bits_eq("untouched", &pair.x().to_host().unwrap(), &poison(64));
 }

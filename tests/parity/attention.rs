@@ -3,19 +3,24 @@
 //! which kernel runs it.
 
 use bitexact::kernels::attention::{
-    attention, attention_with, kv_write, AttentionKernel, LayerCache, SPLIT_MAX_QUERIES,
+    attention, attention_pair, attention_with, kv_write, AttentionKernel, LayerCache,
+    SPLIT_MAX_QUERIES,
 };
+use bitexact::kernels::quantize::GpuActPair;
 use bitexact::kernels::rope::Positions;
 use bitexact::{reference, Device, GpuTensor};
 use proptest::prelude::*;
 
-use crate::common::{assert_bits_eq, gpu, gpu_cases, poison, values};
+use crate::common::{assert_bits_eq, assert_pair_eq, gpu, gpu_cases, poison, values};
+use bitexact::kernels::attention::{attention_paged, PagedQueries};
 
-const KERNELS: [AttentionKernel; 4] = [
+const KERNELS: [AttentionKernel; 6] = [
     AttentionKernel::Auto,
     AttentionKernel::V1,
     AttentionKernel::Tile,
+    AttentionKernel::Tile2,
     AttentionKernel::Split,
+    AttentionKernel::Split2,
 ];
 
 fn tile_takes(hd: usize) -> bool {
@@ -91,7 +96,7 @@ fn case(
     let p = Positions::new(dev, &pos).unwrap();
     let qg = GpuTensor::from_host(dev, &q, &[nq, n_heads, hd]).unwrap();
     for kernel in KERNELS {
-        if kernel == AttentionKernel::Tile && !tile_takes(hd) {
+        if matches!(kernel, AttentionKernel::Tile | AttentionKernel::Tile2) && !tile_takes(hd) {
             continue;
         }
         let mut out = GpuTensor::from_host(dev, &poison(q.len()), &[nq, n_heads, hd]).unwrap();
@@ -100,6 +105,21 @@ fn case(
             &format!("attention {kernel:?} nq={nq} start={start} heads={n_heads}/{n_kv} hd={hd} seed={seed}"),
             &out.to_host().unwrap(),
             &want,
+        );
+    }
+
+    // The output with its quantization (the combine writes it in decode batches with
+    // hd % 32 == 0, the two run in turn otherwise): want and want's reference quantization.
+    if (n_heads * hd) % 32 == 0 {
+        let seed_x = GpuTensor::from_host(dev, &poison(q.len()), &[nq, n_heads * hd]).unwrap();
+        let mut pair = GpuActPair::quantize(dev, seed_x).unwrap();
+        attention_pair(dev, &qg, &cache, &p, &mut pair).unwrap();
+        assert_pair_eq(
+            &format!("attention_pair nq={nq} start={start} heads={n_heads}/{n_kv} hd={hd}"),
+            &pair,
+            &want,
+            nq,
+            n_heads * hd,
         );
     }
 
@@ -159,6 +179,8 @@ fn chunk_and_dispatch_boundaries() {
 fn ieee_specials() {
     for (i, hd) in [32usize, 128, 20].into_iter().enumerate() {
         case(70, 90, 4, 2, hd, 170, 100 + i as u64, 0.02);
+        // A decode batch: the split kernels, and attention_pair's quantizing combine.
+        case(3, 150, 4, 2, hd, 160, 200 + i as u64, 0.02);
     }
 }
 
@@ -212,8 +234,9 @@ fn bad_input_writes_nothing() {
     let Some(dev) = gpu() else { return };
     let cache = LayerCache::new(dev, 2, 16, 18).unwrap();
     let q = GpuTensor::from_host(dev, &values(1, 2 * 4 * 18, 1.0, 0.0), &[2, 4, 18]).unwrap();
-    let cases: [(AttentionKernel, Vec<u32>); 2] = [
+    let cases: [(AttentionKernel, Vec<u32>); 3] = [
         (AttentionKernel::Tile, vec![0, 1]),
+        (AttentionKernel::Tile2, vec![0, 1]),
         (AttentionKernel::Auto, vec![3, 16]),
     ];
     for (kernel, pos) in cases {
@@ -230,4 +253,143 @@ fn bad_input_writes_nothing() {
     let mut out = GpuTensor::from_host(dev, &poison(2 * 3 * 18), &[2, 3, 18]).unwrap();
     let p = Positions::new(dev, &[0, 1]).unwrap();
     assert!(attention(dev, &q3, &cache, &p, &mut out).is_err());
+
+    // attention_pair: a position past the cache (the fused decode path) and an output of the
+    // wrong width are refused before anything is written.
+    let cache = LayerCache::new(dev, 1, 16, 32).unwrap();
+    let q = GpuTensor::from_host(dev, &values(2, 2 * 32, 1.0, 0.0), &[1, 2, 32]).unwrap();
+    for (pos, width) in [(16u32, 64usize), (3, 96)] {
+        let seed_x = GpuTensor::from_host(dev, &poison(width), &[1, width]).unwrap();
+        let mut pair = GpuActPair::quantize(dev, seed_x).unwrap();
+        let p = Positions::new(dev, &[pos]).unwrap();
+        assert!(attention_pair(dev, &q, &cache, &p, &mut pair).is_err());
+        assert_bits_eq("untouched", &pair.x().to_host().unwrap(), &poison(width));
+    }
+}
+
+/// A paged cache of three sequences whose pages lie scrambled in one pool: decode rows of all
+/// three in one launch (a block table each), and prefill chunks of one sequence (its table; 5
+/// queries run the split kernel, 70 the tile kernel) give the bits of each sequence in a cache
+/// of its own; a table entry past the pool or a table too short is refused, nothing written.
+#[test]
+fn paged_equals_a_cache_of_its_own() {
+    // Every paged tile kernel: 128x2, 64x2, one head of 64 (group 3), of 128 (group 1), 256.
+    for (n_heads, n_kv, hd) in [
+        (8, 2, 128),
+        (6, 3, 64),
+        (3, 1, 64),
+        (2, 2, 128),
+        (4, 1, 256),
+    ] {
+        paged_case(n_heads, n_kv, hd);
+    }
+}
+
+fn paged_case(n_heads: usize, n_kv: usize, hd: usize) {
+    let Some(dev) = gpu() else { return };
+    let lens = [300usize, 70, 129];
+    let n_pages = 12usize;
+    let cap = n_pages * 64;
+    // Pages handed out from the end of the pool, interleaved between sequences.
+    let mut free: Vec<u32> = (0..n_pages as u32).collect();
+    let mut tables: Vec<Vec<u32>> = vec![Vec::new(); lens.len()];
+    for c in 0.. {
+        let mut any = false;
+        for (s, &len) in lens.iter().enumerate() {
+            if c * 64 < len {
+                tables[s].push(free.pop().unwrap());
+                any = true;
+            }
+        }
+        if !any {
+            break;
+        }
+    }
+    let (mut kc, mut vc) = (vec![0.0f32; n_kv * cap * hd], vec![0.0f32; n_kv * cap * hd]);
+    let mut own: Vec<(Vec<f32>, Vec<f32>)> = Vec::new();
+    for (s, &len) in lens.iter().enumerate() {
+        let k = values(40 + s as u64, n_kv * len * hd, 2.0, 0.0);
+        let v = values(50 + s as u64, n_kv * len * hd, 2.0, 0.0);
+        for h in 0..n_kv {
+            for p in 0..len {
+                let slot = tables[s][p / 64] as usize * 64 + p % 64;
+                let (src, dst) = ((h * len + p) * hd, (h * cap + slot) * hd);
+                kc[dst..dst + hd].copy_from_slice(&k[src..src + hd]);
+                vc[dst..dst + hd].copy_from_slice(&v[src..src + hd]);
+            }
+        }
+        own.push((k, v));
+    }
+    let mut cache = LayerCache::new(dev, n_kv, cap, hd).unwrap();
+    cache.k = GpuTensor::from_host(dev, &kc, &[n_kv, cap, hd]).unwrap();
+    cache.v = GpuTensor::from_host(dev, &vc, &[n_kv, cap, hd]).unwrap();
+    let want_of = |s: usize, q: &[f32], pos: &[u32]| {
+        let (k, v) = &own[s];
+        reference::attention::attention(q, k, v, pos, n_heads, n_kv, hd, lens[s])
+    };
+    // Decode rows: one query per sequence at its last position.
+    // One entry more than any table needs: a stride that is not the chunk count.
+    let stride = tables.iter().map(|t| t.len()).max().unwrap() + 1;
+    let mut flat = vec![0u32; lens.len() * stride];
+    for (s, t) in tables.iter().enumerate() {
+        flat[s * stride..s * stride + t.len()].copy_from_slice(t);
+    }
+    let pos: Vec<u32> = lens.iter().map(|&l| l as u32 - 1).collect();
+    let q = values(60, lens.len() * n_heads * hd, 2.0, 0.02);
+    let mut want = Vec::new();
+    for s in 0..lens.len() {
+        want.extend(want_of(
+            s,
+            &q[s * n_heads * hd..(s + 1) * n_heads * hd],
+            &pos[s..=s],
+        ));
+    }
+    let p = Positions::new(dev, &pos).unwrap();
+    let qg = GpuTensor::from_host(dev, &q, &[lens.len(), n_heads, hd]).unwrap();
+    let mut out = GpuTensor::from_host(dev, &poison(q.len()), qg.dims()).unwrap();
+    let rows = PagedQueries::Rows {
+        tables: &flat,
+        stride,
+    };
+    attention_paged(dev, &qg, &cache, &p, rows, &mut out).unwrap();
+    assert_bits_eq(
+        &format!("paged decode rows, {n_heads}/{n_kv} heads of {hd}"),
+        &out.to_host().unwrap(),
+        &want,
+    );
+    // Prefill chunks of sequence 0: 5 queries (split) and 70 (tile), ending at its last row.
+    for nq in [5usize, 70] {
+        let pos: Vec<u32> = (lens[0] - nq..lens[0]).map(|p| p as u32).collect();
+        let q = values(70 + nq as u64, nq * n_heads * hd, 2.0, 0.0);
+        let want = want_of(0, &q, &pos);
+        let p = Positions::new(dev, &pos).unwrap();
+        let qg = GpuTensor::from_host(dev, &q, &[nq, n_heads, hd]).unwrap();
+        let mut out = GpuTensor::from_host(dev, &poison(q.len()), qg.dims()).unwrap();
+        let seq = PagedQueries::Sequence { table: &tables[0] };
+        attention_paged(dev, &qg, &cache, &p, seq, &mut out).unwrap();
+        assert_bits_eq(
+            &format!("paged prefill of {nq}"),
+            &out.to_host().unwrap(),
+            &want,
+        );
+    }
+    // Refusals: a page past the pool, a table that stops before the last chunk.
+    let mut bad = tables[0].clone();
+    bad[1] = n_pages as u32;
+    let pos: Vec<u32> = vec![lens[0] as u32 - 1];
+    let p = Positions::new(dev, &pos).unwrap();
+    let qg = GpuTensor::from_host(dev, &q[..n_heads * hd], &[1, n_heads, hd]).unwrap();
+    for table in [&bad[..], &tables[0][..2]] {
+        let mut out = GpuTensor::from_host(dev, &poison(n_heads * hd), qg.dims()).unwrap();
+        let r = attention_paged(
+            dev,
+            &qg,
+            &cache,
+            &p,
+            PagedQueries::Sequence { table },
+            &mut out,
+        );
+        assert!(r.is_err());
+        assert_bits_eq("untouched", &out.to_host().unwrap(), &poison(n_heads * hd));
+    }
 }

@@ -4,6 +4,7 @@
 
 use std::sync::OnceLock;
 
+use bitexact::kernels::quantize::GpuActPair;
 use bitexact::Device;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -101,6 +102,28 @@ pub fn assert_bits_eq(what: &str, got: &[f32], want: &[f32]) {
             lines.join("\n")
         );
     }
+}
+
+/// Panics unless the pair holds `want_x` (`[rows, width]`) bit for bit and, beside it, the
+/// reference quantization of `want_x`: the check of every kernel that writes a [`GpuActPair`].
+pub fn assert_pair_eq(what: &str, got: &GpuActPair, want_x: &[f32], rows: usize, width: usize) {
+    assert_bits_eq(&format!("{what} x"), &got.x().to_host().unwrap(), want_x);
+    let want_q = bitexact::reference::quantize::quantize_act(want_x, rows, width);
+    assert_eq!(
+        got.q().codes.to_host().unwrap(),
+        want_q.codes,
+        "{what} codes"
+    );
+    assert_bits_eq(
+        &format!("{what} d"),
+        &got.q().d.to_host().unwrap(),
+        &want_q.d,
+    );
+    assert_bits_eq(
+        &format!("{what} a"),
+        &got.q().a.to_host().unwrap(),
+        &want_q.a,
+    );
 }
 
 /// Proptest settings for GPU properties: fewer cases, each one a full launch. `PROPTEST_CASES`

@@ -2,7 +2,8 @@
 //! the outputs and the state a sequence carries, over any chunking of its tokens.
 
 use bitexact::kernels::delta_net::{
-    delta_net_gate, delta_net_scan, GpuDeltaNetConsts, GpuDeltaNetState,
+    delta_net_gate, delta_net_scan, delta_net_scan_with, GpuDeltaNetConsts, GpuDeltaNetState,
+    ScanKernel,
 };
 use bitexact::quant::WeightFormat;
 use bitexact::reference::delta_net::{scan_cpu, DeltaNetConfig, DeltaNetState, DeltaNetWeights};
@@ -21,9 +22,9 @@ fn cfg(dim: usize, k_heads: usize, v_heads: usize, head_dim: usize, conv: usize)
     }
 }
 
-/// `n` tokens through the GPU scan in chunks of `chunk` against one CPU scan of all of them:
-/// every chunk's outputs and the final state (window and matrices).
-fn case(c: &DeltaNetConfig, n: usize, chunk: usize, seed: u64) {
+/// `n` tokens through the GPU scan (`kernel`) in chunks of `chunk` against one CPU scan of all
+/// of them: every chunk's outputs and the final state (window and matrices).
+fn case(kernel: ScanKernel, c: &DeltaNetConfig, n: usize, chunk: usize, seed: u64) {
     let Some(dev) = gpu() else { return };
     let w = DeltaNetWeights::generate(c, seed, 500).unwrap();
     let (cd, hv, s) = (c.conv_dim(), c.v_heads, c.head_dim);
@@ -41,8 +42,9 @@ fn case(c: &DeltaNetConfig, n: usize, chunk: usize, seed: u64) {
             GpuTensor::from_host(dev, &x[t0 * width..(t0 + m) * width], &[m, width]).unwrap()
         };
         let mut o = GpuTensor::from_host(dev, &poison(m * hv * s), &[m, hv, s]).unwrap();
-        delta_net_scan(
+        delta_net_scan_with(
             dev,
+            kernel,
             &consts,
             &mut st,
             &up(&mixed, cd),
@@ -54,7 +56,7 @@ fn case(c: &DeltaNetConfig, n: usize, chunk: usize, seed: u64) {
         .unwrap();
         got.extend(o.to_host().unwrap());
     }
-    let what = format!("scan {c:?} n={n} chunk={chunk}");
+    let what = format!("scan {kernel:?} {c:?} n={n} chunk={chunk}");
     assert_bits_eq(&format!("{what}: o"), &got, &want);
     let gs = st.to_host().unwrap();
     assert_bits_eq(&format!("{what}: window"), &gs.conv, &want_state.conv);
@@ -63,8 +65,9 @@ fn case(c: &DeltaNetConfig, n: usize, chunk: usize, seed: u64) {
 
 /// The tiny-hybrid shape (head dim 16: one partial 32-block), a head dim of 48 (a partial
 /// second block), no window (conv 1) and the real Qwen3.6 shape (16 key heads, 32 value heads
-/// of 128, conv 4); chunks of 1 (decode), of fewer tokens than the window and of all. A head
-/// dim above 128 is refused.
+/// of 128, conv 4); chunks of 1 (decode), of fewer tokens than the window and of all; each
+/// through v1, v2 (prep + delta rule) and the automatic choice (v1 below 16 tokens, v2 from
+/// two). A head dim above 128 is refused.
 #[test]
 fn scan_matches_reference() {
     for (c, n) in [
@@ -74,9 +77,55 @@ fn scan_matches_reference() {
         (cfg(64, 2, 2, 64, 1), 5),
     ] {
         for chunk in [n, 1, 2, 5] {
-            case(&c, n, chunk, (n * 7 + chunk) as u64);
+            for kernel in [ScanKernel::Auto, ScanKernel::V1, ScanKernel::V2] {
+                case(kernel, &c, n, chunk, (n * 7 + chunk) as u64);
+            }
         }
     }
+}
+
+proptest::proptest! {
+    #![proptest_config(crate::common::gpu_cases(16))]
+
+    /// Any small mixer shape (1-4 key heads, value heads a multiple of them, head dims 3-128,
+    /// not multiples of 32, windows 1-4) and any chunking, through v1 and v2.
+    #[test]
+    fn scan_shapes_match_reference(
+        hk in 1usize..=4, mult in 1usize..=3, s in 3usize..=128, kc in 1usize..=4,
+        n in 1usize..=40, chunk in 1usize..=40, v2 in proptest::bool::ANY, seed in 0u64..1000,
+    ) {
+        let kernel = if v2 { ScanKernel::V2 } else { ScanKernel::V1 };
+        case(kernel, &cfg(64, hk, hk * mult, s, kc), n, chunk, seed);
+    }
+}
+
+/// A mixer too wide for v2's prep (conv_dim 52,224 channels: 204 KB of shared memory): Auto
+/// runs v1 (the CPU's bits), V2 refuses before writing anything.
+#[test]
+fn wide_mixers_fall_back_to_v1() {
+    let c = cfg(64, 4, 400, 128, 2);
+    case(ScanKernel::Auto, &c, 3, 3, 1);
+    let Some(dev) = gpu() else { return };
+    let w = DeltaNetWeights::generate(&c, 1, 500).unwrap();
+    let consts = GpuDeltaNetConsts::upload(dev, &w).unwrap();
+    let mut st = GpuDeltaNetState::new(dev, &c).unwrap();
+    let (cd, hv, s) = (c.conv_dim(), c.v_heads, c.head_dim);
+    let mixed = GpuTensor::from_host(dev, &values(1, 2 * cd, 1.0, 0.0), &[2, cd]).unwrap();
+    let b = GpuTensor::from_host(dev, &values(2, 2 * hv, 1.0, 0.0), &[2, hv]).unwrap();
+    let mut o = GpuTensor::from_host(dev, &poison(2 * hv * s), &[2, hv, s]).unwrap();
+    let r = delta_net_scan_with(
+        dev,
+        ScanKernel::V2,
+        &consts,
+        &mut st,
+        &mixed,
+        &b,
+        &b,
+        1e-6,
+        &mut o,
+    );
+    assert!(matches!(r, Err(Error::InvalidArgument { .. })), "{r:?}");
+    assert_bits_eq("untouched", &o.to_host().unwrap(), &poison(2 * hv * s));
 }
 
 /// Bad shapes are errors and write nothing: a mixed row of the wrong width, an output of the

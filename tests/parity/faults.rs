@@ -56,9 +56,12 @@ fn faults_are_typed_errors_and_reset_restores_the_bits() {
     let free0 = free_bytes(dev);
 
     let mut injected = [0usize; 3];
+    // Free device memory before each faulted run and after its reset and clean rerun.
+    let mut memory: Vec<(&str, u64, usize, usize)> = Vec::new();
     for (kind, n) in [(0, na), (1, nl)] {
         for k in ks(n) {
             s.reset();
+            let before = free_bytes(dev);
             if kind == 0 {
                 dev.inject_alloc_failure(Some(k));
             } else {
@@ -78,6 +81,7 @@ fn faults_are_typed_errors_and_reset_restores_the_bits() {
                 &run(&mut s).unwrap(),
                 &want,
             );
+            memory.push((["allocation", "launch"][kind], k, before, free_bytes(dev)));
             injected[kind] += 1;
         }
     }
@@ -119,6 +123,14 @@ fn faults_are_typed_errors_and_reset_restores_the_bits() {
         "faults injected: {} allocation (of {na} a run), {} launch (of {nl}), {} compile; free device memory {free0} -> {free1} bytes",
         injected[0], injected[1], injected[2]
     );
+    println!("| fault | at | free before (bytes) | free after reset + rerun | change |");
+    println!("|---|---:|---:|---:|---:|");
+    for &(kind, k, before, after) in &memory {
+        println!(
+            "| {kind} | {k} | {before} | {after} | {} |",
+            after as i128 - before as i128
+        );
+    }
     // A leak would show as memory the faulted runs took and never gave back (a tiny model's
     // run needs far less than 64 MiB). Other tests allocate on the same device while this one
     // runs, so the check needs the test alone: `.gpu/run faults` sets the switch.
@@ -127,6 +139,12 @@ fn faults_are_typed_errors_and_reset_restores_the_bits() {
             free1 + (64 << 20) >= free0,
             "device memory leaked: {free0} -> {free1}"
         );
+        for &(kind, k, before, after) in &memory {
+            assert!(
+                after + (64 << 20) >= before,
+                "{kind} fault at {k} leaked device memory: {before} -> {after}"
+            );
+        }
     } else {
         println!(
             "SKIP memory check: BITEXACT_FAULT_MEMORY=1 with this test alone (.gpu/run faults)"

@@ -14,7 +14,12 @@ use rand::{Rng, SeedableRng};
 
 use crate::common::{assert_bits_eq, finite, gpu, gpu_cases, poison, values};
 
-const KERNELS: [MatmulKernel; 3] = [MatmulKernel::Auto, MatmulKernel::Gemv, MatmulKernel::Gemm];
+const KERNELS: [MatmulKernel; 4] = [
+    MatmulKernel::Auto,
+    MatmulKernel::Gemv,
+    MatmulKernel::Gemm,
+    MatmulKernel::GemvMma,
+];
 
 /// Weights with a wide dynamic range and some all-zero 32-blocks, encoded into `fmt`.
 fn weights(fmt: WeightFormat, experts: usize, m: usize, k: usize, seed: u64) -> QuantMatrix {
@@ -466,19 +471,30 @@ fn f32_one_row_every_segment() {
     grouped(WeightFormat::F32, 2, 5, 6, 100, 5);
 }
 
-/// Q8_0, Q4_K and Q5_K weights one token at a time with K of whole 256-wide chunks
-/// (`gemv_<fmt>_async` for the K-quants and Q8_0 up to 1024 columns, `gemv_body` for wider
-/// Q8_0): rows on each side of the 8-row blocks, K of 1 to 32 chunks (fewer and more than the
-/// stages in flight); and one-row expert tiles, padding tiles among them.
+/// Q8_0 and K-quant weights one token at a time with K of whole 256-wide chunks
+/// (`gemv_<fmt>_async` for the K-quants and Q8_0 up to 1024 columns, `gemv_q8_0_rows` for wider
+/// Q8_0; `gemv_q8_0_mma` and `gemv_q6_k_mma` under `MatmulKernel::GemvMma`): rows on each side
+/// of the 8-row and 16-row blocks, K of 1 to 32 chunks (fewer and
+/// more than the stages in flight; segments of 64 blocks whole, cut and several; Q6_K rows of
+/// an odd number of super-blocks start at every even offset mod 16, and the matrix's last
+/// super-block ends short of a 16-byte piece); and one-row expert tiles, padding tiles among
+/// them.
 #[test]
 fn kq_one_row_whole_chunks() {
-    for fmt in [WeightFormat::Q8_0, WeightFormat::Q4K, WeightFormat::Q5K] {
+    for fmt in [
+        WeightFormat::Q8_0,
+        WeightFormat::Q4K,
+        WeightFormat::Q5K,
+        WeightFormat::Q6K,
+    ] {
         for m in [1usize, 7, 8, 9, 15, 16, 17, 100] {
-            for k in [256usize, 768, 1024, 1280, 1536, 4096, 8192] {
+            for k in [256usize, 768, 1024, 1280, 1536, 2304, 4096, 8192] {
                 dense(fmt, 1, m, k, (m * 13 + k) as u64, &KERNELS);
             }
         }
         grouped(fmt, 1, 4, 20, 2048, 6);
+        grouped(fmt, 2, 5, 33, 4096, 8);
+        grouped(fmt, 1, 3, 17, 2304, 9);
         grouped(fmt, 3, 6, 9, 512, 7);
     }
 }

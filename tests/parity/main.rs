@@ -8,6 +8,7 @@ mod common;
 
 mod activation;
 mod attention;
+mod batch;
 mod delta_net;
 mod elementwise;
 mod fastscan;

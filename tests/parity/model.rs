@@ -146,6 +146,48 @@ fn gpu_small_every_path_equals_cpu() {
     gpu_case("small", WeightFormat::Q8_0, 70, &[70, 11], 4);
 }
 
+/// The v2 attention kernels (asynchronous tile and split, `Session::set_attention_v2`) in the
+/// whole model: decode steps (eager and graph replays), a prefill of 150 tokens (three chunks)
+/// and chunks of 17 give the CPU's bits at every layer and logit; so does the hybrid model's
+/// gated attention.
+#[test]
+fn attention_v2_in_the_model_equals_cpu() {
+    let Some(dev) = gpu() else { return };
+    for (preset, fmt, seed) in [
+        ("small", WeightFormat::Q8_0, 6u64),
+        ("tiny-hybrid", WeightFormat::F32, 7),
+    ] {
+        let cfg = ModelConfig::preset(preset, fmt).unwrap();
+        let w = ModelWeights::generate(&cfg, seed, None).unwrap();
+        let model = GpuModel::load(dev, &w).unwrap();
+        let tokens = prompt(seed, 150, cfg.vocab);
+        let cpu = cpu_run(&w, &tokens, None);
+        for chunk in [150, 17, 1] {
+            let mut s = Session::new(dev, &model).unwrap();
+            s.set_attention_v2(true);
+            let mut t = Trace::default();
+            for step in tokens.chunks(chunk) {
+                s.forward(dev, step, Some(&mut t)).unwrap();
+            }
+            same(&format!("{preset} attention v2, chunk {chunk}"), &cpu, &t);
+        }
+        let vocab = cfg.vocab;
+        let mut s = Session::new(dev, &model).unwrap();
+        s.set_attention_v2(true);
+        s.prefill(dev, &tokens[..100]).unwrap();
+        for (i, &t) in tokens[100..].iter().enumerate() {
+            s.decode(dev, t).unwrap();
+            let at = 100 + i;
+            assert_bits_eq(
+                &format!("{preset} attention v2, graph decode at {at}"),
+                &s.logits().unwrap(),
+                &cpu.logits[at * vocab..(at + 1) * vocab],
+            );
+        }
+        assert!(s.stats().graph_replays > 0, "decode ran as graph replays");
+    }
+}
+
 #[test]
 fn a_flipped_weight_bit_is_found_in_its_layer() {
     let Some(dev) = gpu() else { return };

@@ -5,7 +5,7 @@ use bitexact::kernels::quantize::GpuActPair;
 use bitexact::{reference, Error, GpuTensor};
 use proptest::prelude::*;
 
-use crate::common::{assert_bits_eq, gpu, gpu_cases, poison, values};
+use crate::common::{assert_bits_eq, assert_pair_eq, gpu, gpu_cases, poison, values};
 
 proptest! {
     #![proptest_config(gpu_cases(48))]
@@ -104,23 +104,7 @@ fn add_case(rows: usize, width: usize, seed: u64, specials: bool) {
     add_rmsnorm_q8(dev, &mut h, &o, &w, 1e-6, &mut yp).unwrap();
     let what = format!("add_rmsnorm_q8 rows={rows} width={width} seed={seed}");
     assert_bits_eq(&format!("{what} h"), &h.to_host().unwrap(), &want_h);
-    assert_bits_eq(&format!("{what} y"), &yp.x().to_host().unwrap(), &want_y);
-    let want_q = reference::quantize::quantize_act(&want_y, rows, width);
-    assert_eq!(
-        yp.q().codes.to_host().unwrap(),
-        want_q.codes,
-        "{what} codes"
-    );
-    assert_bits_eq(
-        &format!("{what} d"),
-        &yp.q().d.to_host().unwrap(),
-        &want_q.d,
-    );
-    assert_bits_eq(
-        &format!("{what} a"),
-        &yp.q().a.to_host().unwrap(),
-        &want_q.a,
-    );
+    assert_pair_eq(&what, &yp, &want_y, rows, width);
 }
 
 #[test]
@@ -224,17 +208,19 @@ fn qkv_case(n: usize, nh: usize, nkv: usize, hd: usize, rd: usize, seed: u64, sp
         k: &xk,
         v: &xv,
     };
-    let mut cache = LayerCache::new(dev, nkv, cap, hd).unwrap();
-    for (input, how) in [(QkvInput::Stacked(&qkv), "stacked"), (separate, "separate")] {
+    // One launch into fresh buffers, checked against the reference; returns the cache.
+    let run = |input: QkvInput<'_>, gated: bool, how: &str| {
         let mut c = LayerCache::new(dev, nkv, cap, hd).unwrap();
         let mut q = GpuTensor::from_host(dev, &poison(n * nh * hd), &[n, nh, hd]).unwrap();
-        qkv_norm_rope(dev, input, false, &qn, &kn, eps, &p, &table, &mut c, &mut q).unwrap();
+        qkv_norm_rope(dev, input, gated, &qn, &kn, eps, &p, &table, &mut c, &mut q).unwrap();
         let what = format!("qkv_norm_rope {how} n={n} nh={nh} nkv={nkv} hd={hd} rd={rd}");
         assert_bits_eq(&format!("{what} q"), &q.to_host().unwrap(), &want_q);
         assert_bits_eq(&format!("{what} k cache"), &c.k.to_host().unwrap(), &want_k);
         assert_bits_eq(&format!("{what} v cache"), &c.v.to_host().unwrap(), &want_v);
-        cache = c;
-    }
+        c
+    };
+    run(QkvInput::Stacked(&qkv), false, "stacked");
+    let mut cache = run(separate, false, "separate");
 
     // Gated (a hybrid model's attention): each q head followed by its output gate in the row;
     // the same q and caches, then the gate applied to an attention output from those gates.
@@ -264,15 +250,8 @@ fn qkv_case(n: usize, nh: usize, nkv: usize, hd: usize, rd: usize, seed: u64, sp
         k: &xk,
         v: &xv,
     };
-    for (gin, how) in [(QkvInput::Stacked(&gated), "stacked"), (gsep, "separate")] {
-        let mut c = LayerCache::new(dev, nkv, cap, hd).unwrap();
-        let mut q = GpuTensor::from_host(dev, &poison(n * nh * hd), &[n, nh, hd]).unwrap();
-        qkv_norm_rope(dev, gin, true, &qn, &kn, eps, &p, &table, &mut c, &mut q).unwrap();
-        let what = format!("qkv_norm_rope gated {how} n={n} nh={nh} nkv={nkv} hd={hd} rd={rd}");
-        assert_bits_eq(&format!("{what} q"), &q.to_host().unwrap(), &want_q);
-        assert_bits_eq(&format!("{what} k cache"), &c.k.to_host().unwrap(), &want_k);
-        assert_bits_eq(&format!("{what} v cache"), &c.v.to_host().unwrap(), &want_v);
-    }
+    run(QkvInput::Stacked(&gated), true, "gated stacked");
+    run(gsep, true, "gated separate");
     let what = format!("gate_heads_sigmoid n={n} nh={nh} hd={hd}");
     let a_h = values(seed ^ 4, n * nh * hd, 4.0, special);
     let mut want_a = a_h.clone();

@@ -1,6 +1,9 @@
-//! `softmax_topk`: GPU == CPU reference for ids and weights, ties and NaN included.
+//! `softmax_topk` and `route`: GPU == CPU reference for logits, ids, weights and routing
+//! tables, ties and NaN included.
 
-use bitexact::kernels::router::softmax_topk;
+use bitexact::kernels::gemm::GpuMatrix;
+use bitexact::kernels::router::{route, softmax_topk, RouteCounters};
+use bitexact::quant::{QuantMatrix, WeightFormat};
 use bitexact::{reference, Error, GpuTensor};
 use proptest::prelude::*;
 use rand::rngs::StdRng;
@@ -91,4 +94,139 @@ fn bad_arguments_are_typed_errors_and_write_nothing() {
     assert_eq!(ids.to_host().unwrap(), vec![7u32; 18]);
     assert_eq!(ids3.to_host().unwrap(), vec![7u32; 6]);
     assert_bits_eq("untouched", &w.to_host().unwrap(), &poison(18));
+}
+
+/// The tables `route` and `RoutedRows::from_router` write for `ids: [n, k]`, built on the
+/// host: x_rows | experts | y_rows | gemm tiles | gemv tiles, one routed row per tile.
+fn unsorted_tables(ids: &[u32], k: usize) -> (Vec<u32>, Vec<u32>) {
+    let len = ids.len();
+    let mut up = vec![0u32; 9 * len];
+    for (r, &e) in ids.iter().enumerate() {
+        let r32 = r as u32;
+        up[r] = (r / k) as u32;
+        up[len + r] = e;
+        up[2 * len + r] = r32;
+        up[3 * len + 3 * r..3 * len + 3 * r + 3].copy_from_slice(&[e, r32, 1]);
+        up[6 * len + 3 * r..6 * len + 3 * r + 3].copy_from_slice(&[e, r32, 1]);
+    }
+    let mut down = up.clone();
+    for (r, x) in down[..len].iter_mut().enumerate() {
+        *x = r as u32;
+    }
+    (up, down)
+}
+
+/// `route` (router product, softmax, top-k and tables in one launch) == the reference product
+/// and routing, bit for bit, and its tables == `unsorted_tables`; three launches on one set of
+/// counters (each must leave them at zero for the next), specials among the inputs.
+fn route_case(n: usize, e: usize, kd: usize, k: usize, renorm: bool, seed: u64) {
+    let Some(dev) = gpu() else { return };
+    let wh = crate::common::values(seed, e * kd, 1.0, 0.0);
+    let w = GpuMatrix::upload(
+        dev,
+        &QuantMatrix::quantize(WeightFormat::F32, &wh, 1, e, kd).unwrap(),
+    )
+    .unwrap();
+    let mut counters = RouteCounters::new(dev, 8).unwrap();
+    for call in 0..3u64 {
+        let special = if call == 2 { 0.02 } else { 0.0 };
+        let xh = crate::common::values(seed ^ (call + 1), n * kd, 2.0, special);
+        let want_l = reference::gemm::gemm_f32(&xh, &wh, n, e, kd);
+        let (want_ids, want_w) = reference::router::softmax_topk(&want_l, n, e, k, renorm);
+        let x = GpuTensor::from_host(dev, &xh, &[n, kd]).unwrap();
+        let mut l = GpuTensor::from_host(dev, &poison(n * e), &[n, e]).unwrap();
+        let mut ids = GpuTensor::from_host(dev, &vec![u32::MAX; n * k], &[n, k]).unwrap();
+        let mut wt = GpuTensor::from_host(dev, &poison(n * k), &[n, k]).unwrap();
+        let (up, down) = route(
+            dev,
+            &x,
+            &w,
+            k,
+            renorm,
+            &mut counters,
+            &mut l,
+            &mut ids,
+            &mut wt,
+        )
+        .unwrap();
+        let ctx = format!("route n={n} e={e} K={kd} k={k} renorm={renorm} seed={seed} call={call}");
+        assert_bits_eq(&format!("{ctx} logits"), &l.to_host().unwrap(), &want_l);
+        assert_eq!(ids.to_host().unwrap(), want_ids, "{ctx}: ids");
+        assert_bits_eq(&format!("{ctx} weights"), &wt.to_host().unwrap(), &want_w);
+        let (want_up, want_down) = unsorted_tables(&want_ids, k);
+        assert_eq!(
+            &up.to_host().unwrap()[..9 * n * k],
+            &want_up[..],
+            "{ctx}: up table"
+        );
+        assert_eq!(
+            &down.to_host().unwrap()[..9 * n * k],
+            &want_down[..],
+            "{ctx}: down table"
+        );
+    }
+}
+
+/// One token and the most the counters take; the 128 experts of the 30B shape and the limits
+/// (1, 2048); K below, at and past a 2048-wide segment, and K % 4 != 0 (the scalar loads).
+#[test]
+fn route_matches_reference() {
+    route_case(1, 128, 2048, 8, true, 1);
+    route_case(8, 128, 2048, 8, true, 2);
+    route_case(3, 2048, 64, 32, false, 3);
+    route_case(2, 1, 100, 1, true, 4);
+    route_case(5, 60, 4100, 6, false, 5);
+    route_case(1, 37, 2049, 9, true, 6);
+    route_case(4, 16, 5, 4, true, 7);
+}
+
+/// Counters past the launch grid's limit are refused.
+#[test]
+fn route_counters_have_a_limit() {
+    let Some(dev) = gpu() else { return };
+    assert!(matches!(
+        RouteCounters::new(dev, bitexact::kernels::router::MAX_ROUTE_TOKENS + 1),
+        Err(Error::InvalidArgument { .. })
+    ));
+}
+
+/// More tokens than the counters, a router that is not F32, or a logits buffer of the wrong
+/// shape: typed errors, nothing written.
+#[test]
+fn route_refuses_bad_input() {
+    let Some(dev) = gpu() else { return };
+    let (e, kd) = (16usize, 64usize);
+    let wh = crate::common::values(9, e * kd, 1.0, 0.0);
+    let f32w = GpuMatrix::upload(
+        dev,
+        &QuantMatrix::quantize(WeightFormat::F32, &wh, 1, e, kd).unwrap(),
+    )
+    .unwrap();
+    let q8w = GpuMatrix::upload(
+        dev,
+        &QuantMatrix::quantize(WeightFormat::Q8_0, &wh, 1, e, kd).unwrap(),
+    )
+    .unwrap();
+    let mut counters = RouteCounters::new(dev, 2).unwrap();
+    for (n, w, lrows) in [(3usize, &f32w, 3usize), (1, &q8w, 1), (1, &f32w, 2)] {
+        let x = GpuTensor::from_host(dev, &vec![1.0f32; n * kd], &[n, kd]).unwrap();
+        let mut l = GpuTensor::from_host(dev, &poison(lrows * e), &[lrows, e]).unwrap();
+        let mut ids = GpuTensor::from_host(dev, &vec![7u32; n * 4], &[n, 4]).unwrap();
+        let mut wt = GpuTensor::from_host(dev, &poison(n * 4), &[n, 4]).unwrap();
+        assert!(route(
+            dev,
+            &x,
+            w,
+            4,
+            true,
+            &mut counters,
+            &mut l,
+            &mut ids,
+            &mut wt
+        )
+        .is_err());
+        assert_bits_eq("untouched", &l.to_host().unwrap(), &poison(lrows * e));
+        assert_eq!(ids.to_host().unwrap(), vec![7u32; n * 4]);
+        assert_bits_eq("untouched", &wt.to_host().unwrap(), &poison(n * 4));
+    }
 }

@@ -1,0 +1,282 @@
+//! `oracle batch`: many sequences served together against each one run alone. Draws S
+//! sequences of random lengths and a seeded serving schedule (arrivals, prompt chunks mixed
+//! with decode tokens, rows interleaved, pages freed and reused), runs it through the batched
+//! session, runs every sequence alone one token at a time, and compares every layer and logit
+//! bit for bit, naming the first divergence (sequence, position, layer).
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use bitexact::model::batch::OnDevice;
+use bitexact::model::schedule::drive;
+use bitexact::model::{
+    first_divergence, prompt, BatchSession, CpuSession, GpuModel, ModelConfig, ModelWeights,
+    Schedule, SeqSpec, Trace, PAGE,
+};
+use bitexact::quant::WeightFormat;
+use bitexact::reference::batch::run_schedule;
+use serde::Serialize;
+
+use crate::{fmt_secs, parse_format, parse_positive, RunArgs};
+
+#[derive(clap::Args)]
+pub struct BatchArgs {
+    /// Model preset (small presets: every sequence also runs alone on the CPU).
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    /// Format of the experts.
+    #[arg(long, default_value = "F32", value_parser = parse_format)]
+    format: WeightFormat,
+    /// Sequences in the schedule.
+    #[arg(long, default_value_t = 12, value_parser = parse_positive)]
+    sequences: usize,
+    /// Longest sequence (lengths are drawn from 1 to this).
+    #[arg(long, default_value_t = 150, value_parser = parse_positive)]
+    max_len: usize,
+    /// Pages of the shared KV cache, PAGE (64) positions each (default: room for about
+    /// --max-live average sequences, at least the longest one's).
+    #[arg(long, value_parser = parse_positive)]
+    pages: Option<usize>,
+    /// Most sequences live at once.
+    #[arg(long, default_value_t = 10, value_parser = parse_positive)]
+    max_live: usize,
+    /// Longest prompt chunk a step feeds one sequence.
+    #[arg(long, default_value_t = 16, value_parser = parse_positive)]
+    max_chunk: usize,
+    /// Seed of the weights, the sequences and the schedule.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Serialize)]
+struct Report {
+    mode: &'static str,
+    preset: String,
+    format: String,
+    seed: u64,
+    sequences: usize,
+    tokens: usize,
+    pages: usize,
+    steps: usize,
+    mixed_steps: usize,
+    max_batch: usize,
+    pages_reused: usize,
+    hidden_elements: usize,
+    logits: usize,
+    differing: u64,
+    first_divergence: Option<String>,
+    gpu_note: String,
+    bit_exact: bool,
+}
+
+pub fn run(a: &BatchArgs) -> Result<bool> {
+    let cfg = ModelConfig::preset(&a.preset, a.format)?;
+    if a.max_len > cfg.max_context {
+        bail!(
+            "--max-len {} exceeds the {} preset's context of {} positions",
+            a.max_len,
+            a.preset,
+            cfg.max_context
+        );
+    }
+    // The seeded sequences: lengths 1..=max_len, prompts 1..=len.
+    let mut x = a.seed ^ 0x5eed_0fba_7c00;
+    let mut draw = |n: usize| {
+        x = x
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        1 + (x >> 33) as usize % n
+    };
+    let seqs: Vec<SeqSpec> = (0..a.sequences)
+        .map(|_| {
+            let len = draw(a.max_len);
+            SeqSpec {
+                len,
+                prompt: draw(len),
+            }
+        })
+        .collect();
+    let longest = seqs.iter().map(|s| s.len.div_ceil(PAGE)).max().unwrap_or(1);
+    let all: usize = seqs.iter().map(|s| s.len.div_ceil(PAGE)).sum();
+    // Room for about max_live average sequences at once: later arrivals then take over the
+    // pages of departed ones.
+    let live = a.max_live.min(seqs.len());
+    let pages = a
+        .pages
+        .unwrap_or((all * live).div_ceil(seqs.len()).max(longest));
+    // A schedule that batches at least 8 sequences (or all, if fewer), mixes prompt chunks
+    // with decode tokens in a step and hands a freed page to another sequence: the first of
+    // the seeds seed, seed + 1, .. whose schedule does all three.
+    let want_batch = 8.min(seqs.len());
+    let mut attempt = 0u64;
+    let (schedule, counts) = loop {
+        let s = Schedule::random(
+            a.seed.wrapping_add(attempt),
+            &seqs,
+            pages,
+            a.max_live,
+            a.max_chunk,
+        )?;
+        let c = s.counts();
+        if c.max_batch >= want_batch && c.mixed_steps > 0 && c.pages_reused > 0 {
+            break (s, c);
+        }
+        attempt += 1;
+        if attempt == 64 {
+            bail!(
+                "no schedule of seeds {}..{} batches {want_batch} sequences at once, mixes \
+                 prompt chunks with decode tokens and reuses a page (last: {c:?}): give \
+                 more --sequences, --max-live or --pages",
+                a.seed,
+                a.seed.wrapping_add(attempt)
+            );
+        }
+    };
+    println!(
+        "bitexact oracle: batch, {} ({}), seed {}",
+        a.preset, a.format, a.seed
+    );
+    println!(
+        "schedule (seed {}): {} sequences, {} tokens, {} steps, {} mixing prompt chunks with \
+         decode tokens, up to {} sequences a step, a cache of {pages} pages of {PAGE} \
+         positions, {} pages reused",
+        a.seed.wrapping_add(attempt),
+        seqs.len(),
+        counts.rows,
+        counts.steps,
+        counts.mixed_steps,
+        counts.max_batch,
+        counts.pages_reused
+    );
+    let w = ModelWeights::generate(&cfg, a.seed, None)?;
+    let streams: Vec<Vec<u32>> = seqs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| prompt(a.seed.wrapping_mul(1000) + i as u64, s.len, cfg.vocab))
+        .collect();
+    // The paths: the CPU batched session, and the device session when a device opens (the
+    // device first: a required one that does not open stops the run before the CPU work).
+    let (dev, gpu_note) = a.run.open_device()?;
+    let mut paths: Vec<(&'static str, f64, Vec<Trace>, usize)> = Vec::new();
+    let t0 = Instant::now();
+    let (batched, reused) = run_schedule(&w, &schedule, &streams)?;
+    paths.push(("cpu-batched", t0.elapsed().as_secs_f64(), batched, reused));
+    if let Some(dev) = &dev {
+        let model = GpuModel::load(dev, &w)?;
+        let mut session = BatchSession::new(dev, &model, pages)?;
+        let t0 = Instant::now();
+        let mut runner = OnDevice {
+            dev,
+            session: &mut session,
+        };
+        let (got, reused) = drive(&mut runner, &schedule, &streams, cfg.dim, cfg.vocab)?;
+        paths.push(("gpu-batched", t0.elapsed().as_secs_f64(), got, reused));
+    }
+    let t0 = Instant::now();
+    let solo: Vec<Trace> = streams
+        .iter()
+        .map(|toks| {
+            let mut t = Trace::default();
+            CpuSession::new(&w).run(toks, &mut t).map(|()| t)
+        })
+        .collect::<bitexact::Result<_>>()?;
+    let t_solo = t0.elapsed().as_secs_f64();
+    let mut differing = 0u64;
+    let mut first = None;
+    let (mut hidden, mut logits) = (0usize, 0usize);
+    for (name, _, traces, _) in &paths {
+        for (s, (got, want)) in traces.iter().zip(&solo).enumerate() {
+            for (l, (x, y)) in got.layers.iter().zip(&want.layers).enumerate() {
+                hidden += y.len();
+                differing += count_differing(x, y);
+                if first.is_none() {
+                    if let Some((_, p, e)) =
+                        first_divergence(&trace_of(&want.layers[l]), &trace_of(x), cfg.dim)
+                    {
+                        first = Some(format!(
+                            "{name}: sequence {s}, position {p}, layer {l}, element {e}"
+                        ));
+                    }
+                }
+            }
+            differing += got.layers.len().abs_diff(want.layers.len()) as u64;
+            logits += want.logits.len();
+            let dl = count_differing(&got.logits, &want.logits);
+            differing += dl;
+            if first.is_none() && dl > 0 {
+                first = Some(format!("{name}: sequence {s}, logits"));
+            }
+        }
+    }
+    println!();
+    println!("| path | time | what |");
+    println!("|---|---:|---|");
+    for (name, secs, _, _) in &paths {
+        println!(
+            "| {name} | {} | the schedule through one paged session |",
+            fmt_secs(*secs)
+        );
+    }
+    println!(
+        "| cpu (solo) | {} | every sequence alone, one token at a time |",
+        fmt_secs(t_solo)
+    );
+    println!();
+    let reused = paths[0].3;
+    println!(
+        "compared against each sequence alone: {hidden} hidden-state elements and {logits} \
+         logits ({} paths x {} sequences); pages freed and reused by another sequence: \
+         {reused}; differing: {differing}",
+        paths.len(),
+        seqs.len()
+    );
+    let gpu_note = gpu_note.unwrap_or_default();
+    let exact = differing == 0 && first.is_none();
+    match &first {
+        None if exact => {
+            println!("result: BIT-EXACT (every sequence batched == alone, every path)")
+        }
+        None => println!("result: {differing} differing"),
+        Some(f) => println!("result: DIFFERS, first at {f}"),
+    }
+    a.run.write_json(|| Report {
+        mode: "batch",
+        preset: a.preset.clone(),
+        format: a.format.to_string(),
+        seed: a.seed,
+        sequences: seqs.len(),
+        tokens: counts.rows,
+        pages,
+        steps: counts.steps,
+        mixed_steps: counts.mixed_steps,
+        max_batch: counts.max_batch,
+        pages_reused: reused,
+        hidden_elements: hidden,
+        logits,
+        differing,
+        first_divergence: first.clone(),
+        gpu_note: gpu_note.clone(),
+        bit_exact: exact,
+    })?;
+    Ok(exact)
+}
+
+/// Elements whose bits differ, a length mismatch counting every missing element.
+fn count_differing(a: &[f32], b: &[f32]) -> u64 {
+    let d = a
+        .iter()
+        .zip(b)
+        .filter(|(x, y)| x.to_bits() != y.to_bits())
+        .count();
+    (d + a.len().abs_diff(b.len())) as u64
+}
+
+/// One layer's rows as a one-layer trace, for [`first_divergence`].
+fn trace_of(rows: &[f32]) -> Trace {
+    Trace {
+        layers: vec![rows.to_vec()],
+        logits: Vec::new(),
+    }
+}

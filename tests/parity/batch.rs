@@ -1,0 +1,376 @@
+//! Many sequences in one batch, each bit-identical to running alone: random serving schedules
+//! (arrivals, prompt chunks mixed with decode tokens, interleaved rows, pages freed and reused)
+//! through the batched session, every sequence's hidden states and logits against its solo
+//! run one token at a time: the CPU reference, and the device session (`gpu_*`).
+
+use bitexact::model::batch::OnDevice;
+use bitexact::model::schedule::drive;
+use bitexact::model::{
+    first_divergence, prompt, BatchSession, BatchToken, CpuBatchSession, CpuSession, GpuModel,
+    ModelConfig, ModelWeights, Schedule, SeqSpec, Trace, PAGE,
+};
+use bitexact::quant::WeightFormat;
+use bitexact::reference::batch::run_schedule;
+use bitexact::Error;
+use proptest::prelude::*;
+
+use crate::common::{assert_bits_eq, gpu};
+
+fn solo(w: &ModelWeights, tokens: &[u32]) -> Trace {
+    let mut s = CpuSession::new(w);
+    let mut t = Trace::default();
+    s.run(tokens, &mut t).unwrap();
+    t
+}
+
+/// Sequence `s`'s tokens: a prompt of its own.
+fn streams(cfg: &ModelConfig, seqs: &[SeqSpec], seed: u64) -> Vec<Vec<u32>> {
+    seqs.iter()
+        .enumerate()
+        .map(|(i, s)| {
+            prompt(
+                seed.wrapping_mul(1000).wrapping_add(i as u64),
+                s.len,
+                cfg.vocab,
+            )
+        })
+        .collect()
+}
+
+/// Runs `schedule` batched and every sequence alone; panics naming the first divergence
+/// (sequence, position, layer) if any bit differs.
+fn check(w: &ModelWeights, schedule: &Schedule, streams: &[Vec<u32>]) -> usize {
+    let (got, reused) = run_schedule(w, schedule, streams).unwrap();
+    same_as_solo(w, &got, streams);
+    reused
+}
+
+/// Every sequence's trace against its solo CPU run; panics naming the first divergence.
+fn same_as_solo(w: &ModelWeights, got: &[Trace], streams: &[Vec<u32>]) {
+    for (s, (t, toks)) in got.iter().zip(streams).enumerate() {
+        let want = solo(w, toks);
+        if let Some((l, p, e)) = first_divergence(&want, t, w.cfg.dim) {
+            panic!("sequence {s} first differs at position {p}, layer {l}, element {e}");
+        }
+        assert_eq!(t.layers.len(), want.layers.len(), "sequence {s}: layers");
+        for (l, (a, b)) in t.layers.iter().zip(&want.layers).enumerate() {
+            assert_eq!(a.len(), b.len(), "sequence {s} layer {l}: rows");
+        }
+        assert_bits_eq(&format!("sequence {s}: logits"), &t.logits, &want.logits);
+    }
+}
+
+fn tiny(name: &str, fmt: WeightFormat, seed: u64) -> ModelWeights {
+    let cfg = ModelConfig::preset(name, fmt).unwrap();
+    ModelWeights::generate(&cfg, seed, None).unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+
+    /// Any schedule: 1..=9 sequences of 1..=140 tokens (prompts of 1..=len), a pool from just
+    /// enough for the longest to enough for all, up to 6 live at once, chunks up to 1..=24.
+    #[test]
+    fn every_schedule_equals_solo(
+        hybrid in any::<bool>(),
+        specs in prop::collection::vec((1usize..=140, 1usize..=140), 1..=9),
+        extra_pages in 0usize..=8, max_live in 1usize..=6, max_chunk in 1usize..=24,
+        seed in any::<u64>(),
+    ) {
+        let name = if hybrid { "tiny-hybrid" } else { "tiny" };
+        let w = tiny(name, WeightFormat::F32, 3);
+        let seqs: Vec<SeqSpec> = specs
+            .iter()
+            .map(|&(len, p)| SeqSpec { len, prompt: p.min(len) })
+            .collect();
+        let n_pages = seqs.iter().map(|s| s.len.div_ceil(PAGE)).max().unwrap() + extra_pages;
+        let schedule = Schedule::random(seed, &seqs, n_pages, max_live, max_chunk).unwrap();
+        check(&w, &schedule, &streams(&w.cfg, &seqs, seed));
+    }
+}
+
+/// A fixed schedule that shows what the property covers: 12 sequences, at least 8 in one step,
+/// steps mixing prompt chunks with decode tokens, pages freed and handed to later sequences;
+/// Q8_0 experts, and the hybrid model (per-sequence DeltaNet states).
+#[test]
+fn twelve_sequences_mix_and_reuse_pages() {
+    let seqs: Vec<SeqSpec> = (0..12)
+        .map(|i| SeqSpec {
+            len: 30 + (41 * i) % 110,
+            prompt: 1 + (17 * i) % 40,
+        })
+        .collect();
+    for (name, fmt) in [
+        ("tiny", WeightFormat::Q8_0),
+        ("tiny-hybrid", WeightFormat::F32),
+    ] {
+        let w = tiny(name, fmt, 5);
+        let schedule = Schedule::random(11, &seqs, 14, 10, 16).unwrap();
+        let c = schedule.counts();
+        assert!(
+            c.max_batch >= 8 && c.mixed_steps > 0 && c.pages_reused > 0,
+            "the schedule exercises too little: {c:?}"
+        );
+        let reused = check(&w, &schedule, &streams(&w.cfg, &seqs, 2));
+        assert!(reused > 0, "no page was reused");
+        assert_eq!(reused, c.pages_reused, "the replayed page count");
+    }
+}
+
+/// Refused rows: an unknown or removed sequence, a position that skips ahead or repeats, a
+/// batch over the free pages, a token past the vocabulary. Each is a typed error that changes
+/// nothing: the other sequences' next steps still give their solo bits.
+#[test]
+fn bad_batches_leave_every_sequence_untouched() {
+    let w = tiny("tiny", WeightFormat::F32, 1);
+    let vocab = w.cfg.vocab as u32;
+    let (ta, tb) = (prompt(1, 140, w.cfg.vocab), prompt(2, 140, w.cfg.vocab));
+    let mut s = CpuBatchSession::new(&w, 3).unwrap();
+    let (a, b) = (s.add_sequence(), s.add_sequence());
+    let gone = s.add_sequence();
+    s.remove_sequence(gone).unwrap();
+    let row = |seq, pos: usize, toks: &[u32]| BatchToken {
+        seq,
+        pos: pos as u32,
+        token: toks[pos],
+    };
+    let mut got_a = Trace::default();
+    let mut got_b = Trace::default();
+    // a takes 65 tokens (two pages), b one: one page left.
+    let first: Vec<_> = (0..65).map(|p| row(a, p, &ta)).collect();
+    s.forward(&first, &mut got_a).unwrap();
+    s.forward(&[row(b, 0, &tb)], &mut got_b).unwrap();
+    let bad: Vec<Vec<BatchToken>> = vec![
+        vec![row(b, 1, &tb), row(gone, 0, &tb)],
+        vec![row(b, 2, &tb)],
+        vec![row(b, 1, &tb), row(b, 1, &tb)],
+        vec![
+            row(a, 65, &ta),
+            BatchToken {
+                seq: b,
+                pos: 1,
+                token: vocab,
+            },
+        ],
+        // b needs a page at position 64 and another at 128: more than the one free page.
+        (1..130).map(|p| row(b, p, &tb)).collect(),
+    ];
+    for batch in &bad {
+        let mut t = Trace::default();
+        let e = s.forward(batch, &mut t).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::InvalidArgument { .. } | Error::IndexOutOfRange { .. }
+            ),
+            "{e}"
+        );
+        assert!(
+            t.layers.is_empty() && t.logits.is_empty(),
+            "a refused batch wrote"
+        );
+    }
+    assert_eq!(s.sequences().len(a).unwrap(), 65);
+    assert_eq!(s.sequences().len(b).unwrap(), 1);
+    assert_eq!(s.sequences().free_pages(), 0);
+    // Both continue as if nothing had been tried.
+    let next: Vec<_> = (65..70)
+        .map(|p| row(a, p, &ta))
+        .zip((1..6).map(|p| row(b, p, &tb)))
+        .flat_map(|(x, y)| [x, y])
+        .collect();
+    let mut t = Trace::default();
+    s.forward(&next, &mut t).unwrap();
+    let vocab = w.cfg.vocab;
+    for (i, r) in next.iter().enumerate() {
+        let g = if r.seq == a { &mut got_a } else { &mut got_b };
+        g.logits
+            .extend_from_slice(&t.logits[i * vocab..(i + 1) * vocab]);
+    }
+    assert_bits_eq("a", &got_a.logits, &solo(&w, &ta[..70]).logits);
+    assert_bits_eq("b", &got_b.logits, &solo(&w, &tb[..6]).logits);
+}
+
+/// Sampling in a batch: each sequence draws its tokens from its own logits with a stream that
+/// depends on (seed, sequence, step) alone, so the completion is the one it gets alone
+/// (`CpuSession::generate`), whatever it was batched with and whenever it joined.
+#[test]
+fn sampled_completions_do_not_depend_on_the_batch() {
+    use bitexact::sample::{sample, Sampling};
+    let w = tiny("tiny", WeightFormat::F32, 9);
+    let vocab = w.cfg.vocab;
+    let params = Sampling {
+        temperature: 0.9,
+        top_k: 20,
+        top_p: 0.9,
+        seed: 4,
+    };
+    // (request id, prompt, tokens to draw, the step it joins at)
+    let reqs: Vec<(u64, Vec<u32>, usize, usize)> = (0..5)
+        .map(|i| {
+            (
+                100 + i as u64,
+                prompt(i as u64, 3 + 9 * i, vocab),
+                12,
+                2 * i,
+            )
+        })
+        .collect();
+    let mut s = CpuBatchSession::new(&w, 16).unwrap();
+    let mut ids = vec![None; reqs.len()];
+    let mut last: Vec<Option<Vec<f32>>> = vec![None; reqs.len()];
+    let mut drawn: Vec<Vec<u32>> = vec![Vec::new(); reqs.len()];
+    let mut fed = vec![0usize; reqs.len()];
+    for step in 0.. {
+        let mut batch = Vec::new();
+        let mut owner = Vec::new();
+        for (r, (id, p, n, join)) in reqs.iter().enumerate() {
+            if step < *join || drawn[r].len() == *n {
+                continue;
+            }
+            let seq = *ids[r].get_or_insert_with(|| s.add_sequence());
+            match &last[r] {
+                // Joining: the whole prompt in this step.
+                None => {
+                    for (i, &t) in p.iter().enumerate() {
+                        batch.push(BatchToken {
+                            seq,
+                            pos: i as u32,
+                            token: t,
+                        });
+                        owner.push((r, i + 1 == p.len()));
+                    }
+                }
+                // Then one drawn token a step.
+                Some(l) => {
+                    let t = sample(l, &params, *id, fed[r] as u64).unwrap();
+                    drawn[r].push(t);
+                    if drawn[r].len() < *n {
+                        batch.push(BatchToken {
+                            seq,
+                            pos: fed[r] as u32,
+                            token: t,
+                        });
+                        owner.push((r, true));
+                    }
+                }
+            }
+        }
+        if batch.is_empty() {
+            break;
+        }
+        let mut t = Trace::default();
+        s.forward(&batch, &mut t).unwrap();
+        for (i, &(r, keep)) in owner.iter().enumerate() {
+            fed[r] += 1;
+            if keep {
+                last[r] = Some(t.logits[i * vocab..(i + 1) * vocab].to_vec());
+            }
+        }
+        assert!(step < 100, "the loop ends");
+    }
+    for (r, (id, p, n, _)) in reqs.iter().enumerate() {
+        let alone = CpuSession::new(&w).generate(p, *n, &params, *id).unwrap();
+        assert_eq!(drawn[r], alone, "request {r}");
+    }
+}
+
+/// The device session on serving schedules: every sequence's layers and logits equal its solo
+/// run (the CPU reference) for the attention model (F32 and Q8_0 experts, and `small`'s wider
+/// heads) and the hybrid model; chunks of 17 to 24 rows take the paged tile kernel, shorter
+/// ones and decode rows the paged split kernel, and pages are freed and reused.
+#[test]
+fn gpu_schedules_equal_solo() {
+    let Some(dev) = gpu() else { return };
+    let seqs: Vec<SeqSpec> = (0..12)
+        .map(|i| SeqSpec {
+            len: 30 + (41 * i) % 110,
+            prompt: (1 + (17 * i) % 60).min(30 + (41 * i) % 110),
+        })
+        .collect();
+    for (name, fmt) in [
+        ("tiny", WeightFormat::F32),
+        ("tiny", WeightFormat::Q8_0),
+        ("tiny-hybrid", WeightFormat::F32),
+        ("small", WeightFormat::Q8_0),
+    ] {
+        let w = tiny(name, fmt, 5);
+        let model = GpuModel::load(dev, &w).unwrap();
+        // The first seed from 13 whose schedule batches 8 sequences at once, mixes chunks with
+        // decode tokens and reuses pages (the oracle's rule).
+        let (schedule, c) = (13u64..)
+            .map(|seed| {
+                let s = Schedule::random(seed, &seqs, 16, 10, 24).unwrap();
+                let c = s.counts();
+                (s, c)
+            })
+            .find(|(_, c)| c.max_batch >= 8 && c.mixed_steps > 0 && c.pages_reused > 0)
+            .unwrap();
+        assert!(
+            c.max_batch >= 8 && c.mixed_steps > 0 && c.pages_reused > 0,
+            "{c:?}"
+        );
+        let mut session = BatchSession::new(dev, &model, schedule.n_pages).unwrap();
+        let streams = streams(&w.cfg, &seqs, 3);
+        let mut runner = OnDevice {
+            dev,
+            session: &mut session,
+        };
+        let (got, reused) =
+            drive(&mut runner, &schedule, &streams, w.cfg.dim, w.cfg.vocab).unwrap();
+        assert_eq!(reused, c.pages_reused, "{name} {fmt}: pages reused");
+        same_as_solo(&w, &got, &streams);
+    }
+}
+
+/// Without a trace the device session returns each sequence's last-row logits, in order of
+/// first appearance: the CPU's bits; a refused batch (an unknown sequence, a skipped
+/// position) writes nothing and the next step still gives the solo bits.
+#[test]
+fn gpu_last_rows_and_refusals() {
+    let Some(dev) = gpu() else { return };
+    let w = tiny("tiny", WeightFormat::F32, 2);
+    let model = GpuModel::load(dev, &w).unwrap();
+    let v = w.cfg.vocab;
+    let (ta, tb) = (prompt(5, 40, v), prompt(6, 150, v));
+    let mut s = BatchSession::new(dev, &model, 6).unwrap();
+    let (a, b) = (s.add_sequence(dev).unwrap(), s.add_sequence(dev).unwrap());
+    let row = |seq, pos: usize, toks: &[u32]| BatchToken {
+        seq,
+        pos: pos as u32,
+        token: toks[pos],
+    };
+    // A sequence that comes and goes first, so that b's pages are not the pool's first.
+    s.forward(dev, &[row(a, 0, &ta)], None).unwrap(); // page 0
+    let early = s.add_sequence(dev).unwrap();
+    s.forward(dev, &[row(early, 0, &ta)], None).unwrap(); // page 1, freed next
+    s.remove_sequence(early).unwrap();
+    // b's prompt of 130 (the tile kernel over three pages, the first a reused one), a's next
+    // two, interleaved.
+    let mut first: Vec<BatchToken> = (0..130).map(|p| row(b, p, &tb)).collect();
+    first.insert(5, row(a, 1, &ta));
+    first.insert(90, row(a, 2, &ta));
+    let got = s.forward(dev, &first, None).unwrap();
+    assert_eq!(
+        s.sequences().table(b).unwrap(),
+        &[1, 2, 3],
+        "b starts on a reused page"
+    );
+    let alone = |t: &[u32]| solo(&w, t).logits[(t.len() - 1) * v..].to_vec();
+    assert_eq!(got.iter().map(|(q, _)| *q).collect::<Vec<_>>(), vec![b, a]);
+    assert_bits_eq("b after 130", &got[0].1, &alone(&tb[..130]));
+    assert_bits_eq("a after 3", &got[1].1, &alone(&ta[..3]));
+    let gone = s.add_sequence(dev).unwrap();
+    s.remove_sequence(gone).unwrap();
+    for bad in [
+        vec![row(a, 3, &ta), row(gone, 0, &ta)],
+        vec![row(b, 131, &tb)],
+    ] {
+        assert!(s.forward(dev, &bad, None).is_err());
+    }
+    let got = s
+        .forward(dev, &[row(a, 3, &ta), row(b, 130, &tb)], None)
+        .unwrap();
+    assert_bits_eq("a after 4", &got[0].1, &alone(&ta[..4]));
+    assert_bits_eq("b after 131", &got[1].1, &alone(&tb[..131]));
+}
