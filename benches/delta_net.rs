@@ -47,7 +47,11 @@ fn main() {
         let a = GpuTensor::from_host(&dev, &small(n * hv, 3), &[n, hv]).unwrap();
         let mut o = GpuTensor::zeros(&dev, &[n, hv, s]).unwrap();
         let bytes = 4 * (n * cd + 2 * n * hv + n * hv * s + 2 * hv * s * s);
-        for (name, kernel) in [("v1", ScanKernel::V1), ("v2", ScanKernel::V2)] {
+        for (name, kernel) in [
+            ("v1", ScanKernel::V1),
+            ("v2", ScanKernel::V2),
+            ("v3", ScanKernel::V3),
+        ] {
             let key = format!("delta_net/{name}/{n}");
             group.bench_function(BenchmarkId::new(name, n), |bch| {
                 bch.iter_custom(|iters| {

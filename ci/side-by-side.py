@@ -1,6 +1,11 @@
 """The side-by-side table from one run: llama-bench's JSON and `oracle speed --json` per format.
 
     python3 ci/side-by-side.py FORMAT:LLAMA_PP.json:LLAMA_TG.json:BITEXACT.json ...
+    python3 ci/side-by-side.py --batched FORMAT:LLAMA_BATCHED.jsonl:BITEXACT.json ...
+
+Batched: llama-batched-bench's aggregate generation rate (S_TG: sequences x 128 tokens over the
+time of those steps, its KV cache f16) against `oracle speed --batched-only` (sequences over the
+median step, f32 KV cache), per (context, sequences).
 
 Medians on both sides (llama-bench: of its per-repetition tokens/s; bitexact: of its timed
 prefills or decode steps), the spread (min-max) beside each, and the ratio bitexact/llama.cpp.
@@ -37,7 +42,42 @@ def ours_rows(path):
     return rows
 
 
+def verdict(um, ulo, uhi, lm, llo, lhi):
+    ratio = um / lm
+    lo, hi = ulo / lhi, uhi / llo
+    return ratio, "tie" if lo <= 1.0 <= hi else ("faster" if ratio > 1 else "slower")
+
+
+def batched(args):
+    print("| format | context | sequences | llama.cpp tok/s (min-max, n) | bitexact tok/s (min-max, n) | ratio | |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for arg in args:
+        fmt, ll_path, ours = arg.split(":")
+        ll = {}
+        for line in open(ll_path):
+            line = line.strip()
+            if not line.startswith("{"):
+                continue
+            t = json.loads(line)
+            ll.setdefault((t["pp"], t["pl"]), []).append(t["speed_tg"])
+        for r in json.load(open(ours)):
+            if r["phase"] != "batched decode":
+                continue
+            key = (r["tokens"], r["sequences"])
+            if key not in ll:
+                continue
+            ts = ll[key]
+            lm, llo, lhi = statistics.median(ts), min(ts), max(ts)
+            s = r["sequences"]
+            um, ulo, uhi = s / r["median_s"], s / r["max_s"], s / r["min_s"]
+            ratio, v = verdict(um, ulo, uhi, lm, llo, lhi)
+            print(f"| {fmt} | {key[0]} | {s} | {lm:,.1f} ({llo:,.1f}-{lhi:,.1f}, {len(ts)}) | "
+                  f"{um:,.1f} ({ulo:,.1f}-{uhi:,.1f}, {r['samples']}) | {ratio:.2f} | {v} |")
+
+
 def main(args):
+    if args and args[0] == "--batched":
+        return batched(args[1:])
     print("| format | test | llama.cpp tok/s (min-max, n) | bitexact tok/s (min-max, n) | ratio | |")
     print("|---|---|---:|---:|---:|---|")
     for arg in args:
@@ -50,13 +90,11 @@ def main(args):
                 continue
             lm, llo, lhi, ln = ll[key]
             um, ulo, uhi, un = us[key]
-            ratio = um / lm
-            lo, hi = ulo / lhi, uhi / llo
-            verdict = "tie" if lo <= 1.0 <= hi else ("faster" if ratio > 1 else "slower")
+            ratio, v = verdict(um, ulo, uhi, lm, llo, lhi)
             name = f"prefill {key[1]}" if key[0] == "prefill" else (
                 "decode, empty context" if key[1] == 0 else f"decode at depth {key[1]}")
             print(f"| {fmt} | {name} | {lm:,.1f} ({llo:,.1f}-{lhi:,.1f}, {ln}) | "
-                  f"{um:,.1f} ({ulo:,.1f}-{uhi:,.1f}, {un}) | {ratio:.2f} | {verdict} |")
+                  f"{um:,.1f} ({ulo:,.1f}-{uhi:,.1f}, {un}) | {ratio:.2f} | {v} |")
 
 
 if __name__ == "__main__":

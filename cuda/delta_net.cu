@@ -18,6 +18,9 @@
 //   delta_net_prep_f32   v2 (with delta_net_scan2_f32; prefills of 16 tokens or more): steps 2-4
 //   delta_net_scan2_f32  of every token at once, then the delta rule alone in token order (see
 //                        below). The same operations as v1 in the same order.
+//   delta_net_scan3_f32  v3 (after the same prep): the delta rule over Hv x ceil(S / 32) blocks,
+//                        a column's 4 partials in adjacent lanes (shuffles, no barrier in a
+//                        token), tokens staged 16 at a time (one barrier per 16 tokens).
 //   delta_net_gate_f32   v1: grid-stride loop.
 
 #include "common.cuh"
@@ -71,14 +74,18 @@ __device__ __forceinline__ float dn_decay_kv(float (&reg)[32], const float* sk, 
     return acc;
 }
 
-// kv from its four partials: the family's mutant site.
-__device__ __forceinline__ float dn_kv_tree(const float (*part)[DN_MAX_S], u32 j) {
+// kv from its four partials: the family's mutant site (every scan combines through it).
+__device__ __forceinline__ float dn_kv_combine(float p0, float p1, float p2, float p3) {
 #ifdef BITEXACT_MUTANT
     // Broken on purpose (see BITEXACT_MUTANT): the partials left to right.
-    return ((part[0][j] + part[1][j]) + part[2][j]) + part[3][j];
+    return ((p0 + p1) + p2) + p3;
 #else
-    return (part[0][j] + part[1][j]) + (part[2][j] + part[3][j]);
+    return (p0 + p1) + (p2 + p3);
 #endif
+}
+
+__device__ __forceinline__ float dn_kv_tree(const float (*part)[DN_MAX_S], u32 j) {
+    return dn_kv_combine(part[0][j], part[1][j], part[2][j], part[3][j]);
 }
 
 // Step 5's second half: the update M_j += k * delta, then partial p of o_j = dot(M_j, q).
@@ -322,6 +329,152 @@ extern "C" __global__ void __launch_bounds__(512)
     dn_store_column(reg, mh, p, s);
     dn_write_window(conv_out, mixed, conv_in, dn_channel(tid, s, kh, hk, h),
                     dn_window_owner(tid, s, h, hk), n, kc, cd);
+}
+
+// ------------------------------------------------------------------------------------------
+// v3 of the delta rule (after delta_net_prep_f32, as v2): the same operations per column in the
+// same order, spread over Hv x ceil(S / 32) blocks instead of Hv, with no barrier inside a
+// token. A block takes 32 columns of one value head: 4 warps of 8 columns, the 4 partials of a
+// column in 4 adjacent lanes (lane = 4 column + p), so both dots combine by shuffles (every
+// lane gets the same bits: dn_kv_combine on the four gathered partials). The inputs of
+// DN3_CHUNK tokens land in shared memory by cp.async while the previous chunk runs: one barrier
+// per chunk. q and k sit in shared memory skewed (partial p's 32 elements at 36 p) so that the
+// 4 partials' float4 reads fall in different banks.
+//   grid (Hv, ceil(S / 32)), 128 threads; S <= 128.
+
+#define DN3_COLS 32u
+#define DN3_CHUNK 16u
+#define DN3_Q 0u
+#define DN3_K 144u
+#define DN3_V 288u
+#define DN3_G 320u
+#define DN3_TOK 324u  // floats a staged token: q | k (4 x 36 each) | 32 v | beta, decay | pad
+
+// Token t's q, k, this block's v columns and the gates into tok (4-byte copies, one group per
+// chunk: the caller commits).
+__device__ __forceinline__ void dn3_fetch(float* stage, const float* __restrict__ prep,
+                                          const float* __restrict__ gates, u32 t0, u32 cn,
+                                          u32 h, u32 kh, u32 g, u32 hk, u32 hv, u32 s, u32 cd,
+                                          u32 tid) {
+    const u32 per = 2u * s + DN3_COLS + 2u;
+    for (u32 idx = tid; idx < cn * per; idx += blockDim.x) {
+        const u32 tt = idx / per, e = idx - tt * per;
+        const u64 row = (u64)(t0 + tt) * cd;
+        float* tok = stage + tt * DN3_TOK;
+        const float* src;
+        float* dst;
+        if (e < s) {
+            src = prep + row + kh * s + e;
+            dst = tok + DN3_Q + (e >> 5) * 36u + (e & 31u);
+        } else if (e < 2u * s) {
+            const u32 d = e - s;
+            src = prep + row + hk * s + kh * s + d;
+            dst = tok + DN3_K + (d >> 5) * 36u + (d & 31u);
+        } else if (e < 2u * s + DN3_COLS) {
+            const u32 v = e - 2u * s, jj = g * DN3_COLS + v;
+            if (jj >= s) continue;
+            src = prep + row + 2u * hk * s + h * s + jj;
+            dst = tok + DN3_V + v;
+        } else {
+            const u32 q = e - 2u * s - DN3_COLS;
+            src = gates + ((u64)(t0 + tt) * hv + h) * 2u + q;
+            dst = tok + DN3_G + q;
+        }
+        dn_cp4(dst, src);
+    }
+    asm volatile("cp.async.commit_group;");
+}
+
+// The four partials of the lane group of 4 (lanes 4c .. 4c + 3) at every lane of it.
+__device__ __forceinline__ void dn3_gather(float x, u32 lane, float (&q)[4]) {
+    const u32 base = lane & ~3u;
+#pragma unroll
+    for (u32 i = 0; i < 4u; ++i) q[i] = __shfl_sync(BX_FULL_MASK, x, base + i);
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    delta_net_scan3_f32(float* __restrict__ o, float* __restrict__ m, float* __restrict__ conv_out,
+                        const float* __restrict__ prep, const float* __restrict__ gates,
+                        const float* __restrict__ mixed, const float* __restrict__ conv_in,
+                        u32 n, u32 hk, u32 hv, u32 s, u32 kc) {
+    bx_grid_begin();
+    __shared__ __align__(16) float stage[2][DN3_CHUNK * DN3_TOK];
+    const u32 h = blockIdx.x, g = blockIdx.y, tid = threadIdx.x;
+    const u32 lane = tid & 31u, p = lane & 3u;
+    const u32 jl = (tid >> 5) * 8u + (lane >> 2);  // column in the block, 0..31
+    const u32 j = g * DN3_COLS + jl;
+    const bool col = j < s;
+    const u32 kh = h % hk;
+    const u32 cd = (2u * hk + hv) * s;
+    const float scale = 1.0f / sqrtf((float)s);
+    float* mh = m + (u64)h * s * s + (u64)j * s;
+    float reg[32];
+    if (col) {
+        dn_load_column(reg, mh, p, s);
+    } else {
+#pragma unroll
+        for (u32 i = 0; i < 32u; ++i) reg[i] = 0.0f;
+    }
+    dn3_fetch(stage[0], prep, gates, 0u, min(DN3_CHUNK, n), h, kh, g, hk, hv, s, cd, tid);
+    for (u32 c0 = 0, ci = 0; c0 < n; c0 += DN3_CHUNK, ++ci) {
+        // This chunk has landed, and every thread is done with the previous one, whose buffer
+        // the next chunk takes.
+        asm volatile("cp.async.wait_group 0;" ::: "memory");
+        __syncthreads();
+        if (c0 + DN3_CHUNK < n)
+            dn3_fetch(stage[(ci + 1u) & 1u], prep, gates, c0 + DN3_CHUNK,
+                      min(DN3_CHUNK, n - c0 - DN3_CHUNK), h, kh, g, hk, hv, s, cd, tid);
+        const u32 cn = min(DN3_CHUNK, n - c0);
+        for (u32 tt = 0; tt < cn; ++tt) {
+            const float* tok = stage[ci & 1u] + tt * DN3_TOK;
+            float kr[32], qr[32];
+            const float4* k4 = reinterpret_cast<const float4*>(tok + DN3_K + p * 36u);
+            const float4* q4 = reinterpret_cast<const float4*>(tok + DN3_Q + p * 36u);
+#pragma unroll
+            for (u32 c = 0; c < 8u; ++c) {
+                const float4 kv4 = k4[c], qv4 = q4[c];
+                kr[4u * c] = kv4.x, kr[4u * c + 1u] = kv4.y, kr[4u * c + 2u] = kv4.z,
+                kr[4u * c + 3u] = kv4.w;
+                qr[4u * c] = qv4.x, qr[4u * c + 1u] = qv4.y, qr[4u * c + 2u] = qv4.z,
+                qr[4u * c + 3u] = qv4.w;
+            }
+            const float vj = tok[DN3_V + jl], beta = tok[DN3_G], decay = tok[DN3_G + 1u];
+            // 5. The delta rule on column j (v1's step 5, its operations in its order): the
+            //    decay and partial p of kv = dot(M_j, k) ...
+            float acc = 0.0f;
+#pragma unroll
+            for (u32 i = 0; i < 32u; ++i) {
+                if (p * 32u + i < s) {
+                    reg[i] = reg[i] * decay;
+                    acc = fmaf(kr[i], reg[i], acc);
+                }
+            }
+            float part[4];
+            dn3_gather(acc, lane, part);
+            const float kv = dn_kv_combine(part[0], part[1], part[2], part[3]);
+            const float delta = (vj - kv) * beta;
+            // ... the update M_j += k delta and partial p of o_j = dot(M_j, q).
+            acc = 0.0f;
+#pragma unroll
+            for (u32 i = 0; i < 32u; ++i) {
+                if (p * 32u + i < s) {
+                    reg[i] = fmaf(kr[i], delta, reg[i]);
+                    acc = fmaf(qr[i], reg[i], acc);
+                }
+            }
+            dn3_gather(acc, lane, part);
+            if (p == 0u && col)
+                o[((u64)(c0 + tt) * hv + h) * s + j] = ((part[0] + part[1]) + (part[2] + part[3])) * scale;
+        }
+    }
+    if (col) dn_store_column(reg, mh, p, s);
+    // The convolution's new window: this block's 32 channels of q and k (key head kh, written
+    // by the blocks of head h = kh < Hk) and of v (head h).
+    if (tid < 3u * DN3_COLS) {
+        const u32 which = tid / DN3_COLS, c = g * DN3_COLS + tid % DN3_COLS;
+        const u32 ch = which == 0u ? kh * s + c : which == 1u ? hk * s + kh * s + c : 2u * hk * s + h * s + c;
+        dn_write_window(conv_out, mixed, conv_in, ch, c < s && (which == 2u || h < hk), n, kc, cd);
+    }
 }
 
 extern "C" __global__ void delta_net_gate_f32(float* __restrict__ out,

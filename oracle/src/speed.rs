@@ -62,6 +62,9 @@ pub struct SpeedArgs {
     /// BatchSession; the aggregate tokens/s.
     #[arg(long, value_delimiter = ',', value_parser = crate::parse_positive)]
     sequences: Vec<usize>,
+    /// Time batched decode alone (needs --sequences): no solo prefill or decode rows.
+    #[arg(long)]
+    batched_only: bool,
 }
 
 /// The per-kernel table of one profiled stretch (`--profile`).
@@ -99,8 +102,11 @@ struct Row {
     median_s: f64,
     min_s: f64,
     max_s: f64,
-    /// Tokens per second at the median.
+    /// Tokens per second at the median (batched decode: aggregate over the sequences).
     tokens_per_s: f64,
+    /// Batched decode: the sequences decoding in each step (one row each).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sequences: Option<usize>,
 }
 
 /// Parameters one token touches: attention, router and the top-k experts of every layer, plus
@@ -298,6 +304,17 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
         "model generated and uploaded in {:.1} s",
         t.elapsed().as_secs_f64()
     );
+    if a.batched_only {
+        anyhow::ensure!(
+            !a.sequences.is_empty(),
+            "--batched-only needs --sequences (the counts of sequences to time)"
+        );
+        let copy = copy_rate(&dev)?;
+        println!("same-run ceiling: copy {:.0} GB/s", copy / 1e9);
+        let mut rows = Vec::new();
+        batched(a, &dev, &model, &cfg, &mut rows)?;
+        return finish_json(a, &rows);
+    }
     let mut s = Session::new(&dev, &model)?;
     let bf16_rate = cublas_bf16_rate(&dev, 2048)?;
     let copy = copy_rate(&dev)?;
@@ -347,6 +364,7 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
             min_s: lo,
             max_s: hi,
             tokens_per_s: n as f64 / secs,
+            sequences: None,
         });
         let ideal = 2.0 * params * n as f64 / (bf16_rate * 1e12);
         println!(
@@ -422,6 +440,7 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
                 min_s: lo,
                 max_s: hi,
                 tokens_per_s: 1.0 / secs,
+                sequences: None,
             });
             // Kernels in one step: those of the captured graph (one launch a step), or the
             // eager launches per step.
@@ -453,59 +472,7 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
     s.set_attention_v2(false);
     if !a.sequences.is_empty() {
         drop(s);
-        println!();
-        println!("| batched decode | context each | sequences | step | aggregate tokens/s | per sequence |");
-        println!("|---|---:|---:|---:|---:|---:|");
-        for &c in &a.decode_at {
-            for &n_seq in &a.sequences {
-                let pages = n_seq * (c + a.steps + 1).div_ceil(bitexact::model::PAGE);
-                let mut bs = bitexact::model::BatchSession::new(&dev, &model, pages)?;
-                let mut ids = Vec::with_capacity(n_seq);
-                for q in 0..n_seq {
-                    let id = bs.add_sequence(&dev)?;
-                    let toks = prompt(3 + q as u64, c, cfg.vocab);
-                    let rows: Vec<bitexact::model::BatchToken> = toks
-                        .iter()
-                        .enumerate()
-                        .map(|(p, &token)| bitexact::model::BatchToken {
-                            seq: id,
-                            pos: p as u32,
-                            token,
-                        })
-                        .collect();
-                    for chunk in rows.chunks(2048) {
-                        bs.forward(&dev, chunk, None)?;
-                    }
-                    ids.push(id);
-                }
-                let steps = prompt(4, a.steps, cfg.vocab);
-                let mut times = Vec::with_capacity(a.steps);
-                for (i, &tok) in steps.iter().enumerate() {
-                    let batch: Vec<bitexact::model::BatchToken> = ids
-                        .iter()
-                        .map(|&seq| bitexact::model::BatchToken {
-                            seq,
-                            pos: (c + i) as u32,
-                            token: tok,
-                        })
-                        .collect();
-                    dev.synchronize()?;
-                    let t = Instant::now();
-                    bs.forward(&dev, &batch, None)?;
-                    times.push(t.elapsed().as_secs_f64());
-                }
-                let (lo, hi) = spread(&times);
-                let secs = median(times);
-                println!(
-                    "| batched decode | {c} | {n_seq} | {:.2} ms (min {:.2}, max {:.2}) | {:.1} | {:.1} |",
-                    secs * 1e3,
-                    lo * 1e3,
-                    hi * 1e3,
-                    n_seq as f64 / secs,
-                    1.0 / secs
-                );
-            }
-        }
+        batched(a, &dev, &model, &cfg, &mut rows)?;
         return finish_json(a, &rows);
     }
     if a.profile {
@@ -545,4 +512,119 @@ fn finish_json(a: &SpeedArgs, rows: &[Row]) -> Result<bool> {
         println!("report: {}", path.display());
     }
     Ok(true)
+}
+
+/// Batched decode (`--sequences`): for each context `c` of `--decode-at` and each count `S`,
+/// `S` sequences of one [`bitexact::model::BatchSession`], each prefilled alone to `c`
+/// tokens (its own prompt), then `--steps` steps of `S` decode rows, one per sequence; the
+/// median step, the aggregate tokens/s, the launches per step and the KV cache held per
+/// sequence. With `--profile`, one more step with an event before each launch.
+fn batched(
+    a: &SpeedArgs,
+    dev: &Device,
+    model: &GpuModel,
+    cfg: &ModelConfig,
+    rows: &mut Vec<Row>,
+) -> Result<()> {
+    use bitexact::model::{BatchSession, BatchToken, PAGE};
+    let attn_layers = (0..cfg.n_layers)
+        .filter(|&l| cfg.is_attention_layer(l))
+        .count();
+    // f32 keys and values of every attention layer's kv heads, per position.
+    let kv_bytes_per_pos = 2 * 4 * cfg.n_kv_heads * cfg.head_dim * attn_layers;
+    println!();
+    println!("| batched decode | context each | sequences | step | aggregate tokens/s | per sequence | launches/step | KV cache per sequence |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    for &c in &a.decode_at {
+        for &n_seq in &a.sequences {
+            let pages_each = (c + a.steps + 1).div_ceil(PAGE);
+            let mut bs = match BatchSession::new(dev, model, n_seq * pages_each) {
+                Err(e @ bitexact::Error::OutOfMemory { .. }) => {
+                    println!(
+                        "| batched decode | {c} | {n_seq} | does not fit: {e} | - | - | - | - |"
+                    );
+                    continue;
+                }
+                r => r?,
+            };
+            let mut ids = Vec::with_capacity(n_seq);
+            for q in 0..n_seq {
+                let id = bs.add_sequence(dev)?;
+                let rows: Vec<BatchToken> = prompt(3 + q as u64, c, cfg.vocab)
+                    .iter()
+                    .enumerate()
+                    .map(|(p, &token)| BatchToken {
+                        seq: id,
+                        pos: p as u32,
+                        token,
+                    })
+                    .collect();
+                for chunk in rows.chunks(2048) {
+                    bs.forward(dev, chunk, None)?;
+                }
+                ids.push(id);
+            }
+            let step = |i: usize, tok: u32| -> Vec<BatchToken> {
+                ids.iter()
+                    .map(|&seq| BatchToken {
+                        seq,
+                        pos: (c + i) as u32,
+                        token: tok,
+                    })
+                    .collect()
+            };
+            let toks = prompt(4, a.steps + 1, cfg.vocab);
+            let mut times = Vec::with_capacity(a.steps);
+            dev.synchronize()?;
+            let launches0 = dev.launches();
+            for (i, &tok) in toks[..a.steps].iter().enumerate() {
+                let batch = step(i, tok);
+                dev.synchronize()?;
+                let t = Instant::now();
+                bs.forward(dev, &batch, None)?;
+                times.push(t.elapsed().as_secs_f64());
+            }
+            let launches = (dev.launches() - launches0) as f64 / a.steps as f64;
+            let (lo, hi) = spread(&times);
+            let secs = median(times);
+            rows.push(Row {
+                phase: "batched decode",
+                tokens: c,
+                samples: a.steps,
+                median_s: secs,
+                min_s: lo,
+                max_s: hi,
+                tokens_per_s: n_seq as f64 / secs,
+                sequences: Some(n_seq),
+            });
+            println!(
+                "| batched decode | {c} | {n_seq} | {:.2} ms (min {:.2}, max {:.2}) | {:.1} | {:.1} | {launches:.0} | {:.1} MB |",
+                secs * 1e3,
+                lo * 1e3,
+                hi * 1e3,
+                n_seq as f64 / secs,
+                1.0 / secs,
+                (pages_each * PAGE * kv_bytes_per_pos) as f64 / 1e6,
+            );
+            if a.profile {
+                let batch = step(a.steps, toks[a.steps]);
+                dev.synchronize()?;
+                let t = Instant::now();
+                dev.set_profiling(true);
+                bs.forward(dev, &batch, None)?;
+                let prof = dev.take_profile()?;
+                let wall = t.elapsed().as_secs_f64();
+                print_profile(
+                    &format!(
+                        "batched decode step, {n_seq} sequences at context {} ({:.3} ms wall)",
+                        c + a.steps + 1,
+                        wall * 1e3
+                    ),
+                    &prof,
+                );
+                println!();
+            }
+        }
+    }
+    Ok(())
 }

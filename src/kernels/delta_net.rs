@@ -94,7 +94,8 @@ impl GpuDeltaNetState {
 /// Which scan runs. Both give the bits of [`crate::reference::delta_net::scan_cpu`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ScanKernel {
-    /// v1 below [`SCAN_V2_MIN_TOKENS`] tokens (a decode step: one launch), v2 from there.
+    /// v1 below [`SCAN_V2_MIN_TOKENS`] tokens (a decode step: one launch), v2 from there (v3
+    /// with `BITEXACT_SCAN_V3=1`).
     #[default]
     Auto,
     /// v1: one launch runs steps 2 to 5 token after token.
@@ -102,6 +103,9 @@ pub enum ScanKernel {
     /// v2: `delta_net_prep_f32` runs steps 2 to 4 of every token at once, then
     /// `delta_net_scan2_f32` the delta rule alone in token order: 2.8x v1 at 2048 tokens.
     V2,
+    /// v3: v2's prep, then `delta_net_scan3_f32`: the delta rule over `Hv x ceil(S / 32)`
+    /// blocks, a column's partials combined by shuffles, one barrier per 16 tokens.
+    V3,
 }
 
 /// Tokens from which [`ScanKernel::Auto`] runs v2. H200, the Qwen3.6 shape
@@ -109,6 +113,13 @@ pub enum ScanKernel {
 /// 8,118 for 2048; v2 56.8, 76.1, 749, 2,878 (its second launch costs one token's latency,
 /// each token after is 1.4 us against 3.5-4.0).
 pub const SCAN_V2_MIN_TOKENS: usize = 16;
+
+/// Whether [`ScanKernel::Auto`] takes v3 where it would take v2: `BITEXACT_SCAN_V3=1`, read
+/// once. Off until v3 is measured faster on a GPU (the same bits either way).
+fn auto_v3() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("BITEXACT_SCAN_V3").is_ok_and(|v| v == "1"))
+}
 
 /// Dynamic shared memory v2's prep kernel may take (a token's channels and its vectors'
 /// norms); a mixer wider than this runs v1 under [`ScanKernel::Auto`].
@@ -178,10 +189,13 @@ pub fn delta_net_scan_with(
         return Ok(());
     }
     let fits = prep_smem_bytes(c) <= PREP_MAX_SMEM;
-    let v2 = match kernel {
-        ScanKernel::Auto => n >= SCAN_V2_MIN_TOKENS && fits,
-        ScanKernel::V1 => false,
-        ScanKernel::V2 if !fits => {
+    let second = match kernel {
+        ScanKernel::Auto if n >= SCAN_V2_MIN_TOKENS && fits && auto_v3() => {
+            Some("delta_net_scan3_f32")
+        }
+        ScanKernel::Auto if n >= SCAN_V2_MIN_TOKENS && fits => Some("delta_net_scan2_f32"),
+        ScanKernel::Auto | ScanKernel::V1 => None,
+        ScanKernel::V2 | ScanKernel::V3 if !fits => {
             return Err(Error::invalid(
                 OP,
                 format!(
@@ -191,11 +205,13 @@ pub fn delta_net_scan_with(
                 ),
             ))
         }
-        ScanKernel::V2 => true,
+        ScanKernel::V2 => Some("delta_net_scan2_f32"),
+        ScanKernel::V3 => Some("delta_net_scan3_f32"),
     };
-    if v2 {
+    if let Some(scan) = second {
         return scan_v2(
             dev,
+            scan,
             consts,
             state,
             mixed,
@@ -242,10 +258,13 @@ pub fn delta_net_scan_with(
     Ok(())
 }
 
-/// v2 of [`delta_net_scan_with`] (shapes checked by the caller; `dims` = n, Hk, Hv, S, Kc).
+/// v2 and v3 of [`delta_net_scan_with`]: the prep, then `scan` (`delta_net_scan2_f32` or
+/// `delta_net_scan3_f32`, the same arguments). Shapes checked by the caller; `dims` = n, Hk,
+/// Hv, S, Kc.
 #[allow(clippy::too_many_arguments)]
 fn scan_v2(
     dev: &Device,
+    scan: &'static str,
     consts: &GpuDeltaNetConsts,
     state: &mut GpuDeltaNetState,
     mixed: &GpuTensor<f32>,
@@ -293,11 +312,19 @@ fn scan_v2(
     // the constants of this config; a block per token, its shared memory the token's conv_dim
     // channels and 5 floats per q and k vector.
     unsafe { launch.launch(cfg) }?;
-    let f = dev.function(Family::DeltaNet, "delta_net_scan2_f32")?;
-    let cfg = LaunchConfig {
-        grid_dim: (hv32, 1, 1),
-        block_dim: (4 * s32, 1, 1),
-        shared_mem_bytes: 0,
+    let f = dev.function(Family::DeltaNet, scan)?;
+    // v2: a block per value head, 4 threads a column; v3: 32 columns a block, 128 threads.
+    let cfg = match scan {
+        "delta_net_scan3_f32" => LaunchConfig {
+            grid_dim: (hv32, s32.div_ceil(32), 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        },
+        _ => LaunchConfig {
+            grid_dim: (hv32, 1, 1),
+            block_dim: (4 * s32, 1, 1),
+            shared_mem_bytes: 0,
+        },
     };
     let (conv_in, conv_out) = (&state.conv, &mut state.conv_next);
     let mut launch = dev.launch_builder(&f);
@@ -315,9 +342,10 @@ fn scan_v2(
         .arg(&s32)
         .arg(&kc32);
     // SAFETY: o [n, Hv, S], the state [Hv, S, S] and the two windows (distinct tensors), prep
-    // and gates written by the launch above on the same stream; one block per value head of
-    // 4 S <= 512 threads (S >= 3, so 3 S + 2 copy threads), each head's matrix written by its
-    // block alone, each window channel by one block.
+    // and gates written by the launch above on the same stream; v2: one block per value head
+    // of 4 S <= 512 threads (S >= 3, so 3 S + 2 copy threads), each head's matrix written by
+    // its block alone; v3: one block per 32 columns of a head (S <= 128), each column written
+    // by its block alone; each window channel by one block.
     unsafe { launch.launch(cfg) }?;
     dev.stream()
         .memcpy_dtod(state.conv_next.slice(), state.conv.slice_mut())?;
