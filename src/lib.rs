@@ -31,6 +31,11 @@
 
 #![warn(missing_docs)]
 
+// README.md's Rust examples, compiled (and the CPU ones run) by `cargo test --doc`.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 pub mod device;
 pub mod error;
 pub mod gguf;

@@ -21,7 +21,9 @@ use crate::{fmt_secs, parse_format, parse_positive, RunArgs};
 
 #[derive(clap::Args)]
 pub struct BatchArgs {
-    /// Model preset (small presets: every sequence also runs alone on the CPU).
+    /// Model preset (small presets: every sequence also runs alone on the CPU): tiny (hidden 64), small (256), qwen3-30b-a3b (2048), tiny-hybrid (64),
+    /// qwen3.6-35b-a3b (2048). The K-quant formats (Q4_K, Q5_K, Q6_K) need a hidden size that
+    /// is a multiple of 256 (small and the large presets).
     #[arg(long, default_value = "tiny")]
     preset: String,
     /// Format of the experts.
@@ -72,9 +74,9 @@ struct Report {
 }
 
 pub fn run(a: &BatchArgs) -> Result<bool> {
-    let cfg = ModelConfig::preset(&a.preset, a.format)?;
+    let cfg = ModelConfig::preset(&a.preset, a.format).map_err(crate::output::usage_err)?;
     if a.max_len > cfg.max_context {
-        bail!(
+        crate::output::usage!(
             "--max-len {} exceeds the {} preset's context of {} positions",
             a.max_len,
             a.preset,

@@ -17,33 +17,36 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::compare::{compare_f32, compare_u32, Comparison};
-use crate::{fmt_secs, Progress, RunArgs};
+use crate::output::usage;
+use crate::{fmt_secs, parse_positive, Progress, RunArgs};
 
 #[derive(clap::Args)]
 pub struct FastScanArgs {
     /// Sequence length (positions; every one is a query).
-    #[arg(long, default_value_t = 4_133)]
+    #[arg(long, default_value_t = 4_133, value_parser = parse_positive)]
     len: usize,
     /// Head dim: 64, 128 or 256.
     #[arg(long, default_value_t = 128)]
     dim: usize,
     /// Bits per coordinate: 3 or 4.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(3..=4))]
     bits: u32,
     /// Query heads.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = parse_positive)]
     heads: usize,
     /// KV heads.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = parse_positive)]
     kv_heads: usize,
     /// Seed of the rotation and the data.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Query positions the CPU reference runs (spread evenly, the last included).
-    #[arg(long, default_value_t = 48)]
+    /// Query positions the CPU reference runs (spread evenly, the last included; at most
+    /// --len of them).
+    #[arg(long, default_value_t = 48, value_parser = parse_positive)]
     cpu_positions: usize,
-    /// Query positions per quality measurement (spread evenly over the sequence).
-    #[arg(long, default_value_t = 24)]
+    /// Query positions per quality measurement (spread evenly over the sequence; at most
+    /// --len of them).
+    #[arg(long, default_value_t = 24, value_parser = parse_positive)]
     quality_positions: usize,
     #[command(flatten)]
     run: RunArgs,
@@ -222,15 +225,24 @@ struct Report {
 }
 
 pub fn run(a: &FastScanArgs) -> Result<bool> {
-    anyhow::ensure!(DIMS.contains(&a.dim), "--dim {} (64, 128 or 256)", a.dim);
-    anyhow::ensure!(a.len > 0, "--len must be positive");
-    anyhow::ensure!(
-        a.kv_heads > 0 && a.heads % a.kv_heads == 0,
-        "--heads {} must be a multiple of --kv-heads {}",
-        a.heads,
-        a.kv_heads
-    );
-    let spec = FastScanSpec::new(a.dim, a.bits, a.seed)?;
+    if !DIMS.contains(&a.dim) {
+        usage!("--dim {}: one of 64, 128 or 256", a.dim);
+    }
+    if a.heads % a.kv_heads != 0 {
+        usage!(
+            "--heads {} must be a multiple of --kv-heads {}",
+            a.heads,
+            a.kv_heads
+        );
+    }
+    // q, k, v in f32, the CPU cache's codes and the GPU paths' copies of q and outputs.
+    let (len, d) = (a.len as u128, a.dim as u128);
+    let (h, kv) = (a.heads as u128, a.kv_heads as u128);
+    crate::output::check_host_bytes(
+        "this fastscan run",
+        4 * len * d * (3 * h + 2 * kv) + 2 * len * kv * d,
+    )?;
+    let spec = FastScanSpec::new(a.dim, a.bits, a.seed).map_err(crate::output::usage_err)?;
     let (d, nkv, heads, len) = (a.dim, a.kv_heads, a.heads, a.len);
     println!(
         "fastscan: {len} positions, D={d}, {} bits, {heads} query heads over {nkv} kv heads, seed {}",

@@ -5,6 +5,7 @@ mod batch;
 mod compare;
 mod fastscan;
 mod model;
+mod output;
 mod speed;
 
 use std::path::PathBuf;
@@ -21,6 +22,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
 use compare::{compare_f32, compare_u32, Comparison};
+use output::{usage, usage_err, Output};
 
 #[derive(Parser)]
 #[command(name = "oracle", version, about)]
@@ -56,14 +58,15 @@ enum Command {
 
 #[derive(clap::Args)]
 struct LogitsArgs {
-    /// Token ids, little-endian u32.
-    #[arg(long)]
+    /// Token ids, little-endian u32 (a regular file).
+    #[arg(long, value_parser = parse_input)]
     tokens: PathBuf,
-    /// Output: one row of `vocab` little-endian f32 logits per token.
-    #[arg(long)]
-    out: PathBuf,
-    /// A GGUF file (qwen3moe) instead of a preset.
-    #[arg(long)]
+    /// Output: one row of `vocab` little-endian f32 logits per token (a new or regular file;
+    /// a link is followed).
+    #[arg(long, value_parser = parse_output)]
+    out: Output,
+    /// A GGUF file (qwen3moe or qwen35moe) instead of a preset.
+    #[arg(long, value_parser = parse_input, conflicts_with_all = ["preset", "format", "seed", "no_shared"])]
     gguf: Option<PathBuf>,
     #[command(flatten)]
     preset: PresetArgs,
@@ -78,7 +81,7 @@ fn run_logits(a: &LogitsArgs) -> Result<bool> {
     let raw =
         std::fs::read(&a.tokens).with_context(|| format!("reading {}", a.tokens.display()))?;
     if raw.is_empty() || raw.len() % 4 != 0 {
-        anyhow::bail!(
+        usage!(
             "{}: {} bytes is not a positive number of u32 token ids",
             a.tokens.display(),
             raw.len()
@@ -96,6 +99,17 @@ fn run_logits(a: &LogitsArgs) -> Result<bool> {
         }
         None => a.preset.weights()?,
     };
+    if let Some((i, &t)) = tokens
+        .iter()
+        .enumerate()
+        .find(|(_, &t)| t as usize >= w.cfg.vocab)
+    {
+        usage!(
+            "--tokens {}: token {i} is id {t}, past the model's vocabulary of {} ids",
+            a.tokens.display(),
+            w.cfg.vocab
+        );
+    }
     let mut trace = Trace::default();
     if a.gpu {
         let dev = Device::new(0)?;
@@ -106,12 +120,12 @@ fn run_logits(a: &LogitsArgs) -> Result<bool> {
         CpuSession::new(&w).forward(&tokens, &mut trace)?;
     }
     let bytes: Vec<u8> = trace.logits.iter().flat_map(|x| x.to_le_bytes()).collect();
-    write_atomic(&a.out, &bytes)?;
+    a.out.write(&bytes)?;
     println!(
         "wrote {} tokens x {} logits to {}",
         tokens.len(),
         w.cfg.vocab,
-        a.out.display()
+        a.out.path().display()
     );
     Ok(true)
 }
@@ -119,7 +133,9 @@ fn run_logits(a: &LogitsArgs) -> Result<bool> {
 /// A preset's synthetic weights, as `export` and `logits` take them.
 #[derive(clap::Args)]
 struct PresetArgs {
-    /// Model preset.
+    /// Model preset: tiny (hidden 64), small (256), qwen3-30b-a3b (2048), tiny-hybrid (64),
+    /// qwen3.6-35b-a3b (2048). The K-quant formats (Q4_K, Q5_K, Q6_K) need a hidden size that
+    /// is a multiple of 256 (small and the large presets).
     #[arg(long, default_value = "tiny")]
     preset: String,
     /// Format of the experts (and, for large presets, attention and LM head).
@@ -136,7 +152,8 @@ struct PresetArgs {
 
 impl PresetArgs {
     fn config(&self) -> Result<bitexact::model::ModelConfig> {
-        let mut cfg = bitexact::model::ModelConfig::preset(&self.preset, self.format)?;
+        let mut cfg =
+            bitexact::model::ModelConfig::preset(&self.preset, self.format).map_err(usage_err)?;
         if self.no_shared {
             cfg.moe.shared_ffn = None;
         }
@@ -154,21 +171,22 @@ impl PresetArgs {
 
 #[derive(clap::Args)]
 struct ExportArgs {
-    /// Output path.
-    path: PathBuf,
+    /// Output path (a new or regular file; a link is followed).
+    #[arg(value_parser = parse_output)]
+    path: Output,
     #[command(flatten)]
     preset: PresetArgs,
 }
 
 /// Streams the preset to `path` one layer at a time (a 30B preset is a 32 GB file), through
-/// a temporary file renamed at the end, so an interrupted export leaves no partial file.
+/// a temporary file renamed at the end, so an interrupted export (an error, Ctrl-C, SIGTERM)
+/// leaves no partial file. A file system without room for it is refused before writing.
 fn run_export(a: &ExportArgs) -> Result<bool> {
     use std::io::Write;
     let cfg = a.preset.config()?;
-    let tmp = a.path.with_extension("gguf.partial");
-    let file =
-        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let mut out = std::io::BufWriter::with_capacity(8 << 20, file);
+    a.path.check_space(cfg.weight_bytes() as u64)?;
+    let mut pending = a.path.create()?;
+    let mut out = std::io::BufWriter::with_capacity(8 << 20, pending.file());
     let bar = ProgressBar::new(cfg.n_layers as u64);
     bar.set_draw_target(ProgressDrawTarget::stderr_with_hz(4));
     let written =
@@ -177,19 +195,17 @@ fn run_export(a: &ExportArgs) -> Result<bool> {
     let written = written
         .map_err(anyhow::Error::from)
         .and_then(|n| out.flush().map(|_| n).map_err(anyhow::Error::from))
-        .map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            e.context(format!("writing {}", a.path.display()))
-        })?;
+        .map_err(|e| e.context(format!("writing {}", a.path.path().display())))?;
     drop(out);
-    std::fs::rename(&tmp, &a.path).with_context(|| format!("renaming to {}", a.path.display()))?;
-    println!("wrote {} ({written} bytes)", a.path.display());
+    pending.commit()?;
+    println!("wrote {} ({written} bytes)", a.path.path().display());
     Ok(true)
 }
 
 #[derive(clap::Args)]
 struct InspectArgs {
-    /// The GGUF file.
+    /// The GGUF file (a regular file).
+    #[arg(value_parser = parse_input)]
     path: PathBuf,
     /// Print every metadata value in full (long arrays are abbreviated otherwise).
     #[arg(long)]
@@ -283,9 +299,9 @@ pub(crate) struct RunArgs {
     /// CUDA device ordinal.
     #[arg(long, default_value_t = 0)]
     device: usize,
-    /// Write a JSON report to this path.
-    #[arg(long)]
-    json: Option<PathBuf>,
+    /// Write a JSON report to this path (a new or regular file; a link is followed).
+    #[arg(long, value_parser = parse_output)]
+    json: Option<Output>,
 }
 
 impl RunArgs {
@@ -315,25 +331,23 @@ impl RunArgs {
 
     /// Writes `report` as JSON when `--json` was given.
     pub(crate) fn write_json<T: Serialize>(&self, report: impl FnOnce() -> T) -> Result<()> {
-        if let Some(path) = &self.json {
-            write_atomic(path, serde_json::to_string_pretty(&report())?.as_bytes())?;
-            println!("report: {}", path.display());
+        if let Some(out) = &self.json {
+            out.write(serde_json::to_string_pretty(&report())?.as_bytes())?;
+            println!("report: {}", out.path().display());
         }
         Ok(())
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file beside it, renamed over `path` once
-/// complete: an interrupted run never leaves half a file where a reader expects a whole one.
-pub(crate) fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".partial");
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", path.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        anyhow::Error::from(e).context(format!("writing {}", path.display()))
-    })
+/// `--json`, `--out`, `export PATH`: checked before anything runs ([`Output::check`]).
+pub(crate) fn parse_output(s: &str) -> Result<Output, String> {
+    Output::check("", std::path::Path::new(s)).map_err(|e| e.to_string())
+}
+
+/// An input file: a regular file ([`output::check_input`]).
+pub(crate) fn parse_input(s: &str) -> Result<PathBuf, String> {
+    output::check_input("", std::path::Path::new(s)).map_err(|e| e.to_string())?;
+    Ok(PathBuf::from(s))
 }
 
 /// One path's timing.
@@ -418,18 +432,16 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // An interrupted write removes its temporary file.
+    output::install_signal_cleanup();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
         Err(e) => {
-            // One line: what was wrong and the value given; usage is in --help.
-            let text = e.to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            if first.starts_with("error") {
-                eprintln!("{first} (see --help)");
-            } else {
-                eprintln!("error: a subcommand is needed (see --help)");
-            }
+            eprintln!(
+                "{} (see --help)",
+                clap_line(&e.to_string()).trim_end_matches(':')
+            );
             std::process::exit(2);
         }
     };
@@ -448,10 +460,33 @@ fn main() {
         Ok(false) => 1,
         Err(e) => {
             eprintln!("error: {e:#}");
-            1
+            // Refused before anything ran: 2, as clap's refusals; a failure: 1.
+            match e.downcast_ref::<output::Usage>() {
+                Some(_) => 2,
+                None => 1,
+            }
         }
     };
     std::process::exit(code);
+}
+
+/// clap's error as one line: its first line, with the items it lists after it (the missing
+/// arguments, say) joined on; usage and tips are left to --help.
+fn clap_line(text: &str) -> String {
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or("invalid arguments");
+    if !first.starts_with("error") {
+        return "error: a subcommand is needed".into();
+    }
+    let items: Vec<&str> = lines
+        .take_while(|l| {
+            !l.starts_with("Usage:") && !l.starts_with("tip:") && !l.starts_with("For more")
+        })
+        .collect();
+    match items.is_empty() {
+        true => first.to_string(),
+        false => format!("{}: {}", first.trim_end_matches(':'), items.join(", ")),
+    }
 }
 
 fn run_moe_block(a: &MoeBlockArgs) -> Result<bool> {
@@ -464,8 +499,19 @@ fn run_moe_block(a: &MoeBlockArgs) -> Result<bool> {
         renormalize: !a.no_renorm,
         format: a.format,
     };
-    cfg.validate()?;
+    cfg.validate().map_err(usage_err)?;
     let n = a.tokens;
+    // The f32 weights (generated, then the format's copy) and each path's activations.
+    let (d, e, f, k) = (
+        cfg.dim as u128,
+        cfg.n_experts as u128,
+        cfg.ffn as u128,
+        cfg.top_k as u128,
+    );
+    let sf = cfg.shared_ffn.unwrap_or(0) as u128;
+    let weights = 4 * (d * e + 3 * d * f * e + 3 * d * sf) * 2;
+    let acts = 4 * n as u128 * (2 * d + k * 3 * f + 3 * sf + e) * 4;
+    output::check_host_bytes("this moe-block", weights + acts)?;
     println!("bitexact oracle: moe-block");
     println!(
         "config: tokens={n} dim={} experts={} top_k={} ffn={} shared_ffn={} renormalize={} format={} seed={} ({:.1} MiB of weights)",

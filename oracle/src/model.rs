@@ -12,18 +12,24 @@ use bitexact::reference::model::KvMode;
 use serde::Serialize;
 
 use crate::compare::{compare_f32, Comparison};
+use crate::output::{usage, usage_err};
 use crate::{fmt_secs, parse_format, Progress, RunArgs};
 
 #[derive(clap::Args)]
 pub struct ModelArgs {
-    /// Model preset: tiny, small, qwen3-30b-a3b, tiny-hybrid, qwen3.6-35b-a3b.
+    /// Model preset: tiny (hidden 64), small (256), qwen3-30b-a3b (2048), tiny-hybrid (64),
+    /// qwen3.6-35b-a3b (2048). The K-quant formats (Q4_K, Q5_K, Q6_K) need a hidden size that
+    /// is a multiple of 256 (small and the large presets); --kv fastscan3/4 needs head dims of
+    /// 64, 128 or 256 (the large presets).
     #[arg(long, default_value = "tiny")]
     preset: String,
-    /// Run a real model file (GGUF, qwen3moe) instead of a preset.
-    #[arg(long)]
+    /// Run a real model file (GGUF, qwen3moe or qwen35moe) instead of a preset (its weights
+    /// and formats are the file's: --preset and --format do not apply).
+    #[arg(long, value_parser = crate::parse_input, conflicts_with_all = ["preset", "format"])]
     gguf: Option<PathBuf>,
-    /// KV cache positions for a GGUF model (default: the file's context length, at most 4096).
-    #[arg(long)]
+    /// KV cache positions for a GGUF model (default: the file's context length, at most 4096;
+    /// at most the file's context length).
+    #[arg(long, requires = "gguf", value_parser = crate::parse_positive)]
     max_context: Option<usize>,
     /// Format of the experts (and, for the large presets, attention and LM head).
     #[arg(long, default_value = "F32", value_parser = parse_format)]
@@ -181,7 +187,7 @@ pub fn run(a: &ModelArgs) -> Result<bool> {
             (cfg, Source::Gguf(f))
         }
         None => (
-            ModelConfig::preset(&a.preset, a.format)?,
+            ModelConfig::preset(&a.preset, a.format).map_err(usage_err)?,
             Source::Preset(a.seed),
         ),
     };
@@ -189,30 +195,53 @@ pub fn run(a: &ModelArgs) -> Result<bool> {
     let n = a.tokens;
     // Limits that depend on the model: refused before anything runs, naming the fix.
     if n > cfg.max_context {
-        anyhow::bail!(
+        usage!(
             "--tokens {n} exceeds the model's context of {} positions",
             cfg.max_context
         );
     }
     if let Some(&c) = a.chunks.iter().find(|&&c| c > n) {
-        anyhow::bail!(
+        usage!(
             "--chunk {c} exceeds --tokens {n}: that path would be one prefill of the whole \
              prompt, which gpu-batched and cpu-batched already run"
         );
     }
     if let Some(l) = a.cpu_layers.filter(|&l| l > cfg.n_layers) {
-        anyhow::bail!(
+        usage!(
             "--cpu-layers {l} exceeds the model's {} layers",
             cfg.n_layers
         );
     }
     if let Some(t) = a.cpu_tokens.filter(|&t| t > n) {
-        anyhow::bail!("--cpu-tokens {t} exceeds --tokens {n}");
+        usage!("--cpu-tokens {t} exceeds --tokens {n}");
     }
     if let Some(p) = a.paths.iter().find(|p| !PATHS.contains(&p.as_str())) {
-        anyhow::bail!(
+        usage!(
             "unknown path `{p}` in --paths (one of {})",
             PATHS.join(", ")
+        );
+    }
+    let want = |p: &str| a.paths.iter().any(|x| x == p);
+    let cpu_named = ["cpu", "cpu-batched", "cpu-chunked"]
+        .iter()
+        .any(|p| want(p));
+    if a.run.cpu && !cpu_named {
+        usage!(
+            "--paths {} names GPU paths only and --cpu forbids them: nothing would run",
+            a.paths.join(",")
+        );
+    }
+    if !a.chunks.is_empty() && !want("cpu-chunked") && !want("gpu-chunked") {
+        usage!(
+            "--chunk applies to the chunked paths, and --paths {} names none",
+            a.paths.join(",")
+        );
+    }
+    if a.kv != KvMode::F32 && !cpu_named {
+        usage!(
+            "--kv {} runs on the CPU paths only, and --paths {} names none",
+            kv_name(a.kv),
+            a.paths.join(",")
         );
     }
     let prompt_ids = prompt(a.seed, n, cfg.vocab);
@@ -235,7 +264,6 @@ pub fn run(a: &ModelArgs) -> Result<bool> {
         a.seed,
         cfg.weight_bytes() as f64 / (1u64 << 20) as f64
     );
-    let want = |p: &str| a.paths.iter().any(|x| x == p);
     let (dev, note) = a.run.open_device()?;
     let (dev, note) = match (dev, &cfg.hybrid) {
         (Some(_), _) if a.kv != KvMode::F32 => {
@@ -508,9 +536,17 @@ pub fn run(a: &ModelArgs) -> Result<bool> {
     }
     let differing_total: u64 = comparisons.iter().map(|c| c.differing).sum();
     let bit_exact = differing_total == 0 && !comparisons.is_empty();
+    let compared = !comparisons.is_empty();
     println!();
-    if comparisons.is_empty() {
-        println!("verdict: nothing compared (one path ran)");
+    if !compared {
+        println!(
+            "verdict: nothing compared ({} ran)",
+            match runs.len() {
+                0 => "no path".to_string(),
+                1 => format!("one path, {},", runs[0].run.name),
+                k => format!("{k} paths"),
+            }
+        );
     } else if bit_exact {
         println!(
             "verdict: BIT-EXACT: 0 differing elements across {} paths ({})",
@@ -546,7 +582,17 @@ pub fn run(a: &ModelArgs) -> Result<bool> {
         differing_total,
         bit_exact,
     })?;
-    Ok(bit_exact || differing_total == 0)
+    if !compared {
+        anyhow::bail!(
+            "nothing was compared: a verdict needs two paths that ran ({}); name more in \
+             --paths, or run where a GPU opens",
+            match dev {
+                None => "no GPU path ran here",
+                Some(_) => "the paths named cover fewer than two",
+            }
+        );
+    }
+    Ok(bit_exact)
 }
 
 /// The `--paths` entry a path name belongs to (`cpu-chunked-16` -> `cpu-chunked`).

@@ -16,12 +16,14 @@ use crate::parse_format;
 
 #[derive(clap::Args)]
 pub struct SpeedArgs {
-    /// Model preset.
+    /// Model preset: tiny (hidden 64), small (256), qwen3-30b-a3b (2048), tiny-hybrid (64),
+    /// qwen3.6-35b-a3b (2048). The K-quant formats (Q4_K, Q5_K, Q6_K) need a hidden size that
+    /// is a multiple of 256 (small and the large presets).
     #[arg(long, default_value = "qwen3-30b-a3b")]
     preset: String,
-    /// Run a GGUF file (qwen3moe, any mix of formats) instead of a preset: the file llama.cpp
-    /// is measured on (`ci/side-by-side`).
-    #[arg(long)]
+    /// Run a GGUF file (qwen3moe or qwen35moe, any mix of formats) instead of a preset: the
+    /// file llama.cpp is measured on (`ci/side-by-side`).
+    #[arg(long, value_parser = crate::parse_input, conflicts_with_all = ["preset", "format", "layers"])]
     gguf: Option<std::path::PathBuf>,
     /// Format of the experts (and attention and LM head for the large presets).
     #[arg(long, default_value = "Q8_0", value_parser = parse_format)]
@@ -47,8 +49,8 @@ pub struct SpeedArgs {
     device: usize,
     /// Also write the rows as JSON (for `ci/side-by-side`): per phase the median, min and max
     /// seconds and tokens per second.
-    #[arg(long)]
-    json: Option<std::path::PathBuf>,
+    #[arg(long, value_parser = crate::parse_output)]
+    json: Option<crate::output::Output>,
     /// After the timed runs, one more prefill of each length and one eager decode step at each
     /// context with an event before every launch: the time per kernel, longest first.
     #[arg(long)]
@@ -260,18 +262,14 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
         None => None,
     };
     let cfg = match &file {
-        Some(_) if a.layers.is_some() => {
-            anyhow::bail!("--layers applies to a preset, not to --gguf")
-        }
         Some(w) => w.cfg.clone(),
         None => {
-            let mut cfg = ModelConfig::preset(&a.preset, a.format)?;
+            let mut cfg =
+                ModelConfig::preset(&a.preset, a.format).map_err(crate::output::usage_err)?;
             if let Some(l) = a.layers {
-                anyhow::ensure!(
-                    l <= cfg.n_layers,
-                    "--layers {l}: the preset has {}",
-                    cfg.n_layers
-                );
+                if l > cfg.n_layers {
+                    crate::output::usage!("--layers {l}: the preset has {}", cfg.n_layers);
+                }
                 cfg.n_layers = l;
             }
             cfg
@@ -507,9 +505,9 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
 
 /// Writes the rows as JSON when `--json` was given.
 fn finish_json(a: &SpeedArgs, rows: &[Row]) -> Result<bool> {
-    if let Some(path) = &a.json {
-        crate::write_atomic(path, serde_json::to_string_pretty(rows)?.as_bytes())?;
-        println!("report: {}", path.display());
+    if let Some(out) = &a.json {
+        out.write(serde_json::to_string_pretty(rows)?.as_bytes())?;
+        println!("report: {}", out.path().display());
     }
     Ok(true)
 }

@@ -50,13 +50,47 @@ fn run_oracle(args: &[String], require: Require) -> Outcome {
             cmd.env("BITEXACT_REQUIRE_GPU", "1");
         }
     }
-    let out = cmd.output().expect("running oracle");
+    // No set may hang (a FIFO read, say): each gets HANG_SECS, then fails the test.
+    use std::io::Read;
+    use std::process::Stdio;
+    let what = format!("oracle {}", args.join(" "));
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running oracle");
+    let pipe = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut b = Vec::new();
+            let _ = r.read_to_end(&mut b);
+            String::from_utf8_lossy(&b).into_owned()
+        })
+    };
+    let out = pipe(Box::new(child.stdout.take().unwrap()));
+    let err = pipe(Box::new(child.stderr.take().unwrap()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(HANG_SECS);
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("waiting for oracle") {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: still running after {HANG_SECS} s (a hang)");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     Outcome {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        // A signal's death (no code) is a failure of its own: -1.
+        code: status.code().unwrap_or(-1),
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
     }
 }
+
+/// Seconds a set may run before it counts as a hang (the CPU sets take well under one).
+const HANG_SECS: u64 = 120;
 
 fn scratch() -> PathBuf {
     let d = std::env::temp_dir().join(format!("bitexact-cli-{}", std::process::id()));
@@ -478,4 +512,190 @@ fn chunked_path_labels_say_what_ran() {
         .find(|l| l.starts_with("cpu-chunked-2 "))
         .unwrap_or_else(|| panic!("no cpu-chunked-2 row:\n{}", o.stdout));
     assert!(line.contains("[2, 2, 1]"), "{line}");
+}
+
+/// What the reliability rules promise, case by case: the exit status README states (2 for
+/// arguments refused before anything ran, 1 for a run that failed or compared nothing), and no
+/// special file ever replaced. The special files live in a scratch folder: a FIFO, symbolic
+/// links (to a FIFO, to a regular file, dangling), a device node made there with mknod (when
+/// running as root, as CI does; said when skipped) and a read-only folder.
+#[test]
+fn outputs_and_exit_codes_follow_the_rules() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let dir = scratch().join("rules");
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = |name: &str| dir.join(name).display().to_string();
+    let fifo = p("fifo");
+    let c = std::ffi::CString::new(fifo.clone()).unwrap();
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(
+        unsafe { libc::mkfifo(c.as_ptr(), 0o644) },
+        0,
+        "mkfifo {fifo}"
+    );
+    let dev = p("null-twin");
+    let cdev = std::ffi::CString::new(dev.clone()).unwrap();
+    // SAFETY: a NUL-terminated path; a character node of /dev/null's numbers (1, 3), in the
+    // scratch folder, never a real device path.
+    let have_dev =
+        unsafe { libc::mknod(cdev.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) } == 0;
+    if !have_dev {
+        println!("SKIP the device-node cases: mknod needs root (CI runs as root)");
+    }
+    std::fs::write(p("regular.json"), b"old").unwrap();
+    std::os::unix::fs::symlink(p("regular.json"), p("link-to-regular")).unwrap();
+    std::os::unix::fs::symlink(&fifo, p("link-to-fifo")).unwrap();
+    std::os::unix::fs::symlink(p("new-target.json"), p("dangling")).unwrap();
+    std::fs::create_dir_all(p("read-only")).unwrap();
+    std::fs::set_permissions(p("read-only"), std::fs::Permissions::from_mode(0o555)).unwrap();
+    std::fs::write(p("ids.u32"), [1u8, 0, 0, 0, 2, 0, 0, 0]).unwrap();
+    std::fs::write(p("big-id.u32"), 99_999u32.to_le_bytes()).unwrap();
+
+    let tiny = ["model", "--cpu", "--tokens", "2"];
+    let with = |base: &[&str], extra: &[&str]| {
+        let mut v = s(base);
+        v.extend(s(extra));
+        v
+    };
+    // (arguments, the exit status README promises)
+    let mut cases: Vec<(Vec<String>, i32)> = vec![
+        (with(&tiny, &["--json", &fifo]), 2),
+        (with(&tiny, &["--json", &p("link-to-fifo")]), 2),
+        (with(&tiny, &["--json", &dir.display().to_string()]), 2),
+        (with(&tiny, &["--json", &p("no/such/folder/r.json")]), 2),
+        (with(&tiny, &["--json", &p("link-to-regular")]), 0),
+        (with(&tiny, &["--json", &p("dangling")]), 0),
+        (s(&["export", &fifo]), 2),
+        (s(&["export", &p("link-to-fifo")]), 2),
+        (s(&["logits", "--tokens", &p("ids.u32"), "--out", &fifo]), 2),
+        (
+            s(&["logits", "--tokens", &p("big-id.u32"), "--out", &p("o.f32")]),
+            2,
+        ),
+        (s(&["inspect", &fifo]), 2),
+        (s(&["logits", "--tokens", &fifo, "--out", &p("o.f32")]), 2),
+        (s(&["model", "--cpu", "--gguf", &fifo]), 2),
+        // Nothing compared: exit 1, not a verdict.
+        (with(&tiny, &["--paths", "cpu"]), 1),
+        // Flags that would be ignored, or that conflict.
+        (s(&["model", "--cpu", "--paths", "gpu-seq,gpu-batched"]), 2),
+        (
+            s(&[
+                "model",
+                "--kv",
+                "fastscan4",
+                "--paths",
+                "gpu-batched",
+                "--preset",
+                "small",
+            ]),
+            2,
+        ),
+        (
+            with(&tiny, &["--paths", "cpu,cpu-batched", "--chunk", "1"]),
+            2,
+        ),
+        (
+            s(&[
+                "model",
+                "--cpu",
+                "--gguf",
+                &p("ids.u32"),
+                "--preset",
+                "small",
+            ]),
+            2,
+        ),
+        (
+            s(&[
+                "model",
+                "--cpu",
+                "--gguf",
+                &p("ids.u32"),
+                "--format",
+                "Q4_K",
+            ]),
+            2,
+        ),
+        (s(&["model", "--cpu", "--max-context", "99999999999"]), 2),
+        (s(&["fastscan", "--cpu", "--cpu-positions", "0"]), 2),
+        (s(&["fastscan", "--cpu", "--bits", "5"]), 2),
+        // Sizes refused from the arguments, before allocating.
+        (
+            s(&[
+                "moe-block",
+                "--cpu",
+                "--dim",
+                "1000000",
+                "--experts",
+                "1000",
+            ]),
+            2,
+        ),
+        (s(&["fastscan", "--cpu", "--len", "10000000000"]), 2),
+        // Refused before anything ran.
+        (s(&["model", "--cpu", "--preset", "nope"]), 2),
+        (s(&["model", "--cpu", "--paths", "bogus"]), 2),
+        (s(&["model", "--cpu", "--tokens", "1000"]), 2),
+        (s(&["fastscan", "--cpu", "--len", "0"]), 2),
+        (s(&["batch", "--cpu", "--preset", "nope"]), 2),
+        (s(&["export", &p("x.gguf"), "--preset", "nope"]), 2),
+    ];
+    if have_dev {
+        cases.push((with(&tiny, &["--json", &dev]), 2));
+        cases.push((s(&["export", &dev]), 2));
+        cases.push((s(&["inspect", &dev]), 2));
+    }
+    // As root the read-only folder is writable (root passes permission checks): the run
+    // succeeds; as anyone else it is refused before running.
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    cases.push((
+        with(&tiny, &["--json", &p("read-only/r.json")]),
+        if root { 0 } else { 2 },
+    ));
+    for (args, want) in &cases {
+        let o = oracle(args);
+        let what = format!("oracle {}", args.join(" "));
+        assert_eq!(o.code, *want, "{what}: exit {}\n{}", o.code, o.stderr);
+        if *want != 0 {
+            let lines: Vec<&str> = o.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+            assert!(
+                lines.len() == 1 && lines[0].starts_with("error"),
+                "{what}: not one `error` line:\n{}",
+                o.stderr
+            );
+        }
+        // Nothing special replaced, no temporary file left.
+        assert!(
+            std::fs::metadata(&fifo).unwrap().file_type().is_fifo(),
+            "{what}: the FIFO"
+        );
+        if have_dev {
+            let m = std::fs::metadata(&dev).unwrap();
+            assert!(m.file_type().is_char_device(), "{what}: the device node");
+        }
+        for l in ["link-to-regular", "link-to-fifo", "dangling"] {
+            let m = std::fs::symlink_metadata(p(l)).unwrap();
+            assert!(m.file_type().is_symlink(), "{what}: {l} replaced");
+        }
+        let partial: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".partial"))
+            .collect();
+        assert!(partial.is_empty(), "{what}: left {partial:?}");
+    }
+    // The links were followed: their targets hold the reports.
+    for target in ["regular.json", "new-target.json"] {
+        let text = std::fs::read_to_string(p(target)).unwrap();
+        assert!(text.contains("\"mode\": \"model\""), "{target}: {text}");
+    }
+    println!(
+        "{} rule cases: every exit status as README states, no special file replaced",
+        cases.len()
+    );
+    std::fs::set_permissions(p("read-only"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
 }

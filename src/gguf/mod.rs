@@ -596,10 +596,17 @@ impl GgufFile {
             path: shown.clone(),
             error,
         };
-        if path.is_dir() {
+        // A FIFO would block the open (and a device never end): regular files only.
+        let meta = std::fs::metadata(path).map_err(io)?;
+        if !meta.is_file() {
+            let what = if meta.is_dir() {
+                "a directory, not a GGUF file"
+            } else {
+                "not a regular file (a device, FIFO or socket), not a GGUF file"
+            };
             return Err(io(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
-                "a directory, not a GGUF file",
+                what,
             )));
         }
         let mut file = std::fs::File::open(path).map_err(io)?;

@@ -153,7 +153,11 @@ impl<'m> BatchSession<'m> {
                 seq: plan.seqs[si],
                 row0,
                 rows,
-                pos: Positions::new(dev, &pos_h[row0..row0 + rows])?,
+                // Only a long segment's attention reads its own positions.
+                pos: match short(si) {
+                    true => None,
+                    false => Some(Positions::new(dev, &pos_h[row0..row0 + rows])?),
+                },
                 table: plan.tables[si].clone(),
             });
         }

@@ -597,13 +597,14 @@ pub(crate) struct PagedDevice {
 }
 
 /// One segment of a batched step: rows `row0..row0 + rows` (after the step's reordering, a
-/// sequence's rows are contiguous and in position order), their positions on the device and
-/// the sequence's block table.
+/// sequence's rows are contiguous and in position order), their positions on the device (a
+/// segment of the decode block has none: the block's own serve it) and the sequence's block
+/// table.
 pub(crate) struct PagedSegment {
     pub(crate) seq: crate::model::paged::SeqId,
     pub(crate) row0: usize,
     pub(crate) rows: usize,
-    pub(crate) pos: Positions,
+    pub(crate) pos: Option<Positions>,
     pub(crate) table: Vec<u32>,
 }
 
@@ -874,22 +875,32 @@ fn attend_paged(
     use crate::kernels::attention::{attention_paged, PagedQueries};
     let n = qn.dims()[0];
     if let Some((k, pos, tables, stride)) = &rows.short {
-        let q = rows_of(dev, qn, 0, *k)?;
-        let mut o = GpuTensor::output(dev, q.dims())?;
         let t = PagedQueries::Rows {
             tables,
             stride: *stride,
         };
-        attention_paged(dev, &q, cache, pos, t, &mut o)?;
-        put_rows(dev, a, 0, &o)?;
+        if *k == n {
+            // A step of decode rows only: the block is every row, in place.
+            attention_paged(dev, qn, cache, pos, t, a)?;
+        } else {
+            let q = rows_of(dev, qn, 0, *k)?;
+            let mut o = GpuTensor::output(dev, q.dims())?;
+            attention_paged(dev, &q, cache, pos, t, &mut o)?;
+            put_rows(dev, a, 0, &o)?;
+        }
     }
     let first_long = rows.short.as_ref().map_or(0, |s| s.0);
     for seg in rows.segments.iter().filter(|s| s.row0 >= first_long) {
-        let q = rows_of(dev, qn, seg.row0, seg.rows)?;
-        let mut o = GpuTensor::output(dev, q.dims())?;
+        let pos = seg.pos.as_ref().ok_or_else(mismatch)?;
         let t = PagedQueries::Sequence { table: &seg.table };
-        attention_paged(dev, &q, cache, &seg.pos, t, &mut o)?;
-        put_rows(dev, a, seg.row0, &o)?;
+        if seg.rows == n {
+            attention_paged(dev, qn, cache, pos, t, a)?;
+        } else {
+            let q = rows_of(dev, qn, seg.row0, seg.rows)?;
+            let mut o = GpuTensor::output(dev, q.dims())?;
+            attention_paged(dev, &q, cache, pos, t, &mut o)?;
+            put_rows(dev, a, seg.row0, &o)?;
+        }
     }
     debug_assert!(rows.segments.iter().all(|s| s.row0 + s.rows <= n));
     Ok(())
@@ -910,15 +921,23 @@ fn scan_paged(
     eps: f32,
     so: &mut GpuTensor<f32>,
 ) -> Result<()> {
+    let n = mixed.dims()[0];
     for seg in &rows.segments {
         let states = pd.dn.get_mut(&seg.seq).ok_or_else(mismatch)?;
         let state = states[l].as_mut().ok_or_else(mismatch)?;
+        if seg.rows == n {
+            // One sequence's rows: the step's tensors as they are.
+            delta_net_scan(dev, consts, state, mixed, bt, al, eps, so)?;
+            continue;
+        }
         let (mx, b, a) = (
             rows_of(dev, mixed, seg.row0, seg.rows)?,
             rows_of(dev, bt, seg.row0, seg.rows)?,
             rows_of(dev, al, seg.row0, seg.rows)?,
         );
-        let mut o = rows_of(dev, so, seg.row0, seg.rows)?;
+        let mut dims = so.dims().to_vec();
+        dims[0] = seg.rows;
+        let mut o = GpuTensor::output(dev, &dims)?;
         delta_net_scan(dev, consts, state, &mx, &b, &a, eps, &mut o)?;
         put_rows(dev, so, seg.row0, &o)?;
     }
