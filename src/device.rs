@@ -546,6 +546,49 @@ mod tests {
         assert_eq!(files, names);
     }
 
+    /// Every family has its five faces under one name (STYLE.md): the kernel file, the launch
+    /// wrapper, the CPU reference, the parity test module, a criterion bench registered in
+    /// Cargo.toml, and a row of README's layout table that names the kernel file.
+    #[test]
+    fn every_family_has_five_faces() {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let read = |p: &str| std::fs::read_to_string(format!("{root}/{p}")).unwrap();
+        let (cargo, readme, parity) = (
+            read("Cargo.toml"),
+            read("README.md"),
+            read("tests/parity/main.rs"),
+        );
+        let mut missing = Vec::new();
+        for f in Family::ALL {
+            let n = f.name();
+            for face in [
+                format!("src/kernels/{n}.rs"),
+                format!("src/reference/{n}.rs"),
+                format!("tests/parity/{n}.rs"),
+                format!("benches/{n}.rs"),
+            ] {
+                if !std::path::Path::new(&format!("{root}/{face}")).is_file() {
+                    missing.push(face);
+                }
+            }
+            if !parity.contains(&format!("mod {n};")) {
+                missing.push(format!("`mod {n};` in tests/parity/main.rs"));
+            }
+            if !cargo.contains(&format!("[[bench]]\nname = \"{n}\"")) {
+                missing.push(format!("[[bench]] {n} in Cargo.toml"));
+            }
+            let row = format!("| `cuda/{n}.cu` | `src/kernels/{n}.rs` | `src/reference/{n}.rs`");
+            let bench = format!("`benches/{n}.rs` |");
+            if !readme
+                .lines()
+                .any(|l| l.contains(&row) && l.trim_end().ends_with(&bench))
+            {
+                missing.push(format!("README row for cuda/{n}.cu with its bench"));
+            }
+        }
+        assert!(missing.is_empty(), "faces missing: {missing:?}");
+    }
+
     /// Every family compiles under NVRTC with the pinned options, plain and as its mutant, for
     /// the H200's `compute_90`: a kernel that does not compile fails here, on a machine without
     /// a GPU, instead of at its first launch. Needs only libnvrtc (CI installs the
