@@ -174,7 +174,30 @@ fn record(
     comparisons.push(c);
 }
 
+/// What every path of a run shares, settled before any path runs: the model, the prompt,
+/// the device (or why there is none) and the CPU reference's scope.
+struct Setup {
+    cfg: ModelConfig,
+    source: Source,
+    n: usize,
+    prompt_ids: Vec<u32>,
+    dev: Option<bitexact::Device>,
+    note: Option<String>,
+    scope: String,
+    cpu_layers: usize,
+    cpu_tokens: usize,
+}
+
+/// `oracle model`: [`setup`] (the checks, refused before anything runs), [`run_paths`],
+/// [`report`].
 pub fn run(a: &ModelArgs) -> Result<bool> {
+    let s = setup(a)?;
+    let runs = run_paths(a, &s)?;
+    report(a, &s, runs)
+}
+
+/// The model and the run's limits, every argument checked against them.
+fn setup(a: &ModelArgs) -> Result<Setup> {
     let (cfg, source) = match &a.gguf {
         Some(path) => {
             let f = bitexact::gguf::GgufFile::open(path)?;
@@ -289,6 +312,33 @@ pub fn run(a: &ModelArgs) -> Result<bool> {
     };
     println!("scope: {scope}");
 
+    Ok(Setup {
+        cfg,
+        source,
+        n,
+        prompt_ids,
+        dev,
+        note,
+        scope,
+        cpu_layers,
+        cpu_tokens,
+    })
+}
+
+/// Runs the paths `--paths` names (the GPU ones when a device opened), each from the start.
+fn run_paths(a: &ModelArgs, s: &Setup) -> Result<Vec<Ran>> {
+    let Setup {
+        cfg,
+        source,
+        n,
+        prompt_ids,
+        dev,
+        cpu_layers,
+        cpu_tokens,
+        ..
+    } = s;
+    let (n, cpu_layers, cpu_tokens) = (*n, *cpu_layers, *cpu_tokens);
+    let want = |p: &str| a.paths.iter().any(|x| x == p);
     let mut runs: Vec<Ran> = Vec::new();
     let gpu_paths = dev.is_some() as usize
         * (want("gpu-seq") as usize
@@ -326,7 +376,7 @@ pub fn run(a: &ModelArgs) -> Result<bool> {
     .collect();
     if !cpu_paths.is_empty() {
         progress.phase("weights");
-        let w = source.weights(&cfg, Some(cpu_layers))?;
+        let w = source.weights(cfg, Some(cpu_layers))?;
         for (name, steps) in cpu_paths {
             progress.phase("cpu");
             let mut s = CpuSession::new(&w);
@@ -357,11 +407,11 @@ pub fn run(a: &ModelArgs) -> Result<bool> {
         dev.warm_up().context("compiling the kernels")?;
         progress.phase("weights");
         let model = match &source {
-            Source::Preset(seed) => GpuModel::generate(dev, &cfg, *seed, n, |_| {})
+            Source::Preset(seed) => GpuModel::generate(dev, cfg, *seed, n, |_| {})
                 .context("building the model on the GPU")?,
             Source::Gguf(_) => {
-                bitexact::model::transformer::check_fits(dev, &cfg, n)?;
-                GpuModel::load(dev, &source.weights(&cfg, None)?)
+                bitexact::model::transformer::check_fits(dev, cfg, n)?;
+                GpuModel::load(dev, &source.weights(cfg, None)?)
                     .context("loading the model onto the GPU")?
             }
         };
@@ -416,6 +466,20 @@ pub fn run(a: &ModelArgs) -> Result<bool> {
         }
     }
     progress.finish();
+    Ok(runs)
+}
+
+/// The paths' table, every comparison, the verdict and the JSON report.
+fn report(a: &ModelArgs, s: &Setup, runs: Vec<Ran>) -> Result<bool> {
+    let Setup {
+        cfg,
+        n,
+        dev,
+        note,
+        scope,
+        ..
+    } = s;
+    let (n, note, scope) = (*n, note.clone(), scope.clone());
 
     println!();
     println!(
