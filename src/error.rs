@@ -87,6 +87,13 @@ pub enum Error {
         kernel: &'static str,
     },
 
+    /// A vocabulary could not be read, or text not encoded or decoded with it.
+    #[error("tokenizer: {what}")]
+    Tokenizer {
+        /// What is wrong, naming the key, value or token.
+        what: String,
+    },
+
     /// A GGUF file could not be read, written or mapped onto a model.
     #[error("gguf: {0}")]
     Gguf(#[from] crate::gguf::GgufError),

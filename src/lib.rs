@@ -48,6 +48,7 @@ pub mod quant;
 pub mod reference;
 pub mod sample;
 pub mod tensor;
+pub mod tokenizer;
 
 pub use device::Device;
 pub use error::{Error, Result};

@@ -286,3 +286,59 @@ mod tests {
         }
     }
 }
+
+/// A model session that takes tokens and returns the logits `[vocab]` after the last one: the
+/// CPU reference ([`crate::reference::model::CpuSession`]) and a GPU session on its device
+/// ([`crate::model::transformer::SessionOnDevice`]) both implement it, so that generation and
+/// its verification are one loop for both.
+pub trait Decoder {
+    /// Takes `tokens` (a prompt, a prompt chunk or one drawn token) after those taken so far;
+    /// the logits after the last.
+    fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>>;
+    /// Tokens taken so far.
+    fn position(&self) -> usize;
+}
+
+/// What [`generate_stream`] drew.
+#[derive(Clone, Debug, Default)]
+pub struct Generated {
+    /// The drawn tokens, in order.
+    pub tokens: Vec<u32>,
+    /// The logits each token was drawn from (when asked for), one `[vocab]` row a token.
+    pub logits: Vec<Vec<f32>>,
+}
+
+/// Takes `prompt`, then draws up to `n` tokens, each by [`sample`] from the logits before it
+/// (sequence `sequence`, step = the position the drawn token takes) and fed back; `on_token`
+/// sees each drawn token as it comes and returns whether to go on (false after an end
+/// token, say: that token is kept). The tokens are those of `Session::generate` and
+/// `CpuSession::generate` for the same arguments, on any [`Decoder`].
+pub fn generate_stream<D: Decoder + ?Sized>(
+    d: &mut D,
+    prompt: &[u32],
+    n: usize,
+    params: &Sampling,
+    sequence: u64,
+    keep_logits: bool,
+    mut on_token: impl FnMut(u32) -> bool,
+) -> Result<Generated> {
+    check_generate("generate_stream", prompt, params)?;
+    let mut out = Generated::default();
+    if n == 0 {
+        d.feed(prompt)?;
+        return Ok(out);
+    }
+    let mut logits = d.feed(prompt)?;
+    for i in 0..n {
+        let next = sample(&logits, params, sequence, d.position() as u64)?;
+        out.tokens.push(next);
+        if keep_logits {
+            out.logits.push(std::mem::take(&mut logits));
+        }
+        if !on_token(next) || i + 1 == n {
+            break;
+        }
+        logits = d.feed(&[next])?;
+    }
+    Ok(out)
+}

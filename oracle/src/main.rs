@@ -7,12 +7,14 @@ mod common;
 mod compare;
 mod export;
 mod fastscan;
+mod generate;
 mod inspect;
 mod logits;
 mod model;
 mod moe_block;
 mod output;
 mod speed;
+mod tokenize;
 
 use clap::{Parser, Subcommand};
 
@@ -51,6 +53,14 @@ enum Command {
     /// Write every token's logits for given token ids (the side-by-side harness compares them
     /// with llama.cpp's `bitexact-logits`): CPU reference, or the GPU in one prefill.
     Logits(logits::LogitsArgs),
+    /// Text in, text out: a prompt through the model, the answer streamed as it is drawn;
+    /// `--verify` proves every step's logits bit for bit against one prefill.
+    Generate(generate::GenerateArgs),
+    /// Text to token ids with a GGUF file's own vocabulary (special tokens parsed, as
+    /// llama.cpp's llama-tokenize does by default).
+    Tokenize(tokenize::TokenizeArgs),
+    /// Token ids to text with a GGUF file's own vocabulary.
+    Detokenize(tokenize::DetokenizeArgs),
 }
 
 fn main() {
@@ -82,6 +92,9 @@ fn main() {
         Command::Inspect(args) => inspect::run(&args),
         Command::Export(args) => export::run(&args),
         Command::Logits(args) => logits::run(&args),
+        Command::Generate(args) => generate::run(&args),
+        Command::Tokenize(args) => tokenize::run(&args),
+        Command::Detokenize(args) => tokenize::run_detokenize(&args),
     };
     let code = match result {
         Ok(true) => 0,

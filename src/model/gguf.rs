@@ -337,16 +337,26 @@ fn dims(m: &QuantMatrix) -> Vec<u64> {
     }
 }
 
-/// The `qwen3moe` metadata of `c` (llama.cpp's keys, `tokenizer.ggml.model = "none"` and
-/// `qwen3moe.vocab_size`, so llama.cpp loads the file without a vocabulary).
-fn put_metadata(g: &mut crate::gguf::writer::GgufWriter, c: &ModelConfig) {
+/// The `qwen3moe` metadata of `c` (llama.cpp's keys and `qwen3moe.vocab_size`), with the
+/// `tokenizer.*` entries of `vocab`, or without one, `tokenizer.ggml.model = "none"` (so
+/// llama.cpp loads the file without a vocabulary).
+fn put_metadata(
+    g: &mut crate::gguf::writer::GgufWriter,
+    c: &ModelConfig,
+    vocab: &[(String, Value)],
+) {
     let a = arch_of(c);
     let u = |v: usize| Value::U32(v as u32);
     g.meta("general.architecture", Value::String(a.into()))
-        .meta("general.name", Value::String(c.name.clone()))
+        .meta("general.name", Value::String(c.name.clone()));
+    if vocab.is_empty() {
         // No vocabulary: the ids are the interface.
-        .meta("tokenizer.ggml.model", Value::String("none".into()))
-        .meta(&format!("{a}.vocab_size"), u(c.vocab))
+        g.meta("tokenizer.ggml.model", Value::String("none".into()));
+    }
+    for (k, v) in vocab {
+        g.meta(k, v.clone());
+    }
+    g.meta(&format!("{a}.vocab_size"), u(c.vocab))
         .meta(&format!("{a}.block_count"), u(c.n_layers))
         .meta(&format!("{a}.context_length"), u(c.max_context))
         .meta(&format!("{a}.embedding_length"), u(c.dim))
@@ -499,7 +509,7 @@ pub fn export(w: &ModelWeights) -> GgufResult<Vec<u8>> {
         return Err(GgufError::Model("export needs every layer".into()));
     }
     let mut g = crate::gguf::writer::GgufWriter::new();
-    put_metadata(&mut g, &w.cfg);
+    put_metadata(&mut g, &w.cfg, &[]);
     let layers = w.layers.iter().enumerate();
     for (name, d, ty, bytes) in head_tensors(w)
         .into_iter()
@@ -518,8 +528,30 @@ pub fn export_preset(
     cfg: &ModelConfig,
     seed: u64,
     out: &mut impl std::io::Write,
+    progress: impl FnMut(usize),
+) -> GgufResult<u64> {
+    export_preset_with_vocab(cfg, seed, &[], out, progress)
+}
+
+/// [`export_preset`] with a vocabulary: `vocab` holds the `tokenizer.*` metadata entries of
+/// another file (its tokens, merges, types, special ids, chat template), written in place of
+/// `tokenizer.ggml.model = "none"`; `cfg.vocab` must be its token count.
+pub fn export_preset_with_vocab(
+    cfg: &ModelConfig,
+    seed: u64,
+    vocab: &[(String, Value)],
+    out: &mut impl std::io::Write,
     mut progress: impl FnMut(usize),
 ) -> GgufResult<u64> {
+    if let Some((_, Value::Array(t))) = vocab.iter().find(|(k, _)| k == "tokenizer.ggml.tokens") {
+        if t.len() != cfg.vocab {
+            return Err(GgufError::Model(format!(
+                "the vocabulary holds {} tokens, the model's vocab is {}",
+                t.len(),
+                cfg.vocab
+            )));
+        }
+    }
     cfg.validate()
         .map_err(|e| GgufError::Model(e.to_string()))?;
     let model_err = |e: crate::Error| GgufError::Model(e.to_string());
@@ -542,7 +574,7 @@ pub fn export_preset(
         layer_tensors(cfg, l, r.as_ref().expect("a layer of this kind exists"))
     };
     let mut g = crate::gguf::writer::GgufWriter::new();
-    put_metadata(&mut g, cfg);
+    put_metadata(&mut g, cfg, vocab);
     let head_t = head_tensors(&head);
     let n_head = head_t.len();
     for (name, d, ty, bytes) in head_t {

@@ -577,6 +577,29 @@ impl<'m> Session<'m> {
     }
 }
 
+/// A [`Session`] with the device it runs on: a [`crate::sample::Decoder`] (a prompt in one
+/// prefill, then one decode step a token).
+pub struct SessionOnDevice<'s, 'm> {
+    /// The device.
+    pub dev: &'s Device,
+    /// The session.
+    pub session: &'s mut Session<'m>,
+}
+
+impl crate::sample::Decoder for SessionOnDevice<'_, '_> {
+    fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        match tokens {
+            [t] if self.session.position() > 0 => self.session.decode(self.dev, *t)?,
+            _ => self.session.prefill(self.dev, tokens)?,
+        }
+        self.session.logits()
+    }
+
+    fn position(&self) -> usize {
+        self.session.position()
+    }
+}
+
 /// Where a forward's rows keep their keys, values and recurrent states: one sequence's caches
 /// ([`Session`]) or the paged caches and per-sequence states of many
 /// ([`crate::model::batch::BatchSession`], with the step's rows). The layer loop,

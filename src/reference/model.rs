@@ -404,3 +404,22 @@ impl Memory for SoloMemory {
         delta_net::forward_cpu(dw, st, x, x.len() / dw.cfg.dim, eps)
     }
 }
+
+impl crate::sample::Decoder for CpuSession<'_> {
+    fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let mut t = Trace::default();
+        self.forward(tokens, &mut t)?;
+        let v = self.w.cfg.vocab;
+        if t.logits.len() < v {
+            return Err(Error::invalid(
+                "CpuSession::feed",
+                "the weights hold fewer layers than the config: no logits",
+            ));
+        }
+        Ok(t.logits[t.logits.len() - v..].to_vec())
+    }
+
+    fn position(&self) -> usize {
+        self.pos
+    }
+}
