@@ -94,8 +94,8 @@ impl GpuDeltaNetState {
 /// Which scan runs. Both give the bits of [`crate::reference::delta_net::scan_cpu`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ScanKernel {
-    /// v1 below [`SCAN_V2_MIN_TOKENS`] tokens (a decode step: one launch), v2 from there (v3
-    /// with `BITEXACT_SCAN_V3=1`).
+    /// v1 below [`SCAN_V2_MIN_TOKENS`] tokens (a decode step: one launch), v3 from there
+    /// (2.1x v2 at 2048 tokens of the Qwen3.6 shape: BENCHMARKS.md).
     #[default]
     Auto,
     /// v1: one launch runs steps 2 to 5 token after token.
@@ -108,18 +108,11 @@ pub enum ScanKernel {
     V3,
 }
 
-/// Tokens from which [`ScanKernel::Auto`] runs v2. H200, the Qwen3.6 shape
+/// Tokens from which [`ScanKernel::Auto`] runs the prep and a column scan (v3; v2 before it). H200, the Qwen3.6 shape
 /// (`benches/delta_net.rs`, 2026-12-01): v1 33.1 us for 1 token, 84.4 for 16, 1,796 for 512,
 /// 8,118 for 2048; v2 56.8, 76.1, 749, 2,878 (its second launch costs one token's latency,
 /// each token after is 1.4 us against 3.5-4.0).
 pub const SCAN_V2_MIN_TOKENS: usize = 16;
-
-/// Whether [`ScanKernel::Auto`] takes v3 where it would take v2: `BITEXACT_SCAN_V3=1`, read
-/// once. Off until v3 is measured faster on a GPU (the same bits either way).
-fn auto_v3() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("BITEXACT_SCAN_V3").is_ok_and(|v| v == "1"))
-}
 
 /// Dynamic shared memory v2's prep kernel may take (a token's channels and its vectors'
 /// norms); a mixer wider than this runs v1 under [`ScanKernel::Auto`].
@@ -190,10 +183,7 @@ pub fn delta_net_scan_with(
     }
     let fits = prep_smem_bytes(c) <= PREP_MAX_SMEM;
     let second = match kernel {
-        ScanKernel::Auto if n >= SCAN_V2_MIN_TOKENS && fits && auto_v3() => {
-            Some("delta_net_scan3_f32")
-        }
-        ScanKernel::Auto if n >= SCAN_V2_MIN_TOKENS && fits => Some("delta_net_scan2_f32"),
+        ScanKernel::Auto if n >= SCAN_V2_MIN_TOKENS && fits => Some("delta_net_scan3_f32"),
         ScanKernel::Auto | ScanKernel::V1 => None,
         ScanKernel::V2 | ScanKernel::V3 if !fits => {
             return Err(Error::invalid(

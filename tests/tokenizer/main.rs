@@ -179,13 +179,23 @@ fn generation_streams_the_reference_tokens() {
             seed: 7,
         },
     ] {
-        let want = CpuSession::new(&w).generate(&prompt, 6, &params, 1).unwrap();
+        let want = CpuSession::new(&w)
+            .generate(&prompt, 6, &params, 1)
+            .unwrap();
         let mut stream = StreamDecoder::new();
         let mut text = String::new();
-        let got = generate_stream(&mut CpuSession::new(&w), &prompt, 6, &params, 1, true, |id| {
-            text.push_str(&stream.push(t, id, false).unwrap());
-            true
-        })
+        let got = generate_stream(
+            &mut CpuSession::new(&w),
+            &prompt,
+            6,
+            &params,
+            1,
+            true,
+            |id| {
+                text.push_str(&stream.push(t, id, false).unwrap());
+                true
+            },
+        )
         .unwrap();
         text.push_str(&stream.finish());
         assert_eq!(got.tokens, want, "{params:?}");
