@@ -170,8 +170,8 @@ pub struct Device {
     /// Kernel lookups so far: one per launch site ([`Device::launches`]).
     launches: AtomicU64,
     /// While profiling ([`Device::set_profiling`]): an event recorded on the stream at each
-    /// kernel lookup, with the kernel's name.
-    marks: Mutex<Option<Vec<(&'static str, CudaEvent)>>>,
+    /// kernel lookup, with the kernel's name and the host's clock then.
+    marks: Mutex<Option<Vec<Mark>>>,
     /// Device allocations so far ([`Device::allocations`]).
     allocs: AtomicU64,
     /// Whether launches allow programmatic dependent launch (`src/launch.rs`).
@@ -181,6 +181,9 @@ pub struct Device {
     /// A family whose next compile fails ([`Device::inject_compile_failure`]).
     compile_fault: Mutex<Option<Family>>,
 }
+
+/// A profiled launch: the kernel's name, the event before it and the host's clock then.
+type Mark = (&'static str, CudaEvent, std::time::Instant);
 
 /// Time spent in one kernel over a profiled stretch ([`Device::take_profile`]).
 #[derive(Clone, Debug, PartialEq)]
@@ -192,6 +195,11 @@ pub struct KernelTime {
     /// Summed time from the event before each of its launches to the event before the next
     /// launch (or the end of the stretch), milliseconds.
     pub ms: f64,
+    /// Summed host time from each of its launches' lookup to the next kernel's lookup (or the
+    /// end of the stretch), milliseconds: the launch itself and whatever host work follows it
+    /// (uploads, allocations, synchronizations). Where `ms` exceeds the kernel's own time and
+    /// this is close to it, the device was waiting for the host.
+    pub host_ms: f64,
 }
 
 /// Reused device buffers for the quantized activations of a matrix product: allocating them on
@@ -450,23 +458,27 @@ impl Device {
         let Some(marks) = self.marks.lock().unwrap_or_else(|e| e.into_inner()).take() else {
             return Ok(Vec::new());
         };
+        let host_end = std::time::Instant::now();
         let end = self
             .stream
             .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
         end.synchronize()?;
         let mut total: Vec<KernelTime> = Vec::new();
-        for (i, (name, ev)) in marks.iter().enumerate() {
-            let next = marks.get(i + 1).map_or(&end, |m| &m.1);
+        for (i, (name, ev, at)) in marks.iter().enumerate() {
+            let (next, next_at) = marks.get(i + 1).map_or((&end, host_end), |m| (&m.1, m.2));
             let ms = f64::from(ev.elapsed_ms(next)?);
+            let host_ms = next_at.duration_since(*at).as_secs_f64() * 1e3;
             match total.iter_mut().find(|t| t.name == *name) {
                 Some(t) => {
                     t.launches += 1;
                     t.ms += ms;
+                    t.host_ms += host_ms;
                 }
                 None => total.push(KernelTime {
                     name,
                     launches: 1,
                     ms,
+                    host_ms,
                 }),
             }
         }
@@ -504,7 +516,7 @@ impl Device {
             let ev = self
                 .stream
                 .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
-            marks.push((name, ev));
+            marks.push((name, ev, std::time::Instant::now()));
         }
         if let Some(f) = self
             .functions

@@ -77,16 +77,17 @@ fn print_profile(what: &str, prof: &[bitexact::device::KernelTime]) {
         "profile, {what}: {total:.3} ms in {} launches (eager, an event before each)",
         prof.iter().map(|k| k.launches).sum::<u64>()
     );
-    println!("| kernel | launches | ms | us/launch | share |");
-    println!("|---|---:|---:|---:|---:|");
+    println!("| kernel | launches | ms | us/launch | share | host ms after its launches |");
+    println!("|---|---:|---:|---:|---:|---:|");
     for k in prof.iter().take(20) {
         println!(
-            "| {} | {} | {:.3} | {:.1} | {:.1}% |",
+            "| {} | {} | {:.3} | {:.1} | {:.1}% | {:.3} |",
             k.name,
             k.launches,
             k.ms,
             k.ms * 1e3 / k.launches as f64,
-            100.0 * k.ms / total
+            100.0 * k.ms / total,
+            k.host_ms
         );
     }
 }
