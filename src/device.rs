@@ -182,6 +182,31 @@ pub struct Device {
     compile_fault: Mutex<Option<Family>>,
 }
 
+/// Lets the stream-ordered allocation pool keep what is freed, instead of returning it to the
+/// driver at every synchronization (its default): a step that frees and allocates the same
+/// sizes every time (a batched decode step at every token) then maps no new memory.
+/// [`Device::free_memory`] hands the kept memory back before reading what is free. Off unless
+/// `BITEXACT_POOL_KEEP=1` (read once per process) until it is measured on a GPU.
+fn keep_freed_memory(ctx: &CudaContext) -> Result<()> {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| std::env::var("BITEXACT_POOL_KEEP").is_ok_and(|v| v == "1"));
+    if !on || !ctx.has_async_alloc() {
+        return Ok(());
+    }
+    let mut threshold = u64::MAX;
+    // SAFETY: the default pool of a live context's device; the release threshold attribute
+    // takes a u64, which `threshold` is.
+    unsafe {
+        let pool = cudarc::driver::result::device::get_default_mem_pool(ctx.cu_device())?;
+        cudarc::driver::result::mem_pool::set_attribute(
+            pool,
+            cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )?;
+    }
+    Ok(())
+}
+
 /// A profiled launch: the kernel's name, the event before it and the host's clock then.
 type Mark = (&'static str, CudaEvent, std::time::Instant);
 
@@ -244,6 +269,7 @@ impl Device {
         // events cudarc would create to order several streams are never needed; without them
         // an allocation is one driver call instead of three.
         unsafe { ctx.disable_event_tracking() };
+        keep_freed_memory(&ctx)?;
         let name = ctx.name()?;
         let cc = ctx.compute_capability()?;
         // A stream of our own, not the legacy default stream: only such a stream can be
@@ -327,6 +353,23 @@ impl Device {
     /// The CUDA context.
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
+    }
+
+    /// Free device memory in bytes, as the driver reports it once the stream has drained and
+    /// the allocation pool has returned what it keeps for reuse ([`keep_freed_memory`]): what
+    /// a new allocation of this process or another can have.
+    pub fn free_memory(&self) -> Result<usize> {
+        self.stream.synchronize()?;
+        if self.ctx.has_async_alloc() {
+            // SAFETY: the default pool of this context's device; nothing of it is in use by
+            // queued work (the stream has drained).
+            unsafe {
+                let pool =
+                    cudarc::driver::result::device::get_default_mem_pool(self.ctx.cu_device())?;
+                cudarc::driver::result::mem_pool::trim_to(pool, 0)?;
+            }
+        }
+        Ok(self.ctx.mem_get_info()?.0)
     }
 
     /// Blocks until all queued work has finished.

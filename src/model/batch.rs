@@ -51,7 +51,7 @@ impl<'m> BatchSession<'m> {
         }
         let need = 2 * 4 * c.n_kv_heads * n_pages * PAGE * c.head_dim;
         let attn_layers = (0..c.n_layers).filter(|&l| c.is_attention_layer(l)).count();
-        let (free, _) = dev.context().mem_get_info()?;
+        let free = dev.free_memory()?;
         if need * attn_layers > free {
             return Err(Error::OutOfMemory {
                 bytes: need * attn_layers,

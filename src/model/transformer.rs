@@ -143,7 +143,7 @@ fn upload_layer(dev: &Device, cfg: &ModelConfig, lw: &LayerWeights) -> Result<Gp
 /// cache and the activations of a `rows`-token forward would not fit the device's free memory.
 pub fn check_fits(dev: &Device, cfg: &ModelConfig, rows: usize) -> Result<()> {
     let need = cfg.weight_bytes() + cfg.cache_bytes() + cfg.activation_bytes(rows);
-    let (free, _total) = dev.context().mem_get_info()?;
+    let free = dev.free_memory()?;
     if need > free {
         return Err(Error::OutOfMemory {
             bytes: need,

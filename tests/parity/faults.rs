@@ -13,9 +13,7 @@ use crate::common::{assert_bits_eq, gpu};
 
 /// Free device memory in bytes, after the stream has drained.
 fn free_bytes(dev: &Device) -> usize {
-    dev.synchronize().unwrap();
-    dev.context().bind_to_thread().unwrap();
-    cudarc::driver::result::mem_get_info().unwrap().0
+    dev.free_memory().unwrap()
 }
 
 /// `1, 2, 3, 5, 8, ..` up to `n`, and `n`: the k-th event to fail.
