@@ -507,12 +507,7 @@ impl Tokenizer {
 
 /// Step 3 on ids: the text path's merges in the same order (smallest rank, then leftmost); a
 /// pair is current when both its symbols still hold the ids it was queued with.
-fn bpe_ids(
-    merges: &IdMerges,
-    byte_id: &[u32; 256],
-    word: &str,
-    out: &mut Vec<u32>,
-) {
+fn bpe_ids(merges: &IdMerges, byte_id: &[u32; 256], word: &str, out: &mut Vec<u32>) {
     const DEAD: u32 = u32::MAX;
     let mut sym: Vec<u32> = word.bytes().map(|b| byte_id[b as usize]).collect();
     let n = sym.len();

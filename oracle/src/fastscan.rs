@@ -337,7 +337,7 @@ pub fn run(a: &FastScanArgs) -> Result<bool> {
             );
         }
     }
-    let bit_exact = differing_total == 0;
+    let bit_exact = differing_total == 0 && dev.is_some();
     if dev.is_none() {
         println!("no GPU paths ran: the CPU reference only");
     } else {
@@ -384,6 +384,12 @@ pub fn run(a: &FastScanArgs) -> Result<bool> {
         codebook_mse_times_d: cb.mse_times_d,
         quality: q,
     })?;
+    if dev.is_none() {
+        anyhow::bail!(
+            "nothing was compared: the bit comparison needs the GPU paths (this run printed the \
+             CPU reference's quality table only)"
+        );
+    }
     Ok(bit_exact)
 }
 

@@ -577,6 +577,10 @@ fn outputs_and_exit_codes_follow_the_rules() {
         (s(&["model", "--cpu", "--gguf", &fifo]), 2),
         // Nothing compared: exit 1, not a verdict.
         (with(&tiny, &["--paths", "cpu"]), 1),
+        (
+            s(&["fastscan", "--cpu", "--len", "40", "--cpu-positions", "4"]),
+            1,
+        ),
         // Flags that would be ignored, or that conflict.
         (s(&["model", "--cpu", "--paths", "gpu-seq,gpu-batched"]), 2),
         (
