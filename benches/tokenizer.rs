@@ -35,9 +35,9 @@ fn main() {
     let mut g = c.benchmark_group("tokenizer");
     g.throughput(Throughput::Bytes(text.len() as u64));
     g.bench_function("encode_1MiB_qwen2", |b| {
-        b.iter(|| t.encode(&text, false, false))
+        b.iter(|| t.encode(&text, false, false).unwrap())
     });
-    let ids = t.encode(&text, false, false);
+    let ids = t.encode(&text, false, false).unwrap();
     g.bench_function("decode_1MiB_qwen2", |b| {
         b.iter(|| t.decode(&ids, false).unwrap())
     });

@@ -350,8 +350,8 @@ extern "C" __global__ void __launch_bounds__(512)
 #define DN3_G 320u
 #define DN3_TOK 324u  // floats a staged token: q | k (4 x 36 each) | 32 v | beta, decay | pad
 
-// Token t's q, k, this block's v columns and the gates into tok (4-byte copies, one group per
-// chunk: the caller commits).
+// Tokens t0 .. t0 + cn: q, k, this block's v columns and the gates into their staged slots
+// (4-byte copies), committed as one group.
 __device__ __forceinline__ void dn3_fetch(float* stage, const float* __restrict__ prep,
                                           const float* __restrict__ gates, u32 t0, u32 cn,
                                           u32 h, u32 kh, u32 g, u32 hk, u32 hv, u32 s, u32 cd,

@@ -185,8 +185,10 @@ pub struct Device {
 /// Lets the stream-ordered allocation pool keep what is freed, instead of returning it to the
 /// driver at every synchronization (its default): a step that frees and allocates the same
 /// sizes every time (a batched decode step at every token) then maps no new memory.
-/// [`Device::free_memory`] hands the kept memory back before reading what is free. Off unless
-/// `BITEXACT_POOL_KEEP=1` (read once per process) until it is measured on a GPU.
+/// [`Device::free_memory`] hands the kept memory back before reading what is free. The
+/// threshold is the device's default pool's, for the whole process: memory kept there is not
+/// available to allocations outside the pool (cuBLAS, plain `cuMemAlloc`) until then. Off
+/// unless `BITEXACT_POOL_KEEP=1` (read once per process) until it is measured on a GPU.
 fn keep_freed_memory(ctx: &CudaContext) -> Result<()> {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let on = *ON.get_or_init(|| std::env::var("BITEXACT_POOL_KEEP").is_ok_and(|v| v == "1"));

@@ -74,6 +74,7 @@ pub struct Tokenizer {
     char_byte: HashMap<char, u8>,
     bos: Option<u32>,
     eos: Option<u32>,
+    eot: Option<u32>,
     add_bos: bool,
     add_eos: bool,
     chat_template: Option<String>,
@@ -257,6 +258,7 @@ impl Tokenizer {
         Ok(Tokenizer {
             bos: id_of(f, "tokenizer.ggml.bos_token_id", n)?,
             eos: id_of(f, "tokenizer.ggml.eos_token_id", n)?,
+            eot: id_of(f, "tokenizer.ggml.eot_token_id", n)?,
             add_bos: flag(f, "tokenizer.ggml.add_bos_token", false),
             add_eos: flag(f, "tokenizer.ggml.add_eos_token", false),
             pieces,
@@ -298,15 +300,24 @@ impl Tokenizer {
         self.eos
     }
 
-    /// Whether `id` ends generation: the EOS token, or a CONTROL token whose text is one of the
-    /// end-of-turn markers llama.cpp treats so (`<|im_end|>`, `<|endoftext|>`, `<|eot_id|>`).
+    /// Whether `id` ends generation: the EOS or end-of-turn token the file names
+    /// (`tokenizer.ggml.eos_token_id`, `eot_token_id`), or one of the end-of-text markers
+    /// llama.cpp also stops at (`<|im_end|>`, `<|endoftext|>`, `<|eot_id|>`, `<|fim_pad|>`,
+    /// `<|repo_name|>`, `<|file_sep|>`).
     pub fn is_end(&self, id: u32) -> bool {
         Some(id) == self.eos
-            || self.types.get(id as usize) == Some(&token_type::CONTROL)
-                && matches!(
-                    self.pieces[id as usize].as_str(),
-                    "<|im_end|>" | "<|endoftext|>" | "<|eot_id|>"
+            || Some(id) == self.eot
+            || self.pieces.get(id as usize).is_some_and(|p| {
+                matches!(
+                    p.as_str(),
+                    "<|im_end|>"
+                        | "<|endoftext|>"
+                        | "<|eot_id|>"
+                        | "<|fim_pad|>"
+                        | "<|repo_name|>"
+                        | "<|file_sep|>"
                 )
+            })
     }
 
     /// The chat template (`tokenizer.chat_template`), when the file carries one.
@@ -322,7 +333,11 @@ impl Tokenizer {
     /// `text` as token ids: special tokens (CONTROL ones only with `parse_special`), then the
     /// pre-tokenizer and BPE (module docs); with `add_special`, BOS and EOS where the file
     /// asks for them.
-    pub fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Vec<u32> {
+    ///
+    /// The pattern matches every text; a match the regex engine gives up on (its backtracking
+    /// limit, on a pathological input) is [`Error::Tokenizer`] rather than ids that could
+    /// differ from llama.cpp's.
+    pub fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<u32>> {
         let mut out = Vec::new();
         if add_special && self.add_bos {
             out.extend(self.bos);
@@ -330,13 +345,13 @@ impl Tokenizer {
         for frag in self.partition(text, parse_special) {
             match frag {
                 Fragment::Token(id) => out.push(id),
-                Fragment::Text(t) => self.encode_text(t, &mut out),
+                Fragment::Text(t) => self.encode_text(t, &mut out)?,
             }
         }
         if add_special && self.add_eos {
             out.extend(self.eos);
         }
-        out
+        Ok(out)
     }
 
     /// Step 1: the text cut at special tokens, longest first.
@@ -375,20 +390,27 @@ impl Tokenizer {
     }
 
     /// Steps 2 and 3 on one fragment.
-    fn encode_text(&self, text: &str, out: &mut Vec<u32>) {
+    fn encode_text(&self, text: &str, out: &mut Vec<u32>) -> Result<()> {
         let mut at = 0;
         while at < text.len() {
-            // A match never fails on this pattern (its last branch takes any space, every
-            // other character is a letter, number or other symbol); an error (backtracking
-            // limit) falls back to the rest of the fragment as one word.
+            // Every character is a space, a letter, a number or another symbol, so a match
+            // starts at every position; text between matches (none, for these patterns) would
+            // be a word of its own, as in llama.cpp's split.
             let end = match self.regex.find_from_pos(text, at) {
                 Ok(Some(m)) if m.start() == at && m.end() > at => m.end(),
                 Ok(Some(m)) if m.start() > at => m.start(),
-                _ => text.len(),
+                Ok(_) => text.len(),
+                Err(e) => {
+                    return Err(err(format!(
+                        "the {} pattern gave up at byte {at} of a text fragment: {e}",
+                        self.pre
+                    )))
+                }
             };
             self.bpe(&text[at..end], out);
             at = end;
         }
+        Ok(())
     }
 
     /// Step 3: one word's byte-level BPE, on token ids where the vocabulary allows.
@@ -454,8 +476,12 @@ impl Tokenizer {
         for s in sym.iter().filter(|s| !s.is_empty()) {
             match self.ids.get(s) {
                 Some(&id) => out.push(id),
-                // Not in the vocabulary: its characters' (bytes') own tokens, where they exist.
-                None => out.extend(s.chars().filter_map(|c| self.ids.get(&c.to_string()))),
+                // Not in the vocabulary: the tokens of its text's single bytes, where they exist
+                // (llama.cpp's fallback; only ASCII bytes can be one-byte token texts).
+                None => out.extend(s.bytes().filter_map(|b| match b < 0x80 {
+                    true => self.ids.get(&(b as char).to_string()),
+                    false => None,
+                })),
             }
         }
     }
@@ -472,9 +498,19 @@ impl Tokenizer {
         };
         Ok(match self.types[id as usize] {
             token_type::CONTROL | token_type::UNKNOWN if !special => Vec::new(),
+            token_type::UNUSED => Vec::new(),
             token_type::CONTROL | token_type::UNKNOWN | token_type::USER_DEFINED => {
                 p.as_bytes().to_vec()
             }
+            // `<0x0A>`: the byte itself.
+            token_type::BYTE => match p
+                .strip_prefix("<0x")
+                .and_then(|h| h.strip_suffix('>'))
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                Some(b) => vec![b],
+                None => p.as_bytes().to_vec(),
+            },
             _ => p
                 .chars()
                 .map(|c| self.char_byte.get(&c).copied())
@@ -559,31 +595,36 @@ impl StreamDecoder {
         Self::default()
     }
 
-    /// The text `id` completes (maybe empty).
+    /// The text `id` completes (maybe empty): every whole character held so far; bytes that no
+    /// continuation can complete become U+FFFD, as a terminal shows them; only an unfinished
+    /// character at the end is held back.
     pub fn push(&mut self, t: &Tokenizer, id: u32, special: bool) -> Result<String> {
         self.pending.extend(t.piece(id, special)?);
-        let valid = match std::str::from_utf8(&self.pending) {
-            Ok(s) => s.len(),
-            Err(e) if e.error_len().is_none() => e.valid_up_to(), // an unfinished character
-            Err(e) => {
-                // Bytes that no continuation can complete: shown as U+FFFD, as a terminal would.
-                let bad = e.valid_up_to() + e.error_len().unwrap_or(1);
-                let mut s = String::from_utf8_lossy(&self.pending[..bad]).into_owned();
-                self.pending.drain(..bad);
-                s.push_str(&self.flush_valid());
-                return Ok(s);
+        let mut out = String::new();
+        loop {
+            match std::str::from_utf8(&self.pending) {
+                Ok(s) => {
+                    out.push_str(s);
+                    self.pending.clear();
+                    return Ok(out);
+                }
+                Err(e) => {
+                    let valid = e.valid_up_to();
+                    out.push_str(std::str::from_utf8(&self.pending[..valid]).expect("checked"));
+                    match e.error_len() {
+                        // An unfinished character: held.
+                        None => {
+                            self.pending.drain(..valid);
+                            return Ok(out);
+                        }
+                        Some(bad) => {
+                            out.push(char::REPLACEMENT_CHARACTER);
+                            self.pending.drain(..valid + bad);
+                        }
+                    }
+                }
             }
-        };
-        let s = String::from_utf8(self.pending.drain(..valid).collect()).expect("checked");
-        Ok(s)
-    }
-
-    fn flush_valid(&mut self) -> String {
-        let valid = match std::str::from_utf8(&self.pending) {
-            Ok(s) => s.len(),
-            Err(e) => e.valid_up_to(),
-        };
-        String::from_utf8(self.pending.drain(..valid).collect()).expect("checked")
+        }
     }
 
     /// What is still held at the end (an unfinished character), lossily.

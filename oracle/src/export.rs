@@ -28,7 +28,7 @@ pub fn run(a: &ExportArgs) -> Result<bool> {
     let mut cfg = a.preset.config()?;
     let vocab = match &a.vocab {
         Some(p) => {
-            let t = crate::tokenize::tokenizer_of(p)?;
+            let t = crate::tokenize::tokenizer_of("--vocab", p)?;
             let f = bitexact::gguf::GgufFile::open(p)?;
             cfg.vocab = t.len();
             f.metadata

@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use bitexact::model::{CpuSession, GpuModel, ModelWeights, Session, Trace};
 use bitexact::sample::{generate_stream, Sampling};
-use bitexact::tokenizer::{StreamDecoder, Tokenizer};
+use bitexact::tokenizer::StreamDecoder;
 
 use crate::output::{usage, usage_err};
 use crate::tokenize::{read_text, tokenizer_of};
@@ -93,13 +93,13 @@ fn render_chat(template: &str, system: Option<&str>, user: &str) -> Result<Strin
     .map_err(|e| usage_err(format!("rendering the chat template: {e}")))
 }
 
-/// Bits that differ between two logit rows.
-fn differing(a: &[f32], b: &[f32]) -> usize {
+/// Bits that differ between two logit rows (32 for each value one row has and the other not).
+fn differing(a: &[f32], b: &[f32]) -> u64 {
     a.iter()
         .zip(b)
-        .filter(|(x, y)| x.to_bits() != y.to_bits())
-        .count()
-        + a.len().abs_diff(b.len())
+        .map(|(x, y)| u64::from((x.to_bits() ^ y.to_bits()).count_ones()))
+        .sum::<u64>()
+        + 32 * a.len().abs_diff(b.len()) as u64
 }
 
 pub fn run(a: &GenerateArgs) -> Result<bool> {
@@ -110,28 +110,34 @@ pub fn run(a: &GenerateArgs) -> Result<bool> {
         seed: a.sample_seed,
     };
     sampling.validate().map_err(usage_err)?;
-    let (tok, w): (Tokenizer, ModelWeights) = match (&a.gguf, &a.vocab) {
+    // Everything that can refuse the arguments first (the vocabulary, the prompt, the
+    // template, the context), the weights after.
+    enum Source {
+        File(bitexact::gguf::GgufFile),
+        Preset,
+    }
+    let (tok, cfg, source) = match (&a.gguf, &a.vocab) {
         (Some(path), _) => {
-            let t = tokenizer_of(path)?;
+            let t = tokenizer_of("--gguf", path)?;
             let f = bitexact::gguf::GgufFile::open(path)?;
-            (t, bitexact::model::gguf::load(&f, None, None)?)
+            let cfg = bitexact::model::gguf::config(&f, None).map_err(usage_err)?;
+            (t, cfg, Source::File(f))
         }
         (None, Some(v)) => {
-            let t = tokenizer_of(v)?;
+            let t = tokenizer_of("--vocab", v)?;
             let mut cfg = a.preset.config()?;
             cfg.vocab = t.len();
-            let w = ModelWeights::generate(&cfg, a.preset.seed, None)?;
-            (t, w)
+            (t, cfg, Source::Preset)
         }
         (None, None) => usage!(
             "a vocabulary is needed: --gguf FILE (the model's own), or --vocab FILE with a preset"
         ),
     };
-    if tok.len() != w.cfg.vocab {
+    if tok.len() != cfg.vocab {
         usage!(
             "the vocabulary holds {} tokens, the model's output {}",
             tok.len(),
-            w.cfg.vocab
+            cfg.vocab
         );
     }
     let text = match (&a.prompt, &a.prompt_file) {
@@ -146,19 +152,23 @@ pub fn run(a: &GenerateArgs) -> Result<bool> {
         },
         false => text,
     };
-    let prompt = tok.encode(&text, true, true);
+    let prompt = tok.encode(&text, true, true)?;
     if prompt.is_empty() {
         usage!("the prompt is empty after tokenizing");
     }
     let total = prompt.len() + a.tokens;
-    if total > w.cfg.max_context {
+    if total > cfg.max_context {
         usage!(
             "{} prompt tokens and -n {} exceed the model's context of {} positions",
             prompt.len(),
             a.tokens,
-            w.cfg.max_context
+            cfg.max_context
         );
     }
+    let w: ModelWeights = match &source {
+        Source::File(f) => bitexact::model::gguf::load(f, None, None)?,
+        Source::Preset => ModelWeights::generate(&cfg, a.preset.seed, None)?,
+    };
     let verify_cpu = a.verify_cpu.map(|n| n.min(total));
     let verify = a.verify || verify_cpu.is_some();
     let (dev, _) = a.run.open_device()?;
@@ -201,9 +211,9 @@ pub fn run(a: &GenerateArgs) -> Result<bool> {
             }
         }
     };
-    let t0 = Instant::now();
     let gpu_model;
     let gen;
+    let t0;
     let mut session = None;
     match &dev {
         Some(dev) => {
@@ -213,10 +223,12 @@ pub fn run(a: &GenerateArgs) -> Result<bool> {
                 dev,
                 session: session.as_mut().unwrap(),
             };
+            t0 = Instant::now();
             gen = generate_stream(&mut d, &prompt, a.tokens, &sampling, 0, verify, &mut emit)?;
         }
         None => {
             let mut cpu = CpuSession::new(&w);
+            t0 = Instant::now();
             gen = generate_stream(&mut cpu, &prompt, a.tokens, &sampling, 0, verify, &mut emit)?;
         }
     }
@@ -250,7 +262,7 @@ pub fn run(a: &GenerateArgs) -> Result<bool> {
         _ => CpuSession::new(&w).forward(&seq, &mut trace)?,
     }
     let p0 = prompt.len() - 1;
-    let mut diff = 0usize;
+    let mut diff = 0u64;
     for (i, row) in gen.logits.iter().enumerate() {
         diff += differing(row, &trace.logits[(p0 + i) * v..(p0 + i + 1) * v]);
     }

@@ -65,7 +65,8 @@ fn kind(meta: &std::fs::Metadata) -> &'static str {
 /// would be written; a dangling link resolves to its missing target.
 fn resolve(flag: &str, path: &Path) -> Result<PathBuf> {
     let mut p = path.to_path_buf();
-    for _ in 0..40 {
+    // 40 links followed, as the kernel does; the 41st lookup must find no link.
+    for _ in 0..=40 {
         match std::fs::symlink_metadata(&p) {
             Ok(m) if m.file_type().is_symlink() => {
                 let to = std::fs::read_link(&p)
@@ -169,13 +170,12 @@ impl Output {
         if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
             return Ok(()); // unknown: the write itself will say
         }
+        // The temporary file is written while the old target still holds its space.
         let free = st.f_bavail as u64 * st.f_frsize as u64;
-        let old = std::fs::metadata(&self.target).map_or(0, |m| m.len());
-        if bytes > free + old {
+        if bytes > free {
             usage!(
-                "{}: needs {bytes} bytes, {} free on its file system",
-                named(self.flag, &self.shown),
-                free + old
+                "{}: needs {bytes} bytes, {free} free on its file system",
+                named(self.flag, &self.shown)
             );
         }
         Ok(())
@@ -198,8 +198,14 @@ impl Output {
         let tmp = self
             .dir()
             .join(format!(".{name}.{}.partial", std::process::id()));
-        let file = File::create(&tmp).map_err(|e| self.err(e))?;
+        // Registered before it exists, so that a signal in between still removes it; a file
+        // already of that name (left by a killed run, or planted) is not written through.
         let cleanup = Cleanup::register(&tmp);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| self.err(e))?;
         Ok(Pending {
             out: self.clone(),
             tmp,
@@ -264,12 +270,21 @@ extern "C" fn on_signal(sig: libc::c_int) {
 }
 
 /// Installs the SIGINT / SIGTERM handler that removes a pending temporary file and then ends
-/// the process as the signal would have.
+/// the process as the signal would have. A signal the process was started ignoring (`nohup`,
+/// a background job) stays ignored.
 pub fn install_signal_cleanup() {
-    // SAFETY: installing a handler that only calls async-signal-safe functions.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: sigaction with a null new action only reads the current one into `old`;
+        // the handler installed calls async-signal-safe functions only.
+        unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut old) == 0
+                && old.sa_sigaction == libc::SIG_IGN
+            {
+                continue;
+            }
+            libc::signal(sig, on_signal as *const () as libc::sighandler_t);
+        }
     }
 }
 

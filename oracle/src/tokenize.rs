@@ -52,12 +52,13 @@ pub struct DetokenizeArgs {
     no_special: bool,
 }
 
-/// The file's tokenizer; a file without one (or of a kind not supported) is a usage error.
-pub(crate) fn tokenizer_of(path: &std::path::Path) -> Result<Tokenizer> {
+/// The tokenizer of the file `flag` names; a file without one (or of a kind not supported) is
+/// a usage error naming the flag.
+pub(crate) fn tokenizer_of(flag: &str, path: &std::path::Path) -> Result<Tokenizer> {
     let f = GgufFile::open(path).with_context(|| format!("reading {}", path.display()))?;
     match Tokenizer::from_gguf(&f) {
         Ok(t) => Ok(t),
-        Err(e) => usage!("--gguf {}: {e}", path.display()),
+        Err(e) => usage!("{flag} {}: {e}", path.display()),
     }
 }
 
@@ -80,8 +81,8 @@ pub fn run(a: &TokenizeArgs) -> Result<bool> {
         (None, Some(f)) => read_text(f)?,
         (None, None) => usage!("give --text or --file"),
     };
-    let t = tokenizer_of(&a.gguf)?;
-    let ids = t.encode(&text, !a.no_special, !a.no_parse_special);
+    let t = tokenizer_of("--gguf", &a.gguf)?;
+    let ids = t.encode(&text, !a.no_special, !a.no_parse_special)?;
     if a.pieces {
         for &id in &ids {
             let p = t.piece(id, true)?;
@@ -112,7 +113,7 @@ pub fn run_detokenize(a: &DetokenizeArgs) -> Result<bool> {
             Err(_) => usage!("`{w}` is not a token id"),
         }
     }
-    let t = tokenizer_of(&a.gguf)?;
+    let t = tokenizer_of("--gguf", &a.gguf)?;
     if let Some(&bad) = ids.iter().find(|&&id| id as usize >= t.len()) {
         usage!(
             "token id {bad} is past the vocabulary of {} tokens in {}",

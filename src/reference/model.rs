@@ -407,15 +407,16 @@ impl Memory for SoloMemory {
 
 impl crate::sample::Decoder for CpuSession<'_> {
     fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let mut t = Trace::default();
-        self.forward(tokens, &mut t)?;
-        let v = self.w.cfg.vocab;
-        if t.logits.len() < v {
+        // Checked before the tokens are taken: a refusal changes nothing.
+        if !self.w.is_complete() {
             return Err(Error::invalid(
                 "CpuSession::feed",
                 "the weights hold fewer layers than the config: no logits",
             ));
         }
+        let mut t = Trace::default();
+        self.forward(tokens, &mut t)?;
+        let v = self.w.cfg.vocab;
         Ok(t.logits[t.logits.len() - v..].to_vec())
     }
 

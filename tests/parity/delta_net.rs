@@ -67,7 +67,7 @@ fn case(kernel: ScanKernel, c: &DeltaNetConfig, n: usize, chunk: usize, seed: u6
 /// second block), no window (conv 1) and the real Qwen3.6 shape (16 key heads, 32 value heads
 /// of 128, conv 4); chunks of 1 (decode), of fewer tokens than the window and of all; each
 /// through v1, v2 (prep + delta rule), v3 (prep + the column-split delta rule) and the
-/// automatic choice (v1 below 16 tokens, v2 from there). The real shape also over 40 tokens
+/// automatic choice (v1 below 16 tokens, v3 from there). The real shape also over 40 tokens
 /// in chunks of 17 and 40: v3 stages 16 tokens at a time, so a chunk of 16 and a partial one
 /// meet. A head dim above 128 is refused.
 #[test]

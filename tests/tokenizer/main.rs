@@ -58,7 +58,7 @@ fn llama_cases(name: &str) {
     let all = cases(&p);
     let mut failed = Vec::new();
     for (text, want) in &all {
-        let got = t.encode(text, false, false);
+        let got = t.encode(text, false, false).unwrap();
         if &got != want {
             failed.push(format!("{text:?}: got {got:?}, llama.cpp {want:?}"));
         }
@@ -97,7 +97,7 @@ proptest::proptest! {
         for name in ["qwen2", "qwen35"] {
             if let Some(t) = tokenizer(name) {
                 for parse_special in [false, true] {
-                    let ids = t.encode(&s, false, parse_special);
+                    let ids = t.encode(&s, false, parse_special).unwrap();
                     proptest::prop_assert_eq!(&t.decode(&ids, true).unwrap(), &s, "{} {}", name, parse_special);
                 }
             }
@@ -124,10 +124,10 @@ fn special_tokens_are_parsed_when_asked() {
         t.token_id("<|im_end|>").unwrap(),
     );
     let text = "<|im_start|>user\nHi<|im_end|>";
-    let parsed = t.encode(text, false, true);
+    let parsed = t.encode(text, false, true).unwrap();
     assert_eq!(parsed.first(), Some(&start));
     assert_eq!(parsed.last(), Some(&end));
-    let plain = t.encode(text, false, false);
+    let plain = t.encode(text, false, false).unwrap();
     assert!(
         !plain.contains(&start) && plain.len() > parsed.len(),
         "{plain:?}"
@@ -169,7 +169,9 @@ fn generation_streams_the_reference_tokens() {
     let mut cfg = ModelConfig::preset("tiny", bitexact::quant::WeightFormat::F32).unwrap();
     cfg.vocab = t.len();
     let w = ModelWeights::generate(&cfg, 3, None).unwrap();
-    let prompt = t.encode("<|im_start|>user\nWrite a haiku.<|im_end|>\n", true, true);
+    let prompt = t
+        .encode("<|im_start|>user\nWrite a haiku.<|im_end|>\n", true, true)
+        .unwrap();
     for params in [
         Sampling::default(),
         Sampling {
