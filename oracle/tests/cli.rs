@@ -89,6 +89,12 @@ fn run_oracle(args: &[String], require: Require) -> Outcome {
     }
 }
 
+/// Whether a refused or failed run said why in exactly one line starting with `error`.
+fn one_error_line(o: &Outcome) -> bool {
+    let lines: Vec<&str> = o.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines.len() == 1 && lines[0].starts_with("error")
+}
+
 /// Seconds a set may run before it counts as a hang (the CPU sets take well under one).
 const HANG_SECS: u64 = 120;
 
@@ -397,9 +403,8 @@ fn hunt(sets: &[Vec<String>], require: Require) -> (usize, usize, usize) {
         match o.code {
             0 => ok += 1,
             1 | 2 => {
-                let lines: Vec<&str> = o.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
                 assert!(
-                    lines.len() == 1 && lines[0].starts_with("error"),
+                    one_error_line(&o),
                     "{what}: exit {} with stderr not one `error` line:\n{}",
                     o.code,
                     o.stderr
@@ -663,9 +668,8 @@ fn outputs_and_exit_codes_follow_the_rules() {
         let what = format!("oracle {}", args.join(" "));
         assert_eq!(o.code, *want, "{what}: exit {}\n{}", o.code, o.stderr);
         if *want != 0 {
-            let lines: Vec<&str> = o.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
             assert!(
-                lines.len() == 1 && lines[0].starts_with("error"),
+                one_error_line(&o),
                 "{what}: not one `error` line:\n{}",
                 o.stderr
             );
