@@ -497,6 +497,23 @@ impl Device {
         *self.marks.lock().unwrap_or_else(|e| e.into_inner()) = on.then(Vec::new);
     }
 
+    /// While profiling, starts an entry named `what` for work queued next that is not a
+    /// kernel launch (a copy to the host): the time until the next mark is put on it.
+    pub(crate) fn profile_mark(&self, what: &'static str) -> Result<()> {
+        if let Some(marks) = self
+            .marks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            let ev = self
+                .stream
+                .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+            marks.push((what, ev, std::time::Instant::now()));
+        }
+        Ok(())
+    }
+
     /// Ends the profile started by [`Device::set_profiling`]: waits for the stream and returns
     /// each kernel's launches and time, longest first. Empty when profiling was off.
     pub fn take_profile(&self) -> Result<Vec<KernelTime>> {
@@ -551,18 +568,8 @@ impl Device {
         if armed == Ok(1) {
             return Err(Error::InjectedFault { kernel: name });
         }
-        if let Some(marks) = self
-            .marks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_mut()
-        {
-            // The launch that looked its kernel up is queued right after this event.
-            let ev = self
-                .stream
-                .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
-            marks.push((name, ev, std::time::Instant::now()));
-        }
+        // The launch that looked its kernel up is queued right after this event.
+        self.profile_mark(name)?;
         if let Some(f) = self
             .functions
             .lock()

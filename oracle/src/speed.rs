@@ -559,7 +559,7 @@ fn batched(
                     })
                     .collect();
                 for chunk in rows.chunks(2048) {
-                    bs.forward(dev, chunk, None)?;
+                    bs.step(dev, chunk)?;
                 }
                 ids.push(id);
             }
@@ -580,7 +580,7 @@ fn batched(
                 let batch = step(i, tok);
                 dev.synchronize()?;
                 let t = Instant::now();
-                bs.forward(dev, &batch, None)?;
+                bs.step(dev, &batch)?;
                 times.push(t.elapsed().as_secs_f64());
             }
             let launches = (dev.launches() - launches0) as f64 / a.steps as f64;
@@ -610,7 +610,7 @@ fn batched(
                 dev.synchronize()?;
                 let t = Instant::now();
                 dev.set_profiling(true);
-                bs.forward(dev, &batch, None)?;
+                bs.step(dev, &batch)?;
                 let prof = dev.take_profile()?;
                 let wall = t.elapsed().as_secs_f64();
                 print_profile(

@@ -19,7 +19,7 @@ use crate::model::trace::Trace;
 use crate::model::transformer::{
     forward_layers, GpuModel, Memory, PagedDevice, PagedRows, PagedSegment,
 };
-use crate::tensor::GpuTensor;
+use crate::tensor::{GpuTensor, HostStage};
 
 /// Many sequences over one paged f32 KV cache on the device: sequences join
 /// ([`BatchSession::add_sequence`]) and leave ([`BatchSession::remove_sequence`]) at any step,
@@ -31,6 +31,53 @@ pub struct BatchSession<'m> {
     model: &'m GpuModel,
     seqs: PagedSequences,
     mem: PagedDevice,
+    /// Where each step's logits are downloaded (kept across steps).
+    stage: HostStage<f32>,
+}
+
+/// The logits of one [`BatchSession::step`]: each sequence's last row in the batch, in order
+/// of first appearance, borrowed from the session until its next step.
+#[derive(Debug)]
+pub struct StepLogits<'a> {
+    seqs: Vec<SeqId>,
+    data: &'a [f32],
+    vocab: usize,
+}
+
+impl<'a> StepLogits<'a> {
+    /// Number of sequences in the step.
+    pub fn len(&self) -> usize {
+        self.seqs.len()
+    }
+
+    /// True for an empty step.
+    pub fn is_empty(&self) -> bool {
+        self.seqs.is_empty()
+    }
+
+    /// The sequences, in order of first appearance in the batch.
+    pub fn sequences(&self) -> &[SeqId] {
+        &self.seqs
+    }
+
+    /// The `i`-th sequence's logits (`[vocab]`).
+    pub fn logits(&self, i: usize) -> &'a [f32] {
+        &self.data[i * self.vocab..(i + 1) * self.vocab]
+    }
+
+    /// `seq`'s logits, if it was in the step.
+    pub fn get(&self, seq: SeqId) -> Option<&'a [f32]> {
+        let i = self.seqs.iter().position(|&s| s == seq)?;
+        Some(self.logits(i))
+    }
+
+    /// `(sequence, logits)` in order.
+    pub fn iter(&self) -> impl Iterator<Item = (SeqId, &'a [f32])> + '_ {
+        self.seqs
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| (s, self.logits(i)))
+    }
 }
 
 impl<'m> BatchSession<'m> {
@@ -72,6 +119,7 @@ impl<'m> BatchSession<'m> {
                 caches,
                 dn: BTreeMap::new(),
             },
+            stage: HostStage::new(),
         })
     }
 
@@ -101,6 +149,17 @@ impl<'m> BatchSession<'m> {
         &self.seqs
     }
 
+    /// Takes the rows of `batch` in one forward and returns the logits of each sequence's last
+    /// row in the batch, in order of first appearance, borrowed until the next step: the
+    /// serving loop's call (the logits land in a page-locked buffer the session keeps, and no
+    /// per-sequence copy is made). The same bits as [`BatchSession::forward`].
+    pub fn step(&mut self, dev: &Device, batch: &[BatchToken]) -> Result<StepLogits<'_>> {
+        let (seqs, _) = self.run(dev, batch, None)?;
+        let vocab = self.model.config().vocab;
+        let data = self.stage_data(seqs.len() * vocab)?;
+        Ok(StepLogits { seqs, data, vocab })
+    }
+
     /// Takes the rows of `batch` in one forward. With `trace`, appends every layer's hidden
     /// states of every row and every row's logits, in batch order (as
     /// [`crate::reference::batch::CpuBatchSession::forward`] does); returns the logits of each
@@ -111,13 +170,42 @@ impl<'m> BatchSession<'m> {
         batch: &[BatchToken],
         trace: Option<&mut Trace>,
     ) -> Result<Vec<(SeqId, Vec<f32>)>> {
+        let tracing = trace.is_some();
+        let (seqs, last) = self.run(dev, batch, trace)?;
+        let v = self.model.config().vocab;
+        let all = self.stage_data(if tracing { batch.len() } else { seqs.len() } * v)?;
+        Ok(seqs
+            .iter()
+            .enumerate()
+            .map(|(si, &seq)| {
+                let r = if tracing { last[si] } else { si };
+                (seq, all[r * v..(r + 1) * v].to_vec())
+            })
+            .collect())
+    }
+
+    /// The first `len` values of the last download.
+    fn stage_data(&self, len: usize) -> Result<&[f32]> {
+        self.stage.last(len)
+    }
+
+    /// The step behind [`BatchSession::step`] and [`BatchSession::forward`]: the logits land
+    /// in the stage (each sequence's last row in order of first appearance, or every row in
+    /// batch order when tracing); returns the sequences and, per sequence, the batch row of
+    /// its last token.
+    fn run(
+        &mut self,
+        dev: &Device,
+        batch: &[BatchToken],
+        trace: Option<&mut Trace>,
+    ) -> Result<(Vec<SeqId>, Vec<usize>)> {
         const OP: &str = "BatchSession::forward";
         let c = self.model.config();
         let tokens: Vec<u32> = batch.iter().map(|t| t.token).collect();
         check_indices(OP, "tokens", &tokens, c.vocab)?;
         let plan = self.seqs.plan(OP, batch)?;
         if batch.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), Vec::new()));
         }
         // The step's row order: decode segments (at most SPLIT_MAX_QUERIES rows) first, then
         // the longer ones; each sequence's rows contiguous, in batch (= position) order.
@@ -214,7 +302,10 @@ impl<'m> BatchSession<'m> {
             &mut logits,
             (!tracing).then_some(&idx),
         );
-        let all = match run.and_then(|()| logits.to_host()) {
+        let all = match run
+            .and_then(|()| dev.profile_mark("(logits to host)"))
+            .and_then(|()| self.stage.download(&logits))
+        {
             Ok(all) => all,
             Err(e) => {
                 self.seqs.poison(&plan.seqs);
@@ -222,22 +313,13 @@ impl<'m> BatchSession<'m> {
             }
         };
         self.seqs.commit(&plan);
-        let (d, v) = (c.dim, c.vocab);
-        // inv[i]: the sorted row of batch row i.
-        let mut inv = vec![0usize; n];
-        for (k, &i) in perm.iter().enumerate() {
-            inv[i] = k;
-        }
-        let out = plan
-            .seqs
-            .iter()
-            .enumerate()
-            .map(|(si, &seq)| {
-                let r = if tracing { last[si] as usize } else { si };
-                (seq, all[r * v..(r + 1) * v].to_vec())
-            })
-            .collect();
         if let Some(t) = trace {
+            let (d, v) = (c.dim, c.vocab);
+            // inv[i]: the sorted row of batch row i.
+            let mut inv = vec![0usize; n];
+            for (k, &i) in perm.iter().enumerate() {
+                inv[i] = k;
+            }
             for (l, rows_l) in sorted_trace.layers.iter().enumerate() {
                 let mut h = Vec::with_capacity(n * d);
                 for &k in &inv {
@@ -249,7 +331,10 @@ impl<'m> BatchSession<'m> {
                 t.logits.extend_from_slice(&all[k * v..(k + 1) * v]);
             }
         }
-        Ok(out)
+        Ok((
+            plan.seqs.clone(),
+            last.iter().map(|&r| r as usize).collect(),
+        ))
     }
 
     /// `seq`'s recurrent state, [`crate::model::Session::recurrent_state`]'s layout.

@@ -23,7 +23,7 @@ pub mod weights;
 
 pub use crate::reference::batch::CpuBatchSession;
 pub use crate::reference::model::CpuSession;
-pub use batch::BatchSession;
+pub use batch::{BatchSession, StepLogits};
 pub use config::{ModelConfig, MoeConfig};
 pub use moe_block::GpuMoeBlock;
 pub use paged::{BatchToken, PagedSequences, SeqId, PAGE};

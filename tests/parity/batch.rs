@@ -368,9 +368,13 @@ fn gpu_last_rows_and_refusals() {
     ] {
         assert!(s.forward(dev, &bad, None).is_err());
     }
-    let got = s
-        .forward(dev, &[row(a, 3, &ta), row(b, 130, &tb)], None)
-        .unwrap();
-    assert_bits_eq("a after 4", &got[0].1, &alone(&ta[..4]));
-    assert_bits_eq("b after 131", &got[1].1, &alone(&tb[..131]));
+    // The serving call: the same bits, borrowed from the session's stage.
+    let got = s.step(dev, &[row(a, 3, &ta), row(b, 130, &tb)]).unwrap();
+    assert_eq!(got.sequences(), &[a, b]);
+    assert_bits_eq("a after 4", got.logits(0), &alone(&ta[..4]));
+    assert_bits_eq("b after 131", got.get(b).unwrap(), &alone(&tb[..131]));
+    assert!(got.get(gone).is_none());
+    let got = s.step(dev, &[row(b, 131, &tb)]).unwrap();
+    assert_eq!(got.len(), 1);
+    assert_bits_eq("b after 132", got.logits(0), &alone(&tb[..132]));
 }
