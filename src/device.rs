@@ -209,6 +209,66 @@ fn keep_freed_memory(ctx: &CudaContext) -> Result<()> {
     Ok(())
 }
 
+/// Whether the device can overlap launches (compute capability 9.0 and up).
+pub(crate) fn pdl_supported(cc: (i32, i32)) -> bool {
+    cc.0 >= 9
+}
+
+/// The default of [`Device::launch_overlap`]: supported and `BITEXACT_PDL=1`; read once per
+/// process.
+pub(crate) fn pdl_default(cc: (i32, i32)) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    pdl_supported(cc) && *ON.get_or_init(|| std::env::var("BITEXACT_PDL").is_ok_and(|v| v == "1"))
+}
+
+/// Launches captured by [`Device::capture`], replayed as one ([`Graph::replay`]).
+pub(crate) struct Graph {
+    kernels: u64,
+    /// The device it was captured for (a replay on another would run another GPU's pointers).
+    ordinal: usize,
+    graph: cudarc::driver::CudaGraph,
+    /// The handle the work was captured on: its modules and scratch are what the graph's
+    /// kernel nodes point at, so it lives as long as the graph (and is dropped after it).
+    _twin: Device,
+}
+
+impl Graph {
+    /// Kernel launches the graph holds.
+    pub(crate) fn kernels(&self) -> u64 {
+        self.kernels
+    }
+
+    /// Fails unless `dev` is the device the graph was captured for.
+    pub(crate) fn check_device(&self, dev: &Device, op: &'static str) -> Result<()> {
+        if self.ordinal != dev.ctx.ordinal() {
+            return Err(Error::invalid(
+                op,
+                "the graph was captured on another device: use one device per session",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Queues the whole graph on `dev`'s stream. Fails, queuing nothing, when `dev` is not the
+    /// device the graph was captured for.
+    ///
+    /// # Safety
+    /// Every buffer the captured launches read or write must still be alive and not in use
+    /// by other work, as when they were captured.
+    pub(crate) unsafe fn replay(&self, dev: &Device, op: &'static str) -> Result<()> {
+        self.check_device(dev, op)?;
+        // SAFETY: the caller keeps the captured buffers alive; the executable graph is this
+        // one's, launched on a stream of the device it was captured for.
+        unsafe {
+            cudarc::driver::result::graph::launch(
+                self.graph.cu_graph_exec(),
+                dev.stream.cu_stream(),
+            )
+        }?;
+        Ok(())
+    }
+}
+
 /// A profiled launch: the kernel's name, the event before it and the host's clock then.
 type Mark = (&'static str, CudaEvent, std::time::Instant);
 
@@ -299,7 +359,7 @@ impl Device {
             launches: AtomicU64::new(0),
             marks: Mutex::new(None),
             allocs: AtomicU64::new(0),
-            overlap: AtomicBool::new(crate::launch::pdl_default(cc)),
+            overlap: AtomicBool::new(pdl_default(cc)),
             alloc_fault_in: AtomicU64::new(0),
             compile_fault: Mutex::new(None),
         }
@@ -316,15 +376,47 @@ impl Device {
         Ok(twin)
     }
 
+    /// Captures the launches `body` queues on a twin of this device ([`Device::twin`], its
+    /// kernel modules loaded and `prepare` run first, outside the capture) into a graph;
+    /// nothing runs. The capture ends whatever `body` returns, so the stream stays usable; a
+    /// `body` error is returned as it is. The graph's temporary allocations are freed at each
+    /// replay's end.
+    pub(crate) fn capture(
+        &self,
+        prepare: impl FnOnce(&Device) -> Result<()>,
+        body: impl FnOnce(&Device) -> Result<()>,
+    ) -> Result<Graph> {
+        let twin = self.twin()?;
+        twin.warm_up()?;
+        prepare(&twin)?;
+        self.synchronize()?;
+        let launches0 = twin.launches();
+        twin.stream.begin_capture(
+            cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+        )?;
+        let ran = body(&twin);
+        let graph = twin.stream.end_capture(
+            cudarc::driver::sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
+        );
+        ran?;
+        let graph = graph?.ok_or_else(|| {
+            Error::invalid("Device::capture", "the captured work holds no launch")
+        })?;
+        Ok(Graph {
+            kernels: twin.launches() - launches0,
+            ordinal: self.ctx.ordinal(),
+            graph,
+            _twin: twin,
+        })
+    }
+
     /// Lets each kernel's launch overlap the end of the kernel before it (programmatic
     /// dependent launch, compute capability 9.0 and up; off by default, on with
     /// `BITEXACT_PDL=1`), or turns that off. Scheduling only: no output bit depends on it (`src/launch.rs`). A
     /// decode graph keeps the setting it was captured with.
     pub fn set_launch_overlap(&self, on: bool) {
-        self.overlap.store(
-            on && crate::launch::pdl_supported(self.cc),
-            Ordering::Relaxed,
-        );
+        self.overlap
+            .store(on && pdl_supported(self.cc), Ordering::Relaxed);
     }
 
     /// Whether launches overlap the kernel before them ([`Device::set_launch_overlap`]).

@@ -96,7 +96,7 @@ pub enum Error {
 
     /// A GGUF file could not be read, written or mapped onto a model.
     #[error("gguf: {0}")]
-    Gguf(#[from] crate::gguf::GgufError),
+    Gguf(#[from] GgufError),
 
     /// Any other CUDA driver error.
     #[error("CUDA driver error: {0}")]
@@ -133,6 +133,51 @@ impl Error {
             msg: msg.into(),
         }
     }
+}
+
+/// What can be wrong with a GGUF file. (Defined beside [`Error`] so that the error types
+/// depend on nothing else in the crate; [`crate::gguf`] re-exports it.)
+#[derive(Debug, thiserror::Error)]
+pub enum GgufError {
+    /// Reading the file failed.
+    #[error("reading {path}: {error}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The error (in the message once; not also a `source`, which printers would repeat).
+        error: std::io::Error,
+    },
+    /// The file is not GGUF, or is a version this reader does not know.
+    #[error("not a GGUF v2/v3 file: {0}")]
+    Header(String),
+    /// The file ends before something it declares.
+    #[error("truncated at byte {at}: {what} needs {need} more bytes, {have} remain")]
+    Truncated {
+        /// Offset of the read.
+        at: usize,
+        /// What was being read.
+        what: String,
+        /// Bytes needed.
+        need: u64,
+        /// Bytes left.
+        have: u64,
+    },
+    /// A value the format forbids or this reader cannot represent.
+    #[error("malformed GGUF: {0}")]
+    Malformed(String),
+    /// A tensor of a type the runner does not support.
+    #[error("tensor `{tensor}` has ggml type {type_name} ({type_id}), which bitexact does not support (F32, F16, BF16, Q8_0, Q4_K, Q5_K, Q6_K)")]
+    UnsupportedType {
+        /// The tensor.
+        tensor: String,
+        /// The ggml type id.
+        type_id: u32,
+        /// Its name, when known.
+        type_name: String,
+    },
+    /// The model is not one the runner can build.
+    #[error("unsupported model: {0}")]
+    Model(String),
 }
 
 /// Fails with [`Error::ShapeMismatch`] unless `got == expected`.

@@ -92,18 +92,6 @@ impl Device {
     }
 }
 
-/// Whether the device can overlap launches (compute capability 9.0 and up).
-pub(crate) fn pdl_supported(cc: (i32, i32)) -> bool {
-    cc.0 >= 9
-}
-
-/// The default of [`Device::launch_overlap`]: supported and `BITEXACT_PDL=1`; read once per
-/// process.
-pub(crate) fn pdl_default(cc: (i32, i32)) -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    pdl_supported(cc) && *ON.get_or_init(|| std::env::var("BITEXACT_PDL").is_ok_and(|v| v == "1"))
-}
-
 impl<'a> Launch<'a> {
     /// Appends the next kernel argument.
     pub(crate) fn arg(&mut self, p: impl KernelParam<'a>) -> &mut Self {

@@ -67,6 +67,10 @@ pub struct SpeedArgs {
     /// Time batched decode alone (needs --sequences): no solo prefill or decode rows.
     #[arg(long)]
     batched_only: bool,
+    /// Also time each batched row with its decode steps replayed from a captured step graph
+    /// (`BatchSession::set_graphs`), right after the eager steps, on the same session.
+    #[arg(long, requires = "sequences")]
+    batch_graphs: bool,
 }
 
 /// The per-kernel table of one profiled stretch (`--profile`).
@@ -110,6 +114,10 @@ struct Row {
     /// Batched decode: the sequences decoding in each step (one row each).
     #[serde(skip_serializing_if = "Option::is_none")]
     sequences: Option<usize>,
+    /// Batched decode: the --decode-at context the row belongs to (its steps start at
+    /// `tokens`, later for the graph pass, which follows the eager one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    context: Option<usize>,
 }
 
 /// Parameters one token touches: attention, router and the top-k experts of every layer, plus
@@ -364,6 +372,7 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
             max_s: hi,
             tokens_per_s: n as f64 / secs,
             sequences: None,
+            context: None,
         });
         let ideal = 2.0 * params * n as f64 / (bf16_rate * 1e12);
         println!(
@@ -440,6 +449,7 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
                 max_s: hi,
                 tokens_per_s: 1.0 / secs,
                 sequences: None,
+                context: None,
             });
             // Kernels in one step: those of the captured graph (one launch a step), or the
             // eager launches per step.
@@ -536,7 +546,7 @@ fn batched(
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for &c in &a.decode_at {
         for &n_seq in &a.sequences {
-            let pages_each = (c + a.steps + 1).div_ceil(PAGE);
+            let pages_each = (c + 2 * a.steps + 2).div_ceil(PAGE);
             let mut bs = match BatchSession::new(dev, model, n_seq * pages_each) {
                 Err(e @ bitexact::Error::OutOfMemory { .. }) => {
                     println!(
@@ -572,41 +582,69 @@ fn batched(
                     })
                     .collect()
             };
-            let toks = prompt(4, a.steps + 1, cfg.vocab);
-            let mut times = Vec::with_capacity(a.steps);
-            dev.synchronize()?;
-            let launches0 = dev.launches();
-            for (i, &tok) in toks[..a.steps].iter().enumerate() {
-                let batch = step(i, tok);
+            let toks = prompt(4, 2 * a.steps + 1, cfg.vocab);
+            let modes: &[bool] = if a.batch_graphs {
+                &[false, true]
+            } else {
+                &[false]
+            };
+            for (pass, &graphs) in modes.iter().enumerate() {
+                bs.set_graphs(graphs);
+                let first = pass * a.steps;
+                let mut times = Vec::with_capacity(a.steps);
                 dev.synchronize()?;
-                let t = Instant::now();
-                bs.step(dev, &batch)?;
-                times.push(t.elapsed().as_secs_f64());
+                let launches0 = dev.launches();
+                for (i, &tok) in toks[first..first + a.steps].iter().enumerate() {
+                    let batch = step(first + i, tok);
+                    dev.synchronize()?;
+                    let t = Instant::now();
+                    bs.step(dev, &batch)?;
+                    times.push(t.elapsed().as_secs_f64());
+                }
+                let launches = (dev.launches() - launches0) as f64 / a.steps as f64;
+                let (lo, hi) = spread(&times);
+                let secs = median(times);
+                let phase = match graphs {
+                    false => "batched decode",
+                    true => "batched decode graph",
+                };
+                rows.push(Row {
+                    phase,
+                    tokens: c + first,
+                    samples: a.steps,
+                    median_s: secs,
+                    min_s: lo,
+                    max_s: hi,
+                    tokens_per_s: n_seq as f64 / secs,
+                    sequences: Some(n_seq),
+                    context: Some(c),
+                });
+                println!(
+                    "| {phase} | {} | {n_seq} | {:.2} ms (min {:.2}, max {:.2}) | {:.1} | {:.1} | {launches:.0} | {:.1} MB |",
+                    c + first,
+                    secs * 1e3,
+                    lo * 1e3,
+                    hi * 1e3,
+                    n_seq as f64 / secs,
+                    1.0 / secs,
+                    (pages_each * PAGE * kv_bytes_per_pos) as f64 / 1e6,
+                );
+                if graphs {
+                    let st = bs.stats();
+                    println!(
+                        "  (graph: {} replays, {} captures{})",
+                        st.graph_replays,
+                        st.captures,
+                        st.graph_error
+                            .as_ref()
+                            .map_or(String::new(), |e| format!(", failed: {e}"))
+                    );
+                }
             }
-            let launches = (dev.launches() - launches0) as f64 / a.steps as f64;
-            let (lo, hi) = spread(&times);
-            let secs = median(times);
-            rows.push(Row {
-                phase: "batched decode",
-                tokens: c,
-                samples: a.steps,
-                median_s: secs,
-                min_s: lo,
-                max_s: hi,
-                tokens_per_s: n_seq as f64 / secs,
-                sequences: Some(n_seq),
-            });
-            println!(
-                "| batched decode | {c} | {n_seq} | {:.2} ms (min {:.2}, max {:.2}) | {:.1} | {:.1} | {launches:.0} | {:.1} MB |",
-                secs * 1e3,
-                lo * 1e3,
-                hi * 1e3,
-                n_seq as f64 / secs,
-                1.0 / secs,
-                (pages_each * PAGE * kv_bytes_per_pos) as f64 / 1e6,
-            );
+            bs.set_graphs(false);
             if a.profile {
-                let batch = step(a.steps, toks[a.steps]);
+                let last = modes.len() * a.steps;
+                let batch = step(last, toks[last]);
                 dev.synchronize()?;
                 let t = Instant::now();
                 dev.set_profiling(true);
@@ -616,7 +654,7 @@ fn batched(
                 print_profile(
                     &format!(
                         "batched decode step, {n_seq} sequences at context {} ({:.3} ms wall)",
-                        c + a.steps + 1,
+                        c + last,
                         wall * 1e3
                     ),
                     &prof,

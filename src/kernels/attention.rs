@@ -425,7 +425,7 @@ fn attention_into(
 }
 
 /// Where the queries of an [`attention_paged`] call find their keys in a paged cache
-/// ([`crate::model::paged`]: page `p` holds cache rows `64 p .. 64 p + 64`; chunk `c` of a
+/// ([`crate::spec::paged`]: page `p` holds cache rows `64 p .. 64 p + 64`; chunk `c` of a
 /// sequence, its positions `64 c ..`, is the page its block table names at `c`).
 #[derive(Clone, Copy, Debug)]
 pub enum PagedQueries<'a> {
@@ -512,32 +512,137 @@ pub fn attention_paged(
             bound: n_pages as u64,
         });
     }
-    let group = n_heads / n_kv;
-    let tile = one_seq && nq > SPLIT_MAX_QUERIES;
+    check_paged_kernels(
+        OP,
+        n_heads,
+        n_kv,
+        hd,
+        n_chunks,
+        one_seq && nq > SPLIT_MAX_QUERIES,
+    )?;
+    if nq == 0 || n_heads == 0 {
+        return Ok(());
+    }
+    let table = GpuTensor::from_host(dev, host, &[host.len()])?;
+    launch_paged(
+        dev,
+        OP,
+        q,
+        cache,
+        pos,
+        &table,
+        (!one_seq).then_some(stride),
+        out,
+    )
+}
+
+/// [`attention_paged`]'s decode rows with their block tables already on the device
+/// (`tables: [nq * stride]`, query `i`'s at `i * stride`), as a captured batched step reads
+/// them: the same kernels and bits. The tables are not read on the host: every entry the
+/// kernels read (chunks `0..=pos[i] / 64` of query `i`) must be below the cache's page count,
+/// which the caller checked when it wrote them (a batched session's tables come from its
+/// page bookkeeping).
+pub(crate) fn attention_paged_rows(
+    dev: &Device,
+    q: &GpuTensor<f32>,
+    cache: &LayerCache,
+    pos: &Positions,
+    tables: &GpuTensor<u32>,
+    stride: usize,
+    out: &mut GpuTensor<f32>,
+) -> Result<()> {
+    const OP: &str = "attention_paged_rows";
+    let Shapes { cap, hd, nq, .. } = check_shapes(OP, q, cache, pos, out.dims())?;
+    let n_chunks = if nq == 0 {
+        0
+    } else {
+        pos.max() as usize / CHUNK + 1
+    };
+    if cap % CHUNK != 0
+        || hd % 4 != 0
+        || hd > 256
+        || stride < n_chunks
+        || tables.len() != nq * stride
+    {
+        return Err(Error::invalid(
+            OP,
+            format!(
+                "device block tables of {} entries for {nq} queries, {stride} each, reaching \
+                 chunk {} (cap {cap}, hd {hd})",
+                tables.len(),
+                n_chunks.saturating_sub(1)
+            ),
+        ));
+    }
+    launch_paged(dev, OP, q, cache, pos, tables, Some(stride), out)
+}
+
+/// Fails unless the paged kernels take this shape: the split kernel's (or, `tile`, the v2
+/// tile kernel's) shared memory for `n_heads / n_kv` query heads of `hd` dims, and the
+/// combine's for `n_chunks` chunks.
+fn check_paged_kernels(
+    op: &'static str,
+    n_heads: usize,
+    n_kv: usize,
+    hd: usize,
+    n_chunks: usize,
+    tile: bool,
+) -> Result<()> {
+    let group = n_heads / n_kv.max(1);
     if !tile && split_smem_bytes(group, hd) > MAX_SMEM_BYTES
         || tile && tile_name_paged(hd, group).is_none()
         || combine_smem_bytes(n_chunks) > MAX_SMEM_BYTES
     {
         return Err(Error::invalid(
-            OP,
+            op,
             format!("{group} query heads per kv head of {hd} dims over {n_chunks} chunks"),
         ));
     }
+    Ok(())
+}
+
+/// The paged launches over a device block table: `stride` entries per query (decode rows,
+/// the split kernels), or, `None`, one table for every query of one sequence (the v2 tile
+/// kernel past [`SPLIT_MAX_QUERIES`] queries, the split kernels up to it).
+#[allow(clippy::too_many_arguments)]
+fn launch_paged(
+    dev: &Device,
+    op: &'static str,
+    q: &GpuTensor<f32>,
+    cache: &LayerCache,
+    pos: &Positions,
+    table: &GpuTensor<u32>,
+    stride: Option<usize>,
+    out: &mut GpuTensor<f32>,
+) -> Result<()> {
+    let Shapes {
+        n_kv,
+        cap,
+        hd,
+        nq,
+        n_heads,
+    } = check_shapes(op, q, cache, pos, out.dims())?;
+    let n_chunks = if nq == 0 {
+        0
+    } else {
+        pos.max() as usize / CHUNK + 1
+    };
+    let tile = stride.is_none() && nq > SPLIT_MAX_QUERIES;
+    check_paged_kernels(op, n_heads, n_kv, hd, n_chunks, tile)?;
     if nq == 0 || n_heads == 0 {
         return Ok(());
     }
-    let table = GpuTensor::from_host(dev, host, &[host.len()])?;
     let a = Args {
-        n_heads: as_u32(OP, "n_heads", n_heads)?,
-        n_kv: as_u32(OP, "n_kv", n_kv)?,
-        hd: as_u32(OP, "hd", hd)?,
-        cap: as_u32(OP, "cap", cap)?,
+        n_heads: as_u32(op, "n_heads", n_heads)?,
+        n_kv: as_u32(op, "n_kv", n_kv)?,
+        hd: as_u32(op, "hd", hd)?,
+        cap: as_u32(op, "cap", cap)?,
         scale: crate::reference::attention::scale(hd),
     };
     if tile {
-        launch_tile(dev, &a, true, q, cache, pos, out, Some(&table))
+        launch_tile(dev, &a, true, q, cache, pos, out, Some(table))
     } else {
-        let stride32 = as_u32(OP, "stride", stride)?;
+        let stride32 = as_u32(op, "stride", stride.unwrap_or(0))?;
         launch_split(
             dev,
             &a,
@@ -548,7 +653,7 @@ pub fn attention_paged(
             pos,
             out,
             None,
-            Some((&table, stride32)),
+            Some((table, stride32)),
         )
     }
 }

@@ -8,7 +8,7 @@ use cudarc::driver::LaunchConfig;
 use super::{as_u32, dims};
 use crate::device::{Device, Family};
 use crate::error::{check_shape, Error, Result};
-use crate::reference::delta_net::{DeltaNetConfig, DeltaNetState, DeltaNetWeights};
+use crate::spec::delta_net::{DeltaNetConfig, DeltaNetState, DeltaNetWeights};
 use crate::tensor::GpuTensor;
 
 /// Head dims the scan kernel takes (a column of the state in the registers of 4 threads, one

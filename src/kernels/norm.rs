@@ -202,7 +202,7 @@ pub fn qkv_norm_rope(
 }
 
 /// [`qkv_norm_rope`] into a paged cache: token `i` rotates by `pos[i]` and lands in cache row
-/// `slots[i]` (its page slot, [`crate::model::paged`]), every slot below the cache's capacity.
+/// `slots[i]` (its page slot, [`crate::spec::paged`]), every slot below the cache's capacity.
 #[allow(clippy::too_many_arguments)]
 pub fn qkv_norm_rope_paged(
     dev: &Device,

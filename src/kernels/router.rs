@@ -11,10 +11,7 @@ use crate::error::{check_shape, Error, Result};
 use crate::quant::WeightFormat;
 use crate::tensor::GpuTensor;
 
-/// Most experts per token the kernel handles (the probabilities live in shared memory).
-pub const MAX_EXPERTS: usize = 2048;
-/// Most experts one token may select (one warp lane per selected slot).
-pub const MAX_TOP_K: usize = 32;
+pub use crate::spec::config::{MAX_EXPERTS, MAX_TOP_K};
 const WARPS: u32 = 4;
 /// Most tokens one [`route`] launch takes (its grid's second dimension).
 pub const MAX_ROUTE_TOKENS: usize = 65_535;

@@ -1,6 +1,6 @@
 //! Many sequences in one forward on the GPU ([`BatchSession`]): the device twin of
 //! [`crate::reference::batch::CpuBatchSession`], over the same page bookkeeping
-//! ([`crate::model::paged`]) and the same layer loop as [`crate::model::Session`]
+//! ([`crate::spec::paged`]) and the same layer loop as [`crate::model::Session`]
 //! ([`crate::model::transformer`]'s `forward_layers`). A step's rows are reordered so that
 //! each sequence's rows are contiguous and in position order (decode rows first): every
 //! product, norm and the MoE block compute each row on its own, so the order changes no bit;
@@ -9,16 +9,17 @@
 
 use std::collections::BTreeMap;
 
-use crate::device::Device;
+use crate::device::{Device, Graph};
 use crate::error::{check_indices, Error, Result};
 use crate::kernels::attention::{LayerCache, SPLIT_MAX_QUERIES};
 use crate::kernels::delta_net::GpuDeltaNetState;
 use crate::kernels::rope::Positions;
-use crate::model::paged::{BatchToken, PagedSequences, SeqId, PAGE};
-use crate::model::trace::Trace;
 use crate::model::transformer::{
-    forward_layers, GpuModel, Memory, PagedDevice, PagedRows, PagedSegment,
+    forward_layers, reserve_scratch, BlockTables, GpuModel, Memory, PagedDevice, PagedRows,
+    PagedSegment, ShortBlock,
 };
+use crate::spec::paged::{BatchPlan, BatchToken, PagedSequences, SeqId, PAGE};
+use crate::spec::trace::Trace;
 use crate::tensor::{GpuTensor, HostStage};
 
 /// Many sequences over one paged f32 KV cache on the device: sequences join
@@ -33,6 +34,45 @@ pub struct BatchSession<'m> {
     mem: PagedDevice,
     /// Where each step's logits are downloaded (kept across steps).
     stage: HostStage<f32>,
+    /// Whether decode steps replay a captured graph ([`BatchSession::set_graphs`]).
+    graphs: bool,
+    graph: Option<StepGraph>,
+    stats: BatchStats,
+}
+
+/// What a [`BatchSession`]'s steps did, for tests and benches.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    /// Steps that ran as a replay of a captured step graph.
+    pub graph_replays: usize,
+    /// Step graphs captured.
+    pub captures: usize,
+    /// Why capturing failed, if it did (graphs are then off for the session).
+    pub graph_error: Option<String>,
+}
+
+/// A captured decode step: every launch of a forward of `n` rows, one per sequence, in device
+/// buffers the host rewrites before each replay (tokens, positions, cache slots, block
+/// tables) and one it reads after (the logits).
+struct StepGraph {
+    key: GraphKey,
+    ids: GpuTensor<u32>,
+    positions: Positions,
+    rows: PagedRows,
+    /// `0..n`: every row's logits (the graph's gather reads it).
+    _idx: GpuTensor<u32>,
+    logits: GpuTensor<f32>,
+    graph: Graph,
+}
+
+/// What a step graph bakes in: the row count; the chunks its tables and positions cover (a
+/// power of two, so the graph is recaptured only when the longest sequence crosses one); for
+/// a model with DeltaNet layers the sequences, in row order, whose states it scans.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct GraphKey {
+    rows: usize,
+    chunks: usize,
+    seqs: Vec<SeqId>,
 }
 
 /// The logits of one [`BatchSession::step`]: each sequence's last row in the batch, in order
@@ -120,7 +160,28 @@ impl<'m> BatchSession<'m> {
                 dn: BTreeMap::new(),
             },
             stage: HostStage::new(),
+            graphs: false,
+            graph: None,
+            stats: BatchStats::default(),
         })
+    }
+
+    /// Whether decode steps (every sequence of the batch one row, no trace) replay a captured
+    /// CUDA graph: one launch for the step instead of one per kernel. The graph runs the same
+    /// kernels on the same buffers, so it returns the same bits. A step of another shape runs
+    /// eagerly; the graph is recaptured when the row count changes, when the longest
+    /// sequence's chunks cross a power of two, or (a model with DeltaNet layers) when the
+    /// sequences change. Off by default until measured on a GPU.
+    pub fn set_graphs(&mut self, on: bool) {
+        self.graphs = on;
+        if !on {
+            self.graph = None;
+        }
+    }
+
+    /// What the steps so far did.
+    pub fn stats(&self) -> &BatchStats {
+        &self.stats
     }
 
     /// A new, empty sequence (its DeltaNet states allocated, zeroed).
@@ -140,6 +201,14 @@ impl<'m> BatchSession<'m> {
     /// Removes `seq`: its pages return to the pool, its states are freed.
     pub fn remove_sequence(&mut self, seq: SeqId) -> Result<()> {
         self.seqs.remove(seq)?;
+        if self
+            .graph
+            .as_ref()
+            .is_some_and(|g| g.key.seqs.contains(&seq))
+        {
+            // Its scans point at the states about to be freed.
+            self.graph = None;
+        }
         self.mem.dn.remove(&seq);
         Ok(())
     }
@@ -207,6 +276,23 @@ impl<'m> BatchSession<'m> {
         if batch.is_empty() {
             return Ok((Vec::new(), Vec::new()));
         }
+        if self.graphs
+            && trace.is_none()
+            && plan.seqs.len() == batch.len()
+            && self.ensure_graph(dev, batch, &plan)
+        {
+            // A decode step (every sequence one row, the rows in sequence order) as a replay.
+            return match self.replay(dev, batch, &plan) {
+                Ok(()) => {
+                    self.seqs.commit(&plan);
+                    Ok((plan.seqs.clone(), (0..batch.len()).collect()))
+                }
+                Err(e) => {
+                    self.seqs.poison(&plan.seqs);
+                    Err(e)
+                }
+            };
+        }
         // The step's row order: decode segments (at most SPLIT_MAX_QUERIES rows) first, then
         // the longer ones; each sequence's rows contiguous, in batch (= position) order.
         let ns = plan.seqs.len();
@@ -262,12 +348,12 @@ impl<'m> BatchSession<'m> {
                     tables[r * stride..r * stride + seg.table.len()].copy_from_slice(&seg.table);
                 }
             }
-            Some((
-                n_short,
-                Positions::new(dev, &pos_h[..n_short])?,
-                tables,
+            Some(ShortBlock {
+                rows: n_short,
+                pos: Positions::new(dev, &pos_h[..n_short])?,
+                tables: BlockTables::Host(tables),
                 stride,
-            ))
+            })
         } else {
             None
         };
@@ -337,6 +423,146 @@ impl<'m> BatchSession<'m> {
         ))
     }
 
+    /// Whether a step graph for the decode step `batch` (`plan`'s order) is ready, capturing
+    /// it when the step's shape is not the current graph's. A capture that fails turns graphs
+    /// off for the session (the reason kept in [`BatchStats::graph_error`]) and the step runs
+    /// eagerly.
+    fn ensure_graph(&mut self, dev: &Device, batch: &[BatchToken], plan: &BatchPlan) -> bool {
+        let c = self.model.config();
+        let top = batch.iter().map(|t| t.pos).max().unwrap_or(0) as usize;
+        let key = GraphKey {
+            rows: batch.len(),
+            chunks: (top / PAGE + 1)
+                .next_power_of_two()
+                .min(c.max_context.div_ceil(PAGE)),
+            seqs: match c.delta_net() {
+                Some(_) => plan.seqs.clone(),
+                None => Vec::new(),
+            },
+        };
+        if self.graph.as_ref().is_some_and(|g| g.key == key) {
+            return true;
+        }
+        // The old graph's buffers go first: the new one may need the memory.
+        self.graph = None;
+        match self.capture(dev, key) {
+            Ok(g) => {
+                self.graph = Some(g);
+                self.stats.captures += 1;
+                true
+            }
+            Err(e) => {
+                self.graphs = false;
+                self.stats.graph_error = Some(e.to_string());
+                false
+            }
+        }
+    }
+
+    /// Runs the decode step `batch` (one row per sequence, `plan`'s order) as a replay of the
+    /// step graph [`BatchSession::ensure_graph`] made ready; the logits land in the stage.
+    fn replay(&mut self, dev: &Device, batch: &[BatchToken], plan: &BatchPlan) -> Result<()> {
+        const OP: &str = "BatchSession::forward";
+        let n = batch.len();
+        let pos: Vec<u32> = batch.iter().map(|t| t.pos).collect();
+        let g = self.graph.as_mut().expect("captured above");
+        g.graph.check_device(dev, OP)?;
+        let stride = g.key.chunks;
+        let mut tables = vec![0u32; n * stride];
+        for (r, t) in plan.tables.iter().enumerate() {
+            // plan() gave each table the pages through this step's position, `top / PAGE + 1`
+            // at most, which the key's chunks cover.
+            if t.len() > stride {
+                return Err(Error::invalid(
+                    OP,
+                    "a block table past the step graph's chunks",
+                ));
+            }
+            tables[r * stride..r * stride + t.len()].copy_from_slice(t);
+        }
+        let tokens: Vec<u32> = batch.iter().map(|t| t.token).collect();
+        g.ids.copy_from_host(&tokens)?;
+        g.positions.set(&pos)?;
+        g.rows.slots.set(&plan.slots)?;
+        let short = g
+            .rows
+            .short
+            .as_mut()
+            .ok_or_else(|| Error::invalid(OP, "the step graph has no decode block"))?;
+        short.pos.set(&pos)?;
+        match &mut short.tables {
+            BlockTables::Device(t) => t.copy_from_host(&tables)?,
+            BlockTables::Host(_) => return Err(Error::invalid(OP, "host tables in a graph")),
+        }
+        // SAFETY: the graph's kernels read the buffers written above, this session's caches
+        // and states (the key names every sequence whose state it scans; removing one drops
+        // the graph) and the model (alive for 'm), and write the logits buffer; `&mut self`
+        // keeps any other launch of it out.
+        unsafe { g.graph.replay(dev, OP) }?;
+        self.stage.download(&g.logits)?;
+        self.stats.graph_replays += 1;
+        Ok(())
+    }
+
+    /// Captures a decode step of `key.rows` rows (nothing runs): its input buffers, bounded
+    /// by the key's chunks and the cache's pages, and the graph.
+    fn capture(&mut self, dev: &Device, key: GraphKey) -> Result<StepGraph> {
+        let c = self.model.config();
+        let n = key.rows;
+        let cap = (self.seqs.n_pages() * PAGE) as u32;
+        let bound = (key.chunks * PAGE).min(c.max_context) as u32 - 1;
+        let segments = (0..n)
+            .map(|r| PagedSegment {
+                // Read by the DeltaNet scans only, whose graphs the key ties to these ids.
+                seq: key.seqs.get(r).copied().unwrap_or(SeqId(u64::MAX)),
+                row0: r,
+                rows: 1,
+                pos: None,
+                table: Vec::new(),
+            })
+            .collect();
+        let rows = PagedRows {
+            slots: Positions::bounded(dev, n, cap - 1)?,
+            segments,
+            short: Some(ShortBlock {
+                rows: n,
+                pos: Positions::bounded(dev, n, bound)?,
+                tables: BlockTables::Device(GpuTensor::zeros(dev, &[n * key.chunks])?),
+                stride: key.chunks,
+            }),
+        };
+        let ids = GpuTensor::zeros(dev, &[n])?;
+        let positions = Positions::bounded(dev, n, bound)?;
+        let idx = GpuTensor::from_host(dev, &(0..n as u32).collect::<Vec<_>>(), &[n])?;
+        let mut logits = GpuTensor::zeros(dev, &[n, c.vocab])?;
+        let (model, mem) = (self.model, &mut self.mem);
+        let graph = dev.capture(
+            |twin| reserve_scratch(twin, c, n),
+            |twin| {
+                forward_layers(
+                    model,
+                    crate::kernels::attention::AttentionKernel::Auto,
+                    twin,
+                    &ids,
+                    &positions,
+                    Memory::Paged(mem, &rows),
+                    None,
+                    &mut logits,
+                    Some(&idx),
+                )
+            },
+        )?;
+        Ok(StepGraph {
+            key,
+            ids,
+            positions,
+            rows,
+            _idx: idx,
+            logits,
+            graph,
+        })
+    }
+
     /// `seq`'s recurrent state, [`crate::model::Session::recurrent_state`]'s layout.
     pub fn recurrent_state(&self, seq: SeqId) -> Result<Vec<f32>> {
         self.seqs.len(seq)?;
@@ -350,8 +576,8 @@ impl<'m> BatchSession<'m> {
     }
 }
 
-/// A [`BatchSession`] on its device, driven by a [`crate::model::schedule::Schedule`]
-/// ([`crate::model::schedule::drive`]).
+/// A [`BatchSession`] on its device, driven by a [`crate::spec::schedule::Schedule`]
+/// ([`crate::spec::schedule::drive`]).
 pub struct OnDevice<'s, 'm> {
     /// The device the session runs on.
     pub dev: &'s Device,
@@ -359,7 +585,7 @@ pub struct OnDevice<'s, 'm> {
     pub session: &'s mut BatchSession<'m>,
 }
 
-impl crate::model::schedule::BatchRunner for OnDevice<'_, '_> {
+impl crate::spec::schedule::BatchRunner for OnDevice<'_, '_> {
     fn add(&mut self) -> Result<SeqId> {
         self.session.add_sequence(self.dev)
     }

@@ -12,7 +12,7 @@
 //! Every product is the canonical dot of [`crate::reference::gemm`], so the three paths
 //! ([`crate::reference::moe_block::forward_cpu`], [`GpuMoeBlock::forward_sequential`],
 //! [`GpuMoeBlock::forward_batched`]) return the same bits. The config is
-//! [`crate::model::config::MoeConfig`], the weights [`crate::model::weights::MoeWeights`].
+//! [`crate::spec::config::MoeConfig`], the weights [`crate::spec::weights::MoeWeights`].
 
 use std::sync::Mutex;
 
@@ -22,10 +22,10 @@ use crate::kernels::gemm::GpuMatrix;
 use crate::kernels::quantize::GpuActPair;
 use crate::kernels::router::RouteCounters;
 use crate::kernels::{activation, gemm, moe_reduce, router, row_scale};
-use crate::model::config::{check_input, MoeConfig};
-use crate::model::trace::MoeOutput;
-use crate::model::weights::MoeWeights;
 use crate::quant::{QuantMatrix, WeightFormat};
+use crate::spec::config::{check_input, MoeConfig};
+use crate::spec::trace::MoeOutput;
+use crate::spec::weights::MoeWeights;
 use crate::tensor::GpuTensor;
 
 /// Tokens up to which [`GpuMoeBlock::forward_batched`] routes each row in a tile of its own

@@ -1,5 +1,5 @@
 //! The thin Qwen3-MoE-style decoder (and its hybrid Gated DeltaNet form) on the GPU: [`GpuModel`] and its [`Session`] (batched
-//! prefill, chunked prefill, sequential decode). Its weights are [`crate::model::weights`]'; its
+//! prefill, chunked prefill, sequential decode). Its weights are [`crate::spec::weights`]'; its
 //! CPU reference is [`crate::reference::model::CpuSession`].
 //!
 //! Per token `t` at position `pos`, every path computes:
@@ -23,7 +23,7 @@
 //! and position: a prompt prefilled at once, in chunks of any size, or decoded one token at a
 //! time gives the same bits at every layer.
 
-use crate::device::Device;
+use crate::device::{Device, Graph};
 use crate::error::{Error, Result};
 use crate::kernels::activation::gate_heads_sigmoid;
 use crate::kernels::attention::{attention_pair_with, attention_with, AttentionKernel, LayerCache};
@@ -35,11 +35,11 @@ use crate::kernels::gemm::{matmul, matmul_shared_pair, GpuMatrix, Product};
 use crate::kernels::norm::{add_rmsnorm_q8, qkv_norm_rope, qkv_norm_rope_paged, rmsnorm, QkvInput};
 use crate::kernels::quantize::GpuActPair;
 use crate::kernels::rope::{Positions, RopeTable};
-use crate::model::config::{check_tokens, ModelConfig};
 use crate::model::moe_block::GpuMoeBlock;
-use crate::model::trace::Trace;
-use crate::model::weights::{LayerWeights, Mixer, ModelWeights};
 use crate::quant::QuantMatrix;
+use crate::spec::config::{check_tokens, ModelConfig};
+use crate::spec::trace::Trace;
+use crate::spec::weights::{LayerWeights, Mixer, ModelWeights};
 use crate::tensor::GpuTensor;
 
 struct GpuLayer {
@@ -51,24 +51,28 @@ struct GpuLayer {
 
 /// A layer's token mixer on the device.
 enum GpuMixer {
-    /// Grouped-query attention; `gated` (a hybrid model): each query head of Wq is followed by
-    /// its output gate.
-    Attention {
-        qkv: QkvWeights,
-        wo: GpuMatrix,
-        q_norm: GpuTensor<f32>,
-        k_norm: GpuTensor<f32>,
-        gated: bool,
-    },
-    /// The Gated DeltaNet ([`crate::reference::delta_net`]): its four input projections (qkv,
-    /// z, beta, alpha: one quantization of x for the four), the scan's constants, the gated
-    /// norm's weights and the output projection.
-    DeltaNet {
-        proj: Box<[GpuMatrix; 4]>,
-        consts: GpuDeltaNetConsts,
-        norm: GpuTensor<f32>,
-        out: GpuMatrix,
-    },
+    Attention(AttentionMixer),
+    DeltaNet(DeltaNetMixer),
+}
+
+/// Grouped-query attention; `gated` (a hybrid model): each query head of Wq is followed by its
+/// output gate.
+struct AttentionMixer {
+    qkv: QkvWeights,
+    wo: GpuMatrix,
+    q_norm: GpuTensor<f32>,
+    k_norm: GpuTensor<f32>,
+    gated: bool,
+}
+
+/// The Gated DeltaNet ([`crate::reference::delta_net`]): its four input projections (qkv, z,
+/// beta, alpha: one quantization of x for the four), the scan's constants, the gated norm's
+/// weights and the output projection.
+struct DeltaNetMixer {
+    proj: Box<[GpuMatrix; 4]>,
+    consts: GpuDeltaNetConsts,
+    norm: GpuTensor<f32>,
+    out: GpuMatrix,
 }
 
 /// What a session keeps per layer: the KV cache of an attention layer, the recurrent state of
@@ -101,7 +105,7 @@ pub struct GpuModel {
 fn upload_layer(dev: &Device, cfg: &ModelConfig, lw: &LayerWeights) -> Result<GpuLayer> {
     let vec = |v: &[f32]| GpuTensor::from_host(dev, v, &[v.len()]);
     let mixer = match &lw.mixer {
-        Mixer::Attention(a) => GpuMixer::Attention {
+        Mixer::Attention(a) => GpuMixer::Attention(AttentionMixer {
             qkv: if a.wq.format() == a.wk.format() && a.wk.format() == a.wv.format() {
                 QkvWeights::Stacked(GpuMatrix::upload(
                     dev,
@@ -118,8 +122,8 @@ fn upload_layer(dev: &Device, cfg: &ModelConfig, lw: &LayerWeights) -> Result<Gp
             q_norm: vec(&a.q_norm)?,
             k_norm: vec(&a.k_norm)?,
             gated: cfg.hybrid.is_some(),
-        },
-        Mixer::DeltaNet(d) => GpuMixer::DeltaNet {
+        }),
+        Mixer::DeltaNet(d) => GpuMixer::DeltaNet(DeltaNetMixer {
             proj: Box::new([
                 GpuMatrix::upload(dev, &d.qkv)?,
                 GpuMatrix::upload(dev, &d.z)?,
@@ -129,7 +133,7 @@ fn upload_layer(dev: &Device, cfg: &ModelConfig, lw: &LayerWeights) -> Result<Gp
             consts: GpuDeltaNetConsts::upload(dev, d)?,
             norm: vec(&d.norm)?,
             out: GpuMatrix::upload(dev, &d.out)?,
-        },
+        }),
     };
     Ok(GpuLayer {
         attn_norm: vec(&lw.attn_norm)?,
@@ -232,17 +236,10 @@ pub struct SessionStats {
 /// its token, position and logits in fixed device buffers that the host writes (token,
 /// position) and reads (logits) around each replay.
 struct DecodeGraph {
-    kernels: u64,
-    /// The device it was captured for (a replay on another one would run another GPU's
-    /// pointers).
-    ordinal: usize,
     ids: GpuTensor<u32>,
     pos: Positions,
     logits: GpuTensor<f32>,
-    graph: cudarc::driver::CudaGraph,
-    /// The handle the step was captured on: its modules and scratch are what the graph's
-    /// kernel nodes point at, so it lives as long as the graph (and is dropped after it).
-    _twin: Device,
+    graph: Graph,
 }
 
 /// A decoding session on the GPU: an f32 KV cache for `max_context` positions (per attention
@@ -367,13 +364,8 @@ impl<'m> Session<'m> {
             return Ok(());
         }
         check_tokens(OP, &self.model.cfg, &[token], self.pos)?;
-        let ordinal = self.graph.as_ref().expect("checked above").ordinal;
-        if ordinal != dev.context().ordinal() {
-            return Err(Error::invalid(
-                OP,
-                "the session's decode graph was captured on another device: use one device per session",
-            ));
-        }
+        let g = self.graph.as_ref().expect("checked above");
+        g.graph.check_device(dev, OP)?;
         self.clear_if_reset(dev)?;
         let g = self.graph.as_mut().expect("checked above");
         self.poisoned = true;
@@ -383,9 +375,7 @@ impl<'m> Session<'m> {
         // this session's caches and the model (alive for 'm), and write the logits buffer; it
         // is launched on the device's stream, after the copies, and `&mut self` keeps any
         // other launch of it out.
-        unsafe {
-            cudarc::driver::result::graph::launch(g.graph.cu_graph_exec(), dev.stream().cu_stream())
-        }?;
+        unsafe { g.graph.replay(dev, OP) }?;
         let logits = g.logits.to_host()?;
         self.last_logits = Some(logits);
         self.pos += 1;
@@ -403,40 +393,15 @@ impl<'m> Session<'m> {
         let ids = GpuTensor::zeros(dev, &[1])?;
         let pos = Positions::bounded(dev, 1, c.max_context as u32 - 1)?;
         let mut logits = GpuTensor::zeros(dev, &[1, c.vocab])?;
-        let twin = dev.twin()?;
-        twin.warm_up()?;
-        // The largest input a one-token product quantizes, so the scratch never grows (and
-        // moves) inside the capture.
-        let widest = [
-            c.dim,
-            c.n_heads * c.head_dim,
-            c.moe.top_k * c.moe.ffn,
-            c.moe.shared_ffn.unwrap_or(0),
-            c.delta_net().map_or(0, |d| d.v_heads * d.head_dim),
-        ];
-        drop(twin.act_scratch(widest.into_iter().max().unwrap_or(1))?);
-        dev.synchronize()?;
-        let stream = twin.stream();
-        stream.begin_capture(
-            cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+        let graph = dev.capture(
+            |twin| reserve_scratch(twin, c, 1),
+            |twin| self.forward_inner(twin, &ids, &pos, None, &mut logits),
         )?;
-        let body = self.forward_inner(&twin, &ids, &pos, None, &mut logits);
-        // End the capture whatever happened, so that the stream is usable again.
-        let graph = stream.end_capture(
-            cudarc::driver::sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
-        );
-        body?;
-        let graph = graph?.ok_or_else(|| {
-            Error::invalid("Session::decode", "the captured decode step holds no work")
-        })?;
         Ok(DecodeGraph {
-            kernels: twin.launches(),
-            ordinal: dev.context().ordinal(),
             ids,
             pos,
             logits,
             graph,
-            _twin: twin,
         })
     }
 
@@ -476,7 +441,7 @@ impl<'m> Session<'m> {
 
     /// Kernels in the captured decode step (one graph launch replays them all), once captured.
     pub fn graph_kernels(&self) -> Option<u64> {
-        self.graph.as_ref().map(|g| g.kernels)
+        self.graph.as_ref().map(|g| g.graph.kernels())
     }
 
     /// Takes `prompt` in one prefill, then `n` tokens each drawn by [`crate::sample::sample`]
@@ -616,7 +581,7 @@ pub(crate) enum Memory<'a> {
 pub(crate) struct PagedDevice {
     pub(crate) caches: Vec<Option<LayerCache>>,
     pub(crate) dn:
-        std::collections::BTreeMap<crate::model::paged::SeqId, Vec<Option<GpuDeltaNetState>>>,
+        std::collections::BTreeMap<crate::spec::paged::SeqId, Vec<Option<GpuDeltaNetState>>>,
 }
 
 /// One segment of a batched step: rows `row0..row0 + rows` (after the step's reordering, a
@@ -624,7 +589,7 @@ pub(crate) struct PagedDevice {
 /// segment of the decode block has none: the block's own serve it) and the sequence's block
 /// table.
 pub(crate) struct PagedSegment {
-    pub(crate) seq: crate::model::paged::SeqId,
+    pub(crate) seq: crate::spec::paged::SeqId,
     pub(crate) row0: usize,
     pub(crate) rows: usize,
     pub(crate) pos: Option<Positions>,
@@ -637,7 +602,23 @@ pub(crate) struct PagedSegment {
 pub(crate) struct PagedRows {
     pub(crate) slots: Positions,
     pub(crate) segments: Vec<PagedSegment>,
-    pub(crate) short: Option<(usize, Positions, Vec<u32>, usize)>,
+    pub(crate) short: Option<ShortBlock>,
+}
+
+/// A batched step's decode block: its first `rows` rows (segments of at most
+/// `SPLIT_MAX_QUERIES` rows), their positions and a block table per row, `stride` entries each.
+pub(crate) struct ShortBlock {
+    pub(crate) rows: usize,
+    pub(crate) pos: Positions,
+    pub(crate) tables: BlockTables,
+    pub(crate) stride: usize,
+}
+
+/// Where a decode block's tables are: on the host (checked and uploaded by each attention
+/// layer's launch), or already on the device (a captured step's, checked when written).
+pub(crate) enum BlockTables {
+    Host(Vec<u32>),
+    Device(GpuTensor<u32>),
 }
 
 /// The layer loop of every forward: `ids: [n]` at `positions` through the model's layers,
@@ -657,27 +638,15 @@ pub(crate) fn forward_layers(
     logit_rows: Option<&GpuTensor<u32>>,
 ) -> Result<()> {
     let c = &m.cfg;
-    let n = ids.len();
-    let (d, hd, nh, nkv) = (c.dim, c.head_dim, c.n_heads, c.n_kv_heads);
+    let (n, d) = (ids.len(), c.dim);
     let mut h = GpuTensor::output(dev, &[n, d])?;
     gather_rows_device(dev, &m.embed, ids, &mut h)?;
     // The norms' outputs with their quantization beside them (add_rmsnorm_q8): the
     // products that read them launch no quantization of their own.
     // SAFETY: written below (the first layer's norm) before anything reads it.
     let mut x = unsafe { GpuActPair::uninit(dev, n, d) }?;
-    let mut qn = GpuTensor::output(dev, &[n, nh, hd])?;
-    let mut a = GpuTensor::output(dev, &[n, nh, hd])?;
     let mut o = GpuTensor::output(dev, &[n, d])?;
-    // The attention output with its quantization (ungated layers, nh * hd % 32 == 0).
-    let ungated = m
-        .layers
-        .iter()
-        .any(|l| matches!(l.mixer, GpuMixer::Attention { gated: false, .. }));
-    let mut ap = match ungated && (nh * hd) % 32 == 0 {
-        // SAFETY: attention_pair writes the whole pair before Wo reads it.
-        true => Some(unsafe { GpuActPair::uninit(dev, n, nh * hd) }?),
-        false => None,
-    };
+    let mut bufs = AttentionBuffers::new(m, dev, n)?;
     // x = the first layer's attention norm of h; every later one comes fused with the
     // residual add before it (add_rmsnorm: the bits of add then rmsnorm, a launch fewer).
     if let Some(first) = m.layers.first() {
@@ -685,144 +654,16 @@ pub(crate) fn forward_layers(
     }
     for (l, layer) in m.layers.iter().enumerate() {
         match &layer.mixer {
-            GpuMixer::Attention {
-                qkv,
-                wo,
-                q_norm,
-                k_norm,
-                gated,
-            } => {
-                // One product for q, k and v (three if their formats differ); one launch
-                // for their norms, rotations and the cache write (the bits of rmsnorm,
-                // rope_neox and kv_write in turn). Gated: each q head is followed by its
-                // output gate, applied to the attention's output before Wo.
-                let qw = if *gated { 2 * nh * hd } else { nh * hd };
-                let (mut y0, mut y1, mut y2);
-                let input = match qkv {
-                    QkvWeights::Stacked(w) => {
-                        y0 = GpuTensor::output(dev, &[n, qw + 2 * nkv * hd])?;
-                        matmul_shared_pair(dev, &x, &mut [Product::Dense(w, &mut y0)])?;
-                        QkvInput::Stacked(&y0)
-                    }
-                    QkvWeights::Separate([wq, wk, wv]) => {
-                        y0 = GpuTensor::output(dev, &[n, qw])?;
-                        y1 = GpuTensor::output(dev, &[n, nkv * hd])?;
-                        y2 = GpuTensor::output(dev, &[n, nkv * hd])?;
-                        matmul_shared_pair(
-                            dev,
-                            &x,
-                            &mut [
-                                Product::Dense(wq, &mut y0),
-                                Product::Dense(wk, &mut y1),
-                                Product::Dense(wv, &mut y2),
-                            ],
-                        )?;
-                        QkvInput::Separate {
-                            q: &y0,
-                            k: &y1,
-                            v: &y2,
-                        }
-                    }
+            GpuMixer::Attention(mixer) => {
+                let (rows, cache) = mem.kv(l)?;
+                let step = AttentionStep {
+                    kernel: attn,
+                    positions,
+                    rows,
                 };
-                let paged = match &mut mem {
-                    Memory::Solo(states) => {
-                        let LayerState::Kv(cache) = &mut states[l] else {
-                            return Err(mismatch());
-                        };
-                        qkv_norm_rope(
-                            dev, input, *gated, q_norm, k_norm, c.norm_eps, positions, &m.rope,
-                            cache, &mut qn,
-                        )?;
-                        Some(cache)
-                    }
-                    Memory::Paged(pd, rows) => {
-                        let cache = pd.caches[l].as_mut().ok_or_else(mismatch)?;
-                        qkv_norm_rope_paged(
-                            dev,
-                            input,
-                            *gated,
-                            q_norm,
-                            k_norm,
-                            c.norm_eps,
-                            positions,
-                            &rows.slots,
-                            &m.rope,
-                            cache,
-                            &mut qn,
-                        )?;
-                        attend_paged(dev, cache, rows, &qn, &mut a)?;
-                        None
-                    }
-                };
-                match (ap.as_mut(), paged) {
-                    // The attention writes Wo's quantized input itself (a launch fewer).
-                    (Some(ap), Some(cache)) if !*gated => {
-                        attention_pair_with(dev, attn, &qn, cache, positions, ap)?;
-                        matmul_shared_pair(dev, ap, &mut [Product::Dense(wo, &mut o)])?;
-                    }
-                    (_, cache) => {
-                        // (A paged step's attention is already in a.)
-                        if let Some(cache) = cache {
-                            attention_with(dev, attn, &qn, cache, positions, &mut a)?;
-                        }
-                        if *gated {
-                            // The gates sit at hd + h * 2 hd of the q product's rows (the
-                            // stacked product's q columns come first).
-                            gate_heads_sigmoid(dev, &mut a, &y0, hd, 2 * hd)?;
-                        }
-                        a.reshape(&[n, nh * hd])?;
-                        matmul(dev, &a, wo, &mut o)?;
-                        a.reshape(&[n, nh, hd])?;
-                    }
-                }
+                mixer.forward(m, dev, &step, cache, &x, &mut bufs, &mut o)?
             }
-            GpuMixer::DeltaNet {
-                proj,
-                consts,
-                norm,
-                out,
-            } => {
-                // The four projections of x (one quantization), the scan (conv, unit q/k,
-                // gates, the delta rule), the gated norm per value head, the output.
-                let dn = c.delta_net().expect("a DeltaNet layer has its config");
-                let (hv, sd) = (dn.v_heads, dn.head_dim);
-                let [wqkv, wz, wb, wa] = &**proj;
-                let mut mixed = GpuTensor::output(dev, &[n, dn.conv_dim()])?;
-                let mut z = GpuTensor::output(dev, &[n * hv, sd])?;
-                let mut bt = GpuTensor::output(dev, &[n, hv])?;
-                let mut al = GpuTensor::output(dev, &[n, hv])?;
-                z.reshape(&[n, hv * sd])?;
-                matmul_shared_pair(
-                    dev,
-                    &x,
-                    &mut [
-                        Product::Dense(wqkv, &mut mixed),
-                        Product::Dense(wz, &mut z),
-                        Product::Dense(wb, &mut bt),
-                        Product::Dense(wa, &mut al),
-                    ],
-                )?;
-                z.reshape(&[n * hv, sd])?;
-                let mut so = GpuTensor::output(dev, &[n, hv, sd])?;
-                match &mut mem {
-                    Memory::Solo(states) => {
-                        let LayerState::DeltaNet(state) = &mut states[l] else {
-                            return Err(mismatch());
-                        };
-                        delta_net_scan(dev, consts, state, &mixed, &bt, &al, c.norm_eps, &mut so)?;
-                    }
-                    Memory::Paged(pd, rows) => scan_paged(
-                        dev, consts, pd, rows, l, &mixed, &bt, &al, c.norm_eps, &mut so,
-                    )?,
-                }
-                so.reshape(&[n * hv, sd])?;
-                let mut normed = GpuTensor::output(dev, &[n * hv, sd])?;
-                rmsnorm(dev, &so, norm, c.norm_eps, &mut normed)?;
-                let mut gated = GpuTensor::output(dev, &[n * hv, sd])?;
-                delta_net_gate(dev, &normed, &z, &mut gated)?;
-                gated.reshape(&[n, hv * sd])?;
-                matmul(dev, &gated, out, &mut o)?;
-            }
+            GpuMixer::DeltaNet(mixer) => mixer.forward(c, dev, l, &mut mem, &x, &mut o)?,
         }
         add_rmsnorm_q8(dev, &mut h, &o, &layer.ffn_norm, c.norm_eps, &mut x)?;
         let moe = layer.moe.forward_batched_pair(dev, &x)?;
@@ -853,6 +694,234 @@ pub(crate) fn forward_layers(
     let mut hn = GpuTensor::output(dev, &[rows, d])?;
     rmsnorm(dev, &hl, &m.out_norm, c.norm_eps, &mut hn)?;
     matmul(dev, &hn, &m.lm_head, logits)?;
+    Ok(())
+}
+
+/// The attention layers' activations, allocated once per forward and reused by every layer:
+/// the normed and rotated queries `qn: [n, nh, hd]`, the attention output `a: [n, nh, hd]`,
+/// and, where the model has ungated layers and `nh * hd % 32 == 0`, that output with its
+/// quantization (`ap`, which the attention writes itself: Wo launches no quantization).
+struct AttentionBuffers {
+    qn: GpuTensor<f32>,
+    a: GpuTensor<f32>,
+    ap: Option<GpuActPair>,
+}
+
+impl AttentionBuffers {
+    fn new(m: &GpuModel, dev: &Device, n: usize) -> Result<Self> {
+        let (hd, nh) = (m.cfg.head_dim, m.cfg.n_heads);
+        let ungated = m
+            .layers
+            .iter()
+            .any(|l| matches!(&l.mixer, GpuMixer::Attention(a) if !a.gated));
+        Ok(AttentionBuffers {
+            qn: GpuTensor::output(dev, &[n, nh, hd])?,
+            a: GpuTensor::output(dev, &[n, nh, hd])?,
+            ap: match ungated && (nh * hd) % 32 == 0 {
+                // SAFETY: attention_pair writes the whole pair before Wo reads it.
+                true => Some(unsafe { GpuActPair::uninit(dev, n, nh * hd) }?),
+                false => None,
+            },
+        })
+    }
+}
+
+/// How one forward's attention layers find their keys: the kernel choice and the rows'
+/// positions, and for a batched step where each row's sequence keeps its pages.
+struct AttentionStep<'a> {
+    kernel: AttentionKernel,
+    positions: &'a Positions,
+    rows: Option<&'a PagedRows>,
+}
+
+impl Memory<'_> {
+    /// Layer `l`'s KV cache (solo, or the paged one with the step's rows).
+    fn kv(&mut self, l: usize) -> Result<(Option<&PagedRows>, &mut LayerCache)> {
+        match self {
+            Memory::Solo(states) => match &mut states[l] {
+                LayerState::Kv(cache) => Ok((None, cache)),
+                LayerState::DeltaNet(_) => Err(mismatch()),
+            },
+            Memory::Paged(pd, rows) => {
+                let cache = pd.caches[l].as_mut().ok_or_else(mismatch)?;
+                Ok((Some(*rows), cache))
+            }
+        }
+    }
+}
+
+impl AttentionMixer {
+    /// The attention mixer of `x` into `o: [n, dim]`, writing this step's keys and values
+    /// into `cache` first: one product for q, k and v (three if their formats differ); one
+    /// launch for their norms, rotations and the cache write (the bits of rmsnorm, rope_neox
+    /// and kv_write in turn); attention; for a gated layer each head's output gate; Wo.
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        m: &GpuModel,
+        dev: &Device,
+        step: &AttentionStep<'_>,
+        cache: &mut LayerCache,
+        x: &GpuActPair,
+        bufs: &mut AttentionBuffers,
+        o: &mut GpuTensor<f32>,
+    ) -> Result<()> {
+        let c = &m.cfg;
+        let n = x.x().dims()[0];
+        let (hd, nh, nkv) = (c.head_dim, c.n_heads, c.n_kv_heads);
+        let AttentionBuffers { qn, a, ap } = bufs;
+        // Gated: each q head is followed by its output gate, applied to the attention's
+        // output before Wo.
+        let qw = if self.gated { 2 * nh * hd } else { nh * hd };
+        let (mut y0, mut y1, mut y2);
+        let input = match &self.qkv {
+            QkvWeights::Stacked(w) => {
+                y0 = GpuTensor::output(dev, &[n, qw + 2 * nkv * hd])?;
+                matmul_shared_pair(dev, x, &mut [Product::Dense(w, &mut y0)])?;
+                QkvInput::Stacked(&y0)
+            }
+            QkvWeights::Separate([wq, wk, wv]) => {
+                y0 = GpuTensor::output(dev, &[n, qw])?;
+                y1 = GpuTensor::output(dev, &[n, nkv * hd])?;
+                y2 = GpuTensor::output(dev, &[n, nkv * hd])?;
+                matmul_shared_pair(
+                    dev,
+                    x,
+                    &mut [
+                        Product::Dense(wq, &mut y0),
+                        Product::Dense(wk, &mut y1),
+                        Product::Dense(wv, &mut y2),
+                    ],
+                )?;
+                QkvInput::Separate {
+                    q: &y0,
+                    k: &y1,
+                    v: &y2,
+                }
+            }
+        };
+        let (norms, eps) = ((&self.q_norm, &self.k_norm), c.norm_eps);
+        match step.rows {
+            None => qkv_norm_rope(
+                dev,
+                input,
+                self.gated,
+                norms.0,
+                norms.1,
+                eps,
+                step.positions,
+                &m.rope,
+                cache,
+                qn,
+            )?,
+            Some(rows) => {
+                qkv_norm_rope_paged(
+                    dev,
+                    input,
+                    self.gated,
+                    norms.0,
+                    norms.1,
+                    eps,
+                    step.positions,
+                    &rows.slots,
+                    &m.rope,
+                    cache,
+                    qn,
+                )?;
+                attend_paged(dev, cache, rows, qn, a)?;
+            }
+        }
+        match (ap.as_mut(), step.rows) {
+            // The attention writes Wo's quantized input itself (a launch fewer).
+            (Some(ap), None) if !self.gated => {
+                attention_pair_with(dev, step.kernel, qn, cache, step.positions, ap)?;
+                matmul_shared_pair(dev, ap, &mut [Product::Dense(&self.wo, o)])
+            }
+            (_, rows) => {
+                // (A paged step's attention is already in a.)
+                if rows.is_none() {
+                    attention_with(dev, step.kernel, qn, cache, step.positions, a)?;
+                }
+                if self.gated {
+                    // The gates sit at hd + h * 2 hd of the q product's rows (the stacked
+                    // product's q columns come first).
+                    gate_heads_sigmoid(dev, a, &y0, hd, 2 * hd)?;
+                }
+                a.reshape(&[n, nh * hd])?;
+                matmul(dev, a, &self.wo, o)?;
+                a.reshape(&[n, nh, hd])
+            }
+        }
+    }
+}
+
+impl DeltaNetMixer {
+    /// The Gated DeltaNet mixer of layer `l` on `x` into `o: [n, dim]`: the four projections
+    /// of x (one quantization), the scan through the state `mem` keeps for the layer (conv,
+    /// unit q/k, gates, the delta rule), the gated norm per value head, the output.
+    fn forward(
+        &self,
+        c: &ModelConfig,
+        dev: &Device,
+        l: usize,
+        mem: &mut Memory<'_>,
+        x: &GpuActPair,
+        o: &mut GpuTensor<f32>,
+    ) -> Result<()> {
+        let n = x.x().dims()[0];
+        let dn = c.delta_net().ok_or_else(mismatch)?;
+        let (hv, sd) = (dn.v_heads, dn.head_dim);
+        let [wqkv, wz, wb, wa] = &*self.proj;
+        let mut mixed = GpuTensor::output(dev, &[n, dn.conv_dim()])?;
+        let mut z = GpuTensor::output(dev, &[n * hv, sd])?;
+        let mut bt = GpuTensor::output(dev, &[n, hv])?;
+        let mut al = GpuTensor::output(dev, &[n, hv])?;
+        z.reshape(&[n, hv * sd])?;
+        matmul_shared_pair(
+            dev,
+            x,
+            &mut [
+                Product::Dense(wqkv, &mut mixed),
+                Product::Dense(wz, &mut z),
+                Product::Dense(wb, &mut bt),
+                Product::Dense(wa, &mut al),
+            ],
+        )?;
+        z.reshape(&[n * hv, sd])?;
+        let mut so = GpuTensor::output(dev, &[n, hv, sd])?;
+        let consts = &self.consts;
+        match mem {
+            Memory::Solo(states) => {
+                let LayerState::DeltaNet(state) = &mut states[l] else {
+                    return Err(mismatch());
+                };
+                delta_net_scan(dev, consts, state, &mixed, &bt, &al, c.norm_eps, &mut so)?;
+            }
+            Memory::Paged(pd, rows) => scan_paged(
+                dev, consts, pd, rows, l, &mixed, &bt, &al, c.norm_eps, &mut so,
+            )?,
+        }
+        so.reshape(&[n * hv, sd])?;
+        let mut normed = GpuTensor::output(dev, &[n * hv, sd])?;
+        rmsnorm(dev, &so, &self.norm, c.norm_eps, &mut normed)?;
+        let mut gated = GpuTensor::output(dev, &[n * hv, sd])?;
+        delta_net_gate(dev, &normed, &z, &mut gated)?;
+        gated.reshape(&[n, hv * sd])?;
+        matmul(dev, &gated, &self.out, o)
+    }
+}
+
+/// Grows `dev`'s activation scratch to what a forward of `n` rows quantizes at most (the
+/// widest input of any product, per row), so that it never grows (and moves) inside a capture.
+pub(crate) fn reserve_scratch(dev: &Device, c: &ModelConfig, n: usize) -> Result<()> {
+    let widest = [
+        c.dim,
+        c.n_heads * c.head_dim,
+        c.moe.top_k * c.moe.ffn,
+        c.moe.shared_ffn.unwrap_or(0),
+        c.delta_net().map_or(0, |d| d.v_heads * d.head_dim),
+    ];
+    drop(dev.act_scratch(n.max(1) * widest.into_iter().max().unwrap_or(1))?);
     Ok(())
 }
 
@@ -895,24 +964,32 @@ fn attend_paged(
     qn: &GpuTensor<f32>,
     a: &mut GpuTensor<f32>,
 ) -> Result<()> {
-    use crate::kernels::attention::{attention_paged, PagedQueries};
+    use crate::kernels::attention::{attention_paged, attention_paged_rows, PagedQueries};
     let n = qn.dims()[0];
-    if let Some((k, pos, tables, stride)) = &rows.short {
-        let t = PagedQueries::Rows {
-            tables,
-            stride: *stride,
+    if let Some(b) = &rows.short {
+        let launch = |q: &GpuTensor<f32>, o: &mut GpuTensor<f32>| match &b.tables {
+            BlockTables::Host(tables) => {
+                let t = PagedQueries::Rows {
+                    tables,
+                    stride: b.stride,
+                };
+                attention_paged(dev, q, cache, &b.pos, t, o)
+            }
+            BlockTables::Device(tables) => {
+                attention_paged_rows(dev, q, cache, &b.pos, tables, b.stride, o)
+            }
         };
-        if *k == n {
+        if b.rows == n {
             // A step of decode rows only: the block is every row, in place.
-            attention_paged(dev, qn, cache, pos, t, a)?;
+            launch(qn, a)?;
         } else {
-            let q = rows_of(dev, qn, 0, *k)?;
+            let q = rows_of(dev, qn, 0, b.rows)?;
             let mut o = GpuTensor::output(dev, q.dims())?;
-            attention_paged(dev, &q, cache, pos, t, &mut o)?;
+            launch(&q, &mut o)?;
             put_rows(dev, a, 0, &o)?;
         }
     }
-    let first_long = rows.short.as_ref().map_or(0, |s| s.0);
+    let first_long = rows.short.as_ref().map_or(0, |s| s.rows);
     for seg in rows.segments.iter().filter(|s| s.row0 >= first_long) {
         let pos = seg.pos.as_ref().ok_or_else(mismatch)?;
         let t = PagedQueries::Sequence { table: &seg.table };

@@ -1,6 +1,6 @@
 //! The CPU reference of a batched session ([`CpuBatchSession`]): many sequences through one
 //! forward, a ragged batch of prefill chunks and decode tokens, keys and values in a paged cache
-//! ([`crate::model::paged`]). Each row is computed exactly as [`CpuSession`] computes it for
+//! ([`crate::spec::paged`]). Each row is computed exactly as [`CpuSession`] computes it for
 //! its sequence alone: the rows of a batch meet only in products whose every output row is its
 //! own row's dot products, and attention and the DeltaNet recurrence read the row's own
 //! sequence in position order, whichever pages hold it. So a sequence's bits never depend on
@@ -12,14 +12,17 @@
 use std::collections::BTreeMap;
 
 use crate::error::{check_indices, Error, Result};
-use crate::model::config::ModelConfig;
-use crate::model::paged::{BatchPlan, BatchToken, PagedSequences, SeqId, PAGE};
-use crate::model::schedule::{drive, BatchRunner, Schedule};
-use crate::model::trace::Trace;
-use crate::model::weights::ModelWeights;
 use crate::reference;
 use crate::reference::delta_net::{self, DeltaNetState, DeltaNetWeights};
 use crate::reference::model::{flat_states, forward_rows, new_states, store_kv, Memory, RopeTable};
+use crate::spec::config::ModelConfig;
+use crate::spec::paged::{BatchPlan, BatchToken, PagedSequences, SeqId, PAGE};
+use crate::spec::schedule::{drive, BatchRunner, Schedule};
+use crate::spec::trace::Trace;
+use crate::spec::weights::ModelWeights;
+
+// A page is one attention chunk: the paged kernels walk a sequence's keys page by page.
+const _: () = assert!(PAGE == crate::reference::attention::CHUNK);
 
 /// Many sequences over one paged f32 KV cache, on the CPU: sequences join
 /// ([`CpuBatchSession::add_sequence`]) and leave ([`CpuBatchSession::remove_sequence`]) at any

@@ -5,15 +5,15 @@
 
 use crate::error::{Error, Result};
 use crate::math::sigmoid;
-use crate::model::config::{check_tokens, ModelConfig};
-use crate::model::trace::Trace;
-use crate::model::weights::{LayerWeights, Mixer, ModelWeights};
 use crate::quant::fastscan::FastScanSpec;
 use crate::reference;
 use crate::reference::attention::QkMode;
 use crate::reference::delta_net::{self, DeltaNetState, DeltaNetWeights};
 use crate::reference::fastscan::{attend_f16, CpuCache, ScoreMode, ValueMode};
 use crate::reference::moe_block;
+use crate::spec::config::{check_tokens, ModelConfig};
+use crate::spec::trace::Trace;
+use crate::spec::weights::{LayerWeights, Mixer, ModelWeights};
 
 /// How the attention layers keep their keys and values (and so which attention reads them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

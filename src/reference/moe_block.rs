@@ -3,10 +3,10 @@
 //! ([`forward_cpu_batched`], experts grouped as the GPU groups them). Both give the same bits.
 
 use crate::error::{Error, Result};
-use crate::model::config::check_input;
-use crate::model::trace::MoeOutput;
-use crate::model::weights::MoeWeights;
 use crate::reference;
+use crate::spec::config::check_input;
+use crate::spec::trace::MoeOutput;
+use crate::spec::weights::MoeWeights;
 
 /// CPU reference for one token: the sequential loop of the module docs.
 fn forward_cpu_token(w: &MoeWeights, x: &[f32]) -> Result<MoeOutput> {

@@ -378,3 +378,82 @@ fn gpu_last_rows_and_refusals() {
     assert_eq!(got.len(), 1);
     assert_bits_eq("b after 132", got.logits(0), &alone(&tb[..132]));
 }
+
+/// Decode steps replayed from a captured step graph give the eager steps' bits (and so the
+/// CPU's): sequences prefilled eagerly, then decode steps through positions 63-64 and 127-128
+/// (the graph's chunks cross a power of two: recaptured), a sequence leaving and another
+/// joining at the same row count (the attention-only graph carries on with the newcomer's
+/// tables; the hybrid's names its sequences: recaptured), then one leaving (fewer rows:
+/// recaptured), on the attention-only and the hybrid model, F32 and Q8_0.
+#[test]
+fn gpu_decode_graphs_equal_eager_steps() {
+    let Some(dev) = gpu() else { return };
+    for (name, fmt) in [
+        ("tiny", WeightFormat::F32),
+        ("tiny", WeightFormat::Q8_0),
+        ("tiny-hybrid", WeightFormat::F32),
+    ] {
+        let w = tiny(name, fmt, 9);
+        let model = GpuModel::load(dev, &w).unwrap();
+        let v = w.cfg.vocab;
+        let streams: Vec<Vec<u32>> = (0..5).map(|i| prompt(40 + i, 150, v)).collect();
+        let run = |graphs: bool| {
+            let mut s = BatchSession::new(dev, &model, 24).unwrap();
+            s.set_graphs(graphs);
+            let mut ids: Vec<_> = (0..4).map(|_| s.add_sequence(dev).unwrap()).collect();
+            let mut len = [0usize; 5];
+            let mut out = Vec::new();
+            // Prompts of 50, 60, 61 and 62 tokens (eager: many rows a sequence).
+            for (i, &id) in ids.iter().enumerate() {
+                let p = [50, 60, 61, 62][i];
+                let rows: Vec<BatchToken> = (0..p)
+                    .map(|pos| BatchToken {
+                        seq: id,
+                        pos: pos as u32,
+                        token: streams[i][pos],
+                    })
+                    .collect();
+                s.step(dev, &rows).unwrap();
+                len[i] = p;
+            }
+            let mut which: Vec<usize> = (0..4).collect();
+            for step in 0..80 {
+                if step == 30 {
+                    // Sequence 1 leaves, 4 joins with a one-token prompt (a one-row step).
+                    s.remove_sequence(ids[1]).unwrap();
+                    ids.push(s.add_sequence(dev).unwrap());
+                    which = vec![0, 2, 3, 4];
+                }
+                if step == 50 {
+                    s.remove_sequence(ids[0]).unwrap();
+                    which = vec![2, 3, 4];
+                }
+                let batch: Vec<BatchToken> = which
+                    .iter()
+                    .map(|&i| BatchToken {
+                        seq: ids[i],
+                        pos: len[i] as u32,
+                        token: streams[i][len[i]],
+                    })
+                    .collect();
+                let got = s.step(dev, &batch).unwrap();
+                out.push(got.iter().map(|(_, l)| l.to_vec()).collect::<Vec<_>>());
+                for &i in &which {
+                    len[i] += 1;
+                }
+            }
+            (out, s.stats().clone())
+        };
+        let (eager, es) = run(false);
+        let (graphed, gs) = run(true);
+        assert_eq!(es.graph_replays, 0);
+        assert_eq!(gs.graph_error, None, "{name} {fmt}");
+        assert!(gs.graph_replays >= 75, "{name} {fmt}: {gs:?}");
+        assert!(gs.captures >= 4, "{name} {fmt}: {gs:?}");
+        for (step, (a, b)) in eager.iter().zip(&graphed).enumerate() {
+            for (r, (x, y)) in a.iter().zip(b).enumerate() {
+                assert_bits_eq(&format!("{name} {fmt} step {step} row {r}"), y, x);
+            }
+        }
+    }
+}

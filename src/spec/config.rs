@@ -1,8 +1,13 @@
 //! Model shapes: the presets of the runner.
 
 use crate::error::{Error, Result};
-use crate::kernels::router;
 use crate::quant::WeightFormat;
+
+/// Most experts per token a model may have: the routing kernel keeps a token's probabilities
+/// in shared memory (`cuda/router.cu`).
+pub const MAX_EXPERTS: usize = 2048;
+/// Most experts one token may select: one warp lane per selected slot in the routing kernel.
+pub const MAX_TOP_K: usize = 32;
 
 /// The shape of a Qwen3-MoE-style decoder.
 #[derive(Clone, Debug, PartialEq)]
@@ -215,10 +220,10 @@ impl ModelConfig {
     }
 
     /// The DeltaNet mixer's shape in a hybrid model.
-    pub fn delta_net(&self) -> Option<crate::reference::delta_net::DeltaNetConfig> {
+    pub fn delta_net(&self) -> Option<crate::spec::delta_net::DeltaNetConfig> {
         self.hybrid
             .as_ref()
-            .map(|h| crate::reference::delta_net::DeltaNetConfig {
+            .map(|h| crate::spec::delta_net::DeltaNetConfig {
                 dim: self.dim,
                 k_heads: h.k_heads,
                 v_heads: h.v_heads,
@@ -390,13 +395,12 @@ impl MoeConfig {
                 "dim, ffn and shared_ffn must be positive",
             ));
         }
-        if self.n_experts == 0 || self.n_experts > router::MAX_EXPERTS {
+        if self.n_experts == 0 || self.n_experts > MAX_EXPERTS {
             return Err(Error::invalid(
                 OP,
                 format!(
                     "n_experts = {}, supported 1..={}",
-                    self.n_experts,
-                    router::MAX_EXPERTS
+                    self.n_experts, MAX_EXPERTS
                 ),
             ));
         }
@@ -416,13 +420,13 @@ impl MoeConfig {
                 ));
             }
         }
-        if self.top_k == 0 || self.top_k > self.n_experts.min(router::MAX_TOP_K) {
+        if self.top_k == 0 || self.top_k > self.n_experts.min(MAX_TOP_K) {
             return Err(Error::invalid(
                 OP,
                 format!(
                     "top_k = {}, supported 1..={}",
                     self.top_k,
-                    self.n_experts.min(router::MAX_TOP_K)
+                    self.n_experts.min(MAX_TOP_K)
                 ),
             ));
         }

@@ -14,12 +14,12 @@
 //! dims `[cols, rows]`, a stack of experts as `[cols, rows, experts]`.
 
 use crate::gguf::{GgmlType, GgufError, GgufFile, GgufResult, TensorInfo, Value};
-use crate::model::config::{HybridConfig, ModelConfig, MoeConfig};
-use crate::model::weights::{
+use crate::quant::{dequantize_row, QuantMatrix, WeightFormat};
+use crate::spec::config::{HybridConfig, ModelConfig, MoeConfig};
+use crate::spec::delta_net::DeltaNetWeights;
+use crate::spec::weights::{
     AttentionWeights, LayerWeights, Mixer, ModelWeights, MoeWeights, SharedWeights,
 };
-use crate::quant::{dequantize_row, QuantMatrix, WeightFormat};
-use crate::reference::delta_net::DeltaNetWeights;
 
 /// Architectures the runner builds.
 pub const ARCHITECTURES: [&str; 2] = ["qwen3moe", "qwen35moe"];

@@ -14,8 +14,9 @@ use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
 
-/// Positions per page: one attention chunk.
-pub const PAGE: usize = crate::reference::attention::CHUNK;
+/// Positions per page: one attention chunk ([`crate::reference::attention::CHUNK`]; the two are
+/// held equal at compile time in [`crate::reference::batch`]).
+pub const PAGE: usize = 64;
 
 /// A sequence of a batched session, as [`PagedSequences::add`] named it. Ids are not reused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -4,9 +4,9 @@
 
 use crate::error::Result;
 use crate::init;
-use crate::model::config::{ModelConfig, MoeConfig};
 use crate::quant::{QuantMatrix, WeightFormat};
-use crate::reference::delta_net::DeltaNetWeights;
+use crate::spec::config::{ModelConfig, MoeConfig};
+use crate::spec::delta_net::DeltaNetWeights;
 
 /// An attention mixer's weights (host).
 #[derive(Clone, Debug)]

@@ -4,8 +4,8 @@
 //! sequence's bits.
 
 use crate::error::{Error, Result};
-use crate::model::paged::{BatchToken, PagedSequences, SeqId, PAGE};
-use crate::model::trace::Trace;
+use crate::spec::paged::{BatchToken, PagedSequences, SeqId, PAGE};
+use crate::spec::trace::Trace;
 
 /// One sequence of a schedule: `len` tokens of which the first `prompt` are its prompt
 /// (prefilled in chunks), the rest decoded one a step.
