@@ -71,6 +71,11 @@ pub struct SpeedArgs {
     /// (`BatchSession::set_graphs`), right after the eager steps, on the same session.
     #[arg(long, requires = "sequences")]
     batch_graphs: bool,
+    /// Also time mixed steps: each batched row's S sequences decode one token each while a
+    /// new sequence's prompt goes in, this many tokens a step, in the same step (the shape of
+    /// a chunked-prefill scheduler); 0: off.
+    #[arg(long, default_value_t = 0, requires = "sequences")]
+    mixed_chunk: usize,
 }
 
 /// The per-kernel table of one profiled stretch (`--profile`).
@@ -546,8 +551,15 @@ fn batched(
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for &c in &a.decode_at {
         for &n_seq in &a.sequences {
-            let pages_each = (c + 2 * a.steps + 2).div_ceil(PAGE);
-            let mut bs = match BatchSession::new(dev, model, n_seq * pages_each) {
+            // Decode positions: two timed passes, one profiled step, the mixed steps.
+            let pages_each = (c + 3 * a.steps + 3).div_ceil(PAGE);
+            // The mixed sequence's prompt stays inside the context.
+            let mixed_steps = match a.mixed_chunk {
+                0 => 0,
+                k => a.steps.min(cfg.max_context / k),
+            };
+            let mixed_pages = (mixed_steps * a.mixed_chunk).div_ceil(PAGE);
+            let mut bs = match BatchSession::new(dev, model, n_seq * pages_each + mixed_pages) {
                 Err(e @ bitexact::Error::OutOfMemory { .. }) => {
                     println!(
                         "| batched decode | {c} | {n_seq} | does not fit: {e} | - | - | - | - |"
@@ -642,8 +654,10 @@ fn batched(
                 }
             }
             bs.set_graphs(false);
+            let mut next = c + modes.len() * a.steps;
             if a.profile {
                 let last = modes.len() * a.steps;
+                next += 1;
                 let batch = step(last, toks[last]);
                 dev.synchronize()?;
                 let t = Instant::now();
@@ -660,6 +674,48 @@ fn batched(
                     &prof,
                 );
                 println!();
+            }
+            if mixed_steps > 0 {
+                // A new sequence's prompt, mixed_chunk rows a step, beside every decode row.
+                let m = bs.add_sequence(dev)?;
+                let text = prompt(99, mixed_steps * a.mixed_chunk, cfg.vocab);
+                let mut times = Vec::with_capacity(mixed_steps);
+                for i in 0..mixed_steps {
+                    let mut batch = step(next - c + i, 1);
+                    batch.extend((i * a.mixed_chunk..(i + 1) * a.mixed_chunk).map(|p| {
+                        BatchToken {
+                            seq: m,
+                            pos: p as u32,
+                            token: text[p],
+                        }
+                    }));
+                    dev.synchronize()?;
+                    let t = Instant::now();
+                    bs.step(dev, &batch)?;
+                    times.push(t.elapsed().as_secs_f64());
+                }
+                let (lo, hi) = spread(&times);
+                let secs = median(times);
+                let per_step = n_seq + a.mixed_chunk;
+                println!(
+                    "| batched mixed: {n_seq} decode rows + {} prompt rows | {next} | {n_seq} | {:.2} ms (min {:.2}, max {:.2}) | {:.1} | - | - | - |",
+                    a.mixed_chunk,
+                    secs * 1e3,
+                    lo * 1e3,
+                    hi * 1e3,
+                    per_step as f64 / secs,
+                );
+                rows.push(Row {
+                    phase: "batched mixed",
+                    tokens: next,
+                    samples: mixed_steps,
+                    median_s: secs,
+                    min_s: lo,
+                    max_s: hi,
+                    tokens_per_s: per_step as f64 / secs,
+                    sequences: Some(n_seq),
+                    context: Some(c),
+                });
             }
         }
     }

@@ -402,13 +402,7 @@ fn attention_into(
     if nq == 0 || n_heads == 0 || hd == 0 {
         return Ok(());
     }
-    let a = Args {
-        n_heads: as_u32(OP, "n_heads", n_heads)?,
-        n_kv: as_u32(OP, "n_kv", n_kv)?,
-        hd: as_u32(OP, "hd", hd)?,
-        cap: as_u32(OP, "cap", cap)?,
-        scale: crate::reference::attention::scale(hd),
-    };
+    let a = Args::new(OP, n_heads, n_kv, hd, cap)?;
     match kernel {
         AttentionKernel::V1 | AttentionKernel::Auto | AttentionKernel::Auto2 => {
             launch_v1(dev, &a, q, cache, pos, out)
@@ -632,13 +626,7 @@ fn launch_paged(
     if nq == 0 || n_heads == 0 {
         return Ok(());
     }
-    let a = Args {
-        n_heads: as_u32(op, "n_heads", n_heads)?,
-        n_kv: as_u32(op, "n_kv", n_kv)?,
-        hd: as_u32(op, "hd", hd)?,
-        cap: as_u32(op, "cap", cap)?,
-        scale: crate::reference::attention::scale(hd),
-    };
+    let a = Args::new(op, n_heads, n_kv, hd, cap)?;
     if tile {
         launch_tile(dev, &a, true, q, cache, pos, out, Some(table))
     } else {
@@ -665,6 +653,19 @@ struct Args {
     hd: u32,
     cap: u32,
     scale: f32,
+}
+
+impl Args {
+    /// The launches' scalars, each checked to fit a `u32`; the scale `1 / sqrt(hd)`.
+    fn new(op: &'static str, n_heads: usize, n_kv: usize, hd: usize, cap: usize) -> Result<Self> {
+        Ok(Args {
+            n_heads: as_u32(op, "n_heads", n_heads)?,
+            n_kv: as_u32(op, "n_kv", n_kv)?,
+            hd: as_u32(op, "hd", hd)?,
+            cap: as_u32(op, "cap", cap)?,
+            scale: crate::reference::attention::scale(hd),
+        })
+    }
 }
 
 /// Dims of one `attention_combine` block (`CMB_DIMS`).
