@@ -44,12 +44,60 @@ pub mod token_type {
     pub const BYTE: i32 = 6;
 }
 
+// Letters, numbers and marks as llama.cpp's Unicode tables know them: Unicode 15.1 (its
+// generated tables; the regex crate's are 16.0). A code point assigned in 16.0 (Egyptian
+// Hieroglyphs Extended-A, Garay, ...) is no letter to llama.cpp, so it is none here: the
+// pre-tokenizer splits "\u{135BC}'s" as llama.cpp does (the agreement witness
+// `llama_cpp_tokenizer_gives_our_ids` found it).
+macro_rules! l15 {
+    () => {
+        r"[\p{L}&&\p{Age:15.1}]"
+    };
+}
+macro_rules! n15 {
+    () => {
+        r"[\p{N}&&\p{Age:15.1}]"
+    };
+}
+macro_rules! m15 {
+    () => {
+        r"[\p{M}&&\p{Age:15.1}]"
+    };
+}
+
 /// The Qwen2 pre-tokenizer's pattern (llama.cpp's `qwen2`; the case-insensitive contractions
-/// spelled out).
-const QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// spelled out): `(?:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|
+/// ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+`, its classes those of Unicode 15.1.
+const QWEN2: &str = concat!(
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n",
+    l15!(),
+    n15!(),
+    "]?",
+    l15!(),
+    "+|",
+    n15!(),
+    r"| ?[^\s",
+    l15!(),
+    n15!(),
+    r"]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+);
 
 /// The Qwen3.5 pattern (`qwen35`): letters include combining marks.
-const QWEN35: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN35: &str = concat!(
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n",
+    l15!(),
+    n15!(),
+    "]?[",
+    l15!(),
+    m15!(),
+    "]+|",
+    n15!(),
+    r"| ?[^\s",
+    l15!(),
+    m15!(),
+    n15!(),
+    r"]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+);
 
 /// Merges by token ids: `(left, right) -> (rank, merged)`.
 type IdMerges = HashMap<(u32, u32), (u32, u32)>;

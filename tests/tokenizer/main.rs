@@ -209,3 +209,203 @@ fn generation_streams_the_reference_tokens() {
         );
     }
 }
+
+/// llama.cpp's tokenizer program (`peers/tokenize.cpp` on libllama, built by
+/// `ci/llama-cpp build-cpu`), or SKIP (a failure under `BITEXACT_REQUIRE_LLAMA=1`).
+fn llama_tokenizer() -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(".peers/build-cpu/bitexact-tokenize");
+    if p.is_file() {
+        return Some(p);
+    }
+    let why = format!("{} is not built (ci/llama-cpp build-cpu)", p.display());
+    assert!(
+        !std::env::var("BITEXACT_REQUIRE_LLAMA").is_ok_and(|v| v == "1"),
+        "BITEXACT_REQUIRE_LLAMA=1 but {why}"
+    );
+    println!("SKIP: {why}");
+    None
+}
+
+/// llama.cpp's ids for `texts` in `model` (each text its own list).
+fn llama_ids(tool: &Path, model: &Path, texts: &[String], parse_special: bool) -> Vec<Vec<u32>> {
+    let dir = std::env::temp_dir().join(format!("bitexact-tokenize-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (inp, out) = (dir.join("texts"), dir.join("ids"));
+    let mut bytes = Vec::new();
+    for t in texts {
+        bytes.extend((t.len() as u32).to_le_bytes());
+        bytes.extend(t.as_bytes());
+    }
+    std::fs::write(&inp, bytes).unwrap();
+    let status = std::process::Command::new(tool)
+        .arg(model)
+        .arg(&inp)
+        .arg(&out)
+        .args(["--add-special", "1", "--parse-special"])
+        .arg(if parse_special { "1" } else { "0" })
+        .status()
+        .expect("running bitexact-tokenize");
+    assert!(
+        status.success(),
+        "bitexact-tokenize on {}: {status}",
+        model.display()
+    );
+    let words: Vec<u32> = std::fs::read(&out)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut lists = Vec::with_capacity(texts.len());
+    let mut at = 0;
+    while at < words.len() {
+        let n = words[at] as usize;
+        lists.push(words[at + 1..at + 1 + n].to_vec());
+        at += 1 + n;
+    }
+    assert_eq!(
+        lists.len(),
+        texts.len(),
+        "bitexact-tokenize answered every text"
+    );
+    lists
+}
+
+/// `n` texts made of pieces that stress the pre-tokenizers (contractions, digit runs,
+/// whitespace runs, accents and combining marks, CJK, emoji, special tokens' text, non-breaking
+/// and ideographic spaces) and random code points, from a fixed seed.
+fn generated_texts(n: usize, seed: u64) -> Vec<String> {
+    const PIECES: &[&str] = &[
+        "Hello",
+        " world",
+        "'s",
+        "'LL",
+        "'ve",
+        " 123",
+        "4567",
+        "\n",
+        "\n\n",
+        "   ",
+        "\t",
+        "é",
+        "e\u{301}",
+        "日本語",
+        "🦙",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+        " <think>",
+        "don't",
+        "ÀÉÎ",
+        "\r\n",
+        "ﬁ",
+        "Ǆ",
+        "x",
+        ".",
+        "!!!",
+        "::",
+        "𝔘",
+        "\u{a0}",
+        " \u{3000}",
+        "  \n ",
+        "Ｈｅｌｌｏ",
+        "ß",
+        "ǅ",
+        "1,000.5",
+        "$",
+        "¿",
+        "—",
+        " a",
+        "\u{200b}",
+    ];
+    let mut state = seed | 1;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    (0..n)
+        .map(|_| {
+            let mut s = String::new();
+            for _ in 0..1 + next() % 12 {
+                match next() % 4 {
+                    0 => s.extend(char::from_u32((next() % 0x2_0000) as u32)),
+                    _ => s.push_str(PIECES[(next() % PIECES.len() as u64) as usize]),
+                }
+            }
+            s
+        })
+        .collect()
+}
+
+/// llama.cpp's tokenizer as a second witness, beside its test vectors: on both vocabulary
+/// files, every `.inp` case and 3,000 generated texts (`BITEXACT_TOKENIZE_TEXTS`), with special tokens parsed (llama.cpp's
+/// `llama-tokenize` default) and not, give our ids; and a synthetic model exported with the
+/// qwen2 vocabulary (`oracle export --vocab`'s path) tokenizes in llama.cpp as in bitexact.
+#[test]
+fn llama_cpp_tokenizer_gives_our_ids() {
+    let Some(tool) = llama_tokenizer() else {
+        return;
+    };
+    for name in ["qwen2", "qwen35"] {
+        let Some((t, p)) = load(name) else { return };
+        let mut texts: Vec<String> = cases(&p).into_iter().map(|(s, _)| s).collect();
+        let n_cases = texts.len();
+        // BITEXACT_TOKENIZE_TEXTS sets how many (3,000 by default).
+        let n_gen = std::env::var("BITEXACT_TOKENIZE_TEXTS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3000);
+        texts.extend(generated_texts(n_gen, 7 + name.len() as u64));
+        for parse_special in [true, false] {
+            let theirs = llama_ids(&tool, &p, &texts, parse_special);
+            let differ: Vec<String> = texts
+                .iter()
+                .zip(&theirs)
+                .filter_map(|(s, want)| {
+                    let got = t.encode(s, true, parse_special).unwrap();
+                    (&got != want).then(|| format!("{s:?}: ours {got:?}, llama.cpp {want:?}"))
+                })
+                .take(5)
+                .collect();
+            assert!(
+                differ.is_empty(),
+                "{name} (parse_special {parse_special}): texts whose ids differ:\n{}",
+                differ.join("\n")
+            );
+        }
+        println!(
+            "{name}: {n_cases} cases and {n_gen} generated texts, special tokens parsed and \
+             not: llama.cpp's ids equal ours"
+        );
+    }
+    // An export with the qwen2 vocabulary: the tiny preset, its vocab the vocabulary's.
+    let Some((t, p)) = load("qwen2") else { return };
+    let f = GgufFile::open(&p).unwrap();
+    let vocab: Vec<_> = f
+        .metadata
+        .iter()
+        .filter(|(k, _)| k.starts_with("tokenizer."))
+        .cloned()
+        .collect();
+    let mut cfg =
+        bitexact::model::ModelConfig::preset("tiny", bitexact::quant::WeightFormat::Q8_0).unwrap();
+    cfg.vocab = t.len();
+    let model = std::env::temp_dir().join(format!("bitexact-vocab-{}.gguf", std::process::id()));
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&model).unwrap());
+    bitexact::model::gguf::export_preset_with_vocab(&cfg, 1, &vocab, &mut out, |_| {}).unwrap();
+    drop(out);
+    let texts = generated_texts(200, 99);
+    let theirs = llama_ids(&tool, &model, &texts, true);
+    // Ours read back from the export, as `generate --gguf` reads it.
+    let ours = Tokenizer::from_gguf(&GgufFile::open(&model).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&model);
+    for (s, want) in texts.iter().zip(&theirs) {
+        assert_eq!(
+            &ours.encode(s, true, true).unwrap(),
+            want,
+            "{s:?} in the export"
+        );
+    }
+}
