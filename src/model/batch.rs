@@ -601,3 +601,22 @@ impl crate::spec::schedule::BatchRunner for OnDevice<'_, '_> {
         self.session.sequences().reused()
     }
 }
+
+impl crate::spec::serve::BatchDecoder for OnDevice<'_, '_> {
+    fn add(&mut self) -> Result<SeqId> {
+        self.session.add_sequence(self.dev)
+    }
+    fn remove(&mut self, seq: SeqId) -> Result<()> {
+        self.session.remove_sequence(seq)
+    }
+    fn step_each(
+        &mut self,
+        batch: &[BatchToken],
+        each: &mut dyn FnMut(SeqId, &[f32]) -> Result<()>,
+    ) -> Result<()> {
+        for (seq, logits) in self.session.step(self.dev, batch)?.iter() {
+            each(seq, logits)?;
+        }
+        Ok(())
+    }
+}

@@ -279,3 +279,42 @@ impl BatchRunner for CpuBatchSession<'_> {
         self.sequences().reused()
     }
 }
+
+impl crate::spec::serve::BatchDecoder for CpuBatchSession<'_> {
+    fn add(&mut self) -> Result<SeqId> {
+        Ok(self.add_sequence())
+    }
+    fn remove(&mut self, seq: SeqId) -> Result<()> {
+        self.remove_sequence(seq)
+    }
+    fn step_each(
+        &mut self,
+        batch: &[BatchToken],
+        each: &mut dyn FnMut(SeqId, &[f32]) -> Result<()>,
+    ) -> Result<()> {
+        let mut t = Trace::default();
+        self.forward(batch, &mut t)?;
+        let v = self.w.cfg.vocab;
+        if t.logits.len() != batch.len() * v {
+            return Err(Error::invalid(
+                "CpuBatchSession::step_each",
+                "weights without every layer give no logits",
+            ));
+        }
+        // Each sequence's last row, in order of first appearance.
+        let mut seen: Vec<SeqId> = Vec::new();
+        for row in batch {
+            if !seen.contains(&row.seq) {
+                seen.push(row.seq);
+            }
+        }
+        for seq in seen {
+            let r = batch
+                .iter()
+                .rposition(|row| row.seq == seq)
+                .expect("in the batch");
+            each(seq, &t.logits[r * v..(r + 1) * v])?;
+        }
+        Ok(())
+    }
+}

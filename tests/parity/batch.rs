@@ -11,6 +11,7 @@ use bitexact::model::{
 };
 use bitexact::quant::WeightFormat;
 use bitexact::reference::batch::run_schedule;
+use bitexact::spec::serve::{generate_batched, BatchDecoder, Request, ServeLimits};
 use bitexact::Error;
 use proptest::prelude::*;
 
@@ -191,87 +192,81 @@ fn bad_batches_leave_every_sequence_untouched() {
     assert_bits_eq("b", &got_b.logits, &solo(&w, &tb[..6]).logits);
 }
 
-/// Sampling in a batch: each sequence draws its tokens from its own logits with a stream that
-/// depends on (seed, sequence, step) alone, so the completion is the one it gets alone
-/// (`CpuSession::generate`), whatever it was batched with and whenever it joined.
+/// Requests of 1 to 75 prompt tokens, 0 to 13 to draw, each its own sampling sequence.
+fn requests(vocab: usize) -> Vec<Request> {
+    (0..7)
+        .map(|i| Request {
+            prompt: prompt(50 + i as u64, 1 + (37 * i) % 75, vocab),
+            max_tokens: (5 * i) % 14,
+            sequence: 100 + i as u64,
+        })
+        .collect()
+}
+
+/// Every request's tokens from `generate_batched` against `generate_stream` alone on the CPU
+/// (greedy and sampled; an end token rule that stops some early).
+fn batched_generation_equals_solo(
+    w: &ModelWeights,
+    d: &mut dyn BatchDecoder,
+    limits: &ServeLimits,
+) {
+    use bitexact::sample::{generate_stream, Sampling};
+    let reqs = requests(w.cfg.vocab);
+    let is_end = |t: u32| t % 23 == 0;
+    for params in [
+        Sampling::default(),
+        Sampling {
+            temperature: 0.9,
+            top_k: 20,
+            top_p: 0.9,
+            seed: 4,
+        },
+    ] {
+        let got = generate_batched(d, &reqs, &params, limits, &is_end).unwrap();
+        for (r, req) in reqs.iter().enumerate() {
+            let alone = generate_stream(
+                &mut CpuSession::new(w),
+                &req.prompt,
+                req.max_tokens,
+                &params,
+                req.sequence,
+                false,
+                |t| !is_end(t),
+            )
+            .unwrap();
+            assert_eq!(got[r], alone.tokens, "request {r}, {params:?}, {limits:?}");
+        }
+    }
+}
+
+/// Sampling in a batch (`generate_batched`, continuous batching: requests join as others
+/// leave, decode rows beside prompt chunks): each request draws from its own logits with a
+/// stream that depends on (seed, sequence, step) alone, so its completion is the one it gets
+/// alone, whatever it was batched with, for any limits; attention and hybrid models.
 #[test]
 fn sampled_completions_do_not_depend_on_the_batch() {
-    use bitexact::sample::{sample, Sampling};
-    let w = tiny("tiny", WeightFormat::F32, 9);
-    let vocab = w.cfg.vocab;
-    let params = Sampling {
-        temperature: 0.9,
-        top_k: 20,
-        top_p: 0.9,
-        seed: 4,
-    };
-    // (request id, prompt, tokens to draw, the step it joins at)
-    let reqs: Vec<(u64, Vec<u32>, usize, usize)> = (0..5)
-        .map(|i| {
-            (
-                100 + i as u64,
-                prompt(i as u64, 3 + 9 * i, vocab),
-                12,
-                2 * i,
-            )
-        })
-        .collect();
-    let mut s = CpuBatchSession::new(&w, 16).unwrap();
-    let mut ids = vec![None; reqs.len()];
-    let mut last: Vec<Option<Vec<f32>>> = vec![None; reqs.len()];
-    let mut drawn: Vec<Vec<u32>> = vec![Vec::new(); reqs.len()];
-    let mut fed = vec![0usize; reqs.len()];
-    for step in 0.. {
-        let mut batch = Vec::new();
-        let mut owner = Vec::new();
-        for (r, (id, p, n, join)) in reqs.iter().enumerate() {
-            if step < *join || drawn[r].len() == *n {
-                continue;
-            }
-            let seq = *ids[r].get_or_insert_with(|| s.add_sequence());
-            match &last[r] {
-                // Joining: the whole prompt in this step.
-                None => {
-                    for (i, &t) in p.iter().enumerate() {
-                        batch.push(BatchToken {
-                            seq,
-                            pos: i as u32,
-                            token: t,
-                        });
-                        owner.push((r, i + 1 == p.len()));
-                    }
-                }
-                // Then one drawn token a step.
-                Some(l) => {
-                    let t = sample(l, &params, *id, fed[r] as u64).unwrap();
-                    drawn[r].push(t);
-                    if drawn[r].len() < *n {
-                        batch.push(BatchToken {
-                            seq,
-                            pos: fed[r] as u32,
-                            token: t,
-                        });
-                        owner.push((r, true));
-                    }
-                }
-            }
+    for name in ["tiny", "tiny-hybrid"] {
+        let w = tiny(name, WeightFormat::F32, 9);
+        for limits in [
+            ServeLimits {
+                max_live: 3,
+                max_rows: 20,
+                chunk: 7,
+            },
+            ServeLimits {
+                max_live: 7,
+                max_rows: 300,
+                chunk: 64,
+            },
+            ServeLimits {
+                max_live: 1,
+                max_rows: 2,
+                chunk: 1,
+            },
+        ] {
+            let mut s = CpuBatchSession::new(&w, 24).unwrap();
+            batched_generation_equals_solo(&w, &mut s, &limits);
         }
-        if batch.is_empty() {
-            break;
-        }
-        let mut t = Trace::default();
-        s.forward(&batch, &mut t).unwrap();
-        for (i, &(r, keep)) in owner.iter().enumerate() {
-            fed[r] += 1;
-            if keep {
-                last[r] = Some(t.logits[i * vocab..(i + 1) * vocab].to_vec());
-            }
-        }
-        assert!(step < 100, "the loop ends");
-    }
-    for (r, (id, p, n, _)) in reqs.iter().enumerate() {
-        let alone = CpuSession::new(&w).generate(p, *n, &params, *id).unwrap();
-        assert_eq!(drawn[r], alone, "request {r}");
     }
 }
 
@@ -454,6 +449,40 @@ fn gpu_decode_graphs_equal_eager_steps() {
             for (r, (x, y)) in a.iter().zip(b).enumerate() {
                 assert_bits_eq(&format!("{name} {fmt} step {step} row {r}"), y, x);
             }
+        }
+    }
+}
+
+/// `generate_batched` through the device session: every request's tokens those it draws alone
+/// on the CPU (attention and hybrid models, F32 and Q8_0), eagerly and with decode steps
+/// replayed from graphs.
+#[test]
+fn gpu_batched_generation_equals_solo() {
+    let Some(dev) = gpu() else { return };
+    for (name, fmt) in [
+        ("tiny", WeightFormat::F32),
+        ("tiny", WeightFormat::Q8_0),
+        ("tiny-hybrid", WeightFormat::F32),
+    ] {
+        let w = tiny(name, fmt, 9);
+        let model = GpuModel::load(dev, &w).unwrap();
+        for graphs in [false, true] {
+            let mut session = BatchSession::new(dev, &model, 24).unwrap();
+            session.set_graphs(graphs);
+            let mut d = OnDevice {
+                dev,
+                session: &mut session,
+            };
+            batched_generation_equals_solo(
+                &w,
+                &mut d,
+                &ServeLimits {
+                    max_live: 4,
+                    max_rows: 40,
+                    chunk: 16,
+                },
+            );
+            assert_eq!(session.stats().graph_error, None, "{name} {fmt}");
         }
     }
 }
