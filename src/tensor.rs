@@ -173,6 +173,9 @@ impl<T: DeviceRepr + ValidAsZeroBits + Clone + Default> HostStage<T> {
             _ => &mut self.fallback[..n],
         };
         {
+            // The raw copy below needs the context current on this thread, as cudarc's own
+            // copies make it.
+            stream.context().bind_to_thread()?;
             let (src, _read) = t.data.device_ptr(&stream);
             // SAFETY: `dst` holds exactly `n` elements and `src` is the tensor's `n`; the
             // stream is synchronized below before `dst` is read or dropped.
