@@ -611,8 +611,12 @@ fn median_max(v: &mut [f64]) -> (f64, f64) {
 ///     f32 chain (median and max relative L2, top-1 mismatches).
 ///
 /// The checks: every order changes the model's logits (it is wired) and keeps the top-1 token
-/// at most positions; four slices with all pairs are at least as accurate as the f32 chain on
-/// the median score error of every operand family; and the outputs stay within 1e-3.
+/// at most positions; four slices (all pairs or the triangle) are at least as accurate as the
+/// f32 chain on the median score error of every operand family, and within 1.5x of its median
+/// output error at every length; the outputs stay within 1e-4 (5e-2 for two slices). Under
+/// 60 s in release on two cores.
+///
+/// Reproduce: `cargo test --release --test agreement exact_integer -- --nocapture`.
 #[test]
 fn exact_integer_attention_accuracy_against_f64() {
     use bitexact::reference::attention::{
@@ -660,13 +664,17 @@ fn exact_integer_attention_accuracy_against_f64() {
                 );
                 medians.push(med);
             }
-            // Four slices with all pairs (row 5) at least as accurate as the f32 chain (row 0).
-            assert!(
-                medians[5] <= medians[0],
-                "hd {hd}, outliers {outliers}: S=4 median {} above the f32 chain's {}",
-                medians[5],
-                medians[0]
-            );
+            // Four slices (rows 5 and 6: all pairs, the triangle) at least as accurate as the
+            // f32 chain (row 0).
+            for r in [5, 6] {
+                assert!(
+                    medians[r] <= medians[0],
+                    "hd {hd}, outliers {outliers}: {} median {} above the f32 chain's {}",
+                    score_modes[r].0,
+                    medians[r],
+                    medians[0]
+                );
+            }
         }
     }
 
@@ -733,6 +741,7 @@ fn exact_integer_attention_accuracy_against_f64() {
             "  hd {hd}, {} q/k norms; L = {lens:?}",
             if outliers { "outlier" } else { "plain" }
         );
+        let mut f32_stats: Vec<(f64, f64)> = Vec::new();
         for (name, order) in &out_orders {
             let errs: Vec<f64> = qs
                 .par_iter()
@@ -747,14 +756,23 @@ fn exact_integer_attention_accuracy_against_f64() {
                     (num / den).sqrt()
                 })
                 .collect();
-            let cells: Vec<String> = errs
+            let stats: Vec<(f64, f64)> = errs
                 .chunks(nq)
-                .map(|c| {
-                    let (med, max) = median_max(&mut c.to_vec());
-                    format!("{med:8.2e} / {max:8.2e}")
-                })
+                .map(|c| median_max(&mut c.to_vec()))
+                .collect();
+            let cells: Vec<String> = stats
+                .iter()
+                .map(|(med, max)| format!("{med:8.2e} / {max:8.2e}"))
                 .collect();
             println!("    {name:23} {}", cells.join(" | "));
+            if name.contains("S=4") {
+                // Measured at or below the f32 chain's median at every length; 1.5x of margin.
+                for (l, ((m4, _), (m32, _))) in lens.iter().zip(stats.iter().zip(&f32_stats)) {
+                    assert!(*m4 <= 1.5 * m32, "{name}, L {l}: median {m4} vs f32 {m32}");
+                }
+            } else if f32_stats.is_empty() {
+                f32_stats = stats;
+            }
             // Two slices keep 14 bits: at most a few 1e-3 (measured 1.1e-2 with the triangle);
             // a lost digit or shift gives errors of order one.
             let bound = if name.contains("S=2") { 0.05 } else { 1e-4 };
