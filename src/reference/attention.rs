@@ -23,7 +23,7 @@
 //!    [`CANON_NAN`] (an f32 dot would give `±inf` for some of these; this order does not).
 //! 2. **Fixed point.** `X_i = round_ties_even(x_i * 2^(B - e))`, the product formed exactly
 //!    (an f64 holds it), rounded once; `|X_i| <= 2^B` ([`fixed_point`]). Subnormal elements
-//!    are scaled like any other; elements below `2^(e - B - 1)` become 0.
+//!    are scaled like any other; elements of at most `2^(e - B - 1)` in magnitude become 0.
 //! 3. **Digits.** `X_i = sum_s d_{s,i} 256^s` in balanced base 256, least significant first:
 //!    `d_s` is the low byte of the remainder read as a signed byte, the remainder then
 //!    `(r - d_s) / 256` ([`int8_digits`]). Digits are in `[-128, 127]`, the top one in
@@ -41,7 +41,8 @@
 //!    `(D as f32) * 2^p`.
 //!
 //! **Scores** ([`QkMode::Exact`], [`sliced_dot`]): `p = eq + ek - 2B`; a zero query or key
-//! gives `+0`. Then `* scale` as in the f32 chain.
+//! gives `+0` (unless the other holds a NaN or an infinity: NaN). Then `* scale` as in the f32
+//! chain. Measured accuracy against f64: BENCHMARKS.md, issue 31.
 //!
 //! **Chunk outputs** ([`PvMode::Exact`], [`exact_pv`]): the chunk's `m`, `e_j = exp(s_j - m)`
 //! (in `[0, 1]`) and `l` are those of the f32 chain. Over the rows the query reads (`j0..j1`,
