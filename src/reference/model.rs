@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::math::sigmoid;
 use crate::quant::fastscan::FastScanSpec;
 use crate::reference;
-use crate::reference::attention::QkMode;
+use crate::reference::attention::{AttnOrder, PvMode, QkMode};
 use crate::reference::delta_net::{self, DeltaNetState, DeltaNetWeights};
 use crate::reference::fastscan::{attend_f16, CpuCache, ScoreMode, ValueMode};
 use crate::reference::moe_block;
@@ -55,7 +55,7 @@ struct SoloMemory {
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
     max_context: usize,
-    qk: QkMode,
+    order: AttnOrder,
     kv: KvMode,
     /// Per layer, its cache when `kv` is not f32 (`None` for DeltaNet layers).
     other_kv: Vec<Option<OtherKv>>,
@@ -109,7 +109,7 @@ impl<'w> CpuSession<'w> {
                 k: w.layers.iter().map(cache).collect(),
                 v: w.layers.iter().map(cache).collect(),
                 max_context: c.max_context,
-                qk: QkMode::F32,
+                order: AttnOrder::default(),
                 kv: KvMode::F32,
                 other_kv: w.layers.iter().map(|_| None).collect(),
                 dn: new_states(w),
@@ -120,12 +120,19 @@ impl<'w> CpuSession<'w> {
     /// How attention scores are formed ([`QkMode::F32`], the canonical order, by default). The
     /// int8 modes exist on the CPU only, to measure what they cost in accuracy.
     pub fn set_qk_mode(&mut self, mode: QkMode) {
-        self.mem.qk = mode;
+        self.mem.order.qk = mode;
+    }
+
+    /// How attention forms each chunk's output ([`PvMode::F32`], the canonical order, by
+    /// default). The exact integer order exists on the CPU only, to measure its accuracy.
+    pub fn set_pv_mode(&mut self, mode: PvMode) {
+        self.mem.order.pv = mode;
     }
 
     /// How the attention layers keep keys and values ([`KvMode::F32`] by default). Only before
-    /// the first token; FastScan takes head dims 64, 128 and 256. The int8 score modes
-    /// ([`CpuSession::set_qk_mode`]) apply to the f32 cache alone.
+    /// the first token; FastScan takes head dims 64, 128 and 256. The score and output modes
+    /// ([`CpuSession::set_qk_mode`], [`CpuSession::set_pv_mode`]) apply to the f32 cache
+    /// alone.
     pub fn set_kv_mode(&mut self, mode: KvMode) -> Result<()> {
         const OP: &str = "CpuSession::set_kv_mode";
         if self.pos != 0 {
@@ -363,7 +370,9 @@ impl Memory for SoloMemory {
         Ok(match self.other_kv[l].as_mut() {
             None => {
                 store_kv(&mut self.k[l], &mut self.v[l], k, v, pos, nkv, cap, hd);
-                attention::attention_with(self.qk, q, &self.k[l], &self.v[l], pos, nh, nkv, hd, cap)
+                attention::attention_with(
+                    self.order, q, &self.k[l], &self.v[l], pos, nh, nkv, hd, cap,
+                )
             }
             Some(OtherKv::F16 { k: kc, v: vc }) => {
                 let f16 = |x: f32| half::f16::from_f32(x).to_bits();
