@@ -166,7 +166,7 @@ pub enum GgufError {
     #[error("malformed GGUF: {0}")]
     Malformed(String),
     /// A tensor of a type the runner does not support.
-    #[error("tensor `{tensor}` has ggml type {type_name} ({type_id}), which bitexact does not support (F32, F16, BF16, Q8_0, Q4_K, Q5_K, Q6_K)")]
+    #[error("tensor `{tensor}` has ggml type {type_name} ({type_id}), which bitexact does not support (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS, MXFP4; the IQ1, IQ2, IQ3 and TQ codebook formats are not supported)")]
     UnsupportedType {
         /// The tensor.
         tensor: String,

@@ -234,12 +234,24 @@ const GGML_TYPES: &[(u32, &str, u64, u64)] = &[
     (13, "Q5_K", 256, 176),
     (14, "Q6_K", 256, 210),
     (15, "Q8_K", 256, 292),
+    (16, "IQ2_XXS", 256, 66),
+    (17, "IQ2_XS", 256, 74),
+    (18, "IQ3_XXS", 256, 98),
+    (19, "IQ1_S", 256, 50),
+    (20, "IQ4_NL", 32, 18),
+    (21, "IQ3_S", 256, 110),
+    (22, "IQ2_S", 256, 82),
+    (23, "IQ4_XS", 256, 136),
     (24, "I8", 1, 1),
     (25, "I16", 1, 2),
     (26, "I32", 1, 4),
     (27, "I64", 1, 8),
     (28, "F64", 1, 8),
+    (29, "IQ1_M", 256, 56),
     (30, "BF16", 1, 2),
+    (34, "TQ1_0", 256, 54),
+    (35, "TQ2_0", 256, 66),
+    (39, "MXFP4", 32, 17),
 ];
 
 impl GgmlType {
@@ -266,6 +278,15 @@ impl GgmlType {
             12 => WeightFormat::Q4K,
             13 => WeightFormat::Q5K,
             14 => WeightFormat::Q6K,
+            2 => WeightFormat::Q4_0,
+            3 => WeightFormat::Q4_1,
+            6 => WeightFormat::Q5_0,
+            7 => WeightFormat::Q5_1,
+            10 => WeightFormat::Q2K,
+            11 => WeightFormat::Q3K,
+            20 => WeightFormat::IQ4NL,
+            23 => WeightFormat::IQ4XS,
+            39 => WeightFormat::MXFP4,
             _ => return None,
         })
     }
@@ -280,6 +301,15 @@ impl GgmlType {
             WeightFormat::Q4K => 12,
             WeightFormat::Q5K => 13,
             WeightFormat::Q6K => 14,
+            WeightFormat::Q4_0 => 2,
+            WeightFormat::Q4_1 => 3,
+            WeightFormat::Q5_0 => 6,
+            WeightFormat::Q5_1 => 7,
+            WeightFormat::Q2K => 10,
+            WeightFormat::Q3K => 11,
+            WeightFormat::IQ4NL => 20,
+            WeightFormat::IQ4XS => 23,
+            WeightFormat::MXFP4 => 39,
         };
         Self::from_id(id).expect("every format has a ggml type")
     }

@@ -70,8 +70,19 @@ pub struct GpuMatrix {
 
 impl GpuMatrix {
     /// Uploads a host matrix (already checked by [`QuantMatrix`]), with [`MATRIX_TAIL`] zero
-    /// bytes after it.
+    /// bytes after it. A format without GPU kernels ([`WeightFormat::has_gpu_kernels`]) is
+    /// refused by name.
     pub fn upload(dev: &Device, m: &QuantMatrix) -> Result<Self> {
+        if !m.format().has_gpu_kernels() {
+            return Err(Error::invalid(
+                "GpuMatrix::upload",
+                format!(
+                    "{} has no GPU kernels yet (the CPU reference runs it: CpuSession, \
+                     `oracle model --cpu`)",
+                    m.format()
+                ),
+            ));
+        }
         let len = m.bytes().len() + MATRIX_TAIL;
         dev.alloc_gate(len, "GpuMatrix::upload")?;
         let stream = dev.stream();

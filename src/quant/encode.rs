@@ -62,7 +62,234 @@ pub(super) fn encode_row(format: WeightFormat, values: &[f32], out: &mut [u8]) {
                 encode_q6_k(x, o);
             }
         }
+        WeightFormat::Q4_0
+        | WeightFormat::Q4_1
+        | WeightFormat::Q5_0
+        | WeightFormat::Q5_1
+        | WeightFormat::IQ4NL
+        | WeightFormat::MXFP4 => {
+            let bb = format.block_bytes();
+            for (o, x) in out.chunks_exact_mut(bb).zip(values.chunks_exact(32)) {
+                encode_block32(format, x, o);
+            }
+        }
+        WeightFormat::Q2K => {
+            for (o, x) in out.chunks_exact_mut(84).zip(values.chunks_exact(256)) {
+                encode_q2_k(x, o);
+            }
+        }
+        WeightFormat::Q3K => {
+            for (o, x) in out.chunks_exact_mut(110).zip(values.chunks_exact(256)) {
+                encode_q3_k(x, o);
+            }
+        }
+        WeightFormat::IQ4XS => {
+            for (o, x) in out.chunks_exact_mut(136).zip(values.chunks_exact(256)) {
+                encode_iq4_xs(x, o);
+            }
+        }
     }
+}
+
+/// The value of largest magnitude, with its sign (0 for an empty or all-zero slice).
+fn signed_max(x: &[f32]) -> f32 {
+    x.iter()
+        .fold(0.0f32, |m, &v| if v.abs() > m.abs() { v } else { m })
+}
+
+/// Writes 32 codes (each below 16) as a half-split nibble block: element `l < 16` in the low
+/// nibble of byte `l`, element `l + 16` in its high nibble.
+fn put_nibbles(codes: &[u8], o: &mut [u8]) {
+    for l in 0..16 {
+        o[l] = (codes[l] & 0xF) | ((codes[l + 16] & 0xF) << 4);
+    }
+}
+
+/// The index of the grid value nearest `v` (the first of two equally near).
+fn nearest(grid: &[i8; 16], v: f32) -> u8 {
+    let mut best = 0;
+    for (i, &g) in grid.iter().enumerate() {
+        if (f32::from(g) - v).abs() < (f32::from(grid[best]) - v).abs() {
+            best = i;
+        }
+    }
+    best as u8
+}
+
+/// The 32-element formats: Q4_0 and Q5_0 (`d = signed max / -8` or `/ -16`, so the largest
+/// magnitude takes the most negative code, as llama.cpp's reference quantizer does), Q4_1 and
+/// Q5_1 (`d = (max - min) / levels`, `m = min`), IQ4_NL (`d = amax / 127`, each value the
+/// nearest grid point) and MXFP4 (the smallest power-of-two scale under which the largest
+/// magnitude fits the e2m1 grid, each value the nearest grid point).
+fn encode_block32(format: WeightFormat, x: &[f32], o: &mut [u8]) {
+    use super::kquants::{e8m0_half, KVALUES_IQ4NL, KVALUES_MXFP4};
+    let mut c = [0u8; 32];
+    match format {
+        WeightFormat::Q4_0 | WeightFormat::Q5_0 => {
+            let half = if format == WeightFormat::Q4_0 {
+                8.0
+            } else {
+                16.0
+            };
+            let d = f16::from_f32(signed_max(x) / -half);
+            let dq = d.to_f32();
+            for (ci, &v) in c.iter_mut().zip(x) {
+                *ci = (code(v, dq, -half, half - 1.0) + half as i32) as u8;
+            }
+            o[..2].copy_from_slice(&d.to_le_bytes());
+            if format == WeightFormat::Q4_0 {
+                put_nibbles(&c, &mut o[2..18]);
+            } else {
+                let qh: u32 = (0..32).map(|l| u32::from(c[l] >> 4) << l).sum();
+                o[2..6].copy_from_slice(&qh.to_le_bytes());
+                put_nibbles(&c, &mut o[6..22]);
+            }
+        }
+        WeightFormat::Q4_1 | WeightFormat::Q5_1 => {
+            let levels = if format == WeightFormat::Q4_1 {
+                15.0
+            } else {
+                31.0
+            };
+            let mn = x.iter().fold(f32::INFINITY, |m, &v| m.min(v));
+            let mx = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let (d, m) = (f16::from_f32((mx - mn) / levels), f16::from_f32(mn));
+            let (dq, mq) = (d.to_f32(), m.to_f32());
+            for (ci, &v) in c.iter_mut().zip(x) {
+                *ci = code(v - mq, dq, 0.0, levels) as u8;
+            }
+            o[..2].copy_from_slice(&d.to_le_bytes());
+            o[2..4].copy_from_slice(&m.to_le_bytes());
+            if format == WeightFormat::Q4_1 {
+                put_nibbles(&c, &mut o[4..20]);
+            } else {
+                let qh: u32 = (0..32).map(|l| u32::from(c[l] >> 4) << l).sum();
+                o[4..8].copy_from_slice(&qh.to_le_bytes());
+                put_nibbles(&c, &mut o[8..24]);
+            }
+        }
+        WeightFormat::IQ4NL => {
+            let amax = x.iter().fold(0.0f32, |m, &v| m.max(v.abs()));
+            let d = f16::from_f32(amax / 127.0);
+            let dq = d.to_f32();
+            for (ci, &v) in c.iter_mut().zip(x) {
+                *ci = nearest(&KVALUES_IQ4NL, if dq == 0.0 { 0.0 } else { v / dq });
+            }
+            o[..2].copy_from_slice(&d.to_le_bytes());
+            put_nibbles(&c, &mut o[2..18]);
+        }
+        WeightFormat::MXFP4 => {
+            let amax = x.iter().fold(0.0f32, |m, &v| m.max(v.abs()));
+            // The smallest e whose 12 * 2^(e - 128) reaches amax (e = 0 for all zeros).
+            let e = (0u8..=255)
+                .find(|&e| 12.0 * e8m0_half(e) >= amax)
+                .unwrap_or(255);
+            let d = e8m0_half(e);
+            for (ci, &v) in c.iter_mut().zip(x) {
+                *ci = nearest(&KVALUES_MXFP4, v / d);
+            }
+            o[0] = e;
+            put_nibbles(&c, &mut o[1..17]);
+        }
+        _ => unreachable!("encode_block32 takes the 32-element formats"),
+    }
+}
+
+/// Q2_K: per sub-block of 16, `min = min(0, values)` and `scale = (max - min) / 3`; scales and
+/// mins become 4-bit multiples of the f16 `d = max scale / 15` and `dmin = max min / 15`.
+fn encode_q2_k(x: &[f32], o: &mut [u8]) {
+    let (mut scale, mut min) = ([0.0f32; 16], [0.0f32; 16]);
+    for k in 0..16 {
+        let sb = &x[16 * k..16 * k + 16];
+        let mn = sb.iter().fold(0.0f32, |m, &v| m.min(v));
+        let mx = sb.iter().fold(mn, |m, &v| m.max(v));
+        scale[k] = (mx - mn) / 3.0;
+        min[k] = -mn;
+    }
+    let d = f16::from_f32(scale.iter().fold(0.0f32, |m, &v| m.max(v)) / 15.0);
+    let dmin = f16::from_f32(min.iter().fold(0.0f32, |m, &v| m.max(v)) / 15.0);
+    let (dq, dminq) = (d.to_f32(), dmin.to_f32());
+    o[..84].fill(0);
+    for k in 0..16 {
+        let sc = code(scale[k], dq, 0.0, 15.0) as u8;
+        let m = code(min[k], dminq, 0.0, 15.0) as u8;
+        o[k] = sc | (m << 4);
+        let (eff, off) = (dq * f32::from(sc), dminq * f32::from(m));
+        // Sub-block k: 32-block j = k / 2 (half n = j / 4, shift 2 (j % 4)), elements
+        // 16 (k % 2) .. of its 32 code bytes.
+        let j = k / 2;
+        for l in 0..16 {
+            let q = code(x[16 * k + l] + off, eff, 0.0, 3.0) as u8;
+            o[16 + 32 * (j / 4) + 16 * (k % 2) + l] |= q << (2 * (j % 4));
+        }
+    }
+    o[80..82].copy_from_slice(&d.to_le_bytes());
+    o[82..84].copy_from_slice(&dmin.to_le_bytes());
+}
+
+/// Q3_K: per sub-block of 16, `scale = (value of largest magnitude) / -4`; the scales become
+/// signed 6-bit multiples of the f16 `d = max |scale| / 31`; codes in -4..=3.
+fn encode_q3_k(x: &[f32], o: &mut [u8]) {
+    let mut s = [0.0f32; 16];
+    for (k, sk) in s.iter_mut().enumerate() {
+        *sk = signed_max(&x[16 * k..16 * k + 16]) / -4.0;
+    }
+    let d = f16::from_f32(s.iter().fold(0.0f32, |m, &v| m.max(v.abs())) / 31.0);
+    let dq = d.to_f32();
+    o[..110].fill(0);
+    let mut packed = [0u8; 16];
+    for k in 0..16 {
+        let sc = code(s[k], dq, -32.0, 31.0);
+        packed[k] = (sc + 32) as u8;
+        let eff = dq * sc as f32;
+        let j = k / 2;
+        for l in 0..16 {
+            let q = (code(x[16 * k + l], eff, -4.0, 3.0) + 4) as u8;
+            let at = 16 * (k % 2) + l;
+            o[32 + 32 * (j / 4) + at] |= (q & 3) << (2 * (j % 4));
+            o[at] |= (q >> 2) << j;
+        }
+    }
+    for (k, &v) in packed.iter().enumerate() {
+        if k < 8 {
+            o[96 + k] |= v & 0xF;
+        } else {
+            o[96 + k - 8] |= (v & 0xF) << 4;
+        }
+        o[96 + 8 + k % 4] |= (v >> 4) << (2 * (k / 4));
+    }
+    o[108..110].copy_from_slice(&d.to_le_bytes());
+}
+
+/// IQ4_XS: per sub-block of 32, `scale = amax / 127`; the scales become signed 6-bit
+/// multiples of the f16 `d = max scale / 31`; each value the nearest IQ4 grid point.
+fn encode_iq4_xs(x: &[f32], o: &mut [u8]) {
+    use super::kquants::KVALUES_IQ4NL;
+    let mut s = [0.0f32; 8];
+    for (j, sj) in s.iter_mut().enumerate() {
+        *sj = x[32 * j..32 * j + 32]
+            .iter()
+            .fold(0.0f32, |m, &v| m.max(v.abs()))
+            / 127.0;
+    }
+    let d = f16::from_f32(s.iter().fold(0.0f32, |m, &v| m.max(v)) / 31.0);
+    let dq = d.to_f32();
+    o[..136].fill(0);
+    let mut sh = 0u16;
+    for j in 0..8 {
+        let ls = (code(s[j], dq, -32.0, 31.0) + 32) as u8;
+        o[4 + j / 2] |= (ls & 0xF) << (4 * (j % 2));
+        sh |= u16::from(ls >> 4) << (2 * j);
+        let dl = dq * f32::from(i16::from(ls) - 32);
+        let mut c = [0u8; 32];
+        for (l, cl) in c.iter_mut().enumerate() {
+            let v = x[32 * j + l];
+            *cl = nearest(&KVALUES_IQ4NL, if dl == 0.0 { 0.0 } else { v / dl });
+        }
+        put_nibbles(&c, &mut o[8 + 16 * j..8 + 16 * j + 16]);
+    }
+    o[..2].copy_from_slice(&d.to_le_bytes());
+    o[2..4].copy_from_slice(&sh.to_le_bytes());
 }
 
 fn encode_q8_0(x: &[f32], o: &mut [u8]) {

@@ -45,11 +45,53 @@ pub enum WeightFormat {
     Q5K,
     /// GGUF Q6_K: super-blocks of 256, 6-bit codes, 8-bit scales per 16.
     Q6K,
+    /// GGUF Q4_0: blocks of 32, 4-bit codes `q - 8`, one f16 scale.
+    Q4_0,
+    /// GGUF Q4_1: blocks of 32, 4-bit codes, an f16 scale and an f16 min: `d * q + m`.
+    Q4_1,
+    /// GGUF Q5_0: blocks of 32, 5-bit codes `q - 16`, one f16 scale.
+    Q5_0,
+    /// GGUF Q5_1: blocks of 32, 5-bit codes, an f16 scale and an f16 min.
+    Q5_1,
+    /// GGUF Q2_K: super-blocks of 256, 2-bit codes, 4-bit scales and mins per 16.
+    Q2K,
+    /// GGUF Q3_K: super-blocks of 256, 3-bit codes `q - 4`, 6-bit scales per 16.
+    Q3K,
+    /// GGUF IQ4_NL: blocks of 32, 4-bit indices into a fixed non-linear int8 grid, one f16
+    /// scale.
+    IQ4NL,
+    /// GGUF IQ4_XS: super-blocks of 256, IQ4_NL's grid with a 6-bit scale per 32.
+    IQ4XS,
+    /// GGUF MXFP4: blocks of 32, e2m1 values (doubled: int8 -12..12) and a power-of-two
+    /// (E8M0) scale.
+    MXFP4,
 }
 
 impl WeightFormat {
-    /// Every format, float formats first.
-    pub const ALL: [WeightFormat; 7] = [
+    /// Every format, float formats first; those with GPU kernels ([`WeightFormat::GPU`]) in
+    /// their order first.
+    pub const ALL: [WeightFormat; 16] = [
+        WeightFormat::F32,
+        WeightFormat::F16,
+        WeightFormat::BF16,
+        WeightFormat::Q8_0,
+        WeightFormat::Q4K,
+        WeightFormat::Q5K,
+        WeightFormat::Q6K,
+        WeightFormat::Q4_0,
+        WeightFormat::Q4_1,
+        WeightFormat::Q5_0,
+        WeightFormat::Q5_1,
+        WeightFormat::Q2K,
+        WeightFormat::Q3K,
+        WeightFormat::IQ4NL,
+        WeightFormat::IQ4XS,
+        WeightFormat::MXFP4,
+    ];
+
+    /// The formats the GPU products have kernels for (the first of [`WeightFormat::ALL`]);
+    /// the others run on the CPU reference only, and the device refuses them by name.
+    pub const GPU: [WeightFormat; 7] = [
         WeightFormat::F32,
         WeightFormat::F16,
         WeightFormat::BF16,
@@ -58,6 +100,11 @@ impl WeightFormat {
         WeightFormat::Q5K,
         WeightFormat::Q6K,
     ];
+
+    /// Whether the GPU products have kernels for this format ([`WeightFormat::GPU`]).
+    pub fn has_gpu_kernels(self) -> bool {
+        WeightFormat::GPU.contains(&self)
+    }
 
     /// The name GGUF and llama.cpp use (`F32`, `Q4_K`, ...).
     pub fn name(self) -> &'static str {
@@ -69,6 +116,15 @@ impl WeightFormat {
             WeightFormat::Q4K => "Q4_K",
             WeightFormat::Q5K => "Q5_K",
             WeightFormat::Q6K => "Q6_K",
+            WeightFormat::Q4_0 => "Q4_0",
+            WeightFormat::Q4_1 => "Q4_1",
+            WeightFormat::Q5_0 => "Q5_0",
+            WeightFormat::Q5_1 => "Q5_1",
+            WeightFormat::Q2K => "Q2_K",
+            WeightFormat::Q3K => "Q3_K",
+            WeightFormat::IQ4NL => "IQ4_NL",
+            WeightFormat::IQ4XS => "IQ4_XS",
+            WeightFormat::MXFP4 => "MXFP4",
         }
     }
 
@@ -88,8 +144,19 @@ impl WeightFormat {
     pub fn block_elems(self) -> usize {
         match self {
             WeightFormat::F32 | WeightFormat::F16 | WeightFormat::BF16 => 1,
-            WeightFormat::Q8_0 => 32,
-            WeightFormat::Q4K | WeightFormat::Q5K | WeightFormat::Q6K => 256,
+            WeightFormat::Q8_0
+            | WeightFormat::Q4_0
+            | WeightFormat::Q4_1
+            | WeightFormat::Q5_0
+            | WeightFormat::Q5_1
+            | WeightFormat::IQ4NL
+            | WeightFormat::MXFP4 => 32,
+            WeightFormat::Q4K
+            | WeightFormat::Q5K
+            | WeightFormat::Q6K
+            | WeightFormat::Q2K
+            | WeightFormat::Q3K
+            | WeightFormat::IQ4XS => 256,
         }
     }
 
@@ -102,6 +169,14 @@ impl WeightFormat {
             WeightFormat::Q4K => 144,
             WeightFormat::Q5K => 176,
             WeightFormat::Q6K => 210,
+            WeightFormat::Q4_0 | WeightFormat::IQ4NL => 18,
+            WeightFormat::Q4_1 => 20,
+            WeightFormat::Q5_0 => 22,
+            WeightFormat::Q5_1 => 24,
+            WeightFormat::Q2K => 84,
+            WeightFormat::Q3K => 110,
+            WeightFormat::IQ4XS => 136,
+            WeightFormat::MXFP4 => 17,
         }
     }
 
@@ -124,6 +199,22 @@ impl WeightFormat {
             ));
         }
         Ok(cols / self.block_elems() * self.block_bytes())
+    }
+
+    /// Where a block keeps its f16 scales (and mins), in bytes from the block's start: the
+    /// values a well-formed block holds finite ([`QuantMatrix::from_bytes`] checks them).
+    pub fn scale_offsets(self) -> &'static [usize] {
+        match self {
+            WeightFormat::Q8_0 | WeightFormat::Q4_0 | WeightFormat::Q5_0 => &[0],
+            WeightFormat::IQ4NL | WeightFormat::IQ4XS => &[0],
+            WeightFormat::Q4K | WeightFormat::Q5K | WeightFormat::Q4_1 | WeightFormat::Q5_1 => {
+                &[0, 2]
+            }
+            WeightFormat::Q6K => &[208],
+            WeightFormat::Q2K => &[80, 82],
+            WeightFormat::Q3K => &[108],
+            WeightFormat::F32 | WeightFormat::F16 | WeightFormat::BF16 | WeightFormat::MXFP4 => &[],
+        }
     }
 
     /// Position in [`WeightFormat::ALL`] (the kernel tables index by it).
@@ -189,11 +280,9 @@ impl QuantMatrix {
     /// Fails with [`Error::InvalidArgument`] naming the first block whose f16 scale (`d`, or
     /// `dmin` for Q4_K/Q5_K) is NaN or infinite: such a block is malformed.
     fn check_scales(&self) -> Result<()> {
-        let offsets: &[usize] = match self.format {
-            WeightFormat::Q8_0 => &[0],
-            WeightFormat::Q4K | WeightFormat::Q5K => &[0, 2],
-            WeightFormat::Q6K => &[208],
-            _ => return Ok(()),
+        let offsets = match self.format.scale_offsets() {
+            [] => return Ok(()),
+            o => o,
         };
         let bb = self.format.block_bytes();
         for (i, blk) in self.data.chunks_exact(bb).enumerate() {
@@ -399,11 +488,7 @@ mod tests {
         };
         let bb = format.block_bytes();
         let mut data: Vec<u8> = (0..blocks * bb).map(|_| next()).collect();
-        let scale_at: &[usize] = match format {
-            WeightFormat::Q8_0 => &[0],
-            WeightFormat::Q4K | WeightFormat::Q5K => &[0, 2],
-            _ => &[208],
-        };
+        let scale_at = format.scale_offsets();
         for blk in data.chunks_mut(bb) {
             for &o in scale_at {
                 let v = f16::from_f32((blk[o] as f32 - 128.0) / 64.0);
@@ -515,6 +600,10 @@ mod tests {
                         WScale::Q8 { d } => f32::from(blk.q[l]) * d,
                         WScale::KMin { ws, wm } => ws * f32::from(blk.q[l]) + wm,
                         WScale::Q6 { d, sc } => d * f32::from(sc[l / 16]) * f32::from(blk.q[l]),
+                        WScale::Q2 { d, dmin, sc, m } => {
+                            d * f32::from(sc[l / 16]) * f32::from(blk.q[l])
+                                - dmin * f32::from(m[l / 16])
+                        }
                     };
                     assert_eq!(v.to_bits(), theirs[cols + 32 * b + l], "{format} block {b}");
                 }
@@ -603,6 +692,15 @@ mod tests {
                 WeightFormat::Q6K => 4.0 / 31.0,
                 WeightFormat::Q5K => 4.0 / 31.0 + 0.1,
                 WeightFormat::Q4K => 4.0 / 15.0 + 0.1,
+                WeightFormat::Q4_0 => 2.0 / 8.0,
+                WeightFormat::Q4_1 => 4.0 / 15.0,
+                WeightFormat::Q5_0 => 2.0 / 16.0,
+                WeightFormat::Q5_1 => 4.0 / 31.0,
+                WeightFormat::Q2K => 4.0 / 3.0,
+                WeightFormat::Q3K => 2.0 / 4.0 + 0.1,
+                WeightFormat::IQ4NL => 0.25,
+                WeightFormat::IQ4XS => 0.3,
+                WeightFormat::MXFP4 => 0.5,
             };
             let worst = x
                 .iter()
@@ -623,7 +721,8 @@ mod tests {
             assert_eq!(WeightFormat::parse(f.name()), Some(f));
         }
         assert_eq!(WeightFormat::parse("q4k"), Some(WeightFormat::Q4K));
-        assert_eq!(WeightFormat::parse("Q3_K"), None);
+        assert_eq!(WeightFormat::parse("iq4xs"), Some(WeightFormat::IQ4XS));
+        assert_eq!(WeightFormat::parse("IQ2_XXS"), None);
     }
 
     /// `cuda/gemm.cu` names each format with a `#define FMT_<name> <index>`; the kernels pick
@@ -646,10 +745,10 @@ mod tests {
         }
         assert_eq!(
             seen.len(),
-            WeightFormat::ALL.len(),
-            "one FMT_ constant per format"
+            WeightFormat::GPU.len(),
+            "one FMT_ constant per format with kernels"
         );
-        for f in WeightFormat::ALL {
+        for f in WeightFormat::GPU {
             assert!(seen.contains(&f), "no FMT_ constant for {f}");
         }
     }

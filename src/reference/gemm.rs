@@ -13,10 +13,18 @@
 //! 3. Each partial takes its blocks in increasing `b`; one block's step, by weight format:
 //!    - F32, F16, BF16 (widened exactly to f32): for `k` in the block, increasing,
 //!      `p = fma(w[k], x[k], p)`.
-//!    - Q8_0: `p = fma(d * dx, isum, p)`.
-//!    - Q4_K, Q5_K: `p = fma(ws * dx, isum, p)`, then `p = fma(wm, ax, p)`, with
-//!      `ws = d * sc` and `wm = -(dmin * m)` ([`WScale::KMin`]).
-//!    - Q6_K: `p = fma(d * dx, sc_lo * isum_lo + sc_hi * isum_hi, p)`.
+//!    - Q8_0, Q4_0, Q5_0, IQ4_NL, MXFP4 ([`WScale::Q8`]): `p = fma(d * dx, isum, p)`; IQ4_XS
+//!      the same with `d` its 32-block's `d_super * (ls - 32)` (one rounding). The codes are
+//!      `q - 8`, `q - 16`, the IQ4 grid's int8 values and MXFP4's doubled e2m1 values (with
+//!      `d = 2^(e - 128)`), so each block's integer dot is exact.
+//!    - Q4_K, Q5_K, Q4_1, Q5_1: `p = fma(ws * dx, isum, p)`, then `p = fma(wm, ax, p)`, with
+//!      `ws = d * sc` and `wm = -(dmin * m)` for the K-quants and `ws = d`, `wm = m` for
+//!      Q4_1/Q5_1 ([`WScale::KMin`]).
+//!    - Q6_K, Q3_K: `p = fma(d * dx, sc_lo * isum_lo + sc_hi * isum_hi, p)` (Q3_K's scales
+//!      `sc - 32`, its codes `q - 4`).
+//!    - Q2_K: `p = fma(d * dx, sc_lo * isum_lo + sc_hi * isum_hi, p)`, then
+//!      `p = fma(-(dmin * dx), m_lo * sx_lo + m_hi * sx_hi, p)`, `sx_*` the sums of the
+//!      activation codes over each half ([`WScale::Q2`]).
 //!
 //!    `isum` is the exact integer dot of the block's weight codes ([`WBlock`]) with the
 //!    activation codes (`isum_lo`, `isum_hi` its halves over elements 0..16 and 16..32), `dx`
@@ -131,6 +139,13 @@ pub fn qstep(acc: f32, w: &WBlock, xq: &[i8], dx: f32, ax: f32) -> f32 {
             let i = i32::from(sc[0]) * lo + i32::from(sc[1]) * hi;
             (d * dx).mul_add(i as f32, acc)
         }
+        WScale::Q2 { d, dmin, sc, m } => {
+            let i = i32::from(sc[0]) * lo + i32::from(sc[1]) * hi;
+            let sum =
+                |r: std::ops::Range<usize>| -> i32 { xq[r].iter().map(|&c| i32::from(c)).sum() };
+            let im = i32::from(m[0]) * sum(0..16) + i32::from(m[1]) * sum(16..32);
+            (-(dmin * dx)).mul_add(im as f32, (d * dx).mul_add(i as f32, acc))
+        }
     }
 }
 
@@ -222,4 +237,51 @@ pub fn gemm_grouped(
         y[y_rows[r] as usize * m..][..m].copy_from_slice(&row);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every quantized format's block step, summed in the canonical order, against the f64 dot
+    /// of the decoded weights (the decoders the gguf package checks) with the decoded activations:
+    /// the two differ by f32 rounding only, so a wrong scale, min or half in a step shows.
+    #[test]
+    fn block_steps_equal_the_decoded_dot_up_to_rounding() {
+        let (rows, k) = (16, 1024);
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        let mut uniform = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+        };
+        let values: Vec<f32> = (0..rows * k)
+            .map(|i| (uniform() * (1.0 + (i / 256 % 5) as f64)) as f32)
+            .collect();
+        // Activations with a positive bias, so the min terms (Σ codes) do not average out.
+        let x: Vec<f32> = (0..k).map(|_| (uniform() + 0.3) as f32).collect();
+        let act = quantize_act(&x, 1, k);
+        let xd: Vec<f64> = (0..k)
+            .map(|i| f64::from(act.codes[i]) * f64::from(act.d[i / 32]))
+            .collect();
+        for format in WeightFormat::ALL.into_iter().filter(|f| f.is_quantized()) {
+            let w = QuantMatrix::quantize(format, &values, 1, rows, k).unwrap();
+            let wd = w.dequantize();
+            for r in 0..rows {
+                let got = f64::from(dot_row(format, w.row(0, r), k, &x, Some((&act, 0))));
+                let row = &wd[r * k..][..k];
+                let want: f64 = row.iter().zip(&xd).map(|(&a, b)| f64::from(a) * b).sum();
+                let size: f64 = row
+                    .iter()
+                    .zip(&xd)
+                    .map(|(&a, b)| (f64::from(a) * b).abs())
+                    .sum();
+                assert!(
+                    (got - want).abs() <= 1e-5 * size,
+                    "{format} row {r}: {got} against {want} (size {size})"
+                );
+            }
+        }
+    }
 }

@@ -330,6 +330,134 @@ fn a_llama_quantize_q4_k_m_file_runs_and_agrees() {
     let _ = std::fs::remove_file(&q_path);
 }
 
+/// The files people download, made by llama.cpp's own quantizer from our F32 export of the
+/// `small` preset: Q4_0, Q3_K_M, Q2_K, IQ4_XS and MXFP4_MOE mixes as llama-quantize makes
+/// them, and whole Q4_1, Q5_0, Q5_1 and IQ4_NL files. Each loads (every tensor type it
+/// wrote is one we read), runs on the CPU paths bit-identically (one token at a time, chunks
+/// of 7, the whole prompt, and the paged batch session beside a second sequence), and against
+/// llama.cpp on the same file differs by no more than llama.cpp's logits of that mix differ
+/// from its F32 ones.
+#[test]
+fn llama_quantize_mixes_run_exactly_and_agree() {
+    let Some(tool) = tool() else { return };
+    let Some(quantize) = built(
+        tool.parent().unwrap().join("quantize/llama-quantize"),
+        "llama-quantize",
+    ) else {
+        return;
+    };
+    let mut cfg = ModelConfig::preset("small", WeightFormat::F32).unwrap();
+    cfg.moe.shared_ffn = None;
+    let w32 = ModelWeights::generate(&cfg, 16, None).unwrap();
+    let dir = std::env::temp_dir().join(format!("bitexact-mixes-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f32_path = dir.join("mix-f32.gguf");
+    std::fs::write(&f32_path, export(&w32).unwrap()).unwrap();
+    let tokens = prompt(16, 64, cfg.vocab);
+    let reference = llama_logits(&tool, &w32, &tokens, "mix-f32");
+    let mut seen = std::collections::BTreeSet::new();
+    // (llama-quantize's type, a ggml type the file must hold)
+    for (ftype, must) in [
+        ("Q4_0", "Q4_0"),
+        ("Q3_K_M", "Q3_K"),
+        ("Q2_K", "Q2_K"),
+        ("IQ4_XS", "IQ4_XS"),
+        ("MXFP4_MOE", "MXFP4"),
+        // The remaining block formats, whole files of each.
+        ("Q4_1", "Q4_1"),
+        ("Q5_0", "Q5_0"),
+        ("Q5_1", "Q5_1"),
+        ("IQ4_NL", "IQ4_NL"),
+    ] {
+        let q_path = dir.join(format!("mix-{ftype}.gguf"));
+        let out = Command::new(&quantize)
+            .arg(&f32_path)
+            .arg(&q_path)
+            .arg(ftype)
+            .output()
+            .expect("running llama-quantize");
+        assert!(
+            out.status.success(),
+            "llama-quantize {ftype}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let file = bitexact::gguf::GgufFile::open(&q_path).unwrap();
+        let formats: std::collections::BTreeSet<String> =
+            file.tensors.iter().map(|t| t.ty.name.to_string()).collect();
+        assert!(formats.contains(must), "{ftype}: {formats:?}");
+        seen.extend(formats.iter().cloned());
+        let wq = bitexact::model::gguf::load(&file, None, None)
+            .unwrap_or_else(|e| panic!("{ftype}: {e}"));
+        let ours = exact_on_every_cpu_path(&wq, &tokens, ftype);
+        let theirs = llama_logits(&tool, &wq, &tokens, &format!("mix-{ftype}"));
+        let us_them = compare(&ours, &theirs, cfg.vocab);
+        let spread = compare(&theirs, &reference, cfg.vocab);
+        println!(
+            "llama-quantize {ftype} {formats:?}: CPU paths BIT-EXACT; bitexact vs llama.cpp {us_them}; llama.cpp {ftype} vs F32 {spread}"
+        );
+        assert!(
+            us_them.median_rel <= spread.median_rel,
+            "{ftype}: bitexact vs llama.cpp ({us_them}) exceeds llama.cpp's own spread ({spread})"
+        );
+        let _ = std::fs::remove_file(&q_path);
+    }
+    // Every block format the reader takes came in at least once.
+    for t in [
+        "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "IQ4_NL", "IQ4_XS", "MXFP4", "Q4_K",
+        "Q5_K", "Q6_K", "Q8_0",
+    ] {
+        assert!(seen.contains(t), "no mix held {t}: {seen:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `w`'s logits of `tokens`, after checking that one token at a time, chunks of 7, the whole
+/// prompt and the paged batch session (the prompt in chunks of 5 beside a second sequence's
+/// tokens) give the same bits.
+fn exact_on_every_cpu_path(w: &ModelWeights, tokens: &[u32], what: &str) -> Vec<f32> {
+    use bitexact::model::{BatchToken, CpuBatchSession};
+    let chunked = |chunk: usize| {
+        let mut s = CpuSession::new(w);
+        let mut t = Trace::default();
+        for c in tokens.chunks(chunk) {
+            s.forward(c, &mut t).unwrap();
+        }
+        t.logits
+    };
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    let seq = chunked(1);
+    for chunk in [7, tokens.len()] {
+        assert!(
+            bits(&chunked(chunk)) == bits(&seq),
+            "{what}: chunks of {chunk} differ from one token at a time"
+        );
+    }
+    let v = w.cfg.vocab;
+    let mut s = CpuBatchSession::new(w, 8).unwrap();
+    let (a, b) = (s.add_sequence(), s.add_sequence());
+    let mut got = Vec::new();
+    for (i, c) in tokens.chunks(5).enumerate() {
+        let mut rows: Vec<BatchToken> = vec![BatchToken {
+            seq: b,
+            pos: i as u32,
+            token: tokens[tokens.len() - 1 - i],
+        }];
+        rows.extend(c.iter().enumerate().map(|(j, &token)| BatchToken {
+            seq: a,
+            pos: (i * 5 + j) as u32,
+            token,
+        }));
+        let mut t = Trace::default();
+        s.forward(&rows, &mut t).unwrap();
+        got.extend_from_slice(&t.logits[v..]);
+    }
+    assert!(
+        bits(&got) == bits(&seq),
+        "{what}: the batch session differs from one token at a time"
+    );
+    seq
+}
+
 #[test]
 fn q8_0_within_llama_cpp_own_quantization_spread() {
     let Some(tool) = tool() else { return };

@@ -5,6 +5,10 @@ tests.
     pyref.py make DIR   write DIR/their.gguf, a tiny qwen3moe model whose Q8_0 tensors the
                         package quantized, and DIR/their.json + DIR/their.f32: the package's own
                         dequantization of every tensor
+    pyref.py quants DIR write DIR/quants.gguf: one tensor per format the package has a quantizer
+                        for (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, MXFP4), values of several scales with
+                        zeros and ties among them, and DIR/quants.json + DIR/quants.f32: the
+                        package's dequantization of each
     pyref.py read FILE DIR
                         read FILE with the package's reader and write DIR/read.json +
                         DIR/read.f32: its dequantization of every tensor, and the metadata
@@ -89,6 +93,29 @@ def make(directory):
     dump(deq, directory, "their", {"config": c})
 
 
+def quants_file(directory):
+    rng = np.random.default_rng(4321)
+    w = gguf.GGUFWriter(f"{directory}/quants.gguf", ARCH)
+    deq = []
+    for ty in (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.MXFP4):
+        # 64 rows of 256: each row its own scale (1e-6 .. 1e4), every 7th row all one value, and
+        # some exact zeros and repeated maxima (the quantizers' argmax ties).
+        v = rng.standard_normal((64, 256)).astype(np.float32)
+        v *= np.logspace(-6, 4, 64, dtype=np.float32)[:, None]
+        v[::7] = v[::7, :1]
+        v[:, 5::11] = 0.0
+        v[3, 40:72] = v[3, 40]
+        q = quants.quantize(v, ty)
+        name = f"q.{ty.name.lower()}"
+        w.add_tensor(name, q, raw_dtype=ty)
+        deq.append((name, quants.dequantize(q, ty)))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    dump(deq, directory, "quants")
+
+
 def read(path, directory):
     r = gguf.GGUFReader(path)
     out = []
@@ -107,6 +134,8 @@ def read(path, directory):
 if __name__ == "__main__":
     if sys.argv[1] == "make":
         make(sys.argv[2])
+    elif sys.argv[1] == "quants":
+        quants_file(sys.argv[2])
     elif sys.argv[1] == "read":
         read(sys.argv[2], sys.argv[3])
     else:

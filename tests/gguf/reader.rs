@@ -217,9 +217,11 @@ fn unsupported_models_are_refused_with_reasons() {
     }
     for t in &f.tensors {
         if t.name == "blk.0.attn_q.weight" {
-            let q4_0 = GgmlType::from_id(2).unwrap();
-            let bytes = (t.elements() / 32 * 18) as usize;
-            g.tensor(&t.name, &t.dims, q4_0, vec![0; bytes]);
+            // Q8_1 (llama.cpp's activation type, 32 per block) is known and not a weight
+            // type the runner takes.
+            let q8_1 = GgmlType::from_id(9).unwrap();
+            let bytes = (t.elements() / 32 * 36) as usize;
+            g.tensor(&t.name, &t.dims, q8_1, vec![0; bytes]);
         } else {
             g.tensor(
                 &t.name,
@@ -234,7 +236,7 @@ fn unsupported_models_are_refused_with_reasons() {
         matches!(e, GgufError::UnsupportedType { ref tensor, .. } if tensor == "blk.0.attn_q.weight"),
         "{e}"
     );
-    assert!(e.to_string().contains("Q4_0"), "{e}");
+    assert!(e.to_string().contains("Q8_1"), "{e}");
     // A qwen35moe file with gated-DeltaNet tensors but not the DeltaNet's metadata: the
     // missing key is named.
     let mut g = GgufWriter::new();

@@ -84,14 +84,14 @@ proptest! {
     fn float_formats_match_reference(
         f in 0usize..3, n in 1usize..=300, m in 1usize..=80, k in 1usize..=300, seed in any::<u64>(),
     ) {
-        dense(WeightFormat::ALL[f], n, m, k, seed, &KERNELS);
+        dense(WeightFormat::GPU[f], n, m, k, seed, &KERNELS);
     }
 
     #[test]
     fn quantized_formats_match_reference(
         f in 3usize..7, n in 1usize..=300, m in 1usize..=80, units in 1usize..=5, seed in any::<u64>(),
     ) {
-        let fmt = WeightFormat::ALL[f];
+        let fmt = WeightFormat::GPU[f];
         // K in 32-blocks for Q8_0 (not a multiple of the 256-wide chunk), super-blocks otherwise.
         let k = if fmt == WeightFormat::Q8_0 { 32 * (2 * units + 1) } else { 256 * units };
         dense(fmt, n, m, k, seed, &KERNELS);
@@ -111,7 +111,7 @@ proptest! {
         f in 0usize..7, n in 1usize..=120, ne in 1usize..=9, m in 1usize..=70, units in 1usize..=3,
         seed in any::<u64>(),
     ) {
-        let fmt = WeightFormat::ALL[f];
+        let fmt = WeightFormat::GPU[f];
         grouped(fmt, n, ne, m, k_for(fmt, units, 5), seed);
     }
 
@@ -120,7 +120,7 @@ proptest! {
         f in 0usize..7, n in 1usize..=200, k in 1usize..=4, ne in 1usize..=40, m in 1usize..=70,
         units in 1usize..=2, seed in any::<u64>(),
     ) {
-        let fmt = WeightFormat::ALL[f];
+        let fmt = WeightFormat::GPU[f];
         // Q8_0: K of whole 256-wide chunks every other case (the cp.async GEMM).
         let kk = if fmt == WeightFormat::Q8_0 && seed % 2 == 0 { 256 * units } else { k_for(fmt, units, 3) };
         device_sorted(fmt, n, k, ne, m, kk, seed);
@@ -175,7 +175,7 @@ fn device_sorted(fmt: WeightFormat, n: usize, k: usize, ne: usize, m: usize, kk:
 fn dispatch_thresholds() {
     // One below, at and above every threshold: the GEMV heights (1, 2, 4, 8), the GEMM tile
     // (64), and the sizes of issue 3's table.
-    for fmt in WeightFormat::ALL {
+    for fmt in WeightFormat::GPU {
         let k = k_for(fmt, 8, 0);
         for n in [1, 2, 3, 4, 5, 7, 8, 9, 63, 64, 65, 511, 512, 513] {
             dense(
@@ -240,7 +240,7 @@ fn negative_zero_survives_every_kernel() {
 #[test]
 fn nan_and_inf_activations() {
     let Some(dev) = gpu() else { return };
-    for fmt in WeightFormat::ALL {
+    for fmt in WeightFormat::GPU {
         let k = k_for(fmt, 4, 3);
         let seed = 77 + fmt.index() as u64;
         let wq = weights(fmt, 1, 20, k, seed);
@@ -263,7 +263,7 @@ fn nan_and_inf_activations() {
 #[test]
 fn gemv_row_equals_gemm_row_equals_grouped() {
     let Some(dev) = gpu() else { return };
-    for fmt in WeightFormat::ALL {
+    for fmt in WeightFormat::GPU {
         let (n, m, k) = (70, 40, k_for(fmt, 8, 0));
         let wq = weights(fmt, 1, m, k, 5);
         let xh = activations(n, k, 6, 0.0);
