@@ -14,7 +14,7 @@ use bitexact::model::{
     Schedule, SeqSpec, Trace, PAGE,
 };
 use bitexact::quant::WeightFormat;
-use bitexact::reference::batch::run_schedule;
+use bitexact::reference::batch::run_schedule_with;
 use serde::Serialize;
 
 use crate::{fmt_secs, parse_format, parse_positive, RunArgs};
@@ -48,6 +48,10 @@ pub struct BatchArgs {
     /// Seed of the weights, the sequences and the schedule.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Reduction orders: f32 (every kernel's) or exact (the exact integer orders, CPU only:
+    /// the device path then does not run).
+    #[arg(long, default_value = "f32", value_parser = crate::parse_orders)]
+    order: crate::Orders,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -57,6 +61,7 @@ struct Report {
     mode: &'static str,
     preset: String,
     format: String,
+    order: &'static str,
     seed: u64,
     sequences: usize,
     tokens: usize,
@@ -137,8 +142,11 @@ pub fn run(a: &BatchArgs) -> Result<bool> {
         }
     };
     println!(
-        "bitexact oracle: batch, {} ({}), seed {}",
-        a.preset, a.format, a.seed
+        "bitexact oracle: batch, {} ({}), seed {}, {} orders",
+        a.preset,
+        a.format,
+        a.seed,
+        a.order.name()
     );
     println!(
         "schedule (seed {}): {} sequences, {} tokens, {} steps, {} mixing prompt chunks with \
@@ -161,9 +169,20 @@ pub fn run(a: &BatchArgs) -> Result<bool> {
     // The paths: the CPU batched session, and the device session when a device opens (the
     // device first: a required one that does not open stops the run before the CPU work).
     let (dev, gpu_note) = a.run.open_device()?;
+    let (dev, gpu_note) = match dev {
+        Some(_) if a.order != crate::Orders::F32 => (
+            None,
+            Some(
+                "the kernels compute the f32 orders: --order exact runs the CPU paths only"
+                    .to_string(),
+            ),
+        ),
+        dev => (dev, gpu_note),
+    };
+    let (attn, gemm) = a.order.parts();
     let mut paths: Vec<(&'static str, f64, Vec<Trace>, usize)> = Vec::new();
     let t0 = Instant::now();
-    let (batched, reused) = run_schedule(&w, &schedule, &streams)?;
+    let (batched, reused) = run_schedule_with(&w, &schedule, &streams, attn, gemm)?;
     paths.push(("cpu-batched", t0.elapsed().as_secs_f64(), batched, reused));
     if let Some(dev) = &dev {
         let model = GpuModel::load(dev, &w)?;
@@ -181,7 +200,9 @@ pub fn run(a: &BatchArgs) -> Result<bool> {
         .iter()
         .map(|toks| {
             let mut t = Trace::default();
-            CpuSession::new(&w).run(toks, &mut t).map(|()| t)
+            let mut s = CpuSession::new(&w);
+            s.set_orders(attn, gemm);
+            s.run(toks, &mut t).map(|()| t)
         })
         .collect::<bitexact::Result<_>>()?;
     let t_solo = t0.elapsed().as_secs_f64();
@@ -260,6 +281,7 @@ pub fn run(a: &BatchArgs) -> Result<bool> {
         differing,
         first_divergence: first.clone(),
         gpu_note: gpu_note.clone(),
+        order: a.order.name(),
         bit_exact: exact,
     })?;
     Ok(exact)

@@ -160,6 +160,47 @@ pub(crate) fn parse_positive(s: &str) -> Result<usize, String> {
     }
 }
 
+/// `--order`: the canonical f32 orders every kernel computes, or the exact integer orders
+/// (issue 31: attention's `IntSlices::CHOSEN` and the exact matrix products), which only the
+/// CPU reference has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Orders {
+    F32,
+    Exact,
+}
+
+impl Orders {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Orders::F32 => "f32",
+            Orders::Exact => "exact",
+        }
+    }
+
+    /// Attention's order and the matrix products'.
+    pub(crate) fn parts(
+        self,
+    ) -> (
+        bitexact::reference::attention::AttnOrder,
+        bitexact::reference::gemm::GemmOrder,
+    ) {
+        use bitexact::reference::attention::{AttnOrder, IntSlices};
+        use bitexact::reference::gemm::GemmOrder;
+        match self {
+            Orders::F32 => (AttnOrder::default(), GemmOrder::Chain),
+            Orders::Exact => (AttnOrder::exact(IntSlices::CHOSEN), GemmOrder::Exact),
+        }
+    }
+}
+
+pub(crate) fn parse_orders(s: &str) -> Result<Orders, String> {
+    match s {
+        "f32" => Ok(Orders::F32),
+        "exact" => Ok(Orders::Exact),
+        _ => Err(format!("unknown order `{s}` (one of f32, exact)")),
+    }
+}
+
 pub(crate) fn parse_format(s: &str) -> Result<WeightFormat, String> {
     WeightFormat::parse(s).ok_or_else(|| {
         let names: Vec<&str> = WeightFormat::ALL.iter().map(|f| f.name()).collect();

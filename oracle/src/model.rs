@@ -62,6 +62,11 @@ pub struct ModelArgs {
     /// CPU reference's other modes: the GPU paths then do not run).
     #[arg(long, default_value = "f32", value_parser = parse_kv)]
     kv: KvMode,
+    /// Reduction orders: f32 (the canonical orders every kernel computes) or exact (the exact
+    /// integer orders of attention and of every matrix product, summed exactly and rounded
+    /// once: the CPU reference's, the GPU paths then do not run).
+    #[arg(long, default_value = "f32", value_parser = crate::parse_orders)]
+    order: crate::Orders,
     /// Stop at the first divergence.
     #[arg(long)]
     stop_early: bool,
@@ -89,6 +94,7 @@ struct Report {
     preset: String,
     format: String,
     kv: &'static str,
+    order: &'static str,
     tokens: usize,
     seed: u64,
     device: Option<String>,
@@ -260,6 +266,13 @@ fn setup(a: &ModelArgs) -> Result<Setup> {
             a.paths.join(",")
         );
     }
+    if a.order != crate::Orders::F32 && !cpu_named {
+        usage!(
+            "--order {} runs on the CPU paths only, and --paths {} names none",
+            a.order.name(),
+            a.paths.join(",")
+        );
+    }
     if a.kv != KvMode::F32 && !cpu_named {
         usage!(
             "--kv {} runs on the CPU paths only, and --paths {} names none",
@@ -295,9 +308,15 @@ fn setup(a: &ModelArgs) -> Result<Setup> {
             println!("device: not used ({why})");
             (None, Some(why.to_string()))
         }
+        (Some(_), _) if a.order != crate::Orders::F32 => {
+            let why = "the kernels compute the f32 orders: --order exact runs the CPU paths only";
+            println!("device: not used ({why})");
+            (None, Some(why.to_string()))
+        }
         (dev, _) => (dev, note),
     };
     println!("kv cache: {}", kv_name(a.kv));
+    println!("order: {}", a.order.name());
     let cpu_layers = a
         .cpu_layers
         .unwrap_or(if large { 2 } else { cfg.n_layers })
@@ -381,6 +400,8 @@ fn run_paths(a: &ModelArgs, s: &Setup) -> Result<Vec<Ran>> {
             progress.phase("cpu");
             let mut s = CpuSession::new(&w);
             s.set_kv_mode(a.kv)?;
+            let (attn, gemm) = a.order.parts();
+            s.set_orders(attn, gemm);
             let mut trace = Trace::default();
             let t = Instant::now();
             for step in &steps {
@@ -635,6 +656,7 @@ fn report(a: &ModelArgs, s: &Setup, runs: Vec<Ran>) -> Result<bool> {
             a.format.name().into()
         },
         kv: kv_name(a.kv),
+        order: a.order.name(),
         tokens: n,
         seed: a.seed,
         device: dev.as_ref().map(|d| format!("{} ({})", d.name(), d.arch())),

@@ -21,7 +21,7 @@ mod encode;
 pub mod fastscan;
 mod kquants;
 
-pub use act::{quantize_act, ActQ8};
+pub use act::{quantize_act, quantize_act_exact, ActQ8};
 pub use kquants::{decode_block, WBlock, WScale};
 
 use half::{bf16, f16};

@@ -120,6 +120,11 @@ pub struct IntSlices {
 }
 
 impl IntSlices {
+    /// The slices the exact order takes when nothing else is asked: `S = 4` with the Ozaki
+    /// triangle, the cheapest at least as accurate as the f32 chain on every measure of
+    /// BENCHMARKS.md (issue 31).
+    pub const CHOSEN: IntSlices = IntSlices::new(4, SlicePairs::Triangle);
+
     /// `S = slices` (1 to 4) with `pairs`.
     ///
     /// # Panics

@@ -13,7 +13,9 @@ use std::collections::BTreeMap;
 
 use crate::error::{check_indices, Error, Result};
 use crate::reference;
+use crate::reference::attention::AttnOrder;
 use crate::reference::delta_net::{self, DeltaNetState, DeltaNetWeights};
+use crate::reference::gemm::GemmOrder;
 use crate::reference::model::{flat_states, forward_rows, new_states, store_kv, Memory, RopeTable};
 use crate::spec::config::ModelConfig;
 use crate::spec::paged::{BatchPlan, BatchToken, PagedSequences, SeqId, PAGE};
@@ -68,6 +70,8 @@ struct PagedMemory {
     v: Vec<Vec<f32>>,
     slots: usize,
     dn: BTreeMap<SeqId, Vec<Option<DeltaNetState>>>,
+    attn: AttnOrder,
+    gemm: GemmOrder,
 }
 
 impl<'w> CpuBatchSession<'w> {
@@ -108,8 +112,19 @@ impl<'w> CpuBatchSession<'w> {
                 v: attn.iter().map(|&a| cache(a)).collect::<Result<_>>()?,
                 slots,
                 dn: BTreeMap::new(),
+                attn: AttnOrder::default(),
+                gemm: GemmOrder::Chain,
             },
         })
+    }
+
+    /// How attention forms scores and chunk outputs, and how every matrix product reduces
+    /// (the canonical f32 orders by default; [`crate::model::CpuSession`]'s modes). Set before
+    /// the first step: a sequence's bits are those of a [`crate::model::CpuSession`] in the
+    /// same orders.
+    pub fn set_orders(&mut self, attn: AttnOrder, gemm: GemmOrder) {
+        self.mem.attn = attn;
+        self.mem.gemm = gemm;
     }
 
     /// A new, empty sequence.
@@ -213,7 +228,14 @@ impl Memory for PagedStep<'_> {
                     (ks, vs)
                 });
                 let qh = &q[(i * nh + head) * hd..][..hd];
-                out.extend(reference::attention::attend(qh, ks, vs, t as usize, hd));
+                out.extend(reference::attention::attend_with(
+                    self.mem.attn,
+                    qh,
+                    ks,
+                    vs,
+                    t as usize,
+                    hd,
+                ));
             }
         }
         Ok(out)
@@ -243,12 +265,16 @@ impl Memory for PagedStep<'_> {
                 .get_mut(seq)
                 .expect("a live sequence has states");
             let st = states[l].as_mut().expect("a DeltaNet layer has a state");
-            let o = delta_net::forward_cpu(dw, st, &xs, rows.len(), eps)?;
+            let o = delta_net::forward_cpu_with(self.mem.gemm, dw, st, &xs, rows.len(), eps)?;
             for (r, &i) in rows.iter().enumerate() {
                 out[i * d..(i + 1) * d].copy_from_slice(&o[r * d..(r + 1) * d]);
             }
         }
         Ok(out)
+    }
+
+    fn gemm_order(&self) -> GemmOrder {
+        self.mem.gemm
     }
 }
 
@@ -261,7 +287,19 @@ pub fn run_schedule(
     schedule: &Schedule,
     streams: &[Vec<u32>],
 ) -> Result<(Vec<Trace>, usize)> {
+    run_schedule_with(w, schedule, streams, AttnOrder::default(), GemmOrder::Chain)
+}
+
+/// [`run_schedule`] in the orders `attn` and `gemm` ([`CpuBatchSession::set_orders`]).
+pub fn run_schedule_with(
+    w: &ModelWeights,
+    schedule: &Schedule,
+    streams: &[Vec<u32>],
+    attn: AttnOrder,
+    gemm: GemmOrder,
+) -> Result<(Vec<Trace>, usize)> {
     let mut session = CpuBatchSession::new(w, schedule.n_pages)?;
+    session.set_orders(attn, gemm);
     drive(&mut session, schedule, streams, w.cfg.dim, w.cfg.vocab)
 }
 

@@ -33,7 +33,7 @@
 
 use crate::error::{Error, Result};
 use crate::math::{exp, sigmoid, silu, softplus};
-use crate::reference::gemm::{dot_f32, gemm};
+use crate::reference::gemm::{dot_f32, gemm_with, GemmOrder};
 use crate::reference::norm::rmsnorm;
 
 pub use crate::spec::delta_net::{DeltaNetConfig, DeltaNetState, DeltaNetWeights};
@@ -130,6 +130,19 @@ pub fn forward_cpu(
     n: usize,
     eps: f32,
 ) -> Result<Vec<f32>> {
+    forward_cpu_with(GemmOrder::Chain, w, state, x, n, eps)
+}
+
+/// [`forward_cpu`] with the projections in the order `order`.
+pub fn forward_cpu_with(
+    order: GemmOrder,
+    w: &DeltaNetWeights,
+    state: &mut DeltaNetState,
+    x: &[f32],
+    n: usize,
+    eps: f32,
+) -> Result<Vec<f32>> {
+    let gemm = |x: &[f32], m, n| gemm_with(order, x, m, n);
     let c = &w.cfg;
     c.validate()?;
     if x.len() != n * c.dim {
@@ -155,6 +168,7 @@ mod tests {
     use super::*;
     use crate::init;
     use crate::quant::WeightFormat;
+    use crate::reference::gemm::gemm;
 
     fn cfg() -> DeltaNetConfig {
         DeltaNetConfig {

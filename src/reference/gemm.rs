@@ -39,12 +39,39 @@
 //! (block `j` of a 256-wide chunk feeds partial `j % 4`), while the chains stay long enough that
 //! the combination costs nothing. Integer dots are exact, so the tensor cores may form them in
 //! any order.
+//!
+//! # The exact order (issue 31; CPU reference only, not the default)
+//!
+//! [`GemmOrder::Exact`] defines `dot(x, w)` as the exact sum of its terms rounded once to the
+//! nearest f32 (ties to even, gradual underflow, overflow to `±inf`, an exact zero as `+0`;
+//! [`crate::reference::exact::ExactSum`]), so split-K, any tiling and any order of the blocks
+//! give the same bits:
+//!
+//! - Quantized formats: the activations are quantized with 11-bit scales
+//!   ([`crate::quant::quantize_act_exact`]: `dx` is `amax / 127` rounded up to 11
+//!   significant bits). Each block contributes the products of the step above, unrounded:
+//!   `d * dx * isum` (Q8_0, Q4_0, Q5_0, IQ4_NL, IQ4_XS, MXFP4), `ws * dx * isum + wm * dx *
+//!   sx` (Q4_K, Q5_K, Q4_1, Q5_1; `sx` the sum of the block's activation codes, where the
+//!   chain reads `ax`), `d * dx * (sc_lo * isum_lo + sc_hi * isum_hi)` (Q6_K, Q3_K), and for
+//!   Q2_K that minus `dmin * dx * (m_lo * sx_lo + m_hi * sx_hi)`. The weight scales are the
+//!   format's exact values (an f16 times a small integer: at most 19 significant bits), `dx`
+//!   has 11 and the integers stay below `2^27`, so each term is one 64-bit integer times a
+//!   power of two: a kernel sums them exactly in wide integers.
+//! - Float formats (F32, F16, BF16): `x` as is; the terms are the exact products `w[k] * x[k]`.
+//! - A NaN term, or infinite terms of both signs, make the result NaN; otherwise an infinite
+//!   term makes it that infinity (a NaN or infinite activation block has `dx = NaN`).
+//!
+//! Accuracy against f64, beside the chain's: BENCHMARKS.md (issue 31).
 
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::math::canon;
-use crate::quant::{decode_block, quantize_act, ActQ8, QuantMatrix, WBlock, WScale, WeightFormat};
+use crate::quant::{
+    decode_block, quantize_act, quantize_act_exact, ActQ8, QuantMatrix, WBlock, WScale,
+    WeightFormat,
+};
+use crate::reference::exact::ExactSum;
 
 /// Elements per block of the canonical dot product.
 pub const DOT_BLOCK: usize = 32;
@@ -149,6 +176,71 @@ pub fn qstep(acc: f32, w: &WBlock, xq: &[i8], dx: f32, ax: f32) -> f32 {
     }
 }
 
+/// One block's terms of the exact order ([`GemmOrder::Exact`]), added to `sum`: the block's
+/// value `Σ_l w_l * dx * q_l` as products of its exact scales, `dx` and integers.
+pub fn exact_step(sum: &mut ExactSum, w: &WBlock, xq: &[i8], dx: f32) {
+    let half = |r: std::ops::Range<usize>| -> i64 {
+        r.map(|i| i64::from(w.q[i]) * i64::from(xq[i])).sum()
+    };
+    let codes = |r: std::ops::Range<usize>| -> i64 { xq[r].iter().map(|&c| i64::from(c)).sum() };
+    let (lo, hi) = (half(0..16), half(16..32));
+    match w.scale {
+        WScale::Q8 { d } => sum.add_product(d, dx, lo + hi),
+        WScale::KMin { ws, wm } => {
+            sum.add_product(ws, dx, lo + hi);
+            sum.add_product(wm, dx, codes(0..32));
+        }
+        WScale::Q6 { d, sc } => {
+            sum.add_product(d, dx, i64::from(sc[0]) * lo + i64::from(sc[1]) * hi);
+        }
+        WScale::Q2 { d, dmin, sc, m } => {
+            sum.add_product(d, dx, i64::from(sc[0]) * lo + i64::from(sc[1]) * hi);
+            let im = i64::from(m[0]) * codes(0..16) + i64::from(m[1]) * codes(16..32);
+            sum.add_product(-dmin, dx, im);
+        }
+    }
+}
+
+/// The order a matrix product reduces in (module docs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GemmOrder {
+    /// The canonical f32 chain: four strided partials of rounded block steps.
+    #[default]
+    Chain,
+    /// The exact order: every block term summed exactly and rounded once, with the
+    /// activations quantized under 11-bit scales (CPU reference only, not the default).
+    Exact,
+}
+
+/// [`dot_row`] in the exact order: the activation rows `act` come from
+/// [`crate::quant::quantize_act_exact`] (quantized formats); the float formats take `x` as is
+/// and sum every `w[k] * x[k]` exactly.
+pub fn dot_row_exact(
+    format: WeightFormat,
+    w_row: &[u8],
+    k: usize,
+    x: &[f32],
+    act: Option<(&ActQ8, usize)>,
+) -> f32 {
+    let mut sum = ExactSum::new();
+    if !format.is_quantized() {
+        let mut w = Vec::with_capacity(k);
+        crate::quant::dequantize_row(format, w_row, k, &mut w);
+        for (&wi, &xi) in w.iter().zip(x) {
+            sum.add_product(wi, xi, 1);
+        }
+        return sum.round();
+    }
+    let (act, row) = act.expect("quantized formats take quantized activations");
+    let nb = k / DOT_BLOCK;
+    for b in 0..nb {
+        let w = decode_block(format, w_row, b);
+        let xq = &act.codes[row * k + b * DOT_BLOCK..][..DOT_BLOCK];
+        exact_step(&mut sum, &w, xq, act.d[row * nb + b]);
+    }
+    sum.round()
+}
+
 /// The canonical dot of one stored weight row (`format`, `k` columns) with one activation row:
 /// f32 values for the float formats, or row `row` of the quantized activations `act`.
 pub fn dot_row(
@@ -186,6 +278,11 @@ fn check_product(op: &'static str, w: &QuantMatrix, x_len: usize, nx: usize) -> 
 /// (`w.experts() == 1`); quantized formats first quantize each row of `x`
 /// ([`quantize_act`]). Shapes: `x: [n, k]`, returns `[n, m]`.
 pub fn gemm(x: &[f32], w: &QuantMatrix, n: usize) -> Result<Vec<f32>> {
+    gemm_with(GemmOrder::Chain, x, w, n)
+}
+
+/// [`gemm`] in the order `order`.
+pub fn gemm_with(order: GemmOrder, x: &[f32], w: &QuantMatrix, n: usize) -> Result<Vec<f32>> {
     check_product("reference::gemm", w, x.len(), n)?;
     if w.experts() != 1 {
         return Err(Error::invalid(
@@ -195,7 +292,7 @@ pub fn gemm(x: &[f32], w: &QuantMatrix, n: usize) -> Result<Vec<f32>> {
     }
     let mut y = vec![0.0f32; n * w.rows()];
     let rows: Vec<u32> = (0..n as u32).collect();
-    gemm_grouped(x, w, &mut y, &rows, &vec![0; n], &rows)?;
+    gemm_grouped_with(order, x, w, &mut y, &rows, &vec![0; n], &rows)?;
     Ok(y)
 }
 
@@ -210,10 +307,31 @@ pub fn gemm_grouped(
     experts: &[u32],
     y_rows: &[u32],
 ) -> Result<()> {
+    gemm_grouped_with(GemmOrder::Chain, x, w, y, x_rows, experts, y_rows)
+}
+
+/// [`gemm_grouped`] in the order `order`.
+pub fn gemm_grouped_with(
+    order: GemmOrder,
+    x: &[f32],
+    w: &QuantMatrix,
+    y: &mut [f32],
+    x_rows: &[u32],
+    experts: &[u32],
+    y_rows: &[u32],
+) -> Result<()> {
     let (m, k) = (w.rows(), w.cols());
     let nx = x.len().checked_div(k).unwrap_or(0);
     check_product("reference::gemm_grouped", w, x.len(), nx)?;
-    let act = w.format().is_quantized().then(|| quantize_act(x, nx, k));
+    let quantize = match order {
+        GemmOrder::Chain => quantize_act,
+        GemmOrder::Exact => quantize_act_exact,
+    };
+    let dot = match order {
+        GemmOrder::Chain => dot_row,
+        GemmOrder::Exact => dot_row_exact,
+    };
+    let act = w.format().is_quantized().then(|| quantize(x, nx, k));
     let rows: Vec<Vec<f32>> = (0..experts.len())
         .into_par_iter()
         .map(|r| {
@@ -222,7 +340,7 @@ pub fn gemm_grouped(
             (0..m)
                 .map(|j| {
                     let row = w.row(e, j);
-                    canon(dot_row(
+                    canon(dot(
                         w.format(),
                         row,
                         k,
@@ -280,6 +398,26 @@ mod tests {
                 assert!(
                     (got - want).abs() <= 1e-5 * size,
                     "{format} row {r}: {got} against {want} (size {size})"
+                );
+            }
+            // The exact order with its own activations: within one rounding of the result
+            // (and the decoded weights' own roundings).
+            let act = quantize_act_exact(&x, 1, k);
+            let xd: Vec<f64> = (0..k)
+                .map(|i| f64::from(act.codes[i]) * f64::from(act.d[i / 32]))
+                .collect();
+            for r in 0..rows {
+                let got = f64::from(dot_row_exact(format, w.row(0, r), k, &x, Some((&act, 0))));
+                let row = &wd[r * k..][..k];
+                let want: f64 = row.iter().zip(&xd).map(|(&a, b)| f64::from(a) * b).sum();
+                let size: f64 = row
+                    .iter()
+                    .zip(&xd)
+                    .map(|(&a, b)| (f64::from(a) * b).abs())
+                    .sum();
+                assert!(
+                    (got - want).abs() <= 2f64.powi(-23) * size + 2f64.powi(-24) * want.abs(),
+                    "exact {format} row {r}: {got} against {want} (size {size})"
                 );
             }
         }

@@ -9,6 +9,7 @@ pub mod attention;
 pub mod batch;
 pub mod delta_net;
 pub mod elementwise;
+pub mod exact;
 pub mod fastscan;
 pub mod gemm;
 pub mod model;

@@ -10,6 +10,7 @@ use crate::reference;
 use crate::reference::attention::{AttnOrder, PvMode, QkMode};
 use crate::reference::delta_net::{self, DeltaNetState, DeltaNetWeights};
 use crate::reference::fastscan::{attend_f16, CpuCache, ScoreMode, ValueMode};
+use crate::reference::gemm::GemmOrder;
 use crate::reference::moe_block;
 use crate::spec::config::{check_tokens, ModelConfig};
 use crate::spec::trace::Trace;
@@ -56,6 +57,7 @@ struct SoloMemory {
     v: Vec<Vec<f32>>,
     max_context: usize,
     order: AttnOrder,
+    gemm: GemmOrder,
     kv: KvMode,
     /// Per layer, its cache when `kv` is not f32 (`None` for DeltaNet layers).
     other_kv: Vec<Option<OtherKv>>,
@@ -89,6 +91,8 @@ pub(crate) trait Memory {
         x: &[f32],
         eps: f32,
     ) -> Result<Vec<f32>>;
+    /// The order of every matrix product ([`GemmOrder::Chain`] unless set).
+    fn gemm_order(&self) -> GemmOrder;
 }
 
 impl<'w> CpuSession<'w> {
@@ -110,6 +114,7 @@ impl<'w> CpuSession<'w> {
                 v: w.layers.iter().map(cache).collect(),
                 max_context: c.max_context,
                 order: AttnOrder::default(),
+                gemm: GemmOrder::Chain,
                 kv: KvMode::F32,
                 other_kv: w.layers.iter().map(|_| None).collect(),
                 dn: new_states(w),
@@ -127,6 +132,20 @@ impl<'w> CpuSession<'w> {
     /// default). The exact integer order exists on the CPU only, to measure its accuracy.
     pub fn set_pv_mode(&mut self, mode: PvMode) {
         self.mem.order.pv = mode;
+    }
+
+    /// Attention's order and every matrix product's at once ([`CpuSession::set_qk_mode`],
+    /// [`CpuSession::set_pv_mode`], [`CpuSession::set_gemm_order`]).
+    pub fn set_orders(&mut self, attn: AttnOrder, gemm: GemmOrder) {
+        self.mem.order = attn;
+        self.mem.gemm = gemm;
+    }
+
+    /// How every matrix product reduces ([`GemmOrder::Chain`], the canonical order, by
+    /// default). The exact order exists on the CPU only, to measure its accuracy; set it before
+    /// the first token (a change midway gives a sequence of two orders).
+    pub fn set_gemm_order(&mut self, order: GemmOrder) {
+        self.mem.gemm = order;
     }
 
     /// How the attention layers keep keys and values ([`KvMode::F32`] by default). Only before
@@ -285,7 +304,9 @@ pub(crate) fn forward_rows(
     pos: &[u32],
     trace: &mut Trace,
 ) -> Result<()> {
-    use reference::{elementwise, gemm::gemm, norm::rmsnorm, rope::rope_neox};
+    use reference::{elementwise, norm::rmsnorm, rope::rope_neox};
+    let order = mem.gemm_order();
+    let gemm = |x: &[f32], m, n| reference::gemm::gemm_with(order, x, m, n);
     let c = &w.cfg;
     let n = tokens.len();
     let (d, hd, nh, nkv) = (c.dim, c.head_dim, c.n_heads, c.n_kv_heads);
@@ -297,7 +318,7 @@ pub(crate) fn forward_rows(
             Mixer::DeltaNet(dw) => {
                 let o = mem.delta_net(l, dw, &x, c.norm_eps)?;
                 elementwise::add(&mut h, &o);
-                moe(lw, &mut h, n, c.norm_eps)?;
+                moe(lw, &mut h, n, c.norm_eps, order)?;
                 trace.push_layer(l, &h);
                 continue;
             }
@@ -331,7 +352,7 @@ pub(crate) fn forward_rows(
         }
         let o = gemm(&a, &aw.wo, n)?;
         elementwise::add(&mut h, &o);
-        moe(lw, &mut h, n, c.norm_eps)?;
+        moe(lw, &mut h, n, c.norm_eps, order)?;
         trace.push_layer(l, &h);
     }
     if w.is_complete() {
@@ -343,13 +364,13 @@ pub(crate) fn forward_rows(
 
 /// The MoE half of a layer: `h += moe(rmsnorm(h, ffn_norm))`, one token's reference loop for a
 /// single token, the batched schedule otherwise (the same bits).
-fn moe(lw: &LayerWeights, h: &mut [f32], n: usize, eps: f32) -> Result<()> {
+fn moe(lw: &LayerWeights, h: &mut [f32], n: usize, eps: f32, order: GemmOrder) -> Result<()> {
     use reference::{elementwise, norm::rmsnorm};
     let x2 = rmsnorm(h, &lw.ffn_norm, eps);
     let m = if n == 1 {
-        moe_block::forward_cpu(&lw.moe, &x2, 1)?
+        moe_block::forward_cpu_with(order, &lw.moe, &x2, 1)?
     } else {
-        moe_block::forward_cpu_batched(&lw.moe, &x2, n)?
+        moe_block::forward_cpu_batched_with(order, &lw.moe, &x2, n)?
     };
     elementwise::add(h, &m.out);
     Ok(())
@@ -410,7 +431,11 @@ impl Memory for SoloMemory {
         eps: f32,
     ) -> Result<Vec<f32>> {
         let st = self.dn[l].as_mut().expect("a DeltaNet layer has a state");
-        delta_net::forward_cpu(dw, st, x, x.len() / dw.cfg.dim, eps)
+        delta_net::forward_cpu_with(self.gemm, dw, st, x, x.len() / dw.cfg.dim, eps)
+    }
+
+    fn gemm_order(&self) -> GemmOrder {
+        self.gemm
     }
 }
 

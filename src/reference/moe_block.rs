@@ -4,13 +4,18 @@
 
 use crate::error::{Error, Result};
 use crate::reference;
+use crate::reference::gemm::GemmOrder;
 use crate::spec::config::check_input;
 use crate::spec::trace::MoeOutput;
 use crate::spec::weights::MoeWeights;
 
 /// CPU reference for one token: the sequential loop of the module docs.
-fn forward_cpu_token(w: &MoeWeights, x: &[f32]) -> Result<MoeOutput> {
-    use reference::{activation::swiglu, gemm::gemm, gemm::gemm_grouped, moe_reduce};
+fn forward_cpu_token(order: GemmOrder, w: &MoeWeights, x: &[f32]) -> Result<MoeOutput> {
+    use reference::{activation::swiglu, moe_reduce};
+    let gemm = |x: &[f32], m, n| reference::gemm::gemm_with(order, x, m, n);
+    let gemm_grouped = |x: &[f32], m, y: &mut [f32], xr: &[u32], e: &[u32], yr: &[u32]| {
+        reference::gemm::gemm_grouped_with(order, x, m, y, xr, e, yr)
+    };
     let c = &w.cfg;
     let (d, f, k) = (c.dim, c.ffn, c.top_k);
     let logits = gemm(x, &w.router, 1)?;
@@ -43,12 +48,22 @@ fn forward_cpu_token(w: &MoeWeights, x: &[f32]) -> Result<MoeOutput> {
 /// plain sequential loop; tokens are independent, so they run on all cores without changing a
 /// bit.
 pub fn forward_cpu(w: &MoeWeights, x: &[f32], n: usize) -> Result<MoeOutput> {
+    forward_cpu_with(GemmOrder::Chain, w, x, n)
+}
+
+/// [`forward_cpu`] with every product in the order `order`.
+pub fn forward_cpu_with(
+    order: GemmOrder,
+    w: &MoeWeights,
+    x: &[f32],
+    n: usize,
+) -> Result<MoeOutput> {
     use rayon::prelude::*;
     check_input(&w.cfg, x.len(), n)?;
     let d = w.cfg.dim;
     let per_token: Vec<MoeOutput> = x
         .par_chunks(d)
-        .map(|xt| forward_cpu_token(w, xt))
+        .map(|xt| forward_cpu_token(order, w, xt))
         .collect::<Result<_>>()?;
     let mut all = MoeOutput {
         out: Vec::with_capacity(n * d),
@@ -127,21 +142,51 @@ impl ExpertPlan {
 /// [`crate::model::GpuMoeBlock::forward_batched`], each product the reference dot. It must equal
 /// [`forward_cpu`] bit for bit; it is the oracle's second path when no GPU is present.
 pub fn forward_cpu_batched(w: &MoeWeights, x: &[f32], n: usize) -> Result<MoeOutput> {
-    use reference::{activation, gemm as rg, moe_reduce, router as rr, row_scale as rs};
+    forward_cpu_batched_with(GemmOrder::Chain, w, x, n)
+}
+
+/// [`forward_cpu_batched`] with every product in the order `order`.
+pub fn forward_cpu_batched_with(
+    order: GemmOrder,
+    w: &MoeWeights,
+    x: &[f32],
+    n: usize,
+) -> Result<MoeOutput> {
+    use reference::{activation, moe_reduce, router as rr, row_scale as rs};
+    mod rg {
+        pub use crate::reference::gemm::{gemm_grouped_with, gemm_with};
+    }
     check_input(&w.cfg, x.len(), n)?;
     let c = &w.cfg;
     let (d, f, k, ne) = (c.dim, c.ffn, c.top_k, c.n_experts);
-    let logits = rg::gemm(x, &w.router, n)?;
+    let logits = rg::gemm_with(order, x, &w.router, n)?;
     let (ids, weights) = rr::softmax_topk(&logits, n, ne, k, c.renormalize);
     let plan = ExpertPlan::new(&ids, k, ne)?;
     let r = plan.len();
     let mut g = vec![0.0; r * f];
     let mut u = vec![0.0; r * f];
-    rg::gemm_grouped(x, &w.gate, &mut g, &plan.tokens, &plan.experts, &plan.rows)?;
-    rg::gemm_grouped(x, &w.up, &mut u, &plan.tokens, &plan.experts, &plan.rows)?;
+    rg::gemm_grouped_with(
+        order,
+        x,
+        &w.gate,
+        &mut g,
+        &plan.tokens,
+        &plan.experts,
+        &plan.rows,
+    )?;
+    rg::gemm_grouped_with(
+        order,
+        x,
+        &w.up,
+        &mut u,
+        &plan.tokens,
+        &plan.experts,
+        &plan.rows,
+    )?;
     let h = activation::swiglu(&g, &u);
     let mut partial = vec![0.0; n * k * d];
-    rg::gemm_grouped(
+    rg::gemm_grouped_with(
+        order,
         &h,
         &w.down,
         &mut partial,
@@ -151,10 +196,10 @@ pub fn forward_cpu_batched(w: &MoeWeights, x: &[f32], n: usize) -> Result<MoeOut
     )?;
     let shared = match &w.shared {
         Some(s) => {
-            let sg = rg::gemm(x, &s.gate, n)?;
-            let su = rg::gemm(x, &s.up, n)?;
-            let mut sy = rg::gemm(&activation::swiglu(&sg, &su), &s.down, n)?;
-            let gate = activation::sigmoid(&rg::gemm(x, &s.gate_inp, n)?);
+            let sg = rg::gemm_with(order, x, &s.gate, n)?;
+            let su = rg::gemm_with(order, x, &s.up, n)?;
+            let mut sy = rg::gemm_with(order, &activation::swiglu(&sg, &su), &s.down, n)?;
+            let gate = activation::sigmoid(&rg::gemm_with(order, x, &s.gate_inp, n)?);
             rs::row_scale(&mut sy, &gate, d);
             Some(sy)
         }

@@ -118,6 +118,59 @@ fn twelve_sequences_mix_and_reuse_pages() {
     }
 }
 
+/// The exact integer orders (issue 31: attention's chosen slices and exact matrix products)
+/// keep the property: the same schedule of twelve sequences, every sequence's bits those of
+/// its solo run one token at a time in the same orders, on Q4_0 and Q8_0 experts and the
+/// hybrid model; and the orders are not the f32 ones (the logits differ).
+#[test]
+fn exact_orders_twelve_sequences_equal_solo() {
+    use bitexact::reference::attention::{AttnOrder, IntSlices};
+    use bitexact::reference::batch::run_schedule_with;
+    use bitexact::reference::gemm::GemmOrder;
+    let (attn, gemm) = (AttnOrder::exact(IntSlices::CHOSEN), GemmOrder::Exact);
+    let seqs: Vec<SeqSpec> = (0..12)
+        .map(|i| SeqSpec {
+            len: 30 + (41 * i) % 110,
+            prompt: 1 + (17 * i) % 40,
+        })
+        .collect();
+    for (name, fmt) in [
+        ("tiny", WeightFormat::Q4_0),
+        ("tiny", WeightFormat::Q8_0),
+        ("tiny-hybrid", WeightFormat::F32),
+    ] {
+        let w = tiny(name, fmt, 5);
+        let schedule = Schedule::random(11, &seqs, 14, 10, 16).unwrap();
+        let streams = streams(&w.cfg, &seqs, 2);
+        let (got, _) = run_schedule_with(&w, &schedule, &streams, attn, gemm).unwrap();
+        for (s, (t, toks)) in got.iter().zip(&streams).enumerate() {
+            let mut one = CpuSession::new(&w);
+            one.set_orders(attn, gemm);
+            let mut want = Trace::default();
+            one.run(toks, &mut want).unwrap();
+            if let Some((l, p, e)) = first_divergence(&want, t, w.cfg.dim) {
+                panic!("{name} {fmt}: sequence {s} first differs at position {p}, layer {l}, element {e}");
+            }
+            assert_bits_eq(
+                &format!("{name} {fmt} sequence {s}"),
+                &t.logits,
+                &want.logits,
+            );
+            if s == 0 {
+                let f32_orders = solo(&w, toks);
+                assert!(
+                    f32_orders
+                        .logits
+                        .iter()
+                        .zip(&want.logits)
+                        .any(|(a, b)| a.to_bits() != b.to_bits()),
+                    "{name} {fmt}: the exact orders gave the f32 orders' logits"
+                );
+            }
+        }
+    }
+}
+
 /// Refused rows: an unknown or removed sequence, a position that skips ahead or repeats, a
 /// batch over the free pages, a token past the vocabulary. Each is a typed error that changes
 /// nothing: the other sequences' next steps still give their solo bits.

@@ -29,6 +29,21 @@ const GOLDEN: [(&str, WeightFormat, u64, usize, u64); 4] = [
     ),
 ];
 
+/// The exact integer orders (issue 31; the CPU reference's only): (preset, format, seed,
+/// tokens, digest), each over one batched forward, one token at a time and chunks of 37.
+const GOLDEN_EXACT: [(&str, WeightFormat, u64, usize, u64); 4] = [
+    ("tiny", WeightFormat::F32, 7, 150, 0x3bcf2fe6bae6bb5d),
+    ("tiny", WeightFormat::Q8_0, 8, 150, 0x93f22e35b1c8cbda),
+    ("tiny", WeightFormat::Q4_0, 12, 150, 0x178dc44b656b39ad),
+    (
+        "tiny-hybrid",
+        WeightFormat::F32,
+        10,
+        150,
+        0x3a76d3974c594be5,
+    ),
+];
+
 fn fnv1a(trace: &Trace) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64;
     for x in trace.layers.iter().flatten().chain(&trace.logits) {
@@ -68,6 +83,30 @@ fn cpu_digests() {
             cpu_digest(preset, fmt, seed, n),
             want,
         );
+    }
+}
+
+#[test]
+fn cpu_digests_exact_orders() {
+    use bitexact::reference::attention::{AttnOrder, IntSlices};
+    use bitexact::reference::gemm::GemmOrder;
+    for (preset, fmt, seed, n, want) in GOLDEN_EXACT {
+        let cfg = ModelConfig::preset(preset, fmt).unwrap();
+        let w = ModelWeights::generate(&cfg, seed, None).unwrap();
+        let tokens = prompt(seed, n, cfg.vocab);
+        for chunk in [n, 1, 37] {
+            let mut s = CpuSession::new(&w);
+            s.set_orders(AttnOrder::exact(IntSlices::CHOSEN), GemmOrder::Exact);
+            let mut t = Trace::default();
+            for step in tokens.chunks(chunk) {
+                s.forward(step, &mut t).unwrap();
+            }
+            check(
+                &format!("cpu exact orders {preset} {fmt} chunk {chunk}"),
+                fnv1a(&t),
+                want,
+            );
+        }
     }
 }
 
