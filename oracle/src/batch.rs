@@ -9,12 +9,15 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use bitexact::model::batch::OnDevice;
 use bitexact::model::schedule::drive;
+use bitexact::model::CpuBatchSession;
 use bitexact::model::{
     first_divergence, prompt, BatchSession, CpuSession, GpuModel, ModelConfig, ModelWeights,
     Schedule, SeqSpec, Trace, PAGE,
 };
 use bitexact::quant::WeightFormat;
 use bitexact::reference::batch::run_schedule_with;
+use bitexact::reference::expert_parallel::ExpertParallel;
+use bitexact::spec::exchange::{ExpertPartition, Loopback};
 use serde::Serialize;
 
 use crate::{fmt_secs, parse_format, parse_positive, RunArgs};
@@ -52,8 +55,20 @@ pub struct BatchArgs {
     /// the device path then does not run).
     #[arg(long, default_value = "f32", value_parser = crate::parse_orders)]
     order: crate::Orders,
+    /// Expert-parallel ranks of the CPU batched path (virtual ranks in this process, rows
+    /// exchanged through the loopback transport; 1: every expert on one rank).
+    #[arg(long, default_value_t = 1, value_parser = parse_positive)]
+    ranks: usize,
+    /// How the experts are dealt to the ranks: contiguous or strided.
+    #[arg(long, default_value = "contiguous", value_parser = parse_partition)]
+    partition: ExpertPartition,
     #[command(flatten)]
     run: RunArgs,
+}
+
+fn parse_partition(s: &str) -> Result<ExpertPartition, String> {
+    ExpertPartition::parse(s)
+        .ok_or_else(|| format!("unknown partition `{s}` (one of contiguous, strided)"))
 }
 
 #[derive(Serialize)]
@@ -182,7 +197,45 @@ pub fn run(a: &BatchArgs) -> Result<bool> {
     let (attn, gemm) = a.order.parts();
     let mut paths: Vec<(&'static str, f64, Vec<Trace>, usize)> = Vec::new();
     let t0 = Instant::now();
-    let (batched, reused) = run_schedule_with(&w, &schedule, &streams, attn, gemm)?;
+    let (batched, reused) = if a.ranks > 1 {
+        let ep = ExpertParallel::new(&w, a.partition, Box::new(Loopback::new(a.ranks, a.seed)?))?;
+        let mut s = CpuBatchSession::new(&w, schedule.n_pages)?;
+        s.set_orders(attn, gemm);
+        s.set_expert_parallel(ep)?;
+        let got = drive(&mut s, &schedule, &streams, cfg.dim, cfg.vocab)?;
+        let ep = s.expert_parallel().expect("set above");
+        println!(
+            "expert parallel: {} ranks ({}), {} experts a layer",
+            a.ranks,
+            a.partition.name(),
+            cfg.moe.n_experts
+        );
+        for r in 0..a.ranks {
+            let t = &ep.traffic();
+            let (sent, recv): (usize, usize) = t.iter().fold((0, 0), |(x, y), l| {
+                (
+                    x + l.dispatch.sent[r] + l.combine.sent[r],
+                    y + l.dispatch.received[r] + l.combine.received[r],
+                )
+            });
+            println!(
+                "  rank {r}: experts {:?}, {:.1} MiB of weights (of {:.1} MiB on one rank); rows sent {sent}, received {recv} (all layers, dispatch + combine)",
+                ep.shard(0, r).experts,
+                ep.rank_weight_bytes(&cfg, r) as f64 / (1u64 << 20) as f64,
+                cfg.weight_bytes() as f64 / (1u64 << 20) as f64,
+            );
+        }
+        let l0 = &ep.traffic()[0];
+        println!(
+            "  layer 0: dispatch {} rows ({} bytes) between ranks, combine {} rows",
+            l0.dispatch.sent.iter().sum::<usize>(),
+            l0.dispatch.bytes,
+            l0.combine.sent.iter().sum::<usize>()
+        );
+        got
+    } else {
+        run_schedule_with(&w, &schedule, &streams, attn, gemm)?
+    };
     paths.push(("cpu-batched", t0.elapsed().as_secs_f64(), batched, reused));
     if let Some(dev) = &dev {
         let model = GpuModel::load(dev, &w)?;

@@ -405,6 +405,24 @@ impl QuantMatrix {
         QuantMatrix::from_bytes(first.format, first.experts, rows, first.cols, data)
     }
 
+    /// The experts `ids` of this matrix, in that order, as a matrix of `ids.len()` experts
+    /// (the same bytes: an expert-parallel rank holds only its own experts).
+    pub fn select_experts(&self, ids: &[u32]) -> Result<QuantMatrix> {
+        const OP: &str = "QuantMatrix::select_experts";
+        if let Some(&e) = ids.iter().find(|&&e| e as usize >= self.experts) {
+            return Err(Error::invalid(
+                OP,
+                format!("expert {e} of a matrix of {} experts", self.experts),
+            ));
+        }
+        let per = self.rows * self.format.row_bytes(self.cols)?;
+        let mut data = Vec::with_capacity(ids.len() * per);
+        for &e in ids {
+            data.extend_from_slice(&self.data[e as usize * per..][..per]);
+        }
+        QuantMatrix::from_bytes(self.format, ids.len(), self.rows, self.cols, data)
+    }
+
     /// Decodes every value to f32 (`[experts, rows, cols]`), as llama.cpp's `dequantize_row_*`
     /// does: Q8_0 `d * q`; Q4_K/Q5_K `(d * sc) * q - dmin * m`; Q6_K `(d * sc) * (q - 32)`.
     pub fn dequantize(&self) -> Vec<f32> {

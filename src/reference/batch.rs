@@ -15,13 +15,14 @@ use crate::error::{check_indices, Error, Result};
 use crate::reference;
 use crate::reference::attention::AttnOrder;
 use crate::reference::delta_net::{self, DeltaNetState, DeltaNetWeights};
+use crate::reference::expert_parallel::ExpertParallel;
 use crate::reference::gemm::GemmOrder;
 use crate::reference::model::{flat_states, forward_rows, new_states, store_kv, Memory, RopeTable};
 use crate::spec::config::ModelConfig;
 use crate::spec::paged::{BatchPlan, BatchToken, PagedSequences, SeqId, PAGE};
 use crate::spec::schedule::{drive, BatchRunner, Schedule};
 use crate::spec::trace::Trace;
-use crate::spec::weights::ModelWeights;
+use crate::spec::weights::{LayerWeights, ModelWeights};
 
 // A page is one attention chunk: the paged kernels walk a sequence's keys page by page.
 const _: () = assert!(PAGE == crate::reference::attention::CHUNK);
@@ -72,6 +73,7 @@ struct PagedMemory {
     dn: BTreeMap<SeqId, Vec<Option<DeltaNetState>>>,
     attn: AttnOrder,
     gemm: GemmOrder,
+    ep: Option<ExpertParallel>,
 }
 
 impl<'w> CpuBatchSession<'w> {
@@ -114,6 +116,7 @@ impl<'w> CpuBatchSession<'w> {
                 dn: BTreeMap::new(),
                 attn: AttnOrder::default(),
                 gemm: GemmOrder::Chain,
+                ep: None,
             },
         })
     }
@@ -125,6 +128,26 @@ impl<'w> CpuBatchSession<'w> {
     pub fn set_orders(&mut self, attn: AttnOrder, gemm: GemmOrder) {
         self.mem.attn = attn;
         self.mem.gemm = gemm;
+    }
+
+    /// Runs the MoE halves expert-parallel: the routed experts dealt over `ep`'s ranks, rows
+    /// exchanged through its transport, sequence `s`'s rows on home rank `s.0 % ranks`
+    /// ([`crate::reference::expert_parallel`]). Every row keeps its bits.
+    pub fn set_expert_parallel(&mut self, ep: ExpertParallel) -> Result<()> {
+        let held: usize = (0..ep.ranks()).map(|r| ep.shard(0, r).experts.len()).sum();
+        if ep.layers() != self.w.layers.len() || held != self.w.cfg.moe.n_experts {
+            return Err(Error::invalid(
+                "CpuBatchSession::set_expert_parallel",
+                "the expert shards are not of these weights",
+            ));
+        }
+        self.mem.ep = Some(ep);
+        Ok(())
+    }
+
+    /// The expert-parallel ranks, when set.
+    pub fn expert_parallel(&self) -> Option<&ExpertParallel> {
+        self.mem.ep.as_ref()
     }
 
     /// A new, empty sequence.
@@ -275,6 +298,20 @@ impl Memory for PagedStep<'_> {
 
     fn gemm_order(&self) -> GemmOrder {
         self.mem.gemm
+    }
+
+    fn moe(&mut self, l: usize, lw: &LayerWeights, h: &mut [f32], eps: f32) -> Result<()> {
+        let order = self.mem.gemm;
+        match self.mem.ep.as_mut() {
+            None => crate::reference::model::moe(lw, h, h.len() / lw.moe.cfg.dim, eps, order),
+            Some(ep) => {
+                let p = ep.ranks() as u64;
+                let home: Vec<usize> = (self.plan.row_seq.iter())
+                    .map(|&si| (self.plan.seqs[si].0 % p) as usize)
+                    .collect();
+                ep.moe(l, lw, h, &home, eps, order)
+            }
+        }
     }
 }
 

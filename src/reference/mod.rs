@@ -10,6 +10,7 @@ pub mod batch;
 pub mod delta_net;
 pub mod elementwise;
 pub mod exact;
+pub mod expert_parallel;
 pub mod fastscan;
 pub mod gemm;
 pub mod model;

@@ -93,6 +93,13 @@ pub(crate) trait Memory {
     ) -> Result<Vec<f32>>;
     /// The order of every matrix product ([`GemmOrder::Chain`] unless set).
     fn gemm_order(&self) -> GemmOrder;
+    /// The MoE half of layer `l` over the rows `h: [n, dim]`: `h += moe(rmsnorm(h, ffn_norm))`.
+    /// Where the experts live is the memory's business (all here, or dealt over ranks:
+    /// [`crate::reference::expert_parallel`]); the bits are the same.
+    fn moe(&mut self, l: usize, lw: &LayerWeights, h: &mut [f32], eps: f32) -> Result<()> {
+        let _ = l;
+        moe(lw, h, h.len() / lw.moe.cfg.dim, eps, self.gemm_order())
+    }
 }
 
 impl<'w> CpuSession<'w> {
@@ -318,7 +325,7 @@ pub(crate) fn forward_rows(
             Mixer::DeltaNet(dw) => {
                 let o = mem.delta_net(l, dw, &x, c.norm_eps)?;
                 elementwise::add(&mut h, &o);
-                moe(lw, &mut h, n, c.norm_eps, order)?;
+                mem.moe(l, lw, &mut h, c.norm_eps)?;
                 trace.push_layer(l, &h);
                 continue;
             }
@@ -352,7 +359,7 @@ pub(crate) fn forward_rows(
         }
         let o = gemm(&a, &aw.wo, n)?;
         elementwise::add(&mut h, &o);
-        moe(lw, &mut h, n, c.norm_eps, order)?;
+        mem.moe(l, lw, &mut h, c.norm_eps)?;
         trace.push_layer(l, &h);
     }
     if w.is_complete() {
@@ -364,7 +371,13 @@ pub(crate) fn forward_rows(
 
 /// The MoE half of a layer: `h += moe(rmsnorm(h, ffn_norm))`, one token's reference loop for a
 /// single token, the batched schedule otherwise (the same bits).
-fn moe(lw: &LayerWeights, h: &mut [f32], n: usize, eps: f32, order: GemmOrder) -> Result<()> {
+pub(crate) fn moe(
+    lw: &LayerWeights,
+    h: &mut [f32],
+    n: usize,
+    eps: f32,
+    order: GemmOrder,
+) -> Result<()> {
     use reference::{elementwise, norm::rmsnorm};
     let x2 = rmsnorm(h, &lw.ffn_norm, eps);
     let m = if n == 1 {

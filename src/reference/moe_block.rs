@@ -152,7 +152,7 @@ pub fn forward_cpu_batched_with(
     x: &[f32],
     n: usize,
 ) -> Result<MoeOutput> {
-    use reference::{activation, moe_reduce, router as rr, row_scale as rs};
+    use reference::{activation, moe_reduce, router as rr};
     mod rg {
         pub use crate::reference::gemm::{gemm_grouped_with, gemm_with};
     }
@@ -194,17 +194,26 @@ pub fn forward_cpu_batched_with(
         &plan.experts,
         &plan.pairs,
     )?;
-    let shared = match &w.shared {
-        Some(s) => {
-            let sg = rg::gemm_with(order, x, &s.gate, n)?;
-            let su = rg::gemm_with(order, x, &s.up, n)?;
-            let mut sy = rg::gemm_with(order, &activation::swiglu(&sg, &su), &s.down, n)?;
-            let gate = activation::sigmoid(&rg::gemm_with(order, x, &s.gate_inp, n)?);
-            rs::row_scale(&mut sy, &gate, d);
-            Some(sy)
-        }
-        None => None,
-    };
+    let shared = shared_expert(order, w, x, n)?;
     let out = moe_reduce::moe_weighted_reduce(&partial, &weights, shared.as_deref(), n, k, d);
     Ok(MoeOutput { out, ids, weights })
+}
+
+/// The shared expert over `x: [n, dim]`, gated (`[n, dim]`), or `None` without one: the batched
+/// schedule's, row by row the token loop's bits.
+pub(crate) fn shared_expert(
+    order: GemmOrder,
+    w: &MoeWeights,
+    x: &[f32],
+    n: usize,
+) -> Result<Option<Vec<f32>>> {
+    use crate::reference::gemm::gemm_with;
+    use reference::{activation, row_scale as rs};
+    let Some(s) = &w.shared else { return Ok(None) };
+    let sg = gemm_with(order, x, &s.gate, n)?;
+    let su = gemm_with(order, x, &s.up, n)?;
+    let mut sy = gemm_with(order, &activation::swiglu(&sg, &su), &s.down, n)?;
+    let gate = activation::sigmoid(&gemm_with(order, x, &s.gate_inp, n)?);
+    rs::row_scale(&mut sy, &gate, w.cfg.dim);
+    Ok(Some(sy))
 }

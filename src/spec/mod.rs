@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod delta_net;
+pub mod exchange;
 pub mod gguf;
 pub mod paged;
 pub mod schedule;

@@ -171,6 +171,68 @@ fn exact_orders_twelve_sequences_equal_solo() {
     }
 }
 
+/// Expert parallel on the CPU (issue 18): the routed experts dealt over P = 1..4 virtual
+/// ranks (contiguous and strided), rows exchanged through the loopback transport (which
+/// delivers in a shuffled order), each sequence's rows on its home rank: every sequence of the
+/// twelve-sequence schedule gives its solo bits, on Q8_0 experts and the hybrid model.
+#[test]
+fn expert_parallel_equals_one_rank() {
+    use bitexact::model::schedule::drive;
+    use bitexact::reference::expert_parallel::ExpertParallel;
+    use bitexact::spec::exchange::{ExpertPartition, Loopback};
+    let seqs: Vec<SeqSpec> = (0..12)
+        .map(|i| SeqSpec {
+            len: 30 + (41 * i) % 110,
+            prompt: 1 + (17 * i) % 40,
+        })
+        .collect();
+    for (name, fmt) in [
+        ("tiny", WeightFormat::Q8_0),
+        ("tiny-hybrid", WeightFormat::F32),
+    ] {
+        let w = tiny(name, fmt, 5);
+        let schedule = Schedule::random(11, &seqs, 14, 10, 16).unwrap();
+        let streams = streams(&w.cfg, &seqs, 2);
+        let alone: Vec<Trace> = streams.iter().map(|t| solo(&w, t)).collect();
+        for ranks in 1..=4 {
+            for part in [ExpertPartition::Contiguous, ExpertPartition::Strided] {
+                let ep = ExpertParallel::new(
+                    &w,
+                    part,
+                    Box::new(Loopback::new(ranks, ranks as u64).unwrap()),
+                )
+                .unwrap();
+                let mut s = CpuBatchSession::new(&w, schedule.n_pages).unwrap();
+                s.set_expert_parallel(ep).unwrap();
+                let (got, _) = drive(&mut s, &schedule, &streams, w.cfg.dim, w.cfg.vocab).unwrap();
+                for (i, (g, want)) in got.iter().zip(&alone).enumerate() {
+                    if let Some((l, p, e)) = first_divergence(want, g, w.cfg.dim) {
+                        panic!("{name} P={ranks} {part:?}: sequence {i} first differs at position {p}, layer {l}, element {e}");
+                    }
+                    assert_bits_eq(
+                        &format!("{name} P={ranks} sequence {i}"),
+                        &g.logits,
+                        &want.logits,
+                    );
+                }
+                let ep = s.expert_parallel().unwrap();
+                let t = &ep.traffic()[0];
+                if ranks > 1 {
+                    // Rows crossed between ranks, both ways, and no rank holds every expert.
+                    assert!(
+                        t.dispatch.sent.iter().all(|&r| r > 0),
+                        "{name} P={ranks} {part:?}: {t:?}"
+                    );
+                    assert_eq!(t.dispatch.sent, t.combine.received);
+                    assert!((0..ranks).all(|r| ep.shard(0, r).experts.len() < w.cfg.moe.n_experts));
+                } else {
+                    assert_eq!(t.dispatch.bytes, 0);
+                }
+            }
+        }
+    }
+}
+
 /// Refused rows: an unknown or removed sequence, a position that skips ahead or repeats, a
 /// batch over the free pages, a token past the vocabulary. Each is a typed error that changes
 /// nothing: the other sequences' next steps still give their solo bits.
