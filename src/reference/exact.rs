@@ -86,30 +86,21 @@ impl ExactSum {
         } else {
             (mag >> (128 - off)) as u64
         };
-        let parts = [lo, mid, hi];
-        if m > 0 {
-            let mut carry = false;
-            for (i, limb_v) in self.limbs.iter_mut().enumerate().skip(limb) {
-                let p = parts.get(i - limb).copied().unwrap_or(0);
-                let (s1, c1) = limb_v.overflowing_add(p);
-                let (s2, c2) = s1.overflowing_add(u64::from(carry));
-                *limb_v = s2;
-                carry = c1 || c2;
-                if i - limb >= 2 && !carry {
-                    break;
-                }
-            }
-        } else {
-            let mut borrow = false;
-            for (i, limb_v) in self.limbs.iter_mut().enumerate().skip(limb) {
-                let p = parts.get(i - limb).copied().unwrap_or(0);
-                let (s1, b1) = limb_v.overflowing_sub(p);
-                let (s2, b2) = s1.overflowing_sub(u64::from(borrow));
-                *limb_v = s2;
-                borrow = b1 || b2;
-                if i - limb >= 2 && !borrow {
-                    break;
-                }
+        // The term over the limbs from `limb` up: its magnitude's three limbs, negated in two's
+        // complement for a negative term (then sign-extended with all-ones limbs), added with
+        // carries; a carry out of the top limb is the two's complement wrap.
+        let neg = m < 0;
+        let mut carry = neg;
+        for (i, limb_v) in self.limbs.iter_mut().enumerate().skip(limb) {
+            let p = [lo, mid, hi].get(i - limb).copied().unwrap_or(0);
+            let p = if neg { !p } else { p };
+            let (s1, c1) = limb_v.overflowing_add(p);
+            let (s2, c2) = s1.overflowing_add(u64::from(carry));
+            *limb_v = s2;
+            carry = c1 || c2;
+            if i - limb >= 2 && carry == neg {
+                // What remains to add is 0 (positive, no carry) or all ones plus a carry: 0.
+                break;
             }
         }
     }

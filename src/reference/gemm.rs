@@ -379,46 +379,41 @@ mod tests {
             .collect();
         // Activations with a positive bias, so the min terms (Σ codes) do not average out.
         let x: Vec<f32> = (0..k).map(|_| (uniform() + 0.3) as f32).collect();
-        let act = quantize_act(&x, 1, k);
-        let xd: Vec<f64> = (0..k)
-            .map(|i| f64::from(act.codes[i]) * f64::from(act.d[i / 32]))
-            .collect();
+        type Dot = fn(WeightFormat, &[u8], usize, &[f32], Option<(&ActQ8, usize)>) -> f32;
+        // (order, its activations, its dot, the bound relative to (size, |want|)): the chain
+        // within a few roundings per block; the exact order within one rounding of the result
+        // and the decoded weights' own roundings.
+        let orders: [(&str, ActQ8, Dot, f64, f64); 2] = [
+            ("chain", quantize_act(&x, 1, k), dot_row, 1e-5, 0.0),
+            (
+                "exact",
+                quantize_act_exact(&x, 1, k),
+                dot_row_exact,
+                2f64.powi(-23),
+                2f64.powi(-24),
+            ),
+        ];
         for format in WeightFormat::ALL.into_iter().filter(|f| f.is_quantized()) {
             let w = QuantMatrix::quantize(format, &values, 1, rows, k).unwrap();
             let wd = w.dequantize();
-            for r in 0..rows {
-                let got = f64::from(dot_row(format, w.row(0, r), k, &x, Some((&act, 0))));
-                let row = &wd[r * k..][..k];
-                let want: f64 = row.iter().zip(&xd).map(|(&a, b)| f64::from(a) * b).sum();
-                let size: f64 = row
-                    .iter()
-                    .zip(&xd)
-                    .map(|(&a, b)| (f64::from(a) * b).abs())
-                    .sum();
-                assert!(
-                    (got - want).abs() <= 1e-5 * size,
-                    "{format} row {r}: {got} against {want} (size {size})"
-                );
-            }
-            // The exact order with its own activations: within one rounding of the result
-            // (and the decoded weights' own roundings).
-            let act = quantize_act_exact(&x, 1, k);
-            let xd: Vec<f64> = (0..k)
-                .map(|i| f64::from(act.codes[i]) * f64::from(act.d[i / 32]))
-                .collect();
-            for r in 0..rows {
-                let got = f64::from(dot_row_exact(format, w.row(0, r), k, &x, Some((&act, 0))));
-                let row = &wd[r * k..][..k];
-                let want: f64 = row.iter().zip(&xd).map(|(&a, b)| f64::from(a) * b).sum();
-                let size: f64 = row
-                    .iter()
-                    .zip(&xd)
-                    .map(|(&a, b)| (f64::from(a) * b).abs())
-                    .sum();
-                assert!(
-                    (got - want).abs() <= 2f64.powi(-23) * size + 2f64.powi(-24) * want.abs(),
-                    "exact {format} row {r}: {got} against {want} (size {size})"
-                );
+            for (name, act, dot, by_size, by_want) in &orders {
+                let xd: Vec<f64> = (0..k)
+                    .map(|i| f64::from(act.codes[i]) * f64::from(act.d[i / 32]))
+                    .collect();
+                for r in 0..rows {
+                    let got = f64::from(dot(format, w.row(0, r), k, &x, Some((act, 0))));
+                    let row = &wd[r * k..][..k];
+                    let want: f64 = row.iter().zip(&xd).map(|(&a, b)| f64::from(a) * b).sum();
+                    let size: f64 = row
+                        .iter()
+                        .zip(&xd)
+                        .map(|(&a, b)| (f64::from(a) * b).abs())
+                        .sum();
+                    assert!(
+                        (got - want).abs() <= by_size * size + by_want * want.abs(),
+                        "{name} {format} row {r}: {got} against {want} (size {size})"
+                    );
+                }
             }
         }
     }

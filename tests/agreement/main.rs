@@ -271,6 +271,37 @@ fn q4_k_within_llama_cpp_own_quantization_spread() {
     );
 }
 
+/// llama.cpp's quantizer when it is built (beside the logits tool), else why not (printed).
+fn quantizer(tool: &Path) -> Option<PathBuf> {
+    built(
+        tool.parent().unwrap().join("quantize/llama-quantize"),
+        "llama-quantize",
+    )
+}
+
+/// `llama-quantize F32_FILE OUT FTYPE`, then the file it wrote and the ggml types it holds.
+fn llama_quantize(
+    quantize: &Path,
+    f32_path: &Path,
+    out: &Path,
+    ftype: &str,
+) -> (bitexact::gguf::GgufFile, std::collections::BTreeSet<String>) {
+    let run = Command::new(quantize)
+        .arg(f32_path)
+        .arg(out)
+        .arg(ftype)
+        .output()
+        .expect("running llama-quantize");
+    assert!(
+        run.status.success(),
+        "llama-quantize {ftype}: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let file = bitexact::gguf::GgufFile::open(out).unwrap();
+    let formats = file.tensors.iter().map(|t| t.ty.name.to_string()).collect();
+    (file, formats)
+}
+
 /// A file llama.cpp's own quantizer made: our F32 export of the `small` preset through
 /// `llama-quantize ... Q4_K_M` (Q4_K with Q6_K for some v and down matrices and the LM head, the
 /// embedding in Q4_K). bitexact loads it and runs it; against llama.cpp on the same file it
@@ -278,10 +309,7 @@ fn q4_k_within_llama_cpp_own_quantization_spread() {
 #[test]
 fn a_llama_quantize_q4_k_m_file_runs_and_agrees() {
     let Some(tool) = tool() else { return };
-    let Some(quantize) = built(
-        tool.parent().unwrap().join("quantize/llama-quantize"),
-        "llama-quantize",
-    ) else {
+    let Some(quantize) = quantizer(&tool) else {
         return;
     };
     let mut cfg = ModelConfig::preset("small", WeightFormat::F32).unwrap();
@@ -291,20 +319,7 @@ fn a_llama_quantize_q4_k_m_file_runs_and_agrees() {
     std::fs::create_dir_all(&dir).unwrap();
     let (f32_path, q_path) = (dir.join("qm-f32.gguf"), dir.join("qm-q4_k_m.gguf"));
     std::fs::write(&f32_path, export(&w32).unwrap()).unwrap();
-    let out = Command::new(&quantize)
-        .arg(&f32_path)
-        .arg(&q_path)
-        .arg("Q4_K_M")
-        .output()
-        .expect("running llama-quantize");
-    assert!(
-        out.status.success(),
-        "llama-quantize: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let file = bitexact::gguf::GgufFile::open(&q_path).unwrap();
-    let formats: std::collections::BTreeSet<String> =
-        file.tensors.iter().map(|t| t.ty.name.to_string()).collect();
+    let (file, formats) = llama_quantize(&quantize, &f32_path, &q_path, "Q4_K_M");
     let wq = bitexact::model::gguf::load(&file, None, None).unwrap();
     let tokens = prompt(15, 80, cfg.vocab);
     let theirs = llama_logits(&tool, &wq, &tokens, "qm");
@@ -340,10 +355,7 @@ fn a_llama_quantize_q4_k_m_file_runs_and_agrees() {
 #[test]
 fn llama_quantize_mixes_run_exactly_and_agree() {
     let Some(tool) = tool() else { return };
-    let Some(quantize) = built(
-        tool.parent().unwrap().join("quantize/llama-quantize"),
-        "llama-quantize",
-    ) else {
+    let Some(quantize) = quantizer(&tool) else {
         return;
     };
     let mut cfg = ModelConfig::preset("small", WeightFormat::F32).unwrap();
@@ -370,20 +382,7 @@ fn llama_quantize_mixes_run_exactly_and_agree() {
         ("IQ4_NL", "IQ4_NL"),
     ] {
         let q_path = dir.join(format!("mix-{ftype}.gguf"));
-        let out = Command::new(&quantize)
-            .arg(&f32_path)
-            .arg(&q_path)
-            .arg(ftype)
-            .output()
-            .expect("running llama-quantize");
-        assert!(
-            out.status.success(),
-            "llama-quantize {ftype}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let file = bitexact::gguf::GgufFile::open(&q_path).unwrap();
-        let formats: std::collections::BTreeSet<String> =
-            file.tensors.iter().map(|t| t.ty.name.to_string()).collect();
+        let (file, formats) = llama_quantize(&quantize, &f32_path, &q_path, ftype);
         assert!(formats.contains(must), "{ftype}: {formats:?}");
         seen.extend(formats.iter().cloned());
         let wq = bitexact::model::gguf::load(&file, None, None)
@@ -947,7 +946,6 @@ fn exact_integer_attention_accuracy_against_f64() {
 #[test]
 fn exact_gemm_accuracy_against_f64() {
     use bitexact::quant::{quantize_act, quantize_act_exact};
-    use bitexact::reference::attention::{AttnOrder, IntSlices};
     use bitexact::reference::gemm::{gemm_with, GemmOrder};
     use bitexact::reference::norm::rmsnorm;
     use rand::{Rng, SeedableRng};
@@ -1043,23 +1041,7 @@ fn exact_gemm_accuracy_against_f64() {
         let cfg = ModelConfig::preset("small", fmt).unwrap();
         let w = ModelWeights::generate(&cfg, 31, None).unwrap();
         let tokens = prompt(31, 64, cfg.vocab);
-        let run = |attn: AttnOrder, gemm: GemmOrder| {
-            let mut s = CpuSession::new(&w);
-            s.set_orders(attn, gemm);
-            let mut t = Trace::default();
-            s.forward(&tokens, &mut t).unwrap();
-            t.logits
-        };
-        let base = run(AttnOrder::default(), GemmOrder::Chain);
-        for (name, attn, gemm) in [
-            ("exact products", AttnOrder::default(), GemmOrder::Exact),
-            (
-                "exact products and attention",
-                AttnOrder::exact(IntSlices::CHOSEN),
-                GemmOrder::Exact,
-            ),
-        ] {
-            let a = compare(&run(attn, gemm), &base, cfg.vocab);
+        for (name, a) in exact_orders_against_f32(&w, &tokens, cfg.vocab, |t| t.logits) {
             println!(
                 "| small {fmt} | {name} | {:.2e} | {:.2e} | {} of {} |",
                 a.median_rel,
@@ -1079,35 +1061,49 @@ fn exact_gemm_accuracy_against_f64() {
 #[test]
 #[ignore]
 fn exact_orders_on_large_shapes() {
-    use bitexact::reference::attention::{AttnOrder, IntSlices};
-    use bitexact::reference::gemm::GemmOrder;
     println!("| model | orders | median rel L2 vs f32 orders | max | top-1 mismatches |");
     println!("|---|---|---:|---:|---:|");
     for (preset, layers) in [("qwen3-30b-a3b", 2), ("qwen3.6-35b-a3b", 4)] {
         let cfg = ModelConfig::preset(preset, WeightFormat::Q8_0).unwrap();
         let w = ModelWeights::generate(&cfg, 0, Some(layers)).unwrap();
         let tokens = prompt(0, 16, cfg.vocab);
-        let run = |attn: AttnOrder, gemm: GemmOrder| {
-            let mut s = CpuSession::new(&w);
-            s.set_orders(attn, gemm);
-            let mut t = Trace::default();
-            s.forward(&tokens, &mut t).unwrap();
-            t.layers.last().unwrap().clone()
-        };
-        let base = run(AttnOrder::default(), GemmOrder::Chain);
-        for (name, attn, gemm) in [
-            ("exact products", AttnOrder::default(), GemmOrder::Exact),
-            (
-                "exact products and attention",
-                AttnOrder::exact(IntSlices::CHOSEN),
-                GemmOrder::Exact,
-            ),
-        ] {
-            let a = compare(&run(attn, gemm), &base, cfg.dim);
+        let last = |t: Trace| t.layers.last().unwrap().clone();
+        for (name, a) in exact_orders_against_f32(&w, &tokens, cfg.dim, last) {
             println!(
                 "| {preset} ({layers} layers, last hidden state) | {name} | {:.2e} | {:.2e} | - |",
                 a.median_rel, a.max_rel
             );
         }
     }
+}
+
+/// `w` over `tokens` in the exact products, then the exact products and attention, each against
+/// the f32 orders: what `pick` takes of the trace, compared in rows of `width`.
+fn exact_orders_against_f32(
+    w: &ModelWeights,
+    tokens: &[u32],
+    width: usize,
+    pick: impl Fn(Trace) -> Vec<f32>,
+) -> Vec<(&'static str, Agreement)> {
+    use bitexact::reference::attention::{AttnOrder, IntSlices};
+    use bitexact::reference::gemm::GemmOrder;
+    let run = |attn: AttnOrder, gemm: GemmOrder| {
+        let mut s = CpuSession::new(w);
+        s.set_orders(attn, gemm);
+        let mut t = Trace::default();
+        s.forward(tokens, &mut t).unwrap();
+        pick(t)
+    };
+    let base = run(AttnOrder::default(), GemmOrder::Chain);
+    [
+        ("exact products", AttnOrder::default(), GemmOrder::Exact),
+        (
+            "exact products and attention",
+            AttnOrder::exact(IntSlices::CHOSEN),
+            GemmOrder::Exact,
+        ),
+    ]
+    .into_iter()
+    .map(|(name, attn, gemm)| (name, compare(&run(attn, gemm), &base, width)))
+    .collect()
 }

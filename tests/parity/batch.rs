@@ -61,6 +61,16 @@ fn same_as_solo(w: &ModelWeights, got: &[Trace], streams: &[Vec<u32>]) {
     }
 }
 
+/// The twelve sequences of the fixed schedules: lengths 30..140, prompts 1..40.
+fn twelve() -> Vec<SeqSpec> {
+    (0..12)
+        .map(|i| SeqSpec {
+            len: 30 + (41 * i) % 110,
+            prompt: 1 + (17 * i) % 40,
+        })
+        .collect()
+}
+
 fn tiny(name: &str, fmt: WeightFormat, seed: u64) -> ModelWeights {
     let cfg = ModelConfig::preset(name, fmt).unwrap();
     ModelWeights::generate(&cfg, seed, None).unwrap()
@@ -95,12 +105,7 @@ proptest! {
 /// Q8_0 experts, and the hybrid model (per-sequence DeltaNet states).
 #[test]
 fn twelve_sequences_mix_and_reuse_pages() {
-    let seqs: Vec<SeqSpec> = (0..12)
-        .map(|i| SeqSpec {
-            len: 30 + (41 * i) % 110,
-            prompt: 1 + (17 * i) % 40,
-        })
-        .collect();
+    let seqs = twelve();
     for (name, fmt) in [
         ("tiny", WeightFormat::Q8_0),
         ("tiny-hybrid", WeightFormat::F32),
@@ -128,12 +133,7 @@ fn exact_orders_twelve_sequences_equal_solo() {
     use bitexact::reference::batch::run_schedule_with;
     use bitexact::reference::gemm::GemmOrder;
     let (attn, gemm) = (AttnOrder::exact(IntSlices::CHOSEN), GemmOrder::Exact);
-    let seqs: Vec<SeqSpec> = (0..12)
-        .map(|i| SeqSpec {
-            len: 30 + (41 * i) % 110,
-            prompt: 1 + (17 * i) % 40,
-        })
-        .collect();
+    let seqs = twelve();
     for (name, fmt) in [
         ("tiny", WeightFormat::Q4_0),
         ("tiny", WeightFormat::Q8_0),
@@ -180,12 +180,7 @@ fn expert_parallel_equals_one_rank() {
     use bitexact::model::schedule::drive;
     use bitexact::reference::expert_parallel::ExpertParallel;
     use bitexact::spec::exchange::{ExpertPartition, Loopback};
-    let seqs: Vec<SeqSpec> = (0..12)
-        .map(|i| SeqSpec {
-            len: 30 + (41 * i) % 110,
-            prompt: 1 + (17 * i) % 40,
-        })
-        .collect();
+    let seqs = twelve();
     for (name, fmt) in [
         ("tiny", WeightFormat::Q8_0),
         ("tiny-hybrid", WeightFormat::F32),
