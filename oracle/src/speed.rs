@@ -270,7 +270,14 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
     let file = match &a.gguf {
         Some(path) => {
             let f = bitexact::gguf::GgufFile::open(path)?;
-            let context = longest + a.steps + 16;
+            // Batched rows decode `steps` eagerly, `steps` more as graph replays, one profiled
+            // step and up to `steps` beside a mixed prompt: at most 3 x steps + 1 past it.
+            let past = if a.sequences.is_empty() {
+                a.steps
+            } else {
+                3 * a.steps + 1
+            };
+            let context = longest + past + 16;
             Some(bitexact::model::gguf::load(&f, Some(context), None)?)
         }
         None => None,
