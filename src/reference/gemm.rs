@@ -61,7 +61,9 @@
 //! - A NaN term, or infinite terms of both signs, make the result NaN; otherwise an infinite
 //!   term makes it that infinity (a NaN or infinite activation block has `dx = NaN`).
 //!
-//! Accuracy against f64, beside the chain's: BENCHMARKS.md (issue 31).
+//! Accuracy against f64, beside the chain's: BENCHMARKS.md (issue 31). How a kernel can form it:
+//! [`dot_row_exact_windowed`] (each term one integer below `2^57` times a power of two, summed
+//! in one i128 when the dot's exponents span little, the accumulator otherwise; the same bits).
 
 use rayon::prelude::*;
 
@@ -179,26 +181,94 @@ pub fn qstep(acc: f32, w: &WBlock, xq: &[i8], dx: f32, ax: f32) -> f32 {
 /// One block's terms of the exact order ([`GemmOrder::Exact`]), added to `sum`: the block's
 /// value `Σ_l w_l * dx * q_l` as products of its exact scales, `dx` and integers.
 pub fn exact_step(sum: &mut ExactSum, w: &WBlock, xq: &[i8], dx: f32) {
+    block_terms(w, xq, dx, |a, b, i| sum.add_product(a, b, i));
+}
+
+/// Each term `a * b * i` of one block in the exact order (`a` a weight scale, `b` the
+/// activation scale, `i` an integer below `2^27`).
+fn block_terms(w: &WBlock, xq: &[i8], dx: f32, mut term: impl FnMut(f32, f32, i64)) {
     let half = |r: std::ops::Range<usize>| -> i64 {
         r.map(|i| i64::from(w.q[i]) * i64::from(xq[i])).sum()
     };
     let codes = |r: std::ops::Range<usize>| -> i64 { xq[r].iter().map(|&c| i64::from(c)).sum() };
     let (lo, hi) = (half(0..16), half(16..32));
     match w.scale {
-        WScale::Q8 { d } => sum.add_product(d, dx, lo + hi),
+        WScale::Q8 { d } => term(d, dx, lo + hi),
         WScale::KMin { ws, wm } => {
-            sum.add_product(ws, dx, lo + hi);
-            sum.add_product(wm, dx, codes(0..32));
+            term(ws, dx, lo + hi);
+            term(wm, dx, codes(0..32));
         }
-        WScale::Q6 { d, sc } => {
-            sum.add_product(d, dx, i64::from(sc[0]) * lo + i64::from(sc[1]) * hi);
-        }
+        WScale::Q6 { d, sc } => term(d, dx, i64::from(sc[0]) * lo + i64::from(sc[1]) * hi),
         WScale::Q2 { d, dmin, sc, m } => {
-            sum.add_product(d, dx, i64::from(sc[0]) * lo + i64::from(sc[1]) * hi);
+            term(d, dx, i64::from(sc[0]) * lo + i64::from(sc[1]) * hi);
             let im = i64::from(m[0]) * codes(0..16) + i64::from(m[1]) * codes(16..32);
-            sum.add_product(-dmin, dx, im);
+            term(-dmin, dx, im);
         }
     }
+}
+
+/// The exact order of a quantized row as a kernel can form it (the plan for issue 32's
+/// tensor-core GEMMs): each term `a * b * i` becomes one integer `M * 2^E` (`a` and `b` with
+/// their trailing zero bits dropped: at most 19 + 11 significant bits, times `|i| < 2^27`, so
+/// `|M| < 2^57`); when the dot's exponents span little enough that every term fits one i128
+/// anchored at the least exponent (`span + bits(M) + log2(terms) <= 99`), the terms are summed
+/// there and rounded once, else the row takes [`ExactSum`]. Returns the result and whether the
+/// i128 window held it: the bits are [`dot_row_exact`]'s either way (tested).
+pub fn dot_row_exact_windowed(
+    format: WeightFormat,
+    w_row: &[u8],
+    k: usize,
+    act: &ActQ8,
+    row: usize,
+) -> (f32, bool) {
+    let nb = k / DOT_BLOCK;
+    let mut terms: Vec<(f32, f32, i64)> = Vec::with_capacity(2 * nb);
+    for b in 0..nb {
+        let w = decode_block(format, w_row, b);
+        let xq = &act.codes[row * k + b * DOT_BLOCK..][..DOT_BLOCK];
+        block_terms(&w, xq, act.d[row * nb + b], |a, x, i| terms.push((a, x, i)));
+    }
+    let exact = |terms: &[(f32, f32, i64)]| {
+        let mut s = ExactSum::new();
+        for &(a, b, i) in terms {
+            s.add_product(a, b, i);
+        }
+        s.round()
+    };
+    if terms
+        .iter()
+        .any(|&(a, b, _)| !a.is_finite() || !b.is_finite())
+    {
+        return (exact(&terms), false);
+    }
+    let part = |x: f32| {
+        let (m, e) = crate::reference::exact::f32_parts(x);
+        let tz = if m == 0 { 0 } else { m.trailing_zeros() };
+        (m >> tz, e + tz as i32)
+    };
+    let ints: Vec<(i128, i32)> = terms
+        .iter()
+        .map(|&(a, b, i)| {
+            let ((ma, ea), (mb, eb)) = (part(a), part(b));
+            (i128::from(ma) * i128::from(mb) * i128::from(i), ea + eb)
+        })
+        .filter(|&(m, _)| m != 0)
+        .collect();
+    let Some(e_min) = ints.iter().map(|&(_, e)| e).min() else {
+        return (0.0, true);
+    };
+    let e_max = ints.iter().map(|&(_, e)| e).max().unwrap_or(e_min);
+    let bits = ints
+        .iter()
+        .map(|&(m, _)| 128 - m.unsigned_abs().leading_zeros() as i32)
+        .max()
+        .unwrap_or(0);
+    let count_bits = 64 - (ints.len() as u64).leading_zeros() as i32;
+    if e_max - e_min + bits + count_bits > 99 {
+        return (exact(&terms), false);
+    }
+    let d: i128 = ints.iter().map(|&(m, e)| m << (e - e_min)).sum();
+    (crate::reference::attention::round_scaled(d, e_min), true)
 }
 
 /// The order a matrix product reduces in (module docs).
@@ -360,6 +430,51 @@ pub fn gemm_grouped_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The kernel plan of the exact order gives its bits: on rows of one scale (every dot in
+    /// the i128 window) and on rows whose blocks span 2^-60 .. 2^60 (some dots past the
+    /// window, through the accumulator), every quantized format.
+    #[test]
+    fn windowed_exact_dot_equals_the_exact_order() {
+        let (rows, k) = (8, 512);
+        let mut s = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let mut uniform = move || (next() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0;
+        let values: Vec<f32> = (0..rows * k).map(|_| uniform() as f32).collect();
+        let plain: Vec<f32> = (0..2 * k).map(|_| (uniform() + 0.2) as f32).collect();
+        let wide: Vec<f32> = (0..2 * k)
+            .map(|i| {
+                let scale = 2f64.powi(((i / 32) * 37 % 121) as i32 - 60);
+                (uniform() * scale) as f32
+            })
+            .collect();
+        for format in WeightFormat::ALL.into_iter().filter(|f| f.is_quantized()) {
+            let w = QuantMatrix::quantize(format, &values, 1, rows, k).unwrap();
+            for (name, x, all_fast) in [("plain", &plain, true), ("wide", &wide, false)] {
+                let act = quantize_act_exact(x, 2, k);
+                let mut fast = 0;
+                for n in 0..2 {
+                    for r in 0..rows {
+                        let want = dot_row_exact(format, w.row(0, r), k, x, Some((&act, n)));
+                        let (got, in_window) =
+                            dot_row_exact_windowed(format, w.row(0, r), k, &act, n);
+                        assert_eq!(got.to_bits(), want.to_bits(), "{format} {name} {n} {r}");
+                        fast += usize::from(in_window);
+                    }
+                }
+                if all_fast {
+                    assert_eq!(fast, 2 * rows, "{format}: a plain row left the window");
+                } else {
+                    assert!(fast < 2 * rows, "{format}: no wide row left the window");
+                }
+            }
+        }
+    }
 
     /// Every quantized format's block step, summed in the canonical order, against the f64 dot
     /// of the decoded weights (the decoders the gguf package checks) with the decoded activations:

@@ -1019,6 +1019,24 @@ fn exact_gemm_accuracy_against_f64() {
                             GemmOrder::Exact => "exact",
                         }
                     );
+                    if order == GemmOrder::Exact && fmt.is_quantized() {
+                        // How many of these dots a kernel's one-i128 window holds.
+                        let a = quantize_act_exact(&x, n, k);
+                        let held = (0..n)
+                            .flat_map(|r| (0..m).map(move |j| (r, j)))
+                            .filter(|&(r, j)| {
+                                bitexact::reference::gemm::dot_row_exact_windowed(
+                                    fmt,
+                                    w.row(0, j),
+                                    k,
+                                    &a,
+                                    r,
+                                )
+                                .1
+                            })
+                            .count();
+                        println!("|   | | | (i128 window: {held} of {} dots) | | | |", n * m);
+                    }
                     if order == GemmOrder::Exact && fmt != WeightFormat::Q4K {
                         // One rounding of the exact value of its own operands: half an ulp
                         // (Q4_K's decoded weights are themselves rounded, so its f64
