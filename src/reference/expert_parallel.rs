@@ -70,20 +70,6 @@ impl std::fmt::Debug for ExpertParallel {
     }
 }
 
-fn add(into: &mut Traffic, t: &Traffic) {
-    if into.sent.is_empty() {
-        into.sent = vec![0; t.sent.len()];
-        into.received = vec![0; t.received.len()];
-    }
-    for (a, b) in into.sent.iter_mut().zip(&t.sent) {
-        *a += b;
-    }
-    for (a, b) in into.received.iter_mut().zip(&t.received) {
-        *a += b;
-    }
-    into.bytes += t.bytes;
-}
-
 impl ExpertParallel {
     /// `w`'s routed experts dealt over `exchange.ranks()` ranks by `partition`.
     pub fn new(
@@ -149,9 +135,8 @@ impl ExpertParallel {
     /// the router and the shared expert of its own sequences), plus its own experts.
     pub fn rank_weight_bytes(&self, cfg: &crate::spec::config::ModelConfig, r: usize) -> usize {
         let m = &cfg.moe;
-        let expert = 3 * (m.ffn * m.dim / m.format.block_elems() * m.format.block_bytes());
         let own = self.partition.experts_of(r, m.n_experts, self.ranks).len();
-        cfg.weight_bytes() - cfg.n_layers * (m.n_experts - own) * expert
+        cfg.weight_bytes() - cfg.n_layers * (m.n_experts - own) * m.expert_bytes()
     }
 
     /// Layer `l`'s MoE half: `h += moe(rmsnorm(h))` over `h: [n, dim]`, row `i` on rank
@@ -266,8 +251,8 @@ impl ExpertParallel {
         let out = moe_weighted_reduce(&partial, &weights, shared.as_deref(), n, k, d);
         crate::reference::elementwise::add(h, &out);
         let t = &mut self.traffic[l];
-        add(&mut t.dispatch, &dispatched);
-        add(&mut t.combine, &combined);
+        t.dispatch.add(&dispatched);
+        t.combine.add(&combined);
         Ok(())
     }
 }

@@ -437,20 +437,13 @@ mod tests {
     #[test]
     fn windowed_exact_dot_equals_the_exact_order() {
         let (rows, k) = (8, 512);
-        let mut s = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            s
-        };
-        let mut uniform = move || (next() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0;
-        let values: Vec<f32> = (0..rows * k).map(|_| uniform() as f32).collect();
-        let plain: Vec<f32> = (0..2 * k).map(|_| (uniform() + 0.2) as f32).collect();
+        let u = |t: u64, i: usize| f64::from(crate::init::uniform(11, t, i as u64));
+        let values: Vec<f32> = (0..rows * k).map(|i| u(1, i) as f32).collect();
+        let plain: Vec<f32> = (0..2 * k).map(|i| (u(2, i) + 0.2) as f32).collect();
         let wide: Vec<f32> = (0..2 * k)
             .map(|i| {
                 let scale = 2f64.powi(((i / 32) * 37 % 121) as i32 - 60);
-                (uniform() * scale) as f32
+                (u(3, i) * scale) as f32
             })
             .collect();
         for format in WeightFormat::ALL.into_iter().filter(|f| f.is_quantized()) {
@@ -482,18 +475,12 @@ mod tests {
     #[test]
     fn block_steps_equal_the_decoded_dot_up_to_rounding() {
         let (rows, k) = (16, 1024);
-        let mut s = 0x2545_f491_4f6c_dd1du64;
-        let mut uniform = move || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-        };
+        let u = |t: u64, i: usize| f64::from(crate::init::uniform(12, t, i as u64));
         let values: Vec<f32> = (0..rows * k)
-            .map(|i| (uniform() * (1.0 + (i / 256 % 5) as f64)) as f32)
+            .map(|i| (u(1, i) * (1.0 + (i / 256 % 5) as f64)) as f32)
             .collect();
         // Activations with a positive bias, so the min terms (Σ codes) do not average out.
-        let x: Vec<f32> = (0..k).map(|_| (uniform() + 0.3) as f32).collect();
+        let x: Vec<f32> = (0..k).map(|i| (u(2, i) + 0.3) as f32).collect();
         type Dot = fn(WeightFormat, &[u8], usize, &[f32], Option<(&ActQ8, usize)>) -> f32;
         // (order, its activations, its dot, the bound relative to (size, |want|)): the chain
         // within a few roundings per block; the exact order within one rounding of the result

@@ -433,10 +433,15 @@ impl MoeConfig {
         Ok(())
     }
 
+    /// Bytes of one routed expert (gate, up and down) in the stored format.
+    pub fn expert_bytes(&self) -> usize {
+        3 * (self.ffn * self.dim / self.format.block_elems() * self.format.block_bytes())
+    }
+
     /// Bytes of weights in their stored formats.
     pub fn weight_bytes(&self) -> usize {
         let per = |elems: usize| elems / self.format.block_elems() * self.format.block_bytes();
-        let routed = 4 * self.n_experts * self.dim + self.n_experts * 3 * per(self.ffn * self.dim);
+        let routed = 4 * self.n_experts * self.dim + self.n_experts * self.expert_bytes();
         let shared = self
             .shared_ffn
             .map_or(0, |s| 4 * self.dim + 3 * per(s * self.dim));

@@ -78,6 +78,23 @@ pub struct Traffic {
     pub bytes: usize,
 }
 
+impl Traffic {
+    /// Adds `t`'s counts to these (an empty `Traffic` takes `t`'s rank count).
+    pub fn add(&mut self, t: &Traffic) {
+        if self.sent.is_empty() {
+            self.sent = vec![0; t.sent.len()];
+            self.received = vec![0; t.received.len()];
+        }
+        for (a, b) in self.sent.iter_mut().zip(&t.sent) {
+            *a += b;
+        }
+        for (a, b) in self.received.iter_mut().zip(&t.received) {
+            *a += b;
+        }
+        self.bytes += t.bytes;
+    }
+}
+
 /// An all-to-all between `ranks()` ranks.
 pub trait Exchange {
     /// How many ranks take part.
