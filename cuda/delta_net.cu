@@ -21,6 +21,8 @@
 //   delta_net_scan3_f32  v3 (after the same prep): the delta rule over Hv x ceil(S / 32) blocks,
 //                        a column's 4 partials in adjacent lanes (shuffles, no barrier in a
 //                        token), tokens staged 16 at a time (one barrier per 16 tokens).
+//   delta_net_scan4_f32  v4 (after the same prep): v3 with token t's output dot and token t + 1's
+//                        decay and kv dot in one loop (two independent chains a token).
 //   delta_net_gate_f32   v1: grid-stride loop.
 
 #include "common.cuh"
@@ -470,6 +472,140 @@ extern "C" __global__ void __launch_bounds__(128)
     if (col) dn_store_column(reg, mh, p, s);
     // The convolution's new window: this block's 32 channels of q and k (key head kh, written
     // by the blocks of head h = kh < Hk) and of v (head h).
+    if (tid < 3u * DN3_COLS) {
+        const u32 which = tid / DN3_COLS, c = g * DN3_COLS + tid % DN3_COLS;
+        const u32 ch = which == 0u ? kh * s + c : which == 1u ? hk * s + kh * s + c : 2u * hk * s + h * s + c;
+        dn_write_window(conv_out, mixed, conv_in, ch, c < s && (which == 2u || h < hk), n, kc, cd);
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// v4 of the delta rule (after delta_net_prep_f32, v3's layout and staging): token t's output dot
+// and token t + 1's decay and kv dot walk the column in one loop, two independent fmaf chains
+// where v3 ran them one after the other. Every element still takes v3's operations in v3's
+// order: M *= decay_t (one rounding), kv_t's partial, the update by delta_t, o_t's partial; the
+// decay of token t + 1 is applied in token t's loop, right after that element's update, and
+// after the last token by 1.0f (exact: the state's bits stay). Token t + 1's k is read before
+// token t's loop, so at a chunk's last token the next chunk must have landed: the barrier
+// moves there, and the chunk after it is fetched into the buffer just read.
+//   grid (Hv, ceil(S / 32)), 128 threads; S <= 128.
+
+// Token t's staged slot (chunks of DN3_CHUNK in two buffers).
+__device__ __forceinline__ const float* dn4_token(const float (*stage)[DN3_CHUNK * DN3_TOK], u32 t) {
+    return stage[(t / DN3_CHUNK) & 1u] + (t % DN3_CHUNK) * DN3_TOK;
+}
+
+// Partial p's 32 elements of a staged q or k (skewed, float4 reads).
+__device__ __forceinline__ void dn4_load(float (&r)[32], const float* v) {
+    const float4* v4 = reinterpret_cast<const float4*>(v);
+#pragma unroll
+    for (u32 c = 0; c < 8u; ++c) {
+        const float4 x = v4[c];
+        r[4u * c] = x.x, r[4u * c + 1u] = x.y, r[4u * c + 2u] = x.z, r[4u * c + 3u] = x.w;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    delta_net_scan4_f32(float* __restrict__ o, float* __restrict__ m, float* __restrict__ conv_out,
+                        const float* __restrict__ prep, const float* __restrict__ gates,
+                        const float* __restrict__ mixed, const float* __restrict__ conv_in,
+                        u32 n, u32 hk, u32 hv, u32 s, u32 kc) {
+    bx_grid_begin();
+    __shared__ __align__(16) float stage[2][DN3_CHUNK * DN3_TOK];
+    const u32 h = blockIdx.x, g = blockIdx.y, tid = threadIdx.x;
+    const u32 lane = tid & 31u, p = lane & 3u;
+    const u32 jl = (tid >> 5) * 8u + (lane >> 2);  // column in the block, 0..31
+    const u32 j = g * DN3_COLS + jl;
+    const bool col = j < s;
+    const u32 kh = h % hk;
+    const u32 cd = (2u * hk + hv) * s;
+    const float scale = 1.0f / sqrtf((float)s);
+    const u32 nch = (n + DN3_CHUNK - 1u) / DN3_CHUNK;
+    float* mh = m + (u64)h * s * s + (u64)j * s;
+    float reg[32];
+    if (col) {
+        dn_load_column(reg, mh, p, s);
+    } else {
+#pragma unroll
+        for (u32 i = 0; i < 32u; ++i) reg[i] = 0.0f;
+    }
+    // Chunks 0 and 1 in flight; wait for the first.
+    dn3_fetch(stage[0], prep, gates, 0u, min(DN3_CHUNK, n), h, kh, g, hk, hv, s, cd, tid);
+    if (nch > 1u)
+        dn3_fetch(stage[1], prep, gates, DN3_CHUNK, min(DN3_CHUNK, n - DN3_CHUNK), h, kh, g, hk,
+                  hv, s, cd, tid);
+    else
+        asm volatile("cp.async.commit_group;");
+    asm volatile("cp.async.wait_group 1;" ::: "memory");
+    __syncthreads();
+    // Token 0's decay and partial p of its kv = dot(M_j, k).
+    float kr[32];
+    float acc_kv = 0.0f;
+    {
+        const float* tok = dn4_token(stage, 0u);
+        dn4_load(kr, tok + DN3_K + p * 36u);
+        const float decay = tok[DN3_G + 1u];
+#pragma unroll
+        for (u32 i = 0; i < 32u; ++i) {
+            if (p * 32u + i < s) {
+                reg[i] = reg[i] * decay;
+                acc_kv = fmaf(kr[i], reg[i], acc_kv);
+            }
+        }
+    }
+    for (u32 t = 0; t < n; ++t) {
+        const float* tok = dn4_token(stage, t);
+        float qr[32];
+        dn4_load(qr, tok + DN3_Q + p * 36u);
+        const float vj = tok[DN3_V + jl], beta = tok[DN3_G];
+        const bool more = t + 1u < n;
+        if (more && (t + 1u) % DN3_CHUNK == 0u) {
+            // Token t + 1 opens the next chunk: it has landed once this thread's copies have,
+            // and every thread's after the barrier (which also finds every thread done with
+            // this chunk's buffer: token t's inputs are in registers). The chunk after the
+            // next one takes this buffer.
+            asm volatile("cp.async.wait_group 0;" ::: "memory");
+            __syncthreads();
+            const u32 c2 = (t + 1u) / DN3_CHUNK + 1u;
+            if (c2 < nch)
+                dn3_fetch(stage[c2 & 1u], prep, gates, c2 * DN3_CHUNK,
+                          min(DN3_CHUNK, n - c2 * DN3_CHUNK), h, kh, g, hk, hv, s, cd, tid);
+        }
+        float kn[32];
+        float decay_n = 1.0f;
+        if (more) {
+            const float* nx = dn4_token(stage, t + 1u);
+            dn4_load(kn, nx + DN3_K + p * 36u);
+            decay_n = nx[DN3_G + 1u];
+        } else {
+#pragma unroll
+            for (u32 i = 0; i < 32u; ++i) kn[i] = 0.0f;
+        }
+        // 5. Token t's kv and delta, then per element: the update M_j += k delta, partial p
+        //    of o_j = dot(M_j, q), and token t + 1's decay and partial p of its kv.
+        float part[4];
+        dn3_gather(acc_kv, lane, part);
+        const float kv = dn_kv_combine(part[0], part[1], part[2], part[3]);
+        const float delta = (vj - kv) * beta;
+        float acc_o = 0.0f;
+        acc_kv = 0.0f;
+#pragma unroll
+        for (u32 i = 0; i < 32u; ++i) {
+            if (p * 32u + i < s) {
+                const float r = fmaf(kr[i], delta, reg[i]);
+                acc_o = fmaf(qr[i], r, acc_o);
+                reg[i] = r * decay_n;
+                acc_kv = fmaf(kn[i], reg[i], acc_kv);
+            }
+        }
+        dn3_gather(acc_o, lane, part);
+        if (p == 0u && col)
+            o[((u64)t * hv + h) * s + j] = ((part[0] + part[1]) + (part[2] + part[3])) * scale;
+#pragma unroll
+        for (u32 i = 0; i < 32u; ++i) kr[i] = kn[i];
+    }
+    if (col) dn_store_column(reg, mh, p, s);
+    // The convolution's new window, as v3.
     if (tid < 3u * DN3_COLS) {
         const u32 which = tid / DN3_COLS, c = g * DN3_COLS + tid % DN3_COLS;
         const u32 ch = which == 0u ? kh * s + c : which == 1u ? hk * s + kh * s + c : 2u * hk * s + h * s + c;

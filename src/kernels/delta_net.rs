@@ -106,6 +106,17 @@ pub enum ScanKernel {
     /// v3: v2's prep, then `delta_net_scan3_f32`: the delta rule over `Hv x ceil(S / 32)`
     /// blocks, a column's partials combined by shuffles, one barrier per 16 tokens.
     V3,
+    /// v4: v3 with token `t`'s output dot and token `t + 1`'s decay and kv dot in one loop over
+    /// the column (two independent fmaf chains a token where v3 ran them in turn). Not yet
+    /// measured on a GPU: [`ScanKernel::Auto`] takes it only with `BITEXACT_SCAN_V4=1`.
+    V4,
+}
+
+/// Whether [`ScanKernel::Auto`] runs v4 for prefills (`BITEXACT_SCAN_V4=1`; v3 otherwise): the
+/// switch an A/B of whole-model prefill flips. Read once.
+fn auto_takes_v4() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("BITEXACT_SCAN_V4").is_ok_and(|v| v == "1"))
 }
 
 /// Tokens from which [`ScanKernel::Auto`] runs the prep and a column scan (v3; v2 before it). H200, the Qwen3.6 shape
@@ -183,9 +194,13 @@ pub fn delta_net_scan_with(
     }
     let fits = prep_smem_bytes(c) <= PREP_MAX_SMEM;
     let second = match kernel {
-        ScanKernel::Auto if n >= SCAN_V2_MIN_TOKENS && fits => Some("delta_net_scan3_f32"),
+        ScanKernel::Auto if n >= SCAN_V2_MIN_TOKENS && fits => Some(if auto_takes_v4() {
+            "delta_net_scan4_f32"
+        } else {
+            "delta_net_scan3_f32"
+        }),
         ScanKernel::Auto | ScanKernel::V1 => None,
-        ScanKernel::V2 | ScanKernel::V3 if !fits => {
+        ScanKernel::V2 | ScanKernel::V3 | ScanKernel::V4 if !fits => {
             return Err(Error::invalid(
                 OP,
                 format!(
@@ -197,6 +212,7 @@ pub fn delta_net_scan_with(
         }
         ScanKernel::V2 => Some("delta_net_scan2_f32"),
         ScanKernel::V3 => Some("delta_net_scan3_f32"),
+        ScanKernel::V4 => Some("delta_net_scan4_f32"),
     };
     if let Some(scan) = second {
         return scan_v2(
@@ -248,8 +264,8 @@ pub fn delta_net_scan_with(
     Ok(())
 }
 
-/// v2 and v3 of [`delta_net_scan_with`]: the prep, then `scan` (`delta_net_scan2_f32` or
-/// `delta_net_scan3_f32`, the same arguments). Shapes checked by the caller; `dims` = n, Hk,
+/// v2, v3 and v4 of [`delta_net_scan_with`]: the prep, then `scan` (`delta_net_scan2_f32`,
+/// `delta_net_scan3_f32` or `delta_net_scan4_f32`, the same arguments). Shapes checked by the caller; `dims` = n, Hk,
 /// Hv, S, Kc.
 #[allow(clippy::too_many_arguments)]
 fn scan_v2(
@@ -303,9 +319,9 @@ fn scan_v2(
     // channels and 5 floats per q and k vector.
     unsafe { launch.launch(cfg) }?;
     let f = dev.function(Family::DeltaNet, scan)?;
-    // v2: a block per value head, 4 threads a column; v3: 32 columns a block, 128 threads.
+    // v2: a block per value head, 4 threads a column; v3, v4: 32 columns a block, 128 threads.
     let cfg = match scan {
-        "delta_net_scan3_f32" => LaunchConfig {
+        "delta_net_scan3_f32" | "delta_net_scan4_f32" => LaunchConfig {
             grid_dim: (hv32, s32.div_ceil(32), 1),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
@@ -334,7 +350,7 @@ fn scan_v2(
     // SAFETY: o [n, Hv, S], the state [Hv, S, S] and the two windows (distinct tensors), prep
     // and gates written by the launch above on the same stream; v2: one block per value head
     // of 4 S <= 512 threads (S >= 3, so 3 S + 2 copy threads), each head's matrix written by
-    // its block alone; v3: one block per 32 columns of a head (S <= 128), each column written
+    // its block alone; v3, v4: one block per 32 columns of a head (S <= 128), each column written
     // by its block alone; each window channel by one block.
     unsafe { launch.launch(cfg) }?;
     dev.stream()

@@ -36,9 +36,16 @@ pub struct BatchSession<'m> {
     stage: HostStage<f32>,
     /// Whether decode steps replay a captured graph ([`BatchSession::set_graphs`]).
     graphs: bool,
-    graph: Option<StepGraph>,
+    /// The step graphs kept, the most recently replayed first, at most [`GRAPH_SLOTS`].
+    cache: Vec<StepGraph>,
+    /// The previous decode step's key: a key is captured on its second step in a row.
+    last_key: Option<GraphKey>,
     stats: BatchStats,
 }
+
+/// How many step graphs a [`BatchSession`] keeps: the row counts a serving loop cycles
+/// through as requests join and leave replay without a new capture.
+pub const GRAPH_SLOTS: usize = 4;
 
 /// What a [`BatchSession`]'s steps did, for tests and benches.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -160,25 +167,28 @@ impl<'m> BatchSession<'m> {
                 dn: BTreeMap::new(),
             },
             stage: HostStage::new(),
-            graphs: false,
-            graph: None,
+            graphs: true,
+            cache: Vec::new(),
+            last_key: None,
             stats: BatchStats::default(),
         })
     }
 
     /// Whether decode steps (every sequence of the batch one row, no trace) replay a captured
     /// CUDA graph: one launch for the step instead of one per kernel. The graph runs the same
-    /// kernels on the same buffers, so it returns the same bits. A step of another shape runs
-    /// eagerly; the graph is recaptured when the row count changes, when the longest
-    /// sequence's chunks cross a power of two, or (a model with DeltaNet layers) when the
-    /// sequences change. Measured on an H100 (BENCHMARKS.md, 2026-12-07): replays beat eager
-    /// steps at every batch size (the 30B shape at context 512: 1.32x at 1 sequence, 1.02x at
-    /// 128). Off by default: the session keeps one graph, so a row count that changes from
-    /// step to step would capture at every step.
+    /// kernels on the same buffers, so it returns the same bits. On by default. A graph bakes
+    /// in the row count, the power of two of chunks that covers the longest sequence and (a
+    /// model with DeltaNet layers) the sequences; a decode step whose shape is new runs
+    /// eagerly, and the shape is captured when the next decode step has it too, so a row
+    /// count that changes at every step never captures. The session keeps [`GRAPH_SLOTS`]
+    /// graphs, the least recently replayed dropped first. Measured on an H100 (BENCHMARKS.md,
+    /// 2026-12-07): replays beat eager steps at every batch size (the 30B shape at context
+    /// 512: 1.32x at 1 sequence, 1.02x at 128).
     pub fn set_graphs(&mut self, on: bool) {
         self.graphs = on;
         if !on {
-            self.graph = None;
+            self.cache.clear();
+            self.last_key = None;
         }
     }
 
@@ -204,14 +214,8 @@ impl<'m> BatchSession<'m> {
     /// Removes `seq`: its pages return to the pool, its states are freed.
     pub fn remove_sequence(&mut self, seq: SeqId) -> Result<()> {
         self.seqs.remove(seq)?;
-        if self
-            .graph
-            .as_ref()
-            .is_some_and(|g| g.key.seqs.contains(&seq))
-        {
-            // Its scans point at the states about to be freed.
-            self.graph = None;
-        }
+        // Graphs that scan its DeltaNet states point at the states about to be freed.
+        self.cache.retain(|g| !g.key.seqs.contains(&seq));
         self.mem.dn.remove(&seq);
         Ok(())
     }
@@ -426,10 +430,10 @@ impl<'m> BatchSession<'m> {
         ))
     }
 
-    /// Whether a step graph for the decode step `batch` (`plan`'s order) is ready, capturing
-    /// it when the step's shape is not the current graph's. A capture that fails turns graphs
-    /// off for the session (the reason kept in [`BatchStats::graph_error`]) and the step runs
-    /// eagerly.
+    /// Whether a step graph for the decode step `batch` (`plan`'s order) is ready (then the
+    /// first of the cache): kept from before, or captured now because the previous decode step
+    /// had the same shape. A capture that fails turns graphs off for the session (the reason
+    /// kept in [`BatchStats::graph_error`]) and the step runs eagerly.
     fn ensure_graph(&mut self, dev: &Device, batch: &[BatchToken], plan: &BatchPlan) -> bool {
         let c = self.model.config();
         let top = batch.iter().map(|t| t.pos).max().unwrap_or(0) as usize;
@@ -443,19 +447,29 @@ impl<'m> BatchSession<'m> {
                 None => Vec::new(),
             },
         };
-        if self.graph.as_ref().is_some_and(|g| g.key == key) {
+        if let Some(i) = self.cache.iter().position(|g| g.key == key) {
+            let g = self.cache.remove(i);
+            self.cache.insert(0, g);
+            self.last_key = Some(key);
             return true;
         }
-        // The old graph's buffers go first: the new one may need the memory.
-        self.graph = None;
+        let seen = self.last_key.as_ref() == Some(&key);
+        self.last_key = Some(key.clone());
+        if !seen {
+            return false;
+        }
+        // The least recently replayed graph's buffers go first: the new one may need the
+        // memory.
+        self.cache.truncate(GRAPH_SLOTS - 1);
         match self.capture(dev, key) {
             Ok(g) => {
-                self.graph = Some(g);
+                self.cache.insert(0, g);
                 self.stats.captures += 1;
                 true
             }
             Err(e) => {
                 self.graphs = false;
+                self.cache.clear();
                 self.stats.graph_error = Some(e.to_string());
                 false
             }
@@ -468,7 +482,7 @@ impl<'m> BatchSession<'m> {
         const OP: &str = "BatchSession::forward";
         let n = batch.len();
         let pos: Vec<u32> = batch.iter().map(|t| t.pos).collect();
-        let g = self.graph.as_mut().expect("captured above");
+        let g = self.cache.first_mut().expect("made ready above");
         g.graph.check_device(dev, OP)?;
         let stride = g.key.chunks;
         let mut tables = vec![0u32; n * stride];

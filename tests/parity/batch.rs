@@ -486,10 +486,11 @@ fn gpu_last_rows_and_refusals() {
 
 /// Decode steps replayed from a captured step graph give the eager steps' bits (and so the
 /// CPU's): sequences prefilled eagerly, then decode steps through positions 63-64 and 127-128
-/// (the graph's chunks cross a power of two: recaptured), a sequence leaving and another
-/// joining at the same row count (the attention-only graph carries on with the newcomer's
-/// tables; the hybrid's names its sequences: recaptured), then one leaving (fewer rows:
-/// recaptured), on the attention-only and the hybrid model, F32 and Q8_0.
+/// (the graph's chunks cross a power of two: one eager step, then captured), a sequence
+/// leaving and another joining at the same row count (the attention-only graph carries on
+/// with the newcomer's tables; the hybrid's names its sequences: captured again), then one
+/// leaving (fewer rows: captured again), on the attention-only and the hybrid model, F32 and
+/// Q8_0.
 #[test]
 fn gpu_decode_graphs_equal_eager_steps() {
     let Some(dev) = gpu() else { return };
@@ -559,6 +560,77 @@ fn gpu_decode_graphs_equal_eager_steps() {
             for (r, (x, y)) in a.iter().zip(b).enumerate() {
                 assert_bits_eq(&format!("{name} {fmt} step {step} row {r}"), y, x);
             }
+        }
+    }
+}
+
+/// The session's graph cache: a decode shape is captured on its second step in a row, so
+/// row counts that alternate from step to step run eagerly; once both are captured they
+/// alternate as replays with no new capture; a third and a fourth shape join the cache, a
+/// fifth drops the least recently replayed. Every step's bits are the eager steps'.
+#[test]
+fn gpu_graph_cache_captures_repeated_shapes() {
+    let Some(dev) = gpu() else { return };
+    let w = tiny("tiny", WeightFormat::Q8_0, 9);
+    let model = GpuModel::load(dev, &w).unwrap();
+    let v = w.cfg.vocab;
+    let streams: Vec<Vec<u32>> = (0..5).map(|i| prompt(60 + i, 80, v)).collect();
+    // Rows per step: alternating 5 and 4, then 5, 5, 4, 4 (both captured), alternating
+    // (replays), then 3, 3, 2, 2, 1, 1 (three more shapes: the cache drops 5 rows), then 5.
+    let counts: Vec<usize> = [5, 4, 5, 4, 5, 5, 4, 4, 5, 4, 5, 4, 3, 3, 2, 2, 1, 1, 5].to_vec();
+    let run = |graphs: bool| {
+        let mut s = BatchSession::new(dev, &model, 16).unwrap();
+        s.set_graphs(graphs);
+        let ids: Vec<_> = (0..5).map(|_| s.add_sequence(dev).unwrap()).collect();
+        let mut len = [0usize; 5];
+        let mut out = Vec::new();
+        let mut stats = Vec::new();
+        for &k in &counts {
+            let batch: Vec<BatchToken> = (0..k)
+                .map(|i| BatchToken {
+                    seq: ids[i],
+                    pos: len[i] as u32,
+                    token: streams[i][len[i]],
+                })
+                .collect();
+            let got = s.step(dev, &batch).unwrap();
+            out.push(got.iter().map(|(_, l)| l.to_vec()).collect::<Vec<_>>());
+            for l in &mut len[..k] {
+                *l += 1;
+            }
+            stats.push((s.stats().captures, s.stats().graph_replays));
+        }
+        (out, stats)
+    };
+    let (eager, es) = run(false);
+    let (graphed, gs) = run(true);
+    assert!(es.iter().all(|&(c, r)| c == 0 && r == 0));
+    // (captures, replays) after each step.
+    let want = [
+        (0, 0),
+        (0, 0),
+        (0, 0),
+        (0, 0),
+        (0, 0), // alternating: nothing captured
+        (1, 1),
+        (1, 1),
+        (2, 2), // 5, 5 then 4, 4
+        (2, 3),
+        (2, 4),
+        (2, 5),
+        (2, 6), // alternating replays
+        (2, 6),
+        (3, 7),
+        (3, 7),
+        (4, 8),
+        (4, 8),
+        (5, 9), // 3, 2, 1 rows: 5 rows dropped
+        (5, 9), // 5 rows again: eager (no longer kept)
+    ];
+    assert_eq!(gs, want);
+    for (step, (a, b)) in eager.iter().zip(&graphed).enumerate() {
+        for (r, (x, y)) in a.iter().zip(b).enumerate() {
+            assert_bits_eq(&format!("step {step} row {r}"), y, x);
         }
     }
 }
