@@ -49,6 +49,11 @@ pub enum MatmulKernel {
     /// GEMV (`gemv_<fmt>_mma`, which `Auto` runs for Q8_0 weights of at least
     /// [`GEMV_MMA_MIN_ROWS`] rows) at any number of rows; everything else as [`Self::Gemv`].
     GemvMma,
+    /// The generic kernels alone: [`GemmKernel::Gemv`] for tiles of at most
+    /// [`GEMV_MAX_ROWS`] rows, [`GemmKernel::Gemm`] otherwise, where `Auto` would take a
+    /// specialised one (cp.async, tensor-core GEMV, the wide F32 GEMV). Their witnesses: the
+    /// tests hold each specialised kernel to the generic one's bits and the CPU's.
+    Plain,
 }
 
 /// Zero bytes after every uploaded matrix: the Q6_K GEMM copies the 16-byte aligned window
@@ -460,39 +465,179 @@ impl RoutedRows {
     }
 }
 
-/// The kernel a product actually runs, after dispatch.
+/// The kernel one product runs, chosen once by [`select`]: the launch reads its name, its
+/// geometry and its tile height from here and decides nothing. Every variant is reachable
+/// through some [`MatmulKernel`] (a unit test walks them against the compiled entry points).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Plan {
+pub enum GemmKernel {
+    /// `gemm_f32_v1` / `gemm_grouped_f32_v1`: one thread per output (F32 weights).
     V1,
-    /// GEMV with this many rows per tile (1, 2, 4 or 8).
-    Gemv(usize),
-    /// GEMV for one-row tiles, on the tensor cores where the format has that kernel.
-    GemvMma,
+    /// `gemv_<fmt>_t<height>`: tiles of `height` rows (1, 2, 4 or 8), a warp per weight row,
+    /// 8 rows a block.
+    Gemv {
+        /// Rows per tile.
+        height: usize,
+    },
+    /// `gemv_f32_wide`: F32 weights one row at a time, 4 rows a block staged in shared memory.
+    GemvF32Wide,
+    /// `gemv_q8_0_mma`: Q8_0 weights (K % 256 == 0) one row at a time on the int8 tensor cores,
+    /// 16 weight rows a block.
+    GemvQ8Mma,
+    /// `gemv_q6_k_mma`: Q6_K weights one row at a time on the int8 tensor cores.
+    GemvQ6Mma,
+    /// `gemv_q8_0_rows`: Q8_0 weights (K % 256 == 0, K > [`GEMV_ASYNC_MAX_Q8_COLS`]) one row at
+    /// a time, 16 weight rows a block.
+    GemvQ8Rows,
+    /// `gemv_{q8_0,q4_k,q5_k}_async`: one row at a time, 8 weight rows a warp, their chunks
+    /// copied by cp.async (Q8_0 with K % 256 == 0 and K <= [`GEMV_ASYNC_MAX_Q8_COLS`]).
+    GemvAsync,
+    /// `gemm_ffma_<fmt>` (float formats) / `gemm_mma_<fmt>` (quantized): tiles of
+    /// [`GEMM_TILE_ROWS`] rows.
     Gemm,
+    /// `gemm_mma_q8_0_async`: Q8_0 weights with K % 256 == 0, 3 cp.async stages.
+    GemmQ8Async,
+    /// `gemm_mma_q{4,5,6}_k_async`: the K-quants' GEMM, 3 cp.async stages, 512 threads.
+    GemmKqAsync,
+}
+
+impl GemmKernel {
+    /// Rows of one tile: the height of a GEMV tile (1 for the one-row kernels), the tiled
+    /// GEMM's [`GEMM_TILE_ROWS`]; the v1 kernels take rows one by one.
+    pub fn tile_rows(self) -> usize {
+        match self {
+            GemmKernel::Gemv { height } => height,
+            GemmKernel::Gemm | GemmKernel::GemmQ8Async | GemmKernel::GemmKqAsync => GEMM_TILE_ROWS,
+            _ => 1,
+        }
+    }
+
+    /// Whether the kernel walks a routing table's GEMM tiles (else its GEMV tiles).
+    fn is_gemm(self) -> bool {
+        self.tile_rows() == GEMM_TILE_ROWS
+    }
+
+    /// The CUDA entry point for weights of `format`; `None` where the kernel has no entry for
+    /// that format.
+    pub fn entry(self, format: WeightFormat) -> Option<&'static str> {
+        use WeightFormat as F;
+        let fi = format.index();
+        let gpu = fi < GEMM_NAMES.len();
+        Some(match (self, format) {
+            (GemmKernel::V1, F::F32) => "gemm_f32_v1",
+            (GemmKernel::Gemv { height }, _) if gpu && matches!(height, 1 | 2 | 4 | 8) => {
+                GEMV_NAMES[fi][height.trailing_zeros() as usize]
+            }
+            (GemmKernel::GemvF32Wide, F::F32) => "gemv_f32_wide",
+            (GemmKernel::GemvQ8Mma, F::Q8_0) => "gemv_q8_0_mma",
+            (GemmKernel::GemvQ6Mma, F::Q6K) => "gemv_q6_k_mma",
+            (GemmKernel::GemvQ8Rows, F::Q8_0) => "gemv_q8_0_rows",
+            (GemmKernel::GemvAsync, F::Q8_0) => "gemv_q8_0_async",
+            (GemmKernel::GemvAsync, F::Q4K) => "gemv_q4_k_async",
+            (GemmKernel::GemvAsync, F::Q5K) => "gemv_q5_k_async",
+            (GemmKernel::Gemm, _) if gpu => GEMM_NAMES[fi],
+            (GemmKernel::GemmQ8Async, F::Q8_0) => "gemm_mma_q8_0_async",
+            (GemmKernel::GemmKqAsync, F::Q4K) => "gemm_mma_q4_k_async",
+            (GemmKernel::GemmKqAsync, F::Q5K) => "gemm_mma_q5_k_async",
+            (GemmKernel::GemmKqAsync, F::Q6K) => "gemm_mma_q6_k_async",
+            _ => return None,
+        })
+    }
+
+    /// Blocks along the output features for `m` of them, threads a block and dynamic shared
+    /// memory, for weights of `format`.
+    fn geometry(self, format: WeightFormat, m: u32) -> (u32, u32, u32) {
+        let tile = GEMM_TILE_ROWS as u32;
+        match self {
+            GemmKernel::V1 => (m.div_ceil(V1_THREADS), V1_THREADS, 0),
+            GemmKernel::Gemv { .. } => (m.div_ceil(GEMV_ROWS_PER_BLOCK), 256, 0),
+            GemmKernel::GemvF32Wide => (m, 128, 0),
+            GemmKernel::GemvQ8Mma => (m.div_ceil(16), 256, GMQ_SMEM_BYTES),
+            GemmKernel::GemvQ6Mma => (m.div_ceil(16), 256, GMQ_Q6_SMEM_BYTES),
+            GemmKernel::GemvQ8Rows => (m.div_ceil(16), 256, 0),
+            GemmKernel::GemvAsync => (m.div_ceil(8), 32, gka_smem(format)),
+            GemmKernel::Gemm => (m.div_ceil(tile), 256, 0),
+            GemmKernel::GemmQ8Async => (m.div_ceil(tile), 256, Q8_ASYNC_SMEM_BYTES),
+            GemmKernel::GemmKqAsync => (
+                m.div_ceil(tile),
+                KQ_ASYNC_THREADS,
+                match format {
+                    WeightFormat::Q4K => kq_async_smem(144, false),
+                    WeightFormat::Q5K => kq_async_smem(176, false),
+                    _ => kq_async_smem(224, true),
+                },
+            ),
+        }
+    }
 }
 
 fn gemv_height(rows: usize) -> usize {
     rows.clamp(1, GEMV_MAX_ROWS).next_power_of_two()
 }
 
-fn plan(kernel: MatmulKernel, format: WeightFormat, largest_tile: usize) -> Result<Plan> {
-    Ok(match kernel {
-        MatmulKernel::V1 if format == WeightFormat::F32 => Plan::V1,
+/// The one choice of kernel: what `kernel` runs for weights of `format` with `rows` output
+/// features and `cols` inputs, over tiles of at most `largest_tile` rows (a dense product's
+/// `n`; a grouped one's largest group, capped at [`GEMM_TILE_ROWS`], or the bound the host
+/// has when the table is built on the device). Every choice gives the same bits; a format
+/// without GPU kernels is an error.
+///
+/// Why the specialised kernels (ncu on the H200, the 30B shapes): Q8_0 rows of whole
+/// 256-wide chunks one token at a time go on the tensor cores from [`GEMV_MMA_MIN_ROWS`] rows
+/// (the LM head), through the cp.async dp4a kernel up to [`GEMV_ASYNC_MAX_Q8_COLS`] columns
+/// (the expert down product: 8.5 us, where the same staging as `gemv_q8_0_rows` took 11.4) and
+/// through `gemv_q8_0_rows` otherwise (gate/up 15.6 -> 12.8 us against the generic GEMV); Q4_K
+/// and Q5_K one token at a time through the cp.async GEMV; F32 (the router of a decode step)
+/// through the wide GEMV; the quantized GEMMs through their cp.async versions wherever the
+/// rows are 16-byte aligned. Q6_K one token at a time on the tensor cores stays opt-in
+/// ([`MatmulKernel::GemvMma`]) until measured against the generic GEMV.
+pub fn select(
+    kernel: MatmulKernel,
+    format: WeightFormat,
+    rows: usize,
+    cols: usize,
+    largest_tile: usize,
+) -> Result<GemmKernel> {
+    use WeightFormat as F;
+    let height = gemv_height(largest_tile);
+    let q8_chunks = format == F::Q8_0 && cols % 256 == 0;
+    let gemv = |mma: bool| match format {
+        _ if height != 1 => GemmKernel::Gemv { height },
+        F::F32 => GemmKernel::GemvF32Wide,
+        _ if q8_chunks && (mma || rows >= GEMV_MMA_MIN_ROWS) => GemmKernel::GemvQ8Mma,
+        F::Q6K if mma => GemmKernel::GemvQ6Mma,
+        _ if q8_chunks && cols > GEMV_ASYNC_MAX_Q8_COLS => GemmKernel::GemvQ8Rows,
+        F::Q4K | F::Q5K => GemmKernel::GemvAsync,
+        _ if q8_chunks => GemmKernel::GemvAsync,
+        _ => GemmKernel::Gemv { height },
+    };
+    let gemm = || match format {
+        _ if q8_chunks => GemmKernel::GemmQ8Async,
+        F::Q4K | F::Q5K | F::Q6K => GemmKernel::GemmKqAsync,
+        _ => GemmKernel::Gemm,
+    };
+    let small = largest_tile <= GEMV_MAX_ROWS;
+    let chosen = match kernel {
+        MatmulKernel::V1 if format == F::F32 => GemmKernel::V1,
         MatmulKernel::V1 => {
             return Err(Error::invalid(
                 "matmul",
                 format!("the v1 kernels take F32 weights, not {format}"),
             ))
         }
-        MatmulKernel::Gemv => Plan::Gemv(gemv_height(largest_tile)),
-        MatmulKernel::GemvMma if gemv_height(largest_tile) == 1 => Plan::GemvMma,
-        MatmulKernel::GemvMma => Plan::Gemv(gemv_height(largest_tile)),
-        MatmulKernel::Gemm => Plan::Gemm,
-        MatmulKernel::Auto if largest_tile <= GEMV_MAX_ROWS => {
-            Plan::Gemv(gemv_height(largest_tile))
-        }
-        MatmulKernel::Auto => Plan::Gemm,
-    })
+        MatmulKernel::Gemv => gemv(false),
+        MatmulKernel::GemvMma => gemv(true),
+        MatmulKernel::Gemm => gemm(),
+        MatmulKernel::Auto if small => gemv(false),
+        MatmulKernel::Auto => gemm(),
+        MatmulKernel::Plain if small => GemmKernel::Gemv { height },
+        MatmulKernel::Plain => GemmKernel::Gemm,
+    };
+    if chosen.entry(format).is_none() {
+        return Err(Error::invalid(
+            "matmul",
+            format!("no GPU kernel takes {format} weights"),
+        ));
+    }
+    Ok(chosen)
 }
 
 /// Kernel names, indexed by [`WeightFormat::index`] (and GEMV height).
@@ -714,8 +859,8 @@ fn shared_products(
     run_planned(dev, x, pre, &mut planned)
 }
 
-/// What a checked product launches: `(plan, tiles, rows)`, `None` when there is no work.
-type Planned = Option<(Plan, usize, usize)>;
+/// What a checked product launches: `(kernel, tiles, rows)`, `None` when there is no work.
+type Planned = Option<(GemmKernel, usize, usize)>;
 
 fn plan_dense(
     kernel: MatmulKernel,
@@ -734,16 +879,11 @@ fn plan_dense(
             ),
         ));
     }
-    let plan = plan(kernel, w.format, n)?;
+    let chosen = select(kernel, w.format, m, w.cols, n)?;
     if n == 0 || m == 0 {
         return Ok(None);
     }
-    let height = match plan {
-        Plan::Gemv(h) => h,
-        Plan::GemvMma => 1,
-        _ => GEMM_TILE_ROWS,
-    };
-    Ok(Some((plan, n.div_ceil(height), n)))
+    Ok(Some((chosen, n.div_ceil(chosen.tile_rows()), n)))
 }
 
 /// Queues checked products of `x`, quantizing `x` once if any weight is quantized (unless its
@@ -761,7 +901,7 @@ fn run_planned(
 ) -> Result<()> {
     let k = x.dims().get(1).copied().unwrap_or(0);
     for (planned, w, rows, y) in products.iter_mut() {
-        if let Some((Plan::V1, _, n)) = planned {
+        if let Some((GemmKernel::V1, _, n)) = planned {
             match rows {
                 None => launch_v1_dense(dev, x, &w.data, y, *n, w.rows, k)?,
                 Some(r) => launch_v1_grouped(dev, x, &w.data, r, y, w.rows, k)?,
@@ -769,7 +909,7 @@ fn run_planned(
         }
     }
     let quantized = products.iter().any(|(p, w, _, _)| {
-        w.format.is_quantized() && matches!(p, Some((pl, _, _)) if *pl != Plan::V1)
+        w.format.is_quantized() && matches!(p, Some((c, _, _)) if *c != GemmKernel::V1)
     });
     let launch_all = |act: Option<ActRef<'_>>,
                       products: &mut [(
@@ -780,10 +920,10 @@ fn run_planned(
     )]|
      -> Result<()> {
         for (planned, w, rows, y) in products.iter_mut() {
-            if let Some((plan, n_tiles, n_rows)) = *planned {
-                if plan != Plan::V1 {
+            if let Some((kernel, n_tiles, n_rows)) = *planned {
+                if kernel != GemmKernel::V1 {
                     let act = if w.format.is_quantized() { act } else { None };
-                    launch_v2(dev, plan, x, act, w, *rows, n_tiles, n_rows, y)?;
+                    launch_selected(dev, kernel, x, act, w, *rows, n_tiles, n_rows, y)?;
                 }
             }
         }
@@ -856,15 +996,21 @@ fn plan_grouped(
             &[w.experts, m, k],
         ));
     }
-    let plan = plan(kernel, w.format, rows.largest_group.min(GEMM_TILE_ROWS))?;
+    let chosen = select(
+        kernel,
+        w.format,
+        m,
+        k,
+        rows.largest_group.min(GEMM_TILE_ROWS),
+    )?;
     if rows.is_empty() || m == 0 {
         return Ok(None);
     }
-    let n_tiles = match plan {
-        Plan::Gemv(_) | Plan::GemvMma => rows.n_gemv_tiles,
-        _ => rows.n_gemm_tiles,
+    let n_tiles = match chosen.is_gemm() {
+        true => rows.n_gemm_tiles,
+        false => rows.n_gemv_tiles,
     };
-    Ok(Some((plan, n_tiles, rows.len)))
+    Ok(Some((chosen, n_tiles, rows.len)))
 }
 
 /// The quantized activations a product in `w`'s format reads: `x` quantized into the device's
@@ -917,11 +1063,12 @@ const GMQ_SMEM_BYTES: u32 = 8 * (16 * 272 + 256 + 32) + 16 * 64 * 8;
 /// 16-byte aligned window of 224 bytes around its 210-byte super-block, at a stride of 240.
 const GMQ_Q6_SMEM_BYTES: u32 = 8 * (16 * 240 + 256 + 32) + 16 * 64 * 8;
 
-/// Launches a GEMV or tiled GEMM over `n_tiles` row tiles (dense when `rows` is `None`).
+/// Launches `kernel` (a GEMV or tiled GEMM, as [`select`] chose) over `n_tiles` row tiles
+/// (dense when `rows` is `None`).
 #[allow(clippy::too_many_arguments)]
-fn launch_v2(
+fn launch_selected(
     dev: &Device,
-    plan: Plan,
+    kernel: GemmKernel,
     x: &GpuTensor<f32>,
     act: Option<ActRef<'_>>,
     w: &GpuMatrix,
@@ -930,83 +1077,24 @@ fn launch_v2(
     n_rows: usize,
     y: &mut GpuTensor<f32>,
 ) -> Result<()> {
-    let fi = w.format.index();
-    let (name, tiles) = match plan {
-        Plan::Gemv(h) => (
-            GEMV_NAMES[fi][h.trailing_zeros() as usize],
-            rows.map(|r| r.part(4)),
-        ),
-        Plan::GemvMma => (GEMV_NAMES[fi][0], rows.map(|r| r.part(4))),
-        _ => (GEMM_NAMES[fi], rows.map(|r| r.part(3))),
-    };
+    let name = kernel
+        .entry(w.format)
+        .expect("select() returns kernels with an entry for the format");
+    let gemm = kernel.is_gemm();
+    let tiles = rows.map(|r| r.part(if gemm { 3 } else { 4 }));
     let maps = rows.map(|r| (r.part(0), r.part(2)));
-    if let (Plan::Gemv(h), Some(r)) = (plan, rows) {
-        debug_assert!(r.largest_group.min(GEMV_MAX_ROWS) <= h);
+    if let (GemmKernel::Gemv { height }, Some(r)) = (kernel, rows) {
+        debug_assert!(r.largest_group.min(GEMV_MAX_ROWS) <= height);
     }
-    // Q8_0 rows of whole 256-wide chunks are 16-byte aligned: the cp.async kernel.
-    let q8_async = plan == Plan::Gemm && w.format == WeightFormat::Q8_0 && w.cols % 256 == 0;
-    let one_row = matches!(plan, Plan::Gemv(1) | Plan::GemvMma);
-    // F32 rows one token at a time (the router of a decode step): 4 rows per block, staged.
-    let f32_wide = one_row && w.format == WeightFormat::F32;
-    // Q8_0 rows of whole 256-wide chunks one token at a time, by the weight's shape alone (ncu
-    // on the H200, the 30B shapes): 16384 rows or more (the LM head) on the tensor cores, rows
-    // of at most 1024 (the expert down product) through the cp.async dp4a kernel (8.5 us; the
-    // same staging as gemv_q8_0_rows, 4 rows a warp, took 11.4), the rest (attention, expert
-    // gate/up) through gemv_q8_0_rows (gate/up 15.6 -> 12.8 us against gemv_body).
-    let q8_chunks = one_row && w.format == WeightFormat::Q8_0 && w.cols % 256 == 0;
-    let q8_gemv = q8_chunks && (w.rows >= GEMV_MMA_MIN_ROWS || plan == Plan::GemvMma);
-    // Q6_K one token at a time on the tensor cores: opt-in (MatmulKernel::GemvMma) until
-    // measured against gemv_body.
-    let q6_gemv = plan == Plan::GemvMma && w.format == WeightFormat::Q6K;
-    let q8_rows = q8_chunks && !q8_gemv && w.cols > GEMV_ASYNC_MAX_Q8_COLS;
-    // Q4_K and Q5_K one token at a time (and Q8_0's short rows): 8 rows a warp, their chunks
-    // copied by cp.async.
-    let kq_gemv = one_row
-        && (matches!(w.format, WeightFormat::Q4K | WeightFormat::Q5K)
-            || (q8_chunks && !q8_gemv && w.cols <= GEMV_ASYNC_MAX_Q8_COLS));
-    // The K-quants: a 256-wide chunk is one super-block (Q4_K and Q5_K: 144 or 176 bytes,
-    // 16-byte aligned; Q6_K: 210 bytes at any even offset, copied with its aligned window).
-    let kq_async = plan == Plan::Gemm
-        && matches!(
-            w.format,
-            WeightFormat::Q4K | WeightFormat::Q5K | WeightFormat::Q6K
-        );
-    let (name, smem) = if q8_async {
-        ("gemm_mma_q8_0_async", Q8_ASYNC_SMEM_BYTES)
-    } else if kq_async {
-        match w.format {
-            WeightFormat::Q4K => ("gemm_mma_q4_k_async", kq_async_smem(144, false)),
-            WeightFormat::Q5K => ("gemm_mma_q5_k_async", kq_async_smem(176, false)),
-            _ => ("gemm_mma_q6_k_async", kq_async_smem(224, true)),
-        }
-    } else if f32_wide {
-        ("gemv_f32_wide", 0)
-    } else if q8_gemv {
-        ("gemv_q8_0_mma", GMQ_SMEM_BYTES)
-    } else if q6_gemv {
-        ("gemv_q6_k_mma", GMQ_Q6_SMEM_BYTES)
-    } else if q8_rows {
-        ("gemv_q8_0_rows", 0)
-    } else if kq_gemv {
-        (
-            match w.format {
-                WeightFormat::Q8_0 => "gemv_q8_0_async",
-                WeightFormat::Q4K => "gemv_q4_k_async",
-                _ => "gemv_q5_k_async",
-            },
-            gka_smem(w.format),
-        )
-    } else {
-        (name, 0)
-    };
+    let (m_blocks, threads, smem) = kernel.geometry(w.format, w.rows as u32);
     let f = dev.function_with(Family::Gemm, name, |f| {
-        if q8_async || kq_async {
+        if smem > 48 * 1024 {
             f.set_attribute(
                 CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 smem as i32,
             )?;
         }
-        if plan == Plan::Gemm {
+        if gemm {
             // The whole unified cache as shared memory, so that two blocks fit on an SM (the
             // driver's default split left room for one).
             f.set_attribute(
@@ -1019,15 +1107,6 @@ fn launch_v2(
     let null = 0u64;
     let (n32, m32, k32) = (n_rows as u32, w.rows as u32, w.cols as u32);
     let row_bytes = w.row_bytes as u64;
-    let (m_blocks, threads) = match plan {
-        _ if f32_wide => (m32, 128),
-        _ if q8_gemv || q6_gemv => (m32.div_ceil(16), 256),
-        _ if q8_rows => (m32.div_ceil(16), 256),
-        _ if kq_gemv => (m32.div_ceil(8), 32),
-        _ if kq_async => (m32.div_ceil(GEMM_TILE_ROWS as u32), KQ_ASYNC_THREADS),
-        Plan::Gemv(_) | Plan::GemvMma => (m32.div_ceil(GEMV_ROWS_PER_BLOCK), 256),
-        _ => (m32.div_ceil(GEMM_TILE_ROWS as u32), 256),
-    };
     for tile0 in (0..n_tiles).step_by(MAX_GRID_Y) {
         let count = (n_tiles - tile0).min(MAX_GRID_Y) as u32;
         let tile0 = tile0 as u32;

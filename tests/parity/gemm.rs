@@ -14,11 +14,12 @@ use rand::{Rng, SeedableRng};
 
 use crate::common::{assert_bits_eq, finite, gpu, gpu_cases, poison, values};
 
-const KERNELS: [MatmulKernel; 4] = [
+const KERNELS: [MatmulKernel; 5] = [
     MatmulKernel::Auto,
     MatmulKernel::Gemv,
     MatmulKernel::Gemm,
     MatmulKernel::GemvMma,
+    MatmulKernel::Plain,
 ];
 
 /// Weights with a wide dynamic range and some all-zero 32-blocks, encoded into `fmt`.
