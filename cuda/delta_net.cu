@@ -268,6 +268,14 @@ extern "C" __global__ void __launch_bounds__(256)
         prep[(u64)t * cd + ch] = ch < nv * s ? sy[ch] * sinv[ch / s] : sy[ch];
 }
 
+// The parameters of the delta-rule scans after the prep (v2, v3, v4), declared once: ScanArgs
+// in src/kernels/delta_net.rs is this list (unit test scan_args_are_the_cuda_parameters).
+#define SCAN_PARAMS                                                                            \
+    float* __restrict__ o, float* __restrict__ m, float* __restrict__ conv_out,                \
+        const float* __restrict__ prep, const float* __restrict__ gates,                       \
+        const float* __restrict__ mixed, const float* __restrict__ conv_in, u32 n, u32 hk,     \
+        u32 hv, u32 s, u32 kc
+
 __device__ __forceinline__ void dn_cp4(float* smem, const float* gmem) {
     const u32 dst = (u32)__cvta_generic_to_shared(smem);
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(gmem));
@@ -289,10 +297,7 @@ __device__ __forceinline__ void dn_fetch(float* buf, const float* __restrict__ p
 }
 
 extern "C" __global__ void __launch_bounds__(512)
-    delta_net_scan2_f32(float* __restrict__ o, float* __restrict__ m, float* __restrict__ conv_out,
-                        const float* __restrict__ prep, const float* __restrict__ gates,
-                        const float* __restrict__ mixed, const float* __restrict__ conv_in,
-                        u32 n, u32 hk, u32 hv, u32 s, u32 kc) {
+    delta_net_scan2_f32(SCAN_PARAMS) {
     bx_grid_begin();
     __shared__ float buf[2][3u * DN_MAX_S + 2u];  // token t in buf[t & 1]: q | k | v | beta, decay
     __shared__ float part_kv[4][DN_MAX_S], part_o[4][DN_MAX_S];
@@ -395,10 +400,7 @@ __device__ __forceinline__ void dn3_gather(float x, u32 lane, float (&q)[4]) {
 }
 
 extern "C" __global__ void __launch_bounds__(128)
-    delta_net_scan3_f32(float* __restrict__ o, float* __restrict__ m, float* __restrict__ conv_out,
-                        const float* __restrict__ prep, const float* __restrict__ gates,
-                        const float* __restrict__ mixed, const float* __restrict__ conv_in,
-                        u32 n, u32 hk, u32 hv, u32 s, u32 kc) {
+    delta_net_scan3_f32(SCAN_PARAMS) {
     bx_grid_begin();
     __shared__ __align__(16) float stage[2][DN3_CHUNK * DN3_TOK];
     const u32 h = blockIdx.x, g = blockIdx.y, tid = threadIdx.x;
@@ -506,10 +508,7 @@ __device__ __forceinline__ void dn4_load(float (&r)[32], const float* v) {
 }
 
 extern "C" __global__ void __launch_bounds__(128)
-    delta_net_scan4_f32(float* __restrict__ o, float* __restrict__ m, float* __restrict__ conv_out,
-                        const float* __restrict__ prep, const float* __restrict__ gates,
-                        const float* __restrict__ mixed, const float* __restrict__ conv_in,
-                        u32 n, u32 hk, u32 hv, u32 s, u32 kc) {
+    delta_net_scan4_f32(SCAN_PARAMS) {
     bx_grid_begin();
     __shared__ __align__(16) float stage[2][DN3_CHUNK * DN3_TOK];
     const u32 h = blockIdx.x, g = blockIdx.y, tid = threadIdx.x;

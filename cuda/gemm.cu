@@ -89,6 +89,17 @@
 typedef unsigned char u8;
 typedef unsigned short u16;
 
+// The parameters of every product kernel (all but v1 and the routing kernels), declared once:
+// ProductArgs in src/kernels/gemm.rs is this list, field by field (the unit test
+// product_args_are_the_cuda_parameters holds the two together). x is read by the float
+// formats, xq, xd and xa (the activations' codes, block scales and scaled sums) by the
+// quantized ones; tiles, x_rows and y_rows are null for a dense product.
+#define PRODUCT_PARAMS                                                                         \
+    float* __restrict__ y, const float* __restrict__ x, const signed char* __restrict__ xq,    \
+        const float* __restrict__ xd, const float* __restrict__ xa, const u8* __restrict__ W,  \
+        const u32* __restrict__ tiles, const u32* __restrict__ x_rows,                         \
+        const u32* __restrict__ y_rows, u32 n_rows, u32 M, u32 K, u64 row_bytes, u32 tile0
+
 // ------------------------------------------------------------------------------------------
 // The combination of the four partials. The family's mutant (BITEXACT_MUTANT) changes its
 // association here and in the two kernels that combine through shuffles or shared memory
@@ -328,14 +339,7 @@ __device__ __forceinline__ float isum_to_float(int i) {
 }
 
 template <int FMT, int NT>
-__device__ __forceinline__ void gemv_body(float* __restrict__ y, const float* __restrict__ x,
-                                          const signed char* __restrict__ xq,
-                                          const float* __restrict__ xd,
-                                          const float* __restrict__ xa, const u8* __restrict__ W,
-                                          const u32* __restrict__ tiles,
-                                          const u32* __restrict__ x_rows,
-                                          const u32* __restrict__ y_rows, u32 n_rows, u32 M,
-                                          u32 K, u64 row_bytes, u32 tile0) {
+__device__ __forceinline__ void gemv_body(PRODUCT_PARAMS) {
     // Float formats: [warp][block][33] staged weights (33: the chain lanes read 4 blocks at
     // once without bank conflicts). Quantized: [warp][block][token] scale products and isums.
     __shared__ float s_a[GEMV_WARPS][GEMV_SMEM];
@@ -455,12 +459,7 @@ __device__ __forceinline__ void gemv_body(float* __restrict__ y, const float* __
 // 4 different bank groups).
 
 extern "C" __global__ void __launch_bounds__(128)
-    gemv_f32_wide(float* __restrict__ y, const float* __restrict__ x,
-                  const signed char* __restrict__ xq, const float* __restrict__ xd,
-                  const float* __restrict__ xa, const u8* __restrict__ W,
-                  const u32* __restrict__ tiles, const u32* __restrict__ x_rows,
-                  const u32* __restrict__ y_rows, u32 n_rows, u32 M, u32 K, u64 row_bytes,
-                  u32 tile0) {
+    gemv_f32_wide(PRODUCT_PARAMS) {
     bx_grid_begin();
     __shared__ __align__(16) float sw[BX_F32ROW_SEG / 32u * BX_F32ROW_PAD];
     __shared__ __align__(16) float sx[BX_F32ROW_SEG / 32u * BX_F32ROW_PAD];
@@ -884,12 +883,7 @@ __device__ __forceinline__ int q8a_word(const u8* row, u32 off) {
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
-    gemm_mma_q8_0_async(float* __restrict__ y, const float* __restrict__ x,
-                        const signed char* __restrict__ xq, const float* __restrict__ xd,
-                        const float* __restrict__ xa, const u8* __restrict__ W,
-                        const u32* __restrict__ tiles, const u32* __restrict__ x_rows,
-                        const u32* __restrict__ y_rows, u32 n_rows, u32 M, u32 K,
-                        u64 row_bytes, u32 tile0) {
+    gemm_mma_q8_0_async(PRODUCT_PARAMS) {
     bx_grid_begin();
     extern __shared__ __align__(16) u8 q8a_smem[];
     const u32 tid = threadIdx.x;
@@ -1273,12 +1267,7 @@ __device__ __forceinline__ void gemm_mma_kq_async_body(
 
 #define KQA_ENTRY(fmt, FMT)                                                                    \
     extern "C" __global__ void __launch_bounds__(KQA_THREADS, 1)                               \
-        gemm_mma_##fmt##_async(float* __restrict__ y, const float* __restrict__ x,             \
-                               const signed char* __restrict__ xq,                             \
-                               const float* __restrict__ xd, const float* __restrict__ xa,     \
-                               const u8* __restrict__ W, const u32* __restrict__ tiles,        \
-                               const u32* __restrict__ x_rows, const u32* __restrict__ y_rows, \
-                               u32 n_rows, u32 M, u32 K, u64 row_bytes, u32 tile0) {           \
+        gemm_mma_##fmt##_async(PRODUCT_PARAMS) {                                               \
         bx_grid_begin();                                                                       \
         gemm_mma_kq_async_body<FMT>(y, xq, xd, xa, W, tiles, x_rows, y_rows, n_rows, M, K,     \
                                     row_bytes, tile0);                                         \
@@ -1438,12 +1427,7 @@ extern "C" __global__ void __launch_bounds__(256)
 
 #define GEMV_ENTRY(name, FMT, NT)                                                              \
     extern "C" __global__ void __launch_bounds__(256)                                          \
-        name(float* __restrict__ y, const float* __restrict__ x,                               \
-             const signed char* __restrict__ xq, const float* __restrict__ xd,                 \
-             const float* __restrict__ xa, const u8* __restrict__ W,                           \
-             const u32* __restrict__ tiles, const u32* __restrict__ x_rows,                    \
-             const u32* __restrict__ y_rows, u32 n_rows, u32 M, u32 K, u64 row_bytes,          \
-             u32 tile0) {                                                                      \
+        name(PRODUCT_PARAMS) {                                                                 \
         bx_grid_begin();                                                                       \
         gemv_body<FMT, NT>(y, x, xq, xd, xa, W, tiles, x_rows, y_rows, n_rows, M, K,           \
                            row_bytes, tile0);                                                  \
@@ -1598,12 +1582,7 @@ __device__ __forceinline__ void gemv_kq_async_body(
 
 #define GKA_ENTRY(fmt, FMT)                                                                    \
     extern "C" __global__ void __launch_bounds__(32)                                           \
-        gemv_##fmt##_async(float* __restrict__ y, const float* __restrict__ x,                 \
-                           const signed char* __restrict__ xq, const float* __restrict__ xd,   \
-                           const float* __restrict__ xa, const u8* __restrict__ W,             \
-                           const u32* __restrict__ tiles, const u32* __restrict__ x_rows,      \
-                           const u32* __restrict__ y_rows, u32 n_rows, u32 M, u32 K,           \
-                           u64 row_bytes, u32 tile0) {                                         \
+        gemv_##fmt##_async(PRODUCT_PARAMS) {                                                   \
         bx_grid_begin();                                                                       \
         gemv_kq_async_body<FMT>(y, xq, xd, xa, W, tiles, x_rows, y_rows, n_rows, M, K,         \
                                 row_bytes, tile0);                                             \
@@ -1647,12 +1626,7 @@ __device__ __forceinline__ void gqr_stage_rows(u8 (*s_w)[GQR_SEG_BYTES], const u
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-    gemv_q8_0_rows(float* __restrict__ y, const float* __restrict__ x,
-                   const signed char* __restrict__ xq, const float* __restrict__ xd,
-                   const float* __restrict__ xa, const u8* __restrict__ W,
-                   const u32* __restrict__ tiles, const u32* __restrict__ x_rows,
-                   const u32* __restrict__ y_rows, u32 n_rows, u32 M, u32 K, u64 row_bytes,
-                   u32 tile0) {
+    gemv_q8_0_rows(PRODUCT_PARAMS) {
     __shared__ __align__(16) u8 s_w[GQR_WARPS * GQR_ROWS][GQR_SEG_BYTES];
     __shared__ __align__(16) signed char s_xq[GQR_SEG * 32u];
     __shared__ __align__(16) float s_xd[GQR_SEG];
@@ -1926,12 +1900,7 @@ __device__ __forceinline__ void gemv_mma_body(float* __restrict__ y,
 
 #define GMQ_ENTRY(fmt, FMT)                                                                    \
     extern "C" __global__ void __launch_bounds__(256)                                          \
-        gemv_##fmt##_mma(float* __restrict__ y, const float* __restrict__ x,                   \
-                         const signed char* __restrict__ xq, const float* __restrict__ xd,     \
-                         const float* __restrict__ xa, const u8* __restrict__ W,               \
-                         const u32* __restrict__ tiles, const u32* __restrict__ x_rows,        \
-                         const u32* __restrict__ y_rows, u32 n_rows, u32 M, u32 K,             \
-                         u64 row_bytes, u32 tile0) {                                           \
+        gemv_##fmt##_mma(PRODUCT_PARAMS) {                                                     \
         bx_grid_begin();                                                                       \
         gemv_mma_body<FMT>(y, xq, xd, W, tiles, x_rows, y_rows, n_rows, M, K, row_bytes,       \
                            tile0);                                                             \
@@ -1943,12 +1912,7 @@ GMQ_ENTRY(q6_k, FMT_Q6_K)
 
 #define FFMA_ENTRY(fmt, FMT)                                                                   \
     extern "C" __global__ void __launch_bounds__(256)                                          \
-        gemm_ffma_##fmt(float* __restrict__ y, const float* __restrict__ x,                    \
-                        const signed char* __restrict__ xq, const float* __restrict__ xd,      \
-                        const float* __restrict__ xa, const u8* __restrict__ W,                \
-                        const u32* __restrict__ tiles, const u32* __restrict__ x_rows,         \
-                        const u32* __restrict__ y_rows, u32 n_rows, u32 M, u32 K,              \
-                        u64 row_bytes, u32 tile0) {                                            \
+        gemm_ffma_##fmt(PRODUCT_PARAMS) {                                                      \
         bx_grid_begin();                                                                       \
         gemm_ffma_body<FMT>(y, x, W, tiles, x_rows, y_rows, n_rows, M, K, row_bytes, tile0);   \
     }
@@ -1962,12 +1926,7 @@ FFMA_ENTRY(bf16, FMT_BF16)
 // spill more and stay at 1 (Q4_K dense 7% slower with 2). Measured A/B on the H200.
 #define MMA_ENTRY(fmt, FMT, MINB)                                                              \
     extern "C" __global__ void __launch_bounds__(256, MINB)                                    \
-        gemm_mma_##fmt(float* __restrict__ y, const float* __restrict__ x,                     \
-                       const signed char* __restrict__ xq, const float* __restrict__ xd,       \
-                       const float* __restrict__ xa, const u8* __restrict__ W,                 \
-                       const u32* __restrict__ tiles, const u32* __restrict__ x_rows,          \
-                       const u32* __restrict__ y_rows, u32 n_rows, u32 M, u32 K,               \
-                       u64 row_bytes, u32 tile0) {                                             \
+        gemm_mma_##fmt(PRODUCT_PARAMS) {                                                       \
         bx_grid_begin();                                                                       \
         gemm_mma_body<FMT>(y, xq, xd, xa, W, tiles, x_rows, y_rows, n_rows, M, K, row_bytes,  \
                            tile0);                                                             \

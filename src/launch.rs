@@ -73,6 +73,159 @@ impl<'a, 'b, T> KernelParam<'a> for &'a mut CudaViewMut<'b, T> {
     }
 }
 
+/// A device buffer a kernel reads (`const T*`), by address, borrowed for the launch; or null
+/// (an optional buffer the kernel does not read).
+#[derive(Clone, Copy)]
+pub(crate) struct In<'a, T> {
+    addr: sys::CUdeviceptr,
+    _borrow: PhantomData<&'a T>,
+}
+
+impl<'a, T> In<'a, T> {
+    /// `buf` (a slice or a view of one) on `dev`'s stream.
+    pub(crate) fn of(dev: &Device, buf: &'a impl DevicePtr<T>) -> Self {
+        In {
+            addr: buf.device_ptr(dev.stream()).0,
+            _borrow: PhantomData,
+        }
+    }
+
+    /// The null pointer.
+    pub(crate) fn null() -> Self {
+        In {
+            addr: 0,
+            _borrow: PhantomData,
+        }
+    }
+}
+
+/// A device buffer a kernel writes (`T*`), by address, borrowed mutably for the launch.
+pub(crate) struct Out<'a, T> {
+    addr: sys::CUdeviceptr,
+    _borrow: PhantomData<&'a mut T>,
+}
+
+impl<'a, T> Out<'a, T> {
+    /// `buf` on `dev`'s stream.
+    pub(crate) fn of(dev: &Device, buf: &'a mut impl DevicePtrMut<T>) -> Self {
+        Out {
+            addr: buf.device_ptr_mut(dev.stream()).0,
+            _borrow: PhantomData,
+        }
+    }
+}
+
+impl<'a, T> KernelParam<'a> for &'a In<'_, T> {
+    fn param(self, _: &CudaStream) -> Param<'a> {
+        Param::Value((&self.addr as *const sys::CUdeviceptr).cast(), PhantomData)
+    }
+}
+impl<'a, T> KernelParam<'a> for &'a Out<'_, T> {
+    fn param(self, _: &CudaStream) -> Param<'a> {
+        Param::Value((&self.addr as *const sys::CUdeviceptr).cast(), PhantomData)
+    }
+}
+
+/// The name CUDA gives an element type.
+pub(crate) trait CudaElem {
+    const CUDA: &'static str;
+}
+/// How CUDA declares a kernel parameter of this Rust type.
+pub(crate) trait CudaParam {
+    fn cuda_type() -> String;
+}
+macro_rules! cuda_names {
+    ($($t:ty => $n:literal),*) => {$(
+        impl CudaElem for $t {
+            const CUDA: &'static str = $n;
+        }
+        impl CudaParam for $t {
+            fn cuda_type() -> String {
+                $n.to_string()
+            }
+        }
+    )*};
+}
+cuda_names!(f32 => "float", i8 => "signed char", u8 => "u8", u16 => "u16", u32 => "u32",
+    i32 => "i32", u64 => "u64");
+impl<T: CudaElem> CudaParam for In<'_, T> {
+    fn cuda_type() -> String {
+        format!("const {}*", T::CUDA)
+    }
+}
+impl<T: CudaElem> CudaParam for Out<'_, T> {
+    fn cuda_type() -> String {
+        format!("{}*", T::CUDA)
+    }
+}
+
+/// A kernel's whole parameter list as one value ([`kernel_params!`]).
+pub(crate) trait KernelArgs<'a> {
+    fn push(self, launch: &mut Launch<'a>);
+}
+
+/// Declares a kernel signature once, as a struct whose fields are its parameters in order
+/// ([`In`], [`Out`] or scalars): [`Launch::args`] pushes them in that order, and
+/// `cuda_params()` lists them as CUDA declares them, `(type, name)`, for the unit test that
+/// holds the struct to the `#define` of the CUDA parameter list ([`cuda_param_list`]).
+macro_rules! kernel_params {
+    ($(#[$m:meta])* $vis:vis struct $name:ident<$lt:lifetime> {
+        $($(#[$fm:meta])* $field:ident : $ty:ty),* $(,)?
+    }) => {
+        $(#[$m])*
+        $vis struct $name<$lt> {
+            $($(#[$fm])* pub(crate) $field: $ty,)*
+        }
+
+        impl<$lt> $name<$lt> {
+            /// The parameters as CUDA declares them, `(type, name)`, in order.
+            #[allow(dead_code)]
+            pub(crate) fn cuda_params() -> Vec<(String, String)> {
+                vec![$((
+                    <$ty as $crate::launch::CudaParam>::cuda_type(),
+                    stringify!($field).to_string(),
+                )),*]
+            }
+        }
+
+        impl<'p, $lt: 'p> $crate::launch::KernelArgs<'p> for &'p $name<$lt> {
+            fn push(self, launch: &mut $crate::launch::Launch<'p>) {
+                $(launch.arg(&self.$field);)*
+            }
+        }
+    };
+}
+pub(crate) use kernel_params;
+
+/// The parameters of the CUDA macro `#define NAME` in `source` (a parameter list, one
+/// declaration after another, `__restrict__` dropped), `(type, name)`, as
+/// [`kernel_params!`]'s `cuda_params()` writes them; `None` if the macro is not there.
+#[cfg(test)]
+pub(crate) fn cuda_param_list(source: &str, name: &str) -> Option<Vec<(String, String)>> {
+    let start = source.find(&format!("#define {name} "))? + "#define ".len() + name.len();
+    let mut text = String::new();
+    for line in source[start..].lines() {
+        let continued = line.trim_end().ends_with('\\');
+        text.push_str(line.trim_end().trim_end_matches('\\'));
+        text.push(' ');
+        if !continued {
+            break;
+        }
+    }
+    Some(
+        text.split(',')
+            .map(|decl| {
+                let words: Vec<&str> = decl
+                    .split_whitespace()
+                    .filter(|w| *w != "__restrict__")
+                    .collect();
+                let (name, ty) = words.split_last().expect("a declaration");
+                (ty.join(" ").replace(" *", "*"), name.to_string())
+            })
+            .collect(),
+    )
+}
+
 /// A launch being assembled: the kernel, then its arguments in order, then
 /// [`Launch::launch`].
 pub(crate) struct Launch<'a> {
@@ -97,6 +250,12 @@ impl<'a> Launch<'a> {
     pub(crate) fn arg(&mut self, p: impl KernelParam<'a>) -> &mut Self {
         let p = p.param(self.dev.stream());
         self.params.push(p);
+        self
+    }
+
+    /// Appends a kernel's whole parameter list ([`kernel_params!`]).
+    pub(crate) fn args(&mut self, a: impl KernelArgs<'a>) -> &mut Self {
+        a.push(self);
         self
     }
 

@@ -8,6 +8,7 @@ use cudarc::driver::LaunchConfig;
 use super::{as_u32, dims};
 use crate::device::{Device, Family};
 use crate::error::{check_shape, Error, Result};
+use crate::launch::{kernel_params, In, Out};
 use crate::spec::delta_net::{DeltaNetConfig, DeltaNetState, DeltaNetWeights};
 use crate::tensor::GpuTensor;
 
@@ -264,6 +265,27 @@ pub fn delta_net_scan_with(
     Ok(())
 }
 
+kernel_params! {
+    /// The parameters of the delta-rule scans after the prep (`SCAN_PARAMS` in
+    /// `cuda/delta_net.cu`: `scan_args_are_the_cuda_parameters`): `o [n, Hv, S]`, the state
+    /// `m [Hv, S, S]` and the new window `conv_out`; the prep's `prep [n, conv_dim]` and
+    /// `gates [n, Hv, 2]`, the projections `mixed` and the old window `conv_in`.
+    struct ScanArgs<'a> {
+        o: Out<'a, f32>,
+        m: Out<'a, f32>,
+        conv_out: Out<'a, f32>,
+        prep: In<'a, f32>,
+        gates: In<'a, f32>,
+        mixed: In<'a, f32>,
+        conv_in: In<'a, f32>,
+        n: u32,
+        hk: u32,
+        hv: u32,
+        s: u32,
+        kc: u32,
+    }
+}
+
 /// v2, v3 and v4 of [`delta_net_scan_with`]: the prep, then `scan` (`delta_net_scan2_f32`,
 /// `delta_net_scan3_f32` or `delta_net_scan4_f32`, the same arguments). Shapes checked by the caller; `dims` = n, Hk,
 /// Hv, S, Kc.
@@ -332,21 +354,22 @@ fn scan_v2(
             shared_mem_bytes: 0,
         },
     };
-    let (conv_in, conv_out) = (&state.conv, &mut state.conv_next);
+    let args = ScanArgs {
+        o: Out::of(dev, o.slice_mut()),
+        m: Out::of(dev, state.m.slice_mut()),
+        conv_out: Out::of(dev, state.conv_next.slice_mut()),
+        prep: In::of(dev, prep.slice()),
+        gates: In::of(dev, gates.slice()),
+        mixed: In::of(dev, mixed.slice()),
+        conv_in: In::of(dev, state.conv.slice()),
+        n: n32,
+        hk: hk32,
+        hv: hv32,
+        s: s32,
+        kc: kc32,
+    };
     let mut launch = dev.launch_builder(&f);
-    launch
-        .arg(o.slice_mut())
-        .arg(state.m.slice_mut())
-        .arg(conv_out.slice_mut())
-        .arg(prep.slice())
-        .arg(gates.slice())
-        .arg(mixed.slice())
-        .arg(conv_in.slice())
-        .arg(&n32)
-        .arg(&hk32)
-        .arg(&hv32)
-        .arg(&s32)
-        .arg(&kc32);
+    launch.args(&args);
     // SAFETY: o [n, Hv, S], the state [Hv, S, S] and the two windows (distinct tensors), prep
     // and gates written by the launch above on the same stream; v2: one block per value head
     // of 4 S <= 512 threads (S >= 3, so 3 S + 2 copy threads), each head's matrix written by
@@ -389,4 +412,18 @@ pub fn delta_net_gate(
     // loop stays below len.
     unsafe { launch.launch(cfg) }?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `ScanArgs` is `SCAN_PARAMS`: the same names, order and CUDA types.
+    #[test]
+    fn scan_args_are_the_cuda_parameters() {
+        let cuda =
+            crate::launch::cuda_param_list(include_str!("../../cuda/delta_net.cu"), "SCAN_PARAMS")
+                .expect("cuda/delta_net.cu defines SCAN_PARAMS");
+        assert_eq!(ScanArgs::cuda_params(), cuda);
+    }
 }

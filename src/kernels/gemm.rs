@@ -21,6 +21,7 @@ use super::quantize::{quantize_into, GpuActPair, GpuActQ8};
 use super::{as_u32, dims, row_chunks, MAX_GRID_Y};
 use crate::device::{Device, Family};
 use crate::error::{check_indices, check_shape, Error, Result};
+use crate::launch::{kernel_params, In, Out};
 use crate::quant::{QuantMatrix, WeightFormat};
 use crate::tensor::GpuTensor;
 
@@ -1063,6 +1064,32 @@ const GMQ_SMEM_BYTES: u32 = 8 * (16 * 272 + 256 + 32) + 16 * 64 * 8;
 /// 16-byte aligned window of 224 bytes around its 210-byte super-block, at a stride of 240.
 const GMQ_Q6_SMEM_BYTES: u32 = 8 * (16 * 240 + 256 + 32) + 16 * 64 * 8;
 
+kernel_params! {
+    /// The parameters of every product kernel but v1 (`PRODUCT_PARAMS` in `cuda/gemm.cu`, in
+    /// this order and of these types: `product_args_are_the_cuda_parameters`). `x` is the f32
+    /// input `[nx, K]`; `xq`, `xd`, `xa` its quantization (codes, block scales, scaled sums)
+    /// for quantized weights, null for float formats; `tiles`, `x_rows`, `y_rows` the routing
+    /// table's tiles and row maps, null for a dense product; `tile0` the first tile of this
+    /// launch (grids of more than `MAX_GRID_Y` tiles take several).
+    #[allow(non_snake_case)]
+    struct ProductArgs<'a> {
+        y: Out<'a, f32>,
+        x: In<'a, f32>,
+        xq: In<'a, i8>,
+        xd: In<'a, f32>,
+        xa: In<'a, f32>,
+        W: In<'a, u8>,
+        tiles: In<'a, u32>,
+        x_rows: In<'a, u32>,
+        y_rows: In<'a, u32>,
+        n_rows: u32,
+        M: u32,
+        K: u32,
+        row_bytes: u64,
+        tile0: u32,
+    }
+}
+
 /// Launches `kernel` (a GEMV or tiled GEMM, as [`select`] chose) over `n_tiles` row tiles
 /// (dense when `rows` is `None`).
 #[allow(clippy::too_many_arguments)]
@@ -1104,34 +1131,40 @@ fn launch_selected(
         }
         Ok(())
     })?;
-    let null = 0u64;
-    let (n32, m32, k32) = (n_rows as u32, w.rows as u32, w.cols as u32);
-    let row_bytes = w.row_bytes as u64;
+    let (xq, xd, xa) = match act {
+        Some(a) => (In::of(dev, a.codes), In::of(dev, a.d), In::of(dev, a.a)),
+        None => (In::null(), In::null(), In::null()),
+    };
+    let (tiles, x_rows, y_rows) = match (&tiles, &maps) {
+        (Some(t), Some((xr, yr))) => (In::of(dev, t), In::of(dev, xr), In::of(dev, yr)),
+        _ => (In::null(), In::null(), In::null()),
+    };
+    let mut args = ProductArgs {
+        y: Out::of(dev, y.slice_mut()),
+        x: In::of(dev, x.slice()),
+        xq,
+        xd,
+        xa,
+        W: In::of(dev, &w.data),
+        tiles,
+        x_rows,
+        y_rows,
+        n_rows: n_rows as u32,
+        M: w.rows as u32,
+        K: w.cols as u32,
+        row_bytes: w.row_bytes as u64,
+        tile0: 0,
+    };
     for tile0 in (0..n_tiles).step_by(MAX_GRID_Y) {
         let count = (n_tiles - tile0).min(MAX_GRID_Y) as u32;
-        let tile0 = tile0 as u32;
+        args.tile0 = tile0 as u32;
         let cfg = LaunchConfig {
             grid_dim: (m_blocks, count, 1),
             block_dim: (threads, 1, 1),
             shared_mem_bytes: smem,
         };
         let mut launch = dev.launch_builder(&f);
-        launch.arg(y.slice_mut()).arg(x.slice());
-        match act {
-            Some(a) => launch.arg(a.codes).arg(a.d).arg(a.a),
-            None => launch.arg(x.slice()).arg(x.slice()).arg(x.slice()),
-        };
-        launch.arg(&w.data);
-        match (&tiles, &maps) {
-            (Some(t), Some((xr, yr))) => launch.arg(t).arg(xr).arg(yr),
-            _ => launch.arg(&null).arg(&null).arg(&null),
-        };
-        launch
-            .arg(&n32)
-            .arg(&m32)
-            .arg(&k32)
-            .arg(&row_bytes)
-            .arg(&tile0);
+        launch.args(&args);
         // SAFETY: x (or its quantization) is [nx, k] and y is [ny, m] with k, m and the routed
         // rows' indices checked against w, x and y by the callers; tiles cover routed rows
         // 0..n_rows of one expert each (< w.experts), at most the kernel's height per tile;
@@ -1188,4 +1221,20 @@ pub fn gemm_grouped_f32(
         return Ok(());
     }
     launch_v1_grouped(dev, x, w.slice(), rows, y, m, k)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `ProductArgs` is `PRODUCT_PARAMS`: the same names, in the same order, of the same CUDA
+    /// types (a pointer's constness included), so no launch can pass a product kernel its
+    /// arguments out of order (swapping two fields fails here).
+    #[test]
+    fn product_args_are_the_cuda_parameters() {
+        let cuda =
+            crate::launch::cuda_param_list(include_str!("../../cuda/gemm.cu"), "PRODUCT_PARAMS")
+                .expect("cuda/gemm.cu defines PRODUCT_PARAMS");
+        assert_eq!(ProductArgs::cuda_params(), cuda);
+    }
 }
