@@ -399,26 +399,69 @@ __device__ __forceinline__ void dn3_gather(float x, u32 lane, float (&q)[4]) {
     for (u32 i = 0; i < 4u; ++i) q[i] = __shfl_sync(BX_FULL_MASK, x, base + i);
 }
 
-extern "C" __global__ void __launch_bounds__(128)
-    delta_net_scan3_f32(SCAN_PARAMS) {
-    bx_grid_begin();
-    __shared__ __align__(16) float stage[2][DN3_CHUNK * DN3_TOK];
-    const u32 h = blockIdx.x, g = blockIdx.y, tid = threadIdx.x;
-    const u32 lane = tid & 31u, p = lane & 3u;
-    const u32 jl = (tid >> 5) * 8u + (lane >> 2);  // column in the block, 0..31
-    const u32 j = g * DN3_COLS + jl;
-    const bool col = j < s;
-    const u32 kh = h % hk;
-    const u32 cd = (2u * hk + hv) * s;
-    const float scale = 1.0f / sqrtf((float)s);
-    float* mh = m + (u64)h * s * s + (u64)j * s;
-    float reg[32];
-    if (col) {
-        dn_load_column(reg, mh, p, s);
+// A v3 / v4 thread's place: value head h (key head kh), column group g, the column j (jl
+// within the block) whose partial p it runs, whether that column exists (j < S); the mixer's
+// conv_dim cd and the output scale 1 / sqrt(S).
+struct Dn3Thread {
+    u32 h, g, tid, lane, p, jl, j, kh, cd;
+    bool col;
+    float scale;
+};
+
+__device__ __forceinline__ Dn3Thread dn3_thread(u32 s, u32 hk, u32 hv) {
+    Dn3Thread t;
+    t.h = blockIdx.x, t.g = blockIdx.y, t.tid = threadIdx.x;
+    t.lane = t.tid & 31u, t.p = t.lane & 3u;
+    t.jl = (t.tid >> 5) * 8u + (t.lane >> 2);  // column in the block, 0..31
+    t.j = t.g * DN3_COLS + t.jl;
+    t.col = t.j < s;
+    t.kh = t.h % hk;
+    t.cd = (2u * hk + hv) * s;
+    t.scale = 1.0f / sqrtf((float)s);
+    return t;
+}
+
+// Column j's block p from the state m into reg (zeros for a column past S); the column's place
+// in m.
+__device__ __forceinline__ float* dn3_load_column(float (&reg)[32], float* __restrict__ m,
+                                                  const Dn3Thread& th, u32 s) {
+    float* mh = m + (u64)th.h * s * s + (u64)th.j * s;
+    if (th.col) {
+        dn_load_column(reg, mh, th.p, s);
     } else {
 #pragma unroll
         for (u32 i = 0; i < 32u; ++i) reg[i] = 0.0f;
     }
+    return mh;
+}
+
+// The convolution's new window: the block's 32 channels of q and k (key head kh, written by
+// the blocks of head h = kh < Hk) and of v (head h).
+__device__ __forceinline__ void dn3_write_windows(float* __restrict__ conv_out,
+                                                  const float* __restrict__ mixed,
+                                                  const float* __restrict__ conv_in,
+                                                  const Dn3Thread& th, u32 n, u32 hk, u32 s,
+                                                  u32 kc, u32 cd) {
+    if (th.tid < 3u * DN3_COLS) {
+        const u32 which = th.tid / DN3_COLS, c = th.g * DN3_COLS + th.tid % DN3_COLS;
+        const u32 kh = th.h % hk;
+        const u32 ch = which == 0u   ? kh * s + c
+                       : which == 1u ? hk * s + kh * s + c
+                                     : 2u * hk * s + th.h * s + c;
+        dn_write_window(conv_out, mixed, conv_in, ch, c < s && (which == 2u || th.h < hk), n, kc,
+                        cd);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    delta_net_scan3_f32(SCAN_PARAMS) {
+    bx_grid_begin();
+    __shared__ __align__(16) float stage[2][DN3_CHUNK * DN3_TOK];
+    const Dn3Thread th = dn3_thread(s, hk, hv);
+    const u32 h = th.h, g = th.g, tid = th.tid, lane = th.lane, p = th.p, jl = th.jl, kh = th.kh;
+    const u32 cd = th.cd;
+    float reg[32];
+    float* mh = dn3_load_column(reg, m, th, s);
     dn3_fetch(stage[0], prep, gates, 0u, min(DN3_CHUNK, n), h, kh, g, hk, hv, s, cd, tid);
     for (u32 c0 = 0, ci = 0; c0 < n; c0 += DN3_CHUNK, ++ci) {
         // This chunk has landed, and every thread is done with the previous one, whose buffer
@@ -467,18 +510,13 @@ extern "C" __global__ void __launch_bounds__(128)
                 }
             }
             dn3_gather(acc, lane, part);
-            if (p == 0u && col)
-                o[((u64)(c0 + tt) * hv + h) * s + j] = ((part[0] + part[1]) + (part[2] + part[3])) * scale;
+            if (p == 0u && th.col)
+                o[((u64)(c0 + tt) * hv + h) * s + th.j] =
+                    ((part[0] + part[1]) + (part[2] + part[3])) * th.scale;
         }
     }
-    if (col) dn_store_column(reg, mh, p, s);
-    // The convolution's new window: this block's 32 channels of q and k (key head kh, written
-    // by the blocks of head h = kh < Hk) and of v (head h).
-    if (tid < 3u * DN3_COLS) {
-        const u32 which = tid / DN3_COLS, c = g * DN3_COLS + tid % DN3_COLS;
-        const u32 ch = which == 0u ? kh * s + c : which == 1u ? hk * s + kh * s + c : 2u * hk * s + h * s + c;
-        dn_write_window(conv_out, mixed, conv_in, ch, c < s && (which == 2u || h < hk), n, kc, cd);
-    }
+    if (th.col) dn_store_column(reg, mh, p, s);
+    dn3_write_windows(conv_out, mixed, conv_in, th, n, hk, s, kc, cd);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -511,23 +549,12 @@ extern "C" __global__ void __launch_bounds__(128)
     delta_net_scan4_f32(SCAN_PARAMS) {
     bx_grid_begin();
     __shared__ __align__(16) float stage[2][DN3_CHUNK * DN3_TOK];
-    const u32 h = blockIdx.x, g = blockIdx.y, tid = threadIdx.x;
-    const u32 lane = tid & 31u, p = lane & 3u;
-    const u32 jl = (tid >> 5) * 8u + (lane >> 2);  // column in the block, 0..31
-    const u32 j = g * DN3_COLS + jl;
-    const bool col = j < s;
-    const u32 kh = h % hk;
-    const u32 cd = (2u * hk + hv) * s;
-    const float scale = 1.0f / sqrtf((float)s);
+    const Dn3Thread th = dn3_thread(s, hk, hv);
+    const u32 h = th.h, g = th.g, tid = th.tid, lane = th.lane, p = th.p, jl = th.jl, kh = th.kh;
+    const u32 cd = th.cd;
     const u32 nch = (n + DN3_CHUNK - 1u) / DN3_CHUNK;
-    float* mh = m + (u64)h * s * s + (u64)j * s;
     float reg[32];
-    if (col) {
-        dn_load_column(reg, mh, p, s);
-    } else {
-#pragma unroll
-        for (u32 i = 0; i < 32u; ++i) reg[i] = 0.0f;
-    }
+    float* mh = dn3_load_column(reg, m, th, s);
     // Chunks 0 and 1 in flight; wait for the first.
     dn3_fetch(stage[0], prep, gates, 0u, min(DN3_CHUNK, n), h, kh, g, hk, hv, s, cd, tid);
     if (nch > 1u)
@@ -598,18 +625,13 @@ extern "C" __global__ void __launch_bounds__(128)
             }
         }
         dn3_gather(acc_o, lane, part);
-        if (p == 0u && col)
-            o[((u64)t * hv + h) * s + j] = ((part[0] + part[1]) + (part[2] + part[3])) * scale;
+        if (p == 0u && th.col)
+            o[((u64)t * hv + h) * s + th.j] = ((part[0] + part[1]) + (part[2] + part[3])) * th.scale;
 #pragma unroll
         for (u32 i = 0; i < 32u; ++i) kr[i] = kn[i];
     }
-    if (col) dn_store_column(reg, mh, p, s);
-    // The convolution's new window, as v3.
-    if (tid < 3u * DN3_COLS) {
-        const u32 which = tid / DN3_COLS, c = g * DN3_COLS + tid % DN3_COLS;
-        const u32 ch = which == 0u ? kh * s + c : which == 1u ? hk * s + kh * s + c : 2u * hk * s + h * s + c;
-        dn_write_window(conv_out, mixed, conv_in, ch, c < s && (which == 2u || h < hk), n, kc, cd);
-    }
+    if (th.col) dn_store_column(reg, mh, p, s);
+    dn3_write_windows(conv_out, mixed, conv_in, th, n, hk, s, kc, cd);
 }
 
 extern "C" __global__ void delta_net_gate_f32(float* __restrict__ out,

@@ -484,6 +484,31 @@ fn gpu_last_rows_and_refusals() {
     assert_bits_eq("b after 132", got.logits(0), &alone(&tb[..132]));
 }
 
+/// One decode step of the sequences `ids[i]` for `i` in `which`, each at its length `len[i]`
+/// with its next token from `streams[i]` (the lengths advanced): each row's logits.
+fn decode_step(
+    dev: &bitexact::Device,
+    s: &mut BatchSession<'_>,
+    ids: &[bitexact::model::SeqId],
+    which: &[usize],
+    len: &mut [usize],
+    streams: &[Vec<u32>],
+) -> Vec<Vec<f32>> {
+    let batch: Vec<BatchToken> = which
+        .iter()
+        .map(|&i| BatchToken {
+            seq: ids[i],
+            pos: len[i] as u32,
+            token: streams[i][len[i]],
+        })
+        .collect();
+    let got = s.step(dev, &batch).unwrap();
+    for &i in which {
+        len[i] += 1;
+    }
+    got.iter().map(|(_, l)| l.to_vec()).collect()
+}
+
 /// Decode steps replayed from a captured step graph give the eager steps' bits (and so the
 /// CPU's): sequences prefilled eagerly, then decode steps through positions 63-64 and 127-128
 /// (the graph's chunks cross a power of two: one eager step, then captured), a sequence
@@ -534,19 +559,7 @@ fn gpu_decode_graphs_equal_eager_steps() {
                     s.remove_sequence(ids[0]).unwrap();
                     which = vec![2, 3, 4];
                 }
-                let batch: Vec<BatchToken> = which
-                    .iter()
-                    .map(|&i| BatchToken {
-                        seq: ids[i],
-                        pos: len[i] as u32,
-                        token: streams[i][len[i]],
-                    })
-                    .collect();
-                let got = s.step(dev, &batch).unwrap();
-                out.push(got.iter().map(|(_, l)| l.to_vec()).collect::<Vec<_>>());
-                for &i in &which {
-                    len[i] += 1;
-                }
+                out.push(decode_step(dev, &mut s, &ids, &which, &mut len, &streams));
             }
             (out, s.stats().clone())
         };
@@ -586,18 +599,8 @@ fn gpu_graph_cache_captures_repeated_shapes() {
         let mut out = Vec::new();
         let mut stats = Vec::new();
         for &k in &counts {
-            let batch: Vec<BatchToken> = (0..k)
-                .map(|i| BatchToken {
-                    seq: ids[i],
-                    pos: len[i] as u32,
-                    token: streams[i][len[i]],
-                })
-                .collect();
-            let got = s.step(dev, &batch).unwrap();
-            out.push(got.iter().map(|(_, l)| l.to_vec()).collect::<Vec<_>>());
-            for l in &mut len[..k] {
-                *l += 1;
-            }
+            let which: Vec<usize> = (0..k).collect();
+            out.push(decode_step(dev, &mut s, &ids, &which, &mut len, &streams));
             stats.push((s.stats().captures, s.stats().graph_replays));
         }
         (out, stats)
