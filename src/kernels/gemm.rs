@@ -1227,6 +1227,66 @@ pub fn gemm_grouped_f32(
 mod tests {
     use super::*;
 
+    /// Every product kernel the gemm family compiles is one [`crate::kernels::gemm::select`]
+    /// can return (issue 29: no kernel that nothing reaches): the `.entry` names of its PTX,
+    /// less the routing kernels and the grouped v1 (launched beside its dense twin), against
+    /// the entries of every choice over the formats, the row counts on each side of the
+    /// tensor-core GEMV's threshold, K of whole 256-wide chunks or not, narrow or wide, and
+    /// tile heights 1 to 64. Needs libnvrtc, as `every_family_compiles_under_nvrtc`.
+    #[test]
+    fn every_gemm_entry_is_selectable() {
+        // SAFETY: only probes whether the shared library can be opened.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            let why = "libnvrtc not found (LD_LIBRARY_PATH): the gemm entries were not listed";
+            if std::env::var("BITEXACT_REQUIRE_NVRTC").is_ok_and(|v| v == "1") {
+                panic!("BITEXACT_REQUIRE_NVRTC=1 but {why}");
+            }
+            println!("SKIP {why}");
+            return;
+        }
+        let opts = cudarc::nvrtc::CompileOptions {
+            options: crate::device::compile_options("compute_90", false),
+            name: Some("gemm.cu".to_string()),
+            ..Default::default()
+        };
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(crate::device::Family::Gemm.program(), opts)
+            .expect("the gemm family compiles")
+            .to_src();
+        let compiled: std::collections::BTreeSet<String> = ptx
+            .split(".entry ")
+            .skip(1)
+            .map(|e| e.chars().take_while(|c| *c != '(').collect::<String>())
+            .filter(|n| !n.starts_with("route_") && n != "gemm_grouped_f32_v1")
+            .collect();
+        let mut reached = std::collections::BTreeSet::new();
+        for kernel in [
+            MatmulKernel::Auto,
+            MatmulKernel::V1,
+            MatmulKernel::Gemv,
+            MatmulKernel::Gemm,
+            MatmulKernel::GemvMma,
+            MatmulKernel::Plain,
+        ] {
+            for format in WeightFormat::GPU {
+                for rows in [64, GEMV_MMA_MIN_ROWS] {
+                    for cols in [96, 512, 2048] {
+                        for tile in [1, 2, 3, 5, 8, 9, 64] {
+                            if let Ok(k) = select(kernel, format, rows, cols, tile) {
+                                reached.insert(k.entry(format).expect("select checks").to_string());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let unreached: Vec<_> = compiled.difference(&reached).collect();
+        let missing: Vec<_> = reached.difference(&compiled).collect();
+        assert!(
+            unreached.is_empty() && missing.is_empty(),
+            "compiled but never selected: {unreached:?}; selected but not compiled: {missing:?}"
+        );
+    }
+
     /// `ProductArgs` is `PRODUCT_PARAMS`: the same names, in the same order, of the same CUDA
     /// types (a pointer's constness included), so no launch can pass a product kernel its
     /// arguments out of order (swapping two fields fails here).
