@@ -299,6 +299,46 @@ __device__ __forceinline__ WBlk decode_wblock(const u8* __restrict__ row, u32 b)
 }
 
 // ------------------------------------------------------------------------------------------
+// The int8 MMA GEMMs' epilogue (gemm_mma_body, gemm_mma_q8_0_async, gemm_mma_kq_async_body):
+// accumulator (mt, nt, e) of a thread, in mma.sync m16n8's C fragment (groupID gq,
+// threadID_in_group tq) of warp (wm, wn) of the 64 x 64 tile at feature m0, is output feature
+// m of tile row r; the output is the tree of its four partials.
+
+struct MmaOut {
+    u32 m, r;
+};
+
+__device__ __forceinline__ MmaOut mma_out(u32 m0, u32 wm, u32 wn, u32 gq, u32 tq, int mt, int nt,
+                                          int e) {
+    MmaOut o;
+    o.m = m0 + wm * 32u + mt * 16u + gq + ((e & 2) ? 8u : 0u);
+    o.r = wn * 16u + nt * 8u + tq * 2u + (e & 1);
+    return o;
+}
+
+__device__ __forceinline__ void mma_store(float* __restrict__ y, const u32* __restrict__ y_rows,
+                                          const Tile& tl, u32 M, MmaOut o, float p0, float p1,
+                                          float p2, float p3) {
+    if (o.m < M && o.r < tl.rows)
+        y[(u64)map_row(y_rows, tl.row0 + o.r) * M + o.m] = canon_tree(p0, p1, p2, p3);
+}
+
+// Every output of a thread whose four partials it holds.
+__device__ __forceinline__ void mma_epilogue(float* __restrict__ y, const u32* __restrict__ y_rows,
+                                             const Tile& tl, u32 M, u32 m0, u32 wm, u32 wn,
+                                             u32 gq, u32 tq, const float (&acc)[4][2][2][4]) {
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                mma_store(y, y_rows, tl, M, mma_out(m0, wm, wn, gq, tq, mt, nt, e),
+                          acc[0][mt][nt][e], acc[1][mt][nt][e], acc[2][mt][nt][e],
+                          acc[3][mt][nt][e]);
+}
+
+// ------------------------------------------------------------------------------------------
 // GEMV: tiles of at most NT (<= 8) rows. One warp per weight row, 8 rows per block. The row is
 // walked in segments of 32 blocks. Lane 4n + p runs the chain of partial p for
 // token n; the other work is spread over all 32 lanes:
@@ -832,19 +872,7 @@ __device__ __forceinline__ void gemm_mma_body(float* __restrict__ y,
         __syncthreads();
     }
 
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const u32 m = m0 + wm * 32u + mt * 16u + gq + ((e & 2) ? 8u : 0u);
-                const u32 r = wn * 16u + nt * 8u + tq * 2u + (e & 1);
-                if (m < M && r < tl.rows)
-                    y[(u64)map_row(y_rows, tl.row0 + r) * M + m] =
-                        canon_tree(acc[0][mt][nt][e], acc[1][mt][nt][e], acc[2][mt][nt][e],
-                                   acc[3][mt][nt][e]);
-            }
+    mma_epilogue(y, y_rows, tl, M, m0, wm, wn, gq, tq, acc);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1004,19 +1032,7 @@ extern "C" __global__ void __launch_bounds__(256, 2)
     }
     cp_async_wait<0>();
 
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const u32 m = m0 + wm * 32u + mt * 16u + gq + ((e & 2) ? 8u : 0u);
-                const u32 r = wn * 16u + nt * 8u + tq * 2u + (e & 1);
-                if (m < M && r < tl.rows)
-                    y[(u64)map_row(y_rows, tl.row0 + r) * M + m] =
-                        canon_tree(acc[0][mt][nt][e], acc[1][mt][nt][e], acc[2][mt][nt][e],
-                                   acc[3][mt][nt][e]);
-            }
+    mma_epilogue(y, y_rows, tl, M, m0, wm, wn, gq, tq, acc);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -1255,13 +1271,10 @@ __device__ __forceinline__ void gemm_mma_kq_async_body(
         for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const u32 m = m0 + wm * 32u + mt * 16u + gq + ((e & 2) ? 8u : 0u);
-                const u32 r = wn * 16u + nt * 8u + tq * 2u + (e & 1);
                 const float p2 = xch[place * 33u + mt * 8 + nt * 4 + e];
                 const float p3 = xch[place * 33u + 16 + mt * 8 + nt * 4 + e];
-                if (m < M && r < tl.rows)
-                    y[(u64)map_row(y_rows, tl.row0 + r) * M + m] =
-                        canon_tree(acc[0][mt][nt][e], acc[1][mt][nt][e], p2, p3);
+                mma_store(y, y_rows, tl, M, mma_out(m0, wm, wn, gq, tq, mt, nt, e),
+                          acc[0][mt][nt][e], acc[1][mt][nt][e], p2, p3);
             }
 }
 
