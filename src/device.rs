@@ -63,6 +63,7 @@ families! {
     RowScale => "row_scale",
     MoeReduce => "moe_reduce",
     Gemm => "gemm",
+    Route => "route",
     Router => "router",
     Activation => "activation",
     Quantize => "quantize",

@@ -15,6 +15,7 @@ pub mod moe_reduce;
 pub mod norm;
 pub mod quantize;
 pub mod rope;
+pub mod route;
 pub mod router;
 pub mod row_scale;
 

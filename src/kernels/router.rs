@@ -4,7 +4,8 @@
 
 use cudarc::driver::LaunchConfig;
 
-use super::gemm::{GpuMatrix, RoutedRows};
+use super::gemm::GpuMatrix;
+use super::route::RoutedRows;
 use super::{as_u32, dims};
 use crate::device::{Device, Family};
 use crate::error::{check_shape, Error, Result};

@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::kernels::gemm::GpuMatrix;
 use crate::kernels::quantize::GpuActPair;
 use crate::kernels::router::RouteCounters;
-use crate::kernels::{activation, gemm, moe_reduce, router, row_scale};
+use crate::kernels::{activation, gemm, moe_reduce, route, router, row_scale};
 use crate::quant::{QuantMatrix, WeightFormat};
 use crate::spec::config::{check_input, MoeConfig};
 use crate::spec::trace::MoeOutput;
@@ -133,8 +133,8 @@ impl GpuMoeBlock {
     /// the shared expert as dense GEMMs, one weighted reduce. `x: [n, dim]`. The routing
     /// tables are built on the device and nothing waits for the host: up to
     /// [`DEVICE_ROUTE_MAX_TOKENS`] tokens one row per tile
-    /// ([`gemm::RoutedRows::from_router`]), larger batches sorted by expert
-    /// ([`gemm::RoutedRows::sorted_from_router`]), so that each expert's weights are read once
+    /// ([`route::RoutedRows::from_router`]), larger batches sorted by expert
+    /// ([`route::RoutedRows::sorted_from_router`]), so that each expert's weights are read once
     /// per tile of tokens. Both give the same bits.
     pub fn forward_batched(&self, dev: &Device, x: &GpuTensor<f32>) -> Result<GpuMoeOutput> {
         self.batched(dev, x, None)
@@ -188,8 +188,8 @@ impl GpuMoeBlock {
             gemm::matmul(dev, x, &self.router, &mut logits)?;
             router::softmax_topk(dev, &logits, k, c.renormalize, &mut ids, &mut weights)?;
             match decode {
-                true => gemm::RoutedRows::from_router(dev, &ids, ne)?,
-                false => gemm::RoutedRows::sorted_from_router(dev, &ids, ne)?,
+                true => route::RoutedRows::from_router(dev, &ids, ne)?,
+                false => route::RoutedRows::sorted_from_router(dev, &ids, ne)?,
             }
         };
 

@@ -22,5 +22,6 @@ mod moe_reduce;
 mod norm;
 mod quantize;
 mod rope;
+mod route;
 mod router;
 mod row_scale;

@@ -96,28 +96,8 @@ fn bad_arguments_are_typed_errors_and_write_nothing() {
     assert_bits_eq("untouched", &w.to_host().unwrap(), &poison(18));
 }
 
-/// The tables `route` and `RoutedRows::from_router` write for `ids: [n, k]`, built on the
-/// host: x_rows | experts | y_rows | gemm tiles | gemv tiles, one routed row per tile.
-fn unsorted_tables(ids: &[u32], k: usize) -> (Vec<u32>, Vec<u32>) {
-    let len = ids.len();
-    let mut up = vec![0u32; 9 * len];
-    for (r, &e) in ids.iter().enumerate() {
-        let r32 = r as u32;
-        up[r] = (r / k) as u32;
-        up[len + r] = e;
-        up[2 * len + r] = r32;
-        up[3 * len + 3 * r..3 * len + 3 * r + 3].copy_from_slice(&[e, r32, 1]);
-        up[6 * len + 3 * r..6 * len + 3 * r + 3].copy_from_slice(&[e, r32, 1]);
-    }
-    let mut down = up.clone();
-    for (r, x) in down[..len].iter_mut().enumerate() {
-        *x = r as u32;
-    }
-    (up, down)
-}
-
 /// `route` (router product, softmax, top-k and tables in one launch) == the reference product
-/// and routing, bit for bit, and its tables == `unsorted_tables`; three launches on one set of
+/// and routing, bit for bit, and its tables == `reference::route::unsorted`; three launches on one set of
 /// counters (each must leave them at zero for the next), specials among the inputs.
 fn route_case(n: usize, e: usize, kd: usize, k: usize, renorm: bool, seed: u64) {
     let Some(dev) = gpu() else { return };
@@ -153,7 +133,7 @@ fn route_case(n: usize, e: usize, kd: usize, k: usize, renorm: bool, seed: u64) 
         assert_bits_eq(&format!("{ctx} logits"), &l.to_host().unwrap(), &want_l);
         assert_eq!(ids.to_host().unwrap(), want_ids, "{ctx}: ids");
         assert_bits_eq(&format!("{ctx} weights"), &wt.to_host().unwrap(), &want_w);
-        let (want_up, want_down) = unsorted_tables(&want_ids, k);
+        let (want_up, want_down) = reference::route::unsorted(&want_ids, k, e);
         assert_eq!(
             &up.to_host().unwrap()[..9 * n * k],
             &want_up[..],
