@@ -11,7 +11,11 @@
 //   Q8_0          p = fmaf(d * dx, (float)isum, p)
 //   Q4_K, Q5_K    p = fmaf(ws * dx, (float)isum, p); p = fmaf(wm, ax, p)
 //                 with ws = d * sc and wm = -(dmin * m), each rounded once
-//   Q6_K          p = fmaf(d * dx, (float)(sc_lo * isum_lo + sc_hi * isum_hi), p)
+//   Q6_K, Q3_K    p = fmaf(d * dx, (float)(sc_lo * isum_lo + sc_hi * isum_hi), p)
+//   Q4_0, Q5_0, IQ4_NL, IQ4_XS, MXFP4   as Q8_0 (IQ4_XS: d = d_super * (ls - 32), MXFP4:
+//                 d = 2^(e - 128) with doubled e2m1 codes)
+//   Q4_1, Q5_1    as Q4_K with ws = d, wm = m
+//                 (these eight: the generic GEMV and GEMM only, BITEXACT_NEW_FORMAT_KERNELS=1)
 // where isum is the exact integer dot of the block's weight codes and activation codes (the
 // tensor cores may form it in any order), dx the activation block scale and ax = dx * sum(codes).
 // The order depends on K and the format only: GEMV, GEMM over any N, the grouped expert GEMM,
@@ -83,6 +87,21 @@
 #define FMT_Q4_K 4
 #define FMT_Q5_K 5
 #define FMT_Q6_K 6
+// The formats of the generic kernels alone (gemv_<fmt>_t<NT>, gemm_mma_<fmt>), numbered as
+// WeightFormat::ALL; run only with BITEXACT_NEW_FORMAT_KERNELS=1 until measured on a GPU.
+#define FMT_Q4_0 7
+#define FMT_Q4_1 8
+#define FMT_Q5_0 9
+#define FMT_Q5_1 10
+#define FMT_Q3_K 12
+#define FMT_IQ4_NL 13
+#define FMT_IQ4_XS 14
+#define FMT_MXFP4 15
+
+// A block's step (src/reference/gemm.rs): with a min term p = fma(wm, ax, p) after the scaled
+// isum (Q4_K, Q5_K, Q4_1, Q5_1), or with two 16-element sub-block scales (Q6_K, Q3_K).
+#define STEP_HAS_MIN(f) ((f) == FMT_Q4_K || (f) == FMT_Q5_K || (f) == FMT_Q4_1 || (f) == FMT_Q5_1)
+#define STEP_TWO_SCALES(f) ((f) == FMT_Q6_K || (f) == FMT_Q3_K)
 
 #define DOT_BLOCK 32u
 
@@ -251,6 +270,130 @@ __device__ __forceinline__ void scale_min_k4(int j, const u8* s, int& sc, int& m
     }
 }
 
+// Little-endian u32 from any address (MXFP4's 17-byte blocks).
+__device__ __forceinline__ u32 ld_u32_a1(const u8* p) {
+    return (u32)p[0] | ((u32)p[1] << 8) | ((u32)p[2] << 16) | ((u32)p[3] << 24);
+}
+
+// Four int8 codes in one word, k increasing with the byte.
+__device__ __forceinline__ int pack4(int a, int b, int c, int d) {
+    return (int)((u32)(a & 0xff) | ((u32)(b & 0xff) << 8) | ((u32)(c & 0xff) << 16) |
+                 ((u32)(d & 0xff) << 24));
+}
+
+// IQ4_NL's (and IQ4_XS's) non-linear grid, and MXFP4's e2m1 values doubled (src/quant).
+__device__ __forceinline__ int kvalue_iq4nl(u32 c) {
+    const signed char v[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                               1,    13,   25,  38,  53,  69,  89,  113};
+    return v[c & 15u];
+}
+__device__ __forceinline__ int kvalue_mxfp4(u32 c) {
+    const signed char v[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+    return v[c & 15u];
+}
+
+// MXFP4's block scale: E8M0 e as 2^(e - 128), exact (subnormal below e = 2).
+__device__ __forceinline__ float e8m0_half(u32 e) {
+    return e < 2u ? __uint_as_float(0x00200000u << e) : __uint_as_float((e - 1u) << 23);
+}
+
+// The blocks of 32 whose 16 code bytes hold element l in the low nibble of byte l and element
+// l + 16 in the high one (Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, MXFP4; IQ4_XS's 32-blocks inside a
+// 136-byte super-block), decoded as src/quant/kquants.rs decode_block does.
+template <int FMT>
+__device__ __forceinline__ void decode_block32(const u8* __restrict__ row, u32 b, WBlk& o) {
+    const u8* blk;
+    const u8* qs;
+    u32 qh = 0;
+    if (FMT == FMT_Q4_0 || FMT == FMT_IQ4_NL) {
+        blk = row + 18u * b;
+        qs = blk + 2;
+        o.s1 = f16_to_f32(ld_u16(blk));
+    } else if (FMT == FMT_Q4_1) {
+        blk = row + 20u * b;
+        qs = blk + 4;
+        o.s1 = f16_to_f32(ld_u16(blk));
+        o.s2 = f16_to_f32(ld_u16(blk + 2));
+    } else if (FMT == FMT_Q5_0) {
+        blk = row + 22u * b;
+        qh = ld_u32_a2(blk + 2);
+        qs = blk + 6;
+        o.s1 = f16_to_f32(ld_u16(blk));
+    } else if (FMT == FMT_Q5_1) {
+        blk = row + 24u * b;
+        qh = ld_u32(blk + 4);
+        qs = blk + 8;
+        o.s1 = f16_to_f32(ld_u16(blk));
+        o.s2 = f16_to_f32(ld_u16(blk + 2));
+    } else if (FMT == FMT_MXFP4) {
+        blk = row + 17u * b;
+        qs = blk + 1;
+        o.s1 = e8m0_half(blk[0]);
+    } else {  // FMT_IQ4_XS
+        const u8* sb = row + 136u * (b >> 3);
+        const u32 j = b & 7u;
+        const u32 sh = ld_u16(sb + 2);
+        const int ls = (int)(((sb[4 + j / 2u] >> (4u * (j & 1u))) & 0xFu) | (((sh >> (2u * j)) & 3u) << 4));
+        o.s1 = f16_to_f32(ld_u16(sb)) * (float)(ls - 32);
+        qs = sb + 8 + 16u * j;
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        // Elements 4i .. 4i + 3: low nibbles of bytes 4i.. (i < 4), high nibbles of 4(i - 4)..
+        const u8* w = qs + 4 * (i & 3);
+        const u32 word = FMT == FMT_MXFP4 ? ld_u32_a1(w)
+                         : (FMT == FMT_Q4_1 || FMT == FMT_Q5_1 || FMT == FMT_IQ4_XS) ? ld_u32(w)
+                                                                                     : ld_u32_a2(w);
+        const u32 nib = (i < 4 ? word : word >> 4) & 0x0F0F0F0Fu;
+        if (FMT == FMT_IQ4_NL || FMT == FMT_IQ4_XS || FMT == FMT_MXFP4) {
+            int c[4];
+#pragma unroll
+            for (int t = 0; t < 4; ++t) {
+                const u32 n = (nib >> (8 * t)) & 15u;
+                c[t] = FMT == FMT_MXFP4 ? kvalue_mxfp4(n) : kvalue_iq4nl(n);
+            }
+            o.q[i] = pack4(c[0], c[1], c[2], c[3]);
+        } else {
+            u32 v = nib;
+            if (FMT == FMT_Q5_0 || FMT == FMT_Q5_1) {
+                const u32 h = (qh >> (4 * i)) & 15u;
+                v |= ((h & 1u) | ((h & 2u) << 7) | ((h & 4u) << 14) | ((h & 8u) << 21)) << 4;
+            }
+            if (FMT == FMT_Q4_0) v = __vsub4(v, 0x08080808u);
+            if (FMT == FMT_Q5_0) v = __vsub4(v, 0x10101010u);
+            o.q[i] = (int)v;
+        }
+    }
+}
+
+// Block b of a Q3_K row (110-byte super-blocks of 256): codes (qs >> 2 (j % 4)) & 3, less 4
+// where bit j of the element's hmask byte is clear; the sub-block scales of llama.cpp's kmask
+// unpacking less 32 (src/quant/kquants.rs q3k_scales).
+__device__ __forceinline__ void decode_q3_k(const u8* __restrict__ row, u32 b, WBlk& o) {
+    const u8* sb = row + 110u * (b >> 3);
+    const u32 j = b & 7u;
+    const u8* qs = sb + 32 + 32u * (j / 4u);
+    const u32 shift = 2u * (j & 3u);
+    const u8* sc = sb + 96;
+    int s[2];
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+        const u32 idx = 2u * j + (u32)t;
+        const u32 low = idx < 8u ? sc[idx] & 0xFu : sc[idx - 8u] >> 4;
+        const u32 high = (sc[8u + idx % 4u] >> (2u * (idx / 4u))) & 3u;
+        s[t] = (int)(low | (high << 4)) - 32;
+    }
+    o.sc0 = s[0];
+    o.sc1 = s[1];
+    o.s1 = f16_to_f32(ld_u16(sb + 108));
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const u32 low = (ld_u32_a2(qs + 4 * i) >> shift) & 0x03030303u;
+        const u32 hbit = (ld_u32_a2(sb + 4 * i) >> j) & 0x01010101u;
+        o.q[i] = (int)__vsub4(low | (hbit << 2), 0x04040404u);
+    }
+}
+
 template <int FMT>
 __device__ __forceinline__ WBlk decode_wblock(const u8* __restrict__ row, u32 b) {
     WBlk o;
@@ -279,6 +422,11 @@ __device__ __forceinline__ WBlk decode_wblock(const u8* __restrict__ row, u32 b)
             if (five) v |= ((ld_u32(sb + 16 + 4 * i) >> j) & 0x01010101u) << 4;
             o.q[i] = (int)v;
         }
+    } else if (FMT == FMT_Q4_0 || FMT == FMT_Q4_1 || FMT == FMT_Q5_0 || FMT == FMT_Q5_1 ||
+               FMT == FMT_IQ4_NL || FMT == FMT_MXFP4 || FMT == FMT_IQ4_XS) {
+        decode_block32<FMT>(row, b, o);
+    } else if (FMT == FMT_Q3_K) {
+        decode_q3_k(row, b, o);
     } else {  // FMT_Q6_K
         const u8* sb = row + 210u * (b >> 3);
         const int j = (int)(b & 7u);
@@ -373,9 +521,10 @@ __device__ __forceinline__ float biased_isum_to_float(int b) {
 
 template <int FMT>
 __device__ __forceinline__ float isum_to_float(int i) {
-    // |isum| < 2^22 for Q8_0 (32 * 127 * 127), Q4_K and Q5_K (32 * 31 * 127); Q6_K's scaled
-    // sum reaches 2^24 and takes the conversion instruction.
-    return FMT == FMT_Q6_K ? __int2float_rn(i) : small_int_to_float(i);
+    // |isum| < 2^22 for Q8_0 (32 * 127 * 127), Q4_K and Q5_K (32 * 31 * 127), Q4_0 .. Q5_1,
+    // IQ4 (32 * 127 * 127) and MXFP4; Q6_K's scaled sum reaches 2^24 and takes the conversion
+    // instruction, as Q3_K's (below 2^20) does.
+    return STEP_TWO_SCALES(FMT) ? __int2float_rn(i) : small_int_to_float(i);
 }
 
 template <int FMT, int NT>
@@ -432,7 +581,7 @@ __device__ __forceinline__ void gemv_body(PRODUCT_PARAMS) {
                 if (bl < seg_blocks) {
                     const u32 b = seg + bl;
                     const WBlk w = decode_wblock<FMT>(wrow, b);
-                    if (FMT == FMT_Q4_K || FMT == FMT_Q5_K) s_wm[warp][bl] = w.s2;
+                    if (STEP_HAS_MIN(FMT)) s_wm[warp][bl] = w.s2;
 #pragma unroll
                     for (int n = 0; n < NT; ++n) {
                         if ((u32)n < tl.rows) {
@@ -448,12 +597,12 @@ __device__ __forceinline__ void gemv_body(PRODUCT_PARAMS) {
                             hi = __dp4a(w.q[5], x1.y, hi);
                             hi = __dp4a(w.q[6], x1.z, hi);
                             hi = __dp4a(w.q[7], x1.w, hi);
-                            const int isum = FMT == FMT_Q6_K ? w.sc0 * lo + w.sc1 * hi : lo + hi;
+                            const int isum = STEP_TWO_SCALES(FMT) ? w.sc0 * lo + w.sc1 * hi : lo + hi;
                             const float t = w.s1 * __ldg(xd + (u64)xr * nb + b);
                             float* o = sa + (bl * NT + n) * 3u;
                             o[0] = t;
                             o[1] = isum_to_float<FMT>(isum);
-                            if (FMT == FMT_Q4_K || FMT == FMT_Q5_K) o[2] = __ldg(xa + (u64)xr * nb + b);
+                            if (STEP_HAS_MIN(FMT)) o[2] = __ldg(xa + (u64)xr * nb + b);
                         }
                     }
                 }
@@ -464,7 +613,7 @@ __device__ __forceinline__ void gemv_body(PRODUCT_PARAMS) {
                 for (u32 bl = p; bl < seg_blocks; bl += 4u) {
                     const float* o = sa + (bl * NT + cn) * 3u;
                     acc = fmaf(o[0], o[1], acc);
-                    if (FMT == FMT_Q4_K || FMT == FMT_Q5_K) acc = fmaf(s_wm[warp][bl], o[2], acc);
+                    if (STEP_HAS_MIN(FMT)) acc = fmaf(s_wm[warp][bl], o[2], acc);
                 }
             }
         }
@@ -832,11 +981,11 @@ __device__ __forceinline__ void gemm_mma_body(float* __restrict__ y,
                     const u32 mr = wm * 32u + (i >> 1) * 16u + gq + ((i & 1) ? 8u : 0u);
                     const u32 nr = wn * 16u + (i >> 1) * 8u + tq * 2u + (i & 1);
                     ws[i] = sWs[mr][j];
-                    if (FMT == FMT_Q4_K || FMT == FMT_Q5_K) {
+                    if (STEP_HAS_MIN(FMT)) {
                         wmn[i] = sWm[mr][j];
                         ax[i] = sXa[nr][j];
                     }
-                    if (FMT == FMT_Q6_K) {
+                    if (STEP_TWO_SCALES(FMT)) {
                         const int scp = sWsc[mr][j];
                         sc0[i] = (int)(short)(scp & 0xffff);
                         sc1[i] = scp >> 16;
@@ -849,7 +998,7 @@ __device__ __forceinline__ void gemm_mma_body(float* __restrict__ y,
                     for (int nt = 0; nt < 2; ++nt) {
                         if (nt == 1 && !busy1) continue;
                         int lo[4] = {0, 0, 0, 0}, hi[4] = {0, 0, 0, 0};
-                        if (FMT == FMT_Q6_K) {
+                        if (STEP_TWO_SCALES(FMT)) {
                             mma_k16(lo, af[mt][0], af[mt][1], bf[nt][0]);
                             mma_k16(hi, af[mt][2], af[mt][3], bf[nt][1]);
                         } else {
@@ -859,10 +1008,10 @@ __device__ __forceinline__ void gemm_mma_body(float* __restrict__ y,
                         for (int e = 0; e < 4; ++e) {
                             const int mi = mt * 2 + (e >> 1), ni = nt * 2 + (e & 1);
                             const int isum =
-                                FMT == FMT_Q6_K ? sc0[mi] * lo[e] + sc1[mi] * hi[e] : lo[e];
+                                STEP_TWO_SCALES(FMT) ? sc0[mi] * lo[e] + sc1[mi] * hi[e] : lo[e];
                             float a = fmaf(ws[mi] * dx[ni], isum_to_float<FMT>(isum),
                                            acc[j & 3][mt][nt][e]);
-                            if (FMT == FMT_Q4_K || FMT == FMT_Q5_K) a = fmaf(wmn[mi], ax[ni], a);
+                            if (STEP_HAS_MIN(FMT)) a = fmaf(wmn[mi], ax[ni], a);
                             acc[j & 3][mt][nt][e] = a;
                         }
                     }
@@ -1314,6 +1463,14 @@ GEMV_ALL_NT(q8_0, FMT_Q8_0)
 GEMV_ALL_NT(q4_k, FMT_Q4_K)
 GEMV_ALL_NT(q5_k, FMT_Q5_K)
 GEMV_ALL_NT(q6_k, FMT_Q6_K)
+GEMV_ALL_NT(q4_0, FMT_Q4_0)
+GEMV_ALL_NT(q4_1, FMT_Q4_1)
+GEMV_ALL_NT(q5_0, FMT_Q5_0)
+GEMV_ALL_NT(q5_1, FMT_Q5_1)
+GEMV_ALL_NT(q3_k, FMT_Q3_K)
+GEMV_ALL_NT(iq4_nl, FMT_IQ4_NL)
+GEMV_ALL_NT(iq4_xs, FMT_IQ4_XS)
+GEMV_ALL_NT(mxfp4, FMT_MXFP4)
 
 // ------------------------------------------------------------------------------------------
 // GEMV for tiles of one row (decode) with K % 256 == 0, Q8_0, Q4_K, Q5_K: a block is one warp
@@ -1804,3 +1961,11 @@ MMA_ENTRY(q8_0, FMT_Q8_0, 2)
 MMA_ENTRY(q4_k, FMT_Q4_K, 1)
 MMA_ENTRY(q5_k, FMT_Q5_K, 1)
 MMA_ENTRY(q6_k, FMT_Q6_K, 1)
+MMA_ENTRY(q4_0, FMT_Q4_0, 1)
+MMA_ENTRY(q4_1, FMT_Q4_1, 1)
+MMA_ENTRY(q5_0, FMT_Q5_0, 1)
+MMA_ENTRY(q5_1, FMT_Q5_1, 1)
+MMA_ENTRY(q3_k, FMT_Q3_K, 1)
+MMA_ENTRY(iq4_nl, FMT_IQ4_NL, 1)
+MMA_ENTRY(iq4_xs, FMT_IQ4_XS, 1)
+MMA_ENTRY(mxfp4, FMT_MXFP4, 1)

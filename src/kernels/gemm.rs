@@ -196,12 +196,11 @@ impl GemmKernel {
     /// that format.
     pub fn entry(self, format: WeightFormat) -> Option<&'static str> {
         use WeightFormat as F;
-        let fi = format.index();
-        let gpu = fi < GEMM_NAMES.len();
+        let generic = generic_entries(format);
         Some(match (self, format) {
             (GemmKernel::V1, F::F32) => "gemm_f32_v1",
-            (GemmKernel::Gemv { height }, _) if gpu && matches!(height, 1 | 2 | 4 | 8) => {
-                GEMV_NAMES[fi][height.trailing_zeros() as usize]
+            (GemmKernel::Gemv { height }, _) if matches!(height, 1 | 2 | 4 | 8) => {
+                generic?.0[height.trailing_zeros() as usize]
             }
             (GemmKernel::GemvF32Wide, F::F32) => "gemv_f32_wide",
             (GemmKernel::GemvQ8Mma, F::Q8_0) => "gemv_q8_0_mma",
@@ -210,7 +209,7 @@ impl GemmKernel {
             (GemmKernel::GemvAsync, F::Q8_0) => "gemv_q8_0_async",
             (GemmKernel::GemvAsync, F::Q4K) => "gemv_q4_k_async",
             (GemmKernel::GemvAsync, F::Q5K) => "gemv_q5_k_async",
-            (GemmKernel::Gemm, _) if gpu => GEMM_NAMES[fi],
+            (GemmKernel::Gemm, _) => generic?.1,
             (GemmKernel::GemmQ8Async, F::Q8_0) => "gemm_mma_q8_0_async",
             (GemmKernel::GemmKqAsync, F::Q4K) => "gemm_mma_q4_k_async",
             (GemmKernel::GemmKqAsync, F::Q5K) => "gemm_mma_q5_k_async",
@@ -316,50 +315,43 @@ pub fn select(
     Ok(chosen)
 }
 
-/// Kernel names, indexed by [`WeightFormat::index`] (and GEMV height).
-const GEMV_NAMES: [[&str; 4]; 7] = [
-    ["gemv_f32_t1", "gemv_f32_t2", "gemv_f32_t4", "gemv_f32_t8"],
-    ["gemv_f16_t1", "gemv_f16_t2", "gemv_f16_t4", "gemv_f16_t8"],
-    [
-        "gemv_bf16_t1",
-        "gemv_bf16_t2",
-        "gemv_bf16_t4",
-        "gemv_bf16_t8",
-    ],
-    [
-        "gemv_q8_0_t1",
-        "gemv_q8_0_t2",
-        "gemv_q8_0_t4",
-        "gemv_q8_0_t8",
-    ],
-    [
-        "gemv_q4_k_t1",
-        "gemv_q4_k_t2",
-        "gemv_q4_k_t4",
-        "gemv_q4_k_t8",
-    ],
-    [
-        "gemv_q5_k_t1",
-        "gemv_q5_k_t2",
-        "gemv_q5_k_t4",
-        "gemv_q5_k_t8",
-    ],
-    [
-        "gemv_q6_k_t1",
-        "gemv_q6_k_t2",
-        "gemv_q6_k_t4",
-        "gemv_q6_k_t8",
-    ],
-];
-const GEMM_NAMES: [&str; 7] = [
-    "gemm_ffma_f32",
-    "gemm_ffma_f16",
-    "gemm_ffma_bf16",
-    "gemm_mma_q8_0",
-    "gemm_mma_q4_k",
-    "gemm_mma_q5_k",
-    "gemm_mma_q6_k",
-];
+/// The generic kernels of a format: the GEMV at heights 1, 2, 4, 8 and the tiled GEMM
+/// (`gemm_ffma_<fmt>` for float formats, `gemm_mma_<fmt>` for quantized ones); `None` for a
+/// format without GPU kernels.
+fn generic_entries(format: WeightFormat) -> Option<([&'static str; 4], &'static str)> {
+    macro_rules! names {
+        ($fmt:literal, $gemm:literal) => {
+            (
+                [
+                    concat!("gemv_", $fmt, "_t1"),
+                    concat!("gemv_", $fmt, "_t2"),
+                    concat!("gemv_", $fmt, "_t4"),
+                    concat!("gemv_", $fmt, "_t8"),
+                ],
+                concat!($gemm, $fmt),
+            )
+        };
+    }
+    use WeightFormat as F;
+    Some(match format {
+        F::F32 => names!("f32", "gemm_ffma_"),
+        F::F16 => names!("f16", "gemm_ffma_"),
+        F::BF16 => names!("bf16", "gemm_ffma_"),
+        F::Q8_0 => names!("q8_0", "gemm_mma_"),
+        F::Q4K => names!("q4_k", "gemm_mma_"),
+        F::Q5K => names!("q5_k", "gemm_mma_"),
+        F::Q6K => names!("q6_k", "gemm_mma_"),
+        F::Q4_0 => names!("q4_0", "gemm_mma_"),
+        F::Q4_1 => names!("q4_1", "gemm_mma_"),
+        F::Q5_0 => names!("q5_0", "gemm_mma_"),
+        F::Q5_1 => names!("q5_1", "gemm_mma_"),
+        F::Q3K => names!("q3_k", "gemm_mma_"),
+        F::IQ4NL => names!("iq4_nl", "gemm_mma_"),
+        F::IQ4XS => names!("iq4_xs", "gemm_mma_"),
+        F::MXFP4 => names!("mxfp4", "gemm_mma_"),
+        F::Q2K => return None,
+    })
+}
 
 /// Checks `x: [n, k]`, `w` and `y: [ny, m]` against each other.
 fn check_operands(
@@ -942,7 +934,7 @@ mod tests {
             MatmulKernel::GemvMma,
             MatmulKernel::Plain,
         ] {
-            for format in WeightFormat::GPU {
+            for format in WeightFormat::ALL {
                 for rows in [64, GEMV_MMA_MIN_ROWS] {
                     for cols in [96, 512, 2048] {
                         for tile in [1, 2, 3, 5, 8, 9, 64] {

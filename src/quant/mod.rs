@@ -101,9 +101,30 @@ impl WeightFormat {
         WeightFormat::Q6K,
     ];
 
-    /// Whether the GPU products have kernels for this format ([`WeightFormat::GPU`]).
+    /// Formats whose generic GPU kernels (`gemv_<fmt>_t<h>`, `gemm_mma_<fmt>` in
+    /// `cuda/gemm.cu`) are written but have not yet run on a GPU: the device takes them only
+    /// with `BITEXACT_NEW_FORMAT_KERNELS=1` ([`WeightFormat::has_gpu_kernels`]). Q2_K has none
+    /// yet.
+    pub const GPU_PENDING: [WeightFormat; 8] = [
+        WeightFormat::Q4_0,
+        WeightFormat::Q4_1,
+        WeightFormat::Q5_0,
+        WeightFormat::Q5_1,
+        WeightFormat::Q3K,
+        WeightFormat::IQ4NL,
+        WeightFormat::IQ4XS,
+        WeightFormat::MXFP4,
+    ];
+
+    /// Whether the GPU products take this format: [`WeightFormat::GPU`], and
+    /// [`WeightFormat::GPU_PENDING`] when `BITEXACT_NEW_FORMAT_KERNELS=1` (read once).
     pub fn has_gpu_kernels(self) -> bool {
+        static PENDING_ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         WeightFormat::GPU.contains(&self)
+            || (WeightFormat::GPU_PENDING.contains(&self)
+                && *PENDING_ON.get_or_init(|| {
+                    std::env::var("BITEXACT_NEW_FORMAT_KERNELS").is_ok_and(|v| v == "1")
+                }))
     }
 
     /// The name GGUF and llama.cpp use (`F32`, `Q4_K`, ...).
@@ -763,10 +784,13 @@ mod tests {
         }
         assert_eq!(
             seen.len(),
-            WeightFormat::GPU.len(),
+            WeightFormat::GPU.len() + WeightFormat::GPU_PENDING.len(),
             "one FMT_ constant per format with kernels"
         );
-        for f in WeightFormat::GPU {
+        for f in WeightFormat::GPU
+            .into_iter()
+            .chain(WeightFormat::GPU_PENDING)
+        {
             assert!(seen.contains(&f), "no FMT_ constant for {f}");
         }
     }

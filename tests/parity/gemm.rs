@@ -191,6 +191,39 @@ fn dispatch_thresholds() {
     }
 }
 
+/// The formats whose generic kernels have not yet run on a GPU (`WeightFormat::GPU_PENDING`,
+/// taken with `BITEXACT_NEW_FORMAT_KERNELS=1`): dense products at the GEMV heights and across
+/// the GEMM tile, K of one and of several blocks (super-blocks for Q3_K and IQ4_XS), through
+/// every kernel choice; grouped and device-sorted products. Without the switch the device
+/// refuses them (checked) and the rest is skipped, saying so.
+#[test]
+fn pending_formats_match_reference() {
+    let Some(dev) = gpu() else { return };
+    for fmt in WeightFormat::GPU_PENDING {
+        if !fmt.has_gpu_kernels() {
+            let m = weights(fmt, 1, 4, k_for(fmt, 1, 0), 1);
+            assert!(matches!(
+                GpuMatrix::upload(dev, &m),
+                Err(Error::InvalidArgument { .. })
+            ));
+            continue;
+        }
+        for (i, n) in [1usize, 2, 3, 5, 8, 9, 64, 65, 130].into_iter().enumerate() {
+            for units in [1usize, 3] {
+                let k = k_for(fmt, units, 0);
+                let seed = (n * 31 + units + 1000 * fmt.index()) as u64;
+                dense(fmt, n, [1, 37, 64][i % 3], k, seed, &KERNELS);
+            }
+        }
+        grouped(fmt, 9, 4, 33, k_for(fmt, 2, 0), 11);
+        grouped(fmt, 70, 3, 20, k_for(fmt, 1, 0), 12);
+        device_sorted(fmt, 40, 4, 6, 17, k_for(fmt, 2, 0), 13);
+    }
+    if !WeightFormat::Q4_0.has_gpu_kernels() {
+        println!("SKIP the pending formats' products: set BITEXACT_NEW_FORMAT_KERNELS=1");
+    }
+}
+
 #[test]
 fn large_n() {
     dense(WeightFormat::Q4K, 4096, 24, 256, 42, &[MatmulKernel::Auto]);
