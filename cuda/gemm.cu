@@ -12,10 +12,12 @@
 //   Q4_K, Q5_K    p = fmaf(ws * dx, (float)isum, p); p = fmaf(wm, ax, p)
 //                 with ws = d * sc and wm = -(dmin * m), each rounded once
 //   Q6_K, Q3_K    p = fmaf(d * dx, (float)(sc_lo * isum_lo + sc_hi * isum_hi), p)
+//   Q2_K          as Q6_K, then p = fmaf(-(dmin * dx), (float)(m_lo * sx_lo + m_hi * sx_hi), p),
+//                 sx the sums of the activation codes over each 16-element half
 //   Q4_0, Q5_0, IQ4_NL, IQ4_XS, MXFP4   as Q8_0 (IQ4_XS: d = d_super * (ls - 32), MXFP4:
 //                 d = 2^(e - 128) with doubled e2m1 codes)
 //   Q4_1, Q5_1    as Q4_K with ws = d, wm = m
-//                 (these eight: the generic GEMV and GEMM only, BITEXACT_NEW_FORMAT_KERNELS=1)
+//                 (these nine: the generic GEMV and GEMM only, BITEXACT_NEW_FORMAT_KERNELS=1)
 // where isum is the exact integer dot of the block's weight codes and activation codes (the
 // tensor cores may form it in any order), dx the activation block scale and ax = dx * sum(codes).
 // The order depends on K and the format only: GEMV, GEMM over any N, the grouped expert GEMM,
@@ -93,15 +95,19 @@
 #define FMT_Q4_1 8
 #define FMT_Q5_0 9
 #define FMT_Q5_1 10
+#define FMT_Q2_K 11
 #define FMT_Q3_K 12
 #define FMT_IQ4_NL 13
 #define FMT_IQ4_XS 14
 #define FMT_MXFP4 15
 
 // A block's step (src/reference/gemm.rs): with a min term p = fma(wm, ax, p) after the scaled
-// isum (Q4_K, Q5_K, Q4_1, Q5_1), or with two 16-element sub-block scales (Q6_K, Q3_K).
+// isum (Q4_K, Q5_K, Q4_1, Q5_1), or with two 16-element sub-block scales (Q6_K, Q3_K, Q2_K).
 #define STEP_HAS_MIN(f) ((f) == FMT_Q4_K || (f) == FMT_Q5_K || (f) == FMT_Q4_1 || (f) == FMT_Q5_1)
-#define STEP_TWO_SCALES(f) ((f) == FMT_Q6_K || (f) == FMT_Q3_K)
+#define STEP_TWO_SCALES(f) ((f) == FMT_Q6_K || (f) == FMT_Q3_K || (f) == FMT_Q2_K)
+// Q2_K's second term: p = fma(-(dmin * dx), m_lo * sx_lo + m_hi * sx_hi, p), sx the sums of
+// the activation codes over each half of the block.
+#define STEP_Q2_MINS(f) ((f) == FMT_Q2_K)
 
 #define DOT_BLOCK 32u
 
@@ -255,8 +261,9 @@ __device__ __forceinline__ void load_w16(const u8* __restrict__ row, u32 k0, flo
 struct WBlk {
     int q[8];
     float s1;  // Q8_0, Q6_K: d;  Q4_K/Q5_K: ws = d * sc
-    float s2;  // Q4_K/Q5_K: wm = -(dmin * m)
+    float s2;  // Q4_K/Q5_K: wm = -(dmin * m);  Q2_K: dmin
     int sc0, sc1;  // Q6_K: the two 16-element sub-block scales
+    int m0, m1;    // Q2_K: the two sub-block mins
 };
 
 // Q4_K/Q5_K 6-bit scale and min of sub-block j from the 12 scale bytes (get_scale_min_k4).
@@ -394,11 +401,30 @@ __device__ __forceinline__ void decode_q3_k(const u8* __restrict__ row, u32 b, W
     }
 }
 
+// Block b of a Q2_K row (84-byte super-blocks of 256: 16 scale bytes, 64 code bytes, d, dmin):
+// codes (qs[32 (j / 4) + l] >> 2 (j % 4)) & 3, the sub-block scales and mins the low and high
+// nibbles of scale bytes 2j and 2j + 1 (src/quant/kquants.rs).
+__device__ __forceinline__ void decode_q2_k(const u8* __restrict__ row, u32 b, WBlk& o) {
+    const u8* sb = row + 84u * (b >> 3);
+    const u32 j = b & 7u;
+    const u8* qs = sb + 16 + 32u * (j / 4u);
+    const u32 shift = 2u * (j & 3u);
+    o.sc0 = sb[2u * j] & 0xF;
+    o.m0 = sb[2u * j] >> 4;
+    o.sc1 = sb[2u * j + 1u] & 0xF;
+    o.m1 = sb[2u * j + 1u] >> 4;
+    o.s1 = f16_to_f32(ld_u16(sb + 80));
+    o.s2 = f16_to_f32(ld_u16(sb + 82));
+#pragma unroll
+    for (int i = 0; i < 8; ++i) o.q[i] = (int)((ld_u32(qs + 4 * i) >> shift) & 0x03030303u);
+}
+
 template <int FMT>
 __device__ __forceinline__ WBlk decode_wblock(const u8* __restrict__ row, u32 b) {
     WBlk o;
     o.s2 = 0.0f;
     o.sc0 = o.sc1 = 0;
+    o.m0 = o.m1 = 0;
     if (FMT == FMT_Q8_0) {
         const u8* blk = row + 34u * b;
         o.s1 = f16_to_f32(ld_u16(blk));
@@ -427,6 +453,8 @@ __device__ __forceinline__ WBlk decode_wblock(const u8* __restrict__ row, u32 b)
         decode_block32<FMT>(row, b, o);
     } else if (FMT == FMT_Q3_K) {
         decode_q3_k(row, b, o);
+    } else if (FMT == FMT_Q2_K) {
+        decode_q2_k(row, b, o);
     } else {  // FMT_Q6_K
         const u8* sb = row + 210u * (b >> 3);
         const int j = (int)(b & 7u);
@@ -499,7 +527,10 @@ __device__ __forceinline__ void mma_epilogue(float* __restrict__ y, const u32* _
 #define GEMV_WARPS 8u
 #define GEMV_SEG_F 32u  // blocks per segment, float formats (the staged weights)
 #define GEMV_SEG_Q 32u  // blocks per segment, quantized formats (NT * 3 floats per block)
-#define GEMV_SMEM (GEMV_SEG_F * 33u)  // floats per warp; also >= GEMV_SEG_Q * 8 * 3
+#define GEMV_SMEM (GEMV_SEG_F * 33u)  // floats per warp; also >= GEMV_SEG_Q * 8 * 4
+// Floats a (block, token) leaves for the chains: the scale product, the isum and the scaled
+// activation sum; Q2_K: the scale product, the isum, -(dmin * dx) and the mins' sum.
+#define GEMV_SLOTS(f) (STEP_Q2_MINS(f) ? 4u : 3u)
 
 // The exact float value of an int below 2^22 in magnitude: its bits added to those of 1.5 * 2^23
 // form that float plus the int, and the subtraction is exact. Two full-rate operations instead
@@ -598,11 +629,24 @@ __device__ __forceinline__ void gemv_body(PRODUCT_PARAMS) {
                             hi = __dp4a(w.q[6], x1.z, hi);
                             hi = __dp4a(w.q[7], x1.w, hi);
                             const int isum = STEP_TWO_SCALES(FMT) ? w.sc0 * lo + w.sc1 * hi : lo + hi;
-                            const float t = w.s1 * __ldg(xd + (u64)xr * nb + b);
-                            float* o = sa + (bl * NT + n) * 3u;
-                            o[0] = t;
+                            const float dx = __ldg(xd + (u64)xr * nb + b);
+                            float* o = sa + (bl * NT + n) * GEMV_SLOTS(FMT);
+                            o[0] = w.s1 * dx;
                             o[1] = isum_to_float<FMT>(isum);
                             if (STEP_HAS_MIN(FMT)) o[2] = __ldg(xa + (u64)xr * nb + b);
+                            if (STEP_Q2_MINS(FMT)) {
+                                int sl = 0, sh = 0;
+                                sl = __dp4a(x0.x, 0x01010101, sl);
+                                sl = __dp4a(x0.y, 0x01010101, sl);
+                                sl = __dp4a(x0.z, 0x01010101, sl);
+                                sl = __dp4a(x0.w, 0x01010101, sl);
+                                sh = __dp4a(x1.x, 0x01010101, sh);
+                                sh = __dp4a(x1.y, 0x01010101, sh);
+                                sh = __dp4a(x1.z, 0x01010101, sh);
+                                sh = __dp4a(x1.w, 0x01010101, sh);
+                                o[2] = -(w.s2 * dx);
+                                o[3] = small_int_to_float(w.m0 * sl + w.m1 * sh);
+                            }
                         }
                     }
                 }
@@ -611,9 +655,10 @@ __device__ __forceinline__ void gemv_body(PRODUCT_PARAMS) {
             // Phase 2: the chains, block by block in order.
             if (chain) {
                 for (u32 bl = p; bl < seg_blocks; bl += 4u) {
-                    const float* o = sa + (bl * NT + cn) * 3u;
+                    const float* o = sa + (bl * NT + cn) * GEMV_SLOTS(FMT);
                     acc = fmaf(o[0], o[1], acc);
                     if (STEP_HAS_MIN(FMT)) acc = fmaf(s_wm[warp][bl], o[2], acc);
+                    if (STEP_Q2_MINS(FMT)) acc = fmaf(o[2], o[3], acc);
                 }
             }
         }
@@ -850,6 +895,9 @@ __device__ __forceinline__ void gemm_mma_body(float* __restrict__ y,
     __shared__ float sWs[TILE][8], sWm[TILE][8];
     __shared__ int sWsc[TILE][8];  // Q6_K: sc0 | sc1 << 16
     __shared__ float sXd[TILE][8], sXa[TILE][8];
+    // Q2_K: the sub-block mins m0 | m1 << 16, and each activation half-block's code sum.
+    __shared__ int sWmn[STEP_Q2_MINS(FMT) ? TILE : 1][8];
+    __shared__ int sXs[STEP_Q2_MINS(FMT) ? TILE : 1][16];
 
     const u32 tid = threadIdx.x;
     const u32 warp = tid >> 5, lane = tid & 31u;
@@ -874,7 +922,7 @@ __device__ __forceinline__ void gemm_mma_body(float* __restrict__ y,
     // next chunk's global loads are in flight while the current one is multiplied.
     int st_wq[2][8];
     float st_ws[2], st_wm[2], st_xd[2], st_xa[2];
-    int st_sc[2];
+    int st_sc[2], st_mn[2];
     int4 st_x[4];
     const auto load_chunk = [&](u32 c) {
         // Weights: 64 rows x 8 blocks, two (row, block) pairs per thread, decoded to int8.
@@ -890,12 +938,14 @@ __device__ __forceinline__ void gemm_mma_body(float* __restrict__ y,
                 st_ws[s] = w.s1;
                 st_wm[s] = w.s2;
                 st_sc[s] = (w.sc0 & 0xffff) | (w.sc1 << 16);
+                st_mn[s] = w.m0 | (w.m1 << 16);
             } else {
 #pragma unroll
                 for (int i = 0; i < 8; ++i) st_wq[s][i] = 0;
                 st_ws[s] = 0.0f;
                 st_wm[s] = 0.0f;
                 st_sc[s] = 0;
+                st_mn[s] = 0;
             }
         }
         // Activations: 64 rows x 256 codes (16 x 16 bytes per row), and the block scalars.
@@ -933,6 +983,7 @@ __device__ __forceinline__ void gemm_mma_body(float* __restrict__ y,
             sWs[r][j] = st_ws[s];
             sWm[r][j] = st_wm[s];
             sWsc[r][j] = st_sc[s];
+            if (STEP_Q2_MINS(FMT)) sWmn[r][j] = st_mn[s];
             sXd[r][j] = st_xd[s];
             sXa[r][j] = st_xa[s];
         }
@@ -940,6 +991,14 @@ __device__ __forceinline__ void gemm_mma_body(float* __restrict__ y,
         for (u32 s = 0; s < 4u; ++s) {
             const u32 idx = tid + s * 256u;
             *reinterpret_cast<int4*>(sX + (idx >> 4) * MMA_STRIDE + (idx & 15u) * 16u) = st_x[s];
+            if (STEP_Q2_MINS(FMT)) {
+                int sum = 0;
+                sum = __dp4a(st_x[s].x, 0x01010101, sum);
+                sum = __dp4a(st_x[s].y, 0x01010101, sum);
+                sum = __dp4a(st_x[s].z, 0x01010101, sum);
+                sum = __dp4a(st_x[s].w, 0x01010101, sum);
+                sXs[idx >> 4][idx & 15u] = sum;
+            }
         }
     };
 
@@ -975,7 +1034,7 @@ __device__ __forceinline__ void gemm_mma_body(float* __restrict__ y,
                 }
                 // This block's scalars for the thread's 4 output rows and 4 token rows.
                 float ws[4], wmn[4], dx[4], ax[4];
-                int sc0[4], sc1[4];
+                int sc0[4], sc1[4], mn0[4], mn1[4], sxl[4], sxh[4];
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
                     const u32 mr = wm * 32u + (i >> 1) * 16u + gq + ((i & 1) ? 8u : 0u);
@@ -989,6 +1048,14 @@ __device__ __forceinline__ void gemm_mma_body(float* __restrict__ y,
                         const int scp = sWsc[mr][j];
                         sc0[i] = (int)(short)(scp & 0xffff);
                         sc1[i] = scp >> 16;
+                    }
+                    if (STEP_Q2_MINS(FMT)) {
+                        const int mp = sWmn[mr][j];
+                        mn0[i] = mp & 0xffff;
+                        mn1[i] = mp >> 16;
+                        wmn[i] = sWm[mr][j];
+                        sxl[i] = sXs[nr][2 * j];
+                        sxh[i] = sXs[nr][2 * j + 1];
                     }
                     dx[i] = sXd[nr][j];
                 }
@@ -1012,6 +1079,10 @@ __device__ __forceinline__ void gemm_mma_body(float* __restrict__ y,
                             float a = fmaf(ws[mi] * dx[ni], isum_to_float<FMT>(isum),
                                            acc[j & 3][mt][nt][e]);
                             if (STEP_HAS_MIN(FMT)) a = fmaf(wmn[mi], ax[ni], a);
+                            if (STEP_Q2_MINS(FMT))
+                                a = fmaf(-(wmn[mi] * dx[ni]),
+                                         small_int_to_float(mn0[mi] * sxl[ni] + mn1[mi] * sxh[ni]),
+                                         a);
                             acc[j & 3][mt][nt][e] = a;
                         }
                     }
@@ -1468,6 +1539,7 @@ GEMV_ALL_NT(q4_1, FMT_Q4_1)
 GEMV_ALL_NT(q5_0, FMT_Q5_0)
 GEMV_ALL_NT(q5_1, FMT_Q5_1)
 GEMV_ALL_NT(q3_k, FMT_Q3_K)
+GEMV_ALL_NT(q2_k, FMT_Q2_K)
 GEMV_ALL_NT(iq4_nl, FMT_IQ4_NL)
 GEMV_ALL_NT(iq4_xs, FMT_IQ4_XS)
 GEMV_ALL_NT(mxfp4, FMT_MXFP4)
@@ -1966,6 +2038,7 @@ MMA_ENTRY(q4_1, FMT_Q4_1, 1)
 MMA_ENTRY(q5_0, FMT_Q5_0, 1)
 MMA_ENTRY(q5_1, FMT_Q5_1, 1)
 MMA_ENTRY(q3_k, FMT_Q3_K, 1)
+MMA_ENTRY(q2_k, FMT_Q2_K, 1)
 MMA_ENTRY(iq4_nl, FMT_IQ4_NL, 1)
 MMA_ENTRY(iq4_xs, FMT_IQ4_XS, 1)
 MMA_ENTRY(mxfp4, FMT_MXFP4, 1)

@@ -682,7 +682,7 @@ impl Device {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::Family;
 
     /// Every `cuda/*.cu` file is a family (and every family a file): a new kernel file cannot
@@ -746,6 +746,21 @@ mod tests {
         assert!(missing.is_empty(), "faces missing: {missing:?}");
     }
 
+    /// Whether libnvrtc can be opened; if not, says that `what` was skipped, or panics under
+    /// `BITEXACT_REQUIRE_NVRTC=1` (CI sets it).
+    pub(crate) fn nvrtc_present(what: &str) -> bool {
+        // SAFETY: only probes whether the shared library can be opened.
+        if unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            return true;
+        }
+        let why = format!("libnvrtc not found (LD_LIBRARY_PATH): {what}");
+        if std::env::var("BITEXACT_REQUIRE_NVRTC").is_ok_and(|v| v == "1") {
+            panic!("BITEXACT_REQUIRE_NVRTC=1 but {why}");
+        }
+        println!("SKIP {why}");
+        false
+    }
+
     /// Every family compiles under NVRTC with the pinned options, plain and as its mutant, for
     /// the H200's `compute_90`: a kernel that does not compile fails here, on a machine without
     /// a GPU, instead of at its first launch. Needs only libnvrtc (CI installs the
@@ -753,13 +768,7 @@ mod tests {
     /// without it.
     #[test]
     fn every_family_compiles_under_nvrtc() {
-        // SAFETY: only probes whether the shared library can be opened.
-        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-            let why = "libnvrtc not found (LD_LIBRARY_PATH): the CUDA sources were not compiled";
-            if std::env::var("BITEXACT_REQUIRE_NVRTC").is_ok_and(|v| v == "1") {
-                panic!("BITEXACT_REQUIRE_NVRTC=1 but {why}");
-            }
-            println!("SKIP {why}");
+        if !nvrtc_present("the CUDA sources were not compiled") {
             return;
         }
         let mut failed = Vec::new();

@@ -103,13 +103,13 @@ impl WeightFormat {
 
     /// Formats whose generic GPU kernels (`gemv_<fmt>_t<h>`, `gemm_mma_<fmt>` in
     /// `cuda/gemm.cu`) are written but have not yet run on a GPU: the device takes them only
-    /// with `BITEXACT_NEW_FORMAT_KERNELS=1` ([`WeightFormat::has_gpu_kernels`]). Q2_K has none
-    /// yet.
-    pub const GPU_PENDING: [WeightFormat; 8] = [
+    /// with `BITEXACT_NEW_FORMAT_KERNELS=1` ([`WeightFormat::has_gpu_kernels`]).
+    pub const GPU_PENDING: [WeightFormat; 9] = [
         WeightFormat::Q4_0,
         WeightFormat::Q4_1,
         WeightFormat::Q5_0,
         WeightFormat::Q5_1,
+        WeightFormat::Q2K,
         WeightFormat::Q3K,
         WeightFormat::IQ4NL,
         WeightFormat::IQ4XS,
