@@ -761,6 +761,35 @@ pub(crate) mod tests {
         false
     }
 
+    /// `family`'s PTX for `compute_90` with the pinned options (plain or as its mutant), or the
+    /// compiler's log; each compiled once per test process (two tests read the gemm family's).
+    pub(crate) fn family_ptx(family: Family, mutant: bool) -> Result<String, String> {
+        type Slot = std::sync::OnceLock<Result<String, String>>;
+        static SLOTS: std::sync::OnceLock<Vec<Slot>> = std::sync::OnceLock::new();
+        let slots = SLOTS.get_or_init(|| (0..2 * Family::ALL.len()).map(|_| Slot::new()).collect());
+        let at = Family::ALL
+            .iter()
+            .position(|&f| f == family)
+            .expect("ALL lists it");
+        slots[2 * at + usize::from(mutant)]
+            .get_or_init(|| {
+                let opts = cudarc::nvrtc::CompileOptions {
+                    options: super::compile_options("compute_90", mutant),
+                    name: Some(format!("{}.cu", family.name())),
+                    ..Default::default()
+                };
+                cudarc::nvrtc::compile_ptx_with_opts(family.program(), opts)
+                    .map(|p| p.to_src())
+                    .map_err(|e| match &e {
+                        cudarc::nvrtc::CompileError::CompileError { log, .. } => {
+                            log.to_string_lossy().into_owned()
+                        }
+                        other => format!("{other:?}"),
+                    })
+            })
+            .clone()
+    }
+
     /// Every family compiles under NVRTC with the pinned options, plain and as its mutant, for
     /// the H200's `compute_90`: a kernel that does not compile fails here, on a machine without
     /// a GPU, instead of at its first launch. Needs only libnvrtc (CI installs the
@@ -771,37 +800,47 @@ pub(crate) mod tests {
         if !nvrtc_present("the CUDA sources were not compiled") {
             return;
         }
-        let mut failed = Vec::new();
-        for &family in Family::ALL {
-            for mutant in [false, true] {
-                let opts = cudarc::nvrtc::CompileOptions {
-                    options: super::compile_options("compute_90", mutant),
-                    name: Some(format!("{}.cu", family.name())),
-                    ..Default::default()
-                };
-                match cudarc::nvrtc::compile_ptx_with_opts(family.program(), opts) {
-                    Ok(ptx) => failed.extend(
-                        entries_touching_memory_before_the_grid_wait(&ptx.to_src())
-                            .into_iter()
-                            .map(|k| {
-                                format!(
-                                    "{}: kernel {k} does not start with bx_grid_begin()",
-                                    family.name()
-                                )
-                            }),
-                    ),
-                    Err(e) => {
-                        let log = match &e {
-                            cudarc::nvrtc::CompileError::CompileError { log, .. } => {
-                                log.to_string_lossy().into_owned()
+        // The compiles spread over the cores (the gemm family alone is most of the time).
+        let jobs: Vec<(Family, bool)> = Family::ALL
+            .iter()
+            .flat_map(|&f| [(f, false), (f, true)])
+            .collect();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let failed: Vec<String> = std::thread::scope(|sc| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    sc.spawn(|| {
+                        let mut failed = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(&(family, mutant)) = jobs.get(i) else {
+                                return failed;
+                            };
+                            match family_ptx(family, mutant) {
+                                Ok(ptx) => failed.extend(
+                                    entries_touching_memory_before_the_grid_wait(&ptx)
+                                        .into_iter()
+                                        .map(|k| {
+                                            format!(
+                                                "{}: kernel {k} does not start with \
+                                                 bx_grid_begin()",
+                                                family.name()
+                                            )
+                                        }),
+                                ),
+                                Err(log) => failed
+                                    .push(format!("{} (mutant {mutant}):\n{log}", family.name())),
                             }
-                            other => format!("{other:?}"),
-                        };
-                        failed.push(format!("{} (mutant {mutant}):\n{log}", family.name()));
-                    }
-                }
-            }
-        }
+                        }
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().unwrap())
+                .collect()
+        });
         assert!(failed.is_empty(), "{}", failed.join("\n"));
     }
 

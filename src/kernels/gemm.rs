@@ -906,14 +906,8 @@ mod tests {
         if !crate::device::tests::nvrtc_present("the gemm entries were not listed") {
             return;
         }
-        let opts = cudarc::nvrtc::CompileOptions {
-            options: crate::device::compile_options("compute_90", false),
-            name: Some("gemm.cu".to_string()),
-            ..Default::default()
-        };
-        let ptx = cudarc::nvrtc::compile_ptx_with_opts(crate::device::Family::Gemm.program(), opts)
-            .expect("the gemm family compiles")
-            .to_src();
+        let ptx = crate::device::tests::family_ptx(crate::device::Family::Gemm, false)
+            .expect("the gemm family compiles");
         let compiled: std::collections::BTreeSet<String> = ptx
             .split(".entry ")
             .skip(1)

@@ -4,8 +4,10 @@
 //! proportion to the file: no single allocation above 16x the file (+64 KiB), no more than 64x
 //! in all (+1 MiB). (Parsed structures are larger than their encodings: a tensor info of 32
 //! bytes in the file is a ~100-byte struct, so "never more than the file" is not the bound; a
-//! count is never trusted before the bytes it needs are known to be there.) Runs for `BITEXACT_FUZZ_SECONDS` (default 5) from seed
-//! `BITEXACT_FUZZ_SEED`; a failing input is written to the temp dir and its seed printed.
+//! count is never trusted before the bytes it needs are known to be there.) Runs for
+//! `BITEXACT_FUZZ_SECONDS` (default 5) of core time spread over the cores, from seeds
+//! `BITEXACT_FUZZ_SEED` onward (one a thread); a failing input is written to the temp dir and its
+//! seed printed.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
@@ -206,6 +208,33 @@ fn check_with(bytes: &[u8], worst: &mut (f64, f64)) -> Result<bool, String> {
     }
 }
 
+/// One fuzzing thread: mutated files from `seed` until `secs` have passed or a check fails;
+/// `(cases, accepted, worst, failure)`.
+#[allow(clippy::type_complexity)]
+fn fuzz_thread(
+    corpus: &[Vec<u8>],
+    seed: u64,
+    secs: u64,
+) -> (u64, u64, (f64, f64), Option<(String, Vec<u8>)>) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let start = Instant::now();
+    let (mut cases, mut accepted) = (0u64, 0u64);
+    let mut worst = (0.0f64, 0.0f64);
+    while start.elapsed() < Duration::from_secs(secs) {
+        let base = corpus[rng.gen_range(0..corpus.len())].clone();
+        let input = mutate(&mut rng, base);
+        cases += 1;
+        match check_with(&input, &mut worst) {
+            Ok(ok) => accepted += u64::from(ok),
+            Err(why) => return (cases, accepted, worst, Some((why, input))),
+        }
+    }
+    (cases, accepted, worst, None)
+}
+
+/// `BITEXACT_FUZZ_SECONDS` (default 5) of fuzzing, spread over the cores: thread `i` of `T`
+/// fuzzes from seed `BITEXACT_FUZZ_SEED + i` for `seconds / T` (at least 1 s), so CI's 60 s
+/// of mutated files take 30 s of its two cores.
 #[test]
 fn fuzz_malformed_files() {
     let secs: u64 = std::env::var("BITEXACT_FUZZ_SECONDS")
@@ -216,39 +245,41 @@ fn fuzz_malformed_files() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0x5eed);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let each = (secs / threads).max(1);
     let corpus = load_corpus();
-    let mut rng = StdRng::seed_from_u64(seed);
-    let start = Instant::now();
-    let (mut cases, mut accepted) = (0u64, 0u64);
     // The panic hook would print every caught panic; failures are reported below instead.
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
-    let mut failure = None;
-    let mut worst = (0.0f64, 0.0f64);
-    while start.elapsed() < Duration::from_secs(secs) {
-        let base = corpus[rng.gen_range(0..corpus.len())].clone();
-        let input = mutate(&mut rng, base);
-        cases += 1;
-        match check_with(&input, &mut worst) {
-            Ok(ok) => accepted += u64::from(ok),
-            Err(why) => {
-                failure = Some((why, input));
-                break;
-            }
+    let runs: Vec<_> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..threads)
+            .map(|i| {
+                let corpus = &corpus;
+                sc.spawn(move || fuzz_thread(corpus, seed + i, each))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    std::panic::set_hook(hook);
+    let (mut cases, mut accepted, mut worst) = (0u64, 0u64, (0.0f64, 0.0f64));
+    for (i, (c, a, w, failure)) in runs.into_iter().enumerate() {
+        cases += c;
+        accepted += a;
+        worst = (worst.0.max(w.0), worst.1.max(w.1));
+        if let Some((why, input)) = failure {
+            let s = seed + i as u64;
+            let path = std::env::temp_dir().join(format!("gguf-fuzz-failure-{s}-{c}.bin"));
+            std::fs::write(&path, &input).unwrap();
+            panic!(
+                "fuzz case {c} (seed {s}): {why}; input saved to {}",
+                path.display()
+            );
         }
     }
-    std::panic::set_hook(hook);
-    if let Some((why, input)) = failure {
-        let path = std::env::temp_dir().join(format!("gguf-fuzz-failure-{seed}-{cases}.bin"));
-        std::fs::write(&path, &input).unwrap();
-        panic!(
-            "fuzz case {cases} (seed {seed}): {why}; input saved to {}",
-            path.display()
-        );
-    }
     println!(
-        "gguf fuzz: {cases} mutated files in {secs} s (seed {seed}), {accepted} still parsed, no panic; \
-         worst allocation per file byte: {:.2} (single), {:.2} (total)",
+        "gguf fuzz: {cases} mutated files in {threads} threads of {each} s (seeds {seed}..), \
+         {accepted} still parsed, no panic; worst allocation per file byte: {:.2} (single), \
+         {:.2} (total)",
         worst.0, worst.1
     );
     assert!(cases > 100);
