@@ -68,8 +68,7 @@ pub struct SpeedArgs {
     #[arg(long)]
     batched_only: bool,
     /// Also time each batched row with its decode steps replayed from a captured step graph
-    /// (`BatchSession`'s default), right after the eager steps (`set_graphs(false)`), on the
-    /// same session.
+    /// (`BatchSession::set_graphs`), right after the eager steps, on the same session.
     #[arg(long, requires = "sequences")]
     batch_graphs: bool,
     /// Also time mixed steps: each batched row's S sequences decode one token each while a
