@@ -197,21 +197,40 @@ macro_rules! kernel_params {
 }
 pub(crate) use kernel_params;
 
-/// The parameters of the CUDA macro `#define NAME` in `source` (a parameter list, one
-/// declaration after another, `__restrict__` dropped), `(type, name)`, as
-/// [`kernel_params!`]'s `cuda_params()` writes them; `None` if the macro is not there.
+/// The parameters of `name` in `source`, `(type, name)` as [`kernel_params!`]'s
+/// `cuda_params()` writes them (`__restrict__` dropped): the parameter list of the macro
+/// `#define name` (one list several kernels share), or else that of the kernel `name`'s own
+/// definition (`__global__ ... name(...)`); `None` if neither is there.
 #[cfg(test)]
 pub(crate) fn cuda_param_list(source: &str, name: &str) -> Option<Vec<(String, String)>> {
-    let start = source.find(&format!("#define {name} "))? + "#define ".len() + name.len();
-    let mut text = String::new();
-    for line in source[start..].lines() {
-        let continued = line.trim_end().ends_with('\\');
-        text.push_str(line.trim_end().trim_end_matches('\\'));
-        text.push(' ');
-        if !continued {
-            break;
+    let text = match source.find(&format!("#define {name} ")) {
+        Some(at) => {
+            let mut text = String::new();
+            for line in source[at + "#define ".len() + name.len()..].lines() {
+                let continued = line.trim_end().ends_with('\\');
+                text.push_str(line.trim_end().trim_end_matches('\\'));
+                text.push(' ');
+                if !continued {
+                    break;
+                }
+            }
+            text
         }
-    }
+        None => {
+            let at = source
+                .match_indices(&format!("{name}("))
+                .find_map(|(i, _)| {
+                    let before = &source[i.saturating_sub(160)..i];
+                    let standalone = source[..i]
+                        .chars()
+                        .next_back()
+                        .is_some_and(char::is_whitespace);
+                    (standalone && before.contains("__global__")).then_some(i + name.len() + 1)
+                })?;
+            let close = at + source[at..].find(')')?;
+            source[at..close].to_string()
+        }
+    };
     Some(
         text.split(',')
             .map(|decl| {

@@ -11,6 +11,7 @@ use super::gemm::{GEMM_TILE_ROWS, GEMV_MAX_ROWS};
 use super::{as_u32, dims};
 use crate::device::{Device, Family};
 use crate::error::{check_indices, check_shape, Error, Result};
+use crate::launch::{kernel_params, In, Out};
 use crate::tensor::GpuTensor;
 
 /// A validated routing table, resident on the device: routed row `r` reads input row
@@ -146,14 +147,16 @@ impl RoutedRows {
                 block_dim: (128, 1, 1),
                 shared_mem_bytes: 0,
             };
+            let args = RouteRowsArgs {
+                up: Out::of(dev, &mut up.buf),
+                down: Out::of(dev, &mut down.buf),
+                ids: In::of(dev, ids.slice()),
+                len: len32,
+                k: k32,
+                n_experts: ne32,
+            };
             let mut launch = dev.launch_builder(&f);
-            launch
-                .arg(&mut up.buf)
-                .arg(&mut down.buf)
-                .arg(ids.slice())
-                .arg(&len32)
-                .arg(&k32)
-                .arg(&ne32);
+            launch.args(&args);
             // SAFETY: ids holds len = n * k entries; each table holds 9 * len + 1 u32; the
             // grid covers r < len.
             unsafe { launch.launch(cfg) }?;
@@ -274,26 +277,30 @@ impl RoutedRows {
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
+            let args = RouteCountArgs {
+                counts: Out::of(dev, &mut counts),
+                ids: In::of(dev, ids.slice()),
+                len: len32,
+                n_experts: ne32,
+            };
             let mut launch = dev.launch_builder(&count);
-            launch
-                .arg(&mut counts)
-                .arg(ids.slice())
-                .arg(&len32)
-                .arg(&ne32);
+            launch.args(&args);
             // SAFETY: ids holds len entries, counts n_experts; one block per expert.
             unsafe { launch.launch(cfg) }?;
             let sort = dev.function(Family::Route, "route_sort")?;
+            let args = RouteSortArgs {
+                up: Out::of(dev, &mut tab),
+                down: Out::of(dev, &mut down),
+                counts: In::of(dev, &counts),
+                ids: In::of(dev, ids.slice()),
+                len: len32,
+                k: k32,
+                n_experts: ne32,
+                gemm_tiles: gt32,
+                gemv_tiles: vt32,
+            };
             let mut launch = dev.launch_builder(&sort);
-            launch
-                .arg(&mut tab)
-                .arg(&mut down)
-                .arg(&mut counts)
-                .arg(ids.slice())
-                .arg(&len32)
-                .arg(&k32)
-                .arg(&ne32)
-                .arg(&gt32)
-                .arg(&vt32);
+            launch.args(&args);
             // SAFETY: both tables hold total + 1 entries laid out as `at` says (3 len rows,
             // gt and vt tiles of 3); counts (written by route_count above, same stream) sum to
             // len, so the rows and the used tiles fit; ids holds len entries.
@@ -337,5 +344,58 @@ impl RoutedRows {
     /// never sees, the bound `n * k`): what picks the kernel's tile height.
     pub fn largest_group(&self) -> usize {
         self.largest_group
+    }
+}
+
+kernel_params! {
+    /// `route_rows`: both unsorted tables from `ids [len]` (`len = n k`).
+    struct RouteRowsArgs<'a> {
+        up: Out<'a, u32>,
+        down: Out<'a, u32>,
+        ids: In<'a, u32>,
+        len: u32,
+        k: u32,
+        n_experts: u32,
+    }
+}
+
+kernel_params! {
+    /// `route_count`: `counts [n_experts]`, the rows of each expert.
+    struct RouteCountArgs<'a> {
+        counts: Out<'a, u32>,
+        ids: In<'a, u32>,
+        len: u32,
+        n_experts: u32,
+    }
+}
+
+kernel_params! {
+    /// `route_sort`: both sorted tables, their tile tables sized for `gemm_tiles` and
+    /// `gemv_tiles` tiles, from `route_count`'s counts.
+    struct RouteSortArgs<'a> {
+        up: Out<'a, u32>,
+        down: Out<'a, u32>,
+        counts: In<'a, u32>,
+        ids: In<'a, u32>,
+        len: u32,
+        k: u32,
+        n_experts: u32,
+        gemm_tiles: u32,
+        gemv_tiles: u32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each argument struct is its kernel's signature in `cuda/route.cu`: names, order, types.
+    #[test]
+    fn route_args_are_the_cuda_parameters() {
+        let src = include_str!("../../cuda/route.cu");
+        let list = |name| crate::launch::cuda_param_list(src, name).expect(name);
+        assert_eq!(RouteRowsArgs::cuda_params(), list("route_rows"));
+        assert_eq!(RouteCountArgs::cuda_params(), list("route_count"));
+        assert_eq!(RouteSortArgs::cuda_params(), list("route_sort"));
     }
 }
