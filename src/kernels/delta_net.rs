@@ -235,25 +235,26 @@ pub fn delta_net_scan_with(
         block_dim: (4 * s32, 1, 1),
         shared_mem_bytes: 0,
     };
-    let (conv_in, conv_out) = (&state.conv, &mut state.conv_next);
+    let args = ScanV1Args {
+        o: Out::of(dev, o.slice_mut()),
+        m: Out::of(dev, state.m.slice_mut()),
+        conv_out: Out::of(dev, state.conv_next.slice_mut()),
+        mixed: In::of(dev, mixed.slice()),
+        bg: In::of(dev, b.slice()),
+        ag: In::of(dev, a.slice()),
+        conv_w: In::of(dev, consts.conv.slice()),
+        conv_in: In::of(dev, state.conv.slice()),
+        dt_bias: In::of(dev, consts.dt_bias.slice()),
+        ssm_a: In::of(dev, consts.ssm_a.slice()),
+        n: n32,
+        hk: hk32,
+        hv: hv32,
+        s: s32,
+        kc: kc32,
+        eps,
+    };
     let mut launch = dev.launch_builder(&f);
-    launch
-        .arg(o.slice_mut())
-        .arg(state.m.slice_mut())
-        .arg(conv_out.slice_mut())
-        .arg(mixed.slice())
-        .arg(b.slice())
-        .arg(a.slice())
-        .arg(consts.conv.slice())
-        .arg(conv_in.slice())
-        .arg(consts.dt_bias.slice())
-        .arg(consts.ssm_a.slice())
-        .arg(&n32)
-        .arg(&hk32)
-        .arg(&hv32)
-        .arg(&s32)
-        .arg(&kc32)
-        .arg(&eps);
+    launch.args(&args);
     // SAFETY: shapes checked above: mixed [n, conv_dim], b and a [n, Hv], o [n, Hv, S], the
     // state [Hv, S, S] and two [max(Kc - 1, 1), conv_dim] windows (distinct tensors: the scan
     // reads one and writes the other), the constants uploaded for this config; one block per
@@ -263,6 +264,60 @@ pub fn delta_net_scan_with(
     dev.stream()
         .memcpy_dtod(state.conv_next.slice(), state.conv.slice_mut())?;
     Ok(())
+}
+
+kernel_params! {
+    /// `delta_net_scan_f32` (v1): steps 2 to 5 from the projections `mixed`, `bg` (b), `ag`
+    /// (a), the constants and the old window `conv_in`, into `o`, the state `m` and the new
+    /// window `conv_out`.
+    struct ScanV1Args<'a> {
+        o: Out<'a, f32>,
+        m: Out<'a, f32>,
+        conv_out: Out<'a, f32>,
+        mixed: In<'a, f32>,
+        bg: In<'a, f32>,
+        ag: In<'a, f32>,
+        conv_w: In<'a, f32>,
+        conv_in: In<'a, f32>,
+        dt_bias: In<'a, f32>,
+        ssm_a: In<'a, f32>,
+        n: u32,
+        hk: u32,
+        hv: u32,
+        s: u32,
+        kc: u32,
+        eps: f32,
+    }
+}
+
+kernel_params! {
+    /// `delta_net_prep_f32`: steps 2 to 4 of every token into `prep` and `gates`.
+    struct PrepArgs<'a> {
+        prep: Out<'a, f32>,
+        gates: Out<'a, f32>,
+        mixed: In<'a, f32>,
+        bg: In<'a, f32>,
+        ag: In<'a, f32>,
+        conv_w: In<'a, f32>,
+        conv_in: In<'a, f32>,
+        dt_bias: In<'a, f32>,
+        ssm_a: In<'a, f32>,
+        hk: u32,
+        hv: u32,
+        s: u32,
+        kc: u32,
+        eps: f32,
+    }
+}
+
+kernel_params! {
+    /// `delta_net_gate_f32`: `out = normed * silu(z)` over `len` elements.
+    struct GateArgs<'a> {
+        out: Out<'a, f32>,
+        normed: In<'a, f32>,
+        z: In<'a, f32>,
+        len: u64,
+    }
 }
 
 kernel_params! {
@@ -319,22 +374,24 @@ fn scan_v2(
         block_dim: (256, 1, 1),
         shared_mem_bytes: as_u32("delta_net_scan", "prep shared memory", smem)?,
     };
+    let args = PrepArgs {
+        prep: Out::of(dev, prep.slice_mut()),
+        gates: Out::of(dev, gates.slice_mut()),
+        mixed: In::of(dev, mixed.slice()),
+        bg: In::of(dev, b.slice()),
+        ag: In::of(dev, a.slice()),
+        conv_w: In::of(dev, consts.conv.slice()),
+        conv_in: In::of(dev, state.conv.slice()),
+        dt_bias: In::of(dev, consts.dt_bias.slice()),
+        ssm_a: In::of(dev, consts.ssm_a.slice()),
+        hk: hk32,
+        hv: hv32,
+        s: s32,
+        kc: kc32,
+        eps,
+    };
     let mut launch = dev.launch_builder(&f);
-    launch
-        .arg(prep.slice_mut())
-        .arg(gates.slice_mut())
-        .arg(mixed.slice())
-        .arg(b.slice())
-        .arg(a.slice())
-        .arg(consts.conv.slice())
-        .arg(state.conv.slice())
-        .arg(consts.dt_bias.slice())
-        .arg(consts.ssm_a.slice())
-        .arg(&hk32)
-        .arg(&hv32)
-        .arg(&s32)
-        .arg(&kc32)
-        .arg(&eps);
+    launch.args(&args);
     // SAFETY: mixed [n, conv_dim], b and a [n, Hv] (checked by the caller), prep [n,
     // conv_dim] and gates [n, Hv, 2] allocated here, the window [max(Kc - 1, 1), conv_dim] and
     // the constants of this config; a block per token, its shared memory the token's conv_dim
@@ -402,12 +459,14 @@ pub fn delta_net_gate(
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
+    let args = GateArgs {
+        out: Out::of(dev, out.slice_mut()),
+        normed: In::of(dev, normed.slice()),
+        z: In::of(dev, z.slice()),
+        len,
+    };
     let mut launch = dev.launch_builder(&f);
-    launch
-        .arg(out.slice_mut())
-        .arg(normed.slice())
-        .arg(z.slice())
-        .arg(&len);
+    launch.args(&args);
     // SAFETY: the three tensors hold len elements (one shape, checked above); the grid-stride
     // loop stays below len.
     unsafe { launch.launch(cfg) }?;
@@ -418,12 +477,18 @@ pub fn delta_net_gate(
 mod tests {
     use super::*;
 
-    /// `ScanArgs` is `SCAN_PARAMS`: the same names, order and CUDA types.
+    /// `ScanArgs` is `SCAN_PARAMS`, and each other argument struct its kernel's signature: the
+    /// same names, order and CUDA types.
     #[test]
     fn scan_args_are_the_cuda_parameters() {
         let cuda =
             crate::launch::cuda_param_list(include_str!("../../cuda/delta_net.cu"), "SCAN_PARAMS")
                 .expect("cuda/delta_net.cu defines SCAN_PARAMS");
         assert_eq!(ScanArgs::cuda_params(), cuda);
+        let src = include_str!("../../cuda/delta_net.cu");
+        let list = |name| crate::launch::cuda_param_list(src, name).expect(name);
+        assert_eq!(ScanV1Args::cuda_params(), list("delta_net_scan_f32"));
+        assert_eq!(PrepArgs::cuda_params(), list("delta_net_prep_f32"));
+        assert_eq!(GateArgs::cuda_params(), list("delta_net_gate_f32"));
     }
 }
