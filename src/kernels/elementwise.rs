@@ -6,6 +6,7 @@ use cudarc::driver::LaunchConfig;
 use super::dims;
 use crate::device::{Device, Family};
 use crate::error::{check_indices, check_shape, Result};
+use crate::launch::{kernel_params, In, Out};
 use crate::tensor::GpuTensor;
 
 fn flat_cfg(n: usize) -> LaunchConfig {
@@ -24,8 +25,13 @@ pub fn add(dev: &Device, a: &mut GpuTensor<f32>, b: &GpuTensor<f32>) -> Result<(
         return Ok(());
     }
     let f = dev.function(Family::Elementwise, "add_f32")?;
+    let args = AddArgs {
+        a: Out::of(dev, a.slice_mut()),
+        b: In::of(dev, b.slice()),
+        n,
+    };
     let mut launch = dev.launch_builder(&f);
-    launch.arg(a.slice_mut()).arg(b.slice()).arg(&n);
+    launch.args(&args);
     // SAFETY: a and b hold n elements each (same shape, checked above).
     unsafe { launch.launch(flat_cfg(n as usize)) }?;
     Ok(())
@@ -67,14 +73,50 @@ pub(crate) fn gather_rows_device(
     }
     let (rows, width32) = (ids_dev.len() as u64, width as u32);
     let f = dev.function(Family::Elementwise, "gather_rows_f32")?;
+    let args = GatherArgs {
+        out: Out::of(dev, out.slice_mut()),
+        table: In::of(dev, table.slice()),
+        ids: In::of(dev, ids_dev.slice()),
+        rows,
+        width: width32,
+    };
     let mut launch = dev.launch_builder(&f);
-    launch
-        .arg(out.slice_mut())
-        .arg(table.slice())
-        .arg(ids_dev.slice())
-        .arg(&rows)
-        .arg(&width32);
+    launch.args(&args);
     // SAFETY: every id is below vocab (checked by the callers), out is [rows, width].
     unsafe { launch.launch(flat_cfg(rows as usize * width)) }?;
     Ok(())
+}
+
+kernel_params! {
+    /// `add_f32`: `a += b` over `n` elements.
+    struct AddArgs<'a> {
+        a: Out<'a, f32>,
+        b: In<'a, f32>,
+        n: u64,
+    }
+}
+
+kernel_params! {
+    /// `gather_rows_f32`: `out[r] = table[ids[r]]`, `rows` rows of `width`.
+    struct GatherArgs<'a> {
+        out: Out<'a, f32>,
+        table: In<'a, f32>,
+        ids: In<'a, u32>,
+        rows: u64,
+        width: u32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each argument struct is its kernel's signature: names, order, CUDA types.
+    #[test]
+    fn elementwise_args_are_the_cuda_parameters() {
+        let src = include_str!("../../cuda/elementwise.cu");
+        let list = |name| crate::launch::cuda_param_list(src, name).expect(name);
+        assert_eq!(AddArgs::cuda_params(), list("add_f32"));
+        assert_eq!(GatherArgs::cuda_params(), list("gather_rows_f32"));
+    }
 }
