@@ -14,6 +14,7 @@
 //
 // Every element's arithmetic is the same chain in every version, so no launch shape or batch
 // size can change a bit. Rows beyond 65,535 are covered by one launch per chunk of rows.
+// `width` is a row's columns (v1) or float4s (v2).
 
 #include "common.cuh"
 
@@ -28,40 +29,40 @@ extern "C" __global__ void moe_weighted_reduce_f32_v1(float* __restrict__ out,
                                                       const float* __restrict__ partial,
                                                       const float* __restrict__ weight,
                                                       const float* __restrict__ shared,
-                                                      u32 na, u32 dim, u32 row0,
+                                                      u32 na, u32 width, u32 row0,
                                                       u32 has_shared) {
     bx_grid_begin();
     const u32 col = blockIdx.x * blockDim.x + threadIdx.x;
-    if (col >= dim) return;
+    if (col >= width) return;
     const u64 row = (u64)row0 + blockIdx.y;
-    const float* p = partial + row * na * dim + col;
+    const float* p = partial + row * na * width + col;
     const float* w = weight + row * na;
     float acc = 0.0f;
     for (u32 k = 0; k < na; ++k) {
         const u32 s = MOE_SLOT(k, na);
-        acc = fmaf(p[(u64)s * dim], w[s], acc);
+        acc = fmaf(p[(u64)s * width], w[s], acc);
     }
-    if (has_shared) acc = acc + shared[row * dim + col];
-    out[row * dim + col] = acc;
+    if (has_shared) acc = acc + shared[row * width + col];
+    out[row * width + col] = acc;
 }
 
 extern "C" __global__ void moe_weighted_reduce_f32_v2(float* __restrict__ out,
                                                       const float* __restrict__ partial,
                                                       const float* __restrict__ weight,
                                                       const float* __restrict__ shared,
-                                                      u32 na, u32 dim4, u32 row0,
+                                                      u32 na, u32 width, u32 row0,
                                                       u32 has_shared) {
     bx_grid_begin();
     const u32 c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= dim4) return;
+    if (c >= width) return;
     const u64 row = (u64)row0 + blockIdx.y;
-    const float4* p = reinterpret_cast<const float4*>(partial) + row * na * dim4 + c;
+    const float4* p = reinterpret_cast<const float4*>(partial) + row * na * width + c;
     const float* w = weight + row * na;
     float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll 8
     for (u32 k = 0; k < na; ++k) {
         const u32 s = MOE_SLOT(k, na);
-        const float4 v = __ldcs(p + (u64)s * dim4);
+        const float4 v = __ldcs(p + (u64)s * width);
         const float ws = w[s];
         acc.x = fmaf(v.x, ws, acc.x);
         acc.y = fmaf(v.y, ws, acc.y);
@@ -69,11 +70,11 @@ extern "C" __global__ void moe_weighted_reduce_f32_v2(float* __restrict__ out,
         acc.w = fmaf(v.w, ws, acc.w);
     }
     if (has_shared) {
-        const float4 sh = __ldcs(reinterpret_cast<const float4*>(shared) + row * dim4 + c);
+        const float4 sh = __ldcs(reinterpret_cast<const float4*>(shared) + row * width + c);
         acc.x = acc.x + sh.x;
         acc.y = acc.y + sh.y;
         acc.z = acc.z + sh.z;
         acc.w = acc.w + sh.w;
     }
-    __stcs(reinterpret_cast<float4*>(out) + row * dim4 + c, acc);
+    __stcs(reinterpret_cast<float4*>(out) + row * width + c, acc);
 }

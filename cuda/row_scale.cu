@@ -8,7 +8,8 @@
 //
 // Arithmetic: one IEEE multiply per element, so every version and launch shape gives the same
 // bits. Rows beyond the 65,535 a grid's y dimension allows are covered by one launch per chunk
-// (row0 = first row of the chunk); no integer division per element.
+// (row0 = first row of the chunk); no integer division per element. `width` is a row's
+// columns (v1) or float4s (v2).
 // Reference: src/reference/row_scale.rs.
 
 #include "common.cuh"
@@ -24,24 +25,24 @@ __device__ __forceinline__ float row_scale_op(float v, float s) {
 }
 
 extern "C" __global__ void row_scale_f32_v1(float* __restrict__ buf,
-                                            const float* __restrict__ scales, u32 cols,
+                                            const float* __restrict__ scales, u32 width,
                                             u32 row0) {
     bx_grid_begin();
     const u32 col = blockIdx.x * blockDim.x + threadIdx.x;
-    if (col >= cols) return;
+    if (col >= width) return;
     const u64 row = (u64)row0 + blockIdx.y;
-    float* p = buf + row * cols + col;
+    float* p = buf + row * width + col;
     *p = row_scale_op(*p, scales[row]);
 }
 
 extern "C" __global__ void row_scale_f32_v2(float* __restrict__ buf,
-                                            const float* __restrict__ scales, u32 cols4,
+                                            const float* __restrict__ scales, u32 width,
                                             u32 row0) {
     bx_grid_begin();
     const u32 c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= cols4) return;
+    if (c >= width) return;
     const u64 row = (u64)row0 + blockIdx.y;
-    float4* p = reinterpret_cast<float4*>(buf) + row * cols4 + c;
+    float4* p = reinterpret_cast<float4*>(buf) + row * width + c;
     const float s = scales[row];
     float4 v = *p;
     v.x = row_scale_op(v.x, s);

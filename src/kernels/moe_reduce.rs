@@ -6,6 +6,7 @@ use cudarc::driver::LaunchConfig;
 use super::{as_u32, dims, row_chunks, ROW_THREADS};
 use crate::device::{Device, Family};
 use crate::error::{check_shape, Error, Result};
+use crate::launch::{kernel_params, In, Out};
 use crate::tensor::GpuTensor;
 
 const OP: &str = "moe_weighted_reduce";
@@ -66,28 +67,59 @@ pub fn moe_weighted_reduce_version(
     }
     let f = dev.function(Family::MoeReduce, name)?;
     let has_shared = u32::from(shared.is_some());
-    // Never read when has_shared == 0; any valid device pointer will do.
-    let shared_arg = shared.map_or(weight.slice(), |s| s.slice());
     for (row0, nrows) in row_chunks(n) {
         let cfg = LaunchConfig {
             grid_dim: (width.div_ceil(ROW_THREADS), nrows, 1),
             block_dim: (ROW_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
+        let args = ReduceArgs {
+            out: Out::of(dev, out.slice_mut()),
+            partial: In::of(dev, partial.slice()),
+            weight: In::of(dev, weight.slice()),
+            // Read only when has_shared is 1.
+            shared: shared.map_or(In::null(), |s| In::of(dev, s.slice())),
+            na: na32,
+            width,
+            row0,
+            has_shared,
+        };
         let mut launch = dev.launch_builder(&f);
-        launch
-            .arg(out.slice_mut())
-            .arg(partial.slice())
-            .arg(weight.slice())
-            .arg(shared_arg)
-            .arg(&na32)
-            .arg(&width)
-            .arg(&row0)
-            .arg(&has_shared);
+        launch.args(&args);
         // SAFETY: partial is [n, na, dim], weight [n, na], shared (if read) and out [n, dim]
         // (checked above); the grid covers rows row0..row0 + nrows <= n and the kernel guards
         // columns against `width`.
         unsafe { launch.launch(cfg) }?;
     }
     Ok(())
+}
+
+kernel_params! {
+    /// `moe_weighted_reduce_f32_v1` / `_v2` (one signature): rows `row0..` of `out`, `width`
+    /// columns (v1) or float4s (v2) a row; `shared` is null when `has_shared` is 0.
+    struct ReduceArgs<'a> {
+        out: Out<'a, f32>,
+        partial: In<'a, f32>,
+        weight: In<'a, f32>,
+        shared: In<'a, f32>,
+        na: u32,
+        width: u32,
+        row0: u32,
+        has_shared: u32,
+    }
+}
+
+#[cfg(test)]
+mod reduce_args {
+    use super::*;
+
+    /// `ReduceArgs` is both versions' signature: names, order, CUDA types.
+    #[test]
+    fn reduce_args_are_the_cuda_parameters() {
+        let src = include_str!("../../cuda/moe_reduce.cu");
+        for name in ["moe_weighted_reduce_f32_v1", "moe_weighted_reduce_f32_v2"] {
+            let list = crate::launch::cuda_param_list(src, name).expect(name);
+            assert_eq!(ReduceArgs::cuda_params(), list, "{name}");
+        }
+    }
 }

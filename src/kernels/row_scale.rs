@@ -6,6 +6,7 @@ use cudarc::driver::LaunchConfig;
 use super::{as_u32, dims, row_chunks, ROW_THREADS};
 use crate::device::{Device, Family};
 use crate::error::{check_shape, Error, Result};
+use crate::launch::{kernel_params, In, Out};
 use crate::tensor::GpuTensor;
 
 const OP: &str = "row_scale";
@@ -53,15 +54,43 @@ pub fn row_scale_version(
             block_dim: (ROW_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
+        let args = RowScaleArgs {
+            buf: Out::of(dev, buf.slice_mut()),
+            scales: In::of(dev, scales.slice()),
+            width,
+            row0,
+        };
         let mut launch = dev.launch_builder(&f);
-        launch
-            .arg(buf.slice_mut())
-            .arg(scales.slice())
-            .arg(&width)
-            .arg(&row0);
+        launch.args(&args);
         // SAFETY: buf is [rows, cols] and scales is [rows] (checked above); the grid covers
         // rows row0..row0 + nrows <= rows and the kernel guards columns against `width`.
         unsafe { launch.launch(cfg) }?;
     }
     Ok(())
+}
+
+kernel_params! {
+    /// `row_scale_f32_v1` / `_v2` (one signature): rows `row0..` of `buf`, `width` columns
+    /// (v1) or float4s (v2) a row.
+    struct RowScaleArgs<'a> {
+        buf: Out<'a, f32>,
+        scales: In<'a, f32>,
+        width: u32,
+        row0: u32,
+    }
+}
+
+#[cfg(test)]
+mod row_scale_args {
+    use super::*;
+
+    /// `RowScaleArgs` is both versions' signature: names, order, CUDA types.
+    #[test]
+    fn row_scale_args_are_the_cuda_parameters() {
+        let src = include_str!("../../cuda/row_scale.cu");
+        for name in ["row_scale_f32_v1", "row_scale_f32_v2"] {
+            let list = crate::launch::cuda_param_list(src, name).expect(name);
+            assert_eq!(RowScaleArgs::cuda_params(), list, "{name}");
+        }
+    }
 }
