@@ -6,6 +6,7 @@ use cudarc::driver::LaunchConfig;
 use crate::device::{Device, Family};
 use crate::error::{check_shape, Error, Result};
 use crate::kernels::quantize::GpuActPair;
+use crate::launch::{kernel_params, In, Out};
 use crate::tensor::GpuTensor;
 
 const THREADS: u32 = 256;
@@ -36,12 +37,14 @@ pub fn swiglu(
         return Ok(());
     }
     let f = dev.function(Family::Activation, "swiglu_f32")?;
+    let args = SwigluArgs {
+        out: Out::of(dev, out.slice_mut()),
+        gate: In::of(dev, gate.slice()),
+        up: In::of(dev, up.slice()),
+        n,
+    };
     let mut launch = dev.launch_builder(&f);
-    launch
-        .arg(out.slice_mut())
-        .arg(gate.slice())
-        .arg(up.slice())
-        .arg(&n);
+    launch.args(&args);
     // SAFETY: gate, up and out hold n elements each (same shape, checked above); the kernel's
     // grid-stride loop stays below n.
     unsafe { launch.launch(flat_cfg(n as usize)) }?;
@@ -61,12 +64,14 @@ pub fn swiglu_halves(dev: &Device, gu: &GpuTensor<f32>, out: &mut GpuTensor<f32>
         return Ok(());
     }
     let func = dev.function(Family::Activation, "swiglu_halves_f32")?;
+    let args = HalvesArgs {
+        out: Out::of(dev, out.slice_mut()),
+        gu: In::of(dev, gu.slice()),
+        rows: rows64,
+        f: f32_,
+    };
     let mut launch = dev.launch_builder(&func);
-    launch
-        .arg(out.slice_mut())
-        .arg(gu.slice())
-        .arg(&rows64)
-        .arg(&f32_);
+    launch.args(&args);
     // SAFETY: gu is [rows, 2f] and out [rows, f] (checked above); the grid-stride loop stays
     // below rows * f.
     unsafe { launch.launch(flat_cfg(rows * f)) }?;
@@ -95,15 +100,17 @@ pub fn swiglu_halves_q8(dev: &Device, gu: &GpuTensor<f32>, out: &mut GpuActPair)
     }
     let func = dev.function(Family::Activation, "swiglu_halves_q8_f32")?;
     let (x, q) = out.parts_mut();
+    let args = HalvesQ8Args {
+        out: Out::of(dev, x.slice_mut()),
+        codes: Out::of(dev, q.codes.slice_mut()),
+        d: Out::of(dev, q.d.slice_mut()),
+        a: Out::of(dev, q.a.slice_mut()),
+        gu: In::of(dev, gu.slice()),
+        rows: rows64,
+        f: f32_,
+    };
     let mut launch = dev.launch_builder(&func);
-    launch
-        .arg(x.slice_mut())
-        .arg(q.codes.slice_mut())
-        .arg(q.d.slice_mut())
-        .arg(q.a.slice_mut())
-        .arg(gu.slice())
-        .arg(&rows64)
-        .arg(&f32_);
+    launch.args(&args);
     // SAFETY: gu is [rows, 2f] (checked above), the pair [rows, f] with codes [rows, f] and
     // d, a [rows, f / 32]; a warp per 32-block, the grid-stride loop stays below rows * f / 32
     // blocks.
@@ -121,8 +128,13 @@ pub fn sigmoid(dev: &Device, x: &GpuTensor<f32>, out: &mut GpuTensor<f32>) -> Re
         return Ok(());
     }
     let f = dev.function(Family::Activation, "sigmoid_f32")?;
+    let args = SigmoidArgs {
+        out: Out::of(dev, out.slice_mut()),
+        x: In::of(dev, x.slice()),
+        n,
+    };
     let mut launch = dev.launch_builder(&f);
-    launch.arg(out.slice_mut()).arg(x.slice()).arg(&n);
+    launch.args(&args);
     // SAFETY: x and out hold n elements each (checked above); the grid-stride loop stays
     // below n.
     unsafe { launch.launch(flat_cfg(n as usize)) }?;
@@ -165,18 +177,93 @@ pub fn gate_heads_sigmoid(
         return Ok(());
     }
     let f = dev.function(Family::Activation, "gate_heads_sigmoid_f32")?;
+    let args = GateHeadsArgs {
+        a: Out::of(dev, a.slice_mut()),
+        qg: In::of(dev, qg.slice()),
+        n: n64,
+        nh: nh32,
+        hd: hd32,
+        width: w64,
+        offset: off64,
+        head_stride: hs64,
+    };
     let mut launch = dev.launch_builder(&f);
-    launch
-        .arg(a.slice_mut())
-        .arg(qg.slice())
-        .arg(&n64)
-        .arg(&nh32)
-        .arg(&hd32)
-        .arg(&w64)
-        .arg(&off64)
-        .arg(&hs64);
+    launch.args(&args);
     // SAFETY: a is [n, nh, hd] and qg [n, width] with every gate index below width (checked
     // above); the grid-stride loop stays below n * nh * hd; a and qg are two tensors.
     unsafe { launch.launch(flat_cfg(total)) }?;
     Ok(())
+}
+
+kernel_params! {
+    /// `swiglu_f32`: `out = silu(gate) * up` over `n` elements.
+    struct SwigluArgs<'a> {
+        out: Out<'a, f32>,
+        gate: In<'a, f32>,
+        up: In<'a, f32>,
+        n: u64,
+    }
+}
+
+kernel_params! {
+    /// `swiglu_halves_f32`: `out [rows, f]` from each row's halves of `gu [rows, 2 f]`.
+    struct HalvesArgs<'a> {
+        out: Out<'a, f32>,
+        gu: In<'a, f32>,
+        rows: u64,
+        f: u32,
+    }
+}
+
+kernel_params! {
+    /// `swiglu_halves_q8_f32`: as [`HalvesArgs`], with the output's Q8 quantization.
+    struct HalvesQ8Args<'a> {
+        out: Out<'a, f32>,
+        codes: Out<'a, i8>,
+        d: Out<'a, f32>,
+        a: Out<'a, f32>,
+        gu: In<'a, f32>,
+        rows: u64,
+        f: u32,
+    }
+}
+
+kernel_params! {
+    /// `sigmoid_f32`: `out = sigmoid(x)` over `n` elements.
+    struct SigmoidArgs<'a> {
+        out: Out<'a, f32>,
+        x: In<'a, f32>,
+        n: u64,
+    }
+}
+
+kernel_params! {
+    /// `gate_heads_sigmoid_f32`: each head of `a` times the sigmoid of its gate in `qg`.
+    struct GateHeadsArgs<'a> {
+        a: Out<'a, f32>,
+        qg: In<'a, f32>,
+        n: u64,
+        nh: u32,
+        hd: u32,
+        width: u64,
+        offset: u64,
+        head_stride: u64,
+    }
+}
+
+#[cfg(test)]
+mod activation_args {
+    use super::*;
+
+    /// Each argument struct is its kernel's signature: names, order, CUDA types.
+    #[test]
+    fn activation_args_are_the_cuda_parameters() {
+        let src = include_str!("../../cuda/activation.cu");
+        let list = |name| crate::launch::cuda_param_list(src, name).expect(name);
+        assert_eq!(SwigluArgs::cuda_params(), list("swiglu_f32"));
+        assert_eq!(HalvesArgs::cuda_params(), list("swiglu_halves_f32"));
+        assert_eq!(HalvesQ8Args::cuda_params(), list("swiglu_halves_q8_f32"));
+        assert_eq!(SigmoidArgs::cuda_params(), list("sigmoid_f32"));
+        assert_eq!(GateHeadsArgs::cuda_params(), list("gate_heads_sigmoid_f32"));
+    }
 }
