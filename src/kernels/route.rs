@@ -12,6 +12,7 @@ use super::{as_u32, dims};
 use crate::device::{Device, Family};
 use crate::error::{check_indices, check_shape, Error, Result};
 use crate::launch::{kernel_params, In, Out};
+use crate::reference::route::tiles;
 use crate::tensor::GpuTensor;
 
 /// A validated routing table, resident on the device: routed row `r` reads input row
@@ -33,21 +34,6 @@ pub struct RoutedRows {
     pub(super) nx: usize,
     pub(super) n_experts: usize,
     pub(super) ny: usize,
-}
-
-fn tiles(sorted_experts: &[u32], height: usize) -> Vec<u32> {
-    let mut out = Vec::new();
-    let mut r = 0;
-    while r < sorted_experts.len() {
-        let e = sorted_experts[r];
-        let mut end = r;
-        while end < sorted_experts.len() && sorted_experts[end] == e && end - r < height {
-            end += 1;
-        }
-        out.extend([e, r as u32, (end - r) as u32]);
-        r = end;
-    }
-    out
 }
 
 impl RoutedRows {

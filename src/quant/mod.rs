@@ -104,17 +104,16 @@ impl WeightFormat {
     /// Formats whose generic GPU kernels (`gemv_<fmt>_t<h>`, `gemm_mma_<fmt>` in
     /// `cuda/gemm.cu`) are written but have not yet run on a GPU: the device takes them only
     /// with `BITEXACT_NEW_FORMAT_KERNELS=1` ([`WeightFormat::has_gpu_kernels`]).
-    pub const GPU_PENDING: [WeightFormat; 9] = [
-        WeightFormat::Q4_0,
-        WeightFormat::Q4_1,
-        WeightFormat::Q5_0,
-        WeightFormat::Q5_1,
-        WeightFormat::Q2K,
-        WeightFormat::Q3K,
-        WeightFormat::IQ4NL,
-        WeightFormat::IQ4XS,
-        WeightFormat::MXFP4,
-    ];
+    /// They are the rest of [`WeightFormat::ALL`], in its order.
+    pub const GPU_PENDING: [WeightFormat; 9] = {
+        let mut out = [WeightFormat::F32; 9];
+        let mut i = 0;
+        while i < out.len() {
+            out[i] = WeightFormat::ALL[WeightFormat::GPU.len() + i];
+            i += 1;
+        }
+        out
+    };
 
     /// Whether the GPU products take this format: [`WeightFormat::GPU`], and
     /// [`WeightFormat::GPU_PENDING`] when `BITEXACT_NEW_FORMAT_KERNELS=1` (read once).

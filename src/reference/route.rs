@@ -37,6 +37,23 @@ pub fn unsorted(ids: &[u32], k: usize, n_experts: usize) -> (Vec<u32>, Vec<u32>)
     (up, down)
 }
 
+/// The tiles of rows sorted by expert: each expert's run cut into tiles of at most `height`
+/// rows, in order, as `(expert, first row, rows)` triples (what the products walk; the one
+/// cutter of the host-built tables and of this reference).
+pub fn tiles(sorted_experts: &[u32], height: usize) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut r = 0;
+    while r < sorted_experts.len() {
+        let e = sorted_experts[r];
+        let n = sorted_experts[r..].iter().take_while(|&&x| x == e).count();
+        for first in (0..n).step_by(height) {
+            out.extend([e, (r + first) as u32, height.min(n - first) as u32]);
+        }
+        r += n;
+    }
+    out
+}
+
 /// The expert-sorted tables of `route_count` + `route_sort`: every expert's rows together, in
 /// expert order, (token, slot) order within one (a stable sort); each expert's rows cut into
 /// GEMM tiles of at most 64 and GEMV tiles of at most 8, in expert order; then empty tiles
@@ -59,21 +76,12 @@ pub fn sorted(ids: &[u32], k: usize, n_experts: usize) -> (Vec<u32>, Vec<u32>) {
         rows[2].push(clamp(ids[r], n_experts));
         rows[3].push(r as u32);
     }
-    let tiles = |height: usize, count: usize| {
-        let mut t = Vec::with_capacity(3 * count);
-        let mut at = 0;
-        while at < len {
-            let e = rows[2][at];
-            let n = rows[2][at..].iter().take_while(|&&x| x == e).count();
-            for first in (0..n).step_by(height) {
-                t.extend([e, (at + first) as u32, height.min(n - first) as u32]);
-            }
-            at += n;
-        }
+    let padded = |height: usize, count: usize| {
+        let mut t = tiles(&rows[2], height);
         t.resize(3 * count, 0);
         t
     };
-    let (g, v) = (tiles(64, gt), tiles(8, vt));
+    let (g, v) = (padded(64, gt), padded(8, vt));
     let table = |x_rows: &[u32]| {
         let mut t = Vec::with_capacity(3 * len + g.len() + v.len());
         for part in [x_rows, &rows[2], &rows[3], &g, &v] {
