@@ -108,16 +108,11 @@ pub enum ScanKernel {
     /// blocks, a column's partials combined by shuffles, one barrier per 16 tokens.
     V3,
     /// v4: v3 with token `t`'s output dot and token `t + 1`'s decay and kv dot in one loop over
-    /// the column (two independent fmaf chains a token where v3 ran them in turn). Not yet
-    /// measured on a GPU: [`ScanKernel::Auto`] takes it only with `BITEXACT_SCAN_V4=1`.
+    /// the column (two independent fmaf chains a token where v3 ran them in turn). A
+    /// selectable witness, not taken by [`ScanKernel::Auto`]: on an H100 it was 4% slower
+    /// than v3 at 2048 tokens (BENCHMARKS.md, 2026-12-07), so the two chains were not what
+    /// bounds a token.
     V4,
-}
-
-/// Whether [`ScanKernel::Auto`] runs v4 for prefills (`BITEXACT_SCAN_V4=1`; v3 otherwise): the
-/// switch an A/B of whole-model prefill flips. Read once.
-fn auto_takes_v4() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("BITEXACT_SCAN_V4").is_ok_and(|v| v == "1"))
 }
 
 /// Tokens from which [`ScanKernel::Auto`] runs the prep and a column scan (v3; v2 before it). H200, the Qwen3.6 shape
@@ -195,11 +190,7 @@ pub fn delta_net_scan_with(
     }
     let fits = prep_smem_bytes(c) <= PREP_MAX_SMEM;
     let second = match kernel {
-        ScanKernel::Auto if n >= SCAN_V2_MIN_TOKENS && fits => Some(if auto_takes_v4() {
-            "delta_net_scan4_f32"
-        } else {
-            "delta_net_scan3_f32"
-        }),
+        ScanKernel::Auto if n >= SCAN_V2_MIN_TOKENS && fits => Some("delta_net_scan3_f32"),
         ScanKernel::Auto | ScanKernel::V1 => None,
         ScanKernel::V2 | ScanKernel::V3 | ScanKernel::V4 if !fits => {
             return Err(Error::invalid(
