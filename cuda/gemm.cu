@@ -17,7 +17,7 @@
 //   Q4_0, Q5_0, IQ4_NL, IQ4_XS, MXFP4   as Q8_0 (IQ4_XS: d = d_super * (ls - 32), MXFP4:
 //                 d = 2^(e - 128) with doubled e2m1 codes)
 //   Q4_1, Q5_1    as Q4_K with ws = d, wm = m
-//                 (these nine: the generic GEMV and GEMM only, BITEXACT_NEW_FORMAT_KERNELS=1)
+//                 (these nine: the generic GEMV and GEMM only)
 // where isum is the exact integer dot of the block's weight codes and activation codes (the
 // tensor cores may form it in any order), dx the activation block scale and ax = dx * sum(codes).
 // The order depends on K and the format only: GEMV, GEMM over any N, the grouped expert GEMM,
@@ -90,7 +90,7 @@
 #define FMT_Q5_K 5
 #define FMT_Q6_K 6
 // The formats of the generic kernels alone (gemv_<fmt>_t<NT>, gemm_mma_<fmt>), numbered as
-// WeightFormat::ALL; run only with BITEXACT_NEW_FORMAT_KERNELS=1 until measured on a GPU.
+// WeightFormat::ALL.
 #define FMT_Q4_0 7
 #define FMT_Q4_1 8
 #define FMT_Q5_0 9

@@ -185,13 +185,6 @@ pub fn run(a: &BatchArgs) -> Result<bool> {
     // device first: a required one that does not open stops the run before the CPU work).
     let (dev, gpu_note) = a.run.open_device()?;
     let (dev, gpu_note) = match dev {
-        Some(_) if !a.format.has_gpu_kernels() => (
-            None,
-            Some(format!(
-                "{} has no GPU kernels yet: the CPU paths run",
-                a.format
-            )),
-        ),
         Some(_) if a.order != crate::Orders::F32 => (
             None,
             Some(

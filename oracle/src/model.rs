@@ -115,27 +115,6 @@ struct Ran {
     state: Vec<f32>,
 }
 
-/// The weight types of the model that have no GPU kernels: a file's tensor types, or a
-/// preset's formats.
-fn without_kernels(source: &Source, cfg: &ModelConfig) -> Vec<String> {
-    let mut missing: Vec<String> = match source {
-        Source::Gguf(f) => f
-            .tensors
-            .iter()
-            .filter(|t| t.ty.format().is_some_and(|fmt| !fmt.has_gpu_kernels()))
-            .map(|t| t.ty.name.to_string())
-            .collect(),
-        Source::Preset(_) => [cfg.moe.format, cfg.attn_format, cfg.lm_head_format]
-            .into_iter()
-            .filter(|f| !f.has_gpu_kernels())
-            .map(|f| f.to_string())
-            .collect(),
-    };
-    missing.sort();
-    missing.dedup();
-    missing
-}
-
 /// Where the weights come from: a preset's generator, or a GGUF file.
 enum Source {
     Preset(u64),
@@ -328,14 +307,6 @@ fn setup(a: &ModelArgs) -> Result<Setup> {
                 "the GPU runner keeps an f32 KV cache: --kv other than f32 runs the CPU paths only";
             println!("device: not used ({why})");
             (None, Some(why.to_string()))
-        }
-        (Some(_), _) if !without_kernels(&source, &cfg).is_empty() => {
-            let why = format!(
-                "{} has no GPU kernels yet: the CPU paths run",
-                without_kernels(&source, &cfg).join(", ")
-            );
-            println!("device: not used ({why})");
-            (None, Some(why))
         }
         (Some(_), _) if a.order != crate::Orders::F32 => {
             let why = "the kernels compute the f32 orders: --order exact runs the CPU paths only";

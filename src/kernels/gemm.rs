@@ -76,19 +76,8 @@ pub struct GpuMatrix {
 
 impl GpuMatrix {
     /// Uploads a host matrix (already checked by [`QuantMatrix`]), with [`MATRIX_TAIL`] zero
-    /// bytes after it. A format without GPU kernels ([`WeightFormat::has_gpu_kernels`]) is
-    /// refused by name.
+    /// bytes after it.
     pub fn upload(dev: &Device, m: &QuantMatrix) -> Result<Self> {
-        if !m.format().has_gpu_kernels() {
-            return Err(Error::invalid(
-                "GpuMatrix::upload",
-                format!(
-                    "{} has no GPU kernels yet (the CPU reference runs it: CpuSession, \
-                     `oracle model --cpu`)",
-                    m.format()
-                ),
-            ));
-        }
         let len = m.bytes().len() + MATRIX_TAIL;
         dev.alloc_gate(len, "GpuMatrix::upload")?;
         let stream = dev.stream();
@@ -317,8 +306,7 @@ pub fn select(
 
 /// The generic kernels of a format: the GEMV at heights 1, 2, 4, 8 and the tiled GEMM
 /// (`gemm_ffma_<fmt>` for float formats, `gemm_mma_<fmt>` for quantized ones); `None` for a
-/// format without GPU kernels (none today; the ones of [`WeightFormat::GPU_PENDING`] run with
-/// `BITEXACT_NEW_FORMAT_KERNELS=1`).
+/// format without GPU kernels (none today: every [`WeightFormat`] has them).
 fn generic_entries(format: WeightFormat) -> Option<([&'static str; 4], &'static str)> {
     macro_rules! names {
         ($fmt:literal, $gemm:literal) => {

@@ -167,7 +167,7 @@ impl<'m> BatchSession<'m> {
                 dn: BTreeMap::new(),
             },
             stage: HostStage::new(),
-            graphs: false,
+            graphs: true,
             cache: Vec::new(),
             last_key: None,
             stats: BatchStats::default(),
@@ -176,8 +176,8 @@ impl<'m> BatchSession<'m> {
 
     /// Whether decode steps (every sequence of the batch one row, no trace) replay a captured
     /// CUDA graph: one launch for the step instead of one per kernel. The graph runs the same
-    /// kernels on the same buffers, so it returns the same bits. Off by default until the
-    /// cache below has run on a GPU (it was written in a session that got none). A graph bakes
+    /// kernels on the same buffers, so it returns the same bits (`tests/parity/batch.rs`
+    /// checks replay == eager at every step, on a GPU). On by default. A graph bakes
     /// in the row count, the power of two of chunks that covers the longest sequence and (a
     /// model with DeltaNet layers) the sequences; a decode step whose shape is new runs
     /// eagerly, and the shape is captured when the next decode step has it too, so a row

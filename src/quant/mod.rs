@@ -68,8 +68,8 @@ pub enum WeightFormat {
 }
 
 impl WeightFormat {
-    /// Every format, float formats first; those with GPU kernels ([`WeightFormat::GPU`]) in
-    /// their order first.
+    /// Every format, float formats first; [`WeightFormat::CORE`] in its order, then
+    /// [`WeightFormat::GENERIC_ONLY`]. Every one has CPU references and GPU kernels.
     pub const ALL: [WeightFormat; 16] = [
         WeightFormat::F32,
         WeightFormat::F16,
@@ -89,9 +89,10 @@ impl WeightFormat {
         WeightFormat::MXFP4,
     ];
 
-    /// The formats the GPU products have kernels for (the first of [`WeightFormat::ALL`]);
-    /// the others run on the CPU reference only, and the device refuses them by name.
-    pub const GPU: [WeightFormat; 7] = [
+    /// The formats the runner had first (the first of [`WeightFormat::ALL`]): each has
+    /// specialised GPU kernels beside the generic GEMV and GEMM (F32, Q8_0 and the K-quants by
+    /// shape), and the parity proptests and the gemm bench sweep them.
+    pub const CORE: [WeightFormat; 7] = [
         WeightFormat::F32,
         WeightFormat::F16,
         WeightFormat::BF16,
@@ -101,30 +102,18 @@ impl WeightFormat {
         WeightFormat::Q6K,
     ];
 
-    /// Formats whose generic GPU kernels (`gemv_<fmt>_t<h>`, `gemm_mma_<fmt>` in
-    /// `cuda/gemm.cu`) are written but have not yet run on a GPU: the device takes them only
-    /// with `BITEXACT_NEW_FORMAT_KERNELS=1` ([`WeightFormat::has_gpu_kernels`]).
-    /// They are the rest of [`WeightFormat::ALL`], in its order.
-    pub const GPU_PENDING: [WeightFormat; 9] = {
+    /// The formats whose GPU products are the generic kernels alone (`gemv_<fmt>_t<h>`,
+    /// `gemm_mma_<fmt>` in `cuda/gemm.cu`), no specialised variant yet: the rest of
+    /// [`WeightFormat::ALL`], in its order.
+    pub const GENERIC_ONLY: [WeightFormat; 9] = {
         let mut out = [WeightFormat::F32; 9];
         let mut i = 0;
         while i < out.len() {
-            out[i] = WeightFormat::ALL[WeightFormat::GPU.len() + i];
+            out[i] = WeightFormat::ALL[WeightFormat::CORE.len() + i];
             i += 1;
         }
         out
     };
-
-    /// Whether the GPU products take this format: [`WeightFormat::GPU`], and
-    /// [`WeightFormat::GPU_PENDING`] when `BITEXACT_NEW_FORMAT_KERNELS=1` (read once).
-    pub fn has_gpu_kernels(self) -> bool {
-        static PENDING_ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        WeightFormat::GPU.contains(&self)
-            || (WeightFormat::GPU_PENDING.contains(&self)
-                && *PENDING_ON.get_or_init(|| {
-                    std::env::var("BITEXACT_NEW_FORMAT_KERNELS").is_ok_and(|v| v == "1")
-                }))
-    }
 
     /// The name GGUF and llama.cpp use (`F32`, `Q4_K`, ...).
     pub fn name(self) -> &'static str {
@@ -783,12 +772,12 @@ mod tests {
         }
         assert_eq!(
             seen.len(),
-            WeightFormat::GPU.len() + WeightFormat::GPU_PENDING.len(),
+            WeightFormat::CORE.len() + WeightFormat::GENERIC_ONLY.len(),
             "one FMT_ constant per format with kernels"
         );
-        for f in WeightFormat::GPU
+        for f in WeightFormat::CORE
             .into_iter()
-            .chain(WeightFormat::GPU_PENDING)
+            .chain(WeightFormat::GENERIC_ONLY)
         {
             assert!(seen.contains(&f), "no FMT_ constant for {f}");
         }

@@ -85,14 +85,14 @@ proptest! {
     fn float_formats_match_reference(
         f in 0usize..3, n in 1usize..=300, m in 1usize..=80, k in 1usize..=300, seed in any::<u64>(),
     ) {
-        dense(WeightFormat::GPU[f], n, m, k, seed, &KERNELS);
+        dense(WeightFormat::CORE[f], n, m, k, seed, &KERNELS);
     }
 
     #[test]
     fn quantized_formats_match_reference(
         f in 3usize..7, n in 1usize..=300, m in 1usize..=80, units in 1usize..=5, seed in any::<u64>(),
     ) {
-        let fmt = WeightFormat::GPU[f];
+        let fmt = WeightFormat::CORE[f];
         // K in 32-blocks for Q8_0 (not a multiple of the 256-wide chunk), super-blocks otherwise.
         let k = if fmt == WeightFormat::Q8_0 { 32 * (2 * units + 1) } else { 256 * units };
         dense(fmt, n, m, k, seed, &KERNELS);
@@ -112,7 +112,7 @@ proptest! {
         f in 0usize..7, n in 1usize..=120, ne in 1usize..=9, m in 1usize..=70, units in 1usize..=3,
         seed in any::<u64>(),
     ) {
-        let fmt = WeightFormat::GPU[f];
+        let fmt = WeightFormat::CORE[f];
         grouped(fmt, n, ne, m, k_for(fmt, units, 5), seed);
     }
 
@@ -121,7 +121,7 @@ proptest! {
         f in 0usize..7, n in 1usize..=200, k in 1usize..=4, ne in 1usize..=40, m in 1usize..=70,
         units in 1usize..=2, seed in any::<u64>(),
     ) {
-        let fmt = WeightFormat::GPU[f];
+        let fmt = WeightFormat::CORE[f];
         // Q8_0: K of whole 256-wide chunks every other case (the cp.async GEMM).
         let kk = if fmt == WeightFormat::Q8_0 && seed % 2 == 0 { 256 * units } else { k_for(fmt, units, 3) };
         device_sorted(fmt, n, k, ne, m, kk, seed);
@@ -176,7 +176,7 @@ fn device_sorted(fmt: WeightFormat, n: usize, k: usize, ne: usize, m: usize, kk:
 fn dispatch_thresholds() {
     // One below, at and above every threshold: the GEMV heights (1, 2, 4, 8), the GEMM tile
     // (64), and the sizes of issue 3's table.
-    for fmt in WeightFormat::GPU {
+    for fmt in WeightFormat::CORE {
         let k = k_for(fmt, 8, 0);
         for n in [1, 2, 3, 4, 5, 7, 8, 9, 63, 64, 65, 511, 512, 513] {
             dense(
@@ -191,23 +191,15 @@ fn dispatch_thresholds() {
     }
 }
 
-/// The formats whose generic kernels have not yet run on a GPU (`WeightFormat::GPU_PENDING`,
-/// taken with `BITEXACT_NEW_FORMAT_KERNELS=1`): dense products at the GEMV heights and across
-/// the GEMM tile, K of one and of several blocks (super-blocks for Q3_K and IQ4_XS), through
-/// every kernel choice; grouped and device-sorted products. Without the switch the device
-/// refuses them (checked) and the rest is skipped, saying so.
+/// The formats with the generic kernels alone (`WeightFormat::GENERIC_ONLY`): dense products
+/// at the GEMV heights and across the GEMM tile, K of one and of several blocks (super-blocks
+/// for Q3_K and IQ4_XS), through every kernel choice; grouped and device-sorted products.
 #[test]
-fn pending_formats_match_reference() {
-    let Some(dev) = gpu() else { return };
-    for fmt in WeightFormat::GPU_PENDING {
-        if !fmt.has_gpu_kernels() {
-            let m = weights(fmt, 1, 4, k_for(fmt, 1, 0), 1);
-            assert!(matches!(
-                GpuMatrix::upload(dev, &m),
-                Err(Error::InvalidArgument { .. })
-            ));
-            continue;
-        }
+fn generic_only_formats_match_reference() {
+    if gpu().is_none() {
+        return;
+    }
+    for fmt in WeightFormat::GENERIC_ONLY {
         for (i, n) in [1usize, 2, 3, 5, 8, 9, 64, 65, 130].into_iter().enumerate() {
             for units in [1usize, 3] {
                 let k = k_for(fmt, units, 0);
@@ -218,9 +210,6 @@ fn pending_formats_match_reference() {
         grouped(fmt, 9, 4, 33, k_for(fmt, 2, 0), 11);
         grouped(fmt, 70, 3, 20, k_for(fmt, 1, 0), 12);
         device_sorted(fmt, 40, 4, 6, 17, k_for(fmt, 2, 0), 13);
-    }
-    if !WeightFormat::Q4_0.has_gpu_kernels() {
-        println!("SKIP the pending formats' products: set BITEXACT_NEW_FORMAT_KERNELS=1");
     }
 }
 
@@ -274,7 +263,7 @@ fn negative_zero_survives_every_kernel() {
 #[test]
 fn nan_and_inf_activations() {
     let Some(dev) = gpu() else { return };
-    for fmt in WeightFormat::GPU {
+    for fmt in WeightFormat::CORE {
         let k = k_for(fmt, 4, 3);
         let seed = 77 + fmt.index() as u64;
         let wq = weights(fmt, 1, 20, k, seed);
@@ -297,7 +286,7 @@ fn nan_and_inf_activations() {
 #[test]
 fn gemv_row_equals_gemm_row_equals_grouped() {
     let Some(dev) = gpu() else { return };
-    for fmt in WeightFormat::GPU {
+    for fmt in WeightFormat::CORE {
         let (n, m, k) = (70, 40, k_for(fmt, 8, 0));
         let wq = weights(fmt, 1, m, k, 5);
         let xh = activations(n, k, 6, 0.0);

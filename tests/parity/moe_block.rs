@@ -116,7 +116,7 @@ fn format_case(
 
 #[test]
 fn every_format_batched_equals_sequential() {
-    for format in WeightFormat::GPU {
+    for format in WeightFormat::CORE {
         let dim = format.block_elems().max(32) * if format.block_elems() == 256 { 1 } else { 4 };
         for n in [1, 9, 40] {
             format_case(format, n, dim, 2 * dim.min(128), 6, 2, 17 + n as u64);
