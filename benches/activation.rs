@@ -17,45 +17,28 @@ const FFN: usize = 768;
 const ROWS: [usize; 4] = [8, 512, 4096, 16_384];
 
 fn main() {
-    let Some(dev) = common::device() else { return };
-    let mut c = common::criterion();
-    let mut rows = Vec::new();
-    let mut group = c.benchmark_group("activation");
-    for &r in &ROWS {
-        let len = r * FFN;
-        let bytes = 12 * len + len + len / 4;
-        let sets = common::rotation(bytes);
-        let mut data: Vec<(GpuTensor<f32>, GpuActPair)> = (0..sets)
-            .map(|s| {
-                let out = GpuTensor::zeros(&dev, &[r, FFN]).unwrap();
-                (
-                    GpuTensor::from_host(&dev, &common::vals(2 * len, s), &[r, 2 * FFN]).unwrap(),
-                    GpuActPair::quantize(&dev, out).unwrap(),
-                )
-            })
-            .collect();
-        let name = "swiglu_halves_q8";
-        common::bench_against_copy(
-            &mut group,
-            &dev,
-            &mut rows,
-            "activation",
-            name,
-            r,
-            bytes,
-            |i| {
+    common::run_family("activation", |dev, group, rows| {
+        for &r in &ROWS {
+            let len = r * FFN;
+            let bytes = 12 * len + len + len / 4;
+            let sets = common::rotation(bytes);
+            let mut data: Vec<(GpuTensor<f32>, GpuActPair)> = (0..sets)
+                .map(|s| {
+                    let out = GpuTensor::zeros(dev, &[r, FFN]).unwrap();
+                    (
+                        GpuTensor::from_host(dev, &common::vals(2 * len, s), &[r, 2 * FFN])
+                            .unwrap(),
+                        GpuActPair::quantize(dev, out).unwrap(),
+                    )
+                })
+                .collect();
+            let name = "swiglu_halves_q8";
+            common::bench_against_copy(group, dev, rows, "activation", name, r, bytes, |i| {
                 let (gu, out) = &mut data[i as usize % sets];
-                swiglu_halves_q8(&dev, gu, out).unwrap();
-            },
-        );
-    }
-    group.finish();
-    c.final_summary();
-    common::print_table(
-        &format!(
-            "swiglu_halves_q8, ffn {FFN}, against a device copy of the same bytes ({})",
-            dev.name()
-        ),
-        &rows,
-    );
+                swiglu_halves_q8(dev, gu, out).unwrap();
+            });
+        }
+
+        format!("swiglu_halves_q8, ffn {FFN}, against a device copy of the same bytes")
+    });
 }

@@ -16,63 +16,37 @@ const VOCAB: usize = 151_936;
 const ROWS: [usize; 4] = [1, 8, 512, 2048];
 
 fn main() {
-    let Some(dev) = common::device() else { return };
-    let mut c = common::criterion();
-    let mut rows = Vec::new();
-    let mut group = c.benchmark_group("elementwise");
-    let table = GpuTensor::from_host(&dev, &common::vals(VOCAB * DIM, 5), &[VOCAB, DIM]).unwrap();
-    for &n in &ROWS {
-        let len = n * DIM;
-        let bytes = 12 * len;
-        let sets = common::rotation(bytes);
-        let mut data: Vec<(GpuTensor<f32>, GpuTensor<f32>)> = (0..sets)
-            .map(|s| {
-                (
-                    GpuTensor::from_host(&dev, &common::vals(len, s), &[n, DIM]).unwrap(),
-                    GpuTensor::from_host(&dev, &common::vals(len, s + 9), &[n, DIM]).unwrap(),
-                )
-            })
-            .collect();
-        common::bench_against_copy(
-            &mut group,
-            &dev,
-            &mut rows,
-            "elementwise",
-            "add",
-            n,
-            bytes,
-            |i| {
+    common::run_family("elementwise", |dev, group, rows| {
+        let table =
+            GpuTensor::from_host(dev, &common::vals(VOCAB * DIM, 5), &[VOCAB, DIM]).unwrap();
+        for &n in &ROWS {
+            let len = n * DIM;
+            let bytes = 12 * len;
+            let sets = common::rotation(bytes);
+            let mut data: Vec<(GpuTensor<f32>, GpuTensor<f32>)> = (0..sets)
+                .map(|s| {
+                    (
+                        GpuTensor::from_host(dev, &common::vals(len, s), &[n, DIM]).unwrap(),
+                        GpuTensor::from_host(dev, &common::vals(len, s + 9), &[n, DIM]).unwrap(),
+                    )
+                })
+                .collect();
+            common::bench_against_copy(group, dev, rows, "elementwise", "add", n, bytes, |i| {
                 let (a, o) = &mut data[i as usize % sets];
-                add(&dev, a, o).unwrap();
-            },
-        );
+                add(dev, a, o).unwrap();
+            });
 
-        // Spread ids: every row a different part of the table (the upload of the ids is part
-        // of the call, as in a prefill).
-        let ids: Vec<u32> = (0..n as u32).map(|i| (i * 7_919) % VOCAB as u32).collect();
-        let bytes = 8 * len;
-        let mut out = GpuTensor::zeros(&dev, &[n, DIM]).unwrap();
-        let name = "gather_rows (ids uploaded)";
-        common::bench_against_copy(
-            &mut group,
-            &dev,
-            &mut rows,
-            "elementwise",
-            name,
-            n,
-            bytes,
-            |_| {
-                gather_rows(&dev, &table, &ids, &mut out).unwrap();
-            },
-        );
-    }
-    group.finish();
-    c.final_summary();
-    common::print_table(
-        &format!(
-            "elementwise, dim {DIM}, against a device copy of the same bytes ({})",
-            dev.name()
-        ),
-        &rows,
-    );
+            // Spread ids: every row a different part of the table (the upload of the ids is part
+            // of the call, as in a prefill).
+            let ids: Vec<u32> = (0..n as u32).map(|i| (i * 7_919) % VOCAB as u32).collect();
+            let bytes = 8 * len;
+            let mut out = GpuTensor::zeros(dev, &[n, DIM]).unwrap();
+            let name = "gather_rows (ids uploaded)";
+            common::bench_against_copy(group, dev, rows, "elementwise", name, n, bytes, |_| {
+                gather_rows(dev, &table, &ids, &mut out).unwrap();
+            });
+        }
+
+        format!("elementwise, dim {DIM}, against a device copy of the same bytes")
+    });
 }

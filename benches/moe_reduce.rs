@@ -24,63 +24,54 @@ struct Set {
 }
 
 fn main() {
-    let Some(dev) = common::device() else { return };
-    let mut c = common::criterion();
-    let mut rows = Vec::new();
-    let mut group = c.benchmark_group("moe_reduce");
-    for &n in &TOKENS {
-        let bytes = 4 * n * DIM * (NA + 2);
-        let sets = common::rotation(bytes);
-        let ph: Vec<f32> = (0..n * NA * DIM)
-            .map(|i| (i % 13) as f32 * 0.25 - 1.5)
-            .collect();
-        let wh: Vec<f32> = (0..n * NA).map(|i| 0.125 + (i % 5) as f32 * 0.01).collect();
-        let sh: Vec<f32> = (0..n * DIM).map(|i| (i % 11) as f32 * 0.5).collect();
-        let mut data: Vec<Set> = (0..sets)
-            .map(|_| Set {
-                partial: GpuTensor::from_host(&dev, &ph, &[n, NA, DIM]).unwrap(),
-                weight: GpuTensor::from_host(&dev, &wh, &[n, NA]).unwrap(),
-                shared: GpuTensor::from_host(&dev, &sh, &[n, DIM]).unwrap(),
-                out: GpuTensor::zeros(&dev, &[n, DIM]).unwrap(),
-            })
-            .collect();
-        group.throughput(Throughput::Bytes(bytes as u64));
-        for version in [1u32, 2] {
-            let key = format!("moe_reduce/v{version}/{n}");
-            group.bench_function(BenchmarkId::new(format!("v{version}"), n), |b| {
-                b.iter_custom(|iters| {
-                    common::timed(&dev, &key, iters, |i| {
-                        let s = &mut data[i as usize % sets];
-                        moe_weighted_reduce_version(
-                            &dev,
-                            version,
-                            &s.partial,
-                            &s.weight,
-                            Some(&s.shared),
-                            &mut s.out,
-                        )
-                        .unwrap();
-                    })
+    common::run_family("moe_reduce", |dev, group, rows| {
+        for &n in &TOKENS {
+            let bytes = 4 * n * DIM * (NA + 2);
+            let sets = common::rotation(bytes);
+            let ph: Vec<f32> = (0..n * NA * DIM)
+                .map(|i| (i % 13) as f32 * 0.25 - 1.5)
+                .collect();
+            let wh: Vec<f32> = (0..n * NA).map(|i| 0.125 + (i % 5) as f32 * 0.01).collect();
+            let sh: Vec<f32> = (0..n * DIM).map(|i| (i % 11) as f32 * 0.5).collect();
+            let mut data: Vec<Set> = (0..sets)
+                .map(|_| Set {
+                    partial: GpuTensor::from_host(dev, &ph, &[n, NA, DIM]).unwrap(),
+                    weight: GpuTensor::from_host(dev, &wh, &[n, NA]).unwrap(),
+                    shared: GpuTensor::from_host(dev, &sh, &[n, DIM]).unwrap(),
+                    out: GpuTensor::zeros(dev, &[n, DIM]).unwrap(),
                 })
-            });
-            rows.push(common::Row {
-                kernel: format!("moe_weighted_reduce v{version}"),
-                n,
-                bytes,
-                key,
-                copy_key: format!("moe_reduce/copy/{n}"),
-            });
+                .collect();
+            group.throughput(Throughput::Bytes(bytes as u64));
+            for version in [1u32, 2] {
+                let key = format!("moe_reduce/v{version}/{n}");
+                group.bench_function(BenchmarkId::new(format!("v{version}"), n), |b| {
+                    b.iter_custom(|iters| {
+                        common::timed(dev, &key, iters, |i| {
+                            let s = &mut data[i as usize % sets];
+                            moe_weighted_reduce_version(
+                                dev,
+                                version,
+                                &s.partial,
+                                &s.weight,
+                                Some(&s.shared),
+                                &mut s.out,
+                            )
+                            .unwrap();
+                        })
+                    })
+                });
+                rows.push(common::Row {
+                    kernel: format!("moe_weighted_reduce v{version}"),
+                    n,
+                    bytes,
+                    key,
+                    copy_key: format!("moe_reduce/copy/{n}"),
+                });
+            }
+            let key = format!("moe_reduce/copy/{n}");
+            common::bench_copy(group, dev, &key, BenchmarkId::new("copy", n), bytes);
         }
-        let key = format!("moe_reduce/copy/{n}");
-        common::bench_copy(&mut group, &dev, &key, BenchmarkId::new("copy", n), bytes);
-    }
-    group.finish();
-    c.final_summary();
-    common::print_table(
-        &format!(
-            "moe_weighted_reduce, dim {DIM}, na {NA} + shared ({})",
-            dev.name()
-        ),
-        &rows,
-    );
+
+        format!("moe_weighted_reduce, dim {DIM}, na {NA} + shared")
+    });
 }

@@ -16,62 +16,45 @@ const DIM: usize = 2048;
 const ROWS: [usize; 4] = [1, 8, 512, 2048];
 
 fn main() {
-    let Some(dev) = common::device() else { return };
-    let mut c = common::criterion();
-    let mut rows = Vec::new();
-    let mut group = c.benchmark_group("norm");
-    let w = GpuTensor::from_host(&dev, &common::vals(DIM, 7), &[DIM]).unwrap();
-    for &n in &ROWS {
-        let len = n * DIM;
-        let bytes = 8 * len;
-        let sets = common::rotation(bytes);
-        let mut data: Vec<(GpuTensor<f32>, GpuTensor<f32>)> = (0..sets)
-            .map(|s| {
-                (
-                    GpuTensor::from_host(&dev, &common::vals(len, s), &[n, DIM]).unwrap(),
-                    GpuTensor::zeros(&dev, &[n, DIM]).unwrap(),
-                )
-            })
-            .collect();
-        common::bench_against_copy(
-            &mut group,
-            &dev,
-            &mut rows,
-            "norm",
-            "rmsnorm",
-            n,
-            bytes,
-            |i| {
+    common::run_family("norm", |dev, group, rows| {
+        let w = GpuTensor::from_host(dev, &common::vals(DIM, 7), &[DIM]).unwrap();
+        for &n in &ROWS {
+            let len = n * DIM;
+            let bytes = 8 * len;
+            let sets = common::rotation(bytes);
+            let mut data: Vec<(GpuTensor<f32>, GpuTensor<f32>)> = (0..sets)
+                .map(|s| {
+                    (
+                        GpuTensor::from_host(dev, &common::vals(len, s), &[n, DIM]).unwrap(),
+                        GpuTensor::zeros(dev, &[n, DIM]).unwrap(),
+                    )
+                })
+                .collect();
+            common::bench_against_copy(group, dev, rows, "norm", "rmsnorm", n, bytes, |i| {
                 let (x, y) = &mut data[i as usize % sets];
-                rmsnorm(&dev, x, &w, 1e-6, y).unwrap();
-            },
-        );
+                rmsnorm(dev, x, &w, 1e-6, y).unwrap();
+            });
 
-        let bytes = 16 * len + len + len / 4;
-        let sets = common::rotation(bytes);
-        let mut data: Vec<(GpuTensor<f32>, GpuTensor<f32>, GpuActPair)> = (0..sets)
-            .map(|s| {
-                let x = GpuTensor::from_host(&dev, &common::vals(len, s + 3), &[n, DIM]).unwrap();
-                (
-                    GpuTensor::from_host(&dev, &common::vals(len, s), &[n, DIM]).unwrap(),
-                    GpuTensor::from_host(&dev, &common::vals(len, s + 1), &[n, DIM]).unwrap(),
-                    GpuActPair::quantize(&dev, x).unwrap(),
-                )
-            })
-            .collect();
-        let name = "add_rmsnorm_q8";
-        common::bench_against_copy(&mut group, &dev, &mut rows, "norm", name, n, bytes, |i| {
-            let (h, o, y) = &mut data[i as usize % sets];
-            add_rmsnorm_q8(&dev, h, o, &w, 1e-6, y).unwrap();
-        });
-    }
-    group.finish();
-    c.final_summary();
-    common::print_table(
-        &format!(
-            "norm, dim {DIM}, against a device copy of the same bytes ({})",
-            dev.name()
-        ),
-        &rows,
-    );
+            let bytes = 16 * len + len + len / 4;
+            let sets = common::rotation(bytes);
+            let mut data: Vec<(GpuTensor<f32>, GpuTensor<f32>, GpuActPair)> = (0..sets)
+                .map(|s| {
+                    let x =
+                        GpuTensor::from_host(dev, &common::vals(len, s + 3), &[n, DIM]).unwrap();
+                    (
+                        GpuTensor::from_host(dev, &common::vals(len, s), &[n, DIM]).unwrap(),
+                        GpuTensor::from_host(dev, &common::vals(len, s + 1), &[n, DIM]).unwrap(),
+                        GpuActPair::quantize(dev, x).unwrap(),
+                    )
+                })
+                .collect();
+            let name = "add_rmsnorm_q8";
+            common::bench_against_copy(group, dev, rows, "norm", name, n, bytes, |i| {
+                let (h, o, y) = &mut data[i as usize % sets];
+                add_rmsnorm_q8(dev, h, o, &w, 1e-6, y).unwrap();
+            });
+        }
+
+        format!("norm, dim {DIM}, against a device copy of the same bytes")
+    });
 }

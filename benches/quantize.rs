@@ -15,37 +15,28 @@ const DIM: usize = 2048;
 const ROWS: [usize; 4] = [1, 8, 512, 2048];
 
 fn main() {
-    let Some(dev) = common::device() else { return };
-    let mut c = common::criterion();
-    let mut rows = Vec::new();
-    let mut group = c.benchmark_group("quantize");
-    for &n in &ROWS {
-        let len = n * DIM;
-        let bytes = 4 * len + len + len / 4;
-        let sets = common::rotation(bytes);
-        let data: Vec<GpuTensor<f32>> = (0..sets)
-            .map(|s| GpuTensor::from_host(&dev, &common::vals(len, s), &[n, DIM]).unwrap())
-            .collect();
-        common::bench_against_copy(
-            &mut group,
-            &dev,
-            &mut rows,
-            "quantize",
-            "quantize_act",
-            n,
-            bytes,
-            |i| {
-                quantize_act(&dev, &data[i as usize % sets]).unwrap();
-            },
-        );
-    }
-    group.finish();
-    c.final_summary();
-    common::print_table(
-        &format!(
-            "quantize, dim {DIM}, against a device copy of the same bytes ({})",
-            dev.name()
-        ),
-        &rows,
-    );
+    common::run_family("quantize", |dev, group, rows| {
+        for &n in &ROWS {
+            let len = n * DIM;
+            let bytes = 4 * len + len + len / 4;
+            let sets = common::rotation(bytes);
+            let data: Vec<GpuTensor<f32>> = (0..sets)
+                .map(|s| GpuTensor::from_host(dev, &common::vals(len, s), &[n, DIM]).unwrap())
+                .collect();
+            common::bench_against_copy(
+                group,
+                dev,
+                rows,
+                "quantize",
+                "quantize_act",
+                n,
+                bytes,
+                |i| {
+                    quantize_act(dev, &data[i as usize % sets]).unwrap();
+                },
+            );
+        }
+
+        format!("quantize, dim {DIM}, against a device copy of the same bytes")
+    });
 }

@@ -15,40 +15,22 @@ const HD: usize = 128;
 const ROWS: [usize; 4] = [1, 8, 512, 2048];
 
 fn main() {
-    let Some(dev) = common::device() else { return };
-    let mut c = common::criterion();
-    let mut rows = Vec::new();
-    let mut group = c.benchmark_group("rope");
-    let table = RopeTable::new(&dev, 4096, HD, 1e7).unwrap();
-    for &n in &ROWS {
-        let len = n * HEADS * HD;
-        let bytes = 8 * len;
-        let sets = common::rotation(bytes);
-        let mut data: Vec<GpuTensor<f32>> = (0..sets)
-            .map(|s| GpuTensor::from_host(&dev, &common::vals(len, s), &[n, HEADS, HD]).unwrap())
-            .collect();
-        let pos: Vec<u32> = (0..n as u32).map(|p| p + 100).collect();
-        let pos = Positions::new(&dev, &pos).unwrap();
-        common::bench_against_copy(
-            &mut group,
-            &dev,
-            &mut rows,
-            "rope",
-            "rope_neox",
-            n,
-            bytes,
-            |i| {
-                rope_neox(&dev, &mut data[i as usize % sets], &pos, &table).unwrap();
-            },
-        );
-    }
-    group.finish();
-    c.final_summary();
-    common::print_table(
-        &format!(
-            "rope, {HEADS} heads of {HD}, against a device copy of the same bytes ({})",
-            dev.name()
-        ),
-        &rows,
-    );
+    common::run_family("rope", |dev, group, rows| {
+        let table = RopeTable::new(dev, 4096, HD, 1e7).unwrap();
+        for &n in &ROWS {
+            let len = n * HEADS * HD;
+            let bytes = 8 * len;
+            let sets = common::rotation(bytes);
+            let mut data: Vec<GpuTensor<f32>> = (0..sets)
+                .map(|s| GpuTensor::from_host(dev, &common::vals(len, s), &[n, HEADS, HD]).unwrap())
+                .collect();
+            let pos: Vec<u32> = (0..n as u32).map(|p| p + 100).collect();
+            let pos = Positions::new(dev, &pos).unwrap();
+            common::bench_against_copy(group, dev, rows, "rope", "rope_neox", n, bytes, |i| {
+                rope_neox(dev, &mut data[i as usize % sets], &pos, &table).unwrap();
+            });
+        }
+
+        format!("rope, {HEADS} heads of {HD}, against a device copy of the same bytes")
+    });
 }

@@ -17,49 +17,35 @@ const K: usize = 8;
 const EXPERTS: usize = 128;
 
 fn main() {
-    let Some(dev) = common::device() else { return };
-    let mut c = common::criterion();
-    let mut rows = Vec::new();
-    let mut group = c.benchmark_group("route");
-    for (n, sorted) in [(1usize, false), (8, false), (512, true), (2048, true)] {
-        let ids: Vec<u32> = (0..n * K)
-            .map(|r| ((r * 2654435761) % EXPERTS) as u32)
-            .collect();
-        let ids = GpuTensor::from_host(&dev, &ids, &[n, K]).unwrap();
-        let len = n * K;
-        let words = match sorted {
-            false => 9 * len,
-            true => 3 * len + 3 * (len / 64 + EXPERTS.min(len)) + 3 * (len / 8 + EXPERTS.min(len)),
-        };
-        let name = if sorted {
-            "sorted_from_router"
-        } else {
-            "from_router"
-        };
-        common::bench_against_copy(
-            &mut group,
-            &dev,
-            &mut rows,
-            "route",
-            name,
-            n,
-            2 * 4 * words,
-            |_| {
+    common::run_family("route", |dev, group, rows| {
+        for (n, sorted) in [(1usize, false), (8, false), (512, true), (2048, true)] {
+            let ids: Vec<u32> = (0..n * K)
+                .map(|r| ((r * 2654435761) % EXPERTS) as u32)
+                .collect();
+            let ids = GpuTensor::from_host(dev, &ids, &[n, K]).unwrap();
+            let len = n * K;
+            let words = match sorted {
+                false => 9 * len,
+                true => {
+                    3 * len + 3 * (len / 64 + EXPERTS.min(len)) + 3 * (len / 8 + EXPERTS.min(len))
+                }
+            };
+            let name = if sorted {
+                "sorted_from_router"
+            } else {
+                "from_router"
+            };
+            common::bench_against_copy(group, dev, rows, "route", name, n, 2 * 4 * words, |_| {
                 let tables = match sorted {
-                    false => RoutedRows::from_router(&dev, &ids, EXPERTS),
-                    true => RoutedRows::sorted_from_router(&dev, &ids, EXPERTS),
+                    false => RoutedRows::from_router(dev, &ids, EXPERTS),
+                    true => RoutedRows::sorted_from_router(dev, &ids, EXPERTS),
                 };
                 drop(tables.unwrap());
-            },
-        );
-    }
-    group.finish();
-    c.final_summary();
-    common::print_table(
-        &format!(
-            "route, {K} slots over {EXPERTS} experts, against a device copy of the tables' bytes ({})",
-            dev.name()
-        ),
-        &rows,
-    );
+            });
+        }
+
+        format!(
+            "route, {K} slots over {EXPERTS} experts, against a device copy of the tables' bytes"
+        )
+    });
 }

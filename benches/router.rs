@@ -18,57 +18,37 @@ const EXPERTS: usize = 128;
 const K: usize = 8;
 
 fn main() {
-    let Some(dev) = common::device() else { return };
-    let mut c = common::criterion();
-    let mut rows = Vec::new();
-    let mut group = c.benchmark_group("router");
-    for n in [1usize, 8, 512, 2048] {
-        let bytes = 4 * n * EXPERTS + 8 * n * K;
-        let logits =
-            GpuTensor::from_host(&dev, &common::vals(n * EXPERTS, 1), &[n, EXPERTS]).unwrap();
-        let mut ids = GpuTensor::<u32>::zeros(&dev, &[n, K]).unwrap();
-        let mut w = GpuTensor::zeros(&dev, &[n, K]).unwrap();
-        let name = "softmax_topk";
-        common::bench_against_copy(
-            &mut group,
-            &dev,
-            &mut rows,
-            "router",
-            name,
-            n,
-            bytes,
-            |_| {
-                softmax_topk(&dev, &logits, K, true, &mut ids, &mut w).unwrap();
-            },
-        );
-    }
-    let q = QuantMatrix::quantize(
-        WeightFormat::F32,
-        &common::vals(EXPERTS * DIM, 2),
-        1,
-        EXPERTS,
-        DIM,
-    )
-    .unwrap();
-    let router = GpuMatrix::upload(&dev, &q).unwrap();
-    let mut counters = RouteCounters::new(&dev, 8).unwrap();
-    for n in [1usize, 8] {
-        let bytes = 4 * EXPERTS * DIM + 4 * n * DIM;
-        let x = GpuTensor::from_host(&dev, &common::vals(n * DIM, 3), &[n, DIM]).unwrap();
-        let mut logits = GpuTensor::zeros(&dev, &[n, EXPERTS]).unwrap();
-        let mut ids = GpuTensor::<u32>::zeros(&dev, &[n, K]).unwrap();
-        let mut w = GpuTensor::zeros(&dev, &[n, K]).unwrap();
-        common::bench_against_copy(
-            &mut group,
-            &dev,
-            &mut rows,
-            "router",
-            "route",
-            n,
-            bytes,
-            |_| {
+    common::run_family("router", |dev, group, rows| {
+        for n in [1usize, 8, 512, 2048] {
+            let bytes = 4 * n * EXPERTS + 8 * n * K;
+            let logits =
+                GpuTensor::from_host(dev, &common::vals(n * EXPERTS, 1), &[n, EXPERTS]).unwrap();
+            let mut ids = GpuTensor::<u32>::zeros(dev, &[n, K]).unwrap();
+            let mut w = GpuTensor::zeros(dev, &[n, K]).unwrap();
+            let name = "softmax_topk";
+            common::bench_against_copy(group, dev, rows, "router", name, n, bytes, |_| {
+                softmax_topk(dev, &logits, K, true, &mut ids, &mut w).unwrap();
+            });
+        }
+        let q = QuantMatrix::quantize(
+            WeightFormat::F32,
+            &common::vals(EXPERTS * DIM, 2),
+            1,
+            EXPERTS,
+            DIM,
+        )
+        .unwrap();
+        let router = GpuMatrix::upload(dev, &q).unwrap();
+        let mut counters = RouteCounters::new(dev, 8).unwrap();
+        for n in [1usize, 8] {
+            let bytes = 4 * EXPERTS * DIM + 4 * n * DIM;
+            let x = GpuTensor::from_host(dev, &common::vals(n * DIM, 3), &[n, DIM]).unwrap();
+            let mut logits = GpuTensor::zeros(dev, &[n, EXPERTS]).unwrap();
+            let mut ids = GpuTensor::<u32>::zeros(dev, &[n, K]).unwrap();
+            let mut w = GpuTensor::zeros(dev, &[n, K]).unwrap();
+            common::bench_against_copy(group, dev, rows, "router", "route", n, bytes, |_| {
                 route(
-                    &dev,
+                    dev,
                     &x,
                     &router,
                     K,
@@ -79,16 +59,11 @@ fn main() {
                     &mut w,
                 )
                 .unwrap();
-            },
-        );
-    }
-    group.finish();
-    c.final_summary();
-    common::print_table(
-        &format!(
-            "router, {EXPERTS} experts top {K}, dim {DIM}, against a device copy of the same bytes ({})",
-            dev.name()
-        ),
-        &rows,
-    );
+            });
+        }
+
+        format!(
+            "router, {EXPERTS} experts top {K}, dim {DIM}, against a device copy of the same bytes"
+        )
+    });
 }

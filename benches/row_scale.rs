@@ -15,43 +15,40 @@ const DIM: usize = 2048;
 const TOKENS: [usize; 6] = [1, 8, 64, 512, 2048, 4096];
 
 fn main() {
-    let Some(dev) = common::device() else { return };
-    let mut c = common::criterion();
-    let mut rows = Vec::new();
-    let mut group = c.benchmark_group("row_scale");
-    for &n in &TOKENS {
-        let elems = n * DIM;
-        let bytes = 8 * elems;
-        let sets = common::rotation(bytes);
-        let host: Vec<f32> = (0..elems).map(|i| 1.0 + (i % 7) as f32 * 1e-3).collect();
-        let scales_h: Vec<f32> = (0..n).map(|i| 1.0 - (i % 3) as f32 * 1e-7).collect();
-        let mut bufs: Vec<GpuTensor<f32>> = (0..sets)
-            .map(|_| GpuTensor::from_host(&dev, &host, &[n, DIM]).unwrap())
-            .collect();
-        let scales = GpuTensor::from_host(&dev, &scales_h, &[n]).unwrap();
-        group.throughput(Throughput::Bytes(bytes as u64));
-        for version in [1u32, 2] {
-            let key = format!("row_scale/v{version}/{n}");
-            group.bench_function(BenchmarkId::new(format!("v{version}"), n), |b| {
-                b.iter_custom(|iters| {
-                    common::timed(&dev, &key, iters, |i| {
-                        let buf = &mut bufs[i as usize % sets];
-                        row_scale_version(&dev, version, buf, &scales).unwrap();
+    common::run_family("row_scale", |dev, group, rows| {
+        for &n in &TOKENS {
+            let elems = n * DIM;
+            let bytes = 8 * elems;
+            let sets = common::rotation(bytes);
+            let host: Vec<f32> = (0..elems).map(|i| 1.0 + (i % 7) as f32 * 1e-3).collect();
+            let scales_h: Vec<f32> = (0..n).map(|i| 1.0 - (i % 3) as f32 * 1e-7).collect();
+            let mut bufs: Vec<GpuTensor<f32>> = (0..sets)
+                .map(|_| GpuTensor::from_host(dev, &host, &[n, DIM]).unwrap())
+                .collect();
+            let scales = GpuTensor::from_host(dev, &scales_h, &[n]).unwrap();
+            group.throughput(Throughput::Bytes(bytes as u64));
+            for version in [1u32, 2] {
+                let key = format!("row_scale/v{version}/{n}");
+                group.bench_function(BenchmarkId::new(format!("v{version}"), n), |b| {
+                    b.iter_custom(|iters| {
+                        common::timed(dev, &key, iters, |i| {
+                            let buf = &mut bufs[i as usize % sets];
+                            row_scale_version(dev, version, buf, &scales).unwrap();
+                        })
                     })
-                })
-            });
-            rows.push(common::Row {
-                kernel: format!("row_scale v{version}"),
-                n,
-                bytes,
-                key,
-                copy_key: format!("row_scale/copy/{n}"),
-            });
+                });
+                rows.push(common::Row {
+                    kernel: format!("row_scale v{version}"),
+                    n,
+                    bytes,
+                    key,
+                    copy_key: format!("row_scale/copy/{n}"),
+                });
+            }
+            let key = format!("row_scale/copy/{n}");
+            common::bench_copy(group, dev, &key, BenchmarkId::new("copy", n), bytes);
         }
-        let key = format!("row_scale/copy/{n}");
-        common::bench_copy(&mut group, &dev, &key, BenchmarkId::new("copy", n), bytes);
-    }
-    group.finish();
-    c.final_summary();
-    common::print_table(&format!("row_scale, dim {DIM} ({})", dev.name()), &rows);
+
+        format!("row_scale, dim {DIM}")
+    });
 }

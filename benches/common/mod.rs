@@ -40,6 +40,23 @@ pub fn device() -> Option<Device> {
     }
 }
 
+/// One family's bench: the device (or the printed skip), criterion and the family's group;
+/// `body` benches into the group and the closing table's rows and returns the table's title,
+/// printed with the device's name after the criterion summary.
+pub fn run_family(
+    family: &str,
+    body: impl FnOnce(&Device, &mut BenchmarkGroup<'_, WallTime>, &mut Vec<Row>) -> String,
+) {
+    let Some(dev) = device() else { return };
+    let mut c = criterion();
+    let mut rows = Vec::new();
+    let mut group = c.benchmark_group(family);
+    let title = body(&dev, &mut group, &mut rows);
+    group.finish();
+    c.final_summary();
+    print_table(&format!("{title} ({})", dev.name()), &rows);
+}
+
 static SAMPLES_NS: Mutex<BTreeMap<String, Vec<f64>>> = Mutex::new(BTreeMap::new());
 
 /// Runs `f` `iters` times between two synchronizes and returns the elapsed time, recording the
