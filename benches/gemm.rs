@@ -61,7 +61,7 @@ fn bench_dense(c: &mut Criterion, dev: &Device, blas: &CudaBlas, table: &mut Flo
     let (m, k) = (2048usize, 2048usize);
     let mut group = c.benchmark_group("gemm_2048x2048");
     let w_vals = pattern(m, k);
-    let weights: Vec<(WeightFormat, GpuMatrix)> = WeightFormat::CORE
+    let weights: Vec<(WeightFormat, GpuMatrix)> = WeightFormat::ALL
         .iter()
         .map(|&f| {
             let q = QuantMatrix::quantize(f, &w_vals, 1, m, k).unwrap();
@@ -131,7 +131,7 @@ fn bench_dense(c: &mut Criterion, dev: &Device, blas: &CudaBlas, table: &mut Flo
 fn bench_gemv(c: &mut Criterion, dev: &Device, rows: &mut Vec<common::Row>) {
     let mut group = c.benchmark_group("gemv");
     let shapes: [(&str, usize, usize, &[WeightFormat]); 2] = [
-        ("expert 768x2048", 768, 2048, &WeightFormat::CORE),
+        ("expert 768x2048", 768, 2048, &WeightFormat::ALL),
         (
             "lm-head 151936x2048",
             151_936,
