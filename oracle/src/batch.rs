@@ -2,7 +2,9 @@
 //! sequences of random lengths and a seeded serving schedule (arrivals, prompt chunks mixed
 //! with decode tokens, rows interleaved, pages freed and reused), runs it through the batched
 //! session, runs every sequence alone one token at a time, and compares every layer and logit
-//! bit for bit, naming the first divergence (sequence, position, layer).
+//! bit for bit, naming the first divergence (sequence, position, layer). On a device the
+//! schedule also runs as a server calls it (no trace, decode steps replayed from step graphs):
+//! each step's last-row logits of each sequence against the same position alone.
 
 use std::time::Instant;
 
@@ -11,8 +13,8 @@ use bitexact::model::batch::OnDevice;
 use bitexact::model::schedule::drive;
 use bitexact::model::CpuBatchSession;
 use bitexact::model::{
-    first_divergence, prompt, BatchSession, CpuSession, GpuModel, ModelConfig, ModelWeights,
-    Schedule, SeqSpec, Trace, PAGE,
+    first_divergence, prompt, BatchSession, BatchToken, CpuSession, GpuModel, ModelConfig,
+    ModelWeights, Schedule, SeqId, SeqSpec, Trace, PAGE,
 };
 use bitexact::quant::WeightFormat;
 use bitexact::reference::batch::run_schedule_with;
@@ -196,6 +198,7 @@ pub fn run(a: &BatchArgs) -> Result<bool> {
     };
     let (attn, gemm) = a.order.parts();
     let mut paths: Vec<(&'static str, f64, Vec<Trace>, usize)> = Vec::new();
+    let mut served = None;
     let t0 = Instant::now();
     let (batched, reused) = if a.ranks > 1 {
         let ep = ExpertParallel::new(&w, a.partition, Box::new(Loopback::new(a.ranks, a.seed)?))?;
@@ -247,6 +250,22 @@ pub fn run(a: &BatchArgs) -> Result<bool> {
         };
         let (got, reused) = drive(&mut runner, &schedule, &streams, cfg.dim, cfg.vocab)?;
         paths.push(("gpu-batched", t0.elapsed().as_secs_f64(), got, reused));
+        // The serving call: no trace, so decode steps replay step graphs (on by default). A
+        // fresh session, the traced one's pages freed first.
+        drop(session);
+        let mut session = BatchSession::new(dev, &model, pages)?;
+        let t0 = Instant::now();
+        let got = serve(dev, &mut session, &schedule, &streams)?;
+        let st = session.stats();
+        served = Some((
+            t0.elapsed().as_secs_f64(),
+            got,
+            st.graph_replays,
+            st.captures,
+        ));
+        if let Some(e) = &st.graph_error {
+            println!("step graphs: capture failed ({e}); the steps ran eagerly");
+        }
     }
     let t0 = Instant::now();
     let solo: Vec<Trace> = streams
@@ -286,6 +305,19 @@ pub fn run(a: &BatchArgs) -> Result<bool> {
             }
         }
     }
+    let mut served_rows = 0usize;
+    if let Some((_, got, _, _)) = &served {
+        for (s, pos, x) in got {
+            let want = &solo[*s].logits[pos * cfg.vocab..(pos + 1) * cfg.vocab];
+            let d = count_differing(x, want);
+            served_rows += 1;
+            logits += want.len();
+            differing += d;
+            if first.is_none() && d > 0 {
+                first = Some(format!("gpu-served: sequence {s}, position {pos}, logits"));
+            }
+        }
+    }
     println!();
     println!("| path | time | what |");
     println!("|---|---:|---|");
@@ -295,16 +327,28 @@ pub fn run(a: &BatchArgs) -> Result<bool> {
             fmt_secs(*secs)
         );
     }
+    if let Some((secs, _, replays, captures)) = &served {
+        println!(
+            "| gpu-served | {} | the schedule through `forward` without a trace (each \
+             sequence's last row a step): {served_rows} rows of logits, {replays} steps \
+             replayed from {captures} captured graphs |",
+            fmt_secs(*secs)
+        );
+    }
     println!(
         "| cpu (solo) | {} | every sequence alone, one token at a time |",
         fmt_secs(t_solo)
     );
     println!();
     let reused = paths[0].3;
+    let served_note = match served {
+        Some(_) => format!(", and {served_rows} served rows"),
+        None => String::new(),
+    };
     println!(
         "compared against each sequence alone: {hidden} hidden-state elements and {logits} \
-         logits ({} paths x {} sequences); pages freed and reused by another sequence: \
-         {reused}; differing: {differing}",
+         logits ({} paths x {} sequences{served_note}); pages freed and reused by another \
+         sequence: {reused}; differing: {differing}",
         paths.len(),
         seqs.len()
     );
@@ -356,4 +400,49 @@ fn trace_of(rows: &[f32]) -> Trace {
         layers: vec![rows.to_vec()],
         logits: Vec::new(),
     }
+}
+
+/// `schedule` through `session` as a server calls it, [`BatchSession::forward`] without a
+/// trace (so decode steps replay step graphs): per step and sequence in it, the sequence's
+/// index, its last row's position and that row's logits.
+fn serve(
+    dev: &bitexact::Device,
+    session: &mut BatchSession,
+    schedule: &Schedule,
+    streams: &[Vec<u32>],
+) -> Result<Vec<(usize, usize, Vec<f32>)>> {
+    let mut ids: Vec<Option<SeqId>> = vec![None; streams.len()];
+    let mut fed = vec![0usize; streams.len()];
+    let mut out = Vec::new();
+    for step in &schedule.steps {
+        for &s in &step.arrive {
+            ids[s] = Some(session.add_sequence(dev)?);
+        }
+        let mut batch = Vec::with_capacity(step.rows.len());
+        for &s in &step.rows {
+            let Some(seq) = ids[s] else {
+                bail!("sequence {s} fed before it arrived")
+            };
+            batch.push(BatchToken {
+                seq,
+                pos: fed[s] as u32,
+                token: streams[s][fed[s]],
+            });
+            fed[s] += 1;
+        }
+        for (seq, logits) in session.forward(dev, &batch, None)? {
+            let s = ids
+                .iter()
+                .position(|&i| i == Some(seq))
+                .expect("a live sequence");
+            out.push((s, fed[s] - 1, logits));
+        }
+        for &s in &step.leave {
+            let Some(seq) = ids[s].take() else {
+                bail!("sequence {s} leaves twice")
+            };
+            session.remove_sequence(seq)?;
+        }
+    }
+    Ok(out)
 }
