@@ -422,12 +422,18 @@ __device__ __forceinline__ void attention_tile_body(float* __restrict__ out,
     }
 }
 
+// The parameters of every prefill kernel, v1 and v2, declared once (TileArgs in
+// src/kernels/attention.rs is held to this list): pages is read by the _paged kernels alone
+// (null for the others).
+#define TILE_PARAMS                                                                            \
+    float* __restrict__ out, const float* __restrict__ q, const float* __restrict__ kc,        \
+        const float* __restrict__ vc, const u32* __restrict__ qpos, u32 nq, u32 n_heads,       \
+        u32 n_kv, u32 hd, u32 cap, float scale, const u32* __restrict__ pages
+
 // Two blocks per SM where the registers allow it (head dims up to 128; 256 needs more).
 #define TILE_ENTRY(H, MIN_BLOCKS)                                                              \
     extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS) attention_tile_##H(          \
-        float* __restrict__ out, const float* __restrict__ q, const float* __restrict__ kc,    \
-        const float* __restrict__ vc, const u32* __restrict__ qpos, u32 nq, u32 n_heads,       \
-        u32 n_kv, u32 hd, u32 cap, float scale) {                                              \
+        TILE_PARAMS) {                                                                         \
         bx_grid_begin();                                                                       \
         attention_tile_body<H>(out, q, kc, vc, qpos, nq, n_heads, n_kv, hd, cap, scale);       \
     }
@@ -676,18 +682,13 @@ __device__ __forceinline__ void attention_tile2_body(float* __restrict__ out,
 // others run one block an SM, whose register budget then reaches 128 (x2, 512 threads) or
 // 255 (one head).
 #define TILE2_ENTRY(NAME, H, HPB, MIN_BLOCKS)                                                   \
-    extern "C" __global__ void __launch_bounds__(HPB * 256, MIN_BLOCKS) NAME(                  \
-        float* __restrict__ out, const float* __restrict__ q, const float* __restrict__ kc,    \
-        const float* __restrict__ vc, const u32* __restrict__ qpos, u32 nq, u32 n_heads,       \
-        u32 n_kv, u32 hd, u32 cap, float scale) {                                              \
+    extern "C" __global__ void __launch_bounds__(HPB * 256, MIN_BLOCKS) NAME(TILE_PARAMS) {    \
         bx_grid_begin();                                                                       \
         attention_tile2_body<H, HPB, false>(out, q, kc, vc, qpos, nq, n_heads, n_kv, hd, cap,  \
                                             scale, nullptr);                                   \
     }                                                                                          \
     extern "C" __global__ void __launch_bounds__(HPB * 256, MIN_BLOCKS) NAME##_paged(          \
-        float* __restrict__ out, const float* __restrict__ q, const float* __restrict__ kc,    \
-        const float* __restrict__ vc, const u32* __restrict__ qpos, u32 nq, u32 n_heads,       \
-        u32 n_kv, u32 hd, u32 cap, float scale, const u32* __restrict__ pages) {               \
+        TILE_PARAMS) {                                                                         \
         bx_grid_begin();                                                                       \
         attention_tile2_body<H, HPB, true>(out, q, kc, vc, qpos, nq, n_heads, n_kv, hd, cap,   \
                                            scale, pages);                                      \
@@ -707,11 +708,16 @@ TILE2_ENTRY(attention_tile2_128x2, 128, 2, 1)
 
 #define S_THREADS 256u
 
-extern "C" __global__ void __launch_bounds__(256)
-    attention_split(float* __restrict__ part, const float* __restrict__ q,
-                    const float* __restrict__ kc, const float* __restrict__ vc,
-                    const u32* __restrict__ qpos, u32 n_heads, u32 n_kv, u32 hd, u32 cap,
-                    float scale, u32 n_chunks, u32 row0) {
+// The parameters of every decode split kernel, declared once (SplitArgs in
+// src/kernels/attention.rs is held to this list): pages and page_stride are read by
+// attention_split_paged alone (null and 0 for the others).
+#define SPLIT_PARAMS                                                                           \
+    float* __restrict__ part, const float* __restrict__ q, const float* __restrict__ kc,       \
+        const float* __restrict__ vc, const u32* __restrict__ qpos, u32 n_heads, u32 n_kv,     \
+        u32 hd, u32 cap, float scale, u32 n_chunks, u32 row0, const u32* __restrict__ pages,   \
+        u32 page_stride
+
+extern "C" __global__ void __launch_bounds__(256) attention_split(SPLIT_PARAMS) {
     bx_grid_begin();
     extern __shared__ __align__(16) float ssm[];
     const u32 G = n_heads / n_kv;
@@ -1037,32 +1043,19 @@ __device__ __forceinline__ void attention_split_tiled_body(
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256)
-    attention_split_tiled(float* __restrict__ part, const float* __restrict__ q,
-                          const float* __restrict__ kc, const float* __restrict__ vc,
-                          const u32* __restrict__ qpos, u32 n_heads, u32 n_kv, u32 hd, u32 cap,
-                          float scale, u32 n_chunks, u32 row0) {
+extern "C" __global__ void __launch_bounds__(256) attention_split_tiled(SPLIT_PARAMS) {
     bx_grid_begin();
     attention_split_tiled_body<false>(part, q, kc, vc, qpos, n_heads, n_kv, hd, cap, scale,
                                       n_chunks, row0);
 }
 
-extern "C" __global__ void __launch_bounds__(256)
-    attention_split_async(float* __restrict__ part, const float* __restrict__ q,
-                          const float* __restrict__ kc, const float* __restrict__ vc,
-                          const u32* __restrict__ qpos, u32 n_heads, u32 n_kv, u32 hd, u32 cap,
-                          float scale, u32 n_chunks, u32 row0) {
+extern "C" __global__ void __launch_bounds__(256) attention_split_async(SPLIT_PARAMS) {
     bx_grid_begin();
     attention_split_tiled_body<true>(part, q, kc, vc, qpos, n_heads, n_kv, hd, cap, scale,
                                      n_chunks, row0);
 }
 
-extern "C" __global__ void __launch_bounds__(256)
-    attention_split_paged(float* __restrict__ part, const float* __restrict__ q,
-                          const float* __restrict__ kc, const float* __restrict__ vc,
-                          const u32* __restrict__ qpos, u32 n_heads, u32 n_kv, u32 hd, u32 cap,
-                          float scale, u32 n_chunks, u32 row0, const u32* __restrict__ pages,
-                          u32 page_stride) {
+extern "C" __global__ void __launch_bounds__(256) attention_split_paged(SPLIT_PARAMS) {
     bx_grid_begin();
     attention_split_tiled_body<true, true>(part, q, kc, vc, qpos, n_heads, n_kv, hd, cap, scale,
                                            n_chunks, row0, pages, page_stride);
@@ -1187,19 +1180,20 @@ __device__ __forceinline__ void combine_body(float* __restrict__ out,
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128)
-    attention_combine(float* __restrict__ out, const float* __restrict__ part,
-                      const u32* __restrict__ qpos, u32 n_heads, u32 hd, u32 n_chunks,
-                      u32 row0) {
+// The parameters of both combines, declared once (CombineArgs in src/kernels/attention.rs is
+// held to this list): codes, d and a are written by attention_combine_q8 alone (null for the
+// other).
+#define COMBINE_PARAMS                                                                         \
+    float* __restrict__ out, signed char* __restrict__ codes, float* __restrict__ d,           \
+        float* __restrict__ a, const float* __restrict__ part, const u32* __restrict__ qpos,   \
+        u32 n_heads, u32 hd, u32 n_chunks, u32 row0
+
+extern "C" __global__ void __launch_bounds__(128) attention_combine(COMBINE_PARAMS) {
     bx_grid_begin();
     combine_body<false>(out, nullptr, nullptr, nullptr, part, qpos, n_heads, hd, n_chunks, row0);
 }
 
-extern "C" __global__ void __launch_bounds__(128)
-    attention_combine_q8(float* __restrict__ out, signed char* __restrict__ codes,
-                         float* __restrict__ d, float* __restrict__ a,
-                         const float* __restrict__ part, const u32* __restrict__ qpos,
-                         u32 n_heads, u32 hd, u32 n_chunks, u32 row0) {
+extern "C" __global__ void __launch_bounds__(128) attention_combine_q8(COMBINE_PARAMS) {
     bx_grid_begin();
     combine_body<true>(out, codes, d, a, part, qpos, n_heads, hd, n_chunks, row0);
 }

@@ -131,9 +131,13 @@ extern "C" __global__ void __launch_bounds__(256)
     rmsnorm_row_body<false, false>(y, const_cast<float*>(x), nullptr, w, rows, width, eps);
 }
 
+// Both residual-add kernels take add_rmsnorm_q8_f32_row's parameters (AddNormArgs in
+// src/kernels/norm.rs): qc, qd and qa are null here and never read.
 extern "C" __global__ void __launch_bounds__(256)
     add_rmsnorm_f32_row(float* __restrict__ y, float* __restrict__ h, const float* __restrict__ o,
-                        const float* __restrict__ w, u32 rows, u32 width, float eps) {
+                        const float* __restrict__ w, u32 rows, u32 width, float eps,
+                        signed char* __restrict__ qc, float* __restrict__ qd,
+                        float* __restrict__ qa) {
     bx_grid_begin();
     rmsnorm_row_body<true, false>(y, h, o, w, rows, width, eps);
 }
@@ -159,14 +163,22 @@ extern "C" __global__ void __launch_bounds__(1024)
 // back in rotation pairs).
 // ROWS (qkv_norm_rope_rows_f32, a paged cache): token row's cache row is crow[row] (its page
 // slot), its rotation still pos[row]'s; otherwise the cache row is the position.
+// The parameters of both kernels, declared once (QkvNormRopeArgs in src/kernels/norm.rs is held
+// to this list); crow is read by the ROWS kernel alone (null for the other).
+#define QKV_PARAMS                                                                             \
+    float* __restrict__ q_out, float* __restrict__ kc, float* __restrict__ vc,                 \
+        const float* __restrict__ qs, const float* __restrict__ ks,                            \
+        const float* __restrict__ vs, u64 q_stride, u64 k_stride, u64 v_stride,                \
+        const float* __restrict__ q_norm, const float* __restrict__ k_norm,                    \
+        const u32* __restrict__ pos, const u32* __restrict__ crow,                             \
+        const float* __restrict__ cos_t, const float* __restrict__ sin_t, u32 nh, u32 nkv,     \
+        u32 hd, u32 half, u32 cap, float eps, u32 row0, u32 q_head_stride
+#define QKV_ARGS                                                                               \
+    q_out, kc, vc, qs, ks, vs, q_stride, k_stride, v_stride, q_norm, k_norm, pos, crow, cos_t, \
+        sin_t, nh, nkv, hd, half, cap, eps, row0, q_head_stride
+
 template <bool ROWS>
-__device__ __forceinline__ void qkv_norm_rope_body(
-    float* __restrict__ q_out, float* __restrict__ kc, float* __restrict__ vc,
-    const float* __restrict__ qs, const float* __restrict__ ks, const float* __restrict__ vs,
-    u64 q_stride, u64 k_stride, u64 v_stride, const float* __restrict__ q_norm,
-    const float* __restrict__ k_norm, const u32* __restrict__ pos, const u32* __restrict__ crow,
-    const float* __restrict__ cos_t, const float* __restrict__ sin_t, u32 nh, u32 nkv, u32 hd,
-    u32 half, u32 cap, float eps, u32 row0, u32 q_head_stride) {
+__device__ __forceinline__ void qkv_norm_rope_body(QKV_PARAMS) {
     extern __shared__ float qkv_sm[];
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
     const u32 slot = blockIdx.x * 4u + warp;
@@ -209,32 +221,12 @@ __device__ __forceinline__ void qkv_norm_rope_body(
     for (u32 i = 2u * half + lane; i < hd; i += 32u) dst[i] = s[i];
 }
 
-extern "C" __global__ void __launch_bounds__(128)
-    qkv_norm_rope_f32(float* __restrict__ q_out, float* __restrict__ kc, float* __restrict__ vc,
-                      const float* __restrict__ qs, const float* __restrict__ ks,
-                      const float* __restrict__ vs, u64 q_stride, u64 k_stride, u64 v_stride,
-                      const float* __restrict__ q_norm, const float* __restrict__ k_norm,
-                      const u32* __restrict__ pos, const float* __restrict__ cos_t,
-                      const float* __restrict__ sin_t, u32 nh, u32 nkv, u32 hd, u32 half,
-                      u32 cap, float eps, u32 row0, u32 q_head_stride) {
+extern "C" __global__ void __launch_bounds__(128) qkv_norm_rope_f32(QKV_PARAMS) {
     bx_grid_begin();
-    qkv_norm_rope_body<false>(q_out, kc, vc, qs, ks, vs, q_stride, k_stride, v_stride, q_norm,
-                              k_norm, pos, pos, cos_t, sin_t, nh, nkv, hd, half, cap, eps, row0,
-                              q_head_stride);
+    qkv_norm_rope_body<false>(QKV_ARGS);
 }
 
-extern "C" __global__ void __launch_bounds__(128)
-    qkv_norm_rope_rows_f32(float* __restrict__ q_out, float* __restrict__ kc,
-                           float* __restrict__ vc, const float* __restrict__ qs,
-                           const float* __restrict__ ks, const float* __restrict__ vs,
-                           u64 q_stride, u64 k_stride, u64 v_stride,
-                           const float* __restrict__ q_norm, const float* __restrict__ k_norm,
-                           const u32* __restrict__ pos, const u32* __restrict__ crow,
-                           const float* __restrict__ cos_t, const float* __restrict__ sin_t,
-                           u32 nh, u32 nkv, u32 hd, u32 half, u32 cap, float eps, u32 row0,
-                           u32 q_head_stride) {
+extern "C" __global__ void __launch_bounds__(128) qkv_norm_rope_rows_f32(QKV_PARAMS) {
     bx_grid_begin();
-    qkv_norm_rope_body<true>(q_out, kc, vc, qs, ks, vs, q_stride, k_stride, v_stride, q_norm,
-                             k_norm, pos, crow, cos_t, sin_t, nh, nkv, hd, half, cap, eps, row0,
-                             q_head_stride);
+    qkv_norm_rope_body<true>(QKV_ARGS);
 }

@@ -97,6 +97,15 @@ impl<'a, T> In<'a, T> {
             _borrow: PhantomData,
         }
     }
+
+    /// `buf`'s elements (of any type `U`) read as `T`s (an F32 matrix kept as raw bytes): the
+    /// caller states that they hold `T`s at `T`'s alignment.
+    pub(crate) fn of_cast<U>(dev: &Device, buf: &'a impl DevicePtr<U>) -> Self {
+        In {
+            addr: buf.device_ptr(dev.stream()).0,
+            _borrow: PhantomData,
+        }
+    }
 }
 
 /// A device buffer a kernel writes (`T*`), by address, borrowed mutably for the launch.
@@ -110,6 +119,14 @@ impl<'a, T> Out<'a, T> {
     pub(crate) fn of(dev: &Device, buf: &'a mut impl DevicePtrMut<T>) -> Self {
         Out {
             addr: buf.device_ptr_mut(dev.stream()).0,
+            _borrow: PhantomData,
+        }
+    }
+
+    /// The null pointer (an optional output the kernel does not write).
+    pub(crate) fn null() -> Self {
+        Out {
+            addr: 0,
             _borrow: PhantomData,
         }
     }

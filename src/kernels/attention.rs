@@ -14,6 +14,7 @@ use super::{as_u32, dims, row_chunks};
 use crate::device::{Device, Family};
 use crate::error::{check_shape, Error, Result};
 use crate::kernels::quantize::{GpuActPair, GpuActQ8};
+use crate::launch::{kernel_params, In, Out};
 use crate::reference::attention::CHUNK;
 use crate::tensor::GpuTensor;
 
@@ -67,17 +68,19 @@ pub fn kv_write(
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
+        let args = KvWriteArgs {
+            kc: Out::of(dev, cache.k.slice_mut()),
+            vc: Out::of(dev, cache.v.slice_mut()),
+            k: In::of(dev, k.slice()),
+            v: In::of(dev, v.slice()),
+            pos: In::of(dev, pos.tensor().slice()),
+            n_kv: n_kv32,
+            hd: hd32,
+            cap: cap32,
+            row0,
+        };
         let mut launch = dev.launch_builder(&f);
-        launch
-            .arg(cache.k.slice_mut())
-            .arg(cache.v.slice_mut())
-            .arg(k.slice())
-            .arg(v.slice())
-            .arg(pos.tensor().slice())
-            .arg(&n_kv32)
-            .arg(&hd32)
-            .arg(&cap32)
-            .arg(&row0);
+        launch.args(&args);
         // SAFETY: k, v are [n, n_kv, hd], the caches [n_kv, cap, hd], every position < cap
         // (checked above); the grid covers rows row0..row0 + nrows <= n.
         unsafe { launch.launch(cfg) }?;
@@ -719,18 +722,20 @@ fn launch_v1(
         let qv = q.slice().slice(row0 as usize * nh * hd..);
         let pv = pos.tensor().slice().slice(row0 as usize..);
         let mut ov = out.slice_mut().slice_mut(row0 as usize * nh * hd..);
+        let args = V1Args {
+            out: Out::of(dev, &mut ov),
+            q: In::of(dev, &qv),
+            kc: In::of(dev, cache.k.slice()),
+            vc: In::of(dev, cache.v.slice()),
+            qpos: In::of(dev, &pv),
+            n_heads: a.n_heads,
+            n_kv: a.n_kv,
+            hd: a.hd,
+            cap: a.cap,
+            scale: a.scale,
+        };
         let mut launch = dev.launch_builder(&f);
-        launch
-            .arg(&mut ov)
-            .arg(&qv)
-            .arg(cache.k.slice())
-            .arg(cache.v.slice())
-            .arg(&pv)
-            .arg(&a.n_heads)
-            .arg(&a.n_kv)
-            .arg(&a.hd)
-            .arg(&a.cap)
-            .arg(&a.scale);
+        launch.args(&args);
         // SAFETY: q and out are [nq, n_heads, hd] (the views start at this chunk's first
         // query), the caches [n_kv, cap, hd] with n_heads a multiple of n_kv, every position
         // < cap; the dynamic shared memory holds hd floats.
@@ -768,22 +773,22 @@ fn launch_tile(
         block_dim: (256 * hpb as u32, 1, 1),
         shared_mem_bytes: smem as u32,
     };
+    let args = TileArgs {
+        out: Out::of(dev, out.slice_mut()),
+        q: In::of(dev, q.slice()),
+        kc: In::of(dev, cache.k.slice()),
+        vc: In::of(dev, cache.v.slice()),
+        qpos: In::of(dev, pos.tensor().slice()),
+        nq: nq32,
+        n_heads: a.n_heads,
+        n_kv: a.n_kv,
+        hd: a.hd,
+        cap: a.cap,
+        scale: a.scale,
+        pages: pages.map_or(In::null(), |p| In::of(dev, p.slice())),
+    };
     let mut launch = dev.launch_builder(&f);
-    launch
-        .arg(out.slice_mut())
-        .arg(q.slice())
-        .arg(cache.k.slice())
-        .arg(cache.v.slice())
-        .arg(pos.tensor().slice())
-        .arg(&nq32)
-        .arg(&a.n_heads)
-        .arg(&a.n_kv)
-        .arg(&a.hd)
-        .arg(&a.cap)
-        .arg(&a.scale);
-    if let Some(p) = pages {
-        launch.arg(p.slice());
-    }
+    launch.args(&args);
     // SAFETY: q and out are [nq, n_heads, hd], the caches [n_kv, cap, hd] with n_heads a
     // multiple of n_kv and hd <= h a multiple of 4 (float4 rows); paged, the pages hold an
     // entry below cap / 64 for every chunk up to the largest position; every position < cap (cache
@@ -838,23 +843,24 @@ fn launch_split(
             block_dim: (256, 1, 1),
             shared_mem_bytes: smem as u32,
         };
+        let args = SplitArgs {
+            part: Out::of(dev, part.slice_mut()),
+            q: In::of(dev, q.slice()),
+            kc: In::of(dev, cache.k.slice()),
+            vc: In::of(dev, cache.v.slice()),
+            qpos: In::of(dev, pos.tensor().slice()),
+            n_heads: a.n_heads,
+            n_kv: a.n_kv,
+            hd: a.hd,
+            cap: a.cap,
+            scale: a.scale,
+            n_chunks: nc32,
+            row0,
+            pages: pages.map_or(In::null(), |(p, _)| In::of(dev, p.slice())),
+            page_stride: pages.map_or(0, |(_, stride)| stride),
+        };
         let mut launch = dev.launch_builder(&split);
-        launch
-            .arg(part.slice_mut())
-            .arg(q.slice())
-            .arg(cache.k.slice())
-            .arg(cache.v.slice())
-            .arg(pos.tensor().slice())
-            .arg(&a.n_heads)
-            .arg(&a.n_kv)
-            .arg(&a.hd)
-            .arg(&a.cap)
-            .arg(&a.scale)
-            .arg(&nc32)
-            .arg(&row0);
-        if let Some((p, stride)) = &pages {
-            launch.arg(p.slice()).arg(stride);
-        }
+        launch.args(&args);
         // SAFETY: q is [nq, n_heads, hd], part [nq, n_heads, n_chunks, hd + 2] with n_chunks
         // covering the largest position, the caches [n_kv, cap, hd] with every position < cap;
         // grid z covers queries row0..row0 + nrows <= nq; shared memory as split_kernel says
@@ -865,21 +871,28 @@ fn launch_split(
             block_dim: (128, 1, 1),
             shared_mem_bytes: csmem as u32,
         };
+        let (codes, d, qa) = match q8.as_deref_mut() {
+            Some(q) => (
+                Out::of(dev, q.codes.slice_mut()),
+                Out::of(dev, q.d.slice_mut()),
+                Out::of(dev, q.a.slice_mut()),
+            ),
+            None => (Out::null(), Out::null(), Out::null()),
+        };
+        let args = CombineArgs {
+            out: Out::of(dev, out.slice_mut()),
+            codes,
+            d,
+            a: qa,
+            part: In::of(dev, part.slice()),
+            qpos: In::of(dev, pos.tensor().slice()),
+            n_heads: a.n_heads,
+            hd: a.hd,
+            n_chunks: nc32,
+            row0,
+        };
         let mut launch = dev.launch_builder(&combine);
-        launch.arg(out.slice_mut());
-        if let Some(q) = q8.as_deref_mut() {
-            launch
-                .arg(q.codes.slice_mut())
-                .arg(q.d.slice_mut())
-                .arg(q.a.slice_mut());
-        }
-        launch
-            .arg(part.slice())
-            .arg(pos.tensor().slice())
-            .arg(&a.n_heads)
-            .arg(&a.hd)
-            .arg(&nc32)
-            .arg(&row0);
+        launch.args(&args);
         // SAFETY: out is [nq, n_heads, hd]; part holds the chunks 0..=pos[i] / 64 of every
         // query of this row chunk (written by the launch above on the same stream); shared
         // memory as combine_smem_bytes says; a block per (head, 32 dims), lanes past hd idle;
@@ -888,4 +901,113 @@ fn launch_split(
         unsafe { launch.launch(cfg) }?;
     }
     Ok(())
+}
+
+kernel_params! {
+    /// `kv_write_f32`: rows `row0..` of `k, v [n, n_kv, hd]` into the caches `kc`, `vc`
+    /// `[n_kv, cap, hd]` at rows `pos`.
+    struct KvWriteArgs<'a> {
+        kc: Out<'a, f32>,
+        vc: Out<'a, f32>,
+        k: In<'a, f32>,
+        v: In<'a, f32>,
+        pos: In<'a, u32>,
+        n_kv: u32,
+        hd: u32,
+        cap: u32,
+        row0: u32,
+    }
+}
+
+kernel_params! {
+    /// `attention_f32` (v1): each query of `q [nq, n_heads, hd]` at `qpos` over the caches.
+    struct V1Args<'a> {
+        out: Out<'a, f32>,
+        q: In<'a, f32>,
+        kc: In<'a, f32>,
+        vc: In<'a, f32>,
+        qpos: In<'a, u32>,
+        n_heads: u32,
+        n_kv: u32,
+        hd: u32,
+        cap: u32,
+        scale: f32,
+    }
+}
+
+kernel_params! {
+    /// The prefill tile kernels, v1 and v2 (`TILE_PARAMS` in `cuda/attention.cu`): `nq`
+    /// queries; `pages` the paged kernels' page table, null for the others.
+    struct TileArgs<'a> {
+        out: Out<'a, f32>,
+        q: In<'a, f32>,
+        kc: In<'a, f32>,
+        vc: In<'a, f32>,
+        qpos: In<'a, u32>,
+        nq: u32,
+        n_heads: u32,
+        n_kv: u32,
+        hd: u32,
+        cap: u32,
+        scale: f32,
+        pages: In<'a, u32>,
+    }
+}
+
+kernel_params! {
+    /// The decode split kernels (`SPLIT_PARAMS` in `cuda/attention.cu`): each chunk's partial
+    /// `(m, l, o)` into `part [nq, n_heads, n_chunks, hd + 2]`; `pages` and `page_stride` the
+    /// paged kernel's page table, null and 0 for the others.
+    struct SplitArgs<'a> {
+        part: Out<'a, f32>,
+        q: In<'a, f32>,
+        kc: In<'a, f32>,
+        vc: In<'a, f32>,
+        qpos: In<'a, u32>,
+        n_heads: u32,
+        n_kv: u32,
+        hd: u32,
+        cap: u32,
+        scale: f32,
+        n_chunks: u32,
+        row0: u32,
+        pages: In<'a, u32>,
+        page_stride: u32,
+    }
+}
+
+kernel_params! {
+    /// `attention_combine` and `attention_combine_q8` (`COMBINE_PARAMS` in
+    /// `cuda/attention.cu`): the chunks' partials folded into `out`; `codes`, `d`, `a` its Q8
+    /// quantization (null for the plain combine).
+    struct CombineArgs<'a> {
+        out: Out<'a, f32>,
+        codes: Out<'a, i8>,
+        d: Out<'a, f32>,
+        a: Out<'a, f32>,
+        part: In<'a, f32>,
+        qpos: In<'a, u32>,
+        n_heads: u32,
+        hd: u32,
+        n_chunks: u32,
+        row0: u32,
+    }
+}
+
+#[cfg(test)]
+mod launch_args {
+    use super::*;
+
+    /// Each argument struct is its kernels' signature in `cuda/attention.cu`: names, order,
+    /// types.
+    #[test]
+    fn attention_args_are_the_cuda_parameters() {
+        let src = include_str!("../../cuda/attention.cu");
+        let list = |name| crate::launch::cuda_param_list(src, name).expect(name);
+        assert_eq!(KvWriteArgs::cuda_params(), list("kv_write_f32"));
+        assert_eq!(V1Args::cuda_params(), list("attention_f32"));
+        assert_eq!(TileArgs::cuda_params(), list("TILE_PARAMS"));
+        assert_eq!(SplitArgs::cuda_params(), list("SPLIT_PARAMS"));
+        assert_eq!(CombineArgs::cuda_params(), list("COMBINE_PARAMS"));
+    }
 }

@@ -12,6 +12,7 @@ use super::rope::Positions;
 use super::{as_u32, dims, MAX_GRID_Y};
 use crate::device::{Device, Family};
 use crate::error::{check_shape, Error, Result};
+use crate::launch::{kernel_params, In, Out};
 use crate::quant::fastscan::{codebook, Codebook, FastScanSpec, TILE};
 use crate::reference::fastscan::{ScoreMode, ValueMode, CHUNK};
 use crate::tensor::GpuTensor;
@@ -152,22 +153,24 @@ impl FastScanCache {
         );
         let kk = self.spec.inv_sqrt_d();
         for (cache, x) in [(&mut self.k, k), (&mut self.v, v)] {
+            let args = EncodeArgs {
+                cache: Out::of(dev, cache.slice_mut()),
+                x: In::of(dev, x.slice()),
+                pos0: pos0_32,
+                n: n32,
+                n_kv: nkv32,
+                first_tile: ft32,
+                slots: slots32,
+                signs: In::of(dev, self.signs.slice()),
+                bounds: In::of(dev, self.bounds.slice()),
+                nbounds: nb,
+                D: d32,
+                tile_bytes: tb32,
+                head_bytes: hb,
+                k: kk,
+            };
             let mut launch = dev.launch_builder(&f);
-            launch
-                .arg(cache.slice_mut())
-                .arg(x.slice())
-                .arg(&pos0_32)
-                .arg(&n32)
-                .arg(&nkv32)
-                .arg(&ft32)
-                .arg(&slots32)
-                .arg(self.signs.slice())
-                .arg(self.bounds.slice())
-                .arg(&nb)
-                .arg(&d32)
-                .arg(&tb32)
-                .arg(&hb)
-                .arg(&kk);
+            launch.args(&args);
             // SAFETY: x is [n, n_kv, D] with D <= 256 (the kernel's shared rows); the cache is
             // [n_kv, cache_bytes(cap)] and the slots cover tiles first_tile.. of positions
             // pos0..pos0 + n <= cap; signs [D], bounds [nb].
@@ -346,80 +349,92 @@ fn attention(
                 let hb = c.spec.cache_bytes(c.cap) as u64;
                 let sm = u32::from(*smode == ScoreMode::F32);
                 let vm = u32::from(*vmode == ValueMode::Int8);
+                let args = ScoresArgs {
+                    s: Out::of(dev, &mut s_v),
+                    cmax: Out::of(dev, &mut cmax_v),
+                    q: In::of(dev, &qv),
+                    kc: In::of(dev, c.k.slice()),
+                    qpos: In::of(dev, &pv),
+                    span: span32,
+                    nchunk: nch32,
+                    signs: In::of(dev, c.signs.slice()),
+                    centroids: In::of(dev, c.centroids.slice()),
+                    H: h32,
+                    n_kv: nkv32,
+                    D: d32,
+                    levels,
+                    tile_bytes: tb,
+                    head_bytes: hb,
+                    smode: sm,
+                    k: kscale,
+                };
                 let mut l = dev.launch_builder(&scores_fn);
-                l.arg(&mut s_v)
-                    .arg(&mut cmax_v)
-                    .arg(&qv)
-                    .arg(c.k.slice())
-                    .arg(&pv)
-                    .arg(&span32)
-                    .arg(&nch32)
-                    .arg(c.signs.slice())
-                    .arg(c.centroids.slice())
-                    .arg(&h32)
-                    .arg(&nkv32)
-                    .arg(&d32)
-                    .arg(&levels)
-                    .arg(&tb)
-                    .arg(&hb)
-                    .arg(&sm)
-                    .arg(&kscale);
+                l.args(&args);
                 // SAFETY: q is [nq, H, D] (the view starts at this batch), every position <
                 // len <= cap, the scratch views hold [nb * H] rows of span, nchunk and
                 // nchunk * D floats; the cache [n_kv, cache_bytes(cap)], H a multiple of n_kv.
                 unsafe { l.launch(cfg) }?;
+                let args = ValuesArgs {
+                    vpart: Out::of(dev, &mut vpart_v),
+                    esum: Out::of(dev, &mut esum_v),
+                    s: In::of(dev, &s_v),
+                    cmax: In::of(dev, &cmax_v),
+                    vc: In::of(dev, c.v.slice()),
+                    qpos: In::of(dev, &pv),
+                    span: span32,
+                    nchunk: nch32,
+                    centroids: In::of(dev, c.centroids.slice()),
+                    H: h32,
+                    n_kv: nkv32,
+                    D: d32,
+                    levels,
+                    tile_bytes: tb,
+                    head_bytes: hb,
+                    vmode: vm,
+                };
                 let mut l = dev.launch_builder(&values_fn);
-                l.arg(&mut vpart_v)
-                    .arg(&mut esum_v)
-                    .arg(&mut s_v)
-                    .arg(&mut cmax_v)
-                    .arg(c.v.slice())
-                    .arg(&pv)
-                    .arg(&span32)
-                    .arg(&nch32)
-                    .arg(c.centroids.slice())
-                    .arg(&h32)
-                    .arg(&nkv32)
-                    .arg(&d32)
-                    .arg(&levels)
-                    .arg(&tb)
-                    .arg(&hb)
-                    .arg(&vm);
+                l.args(&args);
                 // SAFETY: as for the scores; the scores and maxima were written above for
                 // every chunk at or before each query's position.
                 unsafe { l.launch(cfg) }?;
             }
             Kv::F16(c) => {
                 let cap32 = c.len as u32;
+                let args = F16ScoresArgs {
+                    s: Out::of(dev, &mut s_v),
+                    cmax: Out::of(dev, &mut cmax_v),
+                    q: In::of(dev, &qv),
+                    kc: In::of(dev, c.k.slice()),
+                    qpos: In::of(dev, &pv),
+                    span: span32,
+                    nchunk: nch32,
+                    H: h32,
+                    n_kv: nkv32,
+                    D: d32,
+                    cap: cap32,
+                    k: kscale,
+                };
                 let mut l = dev.launch_builder(&scores_fn);
-                l.arg(&mut s_v)
-                    .arg(&mut cmax_v)
-                    .arg(&qv)
-                    .arg(c.k.slice())
-                    .arg(&pv)
-                    .arg(&span32)
-                    .arg(&nch32)
-                    .arg(&h32)
-                    .arg(&nkv32)
-                    .arg(&d32)
-                    .arg(&cap32)
-                    .arg(&kscale);
+                l.args(&args);
                 // SAFETY: q is [nq, H, D] from this batch, every position < len, the caches
                 // [n_kv, len, D], the scratch views as sized above.
                 unsafe { l.launch(cfg) }?;
+                let args = F16ValuesArgs {
+                    vpart: Out::of(dev, &mut vpart_v),
+                    esum: Out::of(dev, &mut esum_v),
+                    s: In::of(dev, &s_v),
+                    cmax: In::of(dev, &cmax_v),
+                    vc: In::of(dev, c.v.slice()),
+                    qpos: In::of(dev, &pv),
+                    span: span32,
+                    nchunk: nch32,
+                    H: h32,
+                    n_kv: nkv32,
+                    D: d32,
+                    cap: cap32,
+                };
                 let mut l = dev.launch_builder(&values_fn);
-                l.arg(&mut vpart_v)
-                    .arg(&mut esum_v)
-                    .arg(&mut s_v)
-                    .arg(&mut cmax_v)
-                    .arg(c.v.slice())
-                    .arg(&pv)
-                    .arg(&span32)
-                    .arg(&nch32)
-                    .arg(&h32)
-                    .arg(&nkv32)
-                    .arg(&d32)
-                    .arg(&cap32);
+                l.args(&args);
                 // SAFETY: as for the scores.
                 unsafe { l.launch(cfg) }?;
             }
@@ -434,20 +449,169 @@ fn attention(
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
+        let args = FinishArgs {
+            out: Out::of(dev, &mut ov),
+            vpart: In::of(dev, &vpart_v),
+            esum: In::of(dev, &esum_v),
+            qpos: In::of(dev, &pv),
+            nchunk: nch32,
+            signs: In::of(dev, signs),
+            H: h32,
+            D: d32,
+            rotate,
+            k: kscale,
+        };
         let mut l = dev.launch_builder(&finish_fn);
-        l.arg(&mut ov)
-            .arg(&mut vpart_v)
-            .arg(&mut esum_v)
-            .arg(&pv)
-            .arg(&nch32)
-            .arg(signs)
-            .arg(&h32)
-            .arg(&d32)
-            .arg(&rotate)
-            .arg(&kscale);
+        l.args(&args);
         // SAFETY: out is [nq, H, D] from this batch; the partials and sums were written by
         // the values kernel for every chunk at or before each query's position.
         unsafe { l.launch(cfg) }?;
     }
     Ok(())
+}
+
+kernel_params! {
+    /// `fastscan_encode`: `n` positions from `pos0` of `x [n, n_kv, D]` coded into `cache`
+    /// (tiles `first_tile..`, `slots` warp slots), rotated by `signs`, cut at `bounds`.
+    #[allow(non_snake_case)]
+    struct EncodeArgs<'a> {
+        cache: Out<'a, u8>,
+        x: In<'a, f32>,
+        pos0: u32,
+        n: u32,
+        n_kv: u32,
+        first_tile: u32,
+        slots: u32,
+        signs: In<'a, f32>,
+        bounds: In<'a, f32>,
+        nbounds: u32,
+        D: u32,
+        tile_bytes: u32,
+        head_bytes: u64,
+        k: f32,
+    }
+}
+
+kernel_params! {
+    /// `fastscan_scores`: each query's scores `s` over the coded keys `kc` and each chunk's
+    /// maximum `cmax`.
+    #[allow(non_snake_case)]
+    struct ScoresArgs<'a> {
+        s: Out<'a, f32>,
+        cmax: Out<'a, f32>,
+        q: In<'a, f32>,
+        kc: In<'a, u8>,
+        qpos: In<'a, u32>,
+        span: u32,
+        nchunk: u32,
+        signs: In<'a, f32>,
+        centroids: In<'a, f32>,
+        H: u32,
+        n_kv: u32,
+        D: u32,
+        levels: u32,
+        tile_bytes: u32,
+        head_bytes: u64,
+        smode: u32,
+        k: f32,
+    }
+}
+
+kernel_params! {
+    /// `fastscan_values`: each chunk's weighted values `vpart` and exponential sum `esum` over
+    /// the coded values `vc`, from the scores and maxima.
+    #[allow(non_snake_case)]
+    struct ValuesArgs<'a> {
+        vpart: Out<'a, f32>,
+        esum: Out<'a, f32>,
+        s: In<'a, f32>,
+        cmax: In<'a, f32>,
+        vc: In<'a, u8>,
+        qpos: In<'a, u32>,
+        span: u32,
+        nchunk: u32,
+        centroids: In<'a, f32>,
+        H: u32,
+        n_kv: u32,
+        D: u32,
+        levels: u32,
+        tile_bytes: u32,
+        head_bytes: u64,
+        vmode: u32,
+    }
+}
+
+kernel_params! {
+    /// `fastscan_finish`: the chunks' partials combined into `out`, rotated back by `signs`
+    /// when `rotate` is 1.
+    #[allow(non_snake_case)]
+    struct FinishArgs<'a> {
+        out: Out<'a, f32>,
+        vpart: In<'a, f32>,
+        esum: In<'a, f32>,
+        qpos: In<'a, u32>,
+        nchunk: u32,
+        signs: In<'a, f32>,
+        H: u32,
+        D: u32,
+        rotate: u32,
+        k: f32,
+    }
+}
+
+kernel_params! {
+    /// `f16kv_scores`: the scores over an f16 key cache `kc [n_kv, cap, D]`.
+    #[allow(non_snake_case)]
+    struct F16ScoresArgs<'a> {
+        s: Out<'a, f32>,
+        cmax: Out<'a, f32>,
+        q: In<'a, f32>,
+        kc: In<'a, u16>,
+        qpos: In<'a, u32>,
+        span: u32,
+        nchunk: u32,
+        H: u32,
+        n_kv: u32,
+        D: u32,
+        cap: u32,
+        k: f32,
+    }
+}
+
+kernel_params! {
+    /// `f16kv_values`: the values' partials over an f16 value cache `vc [n_kv, cap, D]`.
+    #[allow(non_snake_case)]
+    struct F16ValuesArgs<'a> {
+        vpart: Out<'a, f32>,
+        esum: Out<'a, f32>,
+        s: In<'a, f32>,
+        cmax: In<'a, f32>,
+        vc: In<'a, u16>,
+        qpos: In<'a, u32>,
+        span: u32,
+        nchunk: u32,
+        H: u32,
+        n_kv: u32,
+        D: u32,
+        cap: u32,
+    }
+}
+
+#[cfg(test)]
+mod launch_args {
+    use super::*;
+
+    /// Each argument struct is its kernel's signature in `cuda/fastscan.cu`: names, order,
+    /// types.
+    #[test]
+    fn fastscan_args_are_the_cuda_parameters() {
+        let src = include_str!("../../cuda/fastscan.cu");
+        let list = |name| crate::launch::cuda_param_list(src, name).expect(name);
+        assert_eq!(EncodeArgs::cuda_params(), list("fastscan_encode"));
+        assert_eq!(ScoresArgs::cuda_params(), list("fastscan_scores"));
+        assert_eq!(ValuesArgs::cuda_params(), list("fastscan_values"));
+        assert_eq!(FinishArgs::cuda_params(), list("fastscan_finish"));
+        assert_eq!(F16ScoresArgs::cuda_params(), list("f16kv_scores"));
+        assert_eq!(F16ValuesArgs::cuda_params(), list("f16kv_values"));
+    }
 }

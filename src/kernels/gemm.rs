@@ -385,14 +385,17 @@ fn launch_v1_dense<W>(
             block_dim: (V1_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
+        let args = V1DenseArgs {
+            y: Out::of(dev, y.slice_mut()),
+            x: In::of(dev, x.slice()),
+            // An F32 matrix: its f32 values, or the bytes that hold them.
+            w: In::of_cast(dev, w),
+            M: m32,
+            K: k32,
+            row0,
+        };
         let mut launch = dev.launch_builder(&f);
-        launch
-            .arg(y.slice_mut())
-            .arg(x.slice())
-            .arg(w)
-            .arg(&m32)
-            .arg(&k32)
-            .arg(&row0);
+        launch.args(&args);
         // SAFETY: the caller checked x: [n, k], w: m rows of k f32 values, y: [n, m]; the grid
         // covers rows row0..row0 + nrows <= n and the kernel guards output features against m.
         unsafe { launch.launch(cfg) }?;
@@ -419,17 +422,19 @@ fn launch_v1_grouped<W>(
             shared_mem_bytes: 0,
         };
         let (xr, ex, yr) = (rows.part(0), rows.part(1), rows.part(2));
+        let args = V1GroupedArgs {
+            y: Out::of(dev, y.slice_mut()),
+            x: In::of(dev, x.slice()),
+            w: In::of_cast(dev, w),
+            x_rows: In::of(dev, &xr),
+            experts: In::of(dev, &ex),
+            y_rows: In::of(dev, &yr),
+            M: m32,
+            K: k32,
+            row0,
+        };
         let mut launch = dev.launch_builder(&f);
-        launch
-            .arg(y.slice_mut())
-            .arg(x.slice())
-            .arg(w)
-            .arg(&xr)
-            .arg(&ex)
-            .arg(&yr)
-            .arg(&m32)
-            .arg(&k32)
-            .arg(&row0);
+        launch.args(&args);
         // SAFETY: every index in `rows` was checked against (nx, n_experts, ny) when it was
         // built and the caller checked x, w, y have exactly those extents; y_rows are
         // distinct, so no two threads write one element.
@@ -721,6 +726,35 @@ const GMQ_SMEM_BYTES: u32 = 8 * (16 * 272 + 256 + 32) + 16 * 64 * 8;
 const GMQ_Q6_SMEM_BYTES: u32 = 8 * (16 * 240 + 256 + 32) + 16 * 64 * 8;
 
 kernel_params! {
+    /// `gemm_f32_v1`: rows `row0..` of `y [n, M] = x [n, K] w [M, K]^T`, f32 weights.
+    #[allow(non_snake_case)]
+    struct V1DenseArgs<'a> {
+        y: Out<'a, f32>,
+        x: In<'a, f32>,
+        w: In<'a, f32>,
+        M: u32,
+        K: u32,
+        row0: u32,
+    }
+}
+
+kernel_params! {
+    /// `gemm_grouped_f32_v1`: routed rows `row0..` of the table `x_rows`, `experts`, `y_rows`.
+    #[allow(non_snake_case)]
+    struct V1GroupedArgs<'a> {
+        y: Out<'a, f32>,
+        x: In<'a, f32>,
+        w: In<'a, f32>,
+        x_rows: In<'a, u32>,
+        experts: In<'a, u32>,
+        y_rows: In<'a, u32>,
+        M: u32,
+        K: u32,
+        row0: u32,
+    }
+}
+
+kernel_params! {
     /// The parameters of every product kernel but v1 (`PRODUCT_PARAMS` in `cuda/gemm.cu`, in
     /// this order and of these types: `product_args_are_the_cuda_parameters`). `x` is the f32
     /// input `[nx, K]`; `xq`, `xd`, `xa` its quantization (codes, block scales, scaled sums)
@@ -940,5 +974,9 @@ mod tests {
             crate::launch::cuda_param_list(include_str!("../../cuda/gemm.cu"), "PRODUCT_PARAMS")
                 .expect("cuda/gemm.cu defines PRODUCT_PARAMS");
         assert_eq!(ProductArgs::cuda_params(), cuda);
+        let src = include_str!("../../cuda/gemm.cu");
+        let list = |name| crate::launch::cuda_param_list(src, name).expect(name);
+        assert_eq!(V1DenseArgs::cuda_params(), list("gemm_f32_v1"));
+        assert_eq!(V1GroupedArgs::cuda_params(), list("gemm_grouped_f32_v1"));
     }
 }

@@ -8,6 +8,7 @@ use crate::error::{check_shape, Error, Result};
 use crate::kernels::attention::LayerCache;
 use crate::kernels::quantize::{GpuActPair, GpuActQ8};
 use crate::kernels::rope::{Positions, RopeTable};
+use crate::launch::{kernel_params, In, Out};
 use crate::tensor::GpuTensor;
 
 const WARPS: u32 = 8;
@@ -62,14 +63,16 @@ pub fn rmsnorm(
         block_dim: (32 * WARPS, 1, 1),
         shared_mem_bytes: 0,
     };
+    let args = RmsnormArgs {
+        y: Out::of(dev, y.slice_mut()),
+        x: In::of(dev, x.slice()),
+        w: In::of(dev, w.slice()),
+        rows: rows32,
+        width: width32,
+        eps,
+    };
     let mut launch = dev.launch_builder(&f);
-    launch
-        .arg(y.slice_mut())
-        .arg(x.slice())
-        .arg(w.slice())
-        .arg(&rows32)
-        .arg(&width32)
-        .arg(&eps);
+    launch.args(&args);
     // SAFETY: x and y are [rows, width], w is [width] (checked above); warps (or blocks) past
     // the last row return before touching memory.
     unsafe { launch.launch(cfg) }?;
@@ -118,21 +121,28 @@ fn add_norm(
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     };
+    let (qc, qd, qa) = match q {
+        Some(q) => (
+            Out::of(dev, q.codes.slice_mut()),
+            Out::of(dev, q.d.slice_mut()),
+            Out::of(dev, q.a.slice_mut()),
+        ),
+        None => (Out::null(), Out::null(), Out::null()),
+    };
+    let args = AddNormArgs {
+        y: Out::of(dev, y.slice_mut()),
+        h: Out::of(dev, h.slice_mut()),
+        o: In::of(dev, o.slice()),
+        w: In::of(dev, w.slice()),
+        rows: rows32,
+        width: width32,
+        eps,
+        qc,
+        qd,
+        qa,
+    };
     let mut launch = dev.launch_builder(&f);
-    launch
-        .arg(y.slice_mut())
-        .arg(h.slice_mut())
-        .arg(o.slice())
-        .arg(w.slice())
-        .arg(&rows32)
-        .arg(&width32)
-        .arg(&eps);
-    if let Some(q) = q {
-        launch
-            .arg(q.codes.slice_mut())
-            .arg(q.d.slice_mut())
-            .arg(q.a.slice_mut());
-    }
+    launch.args(&args);
     // SAFETY: h, o and y are [rows, width] and w is [width] (checked above; y and h are two
     // tensors, so they do not overlap); q, when given, is y's pair: codes [rows, width] and
     // scales [rows, width / 32], width % 32 == 0 (set when the pair was made). A block per row;
@@ -313,39 +323,38 @@ fn qkv_norm_rope_into(
             block_dim: (128, 1, 1),
             shared_mem_bytes: smem as u32,
         };
-        let mut launch = dev.launch_builder(&f);
         let (q_in, k_in, v_in) = (
             qs.0.slice().slice(qs.1..),
             ks.0.slice().slice(ks.1..),
             vs.0.slice().slice(vs.1..),
         );
-        launch
-            .arg(q.slice_mut())
-            .arg(cache.k.slice_mut())
-            .arg(cache.v.slice_mut())
-            .arg(&q_in)
-            .arg(&k_in)
-            .arg(&v_in)
-            .arg(&q_stride)
-            .arg(&k_stride)
-            .arg(&v_stride)
-            .arg(q_norm.slice())
-            .arg(k_norm.slice())
-            .arg(pos.tensor().slice());
-        if let Some(sl) = slots {
-            launch.arg(sl.tensor().slice());
-        }
-        launch
-            .arg(cos.slice())
-            .arg(sin.slice())
-            .arg(&nh32)
-            .arg(&nkv32)
-            .arg(&hd32)
-            .arg(&half32)
-            .arg(&cap32)
-            .arg(&eps)
-            .arg(&row0)
-            .arg(&q_head32);
+        let args = QkvNormRopeArgs {
+            q_out: Out::of(dev, q.slice_mut()),
+            kc: Out::of(dev, cache.k.slice_mut()),
+            vc: Out::of(dev, cache.v.slice_mut()),
+            qs: In::of(dev, &q_in),
+            ks: In::of(dev, &k_in),
+            vs: In::of(dev, &v_in),
+            q_stride,
+            k_stride,
+            v_stride,
+            q_norm: In::of(dev, q_norm.slice()),
+            k_norm: In::of(dev, k_norm.slice()),
+            pos: In::of(dev, pos.tensor().slice()),
+            crow: slots.map_or(In::null(), |sl| In::of(dev, sl.tensor().slice())),
+            cos_t: In::of(dev, cos.slice()),
+            sin_t: In::of(dev, sin.slice()),
+            nh: nh32,
+            nkv: nkv32,
+            hd: hd32,
+            half: half32,
+            cap: cap32,
+            eps,
+            row0,
+            q_head_stride: q_head32,
+        };
+        let mut launch = dev.launch_builder(&f);
+        launch.args(&args);
         // SAFETY: the q, k and v heads of row r sit at (column offset + r * stride) of their
         // [n, stride] inputs, q head h at h * q_head, offset + heads * head width <= stride
         // (checked above); q is [n, nh, hd],
@@ -358,4 +367,83 @@ fn qkv_norm_rope_into(
         unsafe { launch.launch(cfg) }?;
     }
     Ok(())
+}
+
+kernel_params! {
+    /// `rmsnorm_f32` and `rmsnorm_f32_row` (one signature): `y = rmsnorm(x, w)`, `x` and `y`
+    /// `[rows, width]`, `w [width]`.
+    struct RmsnormArgs<'a> {
+        y: Out<'a, f32>,
+        x: In<'a, f32>,
+        w: In<'a, f32>,
+        rows: u32,
+        width: u32,
+        eps: f32,
+    }
+}
+
+kernel_params! {
+    /// `add_rmsnorm_f32_row` and `add_rmsnorm_q8_f32_row` (one signature): `h += o`, `y =
+    /// rmsnorm(h, w)`; `y`'s quantization into `qc`, `qd`, `qa` (null for the first kernel).
+    struct AddNormArgs<'a> {
+        y: Out<'a, f32>,
+        h: Out<'a, f32>,
+        o: In<'a, f32>,
+        w: In<'a, f32>,
+        rows: u32,
+        width: u32,
+        eps: f32,
+        qc: Out<'a, i8>,
+        qd: Out<'a, f32>,
+        qa: Out<'a, f32>,
+    }
+}
+
+kernel_params! {
+    /// `qkv_norm_rope_f32` and `qkv_norm_rope_rows_f32` (`QKV_PARAMS` in `cuda/norm.cu`): each
+    /// token row's q, k and v heads from `qs`, `ks`, `vs` (row strides `*_stride`), q and k
+    /// normed and rotated, into `q_out` and the caches `kc`, `vc` at the row's position, or at
+    /// `crow`'s slot (the rows kernel; null for the other).
+    struct QkvNormRopeArgs<'a> {
+        q_out: Out<'a, f32>,
+        kc: Out<'a, f32>,
+        vc: Out<'a, f32>,
+        qs: In<'a, f32>,
+        ks: In<'a, f32>,
+        vs: In<'a, f32>,
+        q_stride: u64,
+        k_stride: u64,
+        v_stride: u64,
+        q_norm: In<'a, f32>,
+        k_norm: In<'a, f32>,
+        pos: In<'a, u32>,
+        crow: In<'a, u32>,
+        cos_t: In<'a, f32>,
+        sin_t: In<'a, f32>,
+        nh: u32,
+        nkv: u32,
+        hd: u32,
+        half: u32,
+        cap: u32,
+        eps: f32,
+        row0: u32,
+        q_head_stride: u32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each argument struct is its kernels' signature in `cuda/norm.cu`: names, order, types.
+    #[test]
+    fn norm_args_are_the_cuda_parameters() {
+        let src = include_str!("../../cuda/norm.cu");
+        let list = |name| crate::launch::cuda_param_list(src, name).expect(name);
+        assert_eq!(RmsnormArgs::cuda_params(), list("rmsnorm_f32"));
+        assert_eq!(RmsnormArgs::cuda_params(), list("rmsnorm_f32_row"));
+        assert_eq!(AddNormArgs::cuda_params(), list("add_rmsnorm_f32_row"));
+        assert_eq!(AddNormArgs::cuda_params(), list("add_rmsnorm_q8_f32_row"));
+        assert_eq!(QkvNormRopeArgs::cuda_params(), list("QKV_PARAMS"));
+    }
 }

@@ -9,6 +9,7 @@ use super::route::RoutedRows;
 use super::{as_u32, dims};
 use crate::device::{Device, Family};
 use crate::error::{check_shape, Error, Result};
+use crate::launch::{kernel_params, In, Out};
 use crate::quant::WeightFormat;
 use crate::tensor::GpuTensor;
 
@@ -45,15 +46,17 @@ pub fn softmax_topk(
         block_dim: (32 * WARPS, 1, 1),
         shared_mem_bytes: WARPS * e32 * 4,
     };
+    let args = SoftmaxTopkArgs {
+        logits: In::of(dev, logits.slice()),
+        ids: Out::of(dev, ids.slice_mut()),
+        weights: Out::of(dev, weights.slice_mut()),
+        n_tokens: n32,
+        E: e32,
+        k: k32,
+        renormalize: renorm,
+    };
     let mut launch = dev.launch_builder(&f);
-    launch
-        .arg(logits.slice())
-        .arg(ids.slice_mut())
-        .arg(weights.slice_mut())
-        .arg(&n32)
-        .arg(&e32)
-        .arg(&k32)
-        .arg(&renorm);
+    launch.args(&args);
     // SAFETY: logits is [n, e], ids and weights are [n, k] with 1 <= k <= min(e, 32) and
     // e <= 2048 (checked above), so the 4 warps' e floats of shared memory fit in 32 KiB;
     // warps past the last token return before touching memory.
@@ -174,21 +177,24 @@ pub fn route(
         block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
     };
+    let args = RouterRouteArgs {
+        logits: Out::of(dev, logits.slice_mut()),
+        ids: Out::of(dev, ids.slice_mut()),
+        weights: Out::of(dev, weights.slice_mut()),
+        up: Out::of(dev, up.buf_mut()),
+        down: Out::of(dev, down.buf_mut()),
+        counters: Out::of(dev, counters.counts.slice_mut()),
+        x: In::of(dev, x.slice()),
+        // The F32 matrix's rows of 4 K bytes.
+        W: In::of_cast(dev, w.data()),
+        E: e32,
+        K: k32,
+        k: kk32,
+        renormalize: renorm,
+        len: len32,
+    };
     let mut launch = dev.launch_builder(&f);
-    launch
-        .arg(logits.slice_mut())
-        .arg(ids.slice_mut())
-        .arg(weights.slice_mut())
-        .arg(up.buf_mut())
-        .arg(down.buf_mut())
-        .arg(counters.counts.slice_mut())
-        .arg(x.slice())
-        .arg(w.data())
-        .arg(&e32)
-        .arg(&k32)
-        .arg(&kk32)
-        .arg(&renorm)
-        .arg(&len32);
+    launch.args(&args);
     // SAFETY: x is [n, K] and w one F32 [e, K] matrix (rows of 4 K bytes, 16-byte aligned
     // when K % 4 == 0, which the kernel checks before its float4 loads); logits [n, e], ids
     // and weights [n, k] with 1 <= k <= min(e, 32) and e <= 2048 (the top-k warp's e floats
@@ -196,4 +202,55 @@ pub fn route(
     // counters, which are zero between launches (each token's last block resets its own).
     unsafe { launch.launch(cfg) }?;
     Ok((up, down))
+}
+
+kernel_params! {
+    /// `softmax_topk_f32`: each of `n_tokens` rows of `logits [n, E]` to its `k` expert `ids`
+    /// and `weights`.
+    #[allow(non_snake_case)]
+    struct SoftmaxTopkArgs<'a> {
+        logits: In<'a, f32>,
+        ids: Out<'a, u32>,
+        weights: Out<'a, f32>,
+        n_tokens: u32,
+        E: u32,
+        k: u32,
+        renormalize: u32,
+    }
+}
+
+kernel_params! {
+    /// `router_route_f32`: the router product of `x [n, K]` and `W [E, K]` into `logits`, the
+    /// top-`k` `ids` and `weights`, and the unsorted tables `up`, `down` (`len = n k` entries)
+    /// through the per-token `counters`.
+    #[allow(non_snake_case)]
+    struct RouterRouteArgs<'a> {
+        logits: Out<'a, f32>,
+        ids: Out<'a, u32>,
+        weights: Out<'a, f32>,
+        up: Out<'a, u32>,
+        down: Out<'a, u32>,
+        counters: Out<'a, u32>,
+        x: In<'a, f32>,
+        W: In<'a, f32>,
+        E: u32,
+        K: u32,
+        k: u32,
+        renormalize: u32,
+        len: u32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each argument struct is its kernel's signature in `cuda/router.cu`: names, order, types.
+    #[test]
+    fn router_args_are_the_cuda_parameters() {
+        let src = include_str!("../../cuda/router.cu");
+        let list = |name| crate::launch::cuda_param_list(src, name).expect(name);
+        assert_eq!(SoftmaxTopkArgs::cuda_params(), list("softmax_topk_f32"));
+        assert_eq!(RouterRouteArgs::cuda_params(), list("router_route_f32"));
+    }
 }
