@@ -422,9 +422,9 @@ __device__ __forceinline__ void attention_tile_body(float* __restrict__ out,
     }
 }
 
-// The parameters of every prefill kernel, v1 and v2, declared once (TileArgs in
-// src/kernels/attention.rs is held to this list): pages is read by the _paged kernels alone
-// (null for the others).
+// The parameters of every prefill kernel, v1 and v2, declared once (build.rs makes the
+// launch's TileArgs of this list): pages is read by the _paged kernels alone (null for the
+// others).
 #define TILE_PARAMS                                                                            \
     float* __restrict__ out, const float* __restrict__ q, const float* __restrict__ kc,        \
         const float* __restrict__ vc, const u32* __restrict__ qpos, u32 nq, u32 n_heads,       \
@@ -708,9 +708,9 @@ TILE2_ENTRY(attention_tile2_128x2, 128, 2, 1)
 
 #define S_THREADS 256u
 
-// The parameters of every decode split kernel, declared once (SplitArgs in
-// src/kernels/attention.rs is held to this list): pages and page_stride are read by
-// attention_split_paged alone (null and 0 for the others).
+// The parameters of every decode split kernel, declared once (build.rs makes the launch's
+// SplitArgs of this list): pages and page_stride are read by attention_split_paged alone
+// (null and 0 for the others).
 #define SPLIT_PARAMS                                                                           \
     float* __restrict__ part, const float* __restrict__ q, const float* __restrict__ kc,       \
         const float* __restrict__ vc, const u32* __restrict__ qpos, u32 n_heads, u32 n_kv,     \
@@ -1180,9 +1180,8 @@ __device__ __forceinline__ void combine_body(float* __restrict__ out,
     }
 }
 
-// The parameters of both combines, declared once (CombineArgs in src/kernels/attention.rs is
-// held to this list): codes, d and a are written by attention_combine_q8 alone (null for the
-// other).
+// The parameters of both combines, declared once (build.rs makes the launch's CombineArgs of
+// this list): codes, d and a are written by attention_combine_q8 alone (null for the other).
 #define COMBINE_PARAMS                                                                         \
     float* __restrict__ out, signed char* __restrict__ codes, float* __restrict__ d,           \
         float* __restrict__ a, const float* __restrict__ part, const u32* __restrict__ qpos,   \

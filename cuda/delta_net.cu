@@ -268,8 +268,8 @@ extern "C" __global__ void __launch_bounds__(256)
         prep[(u64)t * cd + ch] = ch < nv * s ? sy[ch] * sinv[ch / s] : sy[ch];
 }
 
-// The parameters of the delta-rule scans after the prep (v2, v3, v4), declared once: ScanArgs
-// in src/kernels/delta_net.rs is this list (unit test scan_args_are_the_cuda_parameters).
+// The parameters of the delta-rule scans after the prep (v2, v3, v4), declared once (build.rs
+// makes the launch's ScanArgs of this list).
 #define SCAN_PARAMS                                                                            \
     float* __restrict__ o, float* __restrict__ m, float* __restrict__ conv_out,                \
         const float* __restrict__ prep, const float* __restrict__ gates,                       \

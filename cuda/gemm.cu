@@ -114,9 +114,8 @@
 typedef unsigned char u8;
 typedef unsigned short u16;
 
-// The parameters of every product kernel (all but v1 and the routing kernels), declared once:
-// ProductArgs in src/kernels/gemm.rs is this list, field by field (the unit test
-// product_args_are_the_cuda_parameters holds the two together). x is read by the float
+// The parameters of every product kernel (all but v1 and the routing kernels), declared once
+// (build.rs makes the launch's ProductArgs of this list, field by field). x is read by the float
 // formats, xq, xd and xa (the activations' codes, block scales and scaled sums) by the
 // quantized ones; tiles, x_rows and y_rows are null for a dense product.
 #define PRODUCT_PARAMS                                                                         \

@@ -131,8 +131,8 @@ extern "C" __global__ void __launch_bounds__(256)
     rmsnorm_row_body<false, false>(y, const_cast<float*>(x), nullptr, w, rows, width, eps);
 }
 
-// Both residual-add kernels take add_rmsnorm_q8_f32_row's parameters (AddNormArgs in
-// src/kernels/norm.rs): qc, qd and qa are null here and never read.
+// Both residual-add kernels take add_rmsnorm_q8_f32_row's parameters (one AddNormArgs; build.rs
+// checks the two lists are the same): qc, qd and qa are null here and never read.
 extern "C" __global__ void __launch_bounds__(256)
     add_rmsnorm_f32_row(float* __restrict__ y, float* __restrict__ h, const float* __restrict__ o,
                         const float* __restrict__ w, u32 rows, u32 width, float eps,
@@ -163,8 +163,8 @@ extern "C" __global__ void __launch_bounds__(1024)
 // back in rotation pairs).
 // ROWS (qkv_norm_rope_rows_f32, a paged cache): token row's cache row is crow[row] (its page
 // slot), its rotation still pos[row]'s; otherwise the cache row is the position.
-// The parameters of both kernels, declared once (QkvNormRopeArgs in src/kernels/norm.rs is held
-// to this list); crow is read by the ROWS kernel alone (null for the other).
+// The parameters of both kernels, declared once (build.rs makes the launch's QkvNormRopeArgs of
+// this list); crow is read by the ROWS kernel alone (null for the other).
 #define QKV_PARAMS                                                                             \
     float* __restrict__ q_out, float* __restrict__ kc, float* __restrict__ vc,                 \
         const float* __restrict__ qs, const float* __restrict__ ks,                            \

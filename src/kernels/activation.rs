@@ -6,7 +6,10 @@ use cudarc::driver::LaunchConfig;
 use crate::device::{Device, Family};
 use crate::error::{check_shape, Error, Result};
 use crate::kernels::quantize::GpuActPair;
-use crate::launch::{kernel_params, In, Out};
+use crate::launch::args::activation::{
+    GateHeadsArgs, HalvesArgs, HalvesQ8Args, SigmoidArgs, SwigluArgs,
+};
+use crate::launch::{In, Out};
 use crate::tensor::GpuTensor;
 
 const THREADS: u32 = 256;
@@ -193,77 +196,4 @@ pub fn gate_heads_sigmoid(
     // above); the grid-stride loop stays below n * nh * hd; a and qg are two tensors.
     unsafe { launch.launch(flat_cfg(total)) }?;
     Ok(())
-}
-
-kernel_params! {
-    /// `swiglu_f32`: `out = silu(gate) * up` over `n` elements.
-    struct SwigluArgs<'a> {
-        out: Out<'a, f32>,
-        gate: In<'a, f32>,
-        up: In<'a, f32>,
-        n: u64,
-    }
-}
-
-kernel_params! {
-    /// `swiglu_halves_f32`: `out [rows, f]` from each row's halves of `gu [rows, 2 f]`.
-    struct HalvesArgs<'a> {
-        out: Out<'a, f32>,
-        gu: In<'a, f32>,
-        rows: u64,
-        f: u32,
-    }
-}
-
-kernel_params! {
-    /// `swiglu_halves_q8_f32`: as [`HalvesArgs`], with the output's Q8 quantization.
-    struct HalvesQ8Args<'a> {
-        out: Out<'a, f32>,
-        codes: Out<'a, i8>,
-        d: Out<'a, f32>,
-        a: Out<'a, f32>,
-        gu: In<'a, f32>,
-        rows: u64,
-        f: u32,
-    }
-}
-
-kernel_params! {
-    /// `sigmoid_f32`: `out = sigmoid(x)` over `n` elements.
-    struct SigmoidArgs<'a> {
-        out: Out<'a, f32>,
-        x: In<'a, f32>,
-        n: u64,
-    }
-}
-
-kernel_params! {
-    /// `gate_heads_sigmoid_f32`: each head of `a` times the sigmoid of its gate in `qg`.
-    struct GateHeadsArgs<'a> {
-        a: Out<'a, f32>,
-        qg: In<'a, f32>,
-        n: u64,
-        nh: u32,
-        hd: u32,
-        width: u64,
-        offset: u64,
-        head_stride: u64,
-    }
-}
-
-#[cfg(test)]
-mod activation_args {
-    use super::*;
-
-    /// Each argument struct is its kernel's signature: names, order, CUDA types.
-    #[test]
-    fn activation_args_are_the_cuda_parameters() {
-        let src = include_str!("../../cuda/activation.cu");
-        let list = |name| crate::launch::cuda_param_list(src, name).expect(name);
-        assert_eq!(SwigluArgs::cuda_params(), list("swiglu_f32"));
-        assert_eq!(HalvesArgs::cuda_params(), list("swiglu_halves_f32"));
-        assert_eq!(HalvesQ8Args::cuda_params(), list("swiglu_halves_q8_f32"));
-        assert_eq!(SigmoidArgs::cuda_params(), list("sigmoid_f32"));
-        assert_eq!(GateHeadsArgs::cuda_params(), list("gate_heads_sigmoid_f32"));
-    }
 }

@@ -14,7 +14,8 @@ use super::{as_u32, dims, row_chunks};
 use crate::device::{Device, Family};
 use crate::error::{check_shape, Error, Result};
 use crate::kernels::quantize::{GpuActPair, GpuActQ8};
-use crate::launch::{kernel_params, In, Out};
+use crate::launch::args::attention::{CombineArgs, KvWriteArgs, SplitArgs, TileArgs, V1Args};
+use crate::launch::{In, Out};
 use crate::reference::attention::CHUNK;
 use crate::tensor::GpuTensor;
 
@@ -901,113 +902,4 @@ fn launch_split(
         unsafe { launch.launch(cfg) }?;
     }
     Ok(())
-}
-
-kernel_params! {
-    /// `kv_write_f32`: rows `row0..` of `k, v [n, n_kv, hd]` into the caches `kc`, `vc`
-    /// `[n_kv, cap, hd]` at rows `pos`.
-    struct KvWriteArgs<'a> {
-        kc: Out<'a, f32>,
-        vc: Out<'a, f32>,
-        k: In<'a, f32>,
-        v: In<'a, f32>,
-        pos: In<'a, u32>,
-        n_kv: u32,
-        hd: u32,
-        cap: u32,
-        row0: u32,
-    }
-}
-
-kernel_params! {
-    /// `attention_f32` (v1): each query of `q [nq, n_heads, hd]` at `qpos` over the caches.
-    struct V1Args<'a> {
-        out: Out<'a, f32>,
-        q: In<'a, f32>,
-        kc: In<'a, f32>,
-        vc: In<'a, f32>,
-        qpos: In<'a, u32>,
-        n_heads: u32,
-        n_kv: u32,
-        hd: u32,
-        cap: u32,
-        scale: f32,
-    }
-}
-
-kernel_params! {
-    /// The prefill tile kernels, v1 and v2 (`TILE_PARAMS` in `cuda/attention.cu`): `nq`
-    /// queries; `pages` the paged kernels' page table, null for the others.
-    struct TileArgs<'a> {
-        out: Out<'a, f32>,
-        q: In<'a, f32>,
-        kc: In<'a, f32>,
-        vc: In<'a, f32>,
-        qpos: In<'a, u32>,
-        nq: u32,
-        n_heads: u32,
-        n_kv: u32,
-        hd: u32,
-        cap: u32,
-        scale: f32,
-        pages: In<'a, u32>,
-    }
-}
-
-kernel_params! {
-    /// The decode split kernels (`SPLIT_PARAMS` in `cuda/attention.cu`): each chunk's partial
-    /// `(m, l, o)` into `part [nq, n_heads, n_chunks, hd + 2]`; `pages` and `page_stride` the
-    /// paged kernel's page table, null and 0 for the others.
-    struct SplitArgs<'a> {
-        part: Out<'a, f32>,
-        q: In<'a, f32>,
-        kc: In<'a, f32>,
-        vc: In<'a, f32>,
-        qpos: In<'a, u32>,
-        n_heads: u32,
-        n_kv: u32,
-        hd: u32,
-        cap: u32,
-        scale: f32,
-        n_chunks: u32,
-        row0: u32,
-        pages: In<'a, u32>,
-        page_stride: u32,
-    }
-}
-
-kernel_params! {
-    /// `attention_combine` and `attention_combine_q8` (`COMBINE_PARAMS` in
-    /// `cuda/attention.cu`): the chunks' partials folded into `out`; `codes`, `d`, `a` its Q8
-    /// quantization (null for the plain combine).
-    struct CombineArgs<'a> {
-        out: Out<'a, f32>,
-        codes: Out<'a, i8>,
-        d: Out<'a, f32>,
-        a: Out<'a, f32>,
-        part: In<'a, f32>,
-        qpos: In<'a, u32>,
-        n_heads: u32,
-        hd: u32,
-        n_chunks: u32,
-        row0: u32,
-    }
-}
-
-#[cfg(test)]
-mod launch_args {
-    use super::*;
-
-    /// Each argument struct is its kernels' signature in `cuda/attention.cu`: names, order,
-    /// types.
-    #[test]
-    fn attention_args_are_the_cuda_parameters() {
-        let src = include_str!("../../cuda/attention.cu");
-        let list = |name| crate::launch::cuda_param_list(src, name).expect(name);
-        assert_eq!(KvWriteArgs::cuda_params(), list("kv_write_f32"));
-        assert_eq!(V1Args::cuda_params(), list("attention_f32"));
-        assert_eq!(TileArgs::cuda_params(), list("TILE_PARAMS"));
-        assert_eq!(SplitArgs::cuda_params(), list("SPLIT_PARAMS"));
-        assert_eq!(CombineArgs::cuda_params(), list("COMBINE_PARAMS"));
-    }
 }

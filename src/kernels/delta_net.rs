@@ -8,7 +8,8 @@ use cudarc::driver::LaunchConfig;
 use super::{as_u32, dims};
 use crate::device::{Device, Family};
 use crate::error::{check_shape, Error, Result};
-use crate::launch::{kernel_params, In, Out};
+use crate::launch::args::delta_net::{GateArgs, PrepArgs, ScanArgs, ScanV1Args};
+use crate::launch::{In, Out};
 use crate::spec::delta_net::{DeltaNetConfig, DeltaNetState, DeltaNetWeights};
 use crate::tensor::GpuTensor;
 
@@ -257,81 +258,6 @@ pub fn delta_net_scan_with(
     Ok(())
 }
 
-kernel_params! {
-    /// `delta_net_scan_f32` (v1): steps 2 to 5 from the projections `mixed`, `bg` (b), `ag`
-    /// (a), the constants and the old window `conv_in`, into `o`, the state `m` and the new
-    /// window `conv_out`.
-    struct ScanV1Args<'a> {
-        o: Out<'a, f32>,
-        m: Out<'a, f32>,
-        conv_out: Out<'a, f32>,
-        mixed: In<'a, f32>,
-        bg: In<'a, f32>,
-        ag: In<'a, f32>,
-        conv_w: In<'a, f32>,
-        conv_in: In<'a, f32>,
-        dt_bias: In<'a, f32>,
-        ssm_a: In<'a, f32>,
-        n: u32,
-        hk: u32,
-        hv: u32,
-        s: u32,
-        kc: u32,
-        eps: f32,
-    }
-}
-
-kernel_params! {
-    /// `delta_net_prep_f32`: steps 2 to 4 of every token into `prep` and `gates`.
-    struct PrepArgs<'a> {
-        prep: Out<'a, f32>,
-        gates: Out<'a, f32>,
-        mixed: In<'a, f32>,
-        bg: In<'a, f32>,
-        ag: In<'a, f32>,
-        conv_w: In<'a, f32>,
-        conv_in: In<'a, f32>,
-        dt_bias: In<'a, f32>,
-        ssm_a: In<'a, f32>,
-        hk: u32,
-        hv: u32,
-        s: u32,
-        kc: u32,
-        eps: f32,
-    }
-}
-
-kernel_params! {
-    /// `delta_net_gate_f32`: `out = normed * silu(z)` over `len` elements.
-    struct GateArgs<'a> {
-        out: Out<'a, f32>,
-        normed: In<'a, f32>,
-        z: In<'a, f32>,
-        len: u64,
-    }
-}
-
-kernel_params! {
-    /// The parameters of the delta-rule scans after the prep (`SCAN_PARAMS` in
-    /// `cuda/delta_net.cu`: `scan_args_are_the_cuda_parameters`): `o [n, Hv, S]`, the state
-    /// `m [Hv, S, S]` and the new window `conv_out`; the prep's `prep [n, conv_dim]` and
-    /// `gates [n, Hv, 2]`, the projections `mixed` and the old window `conv_in`.
-    struct ScanArgs<'a> {
-        o: Out<'a, f32>,
-        m: Out<'a, f32>,
-        conv_out: Out<'a, f32>,
-        prep: In<'a, f32>,
-        gates: In<'a, f32>,
-        mixed: In<'a, f32>,
-        conv_in: In<'a, f32>,
-        n: u32,
-        hk: u32,
-        hv: u32,
-        s: u32,
-        kc: u32,
-    }
-}
-
 /// v2, v3 and v4 of [`delta_net_scan_with`]: the prep, then `scan` (`delta_net_scan2_f32`,
 /// `delta_net_scan3_f32` or `delta_net_scan4_f32`, the same arguments). Shapes checked by the caller; `dims` = n, Hk,
 /// Hv, S, Kc.
@@ -462,24 +388,4 @@ pub fn delta_net_gate(
     // loop stays below len.
     unsafe { launch.launch(cfg) }?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// `ScanArgs` is `SCAN_PARAMS`, and each other argument struct its kernel's signature: the
-    /// same names, order and CUDA types.
-    #[test]
-    fn scan_args_are_the_cuda_parameters() {
-        let cuda =
-            crate::launch::cuda_param_list(include_str!("../../cuda/delta_net.cu"), "SCAN_PARAMS")
-                .expect("cuda/delta_net.cu defines SCAN_PARAMS");
-        assert_eq!(ScanArgs::cuda_params(), cuda);
-        let src = include_str!("../../cuda/delta_net.cu");
-        let list = |name| crate::launch::cuda_param_list(src, name).expect(name);
-        assert_eq!(ScanV1Args::cuda_params(), list("delta_net_scan_f32"));
-        assert_eq!(PrepArgs::cuda_params(), list("delta_net_prep_f32"));
-        assert_eq!(GateArgs::cuda_params(), list("delta_net_gate_f32"));
-    }
 }

@@ -6,7 +6,8 @@ use cudarc::driver::LaunchConfig;
 use super::dims;
 use crate::device::{Device, Family};
 use crate::error::{check_indices, check_shape, Result};
-use crate::launch::{kernel_params, In, Out};
+use crate::launch::args::elementwise::{AddArgs, GatherArgs};
+use crate::launch::{In, Out};
 use crate::tensor::GpuTensor;
 
 fn flat_cfg(n: usize) -> LaunchConfig {
@@ -85,38 +86,4 @@ pub(crate) fn gather_rows_device(
     // SAFETY: every id is below vocab (checked by the callers), out is [rows, width].
     unsafe { launch.launch(flat_cfg(rows as usize * width)) }?;
     Ok(())
-}
-
-kernel_params! {
-    /// `add_f32`: `a += b` over `n` elements.
-    struct AddArgs<'a> {
-        a: Out<'a, f32>,
-        b: In<'a, f32>,
-        n: u64,
-    }
-}
-
-kernel_params! {
-    /// `gather_rows_f32`: `out[r] = table[ids[r]]`, `rows` rows of `width`.
-    struct GatherArgs<'a> {
-        out: Out<'a, f32>,
-        table: In<'a, f32>,
-        ids: In<'a, u32>,
-        rows: u64,
-        width: u32,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Each argument struct is its kernel's signature: names, order, CUDA types.
-    #[test]
-    fn elementwise_args_are_the_cuda_parameters() {
-        let src = include_str!("../../cuda/elementwise.cu");
-        let list = |name| crate::launch::cuda_param_list(src, name).expect(name);
-        assert_eq!(AddArgs::cuda_params(), list("add_f32"));
-        assert_eq!(GatherArgs::cuda_params(), list("gather_rows_f32"));
-    }
 }

@@ -21,7 +21,8 @@ use super::quantize::{quantize_into, GpuActPair, GpuActQ8};
 use super::{as_u32, dims, row_chunks, MAX_GRID_Y};
 use crate::device::{Device, Family};
 use crate::error::{check_shape, Error, Result};
-use crate::launch::{kernel_params, In, Out};
+use crate::launch::args::gemm::{ProductArgs, V1DenseArgs, V1GroupedArgs};
+use crate::launch::{In, Out};
 use crate::quant::{QuantMatrix, WeightFormat};
 use crate::tensor::GpuTensor;
 
@@ -725,61 +726,6 @@ const GMQ_SMEM_BYTES: u32 = 8 * (16 * 272 + 256 + 32) + 16 * 64 * 8;
 /// 16-byte aligned window of 224 bytes around its 210-byte super-block, at a stride of 240.
 const GMQ_Q6_SMEM_BYTES: u32 = 8 * (16 * 240 + 256 + 32) + 16 * 64 * 8;
 
-kernel_params! {
-    /// `gemm_f32_v1`: rows `row0..` of `y [n, M] = x [n, K] w [M, K]^T`, f32 weights.
-    #[allow(non_snake_case)]
-    struct V1DenseArgs<'a> {
-        y: Out<'a, f32>,
-        x: In<'a, f32>,
-        w: In<'a, f32>,
-        M: u32,
-        K: u32,
-        row0: u32,
-    }
-}
-
-kernel_params! {
-    /// `gemm_grouped_f32_v1`: routed rows `row0..` of the table `x_rows`, `experts`, `y_rows`.
-    #[allow(non_snake_case)]
-    struct V1GroupedArgs<'a> {
-        y: Out<'a, f32>,
-        x: In<'a, f32>,
-        w: In<'a, f32>,
-        x_rows: In<'a, u32>,
-        experts: In<'a, u32>,
-        y_rows: In<'a, u32>,
-        M: u32,
-        K: u32,
-        row0: u32,
-    }
-}
-
-kernel_params! {
-    /// The parameters of every product kernel but v1 (`PRODUCT_PARAMS` in `cuda/gemm.cu`, in
-    /// this order and of these types: `product_args_are_the_cuda_parameters`). `x` is the f32
-    /// input `[nx, K]`; `xq`, `xd`, `xa` its quantization (codes, block scales, scaled sums)
-    /// for quantized weights, null for float formats; `tiles`, `x_rows`, `y_rows` the routing
-    /// table's tiles and row maps, null for a dense product; `tile0` the first tile of this
-    /// launch (grids of more than `MAX_GRID_Y` tiles take several).
-    #[allow(non_snake_case)]
-    struct ProductArgs<'a> {
-        y: Out<'a, f32>,
-        x: In<'a, f32>,
-        xq: In<'a, i8>,
-        xd: In<'a, f32>,
-        xa: In<'a, f32>,
-        W: In<'a, u8>,
-        tiles: In<'a, u32>,
-        x_rows: In<'a, u32>,
-        y_rows: In<'a, u32>,
-        n_rows: u32,
-        M: u32,
-        K: u32,
-        row_bytes: u64,
-        tile0: u32,
-    }
-}
-
 /// Launches `kernel` (a GEMV or tiled GEMM, as [`select`] chose) over `n_tiles` row tiles
 /// (dense when `rows` is `None`).
 #[allow(clippy::too_many_arguments)]
@@ -963,20 +909,5 @@ mod tests {
             unreached.is_empty() && missing.is_empty(),
             "compiled but never selected: {unreached:?}; selected but not compiled: {missing:?}"
         );
-    }
-
-    /// `ProductArgs` is `PRODUCT_PARAMS`: the same names, in the same order, of the same CUDA
-    /// types (a pointer's constness included), so no launch can pass a product kernel its
-    /// arguments out of order (swapping two fields fails here).
-    #[test]
-    fn product_args_are_the_cuda_parameters() {
-        let cuda =
-            crate::launch::cuda_param_list(include_str!("../../cuda/gemm.cu"), "PRODUCT_PARAMS")
-                .expect("cuda/gemm.cu defines PRODUCT_PARAMS");
-        assert_eq!(ProductArgs::cuda_params(), cuda);
-        let src = include_str!("../../cuda/gemm.cu");
-        let list = |name| crate::launch::cuda_param_list(src, name).expect(name);
-        assert_eq!(V1DenseArgs::cuda_params(), list("gemm_f32_v1"));
-        assert_eq!(V1GroupedArgs::cuda_params(), list("gemm_grouped_f32_v1"));
     }
 }

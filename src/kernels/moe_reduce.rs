@@ -6,7 +6,8 @@ use cudarc::driver::LaunchConfig;
 use super::{as_u32, dims, row_chunks, ROW_THREADS};
 use crate::device::{Device, Family};
 use crate::error::{check_shape, Error, Result};
-use crate::launch::{kernel_params, In, Out};
+use crate::launch::args::moe_reduce::ReduceArgs;
+use crate::launch::{In, Out};
 use crate::tensor::GpuTensor;
 
 const OP: &str = "moe_weighted_reduce";
@@ -92,34 +93,4 @@ pub fn moe_weighted_reduce_version(
         unsafe { launch.launch(cfg) }?;
     }
     Ok(())
-}
-
-kernel_params! {
-    /// `moe_weighted_reduce_f32_v1` / `_v2` (one signature): rows `row0..` of `out`, `width`
-    /// columns (v1) or float4s (v2) a row; `shared` is null when `has_shared` is 0.
-    struct ReduceArgs<'a> {
-        out: Out<'a, f32>,
-        partial: In<'a, f32>,
-        weight: In<'a, f32>,
-        shared: In<'a, f32>,
-        na: u32,
-        width: u32,
-        row0: u32,
-        has_shared: u32,
-    }
-}
-
-#[cfg(test)]
-mod reduce_args {
-    use super::*;
-
-    /// `ReduceArgs` is both versions' signature: names, order, CUDA types.
-    #[test]
-    fn reduce_args_are_the_cuda_parameters() {
-        let src = include_str!("../../cuda/moe_reduce.cu");
-        for name in ["moe_weighted_reduce_f32_v1", "moe_weighted_reduce_f32_v2"] {
-            let list = crate::launch::cuda_param_list(src, name).expect(name);
-            assert_eq!(ReduceArgs::cuda_params(), list, "{name}");
-        }
-    }
 }

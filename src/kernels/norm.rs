@@ -8,7 +8,8 @@ use crate::error::{check_shape, Error, Result};
 use crate::kernels::attention::LayerCache;
 use crate::kernels::quantize::{GpuActPair, GpuActQ8};
 use crate::kernels::rope::{Positions, RopeTable};
-use crate::launch::{kernel_params, In, Out};
+use crate::launch::args::norm::{AddNormArgs, QkvNormRopeArgs, RmsnormArgs};
+use crate::launch::{In, Out};
 use crate::tensor::GpuTensor;
 
 const WARPS: u32 = 8;
@@ -367,83 +368,4 @@ fn qkv_norm_rope_into(
         unsafe { launch.launch(cfg) }?;
     }
     Ok(())
-}
-
-kernel_params! {
-    /// `rmsnorm_f32` and `rmsnorm_f32_row` (one signature): `y = rmsnorm(x, w)`, `x` and `y`
-    /// `[rows, width]`, `w [width]`.
-    struct RmsnormArgs<'a> {
-        y: Out<'a, f32>,
-        x: In<'a, f32>,
-        w: In<'a, f32>,
-        rows: u32,
-        width: u32,
-        eps: f32,
-    }
-}
-
-kernel_params! {
-    /// `add_rmsnorm_f32_row` and `add_rmsnorm_q8_f32_row` (one signature): `h += o`, `y =
-    /// rmsnorm(h, w)`; `y`'s quantization into `qc`, `qd`, `qa` (null for the first kernel).
-    struct AddNormArgs<'a> {
-        y: Out<'a, f32>,
-        h: Out<'a, f32>,
-        o: In<'a, f32>,
-        w: In<'a, f32>,
-        rows: u32,
-        width: u32,
-        eps: f32,
-        qc: Out<'a, i8>,
-        qd: Out<'a, f32>,
-        qa: Out<'a, f32>,
-    }
-}
-
-kernel_params! {
-    /// `qkv_norm_rope_f32` and `qkv_norm_rope_rows_f32` (`QKV_PARAMS` in `cuda/norm.cu`): each
-    /// token row's q, k and v heads from `qs`, `ks`, `vs` (row strides `*_stride`), q and k
-    /// normed and rotated, into `q_out` and the caches `kc`, `vc` at the row's position, or at
-    /// `crow`'s slot (the rows kernel; null for the other).
-    struct QkvNormRopeArgs<'a> {
-        q_out: Out<'a, f32>,
-        kc: Out<'a, f32>,
-        vc: Out<'a, f32>,
-        qs: In<'a, f32>,
-        ks: In<'a, f32>,
-        vs: In<'a, f32>,
-        q_stride: u64,
-        k_stride: u64,
-        v_stride: u64,
-        q_norm: In<'a, f32>,
-        k_norm: In<'a, f32>,
-        pos: In<'a, u32>,
-        crow: In<'a, u32>,
-        cos_t: In<'a, f32>,
-        sin_t: In<'a, f32>,
-        nh: u32,
-        nkv: u32,
-        hd: u32,
-        half: u32,
-        cap: u32,
-        eps: f32,
-        row0: u32,
-        q_head_stride: u32,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Each argument struct is its kernels' signature in `cuda/norm.cu`: names, order, types.
-    #[test]
-    fn norm_args_are_the_cuda_parameters() {
-        let src = include_str!("../../cuda/norm.cu");
-        let list = |name| crate::launch::cuda_param_list(src, name).expect(name);
-        assert_eq!(RmsnormArgs::cuda_params(), list("rmsnorm_f32"));
-        assert_eq!(RmsnormArgs::cuda_params(), list("rmsnorm_f32_row"));
-        assert_eq!(AddNormArgs::cuda_params(), list("add_rmsnorm_f32_row"));
-        assert_eq!(AddNormArgs::cuda_params(), list("add_rmsnorm_q8_f32_row"));
-        assert_eq!(QkvNormRopeArgs::cuda_params(), list("QKV_PARAMS"));
-    }
 }

@@ -6,7 +6,8 @@ use cudarc::driver::{CudaSlice, LaunchConfig};
 use super::dims;
 use crate::device::{Device, Family};
 use crate::error::{Error, Result};
-use crate::launch::{kernel_params, In, Out};
+use crate::launch::args::quantize::QuantizeArgs;
+use crate::launch::{In, Out};
 use crate::tensor::GpuTensor;
 
 /// Quantized activations on the device: `codes: [n, k]`, `d: [n, k / 32]` block scales,
@@ -198,29 +199,4 @@ pub(crate) fn quantize_into(
     // and `blocks` scalars (checked above); the grid-stride loop stays below `blocks`.
     unsafe { launch.launch(cfg) }?;
     Ok(())
-}
-
-kernel_params! {
-    /// `quantize_q8_32`: `x` in blocks of 32 into `codes`, block scales `d` and scaled sums
-    /// `a`, `n_blocks` blocks.
-    struct QuantizeArgs<'a> {
-        x: In<'a, f32>,
-        codes: Out<'a, i8>,
-        d: Out<'a, f32>,
-        a: Out<'a, f32>,
-        n_blocks: u64,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// `QuantizeArgs` is `quantize_q8_32`'s signature: names, order, CUDA types.
-    #[test]
-    fn quantize_args_are_the_cuda_parameters() {
-        let src = include_str!("../../cuda/quantize.cu");
-        let list = crate::launch::cuda_param_list(src, "quantize_q8_32").expect("the kernel");
-        assert_eq!(QuantizeArgs::cuda_params(), list);
-    }
 }

@@ -5,7 +5,8 @@ use cudarc::driver::LaunchConfig;
 use super::{as_u32, dims, row_chunks};
 use crate::device::{Device, Family};
 use crate::error::{check_shape, Error, Result};
-use crate::launch::{kernel_params, In, Out};
+use crate::launch::args::rope::RopeArgs;
+use crate::launch::{In, Out};
 use crate::tensor::GpuTensor;
 
 /// A rotary table on the device: `cos, sin: [max_pos, rd / 2]` from
@@ -178,32 +179,4 @@ pub fn rope_neox(
         unsafe { launch.launch(cfg) }?;
     }
     Ok(())
-}
-
-kernel_params! {
-    /// `rope_neox_f32`: rows `row0..` of `x [rows, heads, hd]` rotated at positions `pos` by
-    /// the table's `cos_t` and `sin_t` (`half` pairs a head).
-    struct RopeArgs<'a> {
-        x: Out<'a, f32>,
-        pos: In<'a, u32>,
-        cos_t: In<'a, f32>,
-        sin_t: In<'a, f32>,
-        heads: u32,
-        hd: u32,
-        half: u32,
-        row0: u32,
-    }
-}
-
-#[cfg(test)]
-mod rope_args {
-    use super::*;
-
-    /// `RopeArgs` is `rope_neox_f32`'s signature: names, order, CUDA types.
-    #[test]
-    fn rope_args_are_the_cuda_parameters() {
-        let src = include_str!("../../cuda/rope.cu");
-        let list = crate::launch::cuda_param_list(src, "rope_neox_f32").expect("the kernel");
-        assert_eq!(RopeArgs::cuda_params(), list);
-    }
 }

@@ -11,7 +11,8 @@ use super::gemm::{GEMM_TILE_ROWS, GEMV_MAX_ROWS};
 use super::{as_u32, dims};
 use crate::device::{Device, Family};
 use crate::error::{check_indices, check_shape, Error, Result};
-use crate::launch::{kernel_params, In, Out};
+use crate::launch::args::route::{RouteCountArgs, RouteRowsArgs, RouteSortArgs};
+use crate::launch::{In, Out};
 use crate::reference::route::tiles;
 use crate::tensor::GpuTensor;
 
@@ -330,58 +331,5 @@ impl RoutedRows {
     /// never sees, the bound `n * k`): what picks the kernel's tile height.
     pub fn largest_group(&self) -> usize {
         self.largest_group
-    }
-}
-
-kernel_params! {
-    /// `route_rows`: both unsorted tables from `ids [len]` (`len = n k`).
-    struct RouteRowsArgs<'a> {
-        up: Out<'a, u32>,
-        down: Out<'a, u32>,
-        ids: In<'a, u32>,
-        len: u32,
-        k: u32,
-        n_experts: u32,
-    }
-}
-
-kernel_params! {
-    /// `route_count`: `counts [n_experts]`, the rows of each expert.
-    struct RouteCountArgs<'a> {
-        counts: Out<'a, u32>,
-        ids: In<'a, u32>,
-        len: u32,
-        n_experts: u32,
-    }
-}
-
-kernel_params! {
-    /// `route_sort`: both sorted tables, their tile tables sized for `gemm_tiles` and
-    /// `gemv_tiles` tiles, from `route_count`'s counts.
-    struct RouteSortArgs<'a> {
-        up: Out<'a, u32>,
-        down: Out<'a, u32>,
-        counts: In<'a, u32>,
-        ids: In<'a, u32>,
-        len: u32,
-        k: u32,
-        n_experts: u32,
-        gemm_tiles: u32,
-        gemv_tiles: u32,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Each argument struct is its kernel's signature in `cuda/route.cu`: names, order, types.
-    #[test]
-    fn route_args_are_the_cuda_parameters() {
-        let src = include_str!("../../cuda/route.cu");
-        let list = |name| crate::launch::cuda_param_list(src, name).expect(name);
-        assert_eq!(RouteRowsArgs::cuda_params(), list("route_rows"));
-        assert_eq!(RouteCountArgs::cuda_params(), list("route_count"));
-        assert_eq!(RouteSortArgs::cuda_params(), list("route_sort"));
     }
 }

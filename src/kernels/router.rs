@@ -9,7 +9,8 @@ use super::route::RoutedRows;
 use super::{as_u32, dims};
 use crate::device::{Device, Family};
 use crate::error::{check_shape, Error, Result};
-use crate::launch::{kernel_params, In, Out};
+use crate::launch::args::router::{RouterRouteArgs, SoftmaxTopkArgs};
+use crate::launch::{In, Out};
 use crate::quant::WeightFormat;
 use crate::tensor::GpuTensor;
 
@@ -202,55 +203,4 @@ pub fn route(
     // counters, which are zero between launches (each token's last block resets its own).
     unsafe { launch.launch(cfg) }?;
     Ok((up, down))
-}
-
-kernel_params! {
-    /// `softmax_topk_f32`: each of `n_tokens` rows of `logits [n, E]` to its `k` expert `ids`
-    /// and `weights`.
-    #[allow(non_snake_case)]
-    struct SoftmaxTopkArgs<'a> {
-        logits: In<'a, f32>,
-        ids: Out<'a, u32>,
-        weights: Out<'a, f32>,
-        n_tokens: u32,
-        E: u32,
-        k: u32,
-        renormalize: u32,
-    }
-}
-
-kernel_params! {
-    /// `router_route_f32`: the router product of `x [n, K]` and `W [E, K]` into `logits`, the
-    /// top-`k` `ids` and `weights`, and the unsorted tables `up`, `down` (`len = n k` entries)
-    /// through the per-token `counters`.
-    #[allow(non_snake_case)]
-    struct RouterRouteArgs<'a> {
-        logits: Out<'a, f32>,
-        ids: Out<'a, u32>,
-        weights: Out<'a, f32>,
-        up: Out<'a, u32>,
-        down: Out<'a, u32>,
-        counters: Out<'a, u32>,
-        x: In<'a, f32>,
-        W: In<'a, f32>,
-        E: u32,
-        K: u32,
-        k: u32,
-        renormalize: u32,
-        len: u32,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Each argument struct is its kernel's signature in `cuda/router.cu`: names, order, types.
-    #[test]
-    fn router_args_are_the_cuda_parameters() {
-        let src = include_str!("../../cuda/router.cu");
-        let list = |name| crate::launch::cuda_param_list(src, name).expect(name);
-        assert_eq!(SoftmaxTopkArgs::cuda_params(), list("softmax_topk_f32"));
-        assert_eq!(RouterRouteArgs::cuda_params(), list("router_route_f32"));
-    }
 }

@@ -6,7 +6,8 @@ use cudarc::driver::LaunchConfig;
 use super::{as_u32, dims, row_chunks, ROW_THREADS};
 use crate::device::{Device, Family};
 use crate::error::{check_shape, Error, Result};
-use crate::launch::{kernel_params, In, Out};
+use crate::launch::args::row_scale::RowScaleArgs;
+use crate::launch::{In, Out};
 use crate::tensor::GpuTensor;
 
 const OP: &str = "row_scale";
@@ -67,30 +68,4 @@ pub fn row_scale_version(
         unsafe { launch.launch(cfg) }?;
     }
     Ok(())
-}
-
-kernel_params! {
-    /// `row_scale_f32_v1` / `_v2` (one signature): rows `row0..` of `buf`, `width` columns
-    /// (v1) or float4s (v2) a row.
-    struct RowScaleArgs<'a> {
-        buf: Out<'a, f32>,
-        scales: In<'a, f32>,
-        width: u32,
-        row0: u32,
-    }
-}
-
-#[cfg(test)]
-mod row_scale_args {
-    use super::*;
-
-    /// `RowScaleArgs` is both versions' signature: names, order, CUDA types.
-    #[test]
-    fn row_scale_args_are_the_cuda_parameters() {
-        let src = include_str!("../../cuda/row_scale.cu");
-        for name in ["row_scale_f32_v1", "row_scale_f32_v2"] {
-            let list = crate::launch::cuda_param_list(src, name).expect(name);
-            assert_eq!(RowScaleArgs::cuda_params(), list, "{name}");
-        }
-    }
 }
