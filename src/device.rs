@@ -844,6 +844,70 @@ pub(crate) mod tests {
         assert!(failed.is_empty(), "{}", failed.join("\n"));
     }
 
+    /// The NVRTC whose PTX [`PTX_DIGESTS`] hold (CI installs it; its PTX names it).
+    const PTX_NVRTC: &str = "V13.0.88";
+
+    /// FNV-1a of each family's PTX (`compute_90`, the pinned options, NVRTC [`PTX_NVRTC`]), as
+    /// committed. NVRTC is deterministic, so a change of a `.cu` file that
+    /// leaves its family's digest alone (a comment, a refactor into shared device functions, a
+    /// macro) provably changed no instruction of any kernel: no GPU needed to show that it moved
+    /// no bit. A kernel change updates its line here in the same commit.
+    const PTX_DIGESTS: [(&str, Option<u64>); 13] = [
+        ("activation", Some(0x7434c9cacdcae9a8)),
+        // Varies from process to process under this NVRTC (which shared-memory loads of the
+        // tile and split kernels are merged, the register count): no digest to hold.
+        ("attention", None),
+        ("delta_net", Some(0x9922860244a8f8b4)),
+        ("elementwise", Some(0x641c3f55621193d9)),
+        ("fastscan", Some(0xbe008114828b69f9)),
+        ("gemm", Some(0x4d26f9810a8929bc)),
+        ("moe_reduce", Some(0x3f5bacc3f2b4f450)),
+        ("norm", Some(0x645796164f80a98a)),
+        ("quantize", Some(0x995fd13f9d4bbc0e)),
+        ("rope", Some(0x634d8a3451a5fbb8)),
+        ("route", Some(0xa6a87836f9a7d978)),
+        ("router", Some(0x988e64e99003c55b)),
+        ("row_scale", Some(0x6af17be68f6f4378)),
+    ];
+
+    /// Every family's PTX against [`PTX_DIGESTS`]; `BITEXACT_PTX_DUMP=DIR` also writes each
+    /// family's PTX to `DIR/<family>.ptx`, to diff what moved.
+    #[test]
+    fn every_family_ptx_matches_its_digest() {
+        if !nvrtc_present("the PTX was not compiled") {
+            return;
+        }
+        let dump = std::env::var("BITEXACT_PTX_DUMP").ok();
+        let mut moved = Vec::new();
+        for &family in Family::ALL {
+            let ptx = family_ptx(family, false).expect("compiles (every_family_compiles...)");
+            if !ptx.contains(PTX_NVRTC) {
+                let why = format!("the PTX digests are {PTX_NVRTC}'s, this NVRTC is another");
+                assert!(
+                    !std::env::var("BITEXACT_REQUIRE_NVRTC").is_ok_and(|v| v == "1"),
+                    "BITEXACT_REQUIRE_NVRTC=1 but {why}"
+                );
+                println!("SKIP {why}");
+                return;
+            }
+            if let Some(dir) = &dump {
+                std::fs::write(format!("{dir}/{}.ptx", family.name()), &ptx).unwrap();
+            }
+            let got = ptx.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
+            let want = PTX_DIGESTS.iter().find(|(n, _)| *n == family.name());
+            if want.is_some_and(|w| w.1.is_some_and(|d| d != got)) || want.is_none() {
+                moved.push(format!("(\"{}\", Some({got:#018x})),", family.name()));
+            }
+        }
+        assert!(
+            moved.is_empty(),
+            "PTX that differs from PTX_DIGESTS (the new lines):\n{}",
+            moved.join("\n")
+        );
+    }
+
     /// The `.entry` kernels of `ptx` in which a memory instruction (global, shared or async
     /// copy, atomics) comes before `griddepcontrol.wait`, or that have no wait at all: with
     /// programmatic dependent launch such a kernel could read its input before the kernel that
