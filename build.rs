@@ -38,12 +38,7 @@ const LISTS: &[(&str, &str, &[&str], &str)] = &[
     ("gemm", "PRODUCT_PARAMS", &[], "ProductArgs"),
     ("gemm", "gemm_f32_v1", &[], "V1DenseArgs"),
     ("gemm", "gemm_grouped_f32_v1", &[], "V1GroupedArgs"),
-    (
-        "moe_reduce",
-        "moe_weighted_reduce_f32_v1",
-        &["moe_weighted_reduce_f32_v2"],
-        "ReduceArgs",
-    ),
+    ("moe_reduce", "REDUCE_PARAMS", &[], "ReduceArgs"),
     ("norm", "rmsnorm_f32", &["rmsnorm_f32_row"], "RmsnormArgs"),
     (
         "norm",
@@ -59,12 +54,7 @@ const LISTS: &[(&str, &str, &[&str], &str)] = &[
     ("route", "route_sort", &[], "RouteSortArgs"),
     ("router", "softmax_topk_f32", &[], "SoftmaxTopkArgs"),
     ("router", "router_route_f32", &[], "RouterRouteArgs"),
-    (
-        "row_scale",
-        "row_scale_f32_v1",
-        &["row_scale_f32_v2"],
-        "RowScaleArgs",
-    ),
+    ("row_scale", "ROW_SCALE_PARAMS", &[], "RowScaleArgs"),
 ];
 
 fn main() {

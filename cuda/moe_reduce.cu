@@ -25,12 +25,13 @@
 #define MOE_SLOT(k, na) (k)
 #endif
 
-extern "C" __global__ void moe_weighted_reduce_f32_v1(float* __restrict__ out,
-                                                      const float* __restrict__ partial,
-                                                      const float* __restrict__ weight,
-                                                      const float* __restrict__ shared,
-                                                      u32 na, u32 width, u32 row0,
-                                                      u32 has_shared) {
+// Both versions' parameters, declared once (build.rs makes the launch's ReduceArgs of them).
+#define REDUCE_PARAMS                                                                          \
+    float* __restrict__ out, const float* __restrict__ partial,                                \
+        const float* __restrict__ weight, const float* __restrict__ shared, u32 na, u32 width, \
+        u32 row0, u32 has_shared
+
+extern "C" __global__ void moe_weighted_reduce_f32_v1(REDUCE_PARAMS) {
     bx_grid_begin();
     const u32 col = blockIdx.x * blockDim.x + threadIdx.x;
     if (col >= width) return;
@@ -46,12 +47,7 @@ extern "C" __global__ void moe_weighted_reduce_f32_v1(float* __restrict__ out,
     out[row * width + col] = acc;
 }
 
-extern "C" __global__ void moe_weighted_reduce_f32_v2(float* __restrict__ out,
-                                                      const float* __restrict__ partial,
-                                                      const float* __restrict__ weight,
-                                                      const float* __restrict__ shared,
-                                                      u32 na, u32 width, u32 row0,
-                                                      u32 has_shared) {
+extern "C" __global__ void moe_weighted_reduce_f32_v2(REDUCE_PARAMS) {
     bx_grid_begin();
     const u32 c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= width) return;

@@ -24,9 +24,11 @@ __device__ __forceinline__ float row_scale_op(float v, float s) {
 #endif
 }
 
-extern "C" __global__ void row_scale_f32_v1(float* __restrict__ buf,
-                                            const float* __restrict__ scales, u32 width,
-                                            u32 row0) {
+// Both versions' parameters, declared once (build.rs makes the launch's RowScaleArgs of them).
+#define ROW_SCALE_PARAMS \
+    float* __restrict__ buf, const float* __restrict__ scales, u32 width, u32 row0
+
+extern "C" __global__ void row_scale_f32_v1(ROW_SCALE_PARAMS) {
     bx_grid_begin();
     const u32 col = blockIdx.x * blockDim.x + threadIdx.x;
     if (col >= width) return;
@@ -35,9 +37,7 @@ extern "C" __global__ void row_scale_f32_v1(float* __restrict__ buf,
     *p = row_scale_op(*p, scales[row]);
 }
 
-extern "C" __global__ void row_scale_f32_v2(float* __restrict__ buf,
-                                            const float* __restrict__ scales, u32 width,
-                                            u32 row0) {
+extern "C" __global__ void row_scale_f32_v2(ROW_SCALE_PARAMS) {
     bx_grid_begin();
     const u32 c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= width) return;
