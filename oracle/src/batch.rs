@@ -20,6 +20,7 @@ use bitexact::quant::WeightFormat;
 use bitexact::reference::batch::run_schedule_with;
 use bitexact::reference::expert_parallel::ExpertParallel;
 use bitexact::spec::exchange::{ExpertPartition, Loopback};
+use bitexact::spec::serve::BatchDecoder;
 use serde::Serialize;
 
 use crate::{fmt_secs, parse_format, parse_positive, RunArgs};
@@ -198,7 +199,8 @@ pub fn run(a: &BatchArgs) -> Result<bool> {
     };
     let (attn, gemm) = a.order.parts();
     let mut paths: Vec<(&'static str, f64, Vec<Trace>, usize)> = Vec::new();
-    let mut served = None;
+    // The schedule as a server calls it (no trace): per path its steps' last-row logits.
+    let mut served: Vec<(&'static str, f64, Vec<ServedRow>, String)> = Vec::new();
     let t0 = Instant::now();
     let (batched, reused) = if a.ranks > 1 {
         let ep = ExpertParallel::new(&w, a.partition, Box::new(Loopback::new(a.ranks, a.seed)?))?;
@@ -240,6 +242,13 @@ pub fn run(a: &BatchArgs) -> Result<bool> {
         run_schedule_with(&w, &schedule, &streams, attn, gemm)?
     };
     paths.push(("cpu-batched", t0.elapsed().as_secs_f64(), batched, reused));
+    if a.ranks == 1 {
+        let mut s = CpuBatchSession::new(&w, schedule.n_pages)?;
+        s.set_orders(attn, gemm);
+        let t0 = Instant::now();
+        let got = serve(&mut s, &schedule, &streams)?;
+        served.push(("cpu-served", t0.elapsed().as_secs_f64(), got, String::new()));
+    }
     if let Some(dev) = &dev {
         let model = GpuModel::load(dev, &w)?;
         let mut session = BatchSession::new(dev, &model, pages)?;
@@ -255,14 +264,20 @@ pub fn run(a: &BatchArgs) -> Result<bool> {
         drop(session);
         let mut session = BatchSession::new(dev, &model, pages)?;
         let t0 = Instant::now();
-        let got = serve(dev, &mut session, &schedule, &streams)?;
+        let got = serve(
+            &mut OnDevice {
+                dev,
+                session: &mut session,
+            },
+            &schedule,
+            &streams,
+        )?;
         let st = session.stats();
-        served = Some((
-            t0.elapsed().as_secs_f64(),
-            got,
-            st.graph_replays,
-            st.captures,
-        ));
+        let graphs = format!(
+            ", {} steps replayed from {} captured graphs",
+            st.graph_replays, st.captures
+        );
+        served.push(("gpu-served", t0.elapsed().as_secs_f64(), got, graphs));
         if let Some(e) = &st.graph_error {
             println!("step graphs: capture failed ({e}); the steps ran eagerly");
         }
@@ -306,7 +321,7 @@ pub fn run(a: &BatchArgs) -> Result<bool> {
         }
     }
     let mut served_rows = 0usize;
-    if let Some((_, got, _, _)) = &served {
+    for (name, _, got, _) in &served {
         for (s, pos, x) in got {
             let want = &solo[*s].logits[pos * cfg.vocab..(pos + 1) * cfg.vocab];
             let d = count_differing(x, want);
@@ -314,7 +329,7 @@ pub fn run(a: &BatchArgs) -> Result<bool> {
             logits += want.len();
             differing += d;
             if first.is_none() && d > 0 {
-                first = Some(format!("gpu-served: sequence {s}, position {pos}, logits"));
+                first = Some(format!("{name}: sequence {s}, position {pos}, logits"));
             }
         }
     }
@@ -327,12 +342,12 @@ pub fn run(a: &BatchArgs) -> Result<bool> {
             fmt_secs(*secs)
         );
     }
-    if let Some((secs, _, replays, captures)) = &served {
+    for (name, secs, got, graphs) in &served {
         println!(
-            "| gpu-served | {} | the schedule through `forward` without a trace (each \
-             sequence's last row a step): {served_rows} rows of logits, {replays} steps \
-             replayed from {captures} captured graphs |",
-            fmt_secs(*secs)
+            "| {name} | {} | the schedule as a server calls it, no trace (each sequence's last \
+             row a step): {} rows of logits{graphs} |",
+            fmt_secs(*secs),
+            got.len()
         );
     }
     println!(
@@ -341,13 +356,13 @@ pub fn run(a: &BatchArgs) -> Result<bool> {
     );
     println!();
     let reused = paths[0].3;
-    let served_note = match served {
-        Some(_) => format!(", and {served_rows} served rows"),
-        None => String::new(),
+    let served_note = match served.len() {
+        0 => String::new(),
+        k => format!("; {served_rows} served last rows over {k} paths"),
     };
     println!(
         "compared against each sequence alone: {hidden} hidden-state elements and {logits} \
-         logits ({} paths x {} sequences{served_note}); pages freed and reused by another \
+         logits ({} traced paths x {} sequences{served_note}); pages freed and reused by another \
          sequence: {reused}; differing: {differing}",
         paths.len(),
         seqs.len()
@@ -402,21 +417,23 @@ fn trace_of(rows: &[f32]) -> Trace {
     }
 }
 
-/// `schedule` through `session` as a server calls it, [`BatchSession::forward`] without a
-/// trace (so decode steps replay step graphs): per step and sequence in it, the sequence's
+/// A served step's row: the sequence's index, its last row's position, that row's logits.
+type ServedRow = (usize, usize, Vec<f32>);
+
+/// `schedule` through `d` as a server calls it ([`BatchDecoder::step_each`], no trace: on the
+/// device, decode steps replay step graphs): per step and sequence in it, the sequence's
 /// index, its last row's position and that row's logits.
 fn serve(
-    dev: &bitexact::Device,
-    session: &mut BatchSession,
+    d: &mut impl BatchDecoder,
     schedule: &Schedule,
     streams: &[Vec<u32>],
-) -> Result<Vec<(usize, usize, Vec<f32>)>> {
+) -> Result<Vec<ServedRow>> {
     let mut ids: Vec<Option<SeqId>> = vec![None; streams.len()];
     let mut fed = vec![0usize; streams.len()];
     let mut out = Vec::new();
     for step in &schedule.steps {
         for &s in &step.arrive {
-            ids[s] = Some(session.add_sequence(dev)?);
+            ids[s] = Some(d.add()?);
         }
         let mut batch = Vec::with_capacity(step.rows.len());
         for &s in &step.rows {
@@ -430,18 +447,19 @@ fn serve(
             });
             fed[s] += 1;
         }
-        for (seq, logits) in session.forward(dev, &batch, None)? {
+        d.step_each(&batch, &mut |seq, logits| {
             let s = ids
                 .iter()
                 .position(|&i| i == Some(seq))
                 .expect("a live sequence");
-            out.push((s, fed[s] - 1, logits));
-        }
+            out.push((s, fed[s] - 1, logits.to_vec()));
+            Ok(())
+        })?;
         for &s in &step.leave {
             let Some(seq) = ids[s].take() else {
                 bail!("sequence {s} leaves twice")
             };
-            session.remove_sequence(seq)?;
+            d.remove(seq)?;
         }
     }
     Ok(out)
