@@ -46,11 +46,9 @@ pub fn swiglu(
         up: In::of(dev, up.slice()),
         n,
     };
-    let mut launch = dev.launch_builder(&f);
-    launch.args(&args);
     // SAFETY: gate, up and out hold n elements each (same shape, checked above); the kernel's
     // grid-stride loop stays below n.
-    unsafe { launch.launch(flat_cfg(n as usize)) }?;
+    unsafe { dev.launch_kernel(&f, flat_cfg(n as usize), &args) }?;
     Ok(())
 }
 
@@ -73,11 +71,9 @@ pub fn swiglu_halves(dev: &Device, gu: &GpuTensor<f32>, out: &mut GpuTensor<f32>
         rows: rows64,
         f: f32_,
     };
-    let mut launch = dev.launch_builder(&func);
-    launch.args(&args);
     // SAFETY: gu is [rows, 2f] and out [rows, f] (checked above); the grid-stride loop stays
     // below rows * f.
-    unsafe { launch.launch(flat_cfg(rows * f)) }?;
+    unsafe { dev.launch_kernel(&func, flat_cfg(rows * f), &args) }?;
     Ok(())
 }
 
@@ -112,12 +108,10 @@ pub fn swiglu_halves_q8(dev: &Device, gu: &GpuTensor<f32>, out: &mut GpuActPair)
         rows: rows64,
         f: f32_,
     };
-    let mut launch = dev.launch_builder(&func);
-    launch.args(&args);
     // SAFETY: gu is [rows, 2f] (checked above), the pair [rows, f] with codes [rows, f] and
     // d, a [rows, f / 32]; a warp per 32-block, the grid-stride loop stays below rows * f / 32
     // blocks.
-    unsafe { launch.launch(flat_cfg(rows * f)) }?;
+    unsafe { dev.launch_kernel(&func, flat_cfg(rows * f), &args) }?;
     Ok(())
 }
 
@@ -136,11 +130,9 @@ pub fn sigmoid(dev: &Device, x: &GpuTensor<f32>, out: &mut GpuTensor<f32>) -> Re
         x: In::of(dev, x.slice()),
         n,
     };
-    let mut launch = dev.launch_builder(&f);
-    launch.args(&args);
     // SAFETY: x and out hold n elements each (checked above); the grid-stride loop stays
     // below n.
-    unsafe { launch.launch(flat_cfg(n as usize)) }?;
+    unsafe { dev.launch_kernel(&f, flat_cfg(n as usize), &args) }?;
     Ok(())
 }
 
@@ -190,10 +182,8 @@ pub fn gate_heads_sigmoid(
         offset: off64,
         head_stride: hs64,
     };
-    let mut launch = dev.launch_builder(&f);
-    launch.args(&args);
     // SAFETY: a is [n, nh, hd] and qg [n, width] with every gate index below width (checked
     // above); the grid-stride loop stays below n * nh * hd; a and qg are two tensors.
-    unsafe { launch.launch(flat_cfg(total)) }?;
+    unsafe { dev.launch_kernel(&f, flat_cfg(total), &args) }?;
     Ok(())
 }

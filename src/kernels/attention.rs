@@ -80,11 +80,9 @@ pub fn kv_write(
             cap: cap32,
             row0,
         };
-        let mut launch = dev.launch_builder(&f);
-        launch.args(&args);
         // SAFETY: k, v are [n, n_kv, hd], the caches [n_kv, cap, hd], every position < cap
         // (checked above); the grid covers rows row0..row0 + nrows <= n.
-        unsafe { launch.launch(cfg) }?;
+        unsafe { dev.launch_kernel(&f, cfg, &args) }?;
     }
     Ok(())
 }
@@ -735,12 +733,10 @@ fn launch_v1(
             cap: a.cap,
             scale: a.scale,
         };
-        let mut launch = dev.launch_builder(&f);
-        launch.args(&args);
         // SAFETY: q and out are [nq, n_heads, hd] (the views start at this chunk's first
         // query), the caches [n_kv, cap, hd] with n_heads a multiple of n_kv, every position
         // < cap; the dynamic shared memory holds hd floats.
-        unsafe { launch.launch(cfg) }?;
+        unsafe { dev.launch_kernel(&f, cfg, &args) }?;
     }
     Ok(())
 }
@@ -788,15 +784,13 @@ fn launch_tile(
         scale: a.scale,
         pages: pages.map_or(In::null(), |p| In::of(dev, p.slice())),
     };
-    let mut launch = dev.launch_builder(&f);
-    launch.args(&args);
     // SAFETY: q and out are [nq, n_heads, hd], the caches [n_kv, cap, hd] with n_heads a
     // multiple of n_kv and hd <= h a multiple of 4 (float4 rows); paged, the pages hold an
     // entry below cap / 64 for every chunk up to the largest position; every position < cap (cache
     // rows past cap are not read; v2's copies of rows past cap or dims past hd are zero fills
     // that read nothing); the grid's y covers the heads hpb at a time, hpb dividing the group;
     // the dynamic shared memory is TileSmem<h>'s (v1) or Tile2Smem<h, hpb>'s (v2).
-    unsafe { launch.launch(cfg) }?;
+    unsafe { dev.launch_kernel(&f, cfg, &args) }?;
     Ok(())
 }
 
@@ -860,13 +854,11 @@ fn launch_split(
             pages: pages.map_or(In::null(), |(p, _)| In::of(dev, p.slice())),
             page_stride: pages.map_or(0, |(_, stride)| stride),
         };
-        let mut launch = dev.launch_builder(&split);
-        launch.args(&args);
         // SAFETY: q is [nq, n_heads, hd], part [nq, n_heads, n_chunks, hd + 2] with n_chunks
         // covering the largest position, the caches [n_kv, cap, hd] with every position < cap;
         // grid z covers queries row0..row0 + nrows <= nq; shared memory as split_kernel says
         // (the tiled kernel reads q, K and V as float4: hd % 4 == 0, every row 16-byte aligned).
-        unsafe { launch.launch(cfg) }?;
+        unsafe { dev.launch_kernel(&split, cfg, &args) }?;
         let cfg = LaunchConfig {
             grid_dim: (combine_blocks, nrows, 1),
             block_dim: (128, 1, 1),
@@ -892,14 +884,12 @@ fn launch_split(
             n_chunks: nc32,
             row0,
         };
-        let mut launch = dev.launch_builder(&combine);
-        launch.args(&args);
         // SAFETY: out is [nq, n_heads, hd]; part holds the chunks 0..=pos[i] / 64 of every
         // query of this row chunk (written by the launch above on the same stream); shared
         // memory as combine_smem_bytes says; a block per (head, 32 dims), lanes past hd idle;
         // with q8 (hd % 32 == 0, the caller's check), its codes [nq, n_heads * hd] and d, a
         // [nq, n_heads * hd / 32], one 32-block per combine block.
-        unsafe { launch.launch(cfg) }?;
+        unsafe { dev.launch_kernel(&combine, cfg, &args) }?;
     }
     Ok(())
 }

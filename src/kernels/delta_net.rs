@@ -245,14 +245,12 @@ pub fn delta_net_scan_with(
         kc: kc32,
         eps,
     };
-    let mut launch = dev.launch_builder(&f);
-    launch.args(&args);
     // SAFETY: shapes checked above: mixed [n, conv_dim], b and a [n, Hv], o [n, Hv, S], the
     // state [Hv, S, S] and two [max(Kc - 1, 1), conv_dim] windows (distinct tensors: the scan
     // reads one and writes the other), the constants uploaded for this config; one block per
     // value head of 4 S <= 512 threads, each head's matrix written by its block alone, each
     // window channel by one block.
-    unsafe { launch.launch(cfg) }?;
+    unsafe { dev.launch_kernel(&f, cfg, &args) }?;
     dev.stream()
         .memcpy_dtod(state.conv_next.slice(), state.conv.slice_mut())?;
     Ok(())
@@ -307,13 +305,11 @@ fn scan_v2(
         kc: kc32,
         eps,
     };
-    let mut launch = dev.launch_builder(&f);
-    launch.args(&args);
     // SAFETY: mixed [n, conv_dim], b and a [n, Hv] (checked by the caller), prep [n,
     // conv_dim] and gates [n, Hv, 2] allocated here, the window [max(Kc - 1, 1), conv_dim] and
     // the constants of this config; a block per token, its shared memory the token's conv_dim
     // channels and 5 floats per q and k vector.
-    unsafe { launch.launch(cfg) }?;
+    unsafe { dev.launch_kernel(&f, cfg, &args) }?;
     let f = dev.function(Family::DeltaNet, scan)?;
     // v2: a block per value head, 4 threads a column; v3, v4: 32 columns a block, 128 threads.
     let cfg = match scan {
@@ -342,14 +338,12 @@ fn scan_v2(
         s: s32,
         kc: kc32,
     };
-    let mut launch = dev.launch_builder(&f);
-    launch.args(&args);
     // SAFETY: o [n, Hv, S], the state [Hv, S, S] and the two windows (distinct tensors), prep
     // and gates written by the launch above on the same stream; v2: one block per value head
     // of 4 S <= 512 threads (S >= 3, so 3 S + 2 copy threads), each head's matrix written by
     // its block alone; v3, v4: one block per 32 columns of a head (S <= 128), each column written
     // by its block alone; each window channel by one block.
-    unsafe { launch.launch(cfg) }?;
+    unsafe { dev.launch_kernel(&f, cfg, &args) }?;
     dev.stream()
         .memcpy_dtod(state.conv_next.slice(), state.conv.slice_mut())?;
     Ok(())
@@ -382,10 +376,8 @@ pub fn delta_net_gate(
         z: In::of(dev, z.slice()),
         len,
     };
-    let mut launch = dev.launch_builder(&f);
-    launch.args(&args);
     // SAFETY: the three tensors hold len elements (one shape, checked above); the grid-stride
     // loop stays below len.
-    unsafe { launch.launch(cfg) }?;
+    unsafe { dev.launch_kernel(&f, cfg, &args) }?;
     Ok(())
 }

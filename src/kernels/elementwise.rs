@@ -31,10 +31,8 @@ pub fn add(dev: &Device, a: &mut GpuTensor<f32>, b: &GpuTensor<f32>) -> Result<(
         b: In::of(dev, b.slice()),
         n,
     };
-    let mut launch = dev.launch_builder(&f);
-    launch.args(&args);
     // SAFETY: a and b hold n elements each (same shape, checked above).
-    unsafe { launch.launch(flat_cfg(n as usize)) }?;
+    unsafe { dev.launch_kernel(&f, flat_cfg(n as usize), &args) }?;
     Ok(())
 }
 
@@ -81,9 +79,7 @@ pub(crate) fn gather_rows_device(
         rows,
         width: width32,
     };
-    let mut launch = dev.launch_builder(&f);
-    launch.args(&args);
     // SAFETY: every id is below vocab (checked by the callers), out is [rows, width].
-    unsafe { launch.launch(flat_cfg(rows as usize * width)) }?;
+    unsafe { dev.launch_kernel(&f, flat_cfg(rows as usize * width), &args) }?;
     Ok(())
 }

@@ -172,12 +172,10 @@ impl FastScanCache {
                 head_bytes: hb,
                 k: kk,
             };
-            let mut launch = dev.launch_builder(&f);
-            launch.args(&args);
             // SAFETY: x is [n, n_kv, D] with D <= 256 (the kernel's shared rows); the cache is
             // [n_kv, cache_bytes(cap)] and the slots cover tiles first_tile.. of positions
             // pos0..pos0 + n <= cap; signs [D], bounds [nb].
-            unsafe { launch.launch(cfg) }?;
+            unsafe { dev.launch_kernel(&f, cfg, &args) }?;
         }
         self.len += n;
         Ok(())
@@ -371,12 +369,10 @@ fn attention(
                     smode: sm,
                     k: kscale,
                 };
-                let mut l = dev.launch_builder(&scores_fn);
-                l.args(&args);
                 // SAFETY: q is [nq, H, D] (the view starts at this batch), every position <
                 // len <= cap, the scratch views hold [nb * H] rows of span, nchunk and
                 // nchunk * D floats; the cache [n_kv, cache_bytes(cap)], H a multiple of n_kv.
-                unsafe { l.launch(cfg) }?;
+                unsafe { dev.launch_kernel(&scores_fn, cfg, &args) }?;
                 let args = ValuesArgs {
                     vpart: Out::of(dev, &mut vpart_v),
                     esum: Out::of(dev, &mut esum_v),
@@ -395,11 +391,9 @@ fn attention(
                     head_bytes: hb,
                     vmode: vm,
                 };
-                let mut l = dev.launch_builder(&values_fn);
-                l.args(&args);
                 // SAFETY: as for the scores; the scores and maxima were written above for
                 // every chunk at or before each query's position.
-                unsafe { l.launch(cfg) }?;
+                unsafe { dev.launch_kernel(&values_fn, cfg, &args) }?;
             }
             Kv::F16(c) => {
                 let cap32 = c.len as u32;
@@ -417,11 +411,9 @@ fn attention(
                     cap: cap32,
                     k: kscale,
                 };
-                let mut l = dev.launch_builder(&scores_fn);
-                l.args(&args);
                 // SAFETY: q is [nq, H, D] from this batch, every position < len, the caches
                 // [n_kv, len, D], the scratch views as sized above.
-                unsafe { l.launch(cfg) }?;
+                unsafe { dev.launch_kernel(&scores_fn, cfg, &args) }?;
                 let args = F16ValuesArgs {
                     vpart: Out::of(dev, &mut vpart_v),
                     esum: Out::of(dev, &mut esum_v),
@@ -436,10 +428,8 @@ fn attention(
                     D: d32,
                     cap: cap32,
                 };
-                let mut l = dev.launch_builder(&values_fn);
-                l.args(&args);
                 // SAFETY: as for the scores.
-                unsafe { l.launch(cfg) }?;
+                unsafe { dev.launch_kernel(&values_fn, cfg, &args) }?;
             }
         }
         let (signs, rotate) = match &kv {
@@ -464,11 +454,9 @@ fn attention(
             rotate,
             k: kscale,
         };
-        let mut l = dev.launch_builder(&finish_fn);
-        l.args(&args);
         // SAFETY: out is [nq, H, D] from this batch; the partials and sums were written by
         // the values kernel for every chunk at or before each query's position.
-        unsafe { l.launch(cfg) }?;
+        unsafe { dev.launch_kernel(&finish_fn, cfg, &args) }?;
     }
     Ok(())
 }

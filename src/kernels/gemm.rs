@@ -395,11 +395,9 @@ fn launch_v1_dense<W>(
             K: k32,
             row0,
         };
-        let mut launch = dev.launch_builder(&f);
-        launch.args(&args);
         // SAFETY: the caller checked x: [n, k], w: m rows of k f32 values, y: [n, m]; the grid
         // covers rows row0..row0 + nrows <= n and the kernel guards output features against m.
-        unsafe { launch.launch(cfg) }?;
+        unsafe { dev.launch_kernel(&f, cfg, &args) }?;
     }
     Ok(())
 }
@@ -434,12 +432,10 @@ fn launch_v1_grouped<W>(
             K: k32,
             row0,
         };
-        let mut launch = dev.launch_builder(&f);
-        launch.args(&args);
         // SAFETY: every index in `rows` was checked against (nx, n_experts, ny) when it was
         // built and the caller checked x, w, y have exactly those extents; y_rows are
         // distinct, so no two threads write one element.
-        unsafe { launch.launch(cfg) }?;
+        unsafe { dev.launch_kernel(&f, cfg, &args) }?;
     }
     Ok(())
 }
@@ -799,8 +795,6 @@ fn launch_selected(
             block_dim: (threads, 1, 1),
             shared_mem_bytes: smem,
         };
-        let mut launch = dev.launch_builder(&f);
-        launch.args(&args);
         // SAFETY: x (or its quantization) is [nx, k] and y is [ny, m] with k, m and the routed
         // rows' indices checked against w, x and y by the callers; tiles cover routed rows
         // 0..n_rows of one expert each (< w.experts), at most the kernel's height per tile;
@@ -812,7 +806,7 @@ fn launch_selected(
         // aligned 16-byte window around each 210-byte super-block: its first piece starts at
         // or after the allocation's (256-byte aligned) start, its last ends at most 14 bytes
         // past the matrix, inside the MATRIX_TAIL bytes upload adds.
-        unsafe { launch.launch(cfg) }?;
+        unsafe { dev.launch_kernel(&f, cfg, &args) }?;
     }
     Ok(())
 }

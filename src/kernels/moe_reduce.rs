@@ -85,12 +85,10 @@ pub fn moe_weighted_reduce_version(
             row0,
             has_shared,
         };
-        let mut launch = dev.launch_builder(&f);
-        launch.args(&args);
         // SAFETY: partial is [n, na, dim], weight [n, na], shared (if read) and out [n, dim]
         // (checked above); the grid covers rows row0..row0 + nrows <= n and the kernel guards
         // columns against `width`.
-        unsafe { launch.launch(cfg) }?;
+        unsafe { dev.launch_kernel(&f, cfg, &args) }?;
     }
     Ok(())
 }

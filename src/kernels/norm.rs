@@ -72,11 +72,9 @@ pub fn rmsnorm(
         width: width32,
         eps,
     };
-    let mut launch = dev.launch_builder(&f);
-    launch.args(&args);
     // SAFETY: x and y are [rows, width], w is [width] (checked above); warps (or blocks) past
     // the last row return before touching memory.
-    unsafe { launch.launch(cfg) }?;
+    unsafe { dev.launch_kernel(&f, cfg, &args) }?;
     Ok(())
 }
 
@@ -142,13 +140,11 @@ fn add_norm(
         qd,
         qa,
     };
-    let mut launch = dev.launch_builder(&f);
-    launch.args(&args);
     // SAFETY: h, o and y are [rows, width] and w is [width] (checked above; y and h are two
     // tensors, so they do not overlap); q, when given, is y's pair: codes [rows, width] and
     // scales [rows, width / 32], width % 32 == 0 (set when the pair was made). A block per row;
     // each element of h is read and written by one thread, each quantization block by one warp.
-    unsafe { launch.launch(cfg) }?;
+    unsafe { dev.launch_kernel(&f, cfg, &args) }?;
     Ok(())
 }
 
@@ -354,8 +350,6 @@ fn qkv_norm_rope_into(
             row0,
             q_head_stride: q_head32,
         };
-        let mut launch = dev.launch_builder(&f);
-        launch.args(&args);
         // SAFETY: the q, k and v heads of row r sit at (column offset + r * stride) of their
         // [n, stride] inputs, q head h at h * q_head, offset + heads * head width <= stride
         // (checked above); q is [n, nh, hd],
@@ -365,7 +359,7 @@ fn qkv_norm_rope_into(
         // warps past the last slot return; shared memory is 4 warps x hd floats. Each (token,
         // slot) writes its own row of q or of a cache (tokens at one position write one cache
         // row, as kv_write).
-        unsafe { launch.launch(cfg) }?;
+        unsafe { dev.launch_kernel(&f, cfg, &args) }?;
     }
     Ok(())
 }

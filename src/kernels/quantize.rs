@@ -193,10 +193,8 @@ pub(crate) fn quantize_into(
         a: Out::of(dev, a),
         n_blocks: blocks,
     };
-    let mut launch = dev.launch_builder(&f);
-    launch.args(&args);
     // SAFETY: x holds n * k = 32 * blocks floats; codes, d and a hold at least as many codes
     // and `blocks` scalars (checked above); the grid-stride loop stays below `blocks`.
-    unsafe { launch.launch(cfg) }?;
+    unsafe { dev.launch_kernel(&f, cfg, &args) }?;
     Ok(())
 }

@@ -172,11 +172,9 @@ pub fn rope_neox(
             half: half32,
             row0,
         };
-        let mut launch = dev.launch_builder(&f);
-        launch.args(&args);
         // SAFETY: x is [rows, heads, hd] with 2 * half <= hd, every position is below the
         // table's max_pos (checked above), and the grid covers rows row0..row0 + nrows <= rows.
-        unsafe { launch.launch(cfg) }?;
+        unsafe { dev.launch_kernel(&f, cfg, &args) }?;
     }
     Ok(())
 }

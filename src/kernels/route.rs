@@ -142,11 +142,9 @@ impl RoutedRows {
                 k: k32,
                 n_experts: ne32,
             };
-            let mut launch = dev.launch_builder(&f);
-            launch.args(&args);
             // SAFETY: ids holds len = n * k entries; each table holds 9 * len + 1 u32; the
             // grid covers r < len.
-            unsafe { launch.launch(cfg) }?;
+            unsafe { dev.launch_kernel(&f, cfg, &args) }?;
         }
         Ok((up, down))
     }
@@ -270,10 +268,8 @@ impl RoutedRows {
                 len: len32,
                 n_experts: ne32,
             };
-            let mut launch = dev.launch_builder(&count);
-            launch.args(&args);
             // SAFETY: ids holds len entries, counts n_experts; one block per expert.
-            unsafe { launch.launch(cfg) }?;
+            unsafe { dev.launch_kernel(&count, cfg, &args) }?;
             let sort = dev.function(Family::Route, "route_sort")?;
             let args = RouteSortArgs {
                 up: Out::of(dev, &mut tab),
@@ -286,12 +282,10 @@ impl RoutedRows {
                 gemm_tiles: gt32,
                 gemv_tiles: vt32,
             };
-            let mut launch = dev.launch_builder(&sort);
-            launch.args(&args);
             // SAFETY: both tables hold total + 1 entries laid out as `at` says (3 len rows,
             // gt and vt tiles of 3); counts (written by route_count above, same stream) sum to
             // len, so the rows and the used tiles fit; ids holds len entries.
-            unsafe { launch.launch(cfg) }?;
+            unsafe { dev.launch_kernel(&sort, cfg, &args) }?;
         }
         let table = |buf, nx| RoutedRows {
             buf,

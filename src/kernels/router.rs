@@ -56,12 +56,10 @@ pub fn softmax_topk(
         k: k32,
         renormalize: renorm,
     };
-    let mut launch = dev.launch_builder(&f);
-    launch.args(&args);
     // SAFETY: logits is [n, e], ids and weights are [n, k] with 1 <= k <= min(e, 32) and
     // e <= 2048 (checked above), so the 4 warps' e floats of shared memory fit in 32 KiB;
     // warps past the last token return before touching memory.
-    unsafe { launch.launch(cfg) }?;
+    unsafe { dev.launch_kernel(&f, cfg, &args) }?;
     Ok(())
 }
 
@@ -194,13 +192,11 @@ pub fn route(
         renormalize: renorm,
         len: len32,
     };
-    let mut launch = dev.launch_builder(&f);
-    launch.args(&args);
     // SAFETY: x is [n, K] and w one F32 [e, K] matrix (rows of 4 K bytes, 16-byte aligned
     // when K % 4 == 0, which the kernel checks before its float4 loads); logits [n, e], ids
     // and weights [n, k] with 1 <= k <= min(e, 32) and e <= 2048 (the top-k warp's e floats
     // fit in the 9 KiB staging buffer it reuses); the tables hold 9 n k + 1 entries; n <= the
     // counters, which are zero between launches (each token's last block resets its own).
-    unsafe { launch.launch(cfg) }?;
+    unsafe { dev.launch_kernel(&f, cfg, &args) }?;
     Ok((up, down))
 }

@@ -61,11 +61,9 @@ pub fn row_scale_version(
             width,
             row0,
         };
-        let mut launch = dev.launch_builder(&f);
-        launch.args(&args);
         // SAFETY: buf is [rows, cols] and scales is [rows] (checked above); the grid covers
         // rows row0..row0 + nrows <= rows and the kernel guards columns against `width`.
-        unsafe { launch.launch(cfg) }?;
+        unsafe { dev.launch_kernel(&f, cfg, &args) }?;
     }
     Ok(())
 }
