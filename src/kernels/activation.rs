@@ -1,8 +1,7 @@
 //! Elementwise activations (kernels `cuda/activation.cu`, references
 //! [`crate::reference::activation`]).
 
-use cudarc::driver::LaunchConfig;
-
+use super::grid_stride;
 use crate::device::{Device, Family};
 use crate::error::{check_shape, Error, Result};
 use crate::kernels::quantize::GpuActPair;
@@ -11,18 +10,6 @@ use crate::launch::args::activation::{
 };
 use crate::launch::{In, Out};
 use crate::tensor::GpuTensor;
-
-const THREADS: u32 = 256;
-const MAX_BLOCKS: usize = 8192;
-
-fn flat_cfg(n: usize) -> LaunchConfig {
-    let blocks = n.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS) as u32;
-    LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
 
 /// SwiGLU, `out = silu(gate) * up` elementwise ([`crate::reference::activation::swiglu`]).
 /// `gate`, `up` and `out` must have one shape.
@@ -48,7 +35,7 @@ pub fn swiglu(
     };
     // SAFETY: gate, up and out hold n elements each (same shape, checked above); the kernel's
     // grid-stride loop stays below n.
-    unsafe { dev.launch_kernel(&f, flat_cfg(n as usize), &args) }?;
+    unsafe { dev.launch_kernel(&f, grid_stride(n as usize), &args) }?;
     Ok(())
 }
 
@@ -73,7 +60,7 @@ pub fn swiglu_halves(dev: &Device, gu: &GpuTensor<f32>, out: &mut GpuTensor<f32>
     };
     // SAFETY: gu is [rows, 2f] and out [rows, f] (checked above); the grid-stride loop stays
     // below rows * f.
-    unsafe { dev.launch_kernel(&func, flat_cfg(rows * f), &args) }?;
+    unsafe { dev.launch_kernel(&func, grid_stride(rows * f), &args) }?;
     Ok(())
 }
 
@@ -111,7 +98,7 @@ pub fn swiglu_halves_q8(dev: &Device, gu: &GpuTensor<f32>, out: &mut GpuActPair)
     // SAFETY: gu is [rows, 2f] (checked above), the pair [rows, f] with codes [rows, f] and
     // d, a [rows, f / 32]; a warp per 32-block, the grid-stride loop stays below rows * f / 32
     // blocks.
-    unsafe { dev.launch_kernel(&func, flat_cfg(rows * f), &args) }?;
+    unsafe { dev.launch_kernel(&func, grid_stride(rows * f), &args) }?;
     Ok(())
 }
 
@@ -132,7 +119,7 @@ pub fn sigmoid(dev: &Device, x: &GpuTensor<f32>, out: &mut GpuTensor<f32>) -> Re
     };
     // SAFETY: x and out hold n elements each (checked above); the grid-stride loop stays
     // below n.
-    unsafe { dev.launch_kernel(&f, flat_cfg(n as usize), &args) }?;
+    unsafe { dev.launch_kernel(&f, grid_stride(n as usize), &args) }?;
     Ok(())
 }
 
@@ -184,6 +171,6 @@ pub fn gate_heads_sigmoid(
     };
     // SAFETY: a is [n, nh, hd] and qg [n, width] with every gate index below width (checked
     // above); the grid-stride loop stays below n * nh * hd; a and qg are two tensors.
-    unsafe { dev.launch_kernel(&f, flat_cfg(total), &args) }?;
+    unsafe { dev.launch_kernel(&f, grid_stride(total), &args) }?;
     Ok(())
 }

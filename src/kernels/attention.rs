@@ -7,10 +7,9 @@
 //! how the work is spread over blocks, never in an operation.
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
-use cudarc::driver::LaunchConfig;
 
 use super::rope::Positions;
-use super::{as_u32, dims, row_chunks};
+use super::{as_u32, dims, geometry, row_chunks};
 use crate::device::{Device, Family};
 use crate::error::{check_shape, Error, Result};
 use crate::kernels::quantize::{GpuActPair, GpuActQ8};
@@ -64,11 +63,7 @@ pub fn kv_write(
     }
     let f = dev.function(Family::Attention, "kv_write_f32")?;
     for (row0, nrows) in row_chunks(n) {
-        let cfg = LaunchConfig {
-            grid_dim: (width.div_ceil(128), nrows, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = geometry((width.div_ceil(128), nrows, 1), (128, 1, 1), 0);
         let args = KvWriteArgs {
             kc: Out::of(dev, cache.k.slice_mut()),
             vc: Out::of(dev, cache.v.slice_mut()),
@@ -713,11 +708,7 @@ fn launch_v1(
     let smem = hd * 4;
     let f = function_with_smem(dev, "attention_f32")?;
     for (row0, nrows) in row_chunks(pos.len()) {
-        let cfg = LaunchConfig {
-            grid_dim: (a.n_heads, nrows, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
+        let cfg = geometry((a.n_heads, nrows, 1), (128, 1, 1), smem as u32);
         let qv = q.slice().slice(row0 as usize * nh * hd..);
         let pv = pos.tensor().slice().slice(row0 as usize..);
         let mut ov = out.slice_mut().slice_mut(row0 as usize * nh * hd..);
@@ -765,11 +756,11 @@ fn launch_tile(
     let tiles = as_u32(OP, "query tiles", nq.div_ceil(64))?;
     let nq32 = as_u32(OP, "nq", nq)?;
     // hpb divides the group, so a block's heads share one kv head.
-    let cfg = LaunchConfig {
-        grid_dim: (tiles, a.n_heads / hpb as u32, 1),
-        block_dim: (256 * hpb as u32, 1, 1),
-        shared_mem_bytes: smem as u32,
-    };
+    let cfg = geometry(
+        (tiles, a.n_heads / hpb as u32, 1),
+        (256 * hpb as u32, 1, 1),
+        smem as u32,
+    );
     let args = TileArgs {
         out: Out::of(dev, out.slice_mut()),
         q: In::of(dev, q.slice()),
@@ -833,11 +824,7 @@ fn launch_split(
     // A combine block per (query, head, 32 dims).
     let combine_blocks = as_u32(OP, "combine blocks", hd.div_ceil(COMBINE_DIMS) * nh)?;
     for (row0, nrows) in row_chunks(nq) {
-        let cfg = LaunchConfig {
-            grid_dim: (nc32, a.n_kv, nrows),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
+        let cfg = geometry((nc32, a.n_kv, nrows), (256, 1, 1), smem as u32);
         let args = SplitArgs {
             part: Out::of(dev, part.slice_mut()),
             q: In::of(dev, q.slice()),
@@ -859,11 +846,7 @@ fn launch_split(
         // grid z covers queries row0..row0 + nrows <= nq; shared memory as split_kernel says
         // (the tiled kernel reads q, K and V as float4: hd % 4 == 0, every row 16-byte aligned).
         unsafe { dev.launch_kernel(&split, cfg, &args) }?;
-        let cfg = LaunchConfig {
-            grid_dim: (combine_blocks, nrows, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: csmem as u32,
-        };
+        let cfg = geometry((combine_blocks, nrows, 1), (128, 1, 1), csmem as u32);
         let (codes, d, qa) = match q8.as_deref_mut() {
             Some(q) => (
                 Out::of(dev, q.codes.slice_mut()),

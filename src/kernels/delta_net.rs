@@ -3,9 +3,8 @@
 //! device, and the state a sequence carries between calls.
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
-use cudarc::driver::LaunchConfig;
 
-use super::{as_u32, dims};
+use super::{as_u32, dims, geometry};
 use crate::device::{Device, Family};
 use crate::error::{check_shape, Error, Result};
 use crate::launch::args::delta_net::{GateArgs, PrepArgs, ScanArgs, ScanV1Args};
@@ -222,11 +221,7 @@ pub fn delta_net_scan_with(
         );
     }
     let f = dev.function(Family::DeltaNet, "delta_net_scan_f32")?;
-    let cfg = LaunchConfig {
-        grid_dim: (hv32, 1, 1),
-        block_dim: (4 * s32, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = geometry((hv32, 1, 1), (4 * s32, 1, 1), 0);
     let args = ScanV1Args {
         o: Out::of(dev, o.slice_mut()),
         m: Out::of(dev, state.m.slice_mut()),
@@ -284,11 +279,11 @@ fn scan_v2(
         Ok(())
     })?;
     let smem = prep_smem_bytes(&consts.cfg);
-    let cfg = LaunchConfig {
-        grid_dim: (n32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: as_u32("delta_net_scan", "prep shared memory", smem)?,
-    };
+    let cfg = geometry(
+        (n32, 1, 1),
+        (256, 1, 1),
+        as_u32("delta_net_scan", "prep shared memory", smem)?,
+    );
     let args = PrepArgs {
         prep: Out::of(dev, prep.slice_mut()),
         gates: Out::of(dev, gates.slice_mut()),
@@ -313,16 +308,10 @@ fn scan_v2(
     let f = dev.function(Family::DeltaNet, scan)?;
     // v2: a block per value head, 4 threads a column; v3, v4: 32 columns a block, 128 threads.
     let cfg = match scan {
-        "delta_net_scan3_f32" | "delta_net_scan4_f32" => LaunchConfig {
-            grid_dim: (hv32, s32.div_ceil(32), 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        },
-        _ => LaunchConfig {
-            grid_dim: (hv32, 1, 1),
-            block_dim: (4 * s32, 1, 1),
-            shared_mem_bytes: 0,
-        },
+        "delta_net_scan3_f32" | "delta_net_scan4_f32" => {
+            geometry((hv32, s32.div_ceil(32), 1), (128, 1, 1), 0)
+        }
+        _ => geometry((hv32, 1, 1), (4 * s32, 1, 1), 0),
     };
     let args = ScanArgs {
         o: Out::of(dev, o.slice_mut()),
@@ -365,11 +354,7 @@ pub fn delta_net_gate(
     }
     let f = dev.function(Family::DeltaNet, "delta_net_gate_f32")?;
     let blocks = (normed.len().div_ceil(256)).clamp(1, 8192) as u32;
-    let cfg = LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = geometry((blocks, 1, 1), (256, 1, 1), 0);
     let args = GateArgs {
         out: Out::of(dev, out.slice_mut()),
         normed: In::of(dev, normed.slice()),

@@ -1,22 +1,12 @@
 //! The residual add and the embedding gather (kernels `cuda/elementwise.cu`, references
 //! [`crate::reference::elementwise`]).
 
-use cudarc::driver::LaunchConfig;
-
-use super::dims;
+use super::{dims, grid_stride};
 use crate::device::{Device, Family};
 use crate::error::{check_indices, check_shape, Result};
 use crate::launch::args::elementwise::{AddArgs, GatherArgs};
 use crate::launch::{In, Out};
 use crate::tensor::GpuTensor;
-
-fn flat_cfg(n: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (n.div_ceil(256).clamp(1, 8192) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
 
 /// `a += b` elementwise (one IEEE add each); `a` and `b` must have one shape.
 pub fn add(dev: &Device, a: &mut GpuTensor<f32>, b: &GpuTensor<f32>) -> Result<()> {
@@ -32,7 +22,7 @@ pub fn add(dev: &Device, a: &mut GpuTensor<f32>, b: &GpuTensor<f32>) -> Result<(
         n,
     };
     // SAFETY: a and b hold n elements each (same shape, checked above).
-    unsafe { dev.launch_kernel(&f, flat_cfg(n as usize), &args) }?;
+    unsafe { dev.launch_kernel(&f, grid_stride(n as usize), &args) }?;
     Ok(())
 }
 
@@ -80,6 +70,6 @@ pub(crate) fn gather_rows_device(
         width: width32,
     };
     // SAFETY: every id is below vocab (checked by the callers), out is [rows, width].
-    unsafe { dev.launch_kernel(&f, flat_cfg(rows as usize * width), &args) }?;
+    unsafe { dev.launch_kernel(&f, grid_stride(rows as usize * width), &args) }?;
     Ok(())
 }

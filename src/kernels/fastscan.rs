@@ -5,11 +5,10 @@
 //! A query's result is a function of its position and the cache alone: [`fastscan_attention`]
 //! with every query of a sequence (prefill) gives the bits of one call per query (decode).
 
-use cudarc::driver::LaunchConfig;
 use half::f16;
 
 use super::rope::Positions;
-use super::{as_u32, dims, MAX_GRID_Y};
+use super::{as_u32, dims, geometry, MAX_GRID_Y};
 use crate::device::{Device, Family};
 use crate::error::{check_shape, Error, Result};
 use crate::launch::args::fastscan::{
@@ -136,11 +135,11 @@ impl FastScanCache {
             return Err(Error::invalid(OP, format!("{} kv heads", self.n_kv)));
         }
         let f = dev.function(Family::FastScan, "fastscan_encode")?;
-        let cfg = LaunchConfig {
-            grid_dim: (slots.div_ceil(ENC_WARPS) as u32, self.n_kv as u32, 1),
-            block_dim: (32 * ENC_WARPS as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = geometry(
+            (slots.div_ceil(ENC_WARPS) as u32, self.n_kv as u32, 1),
+            (32 * ENC_WARPS as u32, 1, 1),
+            0,
+        );
         let (pos0_32, n32, nkv32, ft32, slots32) = (
             pos0 as u32,
             n as u32,
@@ -338,11 +337,7 @@ fn attention(
         let qv = q.slice().slice(q0 * n_heads * d..);
         let pv = pos.tensor().slice().slice(q0..);
         let mut ov = out.slice_mut().slice_mut(q0 * n_heads * d..);
-        let cfg = LaunchConfig {
-            grid_dim: (nch32, h32, nb as u32),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = geometry((nch32, h32, nb as u32), (THREADS, 1, 1), 0);
         match &kv {
             Kv::Codes(c, smode, vmode) => {
                 let levels = c.spec.levels() as u32;
@@ -437,11 +432,7 @@ fn attention(
             // Unused without the rotation; any f32 buffer of D will do.
             Kv::F16(_) => (q.slice(), 0u32),
         };
-        let cfg = LaunchConfig {
-            grid_dim: (h32, nb as u32, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = geometry((h32, nb as u32, 1), (THREADS, 1, 1), 0);
         let args = FinishArgs {
             out: Out::of(dev, &mut ov),
             vpart: In::of(dev, &vpart_v),

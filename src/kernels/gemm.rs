@@ -15,10 +15,10 @@
 //! formats, int8 `mma.sync` for the quantized ones), in tiles of [`GEMM_TILE_ROWS`] rows.
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
-use cudarc::driver::{CudaSlice, LaunchConfig};
+use cudarc::driver::CudaSlice;
 
 use super::quantize::{quantize_into, GpuActPair, GpuActQ8};
-use super::{as_u32, dims, row_chunks, MAX_GRID_Y};
+use super::{as_u32, dims, geometry, row_chunks, MAX_GRID_Y};
 use crate::device::{Device, Family};
 use crate::error::{check_shape, Error, Result};
 use crate::launch::args::gemm::{ProductArgs, V1DenseArgs, V1GroupedArgs};
@@ -381,11 +381,7 @@ fn launch_v1_dense<W>(
     let f = dev.function(Family::Gemm, "gemm_f32_v1")?;
     let (m32, k32) = (m as u32, k as u32);
     for (row0, nrows) in row_chunks(n) {
-        let cfg = LaunchConfig {
-            grid_dim: (m32.div_ceil(V1_THREADS), nrows, 1),
-            block_dim: (V1_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = geometry((m32.div_ceil(V1_THREADS), nrows, 1), (V1_THREADS, 1, 1), 0);
         let args = V1DenseArgs {
             y: Out::of(dev, y.slice_mut()),
             x: In::of(dev, x.slice()),
@@ -415,11 +411,7 @@ fn launch_v1_grouped<W>(
     let f = dev.function(Family::Gemm, "gemm_grouped_f32_v1")?;
     let (m32, k32) = (m as u32, k as u32);
     for (row0, nrows) in row_chunks(rows.len) {
-        let cfg = LaunchConfig {
-            grid_dim: (m32.div_ceil(V1_THREADS), nrows, 1),
-            block_dim: (V1_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = geometry((m32.div_ceil(V1_THREADS), nrows, 1), (V1_THREADS, 1, 1), 0);
         let (xr, ex, yr) = (rows.part(0), rows.part(1), rows.part(2));
         let args = V1GroupedArgs {
             y: Out::of(dev, y.slice_mut()),
@@ -790,11 +782,7 @@ fn launch_selected(
     for tile0 in (0..n_tiles).step_by(MAX_GRID_Y) {
         let count = (n_tiles - tile0).min(MAX_GRID_Y) as u32;
         args.tile0 = tile0 as u32;
-        let cfg = LaunchConfig {
-            grid_dim: (m_blocks, count, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: smem,
-        };
+        let cfg = geometry((m_blocks, count, 1), (threads, 1, 1), smem);
         // SAFETY: x (or its quantization) is [nx, k] and y is [ny, m] with k, m and the routed
         // rows' indices checked against w, x and y by the callers; tiles cover routed rows
         // 0..n_rows of one expert each (< w.experts), at most the kernel's height per tile;

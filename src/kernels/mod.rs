@@ -19,6 +19,8 @@ pub mod route;
 pub mod router;
 pub mod row_scale;
 
+use cudarc::driver::LaunchConfig;
+
 use crate::error::{Error, Result};
 
 /// Largest grid y dimension CUDA allows; row-parallel kernels launch once per chunk of rows.
@@ -53,3 +55,23 @@ pub(crate) fn dims<const R: usize>(
 
 /// Threads per block of the row-parallel elementwise kernels.
 pub(crate) const ROW_THREADS: u32 = 256;
+
+/// A launch's geometry: `grid` blocks of `block` threads and `smem` bytes of dynamic shared
+/// memory.
+pub(crate) fn geometry(grid: (u32, u32, u32), block: (u32, u32, u32), smem: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: grid,
+        block_dim: block,
+        shared_mem_bytes: smem,
+    }
+}
+
+/// The geometry of a grid-stride loop over `n` elements: blocks of 256 threads, at most 8,192
+/// of them (the elementwise and activation kernels).
+pub(crate) fn grid_stride(n: usize) -> LaunchConfig {
+    geometry(
+        (n.div_ceil(256).clamp(1, 8192) as u32, 1, 1),
+        (256, 1, 1),
+        0,
+    )
+}

@@ -1,9 +1,7 @@
 //! `moe_weighted_reduce` (kernel `cuda/moe_reduce.cu`, reference
 //! [`crate::reference::moe_reduce`]).
 
-use cudarc::driver::LaunchConfig;
-
-use super::{as_u32, dims, row_chunks, ROW_THREADS};
+use super::{as_u32, dims, geometry, row_chunks, ROW_THREADS};
 use crate::device::{Device, Family};
 use crate::error::{check_shape, Error, Result};
 use crate::launch::args::moe_reduce::ReduceArgs;
@@ -69,11 +67,11 @@ pub fn moe_weighted_reduce_version(
     let f = dev.function(Family::MoeReduce, name)?;
     let has_shared = u32::from(shared.is_some());
     for (row0, nrows) in row_chunks(n) {
-        let cfg = LaunchConfig {
-            grid_dim: (width.div_ceil(ROW_THREADS), nrows, 1),
-            block_dim: (ROW_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = geometry(
+            (width.div_ceil(ROW_THREADS), nrows, 1),
+            (ROW_THREADS, 1, 1),
+            0,
+        );
         let args = ReduceArgs {
             out: Out::of(dev, out.slice_mut()),
             partial: In::of(dev, partial.slice()),

@@ -1,8 +1,6 @@
 //! `rmsnorm` (kernel `cuda/norm.cu`, reference [`crate::reference::norm`]).
 
-use cudarc::driver::LaunchConfig;
-
-use super::{as_u32, dims, row_chunks};
+use super::{as_u32, dims, geometry, row_chunks};
 use crate::device::{Device, Family};
 use crate::error::{check_shape, Error, Result};
 use crate::kernels::attention::LayerCache;
@@ -59,11 +57,7 @@ pub fn rmsnorm(
         ("rmsnorm_f32", rows32.div_ceil(WARPS))
     };
     let f = dev.function(Family::Norm, name)?;
-    let cfg = LaunchConfig {
-        grid_dim: (grid, 1, 1),
-        block_dim: (32 * WARPS, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = geometry((grid, 1, 1), (32 * WARPS, 1, 1), 0);
     let args = RmsnormArgs {
         y: Out::of(dev, y.slice_mut()),
         x: In::of(dev, x.slice()),
@@ -115,11 +109,7 @@ fn add_norm(
         Some(_) => ("add_rmsnorm_q8_f32_row", 1024),
     };
     let f = dev.function(Family::Norm, name)?;
-    let cfg = LaunchConfig {
-        grid_dim: (rows32, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = geometry((rows32, 1, 1), (threads, 1, 1), 0);
     let (qc, qd, qa) = match q {
         Some(q) => (
             Out::of(dev, q.codes.slice_mut()),
@@ -315,11 +305,7 @@ fn qkv_norm_rope_into(
     };
     let f = dev.function(Family::Norm, name)?;
     for (row0, nrows) in row_chunks(n) {
-        let cfg = LaunchConfig {
-            grid_dim: (heads.div_ceil(4), nrows, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
+        let cfg = geometry((heads.div_ceil(4), nrows, 1), (128, 1, 1), smem as u32);
         let (q_in, k_in, v_in) = (
             qs.0.slice().slice(qs.1..),
             ks.0.slice().slice(ks.1..),

@@ -1,9 +1,9 @@
 //! `quantize_q8_32`: activation quantization for the quantized matrix products (kernel
 //! `cuda/quantize.cu`, reference [`crate::reference::quantize`]).
 
-use cudarc::driver::{CudaSlice, LaunchConfig};
+use cudarc::driver::CudaSlice;
 
-use super::dims;
+use super::{dims, geometry};
 use crate::device::{Device, Family};
 use crate::error::{Error, Result};
 use crate::launch::args::quantize::QuantizeArgs;
@@ -181,11 +181,11 @@ pub(crate) fn quantize_into(
     }
     let blocks = blocks as u64;
     let f = dev.function(Family::Quantize, "quantize_q8_32")?;
-    let cfg = LaunchConfig {
-        grid_dim: (blocks.div_ceil(8).min(16_384) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = geometry(
+        (blocks.div_ceil(8).min(16_384) as u32, 1, 1),
+        (256, 1, 1),
+        0,
+    );
     let args = QuantizeArgs {
         x: In::of(dev, x.slice()),
         codes: Out::of(dev, codes),

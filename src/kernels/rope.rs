@@ -1,8 +1,6 @@
 //! `rope_neox` (kernel `cuda/rope.cu`, reference [`crate::reference::rope`]).
 
-use cudarc::driver::LaunchConfig;
-
-use super::{as_u32, dims, row_chunks};
+use super::{as_u32, dims, geometry, row_chunks};
 use crate::device::{Device, Family};
 use crate::error::{check_shape, Error, Result};
 use crate::launch::args::rope::RopeArgs;
@@ -157,11 +155,7 @@ pub fn rope_neox(
     }
     let f = dev.function(Family::Rope, "rope_neox_f32")?;
     for (row0, nrows) in row_chunks(rows) {
-        let cfg = LaunchConfig {
-            grid_dim: (width.div_ceil(128), nrows, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = geometry((width.div_ceil(128), nrows, 1), (128, 1, 1), 0);
         let args = RopeArgs {
             x: Out::of(dev, x.slice_mut()),
             pos: In::of(dev, pos.tensor().slice()),

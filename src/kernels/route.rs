@@ -5,10 +5,10 @@
 //! ([`RoutedRows::sorted_from_router`], a prefill), and read by
 //! [`crate::kernels::gemm::matmul_grouped`].
 
-use cudarc::driver::{CudaSlice, CudaView, LaunchConfig};
+use cudarc::driver::{CudaSlice, CudaView};
 
 use super::gemm::{GEMM_TILE_ROWS, GEMV_MAX_ROWS};
-use super::{as_u32, dims};
+use super::{as_u32, dims, geometry};
 use crate::device::{Device, Family};
 use crate::error::{check_indices, check_shape, Error, Result};
 use crate::launch::args::route::{RouteCountArgs, RouteRowsArgs, RouteSortArgs};
@@ -129,11 +129,7 @@ impl RoutedRows {
         if len > 0 {
             let (len32, k32, ne32) = (len as u32, k as u32, n_experts as u32);
             let f = dev.function(Family::Route, "route_rows")?;
-            let cfg = LaunchConfig {
-                grid_dim: (len32.div_ceil(128), 1, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = geometry((len32.div_ceil(128), 1, 1), (128, 1, 1), 0);
             let args = RouteRowsArgs {
                 up: Out::of(dev, &mut up.buf),
                 down: Out::of(dev, &mut down.buf),
@@ -257,11 +253,7 @@ impl RoutedRows {
         if len > 0 {
             let (mut tab, mut counts) = up.split_at_mut(total + 1);
             let count = dev.function(Family::Route, "route_count")?;
-            let cfg = LaunchConfig {
-                grid_dim: (ne32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = geometry((ne32, 1, 1), (256, 1, 1), 0);
             let args = RouteCountArgs {
                 counts: Out::of(dev, &mut counts),
                 ids: In::of(dev, ids.slice()),

@@ -2,11 +2,9 @@
 //! `softmax_topk` over router logits, and `route`, a decode step's whole routing (router
 //! product, softmax, top-k, routing tables) in one launch.
 
-use cudarc::driver::LaunchConfig;
-
 use super::gemm::GpuMatrix;
 use super::route::RoutedRows;
-use super::{as_u32, dims};
+use super::{as_u32, dims, geometry};
 use crate::device::{Device, Family};
 use crate::error::{check_shape, Error, Result};
 use crate::launch::args::router::{RouterRouteArgs, SoftmaxTopkArgs};
@@ -42,11 +40,11 @@ pub fn softmax_topk(
     let (n32, e32, k32) = (as_u32(OP, "n", n)?, e as u32, k as u32);
     let renorm = u32::from(renormalize);
     let f = dev.function(Family::Router, "softmax_topk_f32")?;
-    let cfg = LaunchConfig {
-        grid_dim: (n32.div_ceil(WARPS), 1, 1),
-        block_dim: (32 * WARPS, 1, 1),
-        shared_mem_bytes: WARPS * e32 * 4,
-    };
+    let cfg = geometry(
+        (n32.div_ceil(WARPS), 1, 1),
+        (32 * WARPS, 1, 1),
+        WARPS * e32 * 4,
+    );
     let args = SoftmaxTopkArgs {
         logits: In::of(dev, logits.slice()),
         ids: Out::of(dev, ids.slice_mut()),
@@ -171,11 +169,7 @@ pub fn route(
     }
     let (e32, kk32, renorm, len32) = (e as u32, k as u32, u32::from(renormalize), (n * k) as u32);
     let f = dev.function(Family::Router, "router_route_f32")?;
-    let cfg = LaunchConfig {
-        grid_dim: (e32, n as u32, 1),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = geometry((e32, n as u32, 1), (128, 1, 1), 0);
     let args = RouterRouteArgs {
         logits: Out::of(dev, logits.slice_mut()),
         ids: Out::of(dev, ids.slice_mut()),

@@ -1,9 +1,7 @@
 //! `row_scale`: `buf[i, e] *= scales[i]` (kernel `cuda/row_scale.cu`, reference
 //! [`crate::reference::row_scale`]).
 
-use cudarc::driver::LaunchConfig;
-
-use super::{as_u32, dims, row_chunks, ROW_THREADS};
+use super::{as_u32, dims, geometry, row_chunks, ROW_THREADS};
 use crate::device::{Device, Family};
 use crate::error::{check_shape, Error, Result};
 use crate::launch::args::row_scale::RowScaleArgs;
@@ -50,11 +48,11 @@ pub fn row_scale_version(
     }
     let f = dev.function(Family::RowScale, name)?;
     for (row0, nrows) in row_chunks(rows) {
-        let cfg = LaunchConfig {
-            grid_dim: (width.div_ceil(ROW_THREADS), nrows, 1),
-            block_dim: (ROW_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = geometry(
+            (width.div_ceil(ROW_THREADS), nrows, 1),
+            (ROW_THREADS, 1, 1),
+            0,
+        );
         let args = RowScaleArgs {
             buf: Out::of(dev, buf.slice_mut()),
             scales: In::of(dev, scales.slice()),
