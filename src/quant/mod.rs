@@ -68,30 +68,25 @@ pub enum WeightFormat {
 }
 
 impl WeightFormat {
-    /// Every format, float formats first; [`WeightFormat::CORE`] in its order, then
-    /// [`WeightFormat::GENERIC_ONLY`]. Every one has CPU references and GPU kernels.
-    pub const ALL: [WeightFormat; 16] = [
-        WeightFormat::F32,
-        WeightFormat::F16,
-        WeightFormat::BF16,
-        WeightFormat::Q8_0,
-        WeightFormat::Q4K,
-        WeightFormat::Q5K,
-        WeightFormat::Q6K,
-        WeightFormat::Q4_0,
-        WeightFormat::Q4_1,
-        WeightFormat::Q5_0,
-        WeightFormat::Q5_1,
-        WeightFormat::Q2K,
-        WeightFormat::Q3K,
-        WeightFormat::IQ4NL,
-        WeightFormat::IQ4XS,
-        WeightFormat::MXFP4,
-    ];
+    /// Every format: [`WeightFormat::CORE`], then [`WeightFormat::GENERIC_ONLY`]. Every one
+    /// has CPU references and GPU kernels.
+    pub const ALL: [WeightFormat; 16] = {
+        let mut out = [WeightFormat::F32; 16];
+        let mut i = 0;
+        while i < out.len() {
+            out[i] = if i < WeightFormat::CORE.len() {
+                WeightFormat::CORE[i]
+            } else {
+                WeightFormat::GENERIC_ONLY[i - WeightFormat::CORE.len()]
+            };
+            i += 1;
+        }
+        out
+    };
 
-    /// The formats the runner had first (the first of [`WeightFormat::ALL`]): each has
-    /// specialised GPU kernels beside the generic GEMV and GEMM (F32, Q8_0 and the K-quants by
-    /// shape), and the parity proptests and the gemm bench sweep them.
+    /// The formats the runner had first, float formats first: each has specialised GPU
+    /// kernels beside the generic GEMV and GEMM (F32, Q8_0 and the K-quants by shape), and the
+    /// parity proptests and the gemm bench sweep them.
     pub const CORE: [WeightFormat; 7] = [
         WeightFormat::F32,
         WeightFormat::F16,
@@ -103,17 +98,18 @@ impl WeightFormat {
     ];
 
     /// The formats whose GPU products are the generic kernels alone (`gemv_<fmt>_t<h>`,
-    /// `gemm_mma_<fmt>` in `cuda/gemm.cu`), no specialised variant yet: the rest of
-    /// [`WeightFormat::ALL`], in its order.
-    pub const GENERIC_ONLY: [WeightFormat; 9] = {
-        let mut out = [WeightFormat::F32; 9];
-        let mut i = 0;
-        while i < out.len() {
-            out[i] = WeightFormat::ALL[WeightFormat::CORE.len() + i];
-            i += 1;
-        }
-        out
-    };
+    /// `gemm_mma_<fmt>` in `cuda/gemm.cu`), no specialised variant yet.
+    pub const GENERIC_ONLY: [WeightFormat; 9] = [
+        WeightFormat::Q4_0,
+        WeightFormat::Q4_1,
+        WeightFormat::Q5_0,
+        WeightFormat::Q5_1,
+        WeightFormat::Q2K,
+        WeightFormat::Q3K,
+        WeightFormat::IQ4NL,
+        WeightFormat::IQ4XS,
+        WeightFormat::MXFP4,
+    ];
 
     /// The name GGUF and llama.cpp use (`F32`, `Q4_K`, ...).
     pub fn name(self) -> &'static str {
