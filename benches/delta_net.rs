@@ -51,7 +51,6 @@ fn main() {
             ("v1", ScanKernel::V1),
             ("v2", ScanKernel::V2),
             ("v3", ScanKernel::V3),
-            ("v4", ScanKernel::V4),
         ] {
             let key = format!("delta_net/{name}/{n}");
             group.bench_function(BenchmarkId::new(name, n), |bch| {

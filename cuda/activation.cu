@@ -32,8 +32,7 @@ __device__ __forceinline__ float swiglu_op(float g, float u) {
 extern "C" __global__ void swiglu_f32(float* __restrict__ out, const float* __restrict__ gate,
                                       const float* __restrict__ up, u64 n) {
     bx_grid_begin();
-    for (u64 j = (u64)blockIdx.x * blockDim.x + threadIdx.x; j < n;
-         j += (u64)gridDim.x * blockDim.x) {
+    BX_GRID_STRIDE(j, n) {
         out[j] = swiglu_op(gate[j], up[j]);
     }
 }
@@ -42,8 +41,7 @@ extern "C" __global__ void swiglu_halves_f32(float* __restrict__ out,
                                              const float* __restrict__ gu, u64 rows, u32 f) {
     bx_grid_begin();
     const u64 n = rows * f;
-    for (u64 j = (u64)blockIdx.x * blockDim.x + threadIdx.x; j < n;
-         j += (u64)gridDim.x * blockDim.x) {
+    BX_GRID_STRIDE(j, n) {
         const u64 r = j / f, i = j - r * f;
         const float* row = gu + r * 2u * f;
         out[j] = swiglu_op(row[i], row[f + i]);
@@ -72,8 +70,7 @@ extern "C" __global__ void swiglu_halves_q8_f32(float* __restrict__ out,
 extern "C" __global__ void sigmoid_f32(float* __restrict__ out, const float* __restrict__ x,
                                        u64 n) {
     bx_grid_begin();
-    for (u64 j = (u64)blockIdx.x * blockDim.x + threadIdx.x; j < n;
-         j += (u64)gridDim.x * blockDim.x) {
+    BX_GRID_STRIDE(j, n) {
         out[j] = bx_sigmoid(x[j]);
     }
 }
@@ -84,8 +81,7 @@ extern "C" __global__ void gate_heads_sigmoid_f32(float* __restrict__ a,
                                                   u64 head_stride) {
     bx_grid_begin();
     const u64 per_row = (u64)nh * hd, total = n * per_row;
-    for (u64 j = (u64)blockIdx.x * blockDim.x + threadIdx.x; j < total;
-         j += (u64)gridDim.x * blockDim.x) {
+    BX_GRID_STRIDE(j, total) {
         const u64 r = j / per_row, rem = j - r * per_row, h = rem / hd, i = rem - h * hd;
         a[j] = a[j] * bx_sigmoid(qg[r * width + offset + h * head_stride + i]);
     }

@@ -25,6 +25,12 @@ __device__ __forceinline__ void bx_grid_begin() {
 #endif
 }
 
+// The elementwise kernels' loop: u64 index `i` over 0..n, from the thread's place in the grid,
+// stepping by the grid's thread count (the launch's kernels::grid_stride sizes the grid).
+#define BX_GRID_STRIDE(i, n)                                                                  \
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < (n);                          \
+         i += (u64)gridDim.x * blockDim.x)
+
 // The one NaN every bitexact kernel returns: what CUDA's float arithmetic produces.
 #define BX_CANON_NAN_BITS 0x7fffffffu
 
@@ -115,6 +121,18 @@ __device__ __forceinline__ float bx_sigmoid(float x) {
 // silu(x) = x / (1 + exp(-x)) (one division, not x * sigmoid(x)). Mirror: math::silu.
 __device__ __forceinline__ float bx_silu(float x) {
     return x / (1.0f + bx_exp(-x));
+}
+
+// The canonical combination of four partials: (p0 + p1) + (p2 + p3). Mirror: the `(p0 + p1) +
+// (p2 + p3)` of src/reference/gemm.rs. A family's mutant (BITEXACT_MUTANT) that calls it gets
+// the left-to-right sum instead.
+__device__ __forceinline__ float bx_tree4(float p0, float p1, float p2, float p3) {
+#ifdef BITEXACT_MUTANT
+    // Broken on purpose (see BITEXACT_MUTANT): the partials left to right.
+    return ((p0 + p1) + p2) + p3;
+#else
+    return (p0 + p1) + (p2 + p3);
+#endif
 }
 
 // The canonical f32 dot product (src/reference/gemm.rs): blocks of 32, block b feeds partial

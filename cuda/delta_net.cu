@@ -21,8 +21,6 @@
 //   delta_net_scan3_f32  v3 (after the same prep): the delta rule over Hv x ceil(S / 32) blocks,
 //                        a column's 4 partials in adjacent lanes (shuffles, no barrier in a
 //                        token), tokens staged 16 at a time (one barrier per 16 tokens).
-//   delta_net_scan4_f32  v4 (after the same prep): v3 with token t's output dot and token t + 1's
-//                        decay and kv dot in one loop (two independent chains a token).
 //   delta_net_gate_f32   v1: grid-stride loop.
 
 #include "common.cuh"
@@ -76,18 +74,10 @@ __device__ __forceinline__ float dn_decay_kv(float (&reg)[32], const float* sk, 
     return acc;
 }
 
-// kv from its four partials: the family's mutant site (every scan combines through it).
-__device__ __forceinline__ float dn_kv_combine(float p0, float p1, float p2, float p3) {
-#ifdef BITEXACT_MUTANT
-    // Broken on purpose (see BITEXACT_MUTANT): the partials left to right.
-    return ((p0 + p1) + p2) + p3;
-#else
-    return (p0 + p1) + (p2 + p3);
-#endif
-}
-
+// kv from its four partials through bx_tree4: the family's mutant site (every scan combines
+// through it).
 __device__ __forceinline__ float dn_kv_tree(const float (*part)[DN_MAX_S], u32 j) {
-    return dn_kv_combine(part[0][j], part[1][j], part[2][j], part[3][j]);
+    return bx_tree4(part[0][j], part[1][j], part[2][j], part[3][j]);
 }
 
 // Step 5's second half: the update M_j += k * delta, then partial p of o_j = dot(M_j, q).
@@ -268,7 +258,7 @@ extern "C" __global__ void __launch_bounds__(256)
         prep[(u64)t * cd + ch] = ch < nv * s ? sy[ch] * sinv[ch / s] : sy[ch];
 }
 
-// The parameters of the delta-rule scans after the prep (v2, v3, v4), declared once (build.rs
+// The parameters of the delta-rule scans after the prep (v2, v3), declared once (build.rs
 // makes the launch's ScanArgs of this list).
 #define SCAN_PARAMS                                                                            \
     float* __restrict__ o, float* __restrict__ m, float* __restrict__ conv_out,                \
@@ -343,7 +333,7 @@ extern "C" __global__ void __launch_bounds__(512)
 // same order, spread over Hv x ceil(S / 32) blocks instead of Hv, with no barrier inside a
 // token. A block takes 32 columns of one value head: 4 warps of 8 columns, the 4 partials of a
 // column in 4 adjacent lanes (lane = 4 column + p), so both dots combine by shuffles (every
-// lane gets the same bits: dn_kv_combine on the four gathered partials). The inputs of
+// lane gets the same bits: bx_tree4 on the four gathered partials). The inputs of
 // DN3_CHUNK tokens land in shared memory by cp.async while the previous chunk runs: one barrier
 // per chunk. q and k sit in shared memory skewed (partial p's 32 elements at 36 p) so that the
 // 4 partials' float4 reads fall in different banks.
@@ -399,7 +389,7 @@ __device__ __forceinline__ void dn3_gather(float x, u32 lane, float (&q)[4]) {
     for (u32 i = 0; i < 4u; ++i) q[i] = __shfl_sync(BX_FULL_MASK, x, base + i);
 }
 
-// A v3 / v4 thread's place: value head h (key head kh), column group g, the column j (jl
+// A v3 thread's place: value head h (key head kh), column group g, the column j (jl
 // within the block) whose partial p it runs, whether that column exists (j < S); the mixer's
 // conv_dim cd and the output scale 1 / sqrt(S).
 struct Dn3Thread {
@@ -498,7 +488,7 @@ extern "C" __global__ void __launch_bounds__(128)
             }
             float part[4];
             dn3_gather(acc, lane, part);
-            const float kv = dn_kv_combine(part[0], part[1], part[2], part[3]);
+            const float kv = bx_tree4(part[0], part[1], part[2], part[3]);
             const float delta = (vj - kv) * beta;
             // ... the update M_j += k delta and partial p of o_j = dot(M_j, q).
             acc = 0.0f;
@@ -519,127 +509,11 @@ extern "C" __global__ void __launch_bounds__(128)
     dn3_write_windows(conv_out, mixed, conv_in, th, n, hk, s, kc, cd);
 }
 
-// ------------------------------------------------------------------------------------------
-// v4 of the delta rule (after delta_net_prep_f32, v3's layout and staging): token t's output dot
-// and token t + 1's decay and kv dot walk the column in one loop, two independent fmaf chains
-// where v3 ran them one after the other. Every element still takes v3's operations in v3's
-// order: M *= decay_t (one rounding), kv_t's partial, the update by delta_t, o_t's partial; the
-// decay of token t + 1 is applied in token t's loop, right after that element's update, and
-// after the last token by 1.0f (exact: the state's bits stay). Token t + 1's k is read before
-// token t's loop, so at a chunk's last token the next chunk must have landed: the barrier
-// moves there, and the chunk after it is fetched into the buffer just read.
-//   grid (Hv, ceil(S / 32)), 128 threads; S <= 128.
-
-// Token t's staged slot (chunks of DN3_CHUNK in two buffers).
-__device__ __forceinline__ const float* dn4_token(const float (*stage)[DN3_CHUNK * DN3_TOK], u32 t) {
-    return stage[(t / DN3_CHUNK) & 1u] + (t % DN3_CHUNK) * DN3_TOK;
-}
-
-// Partial p's 32 elements of a staged q or k (skewed, float4 reads).
-__device__ __forceinline__ void dn4_load(float (&r)[32], const float* v) {
-    const float4* v4 = reinterpret_cast<const float4*>(v);
-#pragma unroll
-    for (u32 c = 0; c < 8u; ++c) {
-        const float4 x = v4[c];
-        r[4u * c] = x.x, r[4u * c + 1u] = x.y, r[4u * c + 2u] = x.z, r[4u * c + 3u] = x.w;
-    }
-}
-
-extern "C" __global__ void __launch_bounds__(128)
-    delta_net_scan4_f32(SCAN_PARAMS) {
-    bx_grid_begin();
-    __shared__ __align__(16) float stage[2][DN3_CHUNK * DN3_TOK];
-    const Dn3Thread th = dn3_thread(s, hk, hv);
-    const u32 h = th.h, g = th.g, tid = th.tid, lane = th.lane, p = th.p, jl = th.jl, kh = th.kh;
-    const u32 cd = th.cd;
-    const u32 nch = (n + DN3_CHUNK - 1u) / DN3_CHUNK;
-    float reg[32];
-    float* mh = dn3_load_column(reg, m, th, s);
-    // Chunks 0 and 1 in flight; wait for the first.
-    dn3_fetch(stage[0], prep, gates, 0u, min(DN3_CHUNK, n), h, kh, g, hk, hv, s, cd, tid);
-    if (nch > 1u)
-        dn3_fetch(stage[1], prep, gates, DN3_CHUNK, min(DN3_CHUNK, n - DN3_CHUNK), h, kh, g, hk,
-                  hv, s, cd, tid);
-    else
-        asm volatile("cp.async.commit_group;");
-    asm volatile("cp.async.wait_group 1;" ::: "memory");
-    __syncthreads();
-    // Token 0's decay and partial p of its kv = dot(M_j, k).
-    float kr[32];
-    float acc_kv = 0.0f;
-    {
-        const float* tok = dn4_token(stage, 0u);
-        dn4_load(kr, tok + DN3_K + p * 36u);
-        const float decay = tok[DN3_G + 1u];
-#pragma unroll
-        for (u32 i = 0; i < 32u; ++i) {
-            if (p * 32u + i < s) {
-                reg[i] = reg[i] * decay;
-                acc_kv = fmaf(kr[i], reg[i], acc_kv);
-            }
-        }
-    }
-    for (u32 t = 0; t < n; ++t) {
-        const float* tok = dn4_token(stage, t);
-        float qr[32];
-        dn4_load(qr, tok + DN3_Q + p * 36u);
-        const float vj = tok[DN3_V + jl], beta = tok[DN3_G];
-        const bool more = t + 1u < n;
-        if (more && (t + 1u) % DN3_CHUNK == 0u) {
-            // Token t + 1 opens the next chunk: it has landed once this thread's copies have,
-            // and every thread's after the barrier (which also finds every thread done with
-            // this chunk's buffer: token t's inputs are in registers). The chunk after the
-            // next one takes this buffer.
-            asm volatile("cp.async.wait_group 0;" ::: "memory");
-            __syncthreads();
-            const u32 c2 = (t + 1u) / DN3_CHUNK + 1u;
-            if (c2 < nch)
-                dn3_fetch(stage[c2 & 1u], prep, gates, c2 * DN3_CHUNK,
-                          min(DN3_CHUNK, n - c2 * DN3_CHUNK), h, kh, g, hk, hv, s, cd, tid);
-        }
-        float kn[32];
-        float decay_n = 1.0f;
-        if (more) {
-            const float* nx = dn4_token(stage, t + 1u);
-            dn4_load(kn, nx + DN3_K + p * 36u);
-            decay_n = nx[DN3_G + 1u];
-        } else {
-#pragma unroll
-            for (u32 i = 0; i < 32u; ++i) kn[i] = 0.0f;
-        }
-        // 5. Token t's kv and delta, then per element: the update M_j += k delta, partial p
-        //    of o_j = dot(M_j, q), and token t + 1's decay and partial p of its kv.
-        float part[4];
-        dn3_gather(acc_kv, lane, part);
-        const float kv = dn_kv_combine(part[0], part[1], part[2], part[3]);
-        const float delta = (vj - kv) * beta;
-        float acc_o = 0.0f;
-        acc_kv = 0.0f;
-#pragma unroll
-        for (u32 i = 0; i < 32u; ++i) {
-            if (p * 32u + i < s) {
-                const float r = fmaf(kr[i], delta, reg[i]);
-                acc_o = fmaf(qr[i], r, acc_o);
-                reg[i] = r * decay_n;
-                acc_kv = fmaf(kn[i], reg[i], acc_kv);
-            }
-        }
-        dn3_gather(acc_o, lane, part);
-        if (p == 0u && th.col)
-            o[((u64)t * hv + h) * s + th.j] = ((part[0] + part[1]) + (part[2] + part[3])) * th.scale;
-#pragma unroll
-        for (u32 i = 0; i < 32u; ++i) kr[i] = kn[i];
-    }
-    if (th.col) dn_store_column(reg, mh, p, s);
-    dn3_write_windows(conv_out, mixed, conv_in, th, n, hk, s, kc, cd);
-}
-
 extern "C" __global__ void delta_net_gate_f32(float* __restrict__ out,
                                               const float* __restrict__ normed,
                                               const float* __restrict__ z, u64 len) {
     bx_grid_begin();
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < len;
-         i += (u64)gridDim.x * blockDim.x) {
+    BX_GRID_STRIDE(i, len) {
 #ifdef BITEXACT_MUTANT
         // Broken on purpose (see BITEXACT_MUTANT): silu as z * sigmoid(z), one rounding more.
         out[i] = normed[i] * (z[i] * bx_sigmoid(z[i]));

@@ -10,8 +10,7 @@
 
 extern "C" __global__ void add_f32(float* __restrict__ a, const float* __restrict__ b, u64 n) {
     bx_grid_begin();
-    for (u64 j = (u64)blockIdx.x * blockDim.x + threadIdx.x; j < n;
-         j += (u64)gridDim.x * blockDim.x) {
+    BX_GRID_STRIDE(j, n) {
 #ifdef BITEXACT_MUTANT
         // Broken on purpose (see BITEXACT_MUTANT): the operands through an fma with 1.
         a[j] = fmaf(a[j], 1.0f, b[j]) * (1.0f + 0x1p-23f);
@@ -26,8 +25,7 @@ extern "C" __global__ void gather_rows_f32(float* __restrict__ out,
                                            const u32* __restrict__ ids, u64 rows, u32 width) {
     bx_grid_begin();
     const u64 n = rows * width;
-    for (u64 j = (u64)blockIdx.x * blockDim.x + threadIdx.x; j < n;
-         j += (u64)gridDim.x * blockDim.x) {
+    BX_GRID_STRIDE(j, n) {
         const u64 r = j / width, c = j - r * width;
         out[j] = table[(u64)ids[r] * width + c];
     }

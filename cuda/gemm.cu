@@ -125,19 +125,10 @@ typedef unsigned short u16;
         const u32* __restrict__ y_rows, u32 n_rows, u32 M, u32 K, u64 row_bytes, u32 tile0
 
 // ------------------------------------------------------------------------------------------
-// The combination of the four partials. The family's mutant (BITEXACT_MUTANT) changes its
-// association here and in the two kernels that combine through shuffles or shared memory
-// instead of calling this: gemv_body (left to right) and gemm_ffma_body ((p0 + p3) + (p2 +
-// p1)): three sites, each a wrong tree.
-
-__device__ __forceinline__ float canon_tree(float p0, float p1, float p2, float p3) {
-#ifdef BITEXACT_MUTANT
-    // Broken on purpose (see BITEXACT_MUTANT): a left-to-right combination instead of the tree.
-    return ((p0 + p1) + p2) + p3;
-#else
-    return (p0 + p1) + (p2 + p3);
-#endif
-}
+// The combination of the four partials is common.cuh's bx_tree4. The family's mutant
+// (BITEXACT_MUTANT) changes its association there and in the two kernels that combine through
+// shuffles or shared memory instead of calling it: gemv_body (left to right) and gemm_ffma_body
+// ((p0 + p3) + (p2 + p1)): three sites, each a wrong tree.
 
 // ------------------------------------------------------------------------------------------
 // v1: one thread per output, f32 weights.
@@ -146,7 +137,7 @@ __device__ __forceinline__ float dot_f32_canonical(const float* __restrict__ x,
                                                    const float* __restrict__ w, u32 K) {
     float p0, p1, p2, p3;
     bx_dot_partials(x, w, K, p0, p1, p2, p3);
-    return canon_tree(p0, p1, p2, p3);
+    return bx_tree4(p0, p1, p2, p3);
 }
 
 extern "C" __global__ void gemm_f32_v1(float* __restrict__ y, const float* __restrict__ x,
@@ -495,7 +486,7 @@ __device__ __forceinline__ void mma_store(float* __restrict__ y, const u32* __re
                                           const Tile& tl, u32 M, MmaOut o, float p0, float p1,
                                           float p2, float p3) {
     if (o.m < M && o.r < tl.rows)
-        y[(u64)map_row(y_rows, tl.row0 + o.r) * M + o.m] = canon_tree(p0, p1, p2, p3);
+        y[(u64)map_row(y_rows, tl.row0 + o.r) * M + o.m] = bx_tree4(p0, p1, p2, p3);
 }
 
 // Every output of a thread whose four partials it holds.
@@ -705,7 +696,7 @@ extern "C" __global__ void __launch_bounds__(128)
     if (tid < 32u) {
         const float p0 = __shfl_sync(BX_FULL_MASK, acc, 0), p1 = __shfl_sync(BX_FULL_MASK, acc, 1);
         const float p2 = __shfl_sync(BX_FULL_MASK, acc, 2), p3 = __shfl_sync(BX_FULL_MASK, acc, 3);
-        if (tid == 0u) y[(u64)map_row(y_rows, tl.row0) * M + m] = canon_tree(p0, p1, p2, p3);
+        if (tid == 0u) y[(u64)map_row(y_rows, tl.row0) * M + m] = bx_tree4(p0, p1, p2, p3);
     }
 }
 
@@ -1558,7 +1549,7 @@ __device__ __forceinline__ float gemv_quad_tree(float acc, u32 lane) {
     const u32 g = lane & ~3u;
     const float p0 = __shfl_sync(BX_FULL_MASK, acc, g), p1 = __shfl_sync(BX_FULL_MASK, acc, g | 1u);
     const float p2 = __shfl_sync(BX_FULL_MASK, acc, g | 2u), p3 = __shfl_sync(BX_FULL_MASK, acc, g | 3u);
-    return canon_tree(p0, p1, p2, p3);
+    return bx_tree4(p0, p1, p2, p3);
 }
 
 template <int FMT>
@@ -1699,7 +1690,7 @@ GKA_ENTRY(q5_k, FMT_Q5_K)
 // and l + 32 (dp4a on words funnel-shifted out of the 2-byte aligned blocks) and their scale
 // products d * dx. Lane l's blocks all belong to partial l % 4 (64 | the segment start), and
 // the lanes of partial p run its chain over blocks p, p + 4, .. (lanes p, p + 4, .. by
-// shuffles), in block order; canon_tree combines. The bits are the reference's.
+// shuffles), in block order; bx_tree4 combines. The bits are the reference's.
 
 #define GQR_WARPS 8u
 #define GQR_ROWS 2u                  // weight rows per warp
@@ -1811,7 +1802,7 @@ extern "C" __global__ void __launch_bounds__(256)
         const float p2 = __shfl_sync(BX_FULL_MASK, acc[r], 2);
         const float p3 = __shfl_sync(BX_FULL_MASK, acc[r], 3);
         const u32 m = m0 + r;
-        if (lane == 0u && m < M) y[(u64)yr * M + m] = canon_tree(p0, p1, p2, p3);
+        if (lane == 0u && m < M) y[(u64)yr * M + m] = bx_tree4(p0, p1, p2, p3);
     }
 }
 

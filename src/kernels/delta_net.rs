@@ -107,12 +107,6 @@ pub enum ScanKernel {
     /// v3: v2's prep, then `delta_net_scan3_f32`: the delta rule over `Hv x ceil(S / 32)`
     /// blocks, a column's partials combined by shuffles, one barrier per 16 tokens.
     V3,
-    /// v4: v3 with token `t`'s output dot and token `t + 1`'s decay and kv dot in one loop over
-    /// the column (two independent fmaf chains a token where v3 ran them in turn). A
-    /// selectable witness, not taken by [`ScanKernel::Auto`]: on an H100 it was 4% slower
-    /// than v3 at 2048 tokens (BENCHMARKS.md, 2026-12-07), so the two chains were not what
-    /// bounds a token.
-    V4,
 }
 
 /// Tokens from which [`ScanKernel::Auto`] runs the prep and a column scan (v3; v2 before it). H200, the Qwen3.6 shape
@@ -192,7 +186,7 @@ pub fn delta_net_scan_with(
     let second = match kernel {
         ScanKernel::Auto if n >= SCAN_V2_MIN_TOKENS && fits => Some("delta_net_scan3_f32"),
         ScanKernel::Auto | ScanKernel::V1 => None,
-        ScanKernel::V2 | ScanKernel::V3 | ScanKernel::V4 if !fits => {
+        ScanKernel::V2 | ScanKernel::V3 if !fits => {
             return Err(Error::invalid(
                 OP,
                 format!(
@@ -204,7 +198,6 @@ pub fn delta_net_scan_with(
         }
         ScanKernel::V2 => Some("delta_net_scan2_f32"),
         ScanKernel::V3 => Some("delta_net_scan3_f32"),
-        ScanKernel::V4 => Some("delta_net_scan4_f32"),
     };
     if let Some(scan) = second {
         return scan_v2(
@@ -251,9 +244,9 @@ pub fn delta_net_scan_with(
     Ok(())
 }
 
-/// v2, v3 and v4 of [`delta_net_scan_with`]: the prep, then `scan` (`delta_net_scan2_f32`,
-/// `delta_net_scan3_f32` or `delta_net_scan4_f32`, the same arguments). Shapes checked by the caller; `dims` = n, Hk,
-/// Hv, S, Kc.
+/// v2 and v3 of [`delta_net_scan_with`]: the prep, then `scan` (`delta_net_scan2_f32` or
+/// `delta_net_scan3_f32`, the same arguments). Shapes checked by the caller; `dims` = n, Hk, Hv,
+/// S, Kc.
 #[allow(clippy::too_many_arguments)]
 fn scan_v2(
     dev: &Device,
@@ -306,11 +299,9 @@ fn scan_v2(
     // channels and 5 floats per q and k vector.
     unsafe { dev.launch_kernel(&f, cfg, &args) }?;
     let f = dev.function(Family::DeltaNet, scan)?;
-    // v2: a block per value head, 4 threads a column; v3, v4: 32 columns a block, 128 threads.
+    // v2: a block per value head, 4 threads a column; v3: 32 columns a block, 128 threads.
     let cfg = match scan {
-        "delta_net_scan3_f32" | "delta_net_scan4_f32" => {
-            geometry((hv32, s32.div_ceil(32), 1), (128, 1, 1), 0)
-        }
+        "delta_net_scan3_f32" => geometry((hv32, s32.div_ceil(32), 1), (128, 1, 1), 0),
         _ => geometry((hv32, 1, 1), (4 * s32, 1, 1), 0),
     };
     let args = ScanArgs {
@@ -330,8 +321,8 @@ fn scan_v2(
     // SAFETY: o [n, Hv, S], the state [Hv, S, S] and the two windows (distinct tensors), prep
     // and gates written by the launch above on the same stream; v2: one block per value head
     // of 4 S <= 512 threads (S >= 3, so 3 S + 2 copy threads), each head's matrix written by
-    // its block alone; v3, v4: one block per 32 columns of a head (S <= 128), each column written
-    // by its block alone; each window channel by one block.
+    // its block alone; v3: one block per 32 columns of a head (S <= 128), each column written by
+    // its block alone; each window channel by one block.
     unsafe { dev.launch_kernel(&f, cfg, &args) }?;
     dev.stream()
         .memcpy_dtod(state.conv_next.slice(), state.conv.slice_mut())?;
