@@ -104,6 +104,11 @@ fn scratch() -> PathBuf {
     d
 }
 
+/// The words of one command line, split at spaces (for argument sets with no empty argument).
+fn words(line: &str) -> Vec<&str> {
+    line.split_whitespace().collect()
+}
+
 fn s(v: &[&str]) -> Vec<String> {
     v.iter().map(|x| x.to_string()).collect()
 }
@@ -172,18 +177,12 @@ fn argument_sets(dir: &std::path::Path) -> Vec<Vec<String>> {
     }
     let missing = p("missing.gguf");
     let dir_s = dir.display().to_string();
+    let (ids, o) = (p("ids.u32"), p("o"));
     for extra in [
         vec!["model", "--cpu", "--preset", "nope"],
         vec!["batch", "--cpu", "--preset", "nope"],
         vec!["batch", "--cpu", "--max-len", "600"], // above tiny's context
-        vec![
-            "batch",
-            "--cpu",
-            "--preset",
-            "tiny-hybrid",
-            "--max-len",
-            "40",
-        ],
+        words("batch --cpu --preset tiny-hybrid --max-len 40"),
         vec!["batch", "--cpu", "--max-len", "40", "--json", &dir_s],
         vec!["batch", "--cpu", "--max-len", "40", "--pages", "67108863"], // 2^32 / 64 - 1
         vec!["batch", "--cpu", "--max-len", "40", "--pages", "67108864"], // past u32 slots
@@ -204,26 +203,8 @@ fn argument_sets(dir: &std::path::Path) -> Vec<Vec<String>> {
         vec!["model", "--cpu", "--gguf", &missing],
         vec!["model", "--cpu", "--gguf", &dir_s],
         vec!["model", "--cpu", "--tokens", "2", "--json", &dir_s],
-        vec![
-            "moe-block",
-            "--cpu",
-            "--tokens",
-            "2",
-            "--experts",
-            "8",
-            "--top-k",
-            "9",
-        ],
-        vec![
-            "moe-block",
-            "--cpu",
-            "--tokens",
-            "2",
-            "--format",
-            "Q8_0",
-            "--dim",
-            "33",
-        ],
+        words("moe-block --cpu --tokens 2 --experts 8 --top-k 9"),
+        words("moe-block --cpu --tokens 2 --format Q8_0 --dim 33"),
         vec!["inspect", &missing],
         vec!["inspect", &dir_s],
         vec!["export", &dir_s],
@@ -232,39 +213,18 @@ fn argument_sets(dir: &std::path::Path) -> Vec<Vec<String>> {
         vec!["logits", "--tokens", &missing, "--out", &p("o")],
         vec!["logits", "--tokens", &p("ids3.u32"), "--out", &p("o")],
         vec!["logits", "--tokens", &p("big-id.u32"), "--out", &p("o")],
-        vec!["logits", "--tokens", &p("ids.u32"), "--out", &dir_s],
-        vec![
-            "logits",
-            "--tokens",
-            &p("ids.u32"),
-            "--out",
-            &p("o"),
-            "--gguf",
-            &dir_s,
-        ],
-        vec![
-            "logits",
-            "--tokens",
-            &p("ids.u32"),
-            "--out",
-            &p("o"),
-            "--gguf",
-            &p("empty.gguf"),
-        ],
-        vec![
-            "logits",
-            "--tokens",
-            &p("ids.u32"),
-            "--out",
-            &p("o"),
-            "--gguf",
-            &p("text.gguf"),
-        ],
+        vec!["logits", "--tokens", &ids, "--out", &dir_s],
         vec!["inspect", &p("empty.gguf")],
         vec!["no-such-command"],
         vec![],
     ] {
         sets.push(s(&extra));
+    }
+    // A GGUF that is a folder, an empty file or not GGUF at all.
+    for gguf in [dir_s, p("empty.gguf"), p("text.gguf")] {
+        sets.push(s(&[
+            "logits", "--tokens", &ids, "--out", &o, "--gguf", &gguf,
+        ]));
     }
     sets
 }
@@ -309,78 +269,16 @@ fn gpu_argument_sets() -> Vec<Vec<String>> {
         sets.push(s(&["batch", "--max-len", "40", "--sequences", v]));
     }
     for extra in [
-        vec![
-            "speed",
-            "--preset",
-            "tiny-hybrid",
-            "--prefill",
-            "8",
-            "--decode-at",
-            "8",
-            "--steps",
-            "2",
-            "--reps",
-            "1",
-        ],
-        vec![
-            "speed",
-            "--preset",
-            "tiny",
-            "--device",
-            "9",
-            "--prefill",
-            "8",
-            "--decode-at",
-            "8",
-        ],
-        vec![
-            "speed",
-            "--preset",
-            "tiny",
-            "--format",
-            "Q4_K",
-            "--prefill",
-            "8",
-            "--decode-at",
-            "8",
-        ],
+        words("speed --preset tiny-hybrid --prefill 8 --decode-at 8 --steps 2 --reps 1"),
+        words("speed --preset tiny --device 9 --prefill 8 --decode-at 8"),
+        words("speed --preset tiny --format Q4_K --prefill 8 --decode-at 8"),
         vec!["model", "--tokens", "3", "--device", "9"],
         vec!["model", "--preset", "tiny-hybrid", "--tokens", "5"],
         vec!["model", "--tokens", "600"], // above tiny's context
         vec!["model", "--tokens", "5", "--paths", "gpu-seq,gpu-batched"],
-        vec![
-            "moe-block",
-            "--tokens",
-            "2",
-            "--dim",
-            "64",
-            "--experts",
-            "4",
-            "--top-k",
-            "5",
-        ],
-        vec![
-            "moe-block",
-            "--tokens",
-            "3",
-            "--dim",
-            "64",
-            "--experts",
-            "4",
-            "--top-k",
-            "2",
-            "--format",
-            "Q4_K",
-        ],
-        vec![
-            "batch",
-            "--preset",
-            "tiny-hybrid",
-            "--max-len",
-            "40",
-            "--sequences",
-            "3",
-        ],
+        words("moe-block --tokens 2 --dim 64 --experts 4 --top-k 5"),
+        words("moe-block --tokens 3 --dim 64 --experts 4 --top-k 2 --format Q4_K"),
+        words("batch --preset tiny-hybrid --max-len 40 --sequences 3"),
         vec!["batch", "--max-len", "600"], // above tiny's context
     ] {
         sets.push(s(&extra));
@@ -456,21 +354,7 @@ fn no_gpu_argument_set_panics_and_errors_are_one_line() {
 /// line naming the switch: never the CPU paths alone under a run that asked for the GPU.
 #[test]
 fn required_gpu_is_run_or_refused() {
-    let moe = [
-        "moe-block",
-        "--tokens",
-        "2",
-        "--dim",
-        "64",
-        "--experts",
-        "4",
-        "--top-k",
-        "2",
-        "--ffn",
-        "32",
-        "--shared-ffn",
-        "32",
-    ];
+    let moe = words("moe-block --tokens 2 --dim 64 --experts 4 --top-k 2 --ffn 32 --shared-ffn 32");
     for args in [
         s(&["model", "--tokens", "3"]),
         s(&moe),
@@ -589,15 +473,9 @@ fn outputs_and_exit_codes_follow_the_rules() {
         // Flags that would be ignored, or that conflict.
         (s(&["model", "--cpu", "--paths", "gpu-seq,gpu-batched"]), 2),
         (
-            s(&[
-                "model",
-                "--kv",
-                "fastscan4",
-                "--paths",
-                "gpu-batched",
-                "--preset",
-                "small",
-            ]),
+            s(&words(
+                "model --kv fastscan4 --paths gpu-batched --preset small",
+            )),
             2,
         ),
         (
@@ -630,17 +508,7 @@ fn outputs_and_exit_codes_follow_the_rules() {
         (s(&["fastscan", "--cpu", "--cpu-positions", "0"]), 2),
         (s(&["fastscan", "--cpu", "--bits", "5"]), 2),
         // Sizes refused from the arguments, before allocating.
-        (
-            s(&[
-                "moe-block",
-                "--cpu",
-                "--dim",
-                "1000000",
-                "--experts",
-                "1000",
-            ]),
-            2,
-        ),
+        (s(&words("moe-block --cpu --dim 1000000 --experts 1000")), 2),
         (s(&["fastscan", "--cpu", "--len", "10000000000"]), 2),
         // Refused before anything ran.
         (s(&["model", "--cpu", "--preset", "nope"]), 2),

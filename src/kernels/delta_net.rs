@@ -157,13 +157,7 @@ pub fn delta_net_scan_with(
 ) -> Result<()> {
     const OP: &str = "delta_net_scan";
     let c = &consts.cfg;
-    let (s, hk, hv, kc, cd) = (
-        c.head_dim,
-        c.k_heads,
-        c.v_heads,
-        c.conv_kernel,
-        c.conv_dim(),
-    );
+    let (s, hk, hv, kc, cd) = c.scan_dims();
     let [n, mcd] = dims(OP, "mixed", "[n, conv_dim]", mixed.dims())?;
     check_shape(OP, "mixed", &[n, cd], &[n, mcd])?;
     check_shape(OP, "b", &[n, hv], b.dims())?;

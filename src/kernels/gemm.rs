@@ -98,25 +98,7 @@ impl GpuMatrix {
         })
     }
 
-    /// The weight format.
-    pub fn format(&self) -> WeightFormat {
-        self.format
-    }
-
-    /// Number of stacked matrices.
-    pub fn experts(&self) -> usize {
-        self.experts
-    }
-
-    /// Output features per matrix.
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    /// Reduction length K.
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
+    crate::quant::matrix_shape_getters!();
 
     /// Bytes of the stored matrix on the device (without the [`MATRIX_TAIL`] padding).
     pub fn num_bytes(&self) -> usize {

@@ -146,6 +146,20 @@ impl GpuMoeBlock {
         self.batched(dev, xp.x(), Some(xp))
     }
 
+    /// The tokens of `x: [n, dim]`, or the shape error.
+    fn tokens(&self, x: &GpuTensor<f32>) -> Result<usize> {
+        let d = self.cfg.dim;
+        if x.dims().len() != 2 || x.dims()[1] != d {
+            return Err(Error::shape(
+                "GpuMoeBlock::forward",
+                "x",
+                &[x.dims().first().copied().unwrap_or(0), d],
+                x.dims(),
+            ));
+        }
+        Ok(x.dims()[0])
+    }
+
     /// The batched forward of `x` (`xp`: `x` with its quantization, when the caller has it).
     fn batched(
         &self,
@@ -155,15 +169,7 @@ impl GpuMoeBlock {
     ) -> Result<GpuMoeOutput> {
         let c = &self.cfg;
         let (d, f, k, ne) = (c.dim, c.ffn, c.top_k, c.n_experts);
-        if x.dims().len() != 2 || x.dims()[1] != d {
-            return Err(Error::shape(
-                "GpuMoeBlock::forward",
-                "x",
-                &[x.dims().first().copied().unwrap_or(0), d],
-                x.dims(),
-            ));
-        }
-        let n = x.dims()[0];
+        let n = self.tokens(x)?;
 
         let mut logits = GpuTensor::output(dev, &[n, ne])?;
         let mut ids = GpuTensor::<u32>::output(dev, &[n, k])?;
@@ -276,16 +282,7 @@ impl GpuMoeBlock {
     /// buffer and goes through the whole block (router GEMV, routing, the token's experts,
     /// shared expert, reduce) before the next starts. `x: [n, dim]`.
     pub fn forward_sequential(&self, dev: &Device, x: &GpuTensor<f32>) -> Result<GpuMoeOutput> {
-        let d = self.cfg.dim;
-        if x.dims().len() != 2 || x.dims()[1] != d {
-            return Err(Error::shape(
-                "GpuMoeBlock::forward",
-                "x",
-                &[x.dims().first().copied().unwrap_or(0), d],
-                x.dims(),
-            ));
-        }
-        let n = x.dims()[0];
+        let (d, n) = (self.cfg.dim, self.tokens(x)?);
         let mut out = GpuTensor::output(dev, &[n, d])?;
         let mut xt = GpuTensor::output(dev, &[1, d])?;
         let k = self.cfg.top_k;

@@ -237,6 +237,33 @@ impl std::fmt::Display for WeightFormat {
     }
 }
 
+/// The getters of a stored matrix's shape, for the host's [`QuantMatrix`] and the device's
+/// [`crate::kernels::gemm::GpuMatrix`] (both hold `format`, `experts`, `rows` and `cols`).
+macro_rules! matrix_shape_getters {
+    () => {
+        /// The weight format.
+        pub fn format(&self) -> WeightFormat {
+            self.format
+        }
+
+        /// Number of stacked matrices.
+        pub fn experts(&self) -> usize {
+            self.experts
+        }
+
+        /// Rows (output features) per matrix.
+        pub fn rows(&self) -> usize {
+            self.rows
+        }
+
+        /// Columns (the reduction length K).
+        pub fn cols(&self) -> usize {
+            self.cols
+        }
+    };
+}
+pub(crate) use matrix_shape_getters;
+
 /// A host matrix (or a stack of `experts` matrices) in one weight format: `[experts, rows,
 /// cols]`, rows stored one after the other, each [`WeightFormat::row_bytes`] long.
 #[derive(Clone, Debug)]
@@ -343,25 +370,7 @@ impl QuantMatrix {
         })
     }
 
-    /// The format.
-    pub fn format(&self) -> WeightFormat {
-        self.format
-    }
-
-    /// Number of stacked matrices.
-    pub fn experts(&self) -> usize {
-        self.experts
-    }
-
-    /// Rows (output features) per matrix.
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    /// Columns (the reduction length K).
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
+    matrix_shape_getters!();
 
     /// The raw bytes.
     pub fn bytes(&self) -> &[u8] {

@@ -603,24 +603,10 @@ pub fn attend_with(
     state.finish()
 }
 
-/// Attention for queries `q: [nq, n_heads, hd]` at positions `qpos` over one layer's caches
+/// Attention in `order` ([`attend_with`]; `AttnOrder::default()` is the f32 chain every kernel
+/// runs) for queries `q: [nq, n_heads, hd]` at positions `qpos` over one layer's caches
 /// `k, v: [n_kv, cap, hd]`; returns `[nq, n_heads, hd]`. Head `h` reads kv head
 /// `h / (n_heads / n_kv)`.
-#[allow(clippy::too_many_arguments)]
-pub fn attention(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    qpos: &[u32],
-    n_heads: usize,
-    n_kv: usize,
-    hd: usize,
-    cap: usize,
-) -> Vec<f32> {
-    attention_with(AttnOrder::default(), q, k, v, qpos, n_heads, n_kv, hd, cap)
-}
-
-/// [`attention`] in `order` ([`attend_with`]).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_with(
     order: AttnOrder,
@@ -1035,7 +1021,7 @@ mod tests {
                 );
             }
             // The same order really is used: it differs from the f32 chain somewhere.
-            let f32s = attention(&q, &k, &v, &pos, nh, 1, hd, n);
+            let f32s = attention_with(AttnOrder::default(), &q, &k, &v, &pos, nh, 1, hd, n);
             assert_ne!(
                 all.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
                 f32s.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),

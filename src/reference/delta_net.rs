@@ -59,13 +59,7 @@ pub fn scan_cpu(
     eps: f32,
 ) -> Vec<f32> {
     let c = &w.cfg;
-    let (s, hk, hv, kc, cd) = (
-        c.head_dim,
-        c.k_heads,
-        c.v_heads,
-        c.conv_kernel,
-        c.conv_dim(),
-    );
+    let (s, hk, hv, kc, cd) = c.scan_dims();
     let scale = 1.0 / (s as f32).sqrt();
     let mut o = vec![0.0f32; n * hv * s];
     for t in 0..n {
@@ -120,20 +114,10 @@ pub fn scan_cpu(
     o
 }
 
-/// The mixer over `n` tokens `x: [n, dim]` in order, from `state` (updated): `[n, dim]`.
+/// The mixer over `n` tokens `x: [n, dim]` in order (its projections in the order `order`,
+/// [`GemmOrder::Chain`] as every kernel), from `state` (updated): `[n, dim]`.
 /// `eps` is the model's RMSNorm epsilon (also that of the q/k normalisation). The projections
 /// run over all `n` tokens at once, which gives the bits of one token at a time.
-pub fn forward_cpu(
-    w: &DeltaNetWeights,
-    state: &mut DeltaNetState,
-    x: &[f32],
-    n: usize,
-    eps: f32,
-) -> Result<Vec<f32>> {
-    forward_cpu_with(GemmOrder::Chain, w, state, x, n, eps)
-}
-
-/// [`forward_cpu`] with the projections in the order `order`.
 pub fn forward_cpu_with(
     order: GemmOrder,
     w: &DeltaNetWeights,
@@ -185,21 +169,47 @@ mod tests {
         init::fill(5, 77, n * dim, 1.0)
     }
 
+    /// `n` tokens through one mixer (weights generated from `seed`, `base`) from a fresh state: the config,
+    /// weights, input, the state after and the outputs.
+    fn whole(
+        n: usize,
+        seed: u64,
+        base: u64,
+    ) -> (
+        DeltaNetConfig,
+        DeltaNetWeights,
+        Vec<f32>,
+        DeltaNetState,
+        Vec<f32>,
+    ) {
+        let c = cfg();
+        let w = DeltaNetWeights::generate(&c, seed, base).unwrap();
+        let x = input(n, c.dim);
+        let mut st = DeltaNetState::new(&c);
+        let out = forward_cpu_with(GemmOrder::Chain, &w, &mut st, &x, n, 1e-6).unwrap();
+        (c, w, x, st, out)
+    }
+
     /// A prompt at once, in chunks of any size, or one token at a time: the same outputs and
     /// the same state, bit for bit.
     #[test]
     fn chunking_never_changes_a_bit() {
-        let c = cfg();
-        let w = DeltaNetWeights::generate(&c, 1, 1000).unwrap();
-        let n = 23;
-        let x = input(n, c.dim);
-        let mut whole = DeltaNetState::new(&c);
-        let want = forward_cpu(&w, &mut whole, &x, n, 1e-6).unwrap();
+        let (c, w, x, whole, want) = whole(23, 1, 1000);
         for chunk in [1usize, 2, 5, 7, 22] {
             let mut st = DeltaNetState::new(&c);
             let mut got = Vec::new();
             for part in x.chunks(chunk * c.dim) {
-                got.extend(forward_cpu(&w, &mut st, part, part.len() / c.dim, 1e-6).unwrap());
+                got.extend(
+                    forward_cpu_with(
+                        GemmOrder::Chain,
+                        &w,
+                        &mut st,
+                        part,
+                        part.len() / c.dim,
+                        1e-6,
+                    )
+                    .unwrap(),
+                );
             }
             let same =
                 |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
@@ -215,19 +225,9 @@ mod tests {
     /// projections taken from the f32 path, everything after them in f64).
     #[test]
     fn matches_the_f64_recurrence() {
-        let c = cfg();
-        let w = DeltaNetWeights::generate(&c, 2, 2000).unwrap();
         let n = 40;
-        let x = input(n, c.dim);
-        let mut st = DeltaNetState::new(&c);
-        let got = forward_cpu(&w, &mut st, &x, n, 1e-6).unwrap();
-        let (s, hk, hv, kc, cd) = (
-            c.head_dim,
-            c.k_heads,
-            c.v_heads,
-            c.conv_kernel,
-            c.conv_dim(),
-        );
+        let (c, w, x, st, got) = whole(n, 2, 2000);
+        let (s, hk, hv, kc, cd) = c.scan_dims();
         let f = |v: &[f32]| v.iter().map(|&u| f64::from(u)).collect::<Vec<f64>>();
         let mixed = f(&gemm(&x, &w.qkv, n).unwrap());
         let z = f(&gemm(&x, &w.z, n).unwrap());
@@ -303,7 +303,7 @@ mod tests {
         let mut st = DeltaNetState::new(&c);
         let before = st.clone();
         assert!(matches!(
-            forward_cpu(&w, &mut st, &[0.0; 10], 1, 1e-6),
+            forward_cpu_with(GemmOrder::Chain, &w, &mut st, &[0.0; 10], 1, 1e-6),
             Err(Error::ShapeMismatch { .. })
         ));
         assert_eq!(st, before, "nothing written");

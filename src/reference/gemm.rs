@@ -213,7 +213,7 @@ fn block_terms(w: &WBlock, xq: &[i8], dx: f32, mut term: impl FnMut(f32, f32, i6
 /// `|M| < 2^57`); when the dot's exponents span little enough that every term fits one i128
 /// anchored at the least exponent (`span + bits(M) + log2(terms) <= 99`), the terms are summed
 /// there and rounded once, else the row takes [`ExactSum`]. Returns the result and whether the
-/// i128 window held it: the bits are [`dot_row_exact`]'s either way (tested).
+/// i128 window held it: the bits are [`dot_row`]'s exact order's either way (tested).
 pub fn dot_row_exact_windowed(
     format: WeightFormat,
     w_row: &[u8],
@@ -282,38 +282,16 @@ pub enum GemmOrder {
     Exact,
 }
 
-/// [`dot_row`] in the exact order: the activation rows `act` come from
-/// [`crate::quant::quantize_act_exact`] (quantized formats); the float formats take `x` as is
-/// and sum every `w[k] * x[k]` exactly.
-pub fn dot_row_exact(
-    format: WeightFormat,
-    w_row: &[u8],
-    k: usize,
-    x: &[f32],
-    act: Option<(&ActQ8, usize)>,
-) -> f32 {
-    let mut sum = ExactSum::new();
-    if !format.is_quantized() {
-        let mut w = Vec::with_capacity(k);
-        crate::quant::dequantize_row(format, w_row, k, &mut w);
-        for (&wi, &xi) in w.iter().zip(x) {
-            sum.add_product(wi, xi, 1);
-        }
-        return sum.round();
-    }
-    let (act, row) = act.expect("quantized formats take quantized activations");
-    let nb = k / DOT_BLOCK;
-    for b in 0..nb {
-        let w = decode_block(format, w_row, b);
-        let xq = &act.codes[row * k + b * DOT_BLOCK..][..DOT_BLOCK];
-        exact_step(&mut sum, &w, xq, act.d[row * nb + b]);
-    }
-    sum.round()
-}
-
-/// The canonical dot of one stored weight row (`format`, `k` columns) with one activation row:
-/// f32 values for the float formats, or row `row` of the quantized activations `act`.
+/// The dot of one stored weight row (`format`, `k` columns) with one activation row in `order`:
+/// f32 values `x` for the float formats, or row `row` of the quantized activations `act`
+/// (from [`crate::quant::quantize_act`] for the chain, [`crate::quant::quantize_act_exact`]
+/// for the exact order) for the quantized ones.
+/// - [`GemmOrder::Chain`], the canonical dot: [`dot_f32`] of the dequantized row, or block `b`
+///   into partial `b % 4` by [`qstep`], then `(p0 + p1) + (p2 + p3)`.
+/// - [`GemmOrder::Exact`]: every `w[k] * x[k]` (every block term, [`exact_step`]) summed
+///   exactly, rounded once.
 pub fn dot_row(
+    order: GemmOrder,
     format: WeightFormat,
     w_row: &[u8],
     k: usize,
@@ -323,18 +301,40 @@ pub fn dot_row(
     if !format.is_quantized() {
         let mut w = Vec::with_capacity(k);
         crate::quant::dequantize_row(format, w_row, k, &mut w);
-        return dot_f32(x, &w);
+        return match order {
+            GemmOrder::Chain => dot_f32(x, &w),
+            GemmOrder::Exact => {
+                let mut sum = ExactSum::new();
+                for (&wi, &xi) in w.iter().zip(x) {
+                    sum.add_product(wi, xi, 1);
+                }
+                sum.round()
+            }
+        };
     }
     let (act, row) = act.expect("quantized formats take quantized activations");
     let nb = k / DOT_BLOCK;
-    let mut p = [0.0f32; DOT_PARTIALS];
-    for b in 0..nb {
-        let w = decode_block(format, w_row, b);
+    // Block b: its decoded weights, its activation codes and the index of its scales.
+    let blocks = (0..nb).map(|b| {
         let xq = &act.codes[row * k + b * DOT_BLOCK..][..DOT_BLOCK];
-        let at = row * nb + b;
-        p[b % DOT_PARTIALS] = qstep(p[b % DOT_PARTIALS], &w, xq, act.d[at], act.a[at]);
+        (decode_block(format, w_row, b), xq, row * nb + b)
+    });
+    match order {
+        GemmOrder::Chain => {
+            let mut p = [0.0f32; DOT_PARTIALS];
+            for (b, (w, xq, at)) in blocks.enumerate() {
+                p[b % DOT_PARTIALS] = qstep(p[b % DOT_PARTIALS], &w, xq, act.d[at], act.a[at]);
+            }
+            (p[0] + p[1]) + (p[2] + p[3])
+        }
+        GemmOrder::Exact => {
+            let mut sum = ExactSum::new();
+            for (w, xq, at) in blocks {
+                exact_step(&mut sum, &w, xq, act.d[at]);
+            }
+            sum.round()
+        }
     }
-    (p[0] + p[1]) + (p[2] + p[3])
 }
 
 fn check_product(op: &'static str, w: &QuantMatrix, x_len: usize, nx: usize) -> Result<()> {
@@ -366,21 +366,10 @@ pub fn gemm_with(order: GemmOrder, x: &[f32], w: &QuantMatrix, n: usize) -> Resu
     Ok(y)
 }
 
-/// Expert-grouped product for any format: `y[y_rows[r], m] = dot(x[x_rows[r], :],
+/// Expert-grouped product for any format in the order `order` ([`GemmOrder::Chain`] is every
+/// kernel's): `y[y_rows[r], m] = dot(x[x_rows[r], :],
 /// w[experts[r], m, :])`. Shapes: `x: [nx, k]`, `w: [n_experts, m, k]`, `y: [ny, m]`; output
 /// rows no routed row names are left as they are.
-pub fn gemm_grouped(
-    x: &[f32],
-    w: &QuantMatrix,
-    y: &mut [f32],
-    x_rows: &[u32],
-    experts: &[u32],
-    y_rows: &[u32],
-) -> Result<()> {
-    gemm_grouped_with(GemmOrder::Chain, x, w, y, x_rows, experts, y_rows)
-}
-
-/// [`gemm_grouped`] in the order `order`.
 pub fn gemm_grouped_with(
     order: GemmOrder,
     x: &[f32],
@@ -397,10 +386,6 @@ pub fn gemm_grouped_with(
         GemmOrder::Chain => quantize_act,
         GemmOrder::Exact => quantize_act_exact,
     };
-    let dot = match order {
-        GemmOrder::Chain => dot_row,
-        GemmOrder::Exact => dot_row_exact,
-    };
     let act = w.format().is_quantized().then(|| quantize(x, nx, k));
     let rows: Vec<Vec<f32>> = (0..experts.len())
         .into_par_iter()
@@ -410,7 +395,8 @@ pub fn gemm_grouped_with(
             (0..m)
                 .map(|j| {
                     let row = w.row(e, j);
-                    canon(dot(
+                    canon(dot_row(
+                        order,
                         w.format(),
                         row,
                         k,
@@ -453,7 +439,8 @@ mod tests {
                 let mut fast = 0;
                 for n in 0..2 {
                     for r in 0..rows {
-                        let want = dot_row_exact(format, w.row(0, r), k, x, Some((&act, n)));
+                        let want =
+                            dot_row(GemmOrder::Exact, format, w.row(0, r), k, x, Some((&act, n)));
                         let (got, in_window) =
                             dot_row_exact_windowed(format, w.row(0, r), k, &act, n);
                         assert_eq!(got.to_bits(), want.to_bits(), "{format} {name} {n} {r}");
@@ -481,16 +468,15 @@ mod tests {
             .collect();
         // Activations with a positive bias, so the min terms (Σ codes) do not average out.
         let x: Vec<f32> = (0..k).map(|i| (u(2, i) + 0.3) as f32).collect();
-        type Dot = fn(WeightFormat, &[u8], usize, &[f32], Option<(&ActQ8, usize)>) -> f32;
         // (order, its activations, its dot, the bound relative to (size, |want|)): the chain
         // within a few roundings per block; the exact order within one rounding of the result
         // and the decoded weights' own roundings.
-        let orders: [(&str, ActQ8, Dot, f64, f64); 2] = [
-            ("chain", quantize_act(&x, 1, k), dot_row, 1e-5, 0.0),
+        let orders: [(&str, ActQ8, GemmOrder, f64, f64); 2] = [
+            ("chain", quantize_act(&x, 1, k), GemmOrder::Chain, 1e-5, 0.0),
             (
                 "exact",
                 quantize_act_exact(&x, 1, k),
-                dot_row_exact,
+                GemmOrder::Exact,
                 2f64.powi(-23),
                 2f64.powi(-24),
             ),
@@ -498,12 +484,13 @@ mod tests {
         for format in WeightFormat::ALL.into_iter().filter(|f| f.is_quantized()) {
             let w = QuantMatrix::quantize(format, &values, 1, rows, k).unwrap();
             let wd = w.dequantize();
-            for (name, act, dot, by_size, by_want) in &orders {
+            for (name, act, order, by_size, by_want) in &orders {
                 let xd: Vec<f64> = (0..k)
                     .map(|i| f64::from(act.codes[i]) * f64::from(act.d[i / 32]))
                     .collect();
                 for r in 0..rows {
-                    let got = f64::from(dot(format, w.row(0, r), k, &x, Some((act, 0))));
+                    let got =
+                        f64::from(dot_row(*order, format, w.row(0, r), k, &x, Some((act, 0))));
                     let row = &wd[r * k..][..k];
                     let want: f64 = row.iter().zip(&xd).map(|(&a, b)| f64::from(a) * b).sum();
                     let size: f64 = row

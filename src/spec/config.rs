@@ -103,24 +103,25 @@ impl ModelConfig {
                 WeightFormat::F32
             }
         };
+        let tiny = || ModelConfig {
+            name: name.into(),
+            n_layers: 2,
+            dim: 64,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 16,
+            rope_dim: 16,
+            rope_base: 1e6,
+            vocab: 256,
+            norm_eps: 1e-6,
+            moe: moe(64, 8, 2, 64, Some(64)),
+            attn_format: WeightFormat::F32,
+            lm_head_format: WeightFormat::F32,
+            max_context: 512,
+            hybrid: None,
+        };
         let cfg = match name {
-            "tiny" => ModelConfig {
-                name: name.into(),
-                n_layers: 2,
-                dim: 64,
-                n_heads: 4,
-                n_kv_heads: 2,
-                head_dim: 16,
-                rope_dim: 16,
-                rope_base: 1e6,
-                vocab: 256,
-                norm_eps: 1e-6,
-                moe: moe(64, 8, 2, 64, Some(64)),
-                attn_format: WeightFormat::F32,
-                lm_head_format: WeightFormat::F32,
-                max_context: 512,
-                hybrid: None,
-            },
+            "tiny" => tiny(),
             "small" => ModelConfig {
                 name: name.into(),
                 n_layers: 4,
@@ -156,20 +157,9 @@ impl ModelConfig {
                 hybrid: None,
             },
             "tiny-hybrid" => ModelConfig {
-                name: name.into(),
                 n_layers: 4,
-                dim: 64,
-                n_heads: 4,
-                n_kv_heads: 2,
-                head_dim: 16,
                 rope_dim: 8,
                 rope_base: 1e7,
-                vocab: 256,
-                norm_eps: 1e-6,
-                moe: moe(64, 8, 2, 64, Some(64)),
-                attn_format: WeightFormat::F32,
-                lm_head_format: WeightFormat::F32,
-                max_context: 512,
                 hybrid: Some(HybridConfig {
                     full_attention_interval: 2,
                     k_heads: 2,
@@ -177,6 +167,7 @@ impl ModelConfig {
                     head_dim: 16,
                     conv_kernel: 4,
                 }),
+                ..tiny()
             },
             "qwen3.6-35b-a3b" => ModelConfig {
                 name: name.into(),

@@ -29,6 +29,19 @@ impl DeltaNetConfig {
         (2 * self.k_heads + self.v_heads) * self.head_dim
     }
 
+    /// `(S, Hk, Hv, Kc, conv_dim)`: head dim, key heads, value heads, convolution window and
+    /// channels, the names the scan's reference and kernels use.
+    pub fn scan_dims(&self) -> (usize, usize, usize, usize, usize) {
+        let c = self;
+        (
+            c.head_dim,
+            c.k_heads,
+            c.v_heads,
+            c.conv_kernel,
+            c.conv_dim(),
+        )
+    }
+
     /// Checks the shape: nothing empty, `Hv % Hk == 0`.
     pub fn validate(&self) -> Result<()> {
         const OP: &str = "DeltaNetConfig";

@@ -1,11 +1,15 @@
 //! The reader on files our writer made, and on malformed files built by hand.
 
 use bitexact::gguf::writer::GgufWriter;
-use bitexact::gguf::{Array, GgmlType, GgufError, GgufFile, Value};
+use bitexact::gguf::{Array, GgmlType, GgufError, GgufFile, TensorInfo, Value};
 use bitexact::model::gguf as model_gguf;
 use bitexact::model::{prompt, CpuSession, Trace};
 use bitexact::model::{ModelConfig, ModelWeights};
 use bitexact::quant::WeightFormat;
+
+/// What to write for one tensor of a file written again: None drops it, Some gives its type and
+/// bytes.
+type Edit<'a> = &'a dyn Fn(&TensorInfo) -> Option<(GgmlType, Vec<u8>)>;
 
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
@@ -195,43 +199,34 @@ fn unsupported_models_are_refused_with_reasons() {
     g.meta("general.architecture", Value::String("llama".into()));
     let e = model_gguf::config(&GgufFile::parse(g.to_bytes()).unwrap(), None).unwrap_err();
     assert!(e.to_string().contains("llama"), "{e}");
-    // A missing tensor is named.
-    let mut g = GgufWriter::new();
-    for (k, v) in &f.metadata {
-        g.meta(k, v.clone());
-    }
-    for t in f.tensors.iter().filter(|t| t.name != "blk.1.attn_k.weight") {
-        g.tensor(
-            &t.name,
-            &t.dims,
-            t.ty,
-            f.tensor_data(t).unwrap().into_owned(),
-        );
-    }
-    let e = model_gguf::load(&GgufFile::parse(g.to_bytes()).unwrap(), None, None).unwrap_err();
-    assert!(e.to_string().contains("blk.1.attn_k.weight"), "{e}");
-    // A tensor type the runner cannot run is named with its type.
-    let mut g = GgufWriter::new();
-    for (k, v) in &f.metadata {
-        g.meta(k, v.clone());
-    }
-    for t in &f.tensors {
-        if t.name == "blk.0.attn_q.weight" {
-            // Q8_1 (llama.cpp's activation type, 32 per block) is known and not a weight
-            // type the runner takes.
-            let q8_1 = GgmlType::from_id(9).unwrap();
-            let bytes = (t.elements() / 32 * 36) as usize;
-            g.tensor(&t.name, &t.dims, q8_1, vec![0; bytes]);
-        } else {
-            g.tensor(
-                &t.name,
-                &t.dims,
-                t.ty,
-                f.tensor_data(t).unwrap().into_owned(),
-            );
+    // `f` written again with each tensor as `edit` says (None drops it; Some keeps or replaces
+    // its type and bytes), then loaded: the error.
+    let load_edited = |edit: Edit| {
+        let mut g = GgufWriter::new();
+        for (k, v) in &f.metadata {
+            g.meta(k, v.clone());
         }
-    }
-    let e = model_gguf::load(&GgufFile::parse(g.to_bytes()).unwrap(), None, None).unwrap_err();
+        for t in &f.tensors {
+            if let Some((ty, bytes)) = edit(t) {
+                g.tensor(&t.name, &t.dims, ty, bytes);
+            }
+        }
+        model_gguf::load(&GgufFile::parse(g.to_bytes()).unwrap(), None, None).unwrap_err()
+    };
+    let same = |t: &TensorInfo| (t.ty, f.tensor_data(t).unwrap().into_owned());
+    // A missing tensor is named.
+    let e = load_edited(&|t| (t.name != "blk.1.attn_k.weight").then(|| same(t)));
+    assert!(e.to_string().contains("blk.1.attn_k.weight"), "{e}");
+    // A tensor type the runner cannot run is named with its type: Q8_1 (llama.cpp's
+    // activation type, 32 per block) is known and not a weight type the runner takes.
+    let e = load_edited(&|t| {
+        Some(if t.name == "blk.0.attn_q.weight" {
+            let bytes = (t.elements() / 32 * 36) as usize;
+            (GgmlType::from_id(9).unwrap(), vec![0; bytes])
+        } else {
+            same(t)
+        })
+    });
     assert!(
         matches!(e, GgufError::UnsupportedType { ref tensor, .. } if tensor == "blk.0.attn_q.weight"),
         "{e}"

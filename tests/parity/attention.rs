@@ -13,6 +13,7 @@ use proptest::prelude::*;
 
 use crate::common::{assert_bits_eq, assert_pair_eq, gpu, gpu_cases, poison, values};
 use bitexact::kernels::attention::{attention_paged, PagedQueries};
+use bitexact::reference::attention::AttnOrder;
 
 const KERNELS: [AttentionKernel; 6] = [
     AttentionKernel::Auto,
@@ -91,7 +92,9 @@ fn case(
     let q = values(seed ^ 9, nq * n_heads * hd, 2.0, special);
     let (cache, kc, vc) = filled_cache(dev, &k_all, &v_all, start, filled, n_kv, hd, cap);
     let pos: Vec<u32> = (start as u32..filled as u32).collect();
-    let want = reference::attention::attention(&q, &kc, &vc, &pos, n_heads, n_kv, hd, cap);
+    let order = AttnOrder::default();
+    let want =
+        reference::attention::attention_with(order, &q, &kc, &vc, &pos, n_heads, n_kv, hd, cap);
 
     let p = Positions::new(dev, &pos).unwrap();
     let qg = GpuTensor::from_host(dev, &q, &[nq, n_heads, hd]).unwrap();
@@ -194,7 +197,9 @@ fn scattered_positions() {
     let (cache, kc, vc) = filled_cache(dev, &k_all, &v_all, 100, cap, n_kv, hd, cap);
     let pos: Vec<u32> = (0..90u32).map(|i| (i * 997 + 13) % cap as u32).collect();
     let q = values(5, pos.len() * n_heads * hd, 2.0, 0.0);
-    let want = reference::attention::attention(&q, &kc, &vc, &pos, n_heads, n_kv, hd, cap);
+    let order = AttnOrder::default();
+    let want =
+        reference::attention::attention_with(order, &q, &kc, &vc, &pos, n_heads, n_kv, hd, cap);
     let p = Positions::new(dev, &pos).unwrap();
     let qg = GpuTensor::from_host(dev, &q, &[pos.len(), n_heads, hd]).unwrap();
     for kernel in KERNELS {
@@ -325,7 +330,17 @@ fn paged_case(n_heads: usize, n_kv: usize, hd: usize) {
     cache.v = GpuTensor::from_host(dev, &vc, &[n_kv, cap, hd]).unwrap();
     let want_of = |s: usize, q: &[f32], pos: &[u32]| {
         let (k, v) = &own[s];
-        reference::attention::attention(q, k, v, pos, n_heads, n_kv, hd, lens[s])
+        reference::attention::attention_with(
+            AttnOrder::default(),
+            q,
+            k,
+            v,
+            pos,
+            n_heads,
+            n_kv,
+            hd,
+            lens[s],
+        )
     };
     // Decode rows: one query per sequence at its last position.
     // One entry more than any table needs: a stride that is not the chunk count.

@@ -7,6 +7,7 @@ use bitexact::kernels::gemm::{
     RoutedRows, GEMV_MMA_MIN_ROWS,
 };
 use bitexact::quant::{QuantMatrix, WeightFormat};
+use bitexact::reference::gemm::GemmOrder;
 use bitexact::{reference, Error, GpuTensor};
 use proptest::prelude::*;
 use rand::rngs::StdRng;
@@ -154,7 +155,16 @@ fn device_sorted(fmt: WeightFormat, n: usize, k: usize, ne: usize, m: usize, kk:
     for (name, table, nx, xr) in [("up", &up, n, &tokens), ("down", &down, len, &rows)] {
         let xh = activations(nx, kk, seed ^ 11, 0.002);
         let mut want = poison(len * m);
-        reference::gemm::gemm_grouped(&xh, &wq, &mut want, xr, &clamped, &rows).unwrap();
+        reference::gemm::gemm_grouped_with(
+            GemmOrder::Chain,
+            &xh,
+            &wq,
+            &mut want,
+            xr,
+            &clamped,
+            &rows,
+        )
+        .unwrap();
         let x = GpuTensor::from_host(dev, &xh, &[nx, kk]).unwrap();
         let mut kernels = KERNELS.to_vec();
         if fmt == WeightFormat::F32 {
@@ -342,7 +352,8 @@ fn grouped(fmt: WeightFormat, n: usize, ne: usize, m: usize, k: usize, seed: u64
     }
     let ny = n * 3;
     let mut want = poison(ny * m);
-    reference::gemm::gemm_grouped(&xh, &wq, &mut want, &xr, &ex, &yr).unwrap();
+    reference::gemm::gemm_grouped_with(GemmOrder::Chain, &xh, &wq, &mut want, &xr, &ex, &yr)
+        .unwrap();
     let x = GpuTensor::from_host(dev, &xh, &[n, k]).unwrap();
     let w = GpuMatrix::upload(dev, &wq).unwrap();
     let rows = RoutedRows::new(dev, &xr, &ex, &yr, n, ne, ny).unwrap();
