@@ -21,17 +21,12 @@ fn main() {
         for &r in &ROWS {
             let len = r * FFN;
             let bytes = 12 * len + len + len / 4;
-            let sets = common::rotation(bytes);
-            let mut data: Vec<(GpuTensor<f32>, GpuActPair)> = (0..sets)
-                .map(|s| {
-                    let out = GpuTensor::zeros(dev, &[r, FFN]).unwrap();
-                    (
-                        GpuTensor::from_host(dev, &common::vals(2 * len, s), &[r, 2 * FFN])
-                            .unwrap(),
-                        GpuActPair::quantize(dev, out).unwrap(),
-                    )
-                })
-                .collect();
+            let mut data = common::rotated(bytes, |s| {
+                let out = GpuActPair::quantize(dev, GpuTensor::zeros(dev, &[r, FFN]).unwrap());
+                let gu = GpuTensor::from_host(dev, &common::vals(2 * len, s), &[r, 2 * FFN]);
+                (gu.unwrap(), out.unwrap())
+            });
+            let sets = data.len();
             let name = "swiglu_halves_q8";
             common::bench_against_copy(group, dev, rows, "activation", name, r, bytes, |i| {
                 let (gu, out) = &mut data[i as usize % sets];

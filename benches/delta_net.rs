@@ -1,7 +1,7 @@
 //! Bench of the Gated DeltaNet scan (`cuda/delta_net.cu`) at the Qwen3.6-35B-A3B shape (16 key
-//! heads, 32 value heads of 128, window 4): v1 (every step in one token-ordered loop) against
-//! v2 (the state-free steps of every token at once, then the delta rule alone), 1 to 2048
-//! tokens, in one run.
+//! heads, 32 value heads of 128, window 4): v1 (every step in one token-ordered loop), v2 (the
+//! state-free steps of every token at once, then the delta rule alone) and v3 (v2's prep, the
+//! delta rule spread over 4 blocks a head), 1 to 2048 tokens, in one run.
 //!
 //! Napkin math: the scan is bound by its token-ordered chain, not by bytes: per token two
 //! 32-long fmaf chains a column, six barriers (v2: three) and, in v1, a global round trip and a
@@ -16,86 +16,48 @@ use bitexact::kernels::delta_net::{
 use bitexact::quant::WeightFormat;
 use bitexact::reference::delta_net::{DeltaNetConfig, DeltaNetWeights};
 use bitexact::GpuTensor;
-use criterion::BenchmarkId;
 
 const TOKENS: [usize; 4] = [1, 16, 512, 2048];
 
 fn main() {
-    let Some(dev) = common::device() else { return };
-    let mut c = common::criterion();
-    let cfg = DeltaNetConfig {
-        dim: 2048,
-        k_heads: 16,
-        v_heads: 32,
-        head_dim: 128,
-        conv_kernel: 4,
-        format: WeightFormat::F32,
-    };
-    let w = DeltaNetWeights::generate(&cfg, 1, 500).unwrap();
-    let consts = GpuDeltaNetConsts::upload(&dev, &w).unwrap();
-    let mut state = GpuDeltaNetState::new(&dev, &cfg).unwrap();
-    let (cd, hv, s) = (cfg.conv_dim(), cfg.v_heads, cfg.head_dim);
-    let mut rows = Vec::new();
-    let mut group = c.benchmark_group("delta_net");
-    for &n in &TOKENS {
+    common::run_family("delta_net", |dev, group, rows| {
+        let cfg = DeltaNetConfig {
+            dim: 2048,
+            k_heads: 16,
+            v_heads: 32,
+            head_dim: 128,
+            conv_kernel: 4,
+            format: WeightFormat::F32,
+        };
+        let w = DeltaNetWeights::generate(&cfg, 1, 500).unwrap();
+        let consts = GpuDeltaNetConsts::upload(dev, &w).unwrap();
+        let mut state = GpuDeltaNetState::new(dev, &cfg).unwrap();
+        let (cd, hv, s) = (cfg.conv_dim(), cfg.v_heads, cfg.head_dim);
         // Small inputs: the state stays finite over the bench's calls.
         let small = |len: usize, salt: usize| -> Vec<f32> {
             common::vals(len, salt).iter().map(|v| v * 0.05).collect()
         };
-        let mixed = GpuTensor::from_host(&dev, &small(n * cd, 1), &[n, cd]).unwrap();
-        let b = GpuTensor::from_host(&dev, &small(n * hv, 2), &[n, hv]).unwrap();
-        let a = GpuTensor::from_host(&dev, &small(n * hv, 3), &[n, hv]).unwrap();
-        let mut o = GpuTensor::zeros(&dev, &[n, hv, s]).unwrap();
-        let bytes = 4 * (n * cd + 2 * n * hv + n * hv * s + 2 * hv * s * s);
-        for (name, kernel) in [
-            ("v1", ScanKernel::V1),
-            ("v2", ScanKernel::V2),
-            ("v3", ScanKernel::V3),
-        ] {
-            let key = format!("delta_net/{name}/{n}");
-            group.bench_function(BenchmarkId::new(name, n), |bch| {
-                bch.iter_custom(|iters| {
-                    common::timed(&dev, &key, iters, |_| {
-                        delta_net_scan_with(
-                            &dev, kernel, &consts, &mut state, &mixed, &b, &a, 1e-6, &mut o,
-                        )
-                        .unwrap();
-                    })
-                })
-            });
-            rows.push(common::Row {
-                kernel: format!("delta_net_scan {name} ({n} tokens)"),
-                n,
-                bytes,
-                key,
-                copy_key: format!("delta_net/copy/{n}"),
-            });
+        for &n in &TOKENS {
+            let mixed = GpuTensor::from_host(dev, &small(n * cd, 1), &[n, cd]).unwrap();
+            let b = GpuTensor::from_host(dev, &small(n * hv, 2), &[n, hv]).unwrap();
+            let a = GpuTensor::from_host(dev, &small(n * hv, 3), &[n, hv]).unwrap();
+            let mut o = GpuTensor::zeros(dev, &[n, hv, s]).unwrap();
+            let bytes = 4 * (n * cd + 2 * n * hv + n * hv * s + 2 * hv * s * s);
+            for (name, kernel) in [
+                ("v1", ScanKernel::V1),
+                ("v2", ScanKernel::V2),
+                ("v3", ScanKernel::V3),
+            ] {
+                common::bench_against_copy(group, dev, rows, "delta_net", name, n, bytes, |_| {
+                    delta_net_scan_with(
+                        dev, kernel, &consts, &mut state, &mixed, &b, &a, 1e-6, &mut o,
+                    )
+                    .unwrap();
+                });
+            }
         }
-        common::bench_copy(
-            &mut group,
-            &dev,
-            &format!("delta_net/copy/{n}"),
-            BenchmarkId::new("copy", n),
-            bytes,
-        );
-    }
-    group.finish();
-    c.final_summary();
-    common::print_table(
-        &format!(
-            "Gated DeltaNet scan, 16/32 heads of 128, against a device copy of the same bytes ({})",
-            dev.name()
-        ),
-        &rows,
-    );
-    println!();
-    println!("| tokens | v1 us a token | v2 us a token |");
-    println!("|---:|---:|---:|");
-    for &n in &TOKENS {
-        let per =
-            |v: &str| common::median_ns(&format!("delta_net/{v}/{n}")).map(|t| t / 1e3 / n as f64);
-        if let (Some(a), Some(b)) = (per("v1"), per("v2")) {
-            println!("| {n} | {a:.2} | {b:.2} |");
-        }
-    }
+        "Gated DeltaNet scan (v1, v2, v3; N = tokens), 16/32 heads of 128, against a device copy \
+         of the same bytes"
+            .to_string()
+    });
 }

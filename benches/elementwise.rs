@@ -22,15 +22,9 @@ fn main() {
         for &n in &ROWS {
             let len = n * DIM;
             let bytes = 12 * len;
-            let sets = common::rotation(bytes);
-            let mut data: Vec<(GpuTensor<f32>, GpuTensor<f32>)> = (0..sets)
-                .map(|s| {
-                    (
-                        GpuTensor::from_host(dev, &common::vals(len, s), &[n, DIM]).unwrap(),
-                        GpuTensor::from_host(dev, &common::vals(len, s + 9), &[n, DIM]).unwrap(),
-                    )
-                })
-                .collect();
+            let upload = |salt| GpuTensor::from_host(dev, &common::vals(len, salt), &[n, DIM]);
+            let mut data = common::rotated(bytes, |s| (upload(s).unwrap(), upload(s + 9).unwrap()));
+            let sets = data.len();
             common::bench_against_copy(group, dev, rows, "elementwise", "add", n, bytes, |i| {
                 let (a, o) = &mut data[i as usize % sets];
                 add(dev, a, o).unwrap();

@@ -257,22 +257,12 @@ fn bench_grouped(c: &mut Criterion, dev: &Device, blas: &CudaBlas, table: &mut F
                 .push((format!("grouped {f}"), n, key, name.to_string()));
         }
         // The same flops as dense cuBLAS bf16 products over all n * 8 routed rows.
-        let wgb = dev
-            .stream()
-            .clone_htod(&vec![bf16::from_f32(0.01); ffn * dim])
-            .unwrap();
-        let wdb = dev
-            .stream()
-            .clone_htod(&vec![bf16::from_f32(0.01); dim * ffn])
-            .unwrap();
-        let xb = dev
-            .stream()
-            .clone_htod(&vec![bf16::from_f32(0.5); r * dim])
-            .unwrap();
-        let hb = dev
-            .stream()
-            .clone_htod(&vec![bf16::from_f32(0.5); r * ffn])
-            .unwrap();
+        let filled = |v: f32, len: usize| {
+            let host = vec![bf16::from_f32(v); len];
+            dev.stream().clone_htod(&host).unwrap()
+        };
+        let (wgb, wdb) = (filled(0.01, ffn * dim), filled(0.01, dim * ffn));
+        let (xb, hb) = (filled(0.5, r * dim), filled(0.5, r * ffn));
         let mut gb = dev.stream().alloc_zeros::<bf16>(r * ffn).unwrap();
         let mut ob = dev.stream().alloc_zeros::<bf16>(r * dim).unwrap();
         let key = format!("grouped/{name}/{n}/cublas-bf16-dense");

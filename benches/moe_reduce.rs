@@ -10,7 +10,7 @@ mod common;
 
 use bitexact::kernels::moe_reduce::moe_weighted_reduce_version;
 use bitexact::GpuTensor;
-use criterion::{BenchmarkId, Throughput};
+use criterion::Throughput;
 
 const DIM: usize = 2048;
 const NA: usize = 8;
@@ -43,33 +43,20 @@ fn main() {
                 .collect();
             group.throughput(Throughput::Bytes(bytes as u64));
             for version in [1u32, 2] {
-                let key = format!("moe_reduce/v{version}/{n}");
-                group.bench_function(BenchmarkId::new(format!("v{version}"), n), |b| {
-                    b.iter_custom(|iters| {
-                        common::timed(dev, &key, iters, |i| {
-                            let s = &mut data[i as usize % sets];
-                            moe_weighted_reduce_version(
-                                dev,
-                                version,
-                                &s.partial,
-                                &s.weight,
-                                Some(&s.shared),
-                                &mut s.out,
-                            )
-                            .unwrap();
-                        })
-                    })
-                });
-                rows.push(common::Row {
-                    kernel: format!("moe_weighted_reduce v{version}"),
-                    n,
-                    bytes,
-                    key,
-                    copy_key: format!("moe_reduce/copy/{n}"),
+                let name = format!("v{version}");
+                common::bench_against_copy(group, dev, rows, "moe_reduce", &name, n, bytes, |i| {
+                    let s = &mut data[i as usize % sets];
+                    moe_weighted_reduce_version(
+                        dev,
+                        version,
+                        &s.partial,
+                        &s.weight,
+                        Some(&s.shared),
+                        &mut s.out,
+                    )
+                    .unwrap();
                 });
             }
-            let key = format!("moe_reduce/copy/{n}");
-            common::bench_copy(group, dev, &key, BenchmarkId::new("copy", n), bytes);
         }
 
         format!("moe_weighted_reduce, dim {DIM}, na {NA} + shared")

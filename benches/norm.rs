@@ -20,34 +20,26 @@ fn main() {
         let w = GpuTensor::from_host(dev, &common::vals(DIM, 7), &[DIM]).unwrap();
         for &n in &ROWS {
             let len = n * DIM;
+            let upload = |salt| GpuTensor::from_host(dev, &common::vals(len, salt), &[n, DIM]);
             let bytes = 8 * len;
-            let sets = common::rotation(bytes);
-            let mut data: Vec<(GpuTensor<f32>, GpuTensor<f32>)> = (0..sets)
-                .map(|s| {
-                    (
-                        GpuTensor::from_host(dev, &common::vals(len, s), &[n, DIM]).unwrap(),
-                        GpuTensor::zeros(dev, &[n, DIM]).unwrap(),
-                    )
-                })
-                .collect();
+            let mut data = common::rotated(bytes, |s| {
+                (
+                    upload(s).unwrap(),
+                    GpuTensor::zeros(dev, &[n, DIM]).unwrap(),
+                )
+            });
+            let sets = data.len();
             common::bench_against_copy(group, dev, rows, "norm", "rmsnorm", n, bytes, |i| {
                 let (x, y) = &mut data[i as usize % sets];
                 rmsnorm(dev, x, &w, 1e-6, y).unwrap();
             });
 
             let bytes = 16 * len + len + len / 4;
-            let sets = common::rotation(bytes);
-            let mut data: Vec<(GpuTensor<f32>, GpuTensor<f32>, GpuActPair)> = (0..sets)
-                .map(|s| {
-                    let x =
-                        GpuTensor::from_host(dev, &common::vals(len, s + 3), &[n, DIM]).unwrap();
-                    (
-                        GpuTensor::from_host(dev, &common::vals(len, s), &[n, DIM]).unwrap(),
-                        GpuTensor::from_host(dev, &common::vals(len, s + 1), &[n, DIM]).unwrap(),
-                        GpuActPair::quantize(dev, x).unwrap(),
-                    )
-                })
-                .collect();
+            let mut data = common::rotated(bytes, |s| {
+                let y = GpuActPair::quantize(dev, upload(s + 3).unwrap()).unwrap();
+                (upload(s).unwrap(), upload(s + 1).unwrap(), y)
+            });
+            let sets = data.len();
             let name = "add_rmsnorm_q8";
             common::bench_against_copy(group, dev, rows, "norm", name, n, bytes, |i| {
                 let (h, o, y) = &mut data[i as usize % sets];

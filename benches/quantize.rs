@@ -19,10 +19,10 @@ fn main() {
         for &n in &ROWS {
             let len = n * DIM;
             let bytes = 4 * len + len + len / 4;
-            let sets = common::rotation(bytes);
-            let data: Vec<GpuTensor<f32>> = (0..sets)
-                .map(|s| GpuTensor::from_host(dev, &common::vals(len, s), &[n, DIM]).unwrap())
-                .collect();
+            let data = common::rotated(bytes, |s| {
+                GpuTensor::from_host(dev, &common::vals(len, s), &[n, DIM]).unwrap()
+            });
+            let sets = data.len();
             common::bench_against_copy(
                 group,
                 dev,

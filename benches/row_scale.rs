@@ -9,7 +9,7 @@ mod common;
 
 use bitexact::kernels::row_scale::row_scale_version;
 use bitexact::GpuTensor;
-use criterion::{BenchmarkId, Throughput};
+use criterion::Throughput;
 
 const DIM: usize = 2048;
 const TOKENS: [usize; 6] = [1, 8, 64, 512, 2048, 4096];
@@ -28,25 +28,12 @@ fn main() {
             let scales = GpuTensor::from_host(dev, &scales_h, &[n]).unwrap();
             group.throughput(Throughput::Bytes(bytes as u64));
             for version in [1u32, 2] {
-                let key = format!("row_scale/v{version}/{n}");
-                group.bench_function(BenchmarkId::new(format!("v{version}"), n), |b| {
-                    b.iter_custom(|iters| {
-                        common::timed(dev, &key, iters, |i| {
-                            let buf = &mut bufs[i as usize % sets];
-                            row_scale_version(dev, version, buf, &scales).unwrap();
-                        })
-                    })
-                });
-                rows.push(common::Row {
-                    kernel: format!("row_scale v{version}"),
-                    n,
-                    bytes,
-                    key,
-                    copy_key: format!("row_scale/copy/{n}"),
+                let name = format!("v{version}");
+                common::bench_against_copy(group, dev, rows, "row_scale", &name, n, bytes, |i| {
+                    let buf = &mut bufs[i as usize % sets];
+                    row_scale_version(dev, version, buf, &scales).unwrap();
                 });
             }
-            let key = format!("row_scale/copy/{n}");
-            common::bench_copy(group, dev, &key, BenchmarkId::new("copy", n), bytes);
         }
 
         format!("row_scale, dim {DIM}")

@@ -93,6 +93,12 @@ pub fn rotation(bytes: usize) -> usize {
     (256usize << 20).div_ceil(bytes.max(1)).clamp(1, 16)
 }
 
+/// The buffer sets a bench rotates through for a kernel that moves `bytes` a call: [`rotation`]
+/// of them, set `s` made by `make(s)`. Call `i` takes set `i % len`.
+pub fn rotated<T>(bytes: usize, make: impl FnMut(usize) -> T) -> Vec<T> {
+    (0..rotation(bytes)).map(make).collect()
+}
+
 /// Benchmarks under `key` the device-to-device copy that moves `bytes` in all (`bytes / 2` read
 /// and as many written), rotating buffer pairs as [`rotation`] says: the ceiling a
 /// memory-bound kernel that moves `bytes` is set against in [`print_table`].

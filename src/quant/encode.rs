@@ -116,6 +116,19 @@ fn nearest(grid: &[i8; 16], v: f32) -> u8 {
     best as u8
 }
 
+/// A 32-block's codes after its scales: the low nibbles (16 bytes), preceded for the 5-bit
+/// formats (`fifth`) by the fifth bits of the 32 codes as a little-endian u32 (`qh`).
+fn put_codes(c: &[u8; 32], fifth: bool, o: &mut [u8]) {
+    let at = if fifth {
+        let qh: u32 = (0..32).map(|l| u32::from(c[l] >> 4) << l).sum();
+        o[..4].copy_from_slice(&qh.to_le_bytes());
+        4
+    } else {
+        0
+    };
+    put_nibbles(c, &mut o[at..at + 16]);
+}
+
 /// The 32-element formats: Q4_0 and Q5_0 (`d = signed max / -8` or `/ -16`, so the largest
 /// magnitude takes the most negative code, as llama.cpp's reference quantizer does), Q4_1 and
 /// Q5_1 (`d = (max - min) / levels`, `m = min`), IQ4_NL (`d = amax / 127`, each value the
@@ -137,13 +150,7 @@ fn encode_block32(format: WeightFormat, x: &[f32], o: &mut [u8]) {
                 *ci = (code(v, dq, -half, half - 1.0) + half as i32) as u8;
             }
             o[..2].copy_from_slice(&d.to_le_bytes());
-            if format == WeightFormat::Q4_0 {
-                put_nibbles(&c, &mut o[2..18]);
-            } else {
-                let qh: u32 = (0..32).map(|l| u32::from(c[l] >> 4) << l).sum();
-                o[2..6].copy_from_slice(&qh.to_le_bytes());
-                put_nibbles(&c, &mut o[6..22]);
-            }
+            put_codes(&c, format == WeightFormat::Q5_0, &mut o[2..]);
         }
         WeightFormat::Q4_1 | WeightFormat::Q5_1 => {
             let levels = if format == WeightFormat::Q4_1 {
@@ -160,13 +167,7 @@ fn encode_block32(format: WeightFormat, x: &[f32], o: &mut [u8]) {
             }
             o[..2].copy_from_slice(&d.to_le_bytes());
             o[2..4].copy_from_slice(&m.to_le_bytes());
-            if format == WeightFormat::Q4_1 {
-                put_nibbles(&c, &mut o[4..20]);
-            } else {
-                let qh: u32 = (0..32).map(|l| u32::from(c[l] >> 4) << l).sum();
-                o[4..8].copy_from_slice(&qh.to_le_bytes());
-                put_nibbles(&c, &mut o[8..24]);
-            }
+            put_codes(&c, format == WeightFormat::Q5_1, &mut o[4..]);
         }
         WeightFormat::IQ4NL => {
             let amax = x.iter().fold(0.0f32, |m, &v| m.max(v.abs()));

@@ -256,20 +256,14 @@ fn qkv_case(n: usize, nh: usize, nkv: usize, hd: usize, rd: usize, seed: u64, sp
     let a_h = values(seed ^ 4, n * nh * hd, 4.0, special);
     let mut want_a = a_h.clone();
     reference::activation::gate_heads_sigmoid(&mut want_a, &gated_h, n, nh, hd, width, hd, 2 * hd);
-    let mut a = GpuTensor::from_host(dev, &a_h, &[n, nh, hd]).unwrap();
-    bitexact::kernels::activation::gate_heads_sigmoid(dev, &mut a, &gated, hd, 2 * hd).unwrap();
-    assert_bits_eq(
-        &format!("{what} output gate"),
-        &a.to_host().unwrap(),
-        &want_a,
-    );
-    let mut a2 = GpuTensor::from_host(dev, &a_h, &[n, nh, hd]).unwrap();
-    bitexact::kernels::activation::gate_heads_sigmoid(dev, &mut a2, &gq, hd, 2 * hd).unwrap();
-    assert_bits_eq(
-        &format!("{what} output gate (q input alone)"),
-        &a2.to_host().unwrap(),
-        &want_a,
-    );
+    let gate = |input: &GpuTensor<f32>, which: &str| {
+        let mut a = GpuTensor::from_host(dev, &a_h, &[n, nh, hd]).unwrap();
+        bitexact::kernels::activation::gate_heads_sigmoid(dev, &mut a, input, hd, 2 * hd).unwrap();
+        assert_bits_eq(&format!("{what} {which}"), &a.to_host().unwrap(), &want_a);
+        a
+    };
+    gate(&gq, "output gate (q input alone)");
+    let mut a = gate(&gated, "output gate");
     // A gate past the row is refused, nothing written.
     let e = bitexact::kernels::activation::gate_heads_sigmoid(
         dev,
