@@ -21,6 +21,8 @@
 //   delta_net_scan3_f32  v3 (after the same prep): the delta rule over Hv x ceil(S / 32) blocks,
 //                        a column's 4 partials in adjacent lanes (shuffles, no barrier in a
 //                        token), tokens staged 16 at a time (one barrier per 16 tokens).
+//   delta_net_scan5_f32  v5 (after the same prep): v3 without its per-element bound checks and
+//                        with 16-byte staging where S = 128 (v3's loop otherwise).
 //   delta_net_gate_f32   v1: grid-stride loop.
 
 #include "common.cuh"
@@ -258,7 +260,7 @@ extern "C" __global__ void __launch_bounds__(256)
         prep[(u64)t * cd + ch] = ch < nv * s ? sy[ch] * sinv[ch / s] : sy[ch];
 }
 
-// The parameters of the delta-rule scans after the prep (v2, v3), declared once (build.rs
+// The parameters of the delta-rule scans after the prep (v2, v3, v5), declared once (build.rs
 // makes the launch's ScanArgs of this list).
 #define SCAN_PARAMS                                                                            \
     float* __restrict__ o, float* __restrict__ m, float* __restrict__ conv_out,                \
@@ -443,24 +445,74 @@ __device__ __forceinline__ void dn3_write_windows(float* __restrict__ conv_out,
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128)
-    delta_net_scan3_f32(SCAN_PARAMS) {
-    bx_grid_begin();
-    __shared__ __align__(16) float stage[2][DN3_CHUNK * DN3_TOK];
+// ------------------------------------------------------------------------------------------
+// v5 of the delta rule: v3 with the work around its operations cut where the head dim is 128
+// (every model shape): every partial is then a whole 32-block, so the token loop drops v3's
+// bound check on each element (two integer instructions an element, half the loop), and a
+// token lands in 73 copies (16 bytes for 4 elements of q, k and v, 8 for the gates, no
+// division by a run-time length) where v3 issues 290 4-byte ones. The operations on the state
+// and their order are v3's: the same bits. Other head dims (or a prep or gates buffer not
+// 16-byte aligned) run v3's loop and staging.
+//   grid (Hv, ceil(S / 32)), 128 threads; S <= 128.
+
+#define DN5_S 128u
+#define DN5_PER (2u * DN5_S / 4u + DN3_COLS / 4u + 1u)  // copies a token: q, k, v, the gates
+
+__device__ __forceinline__ void dn5_cp(float* smem, const float* gmem, u32 bytes16) {
+    const u32 dst = (u32)__cvta_generic_to_shared(smem);
+    if (bytes16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem));
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dst), "l"(gmem));
+}
+
+// Tokens t0 .. t0 + cn into v3's staged slots (S = 128, sources 16-byte aligned), one group.
+__device__ __forceinline__ void dn5_fetch(float* stage, const float* __restrict__ prep,
+                                          const float* __restrict__ gates, u32 t0, u32 cn,
+                                          const Dn3Thread& th, u32 hk, u32 hv) {
+    for (u32 idx = th.tid; idx < cn * DN5_PER; idx += blockDim.x) {
+        const u32 tt = idx / DN5_PER, e = idx - tt * DN5_PER;
+        const float* row = prep + (u64)(t0 + tt) * th.cd;
+        float* tok = stage + tt * DN3_TOK;
+        if (e < 2u * DN5_S / 4u) {
+            // q (e < 32) or k: elements d .. d + 3 of key head kh, partial d / 32's slot.
+            const u32 isk = e >= DN5_S / 4u, d = 4u * (e - isk * (DN5_S / 4u));
+            dn5_cp(tok + (isk ? DN3_K : DN3_Q) + (d >> 5) * 36u + (d & 31u),
+                   row + isk * hk * DN5_S + th.kh * DN5_S + d, 1u);
+        } else if (e < DN5_PER - 1u) {
+            const u32 v = 4u * (e - 2u * DN5_S / 4u);
+            dn5_cp(tok + DN3_V + v, row + 2u * hk * DN5_S + th.h * DN5_S + th.g * DN3_COLS + v,
+                   1u);
+        } else {
+            dn5_cp(tok + DN3_G, gates + ((u64)(t0 + tt) * hv + th.h) * 2u, 0u);
+        }
+    }
+    asm volatile("cp.async.commit_group;");
+}
+
+// The delta rule of v3 (FULL false) or v5 (FULL: S = 128, no bound checks, dn5_fetch) over
+// the block's 32 columns; stage is the kernel's [2][DN3_CHUNK * DN3_TOK] buffer.
+template <bool FULL>
+__device__ __forceinline__ void dn3_scan(float (*stage)[DN3_CHUNK * DN3_TOK], SCAN_PARAMS) {
     const Dn3Thread th = dn3_thread(s, hk, hv);
     const u32 h = th.h, g = th.g, tid = th.tid, lane = th.lane, p = th.p, jl = th.jl, kh = th.kh;
     const u32 cd = th.cd;
     float reg[32];
     float* mh = dn3_load_column(reg, m, th, s);
-    dn3_fetch(stage[0], prep, gates, 0u, min(DN3_CHUNK, n), h, kh, g, hk, hv, s, cd, tid);
+    auto fetch = [&](float* buf, u32 t0, u32 cn) {
+        if (FULL)
+            dn5_fetch(buf, prep, gates, t0, cn, th, hk, hv);
+        else
+            dn3_fetch(buf, prep, gates, t0, cn, h, kh, g, hk, hv, s, cd, tid);
+    };
+    fetch(stage[0], 0u, min(DN3_CHUNK, n));
     for (u32 c0 = 0, ci = 0; c0 < n; c0 += DN3_CHUNK, ++ci) {
         // This chunk has landed, and every thread is done with the previous one, whose buffer
         // the next chunk takes.
         asm volatile("cp.async.wait_group 0;" ::: "memory");
         __syncthreads();
         if (c0 + DN3_CHUNK < n)
-            dn3_fetch(stage[(ci + 1u) & 1u], prep, gates, c0 + DN3_CHUNK,
-                      min(DN3_CHUNK, n - c0 - DN3_CHUNK), h, kh, g, hk, hv, s, cd, tid);
+            fetch(stage[(ci + 1u) & 1u], c0 + DN3_CHUNK, min(DN3_CHUNK, n - c0 - DN3_CHUNK));
         const u32 cn = min(DN3_CHUNK, n - c0);
         for (u32 tt = 0; tt < cn; ++tt) {
             const float* tok = stage[ci & 1u] + tt * DN3_TOK;
@@ -481,7 +533,7 @@ extern "C" __global__ void __launch_bounds__(128)
             float acc = 0.0f;
 #pragma unroll
             for (u32 i = 0; i < 32u; ++i) {
-                if (p * 32u + i < s) {
+                if (FULL || p * 32u + i < s) {
                     reg[i] = reg[i] * decay;
                     acc = fmaf(kr[i], reg[i], acc);
                 }
@@ -494,19 +546,38 @@ extern "C" __global__ void __launch_bounds__(128)
             acc = 0.0f;
 #pragma unroll
             for (u32 i = 0; i < 32u; ++i) {
-                if (p * 32u + i < s) {
+                if (FULL || p * 32u + i < s) {
                     reg[i] = fmaf(kr[i], delta, reg[i]);
                     acc = fmaf(qr[i], reg[i], acc);
                 }
             }
             dn3_gather(acc, lane, part);
-            if (p == 0u && th.col)
+            if (p == 0u && (FULL || th.col))
                 o[((u64)(c0 + tt) * hv + h) * s + th.j] =
                     ((part[0] + part[1]) + (part[2] + part[3])) * th.scale;
         }
     }
     if (th.col) dn_store_column(reg, mh, p, s);
     dn3_write_windows(conv_out, mixed, conv_in, th, n, hk, s, kc, cd);
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    delta_net_scan3_f32(SCAN_PARAMS) {
+    bx_grid_begin();
+    __shared__ __align__(16) float stage[2][DN3_CHUNK * DN3_TOK];
+    dn3_scan<false>(stage, o, m, conv_out, prep, gates, mixed, conv_in, n, hk, hv, s, kc);
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    delta_net_scan5_f32(SCAN_PARAMS) {
+    bx_grid_begin();
+    __shared__ __align__(16) float stage[2][DN3_CHUNK * DN3_TOK];
+    // Uniform over the grid: the whole-block path needs S = 128 and 16-byte aligned rows.
+    const bool full = s == DN5_S && ((u64)prep & 15u) == 0u && ((u64)gates & 7u) == 0u;
+    if (full)
+        dn3_scan<true>(stage, o, m, conv_out, prep, gates, mixed, conv_in, n, hk, hv, s, kc);
+    else
+        dn3_scan<false>(stage, o, m, conv_out, prep, gates, mixed, conv_in, n, hk, hv, s, kc);
 }
 
 extern "C" __global__ void delta_net_gate_f32(float* __restrict__ out,
