@@ -48,6 +48,7 @@ fn main() {
                 ("v2", ScanKernel::V2),
                 ("v3", ScanKernel::V3),
                 ("v5", ScanKernel::V5),
+                ("v6", ScanKernel::V6),
             ] {
                 common::bench_against_copy(group, dev, rows, "delta_net", name, n, bytes, |_| {
                     delta_net_scan_with(
@@ -57,7 +58,7 @@ fn main() {
                 });
             }
         }
-        "Gated DeltaNet scan (v1, v2, v3, v5; N = tokens), 16/32 heads of 128, against a device copy \
+        "Gated DeltaNet scan (v1, v2, v3, v5, v6; N = tokens), 16/32 heads of 128, against a device copy \
          of the same bytes"
             .to_string()
     });

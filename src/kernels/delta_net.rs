@@ -111,6 +111,11 @@ pub enum ScanKernel {
     /// per-element bound checks and with 16-byte staging (v3's loop for other head dims). Not
     /// yet taken by [`ScanKernel::Auto`]: selectable until an H100 run measures it against v3.
     V5,
+    /// v6: v5 with token `t`'s output dot and token `t + 1`'s decay and kv dot in one walk over
+    /// the column (two independent fmaf chains a token, v4's schedule without the bound
+    /// checks), `delta_net_scan6_f32`; v3's loop for other head dims. Selectable, not yet
+    /// measured on a GPU.
+    V6,
 }
 
 /// Tokens from which [`ScanKernel::Auto`] runs the prep and a column scan (v3; v2 before it). H200, the Qwen3.6 shape
@@ -184,7 +189,7 @@ pub fn delta_net_scan_with(
     let second = match kernel {
         ScanKernel::Auto if n >= SCAN_V2_MIN_TOKENS && fits => Some("delta_net_scan3_f32"),
         ScanKernel::Auto | ScanKernel::V1 => None,
-        ScanKernel::V2 | ScanKernel::V3 | ScanKernel::V5 if !fits => {
+        ScanKernel::V2 | ScanKernel::V3 | ScanKernel::V5 | ScanKernel::V6 if !fits => {
             return Err(Error::invalid(
                 OP,
                 format!(
@@ -197,6 +202,7 @@ pub fn delta_net_scan_with(
         ScanKernel::V2 => Some("delta_net_scan2_f32"),
         ScanKernel::V3 => Some("delta_net_scan3_f32"),
         ScanKernel::V5 => Some("delta_net_scan5_f32"),
+        ScanKernel::V6 => Some("delta_net_scan6_f32"),
     };
     if let Some(scan) = second {
         return scan_v2(
@@ -243,8 +249,8 @@ pub fn delta_net_scan_with(
     Ok(())
 }
 
-/// v2, v3 and v5 of [`delta_net_scan_with`]: the prep, then `scan` (`delta_net_scan2_f32`,
-/// `delta_net_scan3_f32` or `delta_net_scan5_f32`, the same arguments). Shapes checked by the caller; `dims` = n, Hk, Hv,
+/// v2, v3, v5 and v6 of [`delta_net_scan_with`]: the prep, then `scan`
+/// (`delta_net_scan2_f32`, `..3_f32`, `..5_f32` or `..6_f32`, the same arguments). Shapes checked by the caller; `dims` = n, Hk, Hv,
 /// S, Kc.
 #[allow(clippy::too_many_arguments)]
 fn scan_v2(
@@ -298,9 +304,10 @@ fn scan_v2(
     // channels and 5 floats per q and k vector.
     unsafe { dev.launch_kernel(&f, cfg, &args) }?;
     let f = dev.function(Family::DeltaNet, scan)?;
-    // v2: a block per value head, 4 threads a column; v3, v5: 32 columns a block, 128 threads.
+    // v2: a block per value head, 4 threads a column; v3, v5, v6: 32 columns a block, 128
+    // threads.
     let cfg = match scan {
-        "delta_net_scan3_f32" | "delta_net_scan5_f32" => {
+        "delta_net_scan3_f32" | "delta_net_scan5_f32" | "delta_net_scan6_f32" => {
             geometry((hv32, s32.div_ceil(32), 1), (128, 1, 1), 0)
         }
         _ => geometry((hv32, 1, 1), (4 * s32, 1, 1), 0),
@@ -322,7 +329,7 @@ fn scan_v2(
     // SAFETY: o [n, Hv, S], the state [Hv, S, S] and the two windows (distinct tensors), prep
     // and gates written by the launch above on the same stream; v2: one block per value head
     // of 4 S <= 512 threads (S >= 3, so 3 S + 2 copy threads), each head's matrix written by
-    // its block alone; v3, v5: one block per 32 columns of a head (S <= 128), each column
+    // its block alone; v3, v5, v6: one block per 32 columns of a head (S <= 128), each column
     // written by its block alone; each window channel by one block.
     unsafe { dev.launch_kernel(&f, cfg, &args) }?;
     dev.stream()

@@ -67,9 +67,10 @@ fn case(kernel: ScanKernel, c: &DeltaNetConfig, n: usize, chunk: usize, seed: u6
 /// second block), no window (conv 1) and the real Qwen3.6 shape (16 key heads, 32 value heads
 /// of 128, conv 4); chunks of 1 (decode), of fewer tokens than the window and of all; each
 /// through v1, v2 (prep + delta rule), v3 (prep + the column-split delta rule), v5 (v3 without
-/// bound checks at head dim 128) and the automatic choice (v1 below 16 tokens, v3 from there).
-/// The real shape also over 40 tokens in chunks of 17 and 40: v3 and v5 stage 16 tokens at a
-/// time, so a chunk of 16 and a partial one meet.
+/// bound checks at head dim 128), v6 (v5 with two tokens' chains in one walk) and the automatic
+/// choice (v1 below 16 tokens, v3 from there). The real shape also over 40 tokens in chunks of
+/// 17 and 40: v3, v5 and v6 stage 16 tokens at a time, so a chunk of 16 and a partial one meet
+/// (v6 reads the next chunk's first token before the current chunk ends).
 /// A head dim above 128 is refused.
 #[test]
 fn scan_matches_reference() {
@@ -86,13 +87,19 @@ fn scan_matches_reference() {
                 ScanKernel::V2,
                 ScanKernel::V3,
                 ScanKernel::V5,
+                ScanKernel::V6,
             ] {
                 case(kernel, &c, n, chunk, (n * 7 + chunk) as u64);
             }
         }
     }
     for chunk in [17, 40] {
-        for kernel in [ScanKernel::V2, ScanKernel::V3, ScanKernel::V5] {
+        for kernel in [
+            ScanKernel::V2,
+            ScanKernel::V3,
+            ScanKernel::V5,
+            ScanKernel::V6,
+        ] {
             case(kernel, &cfg(2048, 16, 32, 128, 4), 40, chunk, 3);
         }
     }
@@ -102,17 +109,18 @@ proptest::proptest! {
     #![proptest_config(crate::common::gpu_cases(16))]
 
     /// Any small mixer shape (1-4 key heads, value heads a multiple of them, head dims 3-128,
-    /// not multiples of 32, windows 1-4) and any chunking, through v1, v2, v3 and v5.
+    /// not multiples of 32, windows 1-4) and any chunking, through v1, v2, v3, v5 and v6.
     #[test]
     fn scan_shapes_match_reference(
         hk in 1usize..=4, mult in 1usize..=3, s in 3usize..=128, kc in 1usize..=4,
-        n in 1usize..=40, chunk in 1usize..=40, version in 1u8..=4, seed in 0u64..1000,
+        n in 1usize..=40, chunk in 1usize..=40, version in 1u8..=5, seed in 0u64..1000,
     ) {
         let kernel = match version {
             1 => ScanKernel::V1,
             2 => ScanKernel::V2,
             3 => ScanKernel::V3,
-            _ => ScanKernel::V5,
+            4 => ScanKernel::V5,
+            _ => ScanKernel::V6,
         };
         case(kernel, &cfg(64, hk, hk * mult, s, kc), n, chunk, seed);
     }
