@@ -201,6 +201,22 @@ pub(crate) fn parse_orders(s: &str) -> Result<Orders, String> {
     }
 }
 
+/// `--scan`: which DeltaNet scan the GPU paths run (every version gives the same bits).
+pub(crate) fn parse_scan(s: &str) -> Result<bitexact::kernels::delta_net::ScanKernel, String> {
+    use bitexact::kernels::delta_net::ScanKernel;
+    match s {
+        "auto" => Ok(ScanKernel::Auto),
+        "v1" => Ok(ScanKernel::V1),
+        "v2" => Ok(ScanKernel::V2),
+        "v3" => Ok(ScanKernel::V3),
+        "v5" => Ok(ScanKernel::V5),
+        "v6" => Ok(ScanKernel::V6),
+        _ => Err(format!(
+            "unknown scan `{s}` (one of auto, v1, v2, v3, v5, v6)"
+        )),
+    }
+}
+
 pub(crate) fn parse_format(s: &str) -> Result<WeightFormat, String> {
     WeightFormat::parse(s).ok_or_else(|| {
         let names: Vec<&str> = WeightFormat::ALL.iter().map(|f| f.name()).collect();

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use bitexact::kernels::delta_net::ScanKernel;
 use bitexact::model::ModelConfig;
 use bitexact::model::{prompt, CpuSession, GpuModel, ModelWeights, Session, Trace};
 use bitexact::quant::WeightFormat;
@@ -74,6 +75,10 @@ pub struct ModelArgs {
     /// `Session::set_attention_v2`).
     #[arg(long)]
     attention_v2: bool,
+    /// The DeltaNet scan the GPU paths run: auto (the library's choice), v1, v2, v3, v5 or v6
+    /// (`Session::set_scan`; every version gives the same bits).
+    #[arg(long, default_value = "auto", value_parser = crate::parse_scan)]
+    scan: ScanKernel,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -440,6 +445,10 @@ fn run_paths(a: &ModelArgs, s: &Setup) -> Result<Vec<Ran>> {
         session.set_attention_v2(a.attention_v2);
         if a.attention_v2 {
             println!("gpu attention: the v2 kernels (asynchronous tile and split)");
+        }
+        session.set_scan(a.scan);
+        if a.scan != ScanKernel::Auto {
+            println!("gpu DeltaNet scan: {:?}", a.scan);
         }
         let mut gpu_path =
             |name: String, steps: Vec<Vec<u32>>, progress: &mut Progress| -> Result<Ran> {

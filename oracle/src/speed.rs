@@ -59,6 +59,10 @@ pub struct SpeedArgs {
     /// (`Session::set_attention_v2`), a same-run comparison (the same bits).
     #[arg(long)]
     attention_v2: bool,
+    /// The DeltaNet scan of every solo row: auto (the library's choice), v1, v2, v3, v5 or v6
+    /// (`Session::set_scan`; every version gives the same bits).
+    #[arg(long, default_value = "auto", value_parser = crate::parse_scan)]
+    scan: bitexact::kernels::delta_net::ScanKernel,
     /// Also time batched decode: for each count S, S sequences each prefilled to every
     /// --decode-at context, then steps of S decode rows (one per sequence) through one
     /// BatchSession; the aggregate tokens/s.
@@ -335,6 +339,10 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
         return finish_json(a, &rows);
     }
     let mut s = Session::new(&dev, &model)?;
+    s.set_scan(a.scan);
+    if a.scan != bitexact::kernels::delta_net::ScanKernel::Auto {
+        println!("DeltaNet scan: {:?}", a.scan);
+    }
     let bf16_rate = cublas_bf16_rate(&dev, 2048)?;
     let copy = copy_rate(&dev)?;
     println!("same-run ceilings: cuBLAS bf16 {bf16_rate:.0} TFLOP/s (2048 x 2048 x 2048), copy {:.0} GB/s", copy / 1e9);

@@ -203,6 +203,7 @@ fn argument_sets(dir: &std::path::Path) -> Vec<Vec<String>> {
         vec!["model", "--cpu", "--gguf", &missing],
         vec!["model", "--cpu", "--gguf", &dir_s],
         vec!["model", "--cpu", "--tokens", "2", "--json", &dir_s],
+        words("model --cpu --tokens 4 --scan v4"),
         words("moe-block --cpu --tokens 2 --experts 8 --top-k 9"),
         words("moe-block --cpu --tokens 2 --format Q8_0 --dim 33"),
         vec!["inspect", &missing],

@@ -386,8 +386,8 @@ impl<'m> BatchSession<'m> {
         let mut sorted_trace = Trace::default();
         let run = forward_layers(
             self.model,
-            // (A paged step's attention takes its own kernels: this choice is not read.)
-            crate::kernels::attention::AttentionKernel::Auto,
+            // (A paged step's attention takes its own kernels: that choice is not read.)
+            super::transformer::Kernels::default(),
             dev,
             &ids,
             &positions,
@@ -559,7 +559,7 @@ impl<'m> BatchSession<'m> {
             |twin| {
                 forward_layers(
                     model,
-                    crate::kernels::attention::AttentionKernel::Auto,
+                    super::transformer::Kernels::default(),
                     twin,
                     &ids,
                     &positions,

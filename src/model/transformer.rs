@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::kernels::activation::gate_heads_sigmoid;
 use crate::kernels::attention::{attention_pair_with, attention_with, AttentionKernel, LayerCache};
 use crate::kernels::delta_net::{
-    delta_net_gate, delta_net_scan, GpuDeltaNetConsts, GpuDeltaNetState,
+    delta_net_gate, delta_net_scan_with, GpuDeltaNetConsts, GpuDeltaNetState, ScanKernel,
 };
 use crate::kernels::elementwise::{add, gather_rows_device};
 use crate::kernels::gemm::{matmul, matmul_shared_pair, GpuMatrix, Product};
@@ -265,9 +265,8 @@ pub struct Session<'m> {
     stats: SessionStats,
     graphs: bool,
     graph: Option<DecodeGraph>,
-    /// How attention picks its kernels: [`AttentionKernel::Auto`] (v1, the default) or
-    /// [`AttentionKernel::Auto2`] (the v2 kernels).
-    attention: AttentionKernel,
+    /// The kernel choices ([`Session::set_attention_v2`], [`Session::set_scan`]).
+    kernels: Kernels,
 }
 
 impl<'m> Session<'m> {
@@ -296,7 +295,7 @@ impl<'m> Session<'m> {
             stats: SessionStats::default(),
             graphs: true,
             graph: None,
-            attention: AttentionKernel::Auto,
+            kernels: Kernels::default(),
         })
     }
 
@@ -324,8 +323,18 @@ impl<'m> Session<'m> {
     /// captured decode step is dropped and captured again under the new choice.
     pub fn set_attention_v2(&mut self, on: bool) {
         let k = [AttentionKernel::Auto, AttentionKernel::Auto2][usize::from(on)];
-        if k != self.attention {
-            self.attention = k;
+        if k != self.kernels.attention {
+            self.kernels.attention = k;
+            self.graph = None;
+        }
+    }
+
+    /// Runs the DeltaNet layers' scan through `scan` ([`ScanKernel::Auto`] by default): every
+    /// version gives the same bits; the captured decode step is dropped and captured again
+    /// under the new choice.
+    pub fn set_scan(&mut self, scan: ScanKernel) {
+        if scan != self.kernels.scan {
+            self.kernels.scan = scan;
             self.graph = None;
         }
     }
@@ -530,7 +539,7 @@ impl<'m> Session<'m> {
         let mem = Memory::Solo(&mut self.states);
         forward_layers(
             self.model,
-            self.attention,
+            self.kernels,
             dev,
             ids,
             positions,
@@ -628,7 +637,7 @@ pub(crate) enum BlockTables {
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_layers(
     m: &GpuModel,
-    attn: AttentionKernel,
+    kernels: Kernels,
     dev: &Device,
     ids: &GpuTensor<u32>,
     positions: &Positions,
@@ -657,13 +666,15 @@ pub(crate) fn forward_layers(
             GpuMixer::Attention(mixer) => {
                 let (rows, cache) = mem.kv(l)?;
                 let step = AttentionStep {
-                    kernel: attn,
+                    kernel: kernels.attention,
                     positions,
                     rows,
                 };
                 mixer.forward(m, dev, &step, cache, &x, &mut bufs, &mut o)?
             }
-            GpuMixer::DeltaNet(mixer) => mixer.forward(c, dev, l, &mut mem, &x, &mut o)?,
+            GpuMixer::DeltaNet(mixer) => {
+                mixer.forward(c, dev, kernels.scan, l, &mut mem, &x, &mut o)?
+            }
         }
         add_rmsnorm_q8(dev, &mut h, &o, &layer.ffn_norm, c.norm_eps, &mut x)?;
         let moe = layer.moe.forward_batched_pair(dev, &x)?;
@@ -724,6 +735,17 @@ impl AttentionBuffers {
             },
         })
     }
+}
+
+/// The kernel choices of a forward that are not fixed by the shapes: attention's and the
+/// DeltaNet scan's. Every choice gives the same bits (the tests hold each to the reference);
+/// the default is each family's `Auto`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Kernels {
+    /// How attention picks its kernels.
+    pub attention: AttentionKernel,
+    /// Which DeltaNet scan runs.
+    pub scan: ScanKernel,
 }
 
 /// How one forward's attention layers find their keys: the kernel choice and the rows'
@@ -859,10 +881,12 @@ impl DeltaNetMixer {
     /// The Gated DeltaNet mixer of layer `l` on `x` into `o: [n, dim]`: the four projections
     /// of x (one quantization), the scan through the state `mem` keeps for the layer (conv,
     /// unit q/k, gates, the delta rule), the gated norm per value head, the output.
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         c: &ModelConfig,
         dev: &Device,
+        scan: ScanKernel,
         l: usize,
         mem: &mut Memory<'_>,
         x: &GpuActPair,
@@ -895,10 +919,11 @@ impl DeltaNetMixer {
                 let LayerState::DeltaNet(state) = &mut states[l] else {
                     return Err(mismatch());
                 };
-                delta_net_scan(dev, consts, state, &mixed, &bt, &al, c.norm_eps, &mut so)?;
+                let eps = c.norm_eps;
+                delta_net_scan_with(dev, scan, consts, state, &mixed, &bt, &al, eps, &mut so)?;
             }
             Memory::Paged(pd, rows) => scan_paged(
-                dev, consts, pd, rows, l, &mixed, &bt, &al, c.norm_eps, &mut so,
+                dev, scan, consts, pd, rows, l, &mixed, &bt, &al, c.norm_eps, &mut so,
             )?,
         }
         so.reshape(&[n * hv, sd])?;
@@ -1011,6 +1036,7 @@ fn attend_paged(
 #[allow(clippy::too_many_arguments)]
 fn scan_paged(
     dev: &Device,
+    scan: ScanKernel,
     consts: &GpuDeltaNetConsts,
     pd: &mut PagedDevice,
     rows: &PagedRows,
@@ -1027,7 +1053,7 @@ fn scan_paged(
         let state = states[l].as_mut().ok_or_else(mismatch)?;
         if seg.rows == n {
             // One sequence's rows: the step's tensors as they are.
-            delta_net_scan(dev, consts, state, mixed, bt, al, eps, so)?;
+            delta_net_scan_with(dev, scan, consts, state, mixed, bt, al, eps, so)?;
             continue;
         }
         let (mx, b, a) = (
@@ -1038,7 +1064,7 @@ fn scan_paged(
         let mut dims = so.dims().to_vec();
         dims[0] = seg.rows;
         let mut o = GpuTensor::output(dev, &dims)?;
-        delta_net_scan(dev, consts, state, &mx, &b, &a, eps, &mut o)?;
+        delta_net_scan_with(dev, scan, consts, state, &mx, &b, &a, eps, &mut o)?;
         put_rows(dev, so, seg.row0, &o)?;
     }
     Ok(())
