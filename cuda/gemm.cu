@@ -279,6 +279,20 @@ __device__ __forceinline__ int pack4(int a, int b, int c, int d) {
 }
 
 // IQ4_NL's (and IQ4_XS's) non-linear grid, and MXFP4's e2m1 values doubled (src/quant).
+#ifdef BITEXACT_TRIAL_KVALUE_PERM
+// Trial (BITEXACT_CUDA_TRIAL=kvalue_perm, src/device.rs): each grid as four little-endian words
+// of four int8 values, a code's value picked by two byte permutes and a select, in registers
+// (ptxas puts the 16-byte arrays of the default below in local memory, a stack frame in every
+// IQ4 and MXFP4 kernel). The same values: src/device.rs's test decodes these words.
+#define BX_KV_IQ4NL_WORDS 0xbfad9881u, 0xf6eaddcfu, 0x26190d01u, 0x71594535u
+#define BX_KV_MXFP4_WORDS 0x03020100u, 0x0c080604u, 0xfdfeff00u, 0xf4f8fafcu
+__device__ __forceinline__ int kvalue_perm(u32 w0, u32 w1, u32 w2, u32 w3, u32 c) {
+    const u32 lo = __byte_perm(w0, w1, c & 7u), hi = __byte_perm(w2, w3, c & 7u);
+    return (int)(signed char)(((c & 8u) ? hi : lo) & 0xffu);
+}
+__device__ __forceinline__ int kvalue_iq4nl(u32 c) { return kvalue_perm(BX_KV_IQ4NL_WORDS, c); }
+__device__ __forceinline__ int kvalue_mxfp4(u32 c) { return kvalue_perm(BX_KV_MXFP4_WORDS, c); }
+#else
 __device__ __forceinline__ int kvalue_iq4nl(u32 c) {
     const signed char v[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
                                1,    13,   25,  38,  53,  69,  89,  113};
@@ -288,6 +302,7 @@ __device__ __forceinline__ int kvalue_mxfp4(u32 c) {
     const signed char v[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
     return v[c & 15u];
 }
+#endif
 
 // MXFP4's block scale: E8M0 e as 2^(e - 128), exact (subnormal below e = 2).
 __device__ __forceinline__ float e8m0_half(u32 e) {

@@ -96,6 +96,50 @@ fn is_mutant(family: Family) -> bool {
         .unwrap_or(false)
 }
 
+/// Environment variable naming kernel variants under trial (comma-separated names from
+/// [`TRIALS`]). A trial is an `#ifdef BITEXACT_TRIAL_<NAME>` in a `.cu` file that changes how
+/// a kernel computes, never what it computes (the same bits), written where no GPU was at
+/// hand: off by default, so what runs is unchanged (the PTX digests say so) until a lent GPU
+/// has run the tests and benches with and without it; then its `#ifdef` goes, in the commit
+/// that gives the figures.
+pub const TRIAL_ENV: &str = "BITEXACT_CUDA_TRIAL";
+
+/// The trials the `.cu` files know: (name, family, what it changes).
+pub const TRIALS: &[(&str, &str, &str)] = &[(
+    "kvalue_perm",
+    "gemm",
+    "the IQ4_NL/IQ4_XS and MXFP4 code grids by byte permutes of four constant words, not a \
+     16-byte array that ptxas puts in local memory",
+)];
+
+/// The `-D` options of the trials [`TRIAL_ENV`] names (read once per process).
+fn trial_defines() -> Result<&'static [String]> {
+    static DEFINES: OnceLock<std::result::Result<Vec<String>, String>> = OnceLock::new();
+    DEFINES
+        .get_or_init(|| {
+            let Ok(v) = std::env::var(TRIAL_ENV) else {
+                return Ok(Vec::new());
+            };
+            v.split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(|t| match TRIALS.iter().find(|(n, ..)| *n == t) {
+                    Some((n, ..)) => Ok(format!("-DBITEXACT_TRIAL_{}", n.to_uppercase())),
+                    None => Err(format!(
+                        "unknown trial `{t}` in {TRIAL_ENV} (known: {})",
+                        TRIALS
+                            .iter()
+                            .map(|(n, ..)| *n)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )),
+                })
+                .collect()
+        })
+        .as_deref()
+        .map_err(|e| Error::invalid("compile", e.clone()))
+}
+
 /// The pinned NVRTC options for one architecture (`compute_90` for an H100).
 pub fn compile_options(arch: &str, mutant: bool) -> Vec<String> {
     let mut opts = vec![
@@ -131,7 +175,8 @@ fn compile(family: Family, arch: &str) -> Result<Ptx> {
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         return Err(Error::NvrtcMissing);
     }
-    let options = compile_options(arch, is_mutant(family));
+    let mut options = compile_options(arch, is_mutant(family));
+    options.extend(trial_defines()?.iter().cloned());
     let opts = CompileOptions {
         options: options.clone(),
         name: Some(format!("{}.cu", family.name())),
@@ -869,6 +914,49 @@ pub(crate) mod tests {
         ("router", Some(0x988e64e99003c55b)),
         ("row_scale", Some(0x6af17be68f6f4378)),
     ];
+
+    /// Each trial's family compiles with its define (and with the mutant's), and
+    /// `kvalue_perm` keeps its promise: the default gemm PTX has a local array in its IQ4 and
+    /// MXFP4 kernels (the reason for the trial), the trial's has none anywhere.
+    #[test]
+    fn trials_compile_and_keep_their_promise() {
+        if !nvrtc_present("the trials were not compiled") {
+            return;
+        }
+        for &(name, family, _) in super::TRIALS {
+            let family = *Family::ALL
+                .iter()
+                .find(|f| f.name() == family)
+                .expect("a family");
+            for mutant in [false, true] {
+                let mut options = super::compile_options("compute_90", mutant);
+                options.push(format!("-DBITEXACT_TRIAL_{}", name.to_uppercase()));
+                let opts = cudarc::nvrtc::CompileOptions {
+                    options,
+                    name: Some(format!("{}.cu", family.name())),
+                    ..Default::default()
+                };
+                let ptx = cudarc::nvrtc::compile_ptx_with_opts(family.program(), opts)
+                    .unwrap_or_else(|e| panic!("trial {name} (mutant {mutant}): {e:?}"))
+                    .to_src();
+                assert!(
+                    entries_touching_memory_before_the_grid_wait(&ptx).is_empty(),
+                    "trial {name}: a kernel that does not start with bx_grid_begin()"
+                );
+                if name == "kvalue_perm" && !mutant {
+                    let default = family_ptx(family, false).expect("compiles");
+                    assert!(
+                        default.contains("__local_depot"),
+                        "the default has no local array"
+                    );
+                    assert!(
+                        !ptx.contains("__local_depot"),
+                        "kvalue_perm left a local array"
+                    );
+                }
+            }
+        }
+    }
 
     /// Every family's PTX against [`PTX_DIGESTS`]; `BITEXACT_PTX_DUMP=DIR` also writes each
     /// family's PTX to `DIR/<family>.ptx` and its mutant's to `DIR/<family>.mutant.ptx`, to diff

@@ -825,6 +825,44 @@ pub fn gemm_grouped_f32(
 
 #[cfg(test)]
 mod tests {
+    /// The trial `kvalue_perm`'s words (cuda/gemm.cu) decode to the grids of src/quant, code by
+    /// code, through the byte permute its kernels use (`__byte_perm(lo, hi, c & 7)`: byte
+    /// `c & 7` of `hi:lo`, then the words `c & 8` picks, the low byte read as an int8).
+    #[test]
+    fn kvalue_perm_words_are_the_grids() {
+        use crate::quant::{KVALUES_IQ4NL, KVALUES_MXFP4};
+        let src = crate::device::Family::Gemm.program();
+        let words = |name: &str| -> [u32; 4] {
+            let line = src
+                .lines()
+                .find(|l| l.starts_with(&format!("#define {name} ")))
+                .unwrap_or_else(|| panic!("{name} in cuda/gemm.cu"));
+            let w: Vec<u32> = line[name.len() + 9..]
+                .split(',')
+                .map(|t| {
+                    let t = t.trim().trim_end_matches('u');
+                    u32::from_str_radix(t.trim_start_matches("0x"), 16).expect("a hex word")
+                })
+                .collect();
+            w.try_into().expect("four words")
+        };
+        let perm = |lo: u32, hi: u32, sel: u32| {
+            ((u64::from(hi) << 32 | u64::from(lo)) >> (8 * sel)) as u32
+        };
+        for (name, grid) in [
+            ("BX_KV_IQ4NL_WORDS", KVALUES_IQ4NL),
+            ("BX_KV_MXFP4_WORDS", KVALUES_MXFP4),
+        ] {
+            let [w0, w1, w2, w3] = words(name);
+            for (c, &want) in grid.iter().enumerate() {
+                let c = c as u32;
+                let (lo, hi) = (perm(w0, w1, c & 7), perm(w2, w3, c & 7));
+                let got = (if c & 8 != 0 { hi } else { lo } & 0xff) as u8 as i8;
+                assert_eq!(got, want, "{name}, code {c}");
+            }
+        }
+    }
+
     use super::*;
 
     /// Every product kernel the gemm family compiles is one [`crate::kernels::gemm::select`]

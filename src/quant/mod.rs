@@ -23,6 +23,9 @@ mod kquants;
 
 pub use act::{quantize_act, quantize_act_exact, ActQ8};
 pub use kquants::{decode_block, WBlock, WScale};
+// The grids, for the test that ties the gemm kernels' trial words to them.
+#[cfg(test)]
+pub(crate) use kquants::{KVALUES_IQ4NL, KVALUES_MXFP4};
 
 use half::{bf16, f16};
 
