@@ -43,14 +43,10 @@ fn main() {
             let a = GpuTensor::from_host(dev, &small(n * hv, 3), &[n, hv]).unwrap();
             let mut o = GpuTensor::zeros(dev, &[n, hv, s]).unwrap();
             let bytes = 4 * (n * cd + 2 * n * hv + n * hv * s + 2 * hv * s * s);
-            for (name, kernel) in [
-                ("v1", ScanKernel::V1),
-                ("v2", ScanKernel::V2),
-                ("v3", ScanKernel::V3),
-                ("v5", ScanKernel::V5),
-                ("v6", ScanKernel::V6),
-            ] {
-                common::bench_against_copy(group, dev, rows, "delta_net", name, n, bytes, |_| {
+            use ScanKernel::{V1, V2, V3, V5, V6};
+            for kernel in [V1, V2, V3, V5, V6] {
+                let name = format!("{kernel:?}").to_lowercase();
+                common::bench_against_copy(group, dev, rows, "delta_net", &name, n, bytes, |_| {
                     delta_net_scan_with(
                         dev, kernel, &consts, &mut state, &mixed, &b, &a, 1e-6, &mut o,
                     )

@@ -570,17 +570,6 @@ extern "C" __global__ void __launch_bounds__(128)
     dn3_scan<false>(stage, o, m, conv_out, prep, gates, mixed, conv_in, n, hk, hv, s, kc);
 }
 
-extern "C" __global__ void __launch_bounds__(128)
-    delta_net_scan5_f32(SCAN_PARAMS) {
-    bx_grid_begin();
-    __shared__ __align__(16) float stage[2][DN3_CHUNK * DN3_TOK];
-    // Uniform over the grid: the whole-block path needs S = 128 and 16-byte aligned rows.
-    const bool full = s == DN5_S && ((u64)prep & 15u) == 0u && ((u64)gates & 7u) == 0u;
-    if (full)
-        dn3_scan<true>(stage, o, m, conv_out, prep, gates, mixed, conv_in, n, hk, hv, s, kc);
-    else
-        dn3_scan<false>(stage, o, m, conv_out, prep, gates, mixed, conv_in, n, hk, hv, s, kc);
-}
 
 // ------------------------------------------------------------------------------------------
 // v6 of the delta rule: v5's whole-block path (S = 128, 16-byte staging) with token t's output
@@ -691,15 +680,30 @@ __device__ __forceinline__ void dn6_scan(float (*stage)[DN3_CHUNK * DN3_TOK], SC
     dn3_write_windows(conv_out, mixed, conv_in, th, n, hk, s, kc, th.cd);
 }
 
+// v5's and v6's body: their whole-block path where S = 128 and the rows are 16-byte aligned
+// (uniform over the grid), v3's loop and staging otherwise.
+template <bool TWO_CHAINS>
+__device__ __forceinline__ void dn5_entry(SCAN_PARAMS) {
+    __shared__ __align__(16) float stage[2][DN3_CHUNK * DN3_TOK];
+    const bool full = s == DN5_S && ((u64)prep & 15u) == 0u && ((u64)gates & 7u) == 0u;
+    if (!full)
+        dn3_scan<false>(stage, o, m, conv_out, prep, gates, mixed, conv_in, n, hk, hv, s, kc);
+    else if (TWO_CHAINS)
+        dn6_scan(stage, o, m, conv_out, prep, gates, mixed, conv_in, n, hk, hv, s, kc);
+    else
+        dn3_scan<true>(stage, o, m, conv_out, prep, gates, mixed, conv_in, n, hk, hv, s, kc);
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    delta_net_scan5_f32(SCAN_PARAMS) {
+    bx_grid_begin();
+    dn5_entry<false>(o, m, conv_out, prep, gates, mixed, conv_in, n, hk, hv, s, kc);
+}
+
 extern "C" __global__ void __launch_bounds__(128)
     delta_net_scan6_f32(SCAN_PARAMS) {
     bx_grid_begin();
-    __shared__ __align__(16) float stage[2][DN3_CHUNK * DN3_TOK];
-    const bool full = s == DN5_S && ((u64)prep & 15u) == 0u && ((u64)gates & 7u) == 0u;
-    if (full)
-        dn6_scan(stage, o, m, conv_out, prep, gates, mixed, conv_in, n, hk, hv, s, kc);
-    else
-        dn3_scan<false>(stage, o, m, conv_out, prep, gates, mixed, conv_in, n, hk, hv, s, kc);
+    dn5_entry<true>(o, m, conv_out, prep, gates, mixed, conv_in, n, hk, hv, s, kc);
 }
 
 extern "C" __global__ void delta_net_gate_f32(float* __restrict__ out,
