@@ -681,11 +681,13 @@ __device__ __forceinline__ void dn6_scan(float (*stage)[DN3_CHUNK * DN3_TOK], SC
 }
 
 // v5's and v6's body: their whole-block path where S = 128 and the rows are 16-byte aligned
-// (uniform over the grid), v3's loop and staging otherwise.
+// (uniform over the grid), v3's loop and staging otherwise (also for no tokens, which the
+// launch never asks for: v6 reads token 0 before its loop).
 template <bool TWO_CHAINS>
 __device__ __forceinline__ void dn5_entry(SCAN_PARAMS) {
     __shared__ __align__(16) float stage[2][DN3_CHUNK * DN3_TOK];
-    const bool full = s == DN5_S && ((u64)prep & 15u) == 0u && ((u64)gates & 7u) == 0u;
+    const bool full =
+        n > 0u && s == DN5_S && ((u64)prep & 15u) == 0u && ((u64)gates & 7u) == 0u;
     if (!full)
         dn3_scan<false>(stage, o, m, conv_out, prep, gates, mixed, conv_in, n, hk, hv, s, kc);
     else if (TWO_CHAINS)

@@ -902,7 +902,7 @@ pub(crate) mod tests {
         // Varies from process to process under this NVRTC (which shared-memory loads of the
         // tile and split kernels are merged, the register count): no digest to hold.
         ("attention", None),
-        ("delta_net", Some(0x49110af8818c62f9)),
+        ("delta_net", Some(0x21d16770078d384f)),
         ("elementwise", Some(0x641c3f55621193d9)),
         ("fastscan", Some(0xbe008114828b69f9)),
         ("gemm", Some(0x4d26f9810a8929bc)),

@@ -103,6 +103,14 @@ fn scan_matches_reference() {
             case(kernel, &cfg(2048, 16, 32, 128, 4), 40, chunk, 3);
         }
     }
+    // Head dim 128 (v5's and v6's whole-block path) around the 16-token staging: one token
+    // short of a chunk, whole chunks, and one token past them (v6 reads token t + 1 across the
+    // chunk boundary; n = 33 fetches a third chunk into the first buffer).
+    for n in [15, 16, 31, 32, 33, 48, 49] {
+        for kernel in [ScanKernel::V3, ScanKernel::V5, ScanKernel::V6] {
+            case(kernel, &cfg(256, 2, 4, 128, 4), n, n, 60 + n as u64);
+        }
+    }
 }
 
 proptest::proptest! {
