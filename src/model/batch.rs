@@ -386,7 +386,8 @@ impl<'m> BatchSession<'m> {
         let mut sorted_trace = Trace::default();
         let run = forward_layers(
             self.model,
-            // (A paged step's attention takes its own kernels: that choice is not read.)
+            // The library's choices: a paged step's attention takes its own kernels (that
+            // choice is not read), its DeltaNet layers scan with ScanKernel::Auto.
             super::transformer::Kernels::default(),
             dev,
             &ids,
