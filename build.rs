@@ -35,6 +35,7 @@ const LISTS: &[(&str, &str, &[&str], &str)] = &[
     ("fastscan", "fastscan_finish", &[], "FinishArgs"),
     ("fastscan", "f16kv_scores", &[], "F16ScoresArgs"),
     ("fastscan", "f16kv_values", &[], "F16ValuesArgs"),
+    ("fastscan", "f16kv_write", &[], "F16WriteArgs"),
     ("gemm", "PRODUCT_PARAMS", &[], "ProductArgs"),
     ("gemm", "gemm_f32_v1", &[], "V1DenseArgs"),
     ("gemm", "gemm_grouped_f32_v1", &[], "V1GroupedArgs"),

@@ -2,7 +2,9 @@
 // over an encoded K and V cache, plus the f16-KV baseline doing the same attention on
 // uncompressed keys and values (layout: src/quant/fastscan.rs; every operation's order:
 // src/reference/fastscan.rs).
-//   fastscan_encode  x: [n, n_kv, D] -> cache positions pos0 .. pos0 + n of every kv head
+//   fastscan_encode  the rows of positions pos[0] .. pos[0] + n of every kv head -> their codes
+//   f16kv_write      the rows of positions pos[i] of every kv head -> their f16 bits (the
+//                    runner's f16 cache)
 //   fastscan_scores  q: [nq, H, D] -> scores [nq, H, span], per chunk of 256 positions the max
 //   fastscan_values  -> per chunk the exp sum and the D value partials
 //   fastscan_finish  -> the chunk sums in order, the division, the inverse rotation: out
@@ -51,6 +53,13 @@ __device__ __forceinline__ float f16_bits_to_f32(u16 h) {
     return f;
 }
 
+// The f16 bits of a float as the FastScan family stores it: nearest even, NaN as 0x7e00
+// (src/reference/fastscan.rs f16_bits; the payload a conversion keeps differs between the CPU
+// and the GPU).
+__device__ __forceinline__ u16 fs_f16_bits(float f) {
+    return (f != f) ? (u16)0x7e00u : f32_to_f16_bits(f);
+}
+
 // The butterfly transform of v[0..D) in shared memory by one warp (src/reference/fastscan.rs).
 __device__ __forceinline__ void fs_fwht(float* v, u32 D, u32 lane) {
     for (u32 h = 1; h < D; h <<= 1) {
@@ -91,9 +100,15 @@ __device__ __forceinline__ int fs_q8(float v, float s) {
 
 #define FS_ENC_WARPS 8u
 
+// Positions pos[0] .. pos[0] + n (read on the device, so a captured decode step encodes the
+// position it replays at). Position p of kv head h is read at x + r * row_stride + h *
+// head_stride, r = p (absolute: the runner's staging rows [n_kv, cap, D]) or p - pos[0] (the n
+// new rows [n, n_kv, D]). The grid covers the most tiles n positions can touch; a warp past
+// the tiles of this call's positions exits.
 extern "C" __global__ void fastscan_encode(u8* __restrict__ cache, const float* __restrict__ x,
-                                           u32 pos0, u32 n, u32 n_kv, u32 first_tile,
-                                           u32 slots, const float* __restrict__ signs,
+                                           const u32* __restrict__ pos, u32 n, u32 absolute,
+                                           u64 row_stride, u64 head_stride,
+                                           const float* __restrict__ signs,
                                            const float* __restrict__ bounds, u32 nbounds,
                                            u32 D, u32 tile_bytes, u64 head_bytes, float k) {
     bx_grid_begin();
@@ -101,6 +116,8 @@ extern "C" __global__ void fastscan_encode(u8* __restrict__ cache, const float* 
     __shared__ u8 codes[FS_ENC_WARPS][2][FS_MAX_D];
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
     const u32 slot = blockIdx.x * FS_ENC_WARPS + warp;
+    const u32 pos0 = pos[0], first_tile = pos0 / FS_TILE;
+    const u32 slots = ((pos0 + n - 1u) / FS_TILE - first_tile + 1u) * (FS_TILE / 2u);
     if (slot >= slots) return;  // the whole warp
     const u32 kvh = blockIdx.y;
     const u32 tile = first_tile + slot / 16u, i = slot % 16u;
@@ -110,7 +127,8 @@ extern "C" __global__ void fastscan_encode(u8* __restrict__ cache, const float* 
         const u32 p = tile * FS_TILE + i + 16u * half;
         present[half] = p >= pos0 && p < pos0 + n;
         if (!present[half]) continue;
-        const float* row = x + ((u64)(p - pos0) * n_kv + kvh) * D;
+        const float* row =
+            x + (u64)(absolute ? p : p - pos0) * row_stride + (u64)kvh * head_stride;
         float* vw = v[warp];
         for (u32 d = lane; d < D; d += 32u) vw[d] = row[d];
         __syncwarp();
@@ -134,8 +152,7 @@ extern "C" __global__ void fastscan_encode(u8* __restrict__ cache, const float* 
             codes[warp][half][d] = (u8)c;
         }
         if (lane == 0) {
-            reinterpret_cast<u16*>(base)[i + 16u * half] =
-                (norm != norm) ? (u16)0x7e00u : f32_to_f16_bits(norm);
+            reinterpret_cast<u16*>(base)[i + 16u * half] = fs_f16_bits(norm);
         }
         __syncwarp();
     }
@@ -145,6 +162,23 @@ extern "C" __global__ void fastscan_encode(u8* __restrict__ cache, const float* 
         const u8 lo = present[0] ? codes[warp][0][d] : (u8)(old & 0xFu);
         const u8 hi = present[1] ? codes[warp][1][d] : (u8)(old >> 4);
         *byte = (u8)(lo | (hi << 4));
+    }
+}
+
+// Rows of positions pos[i], i < n, of every kv head: k, v: [n_kv, cap, D] f32 (the runner's
+// staging rows) -> kc, vc: [n_kv, cap, D] f16 bits at the same rows.
+extern "C" __global__ void f16kv_write(u16* __restrict__ kc, u16* __restrict__ vc,
+                                       const float* __restrict__ k, const float* __restrict__ v,
+                                       const u32* __restrict__ pos, u32 n, u32 n_kv, u32 D,
+                                       u32 cap) {
+    bx_grid_begin();
+    for (u32 i = blockIdx.y; i < n; i += gridDim.y) {
+        const u64 p = pos[i];
+        BX_GRID_STRIDE(j, (u64)n_kv * D) {
+            const u64 at = ((j / D) * cap + p) * D + j % D;
+            kc[at] = fs_f16_bits(k[at]);
+            vc[at] = fs_f16_bits(v[at]);
+        }
     }
 }
 

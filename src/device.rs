@@ -904,7 +904,7 @@ pub(crate) mod tests {
         ("attention", None),
         ("delta_net", Some(0x21d16770078d384f)),
         ("elementwise", Some(0x641c3f55621193d9)),
-        ("fastscan", Some(0xbe008114828b69f9)),
+        ("fastscan", Some(0x9893e9006d8b49b8)),
         ("gemm", Some(0x4d26f9810a8929bc)),
         ("moe_reduce", Some(0x3f5bacc3f2b4f450)),
         ("norm", Some(0x645796164f80a98a)),

@@ -6,10 +6,10 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use bitexact::kernels::delta_net::ScanKernel;
+use bitexact::model::KvMode;
 use bitexact::model::ModelConfig;
 use bitexact::model::{prompt, CpuSession, GpuModel, ModelWeights, Session, Trace};
 use bitexact::quant::WeightFormat;
-use bitexact::reference::model::KvMode;
 use serde::Serialize;
 
 use crate::compare::{compare_f32, Comparison};
@@ -59,8 +59,8 @@ pub struct ModelArgs {
     /// 16 for the large presets).
     #[arg(long, value_parser = crate::parse_positive)]
     cpu_tokens: Option<usize>,
-    /// KV cache of the attention layers: f32 (the runner's), or f16, fastscan4, fastscan3 (the
-    /// CPU reference's other modes: the GPU paths then do not run).
+    /// KV cache of the attention layers, on every path: f32 (the default), f16, fastscan4,
+    /// fastscan3 (the coded modes take head dims 64, 128 or 256).
     #[arg(long, default_value = "f32", value_parser = parse_kv)]
     kv: KvMode,
     /// Reduction orders: f32 (the canonical orders every kernel computes) or exact (the exact
@@ -278,13 +278,6 @@ fn setup(a: &ModelArgs) -> Result<Setup> {
             a.paths.join(",")
         );
     }
-    if a.kv != KvMode::F32 && !cpu_named {
-        usage!(
-            "--kv {} runs on the CPU paths only, and --paths {} names none",
-            kv_name(a.kv),
-            a.paths.join(",")
-        );
-    }
     let prompt_ids = prompt(a.seed, n, cfg.vocab);
     println!("bitexact oracle: model");
     println!(
@@ -307,12 +300,6 @@ fn setup(a: &ModelArgs) -> Result<Setup> {
     );
     let (dev, note) = a.run.open_device()?;
     let (dev, note) = match (dev, &cfg.hybrid) {
-        (Some(_), _) if a.kv != KvMode::F32 => {
-            let why =
-                "the GPU runner keeps an f32 KV cache: --kv other than f32 runs the CPU paths only";
-            println!("device: not used ({why})");
-            (None, Some(why.to_string()))
-        }
         (Some(_), _) if a.order != crate::Orders::F32 => {
             let why = "the kernels compute the f32 orders: --order exact runs the CPU paths only";
             println!("device: not used ({why})");
@@ -441,7 +428,7 @@ fn run_paths(a: &ModelArgs, s: &Setup) -> Result<Vec<Ran>> {
                     .context("loading the model onto the GPU")?
             }
         };
-        let mut session = Session::new(dev, &model)?;
+        let mut session = Session::with_kv_mode(dev, &model, a.kv)?;
         session.set_attention_v2(a.attention_v2);
         if a.attention_v2 {
             println!("gpu attention: the v2 kernels (asynchronous tile and split)");

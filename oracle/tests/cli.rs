@@ -199,7 +199,7 @@ fn argument_sets(dir: &std::path::Path) -> Vec<Vec<String>> {
         vec!["model", "--cpu", "--tokens", "4", "--kv", "fastscan4"], // tiny's head dim 16
         vec!["model", "--cpu", "--tokens", "4", "--kv", "fastscan5"],
         vec!["model", "--cpu", "--tokens", "4", "--kv", ""],
-        vec!["model", "--tokens", "4", "--kv", "fastscan3"], // no --cpu: the GPU paths refused
+        vec!["model", "--tokens", "4", "--kv", "fastscan3"], // no --cpu: tiny's head dim 16
         vec!["model", "--cpu", "--gguf", &missing],
         vec!["model", "--cpu", "--gguf", &dir_s],
         vec!["model", "--cpu", "--tokens", "2", "--json", &dir_s],
@@ -473,12 +473,6 @@ fn outputs_and_exit_codes_follow_the_rules() {
         ),
         // Flags that would be ignored, or that conflict.
         (s(&["model", "--cpu", "--paths", "gpu-seq,gpu-batched"]), 2),
-        (
-            s(&words(
-                "model --kv fastscan4 --paths gpu-batched --preset small",
-            )),
-            2,
-        ),
         (
             with(&tiny, &["--paths", "cpu,cpu-batched", "--chunk", "1"]),
             2,

@@ -5,18 +5,16 @@
 //! A query's result is a function of its position and the cache alone: [`fastscan_attention`]
 //! with every query of a sequence (prefill) gives the bits of one call per query (decode).
 
-use half::f16;
-
 use super::rope::Positions;
 use super::{as_u32, dims, geometry, MAX_GRID_Y};
 use crate::device::{Device, Family};
 use crate::error::{check_shape, Error, Result};
 use crate::launch::args::fastscan::{
-    EncodeArgs, F16ScoresArgs, F16ValuesArgs, FinishArgs, ScoresArgs, ValuesArgs,
+    EncodeArgs, F16ScoresArgs, F16ValuesArgs, F16WriteArgs, FinishArgs, ScoresArgs, ValuesArgs,
 };
 use crate::launch::{In, Out};
 use crate::quant::fastscan::{codebook, Codebook, FastScanSpec, TILE};
-use crate::reference::fastscan::{ScoreMode, ValueMode, CHUNK};
+use crate::reference::fastscan::{f16_bits, ScoreMode, ValueMode, CHUNK};
 use crate::tensor::GpuTensor;
 
 const THREADS: u32 = 256;
@@ -128,28 +126,72 @@ impl FastScanCache {
         if n == 0 {
             return Ok(());
         }
-        let pos0 = self.len;
-        let first_tile = pos0 / TILE;
-        let slots = ((pos0 + n).div_ceil(TILE) - first_tile) * (TILE / 2);
+        let pos0 = Positions::new(dev, &[self.len as u32])?;
+        let rows = Rows {
+            absolute: false,
+            row_stride: (n_kv * d) as u64,
+            head_stride: d as u64,
+        };
+        self.encode(dev, k, v, &pos0, n, rows)?;
+        self.len += n;
+        Ok(())
+    }
+
+    /// The runner's write: codes the rows of positions `pos` (contiguous, `pos[0]..pos[0] +
+    /// n`; the first read on the device, so a captured step writes where it replays) from the
+    /// step's staging rows `rows: [n_kv, cap', D]` (row `p` of each kv head holding position
+    /// `p`, [`crate::kernels::norm::qkv_norm_rope`]'s cache layout). It leaves `len` alone:
+    /// a cache written this way is read by position ([`attention_upto`]).
+    pub(crate) fn write_rows(
+        &mut self,
+        dev: &Device,
+        rows: &super::attention::LayerCache,
+        pos: &Positions,
+    ) -> Result<()> {
+        const OP: &str = "fastscan_encode";
+        let d = self.spec.d;
+        let [n_kv, cap, kd] = dims(OP, "rows.k", "[n_kv, cap, D]", rows.k.dims())?;
+        check_shape(OP, "rows.k", &[self.n_kv, cap, d], &[n_kv, cap, kd])?;
+        check_shape(OP, "rows.v", &[self.n_kv, cap, d], rows.v.dims())?;
+        pos.check(OP, cap.min(self.cap))?;
+        if pos.is_empty() {
+            return Ok(());
+        }
+        let layout = Rows {
+            absolute: true,
+            row_stride: d as u64,
+            head_stride: (cap * d) as u64,
+        };
+        self.encode(dev, &rows.k, &rows.v, pos, pos.len(), layout)
+    }
+
+    /// Launches the encoder for positions `pos[0]..pos[0] + n`, read from `k, v` as `rows`
+    /// says; the caller checked that they fit.
+    fn encode(
+        &mut self,
+        dev: &Device,
+        k: &GpuTensor<f32>,
+        v: &GpuTensor<f32>,
+        pos: &Positions,
+        n: usize,
+        rows: Rows,
+    ) -> Result<()> {
+        const OP: &str = "fastscan_encode";
         if self.n_kv > MAX_GRID_Y {
             return Err(Error::invalid(OP, format!("{} kv heads", self.n_kv)));
         }
+        let n32 = as_u32(OP, "n", n)?;
+        // The most tiles n positions touch, wherever they start: each a 16-warp pair of slots.
+        let slots = ((n + TILE - 2) / TILE + 1) * (TILE / 2);
         let f = dev.function(Family::FastScan, "fastscan_encode")?;
         let cfg = geometry(
             (slots.div_ceil(ENC_WARPS) as u32, self.n_kv as u32, 1),
             (32 * ENC_WARPS as u32, 1, 1),
             0,
         );
-        let (pos0_32, n32, nkv32, ft32, slots32) = (
-            pos0 as u32,
-            n as u32,
-            self.n_kv as u32,
-            first_tile as u32,
-            slots as u32,
-        );
         let nb = self.codebook.bounds.len() as u32;
         let (d32, tb32, hb) = (
-            d as u32,
+            self.spec.d as u32,
             self.spec.tile_bytes() as u32,
             self.spec.cache_bytes(self.cap) as u64,
         );
@@ -158,11 +200,11 @@ impl FastScanCache {
             let args = EncodeArgs {
                 cache: Out::of(dev, cache.slice_mut()),
                 x: In::of(dev, x.slice()),
-                pos0: pos0_32,
+                pos: In::of(dev, pos.tensor().slice()),
                 n: n32,
-                n_kv: nkv32,
-                first_tile: ft32,
-                slots: slots32,
+                absolute: u32::from(rows.absolute),
+                row_stride: rows.row_stride,
+                head_stride: rows.head_stride,
                 signs: In::of(dev, self.signs.slice()),
                 bounds: In::of(dev, self.bounds.slice()),
                 nbounds: nb,
@@ -171,14 +213,24 @@ impl FastScanCache {
                 head_bytes: hb,
                 k: kk,
             };
-            // SAFETY: x is [n, n_kv, D] with D <= 256 (the kernel's shared rows); the cache is
-            // [n_kv, cache_bytes(cap)] and the slots cover tiles first_tile.. of positions
-            // pos0..pos0 + n <= cap; signs [D], bounds [nb].
+            // SAFETY: x holds the rows of positions pos[0]..pos[0] + n <= cap of every kv head
+            // where `rows` says (checked by the callers), D <= 256 (the kernel's shared rows);
+            // the cache is [n_kv, cache_bytes(cap)] and the grid's slots cover every tile
+            // those positions touch; signs [D], bounds [nb].
             unsafe { dev.launch_kernel(&f, cfg, &args) }?;
         }
-        self.len += n;
         Ok(())
     }
+}
+
+/// Where [`FastScanCache::encode`] reads position `p`'s rows: at `p - pos[0]` (the new rows
+/// alone) or at `p` (the runner's staging rows), each row of kv head `h` at `h * head_stride`
+/// floats further.
+#[derive(Clone, Copy)]
+struct Rows {
+    absolute: bool,
+    row_stride: u64,
+    head_stride: u64,
 }
 
 /// The f16-KV baseline's cache: `k, v: [n_kv, len, D]`, f16 bits.
@@ -192,7 +244,8 @@ pub struct F16KvCache {
 }
 
 impl F16KvCache {
-    /// Uploads `k, v: [n_kv, len, D]` rounded to f16 (nearest even).
+    /// Uploads `k, v: [n_kv, len, D]` rounded to f16 ([`f16_bits`]: nearest even, NaN as
+    /// `0x7e00`).
     pub fn from_host(dev: &Device, k: &[f32], v: &[f32], n_kv: usize, d: usize) -> Result<Self> {
         const OP: &str = "F16KvCache::from_host";
         if n_kv == 0 || !crate::quant::fastscan::DIMS.contains(&d) {
@@ -207,8 +260,7 @@ impl F16KvCache {
         }
         check_shape(OP, "v", &[k.len()], &[v.len()])?;
         as_u32(OP, "len", len)?;
-        let bits =
-            |x: &[f32]| -> Vec<u16> { x.iter().map(|&f| f16::from_f32(f).to_bits()).collect() };
+        let bits = |x: &[f32]| -> Vec<u16> { x.iter().map(|&f| f16_bits(f)).collect() };
         Ok(F16KvCache {
             n_kv,
             len,
@@ -226,6 +278,60 @@ impl F16KvCache {
     /// True when empty.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// The runner's cache: `cap` zeroed positions, each written by position
+    /// ([`F16KvCache::write_rows`]) and read up to a query's position.
+    pub(crate) fn zeros(dev: &Device, n_kv: usize, cap: usize, d: usize) -> Result<Self> {
+        const OP: &str = "F16KvCache::zeros";
+        if n_kv == 0 || !crate::quant::fastscan::DIMS.contains(&d) {
+            return Err(Error::invalid(OP, format!("{n_kv} kv heads of dim {d}")));
+        }
+        as_u32(OP, "cap", cap)?;
+        Ok(F16KvCache {
+            n_kv,
+            len: cap,
+            d,
+            k: GpuTensor::zeros(dev, &[n_kv, cap, d])?,
+            v: GpuTensor::zeros(dev, &[n_kv, cap, d])?,
+        })
+    }
+
+    /// Rounds the rows of positions `pos` (any order) from the step's staging rows `rows:
+    /// [n_kv, cap, D]` (row `p` holding position `p`) into the same rows of the cache.
+    pub(crate) fn write_rows(
+        &mut self,
+        dev: &Device,
+        rows: &super::attention::LayerCache,
+        pos: &Positions,
+    ) -> Result<()> {
+        const OP: &str = "f16kv_write";
+        let (n_kv, cap, d) = (self.n_kv, self.len, self.d);
+        check_shape(OP, "rows.k", &[n_kv, cap, d], rows.k.dims())?;
+        check_shape(OP, "rows.v", &[n_kv, cap, d], rows.v.dims())?;
+        pos.check(OP, cap)?;
+        if pos.is_empty() {
+            return Ok(());
+        }
+        let f = dev.function(Family::FastScan, "f16kv_write")?;
+        let width = (n_kv * d) as u32;
+        let ny = pos.len().min(MAX_GRID_Y) as u32;
+        let cfg = geometry((width.div_ceil(THREADS), ny, 1), (THREADS, 1, 1), 0);
+        let args = F16WriteArgs {
+            kc: Out::of(dev, self.k.slice_mut()),
+            vc: Out::of(dev, self.v.slice_mut()),
+            k: In::of(dev, rows.k.slice()),
+            v: In::of(dev, rows.v.slice()),
+            pos: In::of(dev, pos.tensor().slice()),
+            n: pos.len() as u32,
+            n_kv: n_kv as u32,
+            D: d as u32,
+            cap: cap as u32,
+        };
+        // SAFETY: the staging rows and the cache are both [n_kv, cap, D] and every position is
+        // below cap (checked above); the kernel strides over rows and columns.
+        unsafe { dev.launch_kernel(&f, cfg, &args) }?;
+        Ok(())
     }
 }
 
@@ -267,7 +373,8 @@ pub fn fastscan_attention(
     ws: &mut AttentionWorkspace,
     out: &mut GpuTensor<f32>,
 ) -> Result<()> {
-    attention(dev, q, Kv::Codes(cache, smode, vmode), pos, ws, out)
+    let kv = Kv::Codes(cache, smode, vmode);
+    attention(dev, q, kv, cache.len, pos, ws, out)
 }
 
 /// The f16-KV baseline: the same attention over uncompressed keys and values. Bits:
@@ -280,20 +387,76 @@ pub fn f16kv_attention(
     ws: &mut AttentionWorkspace,
     out: &mut GpuTensor<f32>,
 ) -> Result<()> {
-    attention(dev, q, Kv::F16(cache), pos, ws, out)
+    attention(dev, q, Kv::F16(cache), cache.len, pos, ws, out)
 }
 
-fn attention(
+/// The runner's attention over a cache written by position ([`FastScanCache::write_rows`],
+/// [`F16KvCache::write_rows`]): positions are bounded by the capacity, not by `len` (the
+/// runner has written every position up to each query's). FastScan reads f32 tables and
+/// values, the model reference's modes ([`crate::reference::model::KvMode`]).
+pub(crate) fn coded_attention(
     dev: &Device,
     q: &GpuTensor<f32>,
-    kv: Kv<'_>,
+    cache: CodedKvRef<'_>,
     pos: &Positions,
     ws: &mut AttentionWorkspace,
     out: &mut GpuTensor<f32>,
 ) -> Result<()> {
-    let (op, d, n_kv, len) = match &kv {
-        Kv::Codes(c, ..) => ("fastscan_attention", c.spec.d, c.n_kv, c.len),
-        Kv::F16(c) => ("f16kv_attention", c.d, c.n_kv, c.len),
+    let (kv, bound) = match cache {
+        CodedKvRef::FastScan(c) => (Kv::Codes(c, ScoreMode::F32, ValueMode::F32), c.cap),
+        CodedKvRef::F16(c) => (Kv::F16(c), c.len),
+    };
+    attention(dev, q, kv, bound, pos, ws, out)
+}
+
+/// A cache [`coded_attention`] reads.
+#[derive(Clone, Copy)]
+pub(crate) enum CodedKvRef<'a> {
+    FastScan(&'a FastScanCache),
+    F16(&'a F16KvCache),
+}
+
+/// Floats of scratch [`attention`] takes for `nq` queries of `n_heads` heads of dim `d`, the
+/// furthest at position `span - 1`, in one launch (`None`: it runs them in batches).
+fn scratch_floats(nq: usize, n_heads: usize, d: usize, span: usize) -> (usize, usize) {
+    let nchunk = span.div_ceil(CHUNK);
+    // Per query row: scores [span], chunk maxima and sums [nchunk] each, value partials
+    // [nchunk, D].
+    let per_query = n_heads * (span + nchunk * (2 + d));
+    let batch = (MAX_SCRATCH_BYTES / 4 / per_query).clamp(1, MAX_GRID_Y);
+    (batch, batch.min(nq) * per_query)
+}
+
+impl AttentionWorkspace {
+    /// Grows the scratch to what `nq` queries of `n_heads` heads of dim `d` up to position
+    /// `span - 1` take, so that such a call allocates nothing (a captured step must not).
+    pub(crate) fn reserve(
+        &mut self,
+        dev: &Device,
+        nq: usize,
+        n_heads: usize,
+        d: usize,
+        span: usize,
+    ) -> Result<()> {
+        self.get(dev, scratch_floats(nq, n_heads, d, span).1)
+            .map(|_| ())
+    }
+}
+
+/// `bound`: the positions a query may read (the cache's `len`, or its capacity for the
+/// runner's caches).
+fn attention(
+    dev: &Device,
+    q: &GpuTensor<f32>,
+    kv: Kv<'_>,
+    bound: usize,
+    pos: &Positions,
+    ws: &mut AttentionWorkspace,
+    out: &mut GpuTensor<f32>,
+) -> Result<()> {
+    let (op, d, n_kv) = match &kv {
+        Kv::Codes(c, ..) => ("fastscan_attention", c.spec.d, c.n_kv),
+        Kv::F16(c) => ("f16kv_attention", c.d, c.n_kv),
     };
     let [nq, n_heads, qd] = dims(op, "q", "[nq, n_heads, D]", q.dims())?;
     check_shape(op, "q", &[nq, n_heads, d], &[nq, n_heads, qd])?;
@@ -306,17 +469,14 @@ fn attention(
         ));
     }
     // A cache shorter than a query's position.
-    pos.check(op, len)?;
+    pos.check(op, bound)?;
     if nq == 0 {
         return Ok(());
     }
     let span = pos.max() as usize + 1;
     let nchunk = span.div_ceil(CHUNK);
-    // Per query row: scores [span], chunk maxima and sums [nchunk] each, value partials
-    // [nchunk, D].
-    let per_query = n_heads * (span + nchunk * (2 + d));
-    let batch = (MAX_SCRATCH_BYTES / 4 / per_query).clamp(1, MAX_GRID_Y);
-    let scratch = ws.get(dev, batch.min(nq) * per_query)?;
+    let (batch, floats) = scratch_floats(nq, n_heads, d, span);
+    let scratch = ws.get(dev, floats)?;
     let fns = match &kv {
         Kv::Codes(..) => ["fastscan_scores", "fastscan_values"],
         Kv::F16(_) => ["f16kv_scores", "f16kv_values"],

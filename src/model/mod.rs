@@ -17,7 +17,7 @@ pub mod transformer;
 pub use crate::reference::batch::CpuBatchSession;
 pub use crate::reference::model::CpuSession;
 pub use batch::{BatchSession, StepLogits};
-pub use config::{ModelConfig, MoeConfig};
+pub use config::{KvMode, ModelConfig, MoeConfig};
 pub use moe_block::GpuMoeBlock;
 pub use paged::{BatchToken, PagedSequences, SeqId, PAGE};
 pub use schedule::{Schedule, ScheduleCounts, SeqSpec};

@@ -31,13 +31,17 @@ use crate::kernels::delta_net::{
     delta_net_gate, delta_net_scan_with, GpuDeltaNetConsts, GpuDeltaNetState, ScanKernel,
 };
 use crate::kernels::elementwise::{add, gather_rows_device};
+use crate::kernels::fastscan::{
+    coded_attention, AttentionWorkspace, CodedKvRef, F16KvCache, FastScanCache,
+};
 use crate::kernels::gemm::{matmul, matmul_shared_pair, GpuMatrix, Product};
 use crate::kernels::norm::{add_rmsnorm_q8, qkv_norm_rope, qkv_norm_rope_paged, rmsnorm, QkvInput};
 use crate::kernels::quantize::GpuActPair;
 use crate::kernels::rope::{Positions, RopeTable};
 use crate::model::moe_block::GpuMoeBlock;
+use crate::quant::fastscan::FastScanSpec;
 use crate::quant::QuantMatrix;
-use crate::spec::config::{check_tokens, ModelConfig};
+use crate::spec::config::{check_tokens, KvMode, ModelConfig};
 use crate::spec::trace::Trace;
 use crate::spec::weights::{LayerWeights, Mixer, ModelWeights};
 use crate::tensor::GpuTensor;
@@ -75,11 +79,29 @@ struct DeltaNetMixer {
     out: GpuMatrix,
 }
 
-/// What a session keeps per layer: the KV cache of an attention layer, the recurrent state of
-/// a DeltaNet layer.
+/// What a session keeps per layer: the KV cache of an attention layer (f32 rows, or coded in
+/// another [`KvMode`]), the recurrent state of a DeltaNet layer.
 pub(crate) enum LayerState {
     Kv(LayerCache),
+    Coded(CodedKv),
     DeltaNet(GpuDeltaNetState),
+}
+
+/// An attention layer's cache in a [`KvMode`] other than f32, written by position from the
+/// step's f32 rows ([`CodedScratch`]) and read by the FastScan family's attention: the bits of
+/// [`crate::reference::model::CpuSession`] in the same mode.
+pub(crate) enum CodedKv {
+    F16(F16KvCache),
+    FastScan(Box<FastScanCache>),
+}
+
+/// What the coded caches of a session share: the f32 rows of one layer's keys and values for
+/// the step (`[n_kv, max_context, hd]`, row `p` holding position `p`: the fused norm and
+/// rotation write them as they write an f32 cache, then the layer's cache codes them) and the
+/// attention's scratch. One per session, used by each attention layer in turn.
+pub(crate) struct CodedScratch {
+    rows: LayerCache,
+    ws: AttentionWorkspace,
 }
 
 /// A layer's Wq, Wk and Wv: stacked into one matrix ([`QuantMatrix::concat_rows`], one
@@ -242,8 +264,8 @@ struct DecodeGraph {
     graph: Graph,
 }
 
-/// A decoding session on the GPU: an f32 KV cache for `max_context` positions (per attention
-/// layer), the recurrent state of each Gated DeltaNet layer (a hybrid model), and the position
+/// A decoding session on the GPU: a KV cache for `max_context` positions per attention layer
+/// (f32 rows, or f16 rows or FastScan codes: [`Session::with_kv_mode`]), the recurrent state of each Gated DeltaNet layer (a hybrid model), and the position
 /// reached. `prefill` takes many tokens at once, `decode` one; both give the bits of the CPU
 /// reference for every token. After an error in the middle of a forward the session refuses
 /// further calls until [`Session::reset`], rather than go on from a half-written cache.
@@ -267,12 +289,56 @@ pub struct Session<'m> {
     graph: Option<DecodeGraph>,
     /// The kernel choices ([`Session::set_attention_v2`], [`Session::set_scan`]).
     kernels: Kernels,
+    /// How the attention layers keep keys and values ([`Session::with_kv_mode`]).
+    kv_mode: KvMode,
+    /// The coded caches' shared rows and scratch (`None` with an f32 cache).
+    coded: Option<CodedScratch>,
 }
 
 impl<'m> Session<'m> {
-    /// A fresh session (allocates the KV caches and the DeltaNet states, zeroed).
+    /// A fresh session with an f32 KV cache (allocates the KV caches and the DeltaNet
+    /// states, zeroed).
     pub fn new(dev: &Device, model: &'m GpuModel) -> Result<Self> {
+        Self::with_kv_mode(dev, model, KvMode::F32)
+    }
+
+    /// A fresh session whose attention layers keep keys and values as `kv` says: f32 rows
+    /// (as [`Session::new`]), f16 rows or FastScan codes of 3 or 4 bits (head dims 64, 128
+    /// and 256), each the bits of [`crate::reference::model::CpuSession`] with
+    /// [`crate::reference::model::CpuSession::set_kv_mode`] set alike, on every path. A coded
+    /// mode also keeps one layer's f32 rows of `max_context` positions, shared by the layers.
+    pub fn with_kv_mode(dev: &Device, model: &'m GpuModel, kv: KvMode) -> Result<Self> {
+        const OP: &str = "Session::with_kv_mode";
         let c = &model.cfg;
+        let (nkv, cap, hd) = (c.n_kv_heads, c.max_context, c.head_dim);
+        if kv != KvMode::F32 && !crate::quant::fastscan::DIMS.contains(&hd) {
+            return Err(Error::invalid(
+                OP,
+                format!("a {kv:?} KV cache takes head dims 64, 128 or 256, not {hd}"),
+            ));
+        }
+        let attention = |l: usize| -> Result<LayerState> {
+            Ok(match kv {
+                KvMode::F32 => LayerState::Kv(LayerCache::new(dev, nkv, cap, hd)?),
+                KvMode::F16 => {
+                    LayerState::Coded(CodedKv::F16(F16KvCache::zeros(dev, nkv, cap, hd)?))
+                }
+                KvMode::FastScan { bits } => {
+                    // Layer l's rotation seeded by l, as the CPU reference's.
+                    let spec = FastScanSpec::new(hd, bits, l as u64)?;
+                    LayerState::Coded(CodedKv::FastScan(Box::new(FastScanCache::new(
+                        dev, spec, nkv, cap,
+                    )?)))
+                }
+            })
+        };
+        let coded = match kv {
+            KvMode::F32 => None,
+            _ => Some(CodedScratch {
+                rows: LayerCache::new(dev, nkv, cap, hd)?,
+                ws: AttentionWorkspace::default(),
+            }),
+        };
         Ok(Session {
             model,
             states: (0..c.n_layers)
@@ -280,12 +346,7 @@ impl<'m> Session<'m> {
                     Some(dn) if !c.is_attention_layer(l) => {
                         Ok(LayerState::DeltaNet(GpuDeltaNetState::new(dev, &dn)?))
                     }
-                    _ => Ok(LayerState::Kv(LayerCache::new(
-                        dev,
-                        c.n_kv_heads,
-                        c.max_context,
-                        c.head_dim,
-                    )?)),
+                    _ => attention(l),
                 })
                 .collect::<Result<_>>()?,
             clear_states: false,
@@ -296,7 +357,14 @@ impl<'m> Session<'m> {
             graphs: true,
             graph: None,
             kernels: Kernels::default(),
+            kv_mode: kv,
+            coded,
         })
+    }
+
+    /// How the attention layers keep keys and values.
+    pub fn kv_mode(&self) -> KvMode {
+        self.kv_mode
     }
 
     /// Tokens taken so far (the next token's position).
@@ -402,6 +470,12 @@ impl<'m> Session<'m> {
         let ids = GpuTensor::zeros(dev, &[1])?;
         let pos = Positions::bounded(dev, 1, c.max_context as u32 - 1)?;
         let mut logits = GpuTensor::zeros(dev, &[1, c.vocab])?;
+        if let Some(cs) = &mut self.coded {
+            // The step's attention reads up to the bound of its positions: its scratch is
+            // allocated now, not inside the capture.
+            cs.ws
+                .reserve(dev, 1, c.n_heads, c.head_dim, c.max_context)?;
+        }
         let graph = dev.capture(
             |twin| reserve_scratch(twin, c, 1),
             |twin| self.forward_inner(twin, &ids, &pos, None, &mut logits),
@@ -536,7 +610,7 @@ impl<'m> Session<'m> {
         trace: Option<&mut Trace>,
         logits: &mut GpuTensor<f32>,
     ) -> Result<()> {
-        let mem = Memory::Solo(&mut self.states);
+        let mem = Memory::Solo(&mut self.states, self.coded.as_mut());
         forward_layers(
             self.model,
             self.kernels,
@@ -579,8 +653,8 @@ impl crate::sample::Decoder for SessionOnDevice<'_, '_> {
 /// ([`crate::model::batch::BatchSession`], with the step's rows). The layer loop,
 /// [`forward_layers`], is the same for both.
 pub(crate) enum Memory<'a> {
-    /// Per layer its KV cache or DeltaNet state.
-    Solo(&'a mut [LayerState]),
+    /// Per layer its KV cache or DeltaNet state, and the coded caches' shared rows.
+    Solo(&'a mut [LayerState], Option<&'a mut CodedScratch>),
     /// The paged caches and states, and where this step's rows go.
     Paged(&'a mut PagedDevice, &'a PagedRows),
 }
@@ -664,13 +738,11 @@ pub(crate) fn forward_layers(
     for (l, layer) in m.layers.iter().enumerate() {
         match &layer.mixer {
             GpuMixer::Attention(mixer) => {
-                let (rows, cache) = mem.kv(l)?;
                 let step = AttentionStep {
                     kernel: kernels.attention,
                     positions,
-                    rows,
                 };
-                mixer.forward(m, dev, &step, cache, &x, &mut bufs, &mut o)?
+                mixer.forward(m, dev, &step, mem.kv(l)?, &x, &mut bufs, &mut o)?
             }
             GpuMixer::DeltaNet(mixer) => {
                 mixer.forward(c, dev, kernels.scan, l, &mut mem, &x, &mut o)?
@@ -748,25 +820,34 @@ pub struct Kernels {
     pub scan: ScanKernel,
 }
 
-/// How one forward's attention layers find their keys: the kernel choice and the rows'
-/// positions, and for a batched step where each row's sequence keeps its pages.
+/// How one forward's attention layers run: the kernel choice and the rows' positions.
 struct AttentionStep<'a> {
     kernel: AttentionKernel,
     positions: &'a Positions,
-    rows: Option<&'a PagedRows>,
+}
+
+/// Where an attention layer keeps this step's keys and values.
+enum LayerKv<'a> {
+    /// One sequence's f32 cache, row = position.
+    Solo(&'a mut LayerCache),
+    /// The paged f32 cache, with where each of the step's rows goes.
+    Paged(&'a PagedRows, &'a mut LayerCache),
+    /// One sequence's coded cache, with the session's shared rows.
+    Coded(&'a mut CodedKv, &'a mut CodedScratch),
 }
 
 impl Memory<'_> {
-    /// Layer `l`'s KV cache (solo, or the paged one with the step's rows).
-    fn kv(&mut self, l: usize) -> Result<(Option<&PagedRows>, &mut LayerCache)> {
+    /// Layer `l`'s KV cache.
+    fn kv(&mut self, l: usize) -> Result<LayerKv<'_>> {
         match self {
-            Memory::Solo(states) => match &mut states[l] {
-                LayerState::Kv(cache) => Ok((None, cache)),
-                LayerState::DeltaNet(_) => Err(mismatch()),
+            Memory::Solo(states, scratch) => match (&mut states[l], scratch) {
+                (LayerState::Kv(cache), _) => Ok(LayerKv::Solo(cache)),
+                (LayerState::Coded(cache), Some(sc)) => Ok(LayerKv::Coded(cache, sc)),
+                _ => Err(mismatch()),
             },
             Memory::Paged(pd, rows) => {
                 let cache = pd.caches[l].as_mut().ok_or_else(mismatch)?;
-                Ok((Some(*rows), cache))
+                Ok(LayerKv::Paged(rows, cache))
             }
         }
     }
@@ -774,16 +855,17 @@ impl Memory<'_> {
 
 impl AttentionMixer {
     /// The attention mixer of `x` into `o: [n, dim]`, writing this step's keys and values
-    /// into `cache` first: one product for q, k and v (three if their formats differ); one
+    /// into `kv` first: one product for q, k and v (three if their formats differ); one
     /// launch for their norms, rotations and the cache write (the bits of rmsnorm, rope_neox
-    /// and kv_write in turn); attention; for a gated layer each head's output gate; Wo.
+    /// and kv_write in turn; a coded cache then codes those rows); attention; for a gated
+    /// layer each head's output gate; Wo.
     #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         m: &GpuModel,
         dev: &Device,
         step: &AttentionStep<'_>,
-        cache: &mut LayerCache,
+        kv: LayerKv<'_>,
         x: &GpuActPair,
         bufs: &mut AttentionBuffers,
         o: &mut GpuTensor<f32>,
@@ -822,29 +904,30 @@ impl AttentionMixer {
                 }
             }
         };
-        let (norms, eps) = ((&self.q_norm, &self.k_norm), c.norm_eps);
-        match step.rows {
-            None => qkv_norm_rope(
-                dev,
-                input,
-                self.gated,
-                norms.0,
-                norms.1,
-                eps,
-                step.positions,
-                &m.rope,
-                cache,
-                qn,
-            )?,
-            Some(rows) => {
+        let (qnw, knw, eps, pos) = (&self.q_norm, &self.k_norm, c.norm_eps, step.positions);
+        // Keys and values into the cache, the attention into `a` (or straight into Wo's
+        // quantized input).
+        match kv {
+            LayerKv::Solo(cache) => {
+                qkv_norm_rope(
+                    dev, input, self.gated, qnw, knw, eps, pos, &m.rope, cache, qn,
+                )?;
+                if let (Some(ap), false) = (ap.as_mut(), self.gated) {
+                    // The attention writes Wo's quantized input itself (a launch fewer).
+                    attention_pair_with(dev, step.kernel, qn, cache, pos, ap)?;
+                    return matmul_shared_pair(dev, ap, &mut [Product::Dense(&self.wo, o)]);
+                }
+                attention_with(dev, step.kernel, qn, cache, pos, a)?;
+            }
+            LayerKv::Paged(rows, cache) => {
                 qkv_norm_rope_paged(
                     dev,
                     input,
                     self.gated,
-                    norms.0,
-                    norms.1,
+                    qnw,
+                    knw,
                     eps,
-                    step.positions,
+                    pos,
                     &rows.slots,
                     &m.rope,
                     cache,
@@ -852,28 +935,32 @@ impl AttentionMixer {
                 )?;
                 attend_paged(dev, cache, rows, qn, a)?;
             }
-        }
-        match (ap.as_mut(), step.rows) {
-            // The attention writes Wo's quantized input itself (a launch fewer).
-            (Some(ap), None) if !self.gated => {
-                attention_pair_with(dev, step.kernel, qn, cache, step.positions, ap)?;
-                matmul_shared_pair(dev, ap, &mut [Product::Dense(&self.wo, o)])
-            }
-            (_, rows) => {
-                // (A paged step's attention is already in a.)
-                if rows.is_none() {
-                    attention_with(dev, step.kernel, qn, cache, step.positions, a)?;
-                }
-                if self.gated {
-                    // The gates sit at hd + h * 2 hd of the q product's rows (the stacked
-                    // product's q columns come first).
-                    gate_heads_sigmoid(dev, a, &y0, hd, 2 * hd)?;
-                }
-                a.reshape(&[n, nh * hd])?;
-                matmul(dev, a, &self.wo, o)?;
-                a.reshape(&[n, nh, hd])
+            LayerKv::Coded(cache, sc) => {
+                let CodedScratch { rows, ws } = sc;
+                qkv_norm_rope(
+                    dev, input, self.gated, qnw, knw, eps, pos, &m.rope, rows, qn,
+                )?;
+                let view = match cache {
+                    CodedKv::F16(c) => {
+                        c.write_rows(dev, rows, pos)?;
+                        CodedKvRef::F16(c)
+                    }
+                    CodedKv::FastScan(c) => {
+                        c.write_rows(dev, rows, pos)?;
+                        CodedKvRef::FastScan(c)
+                    }
+                };
+                coded_attention(dev, qn, view, pos, ws, a)?;
             }
         }
+        if self.gated {
+            // The gates sit at hd + h * 2 hd of the q product's rows (the stacked product's q
+            // columns come first).
+            gate_heads_sigmoid(dev, a, &y0, hd, 2 * hd)?;
+        }
+        a.reshape(&[n, nh * hd])?;
+        matmul(dev, a, &self.wo, o)?;
+        a.reshape(&[n, nh, hd])
     }
 }
 
@@ -915,7 +1002,7 @@ impl DeltaNetMixer {
         let mut so = GpuTensor::output(dev, &[n, hv, sd])?;
         let consts = &self.consts;
         match mem {
-            Memory::Solo(states) => {
+            Memory::Solo(states, _) => {
                 let LayerState::DeltaNet(state) = &mut states[l] else {
                     return Err(mismatch());
                 };

@@ -109,7 +109,7 @@ pub fn encode(spec: &FastScanSpec, cb: &Codebook, cache: &mut [u8], x: &[f32], p
         };
         let r = rotate(spec, v);
         let at = norm_at(spec, pos);
-        cache[at..at + 2].copy_from_slice(&norm_bits(norm).to_le_bytes());
+        cache[at..at + 2].copy_from_slice(&f16_bits(norm).to_le_bytes());
         let shift = 4 * ((pos % TILE) / 16);
         for (dd, &rv) in r.iter().enumerate() {
             let y = rv * inv;
@@ -120,13 +120,14 @@ pub fn encode(spec: &FastScanSpec, cb: &Codebook, cache: &mut [u8], x: &[f32], p
     }
 }
 
-/// The f16 bits a norm is stored as: round to nearest even, NaN as `0x7e00` (the payload a
-/// conversion keeps differs between the CPU and the GPU).
-pub fn norm_bits(norm: f32) -> u16 {
-    if norm.is_nan() {
+/// The f16 bits the family stores a float as (a code's norm, an f16 cache's keys and values):
+/// round to nearest even, NaN as `0x7e00` (the payload a conversion keeps differs between the
+/// CPU and the GPU).
+pub fn f16_bits(x: f32) -> u16 {
+    if x.is_nan() {
         0x7e00
     } else {
-        f16::from_f32(norm).to_bits()
+        f16::from_f32(x).to_bits()
     }
 }
 

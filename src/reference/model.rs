@@ -12,26 +12,10 @@ use crate::reference::delta_net::{self, DeltaNetState, DeltaNetWeights};
 use crate::reference::fastscan::{attend_f16, CpuCache, ScoreMode, ValueMode};
 use crate::reference::gemm::GemmOrder;
 use crate::reference::moe_block;
+pub use crate::spec::config::KvMode;
 use crate::spec::config::{check_tokens, ModelConfig};
 use crate::spec::trace::Trace;
 use crate::spec::weights::{LayerWeights, Mixer, ModelWeights};
-
-/// How the attention layers keep their keys and values (and so which attention reads them).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum KvMode {
-    /// f32 rows, [`reference::attention`]'s canonical order (the GPU runner's cache).
-    #[default]
-    F32,
-    /// f16 rows (rounded to nearest even), [`crate::reference::fastscan::attend_f16`]: the
-    /// f16-KV baseline of the FastScan family.
-    F16,
-    /// FastScan codes of `bits` (3 or 4) bits per coordinate, f32 tables and values
-    /// ([`crate::reference::fastscan::CpuCache`]); layer `l`'s rotation seeded by `l`.
-    FastScan {
-        /// 3 or 4.
-        bits: u32,
-    },
-}
 
 /// One attention layer's cache in a [`KvMode`] other than f32.
 enum OtherKv {
@@ -409,7 +393,7 @@ impl Memory for SoloMemory {
                 )
             }
             Some(OtherKv::F16 { k: kc, v: vc }) => {
-                let f16 = |x: f32| half::f16::from_f32(x).to_bits();
+                let f16 = crate::reference::fastscan::f16_bits;
                 for (i, &p) in pos.iter().enumerate() {
                     for kvh in 0..nkv {
                         let (at, src) = (p as usize * hd, (i * nkv + kvh) * hd);

@@ -9,6 +9,24 @@ pub const MAX_EXPERTS: usize = 2048;
 /// Most experts one token may select: one warp lane per selected slot in the routing kernel.
 pub const MAX_TOP_K: usize = 32;
 
+/// How the attention layers keep their keys and values (and so which attention reads them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum KvMode {
+    /// f32 rows, [`crate::reference::attention`]'s canonical order.
+    #[default]
+    F32,
+    /// f16 rows ([`crate::reference::fastscan::f16_bits`]: nearest even, NaN as `0x7e00`),
+    /// [`crate::reference::fastscan::attend_f16`]: the f16-KV baseline of the FastScan family.
+    F16,
+    /// FastScan codes of `bits` (3 or 4) bits per coordinate, f32 tables and values
+    /// ([`crate::reference::fastscan::CpuCache`]); layer `l`'s rotation seeded by `l`. Head
+    /// dims 64, 128 and 256.
+    FastScan {
+        /// 3 or 4.
+        bits: u32,
+    },
+}
+
 /// The shape of a Qwen3-MoE-style decoder.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {

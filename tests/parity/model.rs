@@ -544,3 +544,83 @@ fn cpu_kv_modes_are_schedule_invariant() {
         assert!(s.set_kv_mode(mode).is_err());
     }
 }
+
+/// The GPU session in every coded KV mode ([`Session::with_kv_mode`]) gives the CPU
+/// reference's bits in the same mode: one token at a time, the whole prompt, chunks of 7 (the
+/// encoder's tiles straddled), decode steps as graph replays, and a reset session writing over
+/// the codes of the run before; a plain and a hybrid model (gated attention beside DeltaNet
+/// layers). A head dim the codes do not take is refused.
+#[test]
+fn coded_kv_sessions_equal_cpu() {
+    use bitexact::model::KvMode;
+    let Some(dev) = gpu() else { return };
+    for (preset, fmt) in [
+        ("tiny", WeightFormat::F32),
+        ("tiny", WeightFormat::Q8_0),
+        ("tiny-hybrid", WeightFormat::Q8_0),
+    ] {
+        let mut cfg = ModelConfig::preset(preset, fmt).unwrap();
+        let model16 = GpuModel::load(dev, &ModelWeights::generate(&cfg, 5, None).unwrap()).unwrap();
+        for mode in [KvMode::F16, KvMode::FastScan { bits: 4 }] {
+            assert!(
+                Session::with_kv_mode(dev, &model16, mode).is_err(),
+                "{preset}: {mode:?} with head dim 16"
+            );
+        }
+        cfg.head_dim = 64;
+        cfg.rope_dim = cfg.rope_dim.min(64);
+        let w = ModelWeights::generate(&cfg, 17, None).unwrap();
+        let model = GpuModel::load(dev, &w).unwrap();
+        let tokens = prompt(17, 90, cfg.vocab);
+        let vocab = cfg.vocab;
+        for mode in [
+            KvMode::F16,
+            KvMode::FastScan { bits: 4 },
+            KvMode::FastScan { bits: 3 },
+        ] {
+            let what = format!("{preset} {fmt} {mode:?}");
+            let mut cs = CpuSession::new(&w);
+            cs.set_kv_mode(mode).unwrap();
+            let mut cpu = Trace::default();
+            cs.run(&tokens, &mut cpu).unwrap();
+            assert!(cpu.logits.iter().all(|v| v.is_finite()), "{what}");
+            let mut s = Session::with_kv_mode(dev, &model, mode).unwrap();
+            assert_eq!(s.kv_mode(), mode);
+            for chunk in [1usize, 90, 7] {
+                s.reset();
+                let mut t = Trace::default();
+                for step in tokens.chunks(chunk) {
+                    s.forward(dev, step, Some(&mut t)).unwrap();
+                }
+                same(&format!("{what}: gpu chunk {chunk} vs cpu"), &cpu, &t);
+            }
+            // Decode as graph replays after a prefill, twice (the second over the first's
+            // codes, after a reset).
+            for round in 0..2 {
+                s.reset();
+                s.prefill(dev, &tokens[..10]).unwrap();
+                for (i, &t) in tokens[10..50].iter().enumerate() {
+                    s.decode(dev, t).unwrap();
+                    let at = 10 + i;
+                    assert_bits_eq(
+                        &format!("{what}: decode (round {round}) at {at}"),
+                        &s.logits().unwrap(),
+                        &cpu.logits[at * vocab..(at + 1) * vocab],
+                    );
+                }
+                assert_eq!(s.stats().graph_error, None, "{what}");
+                assert!(
+                    s.stats().graph_replays > 0,
+                    "{what}: decode ran as graph replays"
+                );
+            }
+        }
+        // The f32 mode is the default session's.
+        let mut a = Session::with_kv_mode(dev, &model, KvMode::F32).unwrap();
+        let mut b = Session::new(dev, &model).unwrap();
+        let (mut ta, mut tb) = (Trace::default(), Trace::default());
+        a.forward(dev, &tokens[..20], Some(&mut ta)).unwrap();
+        b.forward(dev, &tokens[..20], Some(&mut tb)).unwrap();
+        same(&format!("{preset} {fmt}: f32 mode vs new"), &tb, &ta);
+    }
+}
