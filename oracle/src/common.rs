@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
+use bitexact::model::KvMode;
 use bitexact::quant::WeightFormat;
 use bitexact::Device;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -198,6 +199,29 @@ pub(crate) fn parse_orders(s: &str) -> Result<Orders, String> {
         "f32" => Ok(Orders::F32),
         "exact" => Ok(Orders::Exact),
         _ => Err(format!("unknown order `{s}` (one of f32, exact)")),
+    }
+}
+
+/// `--kv`: f32, f16, fastscan4 or fastscan3.
+pub(crate) fn parse_kv(s: &str) -> Result<KvMode, String> {
+    match s {
+        "f32" => Ok(KvMode::F32),
+        "f16" => Ok(KvMode::F16),
+        "fastscan4" => Ok(KvMode::FastScan { bits: 4 }),
+        "fastscan3" => Ok(KvMode::FastScan { bits: 3 }),
+        _ => Err(format!(
+            "unknown KV mode `{s}` (one of f32, f16, fastscan4, fastscan3)"
+        )),
+    }
+}
+
+/// The `--kv` name of a mode.
+pub(crate) fn kv_name(m: KvMode) -> &'static str {
+    match m {
+        KvMode::F32 => "f32",
+        KvMode::F16 => "f16",
+        KvMode::FastScan { bits: 3 } => "fastscan3",
+        KvMode::FastScan { .. } => "fastscan4",
     }
 }
 

@@ -19,8 +19,8 @@ mod tokenize;
 use clap::{Parser, Subcommand};
 
 pub(crate) use common::{
-    fmt_secs, parse_format, parse_input, parse_orders, parse_output, parse_positive, parse_scan,
-    Orders, PresetArgs, Progress, RunArgs,
+    fmt_secs, kv_name, parse_format, parse_input, parse_kv, parse_orders, parse_output,
+    parse_positive, parse_scan, Orders, PresetArgs, Progress, RunArgs,
 };
 
 #[derive(Parser)]

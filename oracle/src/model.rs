@@ -61,8 +61,14 @@ pub struct ModelArgs {
     cpu_tokens: Option<usize>,
     /// KV cache of the attention layers, on every path: f32 (the default), f16, fastscan4,
     /// fastscan3 (the coded modes take head dims 64, 128 or 256).
-    #[arg(long, default_value = "f32", value_parser = parse_kv)]
+    #[arg(long, default_value = "f32", value_parser = crate::parse_kv)]
     kv: KvMode,
+    /// Also run the whole prompt once more with an f32 cache (on the GPU when one opened,
+    /// else on the CPU over its scope) and report what --kv costs against it: per token the
+    /// relative L2 of the logits (median, max), the tokens whose top-1 changed, and the bytes
+    /// a position takes per attention layer. Needs --kv other than f32.
+    #[arg(long)]
+    quality: bool,
     /// Reduction orders: f32 (the canonical orders every kernel computes) or exact (the exact
     /// integer orders of attention and of every matrix product, summed exactly and rounded
     /// once: the CPU reference's, the GPU paths then do not run).
@@ -110,6 +116,74 @@ struct Report {
     first_divergence: Option<String>,
     differing_total: u64,
     bit_exact: bool,
+    quality: Option<Quality>,
+}
+
+/// What the KV mode costs against an f32 cache (`--quality`).
+#[derive(Serialize)]
+struct Quality {
+    /// The path whose logits were measured.
+    path: String,
+    tokens: usize,
+    median_relative_l2: f64,
+    max_relative_l2: f64,
+    top1_changed: usize,
+    /// Bytes a position takes per attention layer, K and V, in the mode and with f32.
+    bytes_per_position: usize,
+    f32_bytes_per_position: usize,
+}
+
+impl Quality {
+    /// `got` against `want`, logits of `tokens` rows of `vocab`.
+    fn of(
+        path: &str,
+        got: &[f32],
+        want: &[f32],
+        vocab: usize,
+        cfg: &ModelConfig,
+        kv: KvMode,
+    ) -> Self {
+        let mut rel = Vec::new();
+        let mut top1_changed = 0;
+        let argmax = |r: &[f32]| {
+            r.iter()
+                .enumerate()
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |m, (i, &v)| if v > m.1 { (i, v) } else { m },
+                )
+                .0
+        };
+        for (g, w) in got.chunks(vocab).zip(want.chunks(vocab)) {
+            let num: f64 = g
+                .iter()
+                .zip(w)
+                .map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2))
+                .sum();
+            let den: f64 = w.iter().map(|b| f64::from(*b).powi(2)).sum();
+            rel.push((num / den).sqrt());
+            top1_changed += usize::from(argmax(g) != argmax(w));
+        }
+        let tokens = rel.len();
+        rel.sort_by(f64::total_cmp);
+        let per_head = |bytes: usize| 2 * cfg.n_kv_heads * bytes;
+        let hd = cfg.head_dim;
+        let bytes_per_position = match kv {
+            KvMode::F32 => per_head(4 * hd),
+            KvMode::F16 => per_head(2 * hd),
+            KvMode::FastScan { bits } => bitexact::quant::fastscan::FastScanSpec::new(hd, bits, 0)
+                .map_or(0, |spec| per_head(spec.tile_bytes()) / 32),
+        };
+        Quality {
+            path: path.into(),
+            tokens,
+            median_relative_l2: rel.get(tokens / 2).copied().unwrap_or(f64::NAN),
+            max_relative_l2: rel.last().copied().unwrap_or(f64::NAN),
+            top1_changed,
+            bytes_per_position,
+            f32_bytes_per_position: per_head(4 * hd),
+        }
+    }
 }
 
 struct Ran {
@@ -132,29 +206,6 @@ impl Source {
             Source::Preset(seed) => ModelWeights::generate(cfg, *seed, layers)?,
             Source::Gguf(f) => bitexact::model::gguf::load(f, Some(cfg.max_context), layers)?,
         })
-    }
-}
-
-/// `--kv`: f32, f16, fastscan4 or fastscan3.
-fn parse_kv(s: &str) -> Result<KvMode, String> {
-    match s {
-        "f32" => Ok(KvMode::F32),
-        "f16" => Ok(KvMode::F16),
-        "fastscan4" => Ok(KvMode::FastScan { bits: 4 }),
-        "fastscan3" => Ok(KvMode::FastScan { bits: 3 }),
-        _ => Err(format!(
-            "unknown KV mode `{s}` (one of f32, f16, fastscan4, fastscan3)"
-        )),
-    }
-}
-
-/// The `--kv` name of a mode.
-fn kv_name(m: KvMode) -> &'static str {
-    match m {
-        KvMode::F32 => "f32",
-        KvMode::F16 => "f16",
-        KvMode::FastScan { bits: 3 } => "fastscan3",
-        KvMode::FastScan { .. } => "fastscan4",
     }
 }
 
@@ -203,8 +254,8 @@ struct Setup {
 /// [`report`].
 pub fn run(a: &ModelArgs) -> Result<bool> {
     let s = setup(a)?;
-    let runs = run_paths(a, &s)?;
-    report(a, &s, runs)
+    let (runs, f32_run) = run_paths(a, &s)?;
+    report(a, &s, runs, f32_run)
 }
 
 /// The model and the run's limits, every argument checked against them.
@@ -248,6 +299,11 @@ fn setup(a: &ModelArgs) -> Result<Setup> {
     }
     if let Some(t) = a.cpu_tokens.filter(|&t| t > n) {
         usage!("--cpu-tokens {t} exceeds --tokens {n}");
+    }
+    if a.quality && a.kv == KvMode::F32 {
+        usage!(
+            "--quality measures --kv against an f32 cache: name --kv f16, fastscan4 or fastscan3"
+        );
     }
     if let Some(p) = a.paths.iter().find(|p| !PATHS.contains(&p.as_str())) {
         usage!(
@@ -307,7 +363,7 @@ fn setup(a: &ModelArgs) -> Result<Setup> {
         }
         (dev, _) => (dev, note),
     };
-    println!("kv cache: {}", kv_name(a.kv));
+    println!("kv cache: {}", crate::kv_name(a.kv));
     println!("order: {}", a.order.name());
     let cpu_layers = a
         .cpu_layers
@@ -336,8 +392,9 @@ fn setup(a: &ModelArgs) -> Result<Setup> {
     })
 }
 
-/// Runs the paths `--paths` names (the GPU ones when a device opened), each from the start.
-fn run_paths(a: &ModelArgs, s: &Setup) -> Result<Vec<Ran>> {
+/// Runs the paths `--paths` names (the GPU ones when a device opened), each from the start;
+/// with `--quality`, also the whole prompt with an f32 cache.
+fn run_paths(a: &ModelArgs, s: &Setup) -> Result<(Vec<Ran>, Option<Ran>)> {
     let Setup {
         cfg,
         source,
@@ -481,13 +538,49 @@ fn run_paths(a: &ModelArgs, s: &Setup) -> Result<Vec<Ran>> {
                 runs.push(gpu_path(format!("gpu-chunked-{c}"), steps, &mut progress)?);
             }
         }
+        if a.quality {
+            progress.phase("gpu, f32 cache");
+            drop(session);
+            let mut f32s = Session::new(dev, &model)?;
+            let mut trace = Trace::default();
+            f32s.forward(dev, prompt_ids, Some(&mut trace))?;
+            progress.finish();
+            return Ok((runs, Some(f32_ran("gpu-f32-kv", n, cfg.n_layers, trace))));
+        }
     }
     progress.finish();
-    Ok(runs)
+    if a.quality {
+        // No GPU: the CPU over its scope.
+        let w = source.weights(cfg, Some(cpu_layers))?;
+        let mut s = CpuSession::new(&w);
+        let mut trace = Trace::default();
+        s.forward(&prompt_ids[..cpu_tokens], &mut trace)?;
+        return Ok((
+            runs,
+            Some(f32_ran("cpu-f32-kv", cpu_tokens, cpu_layers, trace)),
+        ));
+    }
+    Ok((runs, None))
+}
+
+/// The `--quality` run with an f32 cache.
+fn f32_ran(name: &str, tokens: usize, layers: usize, trace: Trace) -> Ran {
+    Ran {
+        run: PathRun {
+            name: name.into(),
+            tokens,
+            layers,
+            seconds: 0.0,
+            tokens_per_second: 0.0,
+            forward_calls: vec![tokens],
+        },
+        trace,
+        state: Vec::new(),
+    }
 }
 
 /// The paths' table, every comparison, the verdict and the JSON report.
-fn report(a: &ModelArgs, s: &Setup, runs: Vec<Ran>) -> Result<bool> {
+fn report(a: &ModelArgs, s: &Setup, runs: Vec<Ran>, f32_run: Option<Ran>) -> Result<bool> {
     let Setup {
         cfg,
         n,
@@ -643,6 +736,38 @@ fn report(a: &ModelArgs, s: &Setup, runs: Vec<Ran>) -> Result<bool> {
             first.as_deref().unwrap_or("-")
         );
     }
+    // --quality: the mode's run over the f32 run's tokens and layers (the batched one first)
+    // against it.
+    let quality = f32_run.and_then(|f| {
+        let same = |r: &&Ran| r.run.tokens == f.run.tokens && r.run.layers == f.run.layers;
+        let got = runs
+            .iter()
+            .filter(same)
+            .find(|r| r.run.name.ends_with("-batched"))
+            .or_else(|| runs.iter().find(same))?;
+        let (g, w) = (&got.trace.logits, &f.trace.logits);
+        if w.is_empty() || g.len() != w.len() {
+            println!("quality: not measured (the f32 run has no logits: its layers are not the whole model's)");
+            return None;
+        }
+        Some(Quality::of(&got.run.name, g, w, cfg.vocab, cfg, a.kv))
+    });
+    if let Some(q) = &quality {
+        println!();
+        println!(
+            "quality of the {} cache against an f32 cache ({} vs {}, {} tokens; synthetic weights): logits' relative L2 median {:.2e}, max {:.2e}; top-1 changed at {} of {} tokens; {} bytes a position per attention layer (f32: {})",
+            crate::kv_name(a.kv),
+            q.path,
+            if dev.is_some() { "gpu-f32-kv" } else { "cpu-f32-kv" },
+            q.tokens,
+            q.median_relative_l2,
+            q.max_relative_l2,
+            q.top1_changed,
+            q.tokens,
+            q.bytes_per_position,
+            q.f32_bytes_per_position
+        );
+    }
     a.run.write_json(|| Report {
         mode: "model",
         preset: cfg.name.clone(),
@@ -651,7 +776,7 @@ fn report(a: &ModelArgs, s: &Setup, runs: Vec<Ran>) -> Result<bool> {
         } else {
             a.format.name().into()
         },
-        kv: kv_name(a.kv),
+        kv: crate::kv_name(a.kv),
         order: a.order.name(),
         tokens: n,
         seed: a.seed,
@@ -663,6 +788,7 @@ fn report(a: &ModelArgs, s: &Setup, runs: Vec<Ran>) -> Result<bool> {
         first_divergence: first,
         differing_total,
         bit_exact,
+        quality,
     })?;
     if !compared {
         anyhow::bail!(

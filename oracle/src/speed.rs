@@ -63,6 +63,11 @@ pub struct SpeedArgs {
     /// (`Session::set_scan`; every version gives the same bits).
     #[arg(long, default_value = "auto", value_parser = crate::parse_scan)]
     scan: bitexact::kernels::delta_net::ScanKernel,
+    /// The solo rows' KV cache: f32 (the default), f16, fastscan4 or fastscan3
+    /// (`Session::with_kv_mode`; the coded modes take head dims 64, 128 or 256). A preset's
+    /// context grows to the longest phase.
+    #[arg(long, default_value = "f32", value_parser = crate::parse_kv)]
+    kv: bitexact::model::KvMode,
     /// Also time batched decode: for each count S, S sequences each prefilled to every
     /// --decode-at context, then steps of S decode rows (one per sequence) through one
     /// BatchSession; the aggregate tokens/s.
@@ -262,6 +267,12 @@ fn copy_rate(dev: &Device) -> Result<f64> {
 }
 
 pub fn run(a: &SpeedArgs) -> Result<bool> {
+    if a.batched_only && a.kv != bitexact::model::KvMode::F32 {
+        crate::output::usage!(
+            "--kv {} applies to the solo rows, and --batched-only runs none (the batched session keeps an f32 cache)",
+            crate::kv_name(a.kv)
+        );
+    }
     let longest = a
         .prefill
         .iter()
@@ -297,6 +308,8 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
                 }
                 cfg.n_layers = l;
             }
+            // Room for the longest phase and the decode steps after it.
+            cfg.max_context = cfg.max_context.max(longest + a.steps + 16);
             cfg
         }
     };
@@ -338,7 +351,10 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
         batched(a, &dev, &model, &cfg, &mut rows)?;
         return finish_json(a, &rows);
     }
-    let mut s = Session::new(&dev, &model)?;
+    let mut s = Session::with_kv_mode(&dev, &model, a.kv)?;
+    if a.kv != bitexact::model::KvMode::F32 {
+        println!("KV cache: {} (solo rows)", crate::kv_name(a.kv));
+    }
     s.set_scan(a.scan);
     if a.scan != bitexact::kernels::delta_net::ScanKernel::Auto {
         println!("DeltaNet scan: {:?}", a.scan);

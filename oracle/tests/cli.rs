@@ -473,6 +473,13 @@ fn outputs_and_exit_codes_follow_the_rules() {
         ),
         // Flags that would be ignored, or that conflict.
         (s(&["model", "--cpu", "--paths", "gpu-seq,gpu-batched"]), 2),
+        (with(&tiny, &["--quality"]), 2), // --kv f32: nothing to measure
+        (
+            s(&words("speed --kv fastscan4 --batched-only --sequences 2")),
+            2,
+        ),
+        // What a KV mode costs, on the CPU: a verdict and the quality line.
+        (with(&tiny, &["--kv", "f16", "--quality"]), 0),
         (
             with(&tiny, &["--paths", "cpu,cpu-batched", "--chunk", "1"]),
             2,
