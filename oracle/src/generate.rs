@@ -69,6 +69,10 @@ pub struct GenerateArgs {
     /// logits (implies --verify).
     #[arg(long, value_parser = parse_positive)]
     verify_cpu: Option<usize>,
+    /// KV cache of the attention layers: f32 (the default), f16, fastscan4 or fastscan3 (the
+    /// coded modes take head dims 64, 128 or 256); --verify and --verify-cpu use the same.
+    #[arg(long, default_value = "f32", value_parser = crate::parse_kv)]
+    kv: bitexact::model::KvMode,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -184,10 +188,14 @@ pub fn run(a: &GenerateArgs) -> Result<bool> {
                 a.temperature, a.top_k, a.top_p, a.sample_seed
             )
         },
-        if dev.is_some() {
-            "GPU"
-        } else {
-            "CPU reference"
+        match (dev.is_some(), a.kv) {
+            (true, bitexact::model::KvMode::F32) => "GPU".to_string(),
+            (false, bitexact::model::KvMode::F32) => "CPU reference".to_string(),
+            (gpu, kv) => format!(
+                "{}, {} KV cache",
+                if gpu { "GPU" } else { "CPU reference" },
+                crate::kv_name(kv)
+            ),
         }
     );
     let mut stream = StreamDecoder::new();
@@ -218,7 +226,7 @@ pub fn run(a: &GenerateArgs) -> Result<bool> {
     match &dev {
         Some(dev) => {
             gpu_model = GpuModel::load(dev, &w).context("loading the model onto the GPU")?;
-            session = Some(Session::new(dev, &gpu_model)?);
+            session = Some(Session::with_kv_mode(dev, &gpu_model, a.kv)?);
             let mut d = bitexact::model::transformer::SessionOnDevice {
                 dev,
                 session: session.as_mut().unwrap(),
@@ -227,7 +235,7 @@ pub fn run(a: &GenerateArgs) -> Result<bool> {
             gen = generate_stream(&mut d, &prompt, a.tokens, &sampling, 0, verify, &mut emit)?;
         }
         None => {
-            let mut cpu = CpuSession::new(&w);
+            let mut cpu = cpu_session(&w, a.kv)?;
             t0 = Instant::now();
             gen = generate_stream(&mut cpu, &prompt, a.tokens, &sampling, 0, verify, &mut emit)?;
         }
@@ -259,7 +267,7 @@ pub fn run(a: &GenerateArgs) -> Result<bool> {
             s.reset();
             s.forward(dev, &seq, Some(&mut trace))?;
         }
-        _ => CpuSession::new(&w).forward(&seq, &mut trace)?,
+        _ => cpu_session(&w, a.kv)?.forward(&seq, &mut trace)?,
     }
     let p0 = prompt.len() - 1;
     let mut diff = 0u64;
@@ -276,7 +284,7 @@ pub fn run(a: &GenerateArgs) -> Result<bool> {
     if let Some(m) = verify_cpu {
         let m = m.min(seq.len());
         let mut cpu_trace = Trace::default();
-        CpuSession::new(&w).forward(&seq[..m], &mut cpu_trace)?;
+        cpu_session(&w, a.kv)?.forward(&seq[..m], &mut cpu_trace)?;
         let d2 = differing(&cpu_trace.logits, &trace.logits[..m * v]);
         println!(
             "verified: the CPU reference over the first {m} tokens, {d2} differing bits against the {where_} prefill"
@@ -287,4 +295,14 @@ pub fn run(a: &GenerateArgs) -> Result<bool> {
         anyhow::bail!("verification failed: logits differ (see above)");
     }
     Ok(true)
+}
+
+/// The CPU reference session with the KV cache `kv`.
+fn cpu_session(
+    w: &bitexact::model::ModelWeights,
+    kv: bitexact::model::KvMode,
+) -> Result<CpuSession<'_>> {
+    let mut s = CpuSession::new(w);
+    s.set_kv_mode(kv)?;
+    Ok(s)
 }
