@@ -30,6 +30,10 @@
 //!
 //! Every reduction is a canonical dot (4 partials over 32-blocks) or the norm's lane chains:
 //! a GPU kernel holds a column `M[j]` in the registers of 4 lanes, one 32-block each.
+//!
+//! [`scan_chunked_cpu`] is a second order of steps 2 to 5 (not the default, no kernel yet): the
+//! same mathematics cut into chunks of [`SCAN_CHUNK`] tokens, whose work within a chunk is
+//! matrix products, measured against f64 beside this one.
 
 use crate::error::{Error, Result};
 use crate::math::{exp, sigmoid, silu, softplus};
@@ -59,42 +63,18 @@ pub fn scan_cpu(
     eps: f32,
 ) -> Vec<f32> {
     let c = &w.cfg;
-    let (s, hk, hv, kc, cd) = c.scan_dims();
+    let (s, hk, hv, _, cd) = c.scan_dims();
     let scale = 1.0 / (s as f32).sqrt();
     let mut o = vec![0.0f32; n * hv * s];
     for t in 0..n {
-        // 2. The convolution over the window and this token, then SiLU.
-        let cur = &mixed[t * cd..(t + 1) * cd];
-        let mut y = vec![0.0f32; cd];
-        for (ch, yc) in y.iter_mut().enumerate() {
-            let taps = &w.conv[ch * kc..(ch + 1) * kc];
-            let mut acc = 0.0f32;
-            for (tap, &wt) in taps.iter().enumerate() {
-                let input = if tap + 1 == kc {
-                    cur[ch]
-                } else {
-                    state.conv[tap * cd + ch]
-                };
-                acc = wt.mul_add(input, acc);
-            }
-            *yc = silu(acc);
-        }
-        if kc > 1 {
-            state.conv.copy_within(cd.., 0);
-            state.conv[(kc - 2) * cd..].copy_from_slice(cur);
-        }
-        // 3. Unit q and k per key head.
-        let (q, rest) = y.split_at_mut(hk * s);
-        let (k, v) = rest.split_at_mut(hk * s);
-        for head in q.chunks_mut(s).chain(k.chunks_mut(s)) {
-            l2_normalize(head, eps);
-        }
+        let y = conv_unit(w, &mut state.conv, &mixed[t * cd..(t + 1) * cd], eps);
+        let (q, rest) = y.split_at(hk * s);
+        let (k, v) = rest.split_at(hk * s);
         // 4, 5. Gates and the delta rule per value head.
         for h in 0..hv {
             let kh = h % hk;
             let (qh, kh_, vh) = (&q[kh * s..][..s], &k[kh * s..][..s], &v[h * s..][..s]);
-            let beta = sigmoid(b[t * hv + h]);
-            let g = softplus(a[t * hv + h] + w.dt_bias[h]) * w.ssm_a[h];
+            let (beta, g) = gates(w, b[t * hv + h], a[t * hv + h], h);
             let decay = exp(g);
             let mh = &mut state.m[h * s * s..(h + 1) * s * s];
             for m in mh.iter_mut() {
@@ -112,6 +92,205 @@ pub fn scan_cpu(
         }
     }
     o
+}
+
+/// Steps 2 and 3 for one token `cur: [conv_dim]`: the convolution over the window `conv`
+/// (then moved on by this token) and SiLU, then q and k of every key head made unit; returns
+/// `[conv_dim]`: the unit q heads, the unit k heads, the v heads.
+fn conv_unit(w: &DeltaNetWeights, conv: &mut [f32], cur: &[f32], eps: f32) -> Vec<f32> {
+    let (s, hk, _, kc, cd) = w.cfg.scan_dims();
+    let mut y = vec![0.0f32; cd];
+    for (ch, yc) in y.iter_mut().enumerate() {
+        let taps = &w.conv[ch * kc..(ch + 1) * kc];
+        let mut acc = 0.0f32;
+        for (tap, &wt) in taps.iter().enumerate() {
+            let input = if tap + 1 == kc {
+                cur[ch]
+            } else {
+                conv[tap * cd + ch]
+            };
+            acc = wt.mul_add(input, acc);
+        }
+        *yc = silu(acc);
+    }
+    if kc > 1 {
+        conv.copy_within(cd.., 0);
+        conv[(kc - 2) * cd..].copy_from_slice(cur);
+    }
+    for head in y[..2 * hk * s].chunks_mut(s) {
+        l2_normalize(head, eps);
+    }
+    y
+}
+
+/// Step 4's gates of value head `h` from its `b` and `a`: `(beta, g)`, `g` the log of the decay.
+fn gates(w: &DeltaNetWeights, b: f32, a: f32, h: usize) -> (f32, f32) {
+    (sigmoid(b), softplus(a + w.dt_bias[h]) * w.ssm_a[h])
+}
+
+/// Tokens per chunk of the chunked order ([`scan_chunked_cpu`]).
+pub const SCAN_CHUNK: usize = 64;
+
+/// What the chunked order carries from token to token: the convolution window and, per value
+/// head, the delta-rule matrix at the last chunk boundary (`base`, [`DeltaNetState`]'s layout),
+/// and the tokens of the chunk under way: their unit keys per key head `k: [Hk, C, S]`, and per
+/// value head their corrected values `u: [Hv, C, S]`, their decay factors to the latest token
+/// `f: [Hv, C]` and the decay since the boundary `e: [Hv]` (`C` = [`SCAN_CHUNK`]; entries past
+/// `len`, and everything at a boundary, are zero).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChunkedState {
+    /// The window and the matrices at the last boundary.
+    pub base: DeltaNetState,
+    /// Tokens of the chunk under way (below `C`).
+    pub len: usize,
+    /// `[Hk, C, S]`.
+    pub k: Vec<f32>,
+    /// `[Hv, C, S]`.
+    pub u: Vec<f32>,
+    /// `[Hv, C]`.
+    pub f: Vec<f32>,
+    /// `[Hv]`.
+    pub e: Vec<f32>,
+}
+
+impl ChunkedState {
+    /// The state before the first token.
+    pub fn new(cfg: &DeltaNetConfig) -> Self {
+        let (s, hk, hv) = (cfg.head_dim, cfg.k_heads, cfg.v_heads);
+        ChunkedState {
+            base: DeltaNetState::new(cfg),
+            len: 0,
+            k: vec![0.0; hk * SCAN_CHUNK * s],
+            u: vec![0.0; hv * SCAN_CHUNK * s],
+            f: vec![0.0; hv * SCAN_CHUNK],
+            e: vec![0.0; hv],
+        }
+    }
+}
+
+/// Steps 2 to 5 in the chunked order: the same mathematics as [`scan_cpu`] (not its bits), in
+/// an order whose work within a chunk is matrix products and whose serial chain per token is
+/// one fma per earlier token of the chunk. Not the default: it exists to measure its accuracy
+/// against f64 beside the recurrence's (issue 27) before any kernel computes it.
+///
+/// The tokens are cut into chunks of `C` = [`SCAN_CHUNK`] by their index in the sequence, so
+/// a prompt taken at once, in any pieces or one token at a time gives the same bits. Per value
+/// head, with `M0` the matrix at the chunk's start (rows `j` value dims), token `t` of the
+/// chunk (`t = 0 ..`) with unit `q, k`, value `v`, gates `(beta, decay)` ([`scan_cpu`]'s steps
+/// 2 to 4) and the chunk's earlier tokens `l < t`:
+/// 1. The decay factors, products of the decays as the recurrence multiplies them: `F_l =
+///    F_l * decay` for every `l < t` (set to 1 when token `l` came), `F_t = 1`; `e = e *
+///    decay` (`decay` alone at `t = 0`).
+/// 2. For `l < t`: `A_l = F_l * dot_f32(k_l, k)`, `B_l = F_l * dot_f32(k_l, q)`; `B_t =
+///    dot_f32(k, q)`.
+/// 3. For each `j`: `w = e * dot_f32(M0[j], k)`, then `w = fma(A_l, u_l[j], w)` for `l = 0 ..
+///    t` in order; `u_t[j] = (v_j - w) * beta`.
+/// 4. `r = e * dot_f32(M0[j], q)`, then `r = fma(B_l, u_l[j], r)` for `l = 0 ..= t` in order;
+///    `o_j = r * (1 / sqrt(S))`.
+///
+/// After the chunk's last token (`t = C - 1`), every element `M0[j][i] = e * M0[j][i]`, then
+/// `fma(F_l * u_l[j], k_l[i], .)` for `l = 0 .. C` in order; the chunk's buffers are cleared.
+/// (Unrolling the recurrence gives these sums: the matrix after token `t` is `e M0 + sum_l F_l
+/// u_l k_l^T`, and `u_l` is `beta (v - M k)` with the matrix before the update.) Factors as
+/// products, not `exp` of cumulative log decays: the latter doubled the error against f64.
+pub fn scan_chunked_cpu(
+    w: &DeltaNetWeights,
+    state: &mut ChunkedState,
+    mixed: &[f32],
+    b: &[f32],
+    a: &[f32],
+    n: usize,
+    eps: f32,
+) -> Vec<f32> {
+    const C: usize = SCAN_CHUNK;
+    let (s, hk, hv, _, cd) = w.cfg.scan_dims();
+    let scale = 1.0 / (s as f32).sqrt();
+    let mut o = vec![0.0f32; n * hv * s];
+    for tok in 0..n {
+        let y = conv_unit(
+            w,
+            &mut state.base.conv,
+            &mixed[tok * cd..(tok + 1) * cd],
+            eps,
+        );
+        let (q, rest) = y.split_at(hk * s);
+        let (k, v) = rest.split_at(hk * s);
+        let t = state.len;
+        for kh in 0..hk {
+            state.k[(kh * C + t) * s..][..s].copy_from_slice(&k[kh * s..][..s]);
+        }
+        for h in 0..hv {
+            let kh = h % hk;
+            let (qh, kt, vh) = (&q[kh * s..][..s], &k[kh * s..][..s], &v[h * s..][..s]);
+            let keys = &state.k[kh * C * s..][..C * s];
+            let (beta, ga) = gates(w, b[tok * hv + h], a[tok * hv + h], h);
+            let d = exp(ga);
+            let g = &mut state.f[h * C..][..C];
+            for f in &mut g[..t] {
+                *f *= d;
+            }
+            g[t] = 1.0;
+            let e = if t == 0 { d } else { state.e[h] * d };
+            state.e[h] = e;
+            let (mut ca, mut cb) = (Vec::with_capacity(t), Vec::with_capacity(t + 1));
+            for l in 0..t {
+                let f = g[l];
+                let kl = &keys[l * s..][..s];
+                ca.push(f * dot_f32(kl, kt));
+                cb.push(f * dot_f32(kl, qh));
+            }
+            cb.push(dot_f32(kt, qh));
+            let m0 = &state.base.m[h * s * s..][..s * s];
+            let u = &mut state.u[h * C * s..][..C * s];
+            for j in 0..s {
+                let row = &m0[j * s..][..s];
+                let mut acc = e * dot_f32(row, kt);
+                for (l, &c) in ca.iter().enumerate() {
+                    acc = c.mul_add(u[l * s + j], acc);
+                }
+                let uj = (vh[j] - acc) * beta;
+                u[t * s + j] = uj;
+                let mut r = e * dot_f32(row, qh);
+                for (l, &c) in cb.iter().enumerate() {
+                    r = c.mul_add(u[l * s + j], r);
+                }
+                o[(tok * hv + h) * s + j] = r * scale;
+            }
+        }
+        state.len += 1;
+        if state.len == C {
+            fold_chunk(s, hk, hv, state);
+        }
+    }
+    o
+}
+
+/// The chunked order's fold at a chunk's end ([`scan_chunked_cpu`]): every matrix moved to
+/// the boundary, the buffers cleared.
+fn fold_chunk(s: usize, hk: usize, hv: usize, st: &mut ChunkedState) {
+    const C: usize = SCAN_CHUNK;
+    for h in 0..hv {
+        let keys = &st.k[(h % hk) * C * s..][..C * s];
+        let f = &st.f[h * C..][..C];
+        let u = &st.u[h * C * s..][..C * s];
+        let e = st.e[h];
+        let m0 = &mut st.base.m[h * s * s..][..s * s];
+        for j in 0..s {
+            let coef: Vec<f32> = (0..C).map(|l| f[l] * u[l * s + j]).collect();
+            for i in 0..s {
+                let mut acc = e * m0[j * s + i];
+                for (l, &c) in coef.iter().enumerate() {
+                    acc = c.mul_add(keys[l * s + i], acc);
+                }
+                m0[j * s + i] = acc;
+            }
+        }
+    }
+    st.len = 0;
+    st.k.fill(0.0);
+    st.u.fill(0.0);
+    st.f.fill(0.0);
+    st.e.fill(0.0);
 }
 
 /// The mixer over `n` tokens `x: [n, dim]` in order (its projections in the order `order`,
@@ -221,18 +400,9 @@ mod tests {
         }
     }
 
-    /// The order computes the Gated DeltaNet: against the same mathematics in f64 (the
-    /// projections taken from the f32 path, everything after them in f64).
-    #[test]
-    fn matches_the_f64_recurrence() {
-        let n = 40;
-        let (c, w, x, st, got) = whole(n, 2, 2000);
-        let (s, hk, hv, kc, cd) = c.scan_dims();
-        let f = |v: &[f32]| v.iter().map(|&u| f64::from(u)).collect::<Vec<f64>>();
-        let mixed = f(&gemm(&x, &w.qkv, n).unwrap());
-        let z = f(&gemm(&x, &w.z, n).unwrap());
-        let b = f(&gemm(&x, &w.beta, n).unwrap());
-        let a = f(&gemm(&x, &w.alpha, n).unwrap());
+    /// Steps 2 to 5 in f64 from the f32 inputs, the recurrence as written: `o: [n, Hv, S]`.
+    fn scan_f64(w: &DeltaNetWeights, mixed: &[f32], b: &[f32], a: &[f32], n: usize) -> Vec<f64> {
+        let (s, hk, hv, kc, cd) = w.cfg.scan_dims();
         let silu64 = |v: f64| v / (1.0 + (-v).exp());
         let mut m = vec![0.0f64; hv * s * s];
         let mut o = vec![0.0f64; n * hv * s];
@@ -242,7 +412,8 @@ mod tests {
                     let acc: f64 = (0..kc)
                         .filter(|&tap| t + tap + 1 >= kc)
                         .map(|tap| {
-                            f64::from(w.conv[ch * kc + tap]) * mixed[(t + tap + 1 - kc) * cd + ch]
+                            f64::from(w.conv[ch * kc + tap])
+                                * f64::from(mixed[(t + tap + 1 - kc) * cd + ch])
                         })
                         .sum();
                     silu64(acc)
@@ -257,8 +428,8 @@ mod tests {
                 let q = unit(&y[kh * s..][..s]);
                 let k = unit(&y[(hk + kh) * s..][..s]);
                 let v = &y[(2 * hk + h) * s..][..s];
-                let beta = 1.0 / (1.0 + (-b[t * hv + h]).exp());
-                let sp = (1.0 + (a[t * hv + h] + f64::from(w.dt_bias[h])).exp()).ln();
+                let beta = 1.0 / (1.0 + (-f64::from(b[t * hv + h])).exp());
+                let sp = (1.0 + (f64::from(a[t * hv + h]) + f64::from(w.dt_bias[h])).exp()).ln();
                 let decay = (sp * f64::from(w.ssm_a[h])).exp();
                 let mh = &mut m[h * s * s..(h + 1) * s * s];
                 for j in 0..s {
@@ -272,6 +443,117 @@ mod tests {
                 }
             }
         }
+        o
+    }
+
+    /// Relative L2 of `got` against `want`.
+    fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
+        let (mut num, mut den) = (0.0f64, 0.0f64);
+        for (&g, &w) in got.iter().zip(want) {
+            num += (f64::from(g) - w).powi(2);
+            den += w * w;
+        }
+        (num / den).sqrt()
+    }
+
+    /// The scan's inputs for `n` tokens of a mixer of `c` (weights from `seed`, the log
+    /// decays times `decay_scale`): the weights, `mixed`, `b`, `a`.
+    fn scan_inputs(
+        c: &DeltaNetConfig,
+        n: usize,
+        seed: u64,
+        decay_scale: f32,
+    ) -> (DeltaNetWeights, Vec<f32>, Vec<f32>, Vec<f32>) {
+        let mut w = DeltaNetWeights::generate(c, seed, 100 * seed).unwrap();
+        w.ssm_a.iter_mut().for_each(|x| *x *= decay_scale);
+        let x = input(n, c.dim);
+        let mixed = gemm(&x, &w.qkv, n).unwrap();
+        let b = gemm(&x, &w.beta, n).unwrap();
+        let a = gemm(&x, &w.alpha, n).unwrap();
+        (w, mixed, b, a)
+    }
+
+    /// The chunked order's bits depend on the tokens alone: the whole prompt, pieces that
+    /// start, end and straddle chunk boundaries, or one token at a time give the same outputs
+    /// and the same state (window, matrices and the chunk under way).
+    #[test]
+    fn chunked_order_is_schedule_invariant() {
+        let c = cfg();
+        let n = 2 * SCAN_CHUNK + 22;
+        let (w, mixed, b, a) = scan_inputs(&c, n, 3, 1.0);
+        let (cd, hv) = (c.conv_dim(), c.v_heads);
+        let mut whole = ChunkedState::new(&c);
+        let want = scan_chunked_cpu(&w, &mut whole, &mixed, &b, &a, n, 1e-6);
+        assert_eq!(whole.len, n % SCAN_CHUNK);
+        let same = |x: &[f32], y: &[f32]| x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits());
+        for piece in [1usize, 5, 63, 64, 65, n - 1] {
+            let mut st = ChunkedState::new(&c);
+            let mut got = Vec::new();
+            let mut t0 = 0;
+            while t0 < n {
+                let m = piece.min(n - t0);
+                got.extend(scan_chunked_cpu(
+                    &w,
+                    &mut st,
+                    &mixed[t0 * cd..(t0 + m) * cd],
+                    &b[t0 * hv..(t0 + m) * hv],
+                    &a[t0 * hv..(t0 + m) * hv],
+                    m,
+                    1e-6,
+                ));
+                t0 += m;
+            }
+            assert!(same(&got, &want), "outputs, pieces of {piece}");
+            assert_eq!(st, whole, "state, pieces of {piece}");
+        }
+    }
+
+    /// The chunked order against f64 beside the recurrence's ([`scan_cpu`]) on the same
+    /// inputs: head dims 32 and 128, three seeds, the generator's decays and decays 30 times
+    /// stronger (whole chunks decay to nothing), over 3 to 5 chunks. Prints both errors (the accuracy table of
+    /// BENCHMARKS.md); a broken fold, coefficient or chain lands far above the bound.
+    #[test]
+    fn chunked_order_accuracy_against_f64() {
+        let cases = [
+            (32usize, 200usize, 1.0f32, 4u64),
+            (128, 320, 1.0, 4),
+            (128, 320, 1.0, 5),
+            (128, 320, 1.0, 6),
+            (128, 160, 30.0, 4),
+        ];
+        for (s, n, decay_scale, seed) in cases {
+            let mut c = cfg();
+            c.head_dim = s;
+            let (w, mixed, b, a) = scan_inputs(&c, n, seed, decay_scale);
+            let want = scan_f64(&w, &mixed, &b, &a, n);
+            let rec = scan_cpu(&w, &mut DeltaNetState::new(&c), &mixed, &b, &a, n, 1e-6);
+            let chunked = scan_chunked_cpu(&w, &mut ChunkedState::new(&c), &mixed, &b, &a, n, 1e-6);
+            let (er, ec) = (rel_l2(&rec, &want), rel_l2(&chunked, &want));
+            println!(
+                "S={s} n={n} decay x{decay_scale} seed {seed}: recurrence {er:.3e}, chunked (C={SCAN_CHUNK}) {ec:.3e} relative L2 against f64"
+            );
+            assert!(er < 1e-5 && ec < 1e-5, "S={s}: {er:e} {ec:e}");
+            assert!(
+                chunked.iter().zip(&rec).any(|(x, y)| x != y),
+                "S={s}: the chunked order is the recurrence's bits"
+            );
+        }
+    }
+
+    /// The order computes the Gated DeltaNet: against the same mathematics in f64 (the
+    /// projections taken from the f32 path, everything after them in f64).
+    #[test]
+    fn matches_the_f64_recurrence() {
+        let n = 40;
+        let (c, w, x, st, got) = whole(n, 2, 2000);
+        let f = |v: &[f32]| v.iter().map(|&u| f64::from(u)).collect::<Vec<f64>>();
+        let mixed = gemm(&x, &w.qkv, n).unwrap();
+        let z = f(&gemm(&x, &w.z, n).unwrap());
+        let b = gemm(&x, &w.beta, n).unwrap();
+        let a = gemm(&x, &w.alpha, n).unwrap();
+        let (s, _, hv, _, _) = c.scan_dims();
+        let silu64 = |v: f64| v / (1.0 + (-v).exp());
+        let o = scan_f64(&w, &mixed, &b, &a, n);
         let mut gated = vec![0.0f32; n * hv * s];
         for (r, head) in o.chunks(s).enumerate() {
             let rs = 1.0 / (head.iter().map(|v| v * v).sum::<f64>() / s as f64 + 1e-6).sqrt();
