@@ -16,7 +16,9 @@
 //
 // Versions:
 //   fastscan_encode  v1: one warp per pair of positions (i, i + 16) of a tile, so each code
-//                    byte (two nibbles) has one writer; rotation in shared memory.
+//                    byte (two nibbles) has one writer; rotation in shared memory. The first
+//                    position is read on the device (a captured decode step), the rows by
+//                    stride (new rows, or a session's staging rows by position).
 //   fastscan_scores  v2: one block of 256 threads per (chunk, head, query), warp w on tile w
 //                    of the chunk, lane j on its position j; the tile's code rows staged in
 //                    shared memory (v1 read each position's code bytes one at a time from

@@ -363,6 +363,16 @@ fn setup(a: &ModelArgs) -> Result<Setup> {
         }
         (dev, _) => (dev, note),
     };
+    if dev.is_some()
+        && a.kv != KvMode::F32
+        && !bitexact::quant::fastscan::DIMS.contains(&cfg.head_dim)
+    {
+        usage!(
+            "--kv {} on the GPU takes head dims 64, 128 or 256, and the model's are {} (add --cpu for the CPU paths)",
+            crate::kv_name(a.kv),
+            cfg.head_dim
+        );
+    }
     println!("kv cache: {}", crate::kv_name(a.kv));
     println!("order: {}", a.order.name());
     let cpu_layers = a
@@ -553,6 +563,8 @@ fn run_paths(a: &ModelArgs, s: &Setup) -> Result<(Vec<Ran>, Option<Ran>)> {
         // No GPU: the CPU over its scope.
         let w = source.weights(cfg, Some(cpu_layers))?;
         let mut s = CpuSession::new(&w);
+        let (attn, gemm) = a.order.parts();
+        s.set_orders(attn, gemm);
         let mut trace = Trace::default();
         s.forward(&prompt_ids[..cpu_tokens], &mut trace)?;
         return Ok((
@@ -740,11 +752,18 @@ fn report(a: &ModelArgs, s: &Setup, runs: Vec<Ran>, f32_run: Option<Ran>) -> Res
     // against it.
     let quality = f32_run.and_then(|f| {
         let same = |r: &&Ran| r.run.tokens == f.run.tokens && r.run.layers == f.run.layers;
-        let got = runs
+        let Some(got) = runs
             .iter()
             .filter(same)
             .find(|r| r.run.name.ends_with("-batched"))
-            .or_else(|| runs.iter().find(same))?;
+            .or_else(|| runs.iter().find(same))
+        else {
+            println!(
+                "quality: not measured (no path ran the f32 run's {} tokens and {} layers)",
+                f.run.tokens, f.run.layers
+            );
+            return None;
+        };
         let (g, w) = (&got.trace.logits, &f.trace.logits);
         if w.is_empty() || g.len() != w.len() {
             println!("quality: not measured (the f32 run has no logits: its layers are not the whole model's)");

@@ -132,6 +132,9 @@ struct Row {
     /// `tokens`, later for the graph pass, which follows the eager one).
     #[serde(skip_serializing_if = "Option::is_none")]
     context: Option<usize>,
+    /// Solo rows with a KV cache other than f32: its `--kv` name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kv: Option<&'static str>,
 }
 
 /// Parameters one token touches: attention, router and the top-k experts of every layer, plus
@@ -280,18 +283,18 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
         .copied()
         .max()
         .unwrap_or(1);
+    // Batched rows decode `steps` eagerly, `steps` more as graph replays, one profiled step
+    // and up to `steps` beside a mixed prompt: at most 3 x steps + 1 past the longest phase.
+    let past = if a.sequences.is_empty() {
+        a.steps
+    } else {
+        3 * a.steps + 1
+    };
     // A file: its weights as stored (llama.cpp's file, read once into host memory), with a
     // context long enough for the longest phase. A preset: generated layer by layer.
     let file = match &a.gguf {
         Some(path) => {
             let f = bitexact::gguf::GgufFile::open(path)?;
-            // Batched rows decode `steps` eagerly, `steps` more as graph replays, one profiled
-            // step and up to `steps` beside a mixed prompt: at most 3 x steps + 1 past it.
-            let past = if a.sequences.is_empty() {
-                a.steps
-            } else {
-                3 * a.steps + 1
-            };
             let context = longest + past + 16;
             Some(bitexact::model::gguf::load(&f, Some(context), None)?)
         }
@@ -309,7 +312,7 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
                 cfg.n_layers = l;
             }
             // Room for the longest phase and the decode steps after it.
-            cfg.max_context = cfg.max_context.max(longest + a.steps + 16);
+            cfg.max_context = cfg.max_context.max(longest + past + 16);
             cfg
         }
     };
@@ -409,6 +412,7 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
             tokens_per_s: n as f64 / secs,
             sequences: None,
             context: None,
+            kv: (a.kv != bitexact::model::KvMode::F32).then(|| crate::kv_name(a.kv)),
         });
         let ideal = 2.0 * params * n as f64 / (bf16_rate * 1e12);
         println!(
@@ -486,6 +490,7 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
                 tokens_per_s: 1.0 / secs,
                 sequences: None,
                 context: None,
+                kv: (a.kv != bitexact::model::KvMode::F32).then(|| crate::kv_name(a.kv)),
             });
             // Kernels in one step: those of the captured graph (one launch a step), or the
             // eager launches per step.
@@ -661,6 +666,7 @@ fn batched(
                     tokens_per_s: n_seq as f64 / secs,
                     sequences: Some(n_seq),
                     context: Some(c),
+                    kv: None,
                 });
                 println!(
                     "| {phase} | {} | {n_seq} | {:.2} ms (min {:.2}, max {:.2}) | {:.1} | {:.1} | {launches:.0} | {:.1} MB |",
@@ -746,6 +752,7 @@ fn batched(
                     tokens_per_s: per_step as f64 / secs,
                     sequences: Some(n_seq),
                     context: Some(c),
+                    kv: None,
                 });
             }
         }

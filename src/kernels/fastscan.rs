@@ -24,7 +24,9 @@ const ENC_WARPS: usize = 8;
 const MAX_SCRATCH_BYTES: usize = 256 << 20;
 
 /// One layer's FastScan K and V caches on the device: `k, v: [n_kv, cache_bytes(cap)]` bytes
-/// in the tile layout of [`crate::quant::fastscan`], positions `0..len` written.
+/// in the tile layout of [`crate::quant::fastscan`], positions `0..len` written by
+/// [`FastScanCache::append`] (a session's caches are written by position instead and keep `len`
+/// at 0).
 #[derive(Debug)]
 pub struct FastScanCache {
     spec: FastScanSpec,
@@ -86,7 +88,7 @@ impl FastScanCache {
         self.cap
     }
 
-    /// Positions written.
+    /// Positions written by [`FastScanCache::append`].
     pub fn len(&self) -> usize {
         self.len
     }
@@ -137,11 +139,13 @@ impl FastScanCache {
         Ok(())
     }
 
-    /// The runner's write: codes the rows of positions `pos` (contiguous, `pos[0]..pos[0] +
-    /// n`; the first read on the device, so a captured step writes where it replays) from the
-    /// step's staging rows `rows: [n_kv, cap', D]` (row `p` of each kv head holding position
-    /// `p`, [`crate::kernels::norm::qkv_norm_rope`]'s cache layout). It leaves `len` alone:
-    /// a cache written this way is read by position ([`attention_upto`]).
+    /// The runner's write: codes the rows of positions `pos` from the step's staging rows
+    /// `rows: [n_kv, cap', D]` (row `p` of each kv head holding position `p`,
+    /// [`crate::kernels::norm::qkv_norm_rope`]'s cache layout). The positions must be
+    /// contiguous, `pos[0] .. pos[0] + n` (a session's are): the kernel reads `pos[0]` on the
+    /// device, so a captured step writes where it replays, and only the largest position is
+    /// known here to check. It leaves `len` alone: a cache written this way is read by
+    /// position ([`coded_attention`]).
     pub(crate) fn write_rows(
         &mut self,
         dev: &Device,
@@ -214,7 +218,8 @@ impl FastScanCache {
                 k: kk,
             };
             // SAFETY: x holds the rows of positions pos[0]..pos[0] + n <= cap of every kv head
-            // where `rows` says (checked by the callers), D <= 256 (the kernel's shared rows);
+            // where `rows` says (append: its own positions; write_rows: contiguous positions,
+            // its callers' promise, whose largest is checked), D <= 256 (the shared rows);
             // the cache is [n_kv, cache_bytes(cap)] and the grid's slots cover every tile
             // those positions touch; signs [D], bounds [nb].
             unsafe { dev.launch_kernel(&f, cfg, &args) }?;
@@ -416,8 +421,9 @@ pub(crate) enum CodedKvRef<'a> {
     F16(&'a F16KvCache),
 }
 
-/// Floats of scratch [`attention`] takes for `nq` queries of `n_heads` heads of dim `d`, the
-/// furthest at position `span - 1`, in one launch (`None`: it runs them in batches).
+/// Queries per launch and floats of scratch [`attention`] takes for `nq` queries of `n_heads`
+/// heads of dim `d`, the furthest at position `span - 1` (more queries than one launch takes
+/// run in batches that reuse the scratch).
 fn scratch_floats(nq: usize, n_heads: usize, d: usize, span: usize) -> (usize, usize) {
     let nchunk = span.div_ceil(CHUNK);
     // Per query row: scores [span], chunk maxima and sums [nchunk] each, value partials

@@ -262,6 +262,9 @@ struct DecodeGraph {
     pos: Positions,
     logits: GpuTensor<f32>,
     graph: Graph,
+    /// A coded cache's attention scratch the graph's kernels read and write: the graph's own,
+    /// so that an eager forward that grows the session's scratch never moves it.
+    _coded_ws: Option<AttentionWorkspace>,
 }
 
 /// A decoding session on the GPU: a KV cache for `max_context` positions per attention layer
@@ -470,21 +473,30 @@ impl<'m> Session<'m> {
         let ids = GpuTensor::zeros(dev, &[1])?;
         let pos = Positions::bounded(dev, 1, c.max_context as u32 - 1)?;
         let mut logits = GpuTensor::zeros(dev, &[1, c.vocab])?;
+        // A coded cache's attention reads up to the bound of the step's positions: the graph's
+        // scratch for it is allocated now (not inside the capture) and lent to the session
+        // while it captures.
+        let mut coded_ws = None;
         if let Some(cs) = &mut self.coded {
-            // The step's attention reads up to the bound of its positions: its scratch is
-            // allocated now, not inside the capture.
-            cs.ws
-                .reserve(dev, 1, c.n_heads, c.head_dim, c.max_context)?;
+            let mut ws = AttentionWorkspace::default();
+            ws.reserve(dev, 1, c.n_heads, c.head_dim, c.max_context)?;
+            std::mem::swap(&mut cs.ws, &mut ws);
+            coded_ws = Some(ws);
         }
         let graph = dev.capture(
             |twin| reserve_scratch(twin, c, 1),
             |twin| self.forward_inner(twin, &ids, &pos, None, &mut logits),
-        )?;
+        );
+        // The session's own scratch back, the graph's kept with it.
+        if let (Some(cs), Some(own)) = (&mut self.coded, coded_ws.as_mut()) {
+            std::mem::swap(&mut cs.ws, own);
+        }
         Ok(DecodeGraph {
             ids,
             pos,
             logits,
-            graph,
+            graph: graph?,
+            _coded_ws: coded_ws,
         })
     }
 

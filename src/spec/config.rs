@@ -17,6 +17,7 @@ pub enum KvMode {
     F32,
     /// f16 rows ([`crate::reference::fastscan::f16_bits`]: nearest even, NaN as `0x7e00`),
     /// [`crate::reference::fastscan::attend_f16`]: the f16-KV baseline of the FastScan family.
+    /// Any head dim on the CPU; 64, 128 or 256 on the GPU.
     F16,
     /// FastScan codes of `bits` (3 or 4) bits per coordinate, f32 tables and values
     /// ([`crate::reference::fastscan::CpuCache`]); layer `l`'s rotation seeded by `l`. Head

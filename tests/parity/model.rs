@@ -546,10 +546,12 @@ fn cpu_kv_modes_are_schedule_invariant() {
 }
 
 /// The GPU session in every coded KV mode ([`Session::with_kv_mode`]) gives the CPU
-/// reference's bits in the same mode: one token at a time, the whole prompt, chunks of 7 (the
-/// encoder's tiles straddled), decode steps as graph replays, and a reset session writing over
-/// the codes of the run before; a plain and a hybrid model (gated attention beside DeltaNet
-/// layers). A head dim the codes do not take is refused.
+/// reference's bits in the same mode over 300 tokens (two of the attention's 256-position
+/// chunks; a context of 500, not whole tiles): one token at a time, the whole prompt, chunks of
+/// 7 (the encoder's tiles straddled), decode steps as graph replays, and after a reset a longer
+/// prefill (its attention scratch larger than the captured step's) then more replays, writing
+/// over the codes of the run before; a plain and a hybrid model (gated attention beside
+/// DeltaNet layers). A head dim the codes do not take is refused.
 #[test]
 fn coded_kv_sessions_equal_cpu() {
     use bitexact::model::KvMode;
@@ -569,9 +571,11 @@ fn coded_kv_sessions_equal_cpu() {
         }
         cfg.head_dim = 64;
         cfg.rope_dim = cfg.rope_dim.min(64);
+        cfg.max_context = 500;
         let w = ModelWeights::generate(&cfg, 17, None).unwrap();
         let model = GpuModel::load(dev, &w).unwrap();
-        let tokens = prompt(17, 90, cfg.vocab);
+        let n = 300;
+        let tokens = prompt(17, n, cfg.vocab);
         let vocab = cfg.vocab;
         for mode in [
             KvMode::F16,
@@ -586,7 +590,7 @@ fn coded_kv_sessions_equal_cpu() {
             assert!(cpu.logits.iter().all(|v| v.is_finite()), "{what}");
             let mut s = Session::with_kv_mode(dev, &model, mode).unwrap();
             assert_eq!(s.kv_mode(), mode);
-            for chunk in [1usize, 90, 7] {
+            for chunk in [1usize, n, 7] {
                 s.reset();
                 let mut t = Trace::default();
                 for step in tokens.chunks(chunk) {
@@ -594,14 +598,16 @@ fn coded_kv_sessions_equal_cpu() {
                 }
                 same(&format!("{what}: gpu chunk {chunk} vs cpu"), &cpu, &t);
             }
-            // Decode as graph replays after a prefill, twice (the second over the first's
-            // codes, after a reset).
-            for round in 0..2 {
+            // Decode as graph replays after a short prefill, then after a reset a longer one
+            // (over the first round's codes; the session's scratch grows, the graph's must
+            // not move) and replays past the first 256 positions.
+            let mut s = Session::with_kv_mode(dev, &model, mode).unwrap();
+            for (round, (pre, end)) in [(10usize, 15usize), (270, n)].into_iter().enumerate() {
                 s.reset();
-                s.prefill(dev, &tokens[..10]).unwrap();
-                for (i, &t) in tokens[10..50].iter().enumerate() {
+                s.prefill(dev, &tokens[..pre]).unwrap();
+                for (i, &t) in tokens[pre..end].iter().enumerate() {
                     s.decode(dev, t).unwrap();
-                    let at = 10 + i;
+                    let at = pre + i;
                     assert_bits_eq(
                         &format!("{what}: decode (round {round}) at {at}"),
                         &s.logits().unwrap(),
