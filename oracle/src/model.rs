@@ -10,6 +10,7 @@ use bitexact::model::KvMode;
 use bitexact::model::ModelConfig;
 use bitexact::model::{prompt, CpuSession, GpuModel, ModelWeights, Session, Trace};
 use bitexact::quant::WeightFormat;
+use bitexact::reference::model::ScanOrder;
 use serde::Serialize;
 
 use crate::compare::{compare_f32, Comparison};
@@ -63,10 +64,11 @@ pub struct ModelArgs {
     /// fastscan3 (the coded modes take head dims 64, 128 or 256).
     #[arg(long, default_value = "f32", value_parser = crate::parse_kv)]
     kv: KvMode,
-    /// Also run the whole prompt once more with an f32 cache (on the GPU when one opened,
-    /// else on the CPU over its scope) and report what --kv costs against it: per token the
-    /// relative L2 of the logits (median, max), the tokens whose top-1 changed, and the bytes
-    /// a position takes per attention layer. Needs --kv other than f32.
+    /// Also run the whole prompt once more with an f32 cache and the recurrent scan (on the
+    /// GPU when one opened, else on the CPU over its scope) and report what --kv and
+    /// --scan-order cost against it: per token the relative L2 of the logits (median, max),
+    /// the tokens whose top-1 changed, and the bytes a position takes per attention layer.
+    /// Needs --kv other than f32 or --scan-order chunked.
     #[arg(long)]
     quality: bool,
     /// Reduction orders: f32 (the canonical orders every kernel computes) or exact (the exact
@@ -74,6 +76,10 @@ pub struct ModelArgs {
     /// once: the CPU reference's, the GPU paths then do not run).
     #[arg(long, default_value = "f32", value_parser = crate::parse_orders)]
     order: crate::Orders,
+    /// The DeltaNet layers' scan order: recurrence (every kernel's) or chunked (64-token
+    /// chunks, the CPU reference's alone: the GPU paths then do not run).
+    #[arg(long, default_value = "recurrence", value_parser = parse_scan_order)]
+    scan_order: ScanOrder,
     /// Stop at the first divergence.
     #[arg(long)]
     stop_early: bool,
@@ -106,6 +112,7 @@ struct Report {
     format: String,
     kv: &'static str,
     order: &'static str,
+    scan_order: &'static str,
     tokens: usize,
     seed: u64,
     device: Option<String>,
@@ -300,9 +307,9 @@ fn setup(a: &ModelArgs) -> Result<Setup> {
     if let Some(t) = a.cpu_tokens.filter(|&t| t > n) {
         usage!("--cpu-tokens {t} exceeds --tokens {n}");
     }
-    if a.quality && a.kv == KvMode::F32 {
+    if a.quality && a.kv == KvMode::F32 && a.scan_order == ScanOrder::Recurrence {
         usage!(
-            "--quality measures --kv against an f32 cache: name --kv f16, fastscan4 or fastscan3"
+            "--quality measures --kv and --scan-order against an f32 cache and the recurrence: name --kv f16, fastscan4 or fastscan3, or --scan-order chunked"
         );
     }
     if let Some(p) = a.paths.iter().find(|p| !PATHS.contains(&p.as_str())) {
@@ -334,6 +341,12 @@ fn setup(a: &ModelArgs) -> Result<Setup> {
             a.paths.join(",")
         );
     }
+    if a.scan_order != ScanOrder::Recurrence && !cpu_named {
+        usage!(
+            "--scan-order chunked runs on the CPU paths only, and --paths {} names none",
+            a.paths.join(",")
+        );
+    }
     let prompt_ids = prompt(a.seed, n, cfg.vocab);
     println!("bitexact oracle: model");
     println!(
@@ -361,6 +374,11 @@ fn setup(a: &ModelArgs) -> Result<Setup> {
             println!("device: not used ({why})");
             (None, Some(why.to_string()))
         }
+        (Some(_), Some(_)) if a.scan_order != ScanOrder::Recurrence => {
+            let why = "the scan kernels compute the recurrence: --scan-order chunked runs the CPU paths only";
+            println!("device: not used ({why})");
+            (None, Some(why.to_string()))
+        }
         (dev, _) => (dev, note),
     };
     if dev.is_some()
@@ -375,6 +393,9 @@ fn setup(a: &ModelArgs) -> Result<Setup> {
     }
     println!("kv cache: {}", crate::kv_name(a.kv));
     println!("order: {}", a.order.name());
+    if cfg.hybrid.is_some() {
+        println!("scan order: {}", scan_order_name(a.scan_order));
+    }
     let cpu_layers = a
         .cpu_layers
         .unwrap_or(if large { 2 } else { cfg.n_layers })
@@ -459,6 +480,7 @@ fn run_paths(a: &ModelArgs, s: &Setup) -> Result<(Vec<Ran>, Option<Ran>)> {
             progress.phase("cpu");
             let mut s = CpuSession::new(&w);
             s.set_kv_mode(a.kv)?;
+            s.set_scan_order(a.scan_order)?;
             let (attn, gemm) = a.order.parts();
             s.set_orders(attn, gemm);
             let mut trace = Trace::default();
@@ -555,7 +577,7 @@ fn run_paths(a: &ModelArgs, s: &Setup) -> Result<(Vec<Ran>, Option<Ran>)> {
             let mut trace = Trace::default();
             f32s.forward(dev, prompt_ids, Some(&mut trace))?;
             progress.finish();
-            return Ok((runs, Some(f32_ran("gpu-f32-kv", n, cfg.n_layers, trace))));
+            return Ok((runs, Some(f32_ran("gpu-baseline", n, cfg.n_layers, trace))));
         }
     }
     progress.finish();
@@ -569,7 +591,7 @@ fn run_paths(a: &ModelArgs, s: &Setup) -> Result<(Vec<Ran>, Option<Ran>)> {
         s.forward(&prompt_ids[..cpu_tokens], &mut trace)?;
         return Ok((
             runs,
-            Some(f32_ran("cpu-f32-kv", cpu_tokens, cpu_layers, trace)),
+            Some(f32_ran("cpu-baseline", cpu_tokens, cpu_layers, trace)),
         ));
     }
     Ok((runs, None))
@@ -774,10 +796,11 @@ fn report(a: &ModelArgs, s: &Setup, runs: Vec<Ran>, f32_run: Option<Ran>) -> Res
     if let Some(q) = &quality {
         println!();
         println!(
-            "quality of the {} cache against an f32 cache ({} vs {}, {} tokens; synthetic weights): logits' relative L2 median {:.2e}, max {:.2e}; top-1 changed at {} of {} tokens; {} bytes a position per attention layer (f32: {})",
+            "quality of the {} cache and the {} scan against an f32 cache and the recurrence ({} vs {}, {} tokens; synthetic weights): logits' relative L2 median {:.2e}, max {:.2e}; top-1 changed at {} of {} tokens; {} bytes a position per attention layer (f32: {})",
             crate::kv_name(a.kv),
+            scan_order_name(a.scan_order),
             q.path,
-            if dev.is_some() { "gpu-f32-kv" } else { "cpu-f32-kv" },
+            if dev.is_some() { "gpu-baseline" } else { "cpu-baseline" },
             q.tokens,
             q.median_relative_l2,
             q.max_relative_l2,
@@ -797,6 +820,7 @@ fn report(a: &ModelArgs, s: &Setup, runs: Vec<Ran>, f32_run: Option<Ran>) -> Res
         },
         kv: crate::kv_name(a.kv),
         order: a.order.name(),
+        scan_order: scan_order_name(a.scan_order),
         tokens: n,
         seed: a.seed,
         device: dev.as_ref().map(|d| format!("{} ({})", d.name(), d.arch())),
@@ -835,4 +859,23 @@ fn println_cmp(label: &str, what: &str, elements: usize, differing: u64, first: 
         "{label:<34}{what:<22}{elements:>12}{differing:>11}  {}",
         first.unwrap_or("-")
     );
+}
+
+/// `--scan-order`: recurrence or chunked.
+fn parse_scan_order(s: &str) -> Result<ScanOrder, String> {
+    match s {
+        "recurrence" => Ok(ScanOrder::Recurrence),
+        "chunked" => Ok(ScanOrder::Chunked),
+        _ => Err(format!(
+            "unknown scan order `{s}` (one of recurrence, chunked)"
+        )),
+    }
+}
+
+/// The `--scan-order` name of an order.
+fn scan_order_name(o: ScanOrder) -> &'static str {
+    match o {
+        ScanOrder::Recurrence => "recurrence",
+        ScanOrder::Chunked => "chunked",
+    }
 }

@@ -480,6 +480,19 @@ fn outputs_and_exit_codes_follow_the_rules() {
         ),
         // What a KV mode costs, on the CPU: a verdict and the quality line.
         (with(&tiny, &["--kv", "f16", "--quality"]), 0),
+        // The chunked scan order: the CPU paths, and what it costs.
+        (
+            s(&words(
+                "model --cpu --preset tiny-hybrid --tokens 70 --scan-order chunked --quality",
+            )),
+            0,
+        ),
+        (
+            s(&words(
+                "model --preset tiny-hybrid --scan-order chunked --paths gpu-seq,gpu-batched",
+            )),
+            2,
+        ),
         (
             with(&tiny, &["--paths", "cpu,cpu-batched", "--chunk", "1"]),
             2,

@@ -128,6 +128,16 @@ fn gates(w: &DeltaNetWeights, b: f32, a: f32, h: usize) -> (f32, f32) {
     (sigmoid(b), softplus(a + w.dt_bias[h]) * w.ssm_a[h])
 }
 
+/// The order of steps 2 to 5 in a model's DeltaNet layers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ScanOrder {
+    /// Token by token ([`scan_cpu`]): the default, every GPU scan's.
+    #[default]
+    Recurrence,
+    /// Chunks of [`SCAN_CHUNK`] tokens ([`scan_chunked_cpu`]): the CPU only, to measure it.
+    Chunked,
+}
+
 /// Tokens per chunk of the chunked order ([`scan_chunked_cpu`]).
 pub const SCAN_CHUNK: usize = 64;
 
@@ -305,6 +315,35 @@ pub fn forward_cpu_with(
     n: usize,
     eps: f32,
 ) -> Result<Vec<f32>> {
+    forward_scanned(order, w, x, n, eps, |mixed, b, a| {
+        scan_cpu(w, state, mixed, b, a, n, eps)
+    })
+}
+
+/// [`forward_cpu_with`] with steps 2 to 5 in the chunked order ([`scan_chunked_cpu`]).
+pub fn forward_chunked_cpu(
+    order: GemmOrder,
+    w: &DeltaNetWeights,
+    state: &mut ChunkedState,
+    x: &[f32],
+    n: usize,
+    eps: f32,
+) -> Result<Vec<f32>> {
+    forward_scanned(order, w, x, n, eps, |mixed, b, a| {
+        scan_chunked_cpu(w, state, mixed, b, a, n, eps)
+    })
+}
+
+/// The mixer around a scan: the projections, `scan(mixed, b, a)` (steps 2 to 5), the gated
+/// norm and the output projection.
+fn forward_scanned(
+    order: GemmOrder,
+    w: &DeltaNetWeights,
+    x: &[f32],
+    n: usize,
+    eps: f32,
+    scan: impl FnOnce(&[f32], &[f32], &[f32]) -> Vec<f32>,
+) -> Result<Vec<f32>> {
     let gemm = |x: &[f32], m, n| gemm_with(order, x, m, n);
     let c = &w.cfg;
     c.validate()?;
@@ -315,7 +354,7 @@ pub fn forward_cpu_with(
     let z = gemm(x, &w.z, n)?;
     let b = gemm(x, &w.beta, n)?;
     let a = gemm(x, &w.alpha, n)?;
-    let o = scan_cpu(w, state, &mixed, &b, &a, n, eps);
+    let o = scan(&mixed, &b, &a);
     // 6. Gated norm per value head, 7. the output projection.
     let normed = rmsnorm(&o, &w.norm, eps);
     let gated: Vec<f32> = normed

@@ -8,7 +8,8 @@ use crate::math::sigmoid;
 use crate::quant::fastscan::FastScanSpec;
 use crate::reference;
 use crate::reference::attention::{AttnOrder, PvMode, QkMode};
-use crate::reference::delta_net::{self, DeltaNetState, DeltaNetWeights};
+pub use crate::reference::delta_net::ScanOrder;
+use crate::reference::delta_net::{self, ChunkedState, DeltaNetState, DeltaNetWeights};
 use crate::reference::fastscan::{attend_f16, CpuCache, ScoreMode, ValueMode};
 use crate::reference::gemm::GemmOrder;
 use crate::reference::moe_block;
@@ -47,6 +48,9 @@ struct SoloMemory {
     other_kv: Vec<Option<OtherKv>>,
     /// The state of each DeltaNet layer (`None` for attention layers).
     dn: Vec<Option<DeltaNetState>>,
+    /// With [`ScanOrder::Chunked`], the chunked order's state of each DeltaNet layer, in
+    /// place of `dn` (empty otherwise).
+    chunked: Vec<Option<ChunkedState>>,
 }
 
 /// Where a forward's rows keep their keys, values and recurrent states, and how attention reads
@@ -109,6 +113,7 @@ impl<'w> CpuSession<'w> {
                 kv: KvMode::F32,
                 other_kv: w.layers.iter().map(|_| None).collect(),
                 dn: new_states(w),
+                chunked: Vec::new(),
             },
         }
     }
@@ -173,6 +178,31 @@ impl<'w> CpuSession<'w> {
         Ok(())
     }
 
+    /// The order of the DeltaNet layers' scan ([`ScanOrder::Recurrence`], every kernel's, by
+    /// default). The chunked order exists on the CPU only, to measure it. Only before the
+    /// first token.
+    pub fn set_scan_order(&mut self, order: ScanOrder) -> Result<()> {
+        if self.pos != 0 {
+            return Err(Error::invalid(
+                "CpuSession::set_scan_order",
+                "the scan order is set before the first token",
+            ));
+        }
+        self.mem.chunked = match order {
+            ScanOrder::Recurrence => Vec::new(),
+            ScanOrder::Chunked => self
+                .w
+                .layers
+                .iter()
+                .map(|l| match &l.mixer {
+                    Mixer::DeltaNet(d) => Some(ChunkedState::new(&d.cfg)),
+                    Mixer::Attention(_) => None,
+                })
+                .collect(),
+        };
+        Ok(())
+    }
+
     /// Decodes `tokens` one at a time, appending each layer's hidden state (and, when the
     /// weights hold every layer, the logits) to `trace`.
     pub fn run(&mut self, tokens: &[u32], trace: &mut Trace) -> Result<()> {
@@ -233,9 +263,29 @@ impl<'w> CpuSession<'w> {
 
     /// The recurrent state the session carries into its next token: for every DeltaNet layer
     /// in order, its convolution window, then its delta-rule matrices (empty for a model
-    /// without DeltaNet layers). Two schedules of one prompt leave the same bits here.
+    /// without DeltaNet layers; in the chunked order, the matrices at the last chunk boundary,
+    /// then the chunk under way's keys, values, factors and decays). Two schedules of one
+    /// prompt leave the same bits here.
     pub fn recurrent_state(&self) -> Vec<f32> {
-        flat_states(&self.mem.dn)
+        if self.mem.chunked.is_empty() {
+            return flat_states(&self.mem.dn);
+        }
+        self.mem
+            .chunked
+            .iter()
+            .flatten()
+            .flat_map(|st| {
+                let b = &st.base;
+                b.conv
+                    .iter()
+                    .chain(&b.m)
+                    .chain(&st.k)
+                    .chain(&st.u)
+                    .chain(&st.f)
+                    .chain(&st.e)
+            })
+            .copied()
+            .collect()
     }
 }
 
@@ -427,8 +477,13 @@ impl Memory for SoloMemory {
         x: &[f32],
         eps: f32,
     ) -> Result<Vec<f32>> {
+        let n = x.len() / dw.cfg.dim;
+        if let Some(st) = self.chunked.get_mut(l) {
+            let st = st.as_mut().expect("a DeltaNet layer has a state");
+            return delta_net::forward_chunked_cpu(self.gemm, dw, st, x, n, eps);
+        }
         let st = self.dn[l].as_mut().expect("a DeltaNet layer has a state");
-        delta_net::forward_cpu_with(self.gemm, dw, st, x, x.len() / dw.cfg.dim, eps)
+        delta_net::forward_cpu_with(self.gemm, dw, st, x, n, eps)
     }
 
     fn gemm_order(&self) -> GemmOrder {

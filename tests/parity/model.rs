@@ -630,3 +630,49 @@ fn coded_kv_sessions_equal_cpu() {
         same(&format!("{preset} {fmt}: f32 mode vs new"), &tb, &ta);
     }
 }
+
+/// The chunked DeltaNet order in the hybrid model on the CPU ([`CpuSession::set_scan_order`]):
+/// one token at a time, the whole prompt and pieces that start, end and straddle its 64-token
+/// chunks give the same bits at every layer, at the logits and in the recurrent state (the
+/// chunk under way included); its logits are the recurrence's to float rounding, not its bits.
+/// CPU only.
+#[test]
+fn cpu_chunked_scan_order_is_schedule_invariant() {
+    use bitexact::reference::model::ScanOrder;
+    let cfg = ModelConfig::preset("tiny-hybrid", WeightFormat::Q8_0).unwrap();
+    let w = ModelWeights::generate(&cfg, 29, None).unwrap();
+    let tokens = prompt(29, 150, cfg.vocab);
+    let run = |order: ScanOrder, piece: usize| {
+        let mut s = CpuSession::new(&w);
+        s.set_scan_order(order).unwrap();
+        let mut t = Trace::default();
+        for step in tokens.chunks(piece) {
+            s.forward(step, &mut t).unwrap();
+        }
+        (t, s.recurrent_state())
+    };
+    let (one, state) = run(ScanOrder::Chunked, 1);
+    for piece in [150, 7, 64, 65] {
+        let (got, st) = run(ScanOrder::Chunked, piece);
+        same(&format!("chunked scan, pieces of {piece}"), &one, &got);
+        assert_bits_eq(
+            &format!("chunked scan state, pieces of {piece}"),
+            &st,
+            &state,
+        );
+    }
+    let (rec, _) = run(ScanOrder::Recurrence, 150);
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&a, &b) in one.logits.iter().zip(&rec.logits) {
+        num += (f64::from(a) - f64::from(b)).powi(2);
+        den += f64::from(b).powi(2);
+    }
+    let rel = (num / den).sqrt();
+    assert!(
+        rel > 0.0 && rel < 1e-4,
+        "chunked vs recurrence logits: {rel:e}"
+    );
+    let mut s = CpuSession::new(&w);
+    s.forward(&tokens[..1], &mut Trace::default()).unwrap();
+    assert!(s.set_scan_order(ScanOrder::Chunked).is_err());
+}
