@@ -156,7 +156,8 @@ pub fn compile_options(arch: &str, mutant: bool) -> Vec<String> {
     opts
 }
 
-type PtxCache = Mutex<HashMap<(Family, String), Ptx>>;
+type PtxCacheMap = HashMap<(Family, String), Ptx>;
+type PtxCache = Mutex<PtxCacheMap>;
 
 /// PTX per (family, architecture), shared by every [`Device`] in the process.
 fn ptx_cache() -> &'static PtxCache {
@@ -808,6 +809,14 @@ pub(crate) mod tests {
 
     /// `family`'s PTX for `compute_90` with the pinned options (plain or as its mutant), or the
     /// compiler's log; each compiled once per test process (two tests read the gemm family's).
+    /// One NVRTC compile at a time in the tests, as the library's own compiles are (under the
+    /// PTX cache's lock, which this takes): a clean-clone CI run once got a gemm PTX that was
+    /// none of its four variants (plain, mutant, trial, both) while the trial test compiled
+    /// gemm beside the digest test.
+    fn nvrtc_turn() -> std::sync::MutexGuard<'static, super::PtxCacheMap> {
+        super::ptx_cache().lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub(crate) fn family_ptx(family: Family, mutant: bool) -> Result<String, String> {
         type Slot = std::sync::OnceLock<Result<String, String>>;
         static SLOTS: std::sync::OnceLock<Vec<Slot>> = std::sync::OnceLock::new();
@@ -818,6 +827,7 @@ pub(crate) mod tests {
             .expect("ALL lists it");
         slots[2 * at + usize::from(mutant)]
             .get_or_init(|| {
+                let _one = nvrtc_turn();
                 let opts = cudarc::nvrtc::CompileOptions {
                     options: super::compile_options("compute_90", mutant),
                     name: Some(format!("{}.cu", family.name())),
@@ -936,9 +946,12 @@ pub(crate) mod tests {
                 name: Some(format!("{}.cu", family.name())),
                 ..Default::default()
             };
-            let ptx = cudarc::nvrtc::compile_ptx_with_opts(family.program(), opts)
-                .unwrap_or_else(|e| panic!("trial {name}: {e:?}"))
-                .to_src();
+            let ptx = {
+                let _one = nvrtc_turn();
+                cudarc::nvrtc::compile_ptx_with_opts(family.program(), opts)
+                    .unwrap_or_else(|e| panic!("trial {name}: {e:?}"))
+                    .to_src()
+            };
             assert!(
                 entries_touching_memory_before_the_grid_wait(&ptx).is_empty(),
                 "trial {name}: a kernel that does not start with bx_grid_begin()"
