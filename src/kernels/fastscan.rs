@@ -185,8 +185,7 @@ impl FastScanCache {
             return Err(Error::invalid(OP, format!("{} kv heads", self.n_kv)));
         }
         let n32 = as_u32(OP, "n", n)?;
-        // The most tiles n positions touch, wherever they start: each a 16-warp pair of slots.
-        let slots = ((n + TILE - 2) / TILE + 1) * (TILE / 2);
+        let slots = encode_slots(n);
         let f = dev.function(Family::FastScan, "fastscan_encode")?;
         let cfg = geometry(
             (slots.div_ceil(ENC_WARPS) as u32, self.n_kv as u32, 1),
@@ -226,6 +225,13 @@ impl FastScanCache {
         }
         Ok(())
     }
+}
+
+/// The encoder's warps for `n >= 1` positions wherever they start: one per pair of positions
+/// `(i, i + 16)` of every tile that `n` positions can touch (the kernel works out which from
+/// the first position, read on the device, and the warps past them exit).
+fn encode_slots(n: usize) -> usize {
+    ((n + TILE - 2) / TILE + 1) * (TILE / 2)
 }
 
 /// Where [`FastScanCache::encode`] reads position `p`'s rows: at `p - pos[0]` (the new rows
@@ -616,4 +622,28 @@ fn attention(
         unsafe { dev.launch_kernel(&finish_fn, cfg, &args) }?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The encoder's grid covers every tile of positions `pos0 .. pos0 + n`, for every start
+    /// within a tile and `n` up to 300, and is tight (some start needs it all).
+    #[test]
+    fn encode_slots_cover_every_start() {
+        for n in 1..=300usize {
+            let mut most = 0;
+            for pos0 in 0..3 * TILE {
+                let tiles = (pos0 + n - 1) / TILE - pos0 / TILE + 1;
+                assert!(tiles * (TILE / 2) <= encode_slots(n), "n {n} from {pos0}");
+                most = most.max(tiles * (TILE / 2));
+            }
+            assert_eq!(
+                most,
+                encode_slots(n),
+                "n {n}: the grid is larger than any start needs"
+            );
+        }
+    }
 }

@@ -268,9 +268,10 @@ struct DecodeGraph {
 }
 
 /// A decoding session on the GPU: a KV cache for `max_context` positions per attention layer
-/// (f32 rows, or f16 rows or FastScan codes: [`Session::with_kv_mode`]), the recurrent state of each Gated DeltaNet layer (a hybrid model), and the position
-/// reached. `prefill` takes many tokens at once, `decode` one; both give the bits of the CPU
-/// reference for every token. After an error in the middle of a forward the session refuses
+/// (f32 rows, or f16 rows or FastScan codes: [`Session::with_kv_mode`]), the recurrent state
+/// of each Gated DeltaNet layer (a hybrid model), and the position reached. `prefill` takes
+/// many tokens at once, `decode` one; both give the bits of the CPU reference for every
+/// token. After an error in the middle of a forward the session refuses
 /// further calls until [`Session::reset`], rather than go on from a half-written cache.
 ///
 /// Decode steps run as CUDA graph replays (one launch for the whole step instead of one per
