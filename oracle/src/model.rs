@@ -341,6 +341,9 @@ fn setup(a: &ModelArgs) -> Result<Setup> {
             a.paths.join(",")
         );
     }
+    if a.scan_order != ScanOrder::Recurrence && cfg.hybrid.is_none() {
+        usage!("--scan-order chunked orders the DeltaNet layers' scan, and this model has none");
+    }
     if a.scan_order != ScanOrder::Recurrence && !cpu_named {
         usage!(
             "--scan-order chunked runs on the CPU paths only, and --paths {} names none",

@@ -493,6 +493,7 @@ fn outputs_and_exit_codes_follow_the_rules() {
             )),
             2,
         ),
+        (with(&tiny, &["--scan-order", "chunked"]), 2), // tiny has no DeltaNet layer
         (
             with(&tiny, &["--paths", "cpu,cpu-batched", "--chunk", "1"]),
             2,

@@ -264,7 +264,7 @@ impl<'w> CpuSession<'w> {
     /// The recurrent state the session carries into its next token: for every DeltaNet layer
     /// in order, its convolution window, then its delta-rule matrices (empty for a model
     /// without DeltaNet layers; in the chunked order, the matrices at the last chunk boundary,
-    /// then the chunk under way's keys, values, factors and decays). Two schedules of one
+    /// then the chunk under way's keys, corrected values `u`, factors and decays). Two schedules of one
     /// prompt leave the same bits here.
     pub fn recurrent_state(&self) -> Vec<f32> {
         if self.mem.chunked.is_empty() {
