@@ -708,6 +708,420 @@ extern "C" __global__ void __launch_bounds__(128)
     dn5_entry<true>(o, m, conv_out, prep, gates, mixed, conv_in, n, hk, hv, s, kc);
 }
 
+// ------------------------------------------------------------------------------------------
+// The chunked order (src/reference/delta_net.rs scan_chunked_cpu, ScanOrder::Chunked; not the
+// default): the tokens cut into chunks of DNC_C by their index in the sequence, the work inside
+// a chunk matrix products against the matrices at the chunk's start and the serial chain per
+// token one fmaf per earlier token of the chunk. After delta_net_prep_f32, three launches:
+//   delta_net_chunk_gram_f32    grid (Hv, segments), 256 threads: per value head and segment (the
+//                               call's tokens inside one chunk) what does not depend on the
+//                               matrices: the decay factors F_l(c), the decays since the boundary
+//                               e_c and the tables A[l][c] = F_l(c) dot(k_l, k_c) (l < c) and
+//                               B[l][c] = F_l(c) dot(k_l, q_c) (l < c), B[c][c] = dot(k_c, q_c);
+//                               every segment at once.
+//   delta_net_chunk_scan_f32    grid (Hv, ceil(S / 32)), 256 threads: 32 rows j of a head's
+//                               matrix, the segments in order: the rows' dots with the segment's
+//                               keys and queries (4 x 4 register tiles), the corrected values
+//                               u_c[j] and the outputs in token order (8 lanes a row, u passed
+//                               by shuffles), and at a chunk's end the fold into the rows.
+//   delta_net_chunk_finish_f32  grid (Hv), 256 threads: the chunk under way's keys, factors,
+//                               decay and length, and the convolution's window.
+// The state: m [Hv, S, S], the matrices at the last boundary; of the chunk under way ck [Hk, C,
+// S] its unit keys, cu [Hv, C, S] its corrected values (u[h][l][j]), cf [Hv, C] its factors to
+// its latest token, ce [Hv] the decay since the boundary (zeros past its length) and clen its
+// length, on the device so that a captured decode step reads it. Of a call of n tokens from
+// length len0, segment 0 holds chunk positions len0 .. min(C, len0 + n) (the call's tokens from
+// 0), segment g >= 1 positions 0 .. of the call's tokens from C - len0 + (g - 1) C.
+//   S <= 128; the workspace holds A, B [Hv, segments, C, C], e, F at the segment's last token
+// [Hv, segments, C] and the call's len0 (info[0], for the finish: the scan reads clen, the finish
+// writes it).
+
+#define DNC_C 64u
+#define DNC_ROWS 32u
+#define DNC_SP 129u  // a staged row of up to 128 floats, padded: rows l and l + 1 in other banks
+#define DNC_PR 72u   // a row of the dots' table: 4 adjacent rows' lanes in 4 banks apart
+
+// The call's tokens t0 .. t0 + (ce - cs) at chunk positions cs .. ce; live if any.
+struct DncSeg {
+    u32 t0, cs, ce;
+    bool live;
+};
+
+__device__ __forceinline__ DncSeg dnc_segment(u32 g, u32 len0, u32 n) {
+    DncSeg sg;
+    if (g == 0u) {
+        sg.t0 = 0u;
+        sg.cs = len0;
+    } else {
+        sg.t0 = DNC_C - len0 + (g - 1u) * DNC_C;
+        sg.cs = 0u;
+    }
+    sg.live = sg.t0 < n;
+    sg.ce = sg.cs + (sg.live ? min(n - sg.t0, DNC_C - sg.cs) : 0u);
+    return sg;
+}
+
+// The canonical dot of two staged s-vectors (partial p over elements 32 p .., bx_tree4).
+__device__ __forceinline__ float dnc_dot(const float* x, const float* y, u32 s) {
+    return bx_tree4(dn_partial(x, y, 0u, s), dn_partial(x, y, 1u, s), dn_partial(x, y, 2u, s),
+                    dn_partial(x, y, 3u, s));
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    delta_net_chunk_gram_f32(float* __restrict__ ga, float* __restrict__ gb,
+                             float* __restrict__ ge, float* __restrict__ gf,
+                             u32* __restrict__ info, const float* __restrict__ prep,
+                             const float* __restrict__ gates, const float* __restrict__ ck,
+                             const float* __restrict__ cf, const float* __restrict__ ce,
+                             const u32* __restrict__ clen, u32 n, u32 hk, u32 hv, u32 s) {
+    bx_grid_begin();
+    extern __shared__ float dnc_g[];
+    float* sk = dnc_g;                // [C][SP] keys of positions 0 .. ce
+    float* sq = sk + DNC_C * DNC_SP;  // [C][SP] queries of positions cs .. ce
+    float* sf = sq + DNC_C * DNC_SP;  // [C][C] F_l(c) at [l][c]
+    float* sd = sf + DNC_C * DNC_C;   // [C] decays
+    const u32 h = blockIdx.x, g = blockIdx.y, tid = threadIdx.x, kh = h % hk;
+    const u32 cd = (2u * hk + hv) * s;
+    const u32 len0 = *clen;
+    if (h == 0u && g == 0u && tid == 0u) info[0] = len0;
+    const DncSeg sg = dnc_segment(g, len0, n);
+    if (!sg.live) return;
+    const u64 slot = (u64)h * gridDim.y + g;
+    for (u32 x = tid; x < DNC_C * s; x += blockDim.x) {
+        const u32 l = x / s, i = x - l * s;
+        float kv = 0.0f, qv = 0.0f;
+        if (l < sg.cs) {
+            kv = ck[((u64)kh * DNC_C + l) * s + i];
+        } else if (l < sg.ce) {
+            const u64 row = (u64)(sg.t0 + l - sg.cs) * cd;
+            kv = prep[row + hk * s + kh * s + i];
+            qv = prep[row + kh * s + i];
+        }
+        sk[l * DNC_SP + i] = kv;
+        sq[l * DNC_SP + i] = qv;
+    }
+    for (u32 c = tid; c < DNC_C; c += blockDim.x)
+        sd[c] = c >= sg.cs && c < sg.ce
+                    ? gates[((u64)(sg.t0 + c - sg.cs) * hv + h) * 2u + 1u]
+                    : 0.0f;
+    __syncthreads();
+    if (tid < DNC_C) {
+        // Thread l: F_l(c) as the reference multiplies it, F_l(l) = 1 and each later token's
+        // decay on it in order (from the chunk under way's factor for l < cs).
+        const u32 l = tid;
+        float f = l < sg.cs ? cf[(u64)h * DNC_C + l] : 1.0f;
+        for (u32 c = 0; c < DNC_C; ++c) {
+            const bool on = c >= sg.cs && c < sg.ce && c >= l;
+            if (on && c > l) f = f * sd[c];
+            sf[l * DNC_C + c] = on ? f : 0.0f;
+        }
+        gf[slot * DNC_C + l] = l < sg.ce ? f : 0.0f;
+    } else if (tid == DNC_C) {
+        // e_c: the first decay of a chunk alone, then each decay on the one before.
+        float e = 0.0f;
+        for (u32 c = 0; c < DNC_C; ++c) {
+            if (c >= sg.cs && c < sg.ce) e = c == 0u ? sd[c] : (c == sg.cs ? ce[h] : e) * sd[c];
+            ge[slot * DNC_C + c] = c >= sg.cs && c < sg.ce ? e : 0.0f;
+        }
+    }
+    __syncthreads();
+    for (u32 x = tid; x < DNC_C * DNC_C; x += blockDim.x) {
+        const u32 l = x / DNC_C, c = x % DNC_C;
+        float av = 0.0f, bv = 0.0f;
+        if (c >= sg.cs && c < sg.ce && l <= c) {
+            const float* kl = sk + l * DNC_SP;
+            const float* qc = sq + c * DNC_SP;
+            if (l < c) {
+                const float f = sf[l * DNC_C + c];
+                av = f * dnc_dot(kl, sk + c * DNC_SP, s);
+                bv = f * dnc_dot(kl, qc, s);
+            } else {
+                bv = dnc_dot(kl, qc, s);
+            }
+        }
+        ga[slot * DNC_C * DNC_C + x] = av;
+        gb[slot * DNC_C * DNC_C + x] = bv;
+    }
+}
+
+// delta_net_chunk_scan_f32's transposed tiles, [128][ROWS] rows and [128][C] keys or queries:
+// element i's 4-groups permuted by i & 7 (each float4 stays whole), so that 8 lanes of adjacent
+// i storing one group each, or reading 8 groups of one i, touch 32 different banks.
+__device__ __forceinline__ u32 dnc_mt(u32 i, u32 group) {
+    return i * DNC_ROWS + 4u * (group ^ (i & 7u));
+}
+__device__ __forceinline__ u32 dnc_xt(u32 i, u32 group) {
+    return i * DNC_C + 4u * (group ^ (i & 7u));
+}
+
+// Dynamic shared memory of delta_net_chunk_scan_f32 in floats: MT, KT, QT, K, A, B, U, V, the
+// dots' two tables, e, beta, F.
+#define DNC_SCAN_FLOATS                                                                        \
+    (128u * DNC_ROWS + 3u * 128u * DNC_C + 2u * DNC_C * DNC_C + 2u * DNC_C * DNC_ROWS +        \
+     2u * DNC_ROWS * DNC_PR + 3u * DNC_C)
+
+extern "C" __global__ void __launch_bounds__(256)
+    delta_net_chunk_scan_f32(float* __restrict__ o, float* __restrict__ m, float* __restrict__ cu,
+                             const float* __restrict__ ga, const float* __restrict__ gb,
+                             const float* __restrict__ ge, const float* __restrict__ gf,
+                             const float* __restrict__ prep, const float* __restrict__ gates,
+                             const float* __restrict__ ck, const u32* __restrict__ clen, u32 n,
+                             u32 nseg, u32 hk, u32 hv, u32 s) {
+    bx_grid_begin();
+    extern __shared__ __align__(16) float dnc_s[];
+    float* smt = dnc_s;                        // [128][ROWS] the block's rows (dnc_mt)
+    float* skt = smt + 128u * DNC_ROWS;        // [128][C] keys (dnc_xt)
+    float* sqt = skt + 128u * DNC_C;           // [128][C] queries (dnc_xt)
+    float* skl = sqt + 128u * DNC_C;           // [C][128] keys
+    float* sa = skl + DNC_C * 128u;            // [C][C] A
+    float* sb = sa + DNC_C * DNC_C;            // [C][C] B
+    float* su = sb + DNC_C * DNC_C;            // [C][ROWS] u of the block's rows
+    float* sv = su + DNC_C * DNC_ROWS;         // [C][ROWS] v, then the fold's coefficients
+    float* spr = sv + DNC_C * DNC_ROWS;        // [2][ROWS][PR] dots with the keys, the queries
+    float* se = spr + 2u * DNC_ROWS * DNC_PR;  // [C] e
+    float* sbeta = se + DNC_C;                 // [C] beta
+    float* sfe = sbeta + DNC_C;                // [C] F at the segment's last token
+    const u32 h = blockIdx.x, tid = threadIdx.x, lane = tid & 31u, kh = h % hk;
+    const u32 j0 = blockIdx.y * DNC_ROWS;
+    // The chain's place: row jl (8 lanes a row), positions 8 cg .. 8 cg + 7.
+    const u32 jl = (tid >> 5) * 4u + (lane >> 3), cg = lane & 7u;
+    const u32 cd = (2u * hk + hv) * s;
+    const float scale = 1.0f / sqrtf((float)s);
+    const u32 len0 = *clen;
+    float* mh = m + (u64)h * s * s;
+    // Thread (i, 4 rows): element i of rows 4 rg .. 4 rg + 3 (zeros past S).
+    for (u32 x = tid; x < 128u * (DNC_ROWS / 4u); x += blockDim.x) {
+        const u32 i = x % 128u, rg = x / 128u;
+        float v[4];
+#pragma unroll
+        for (u32 q = 0; q < 4u; ++q) {
+            const u32 j = j0 + 4u * rg + q;
+            v[q] = j < s && i < s ? mh[(u64)j * s + i] : 0.0f;
+        }
+        *reinterpret_cast<float4*>(smt + dnc_mt(i, rg)) = make_float4(v[0], v[1], v[2], v[3]);
+    }
+    for (u32 x = tid; x < DNC_C * DNC_ROWS; x += blockDim.x) {
+        const u32 l = x / DNC_ROWS, r = x % DNC_ROWS;
+        su[x] = l < len0 && j0 + r < s ? cu[((u64)h * DNC_C + l) * s + j0 + r] : 0.0f;
+    }
+    for (u32 g = 0; g < nseg; ++g) {
+        const DncSeg sg = dnc_segment(g, len0, n);
+        if (!sg.live) break;
+        const u64 slot = (u64)h * nseg + g;
+        __syncthreads();  // the last segment's reads of the staged inputs are done
+        // Thread (i, 4 positions): element i of the keys and queries at positions 4 lg ..
+        // 4 lg + 3 (the chunk under way's keys below cs; zeros past S and outside).
+        for (u32 x = tid; x < 128u * (DNC_C / 4u); x += blockDim.x) {
+            const u32 i = x % 128u, lg = x / 128u;
+            float kv[4], qv[4];
+#pragma unroll
+            for (u32 q = 0; q < 4u; ++q) {
+                const u32 l = 4u * lg + q;
+                kv[q] = qv[q] = 0.0f;
+                if (i < s && l < sg.cs) {
+                    kv[q] = ck[((u64)kh * DNC_C + l) * s + i];
+                } else if (i < s && l < sg.ce) {
+                    const u64 row = (u64)(sg.t0 + l - sg.cs) * cd;
+                    kv[q] = prep[row + hk * s + kh * s + i];
+                    qv[q] = prep[row + kh * s + i];
+                }
+                skl[l * 128u + i] = kv[q];
+            }
+            *reinterpret_cast<float4*>(skt + dnc_xt(i, lg)) = make_float4(kv[0], kv[1], kv[2], kv[3]);
+            *reinterpret_cast<float4*>(sqt + dnc_xt(i, lg)) = make_float4(qv[0], qv[1], qv[2], qv[3]);
+        }
+        for (u32 x = tid; x < DNC_C * DNC_C; x += blockDim.x) {
+            sa[x] = ga[slot * DNC_C * DNC_C + x];
+            sb[x] = gb[slot * DNC_C * DNC_C + x];
+        }
+        for (u32 x = tid; x < DNC_C * DNC_ROWS; x += blockDim.x) {
+            const u32 l = x / DNC_ROWS, r = x % DNC_ROWS;
+            sv[x] = l >= sg.cs && l < sg.ce && j0 + r < s
+                        ? prep[(u64)(sg.t0 + l - sg.cs) * cd + 2u * hk * s + h * s + j0 + r]
+                        : 0.0f;
+        }
+        for (u32 c = tid; c < DNC_C; c += blockDim.x) {
+            const bool on = c >= sg.cs && c < sg.ce;
+            se[c] = ge[slot * DNC_C + c];
+            sfe[c] = gf[slot * DNC_C + c];
+            sbeta[c] = on ? gates[((u64)(sg.t0 + c - sg.cs) * hv + h) * 2u] : 0.0f;
+        }
+        __syncthreads();
+        {
+            // dot(M_j, k_c) (threads 0-127) and dot(M_j, q_c) (128-255) for rows 4 rt .. 4 rt +
+            // 3 and positions 4 ct .. 4 ct + 3: the canonical dot's 4 partials, each an fmaf
+            // chain over its 32 elements in order, combined by bx_tree4. Position tiles outside
+            // the segment are skipped (a decode step has one).
+            const u32 t = tid & 127u, rt = t >> 4, ct = t & 15u;
+            const float* xt = tid < 128u ? skt : sqt;
+            if (4u * ct + 3u >= sg.cs && 4u * ct < sg.ce) {
+                float part[4][4][4];
+#pragma unroll
+                for (u32 p = 0; p < 4u; ++p) {
+#pragma unroll
+                    for (u32 a = 0; a < 4u; ++a)
+#pragma unroll
+                        for (u32 b = 0; b < 4u; ++b) part[p][a][b] = 0.0f;
+                    for (u32 i = 32u * p; i < min(32u * p + 32u, s); ++i) {
+                        const float4 mv = *reinterpret_cast<const float4*>(smt + dnc_mt(i, rt));
+                        const float4 kv = *reinterpret_cast<const float4*>(xt + dnc_xt(i, ct));
+                        const float ma[4] = {mv.x, mv.y, mv.z, mv.w};
+                        const float ka[4] = {kv.x, kv.y, kv.z, kv.w};
+#pragma unroll
+                        for (u32 a = 0; a < 4u; ++a)
+#pragma unroll
+                            for (u32 b = 0; b < 4u; ++b)
+                                part[p][a][b] = fmaf(ka[b], ma[a], part[p][a][b]);
+                    }
+                }
+                float* dst = spr + (tid < 128u ? 0u : DNC_ROWS * DNC_PR);
+#pragma unroll
+                for (u32 a = 0; a < 4u; ++a)
+#pragma unroll
+                    for (u32 b = 0; b < 4u; ++b)
+                        dst[(4u * rt + a) * DNC_PR + 4u * ct + b] =
+                            bx_tree4(part[0][a][b], part[1][a][b], part[2][a][b], part[3][a][b]);
+            }
+        }
+        __syncthreads();
+        // The chain of row jl: w_c = e_c dot(M_j, k_c), r_c = e_c dot(M_j, q_c) for the
+        // segment's positions c; then for l = 0 .. ce in order u_l (from the chunk under way
+        // for l < cs, else (v_l - w_l) beta_l from the lane holding w_l), and w_c += A[l][c] u_l
+        // for c > l, r_c += B[l][c] u_l for c >= l.
+        float w[8], r[8];
+#pragma unroll
+        for (u32 mm = 0; mm < 8u; ++mm) {
+            const u32 c = 8u * cg + mm;
+            const bool on = c >= sg.cs && c < sg.ce;
+            w[mm] = on ? se[c] * spr[jl * DNC_PR + c] : 0.0f;
+            r[mm] = on ? se[c] * spr[DNC_ROWS * DNC_PR + jl * DNC_PR + c] : 0.0f;
+        }
+        for (u32 l = 0; l < sg.ce; ++l) {
+            float u;
+            if (l < sg.cs) {
+                u = su[l * DNC_ROWS + jl];
+            } else {
+                float wl = w[0];
+#pragma unroll
+                for (u32 mm = 1; mm < 8u; ++mm)
+                    if (mm == (l & 7u)) wl = w[mm];
+                const float mine = (sv[l * DNC_ROWS + jl] - wl) * sbeta[l];
+                u = __shfl_sync(BX_FULL_MASK, mine, (lane & ~7u) | (l >> 3));
+                if (cg == (l >> 3)) su[l * DNC_ROWS + jl] = u;
+            }
+            const float4* arow = reinterpret_cast<const float4*>(sa + l * DNC_C + 8u * cg);
+            const float4* brow = reinterpret_cast<const float4*>(sb + l * DNC_C + 8u * cg);
+            const float4 a0 = arow[0], a1 = arow[1], b0 = brow[0], b1 = brow[1];
+            const float av[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+            const float bv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+#pragma unroll
+            for (u32 mm = 0; mm < 8u; ++mm) {
+                const u32 c = 8u * cg + mm;
+                if (c >= sg.cs && c < sg.ce) {
+                    if (c > l) w[mm] = fmaf(av[mm], u, w[mm]);
+                    if (c >= l) r[mm] = fmaf(bv[mm], u, r[mm]);
+                }
+            }
+        }
+        if (j0 + jl < s) {
+#pragma unroll
+            for (u32 mm = 0; mm < 8u; ++mm) {
+                const u32 c = 8u * cg + mm;
+                if (c >= sg.cs && c < sg.ce)
+                    o[((u64)(sg.t0 + c - sg.cs) * hv + h) * s + j0 + jl] = r[mm] * scale;
+            }
+        }
+        if (sg.ce == DNC_C) {
+            // The chunk is whole: its coefficients F_l u_l[j] (one rounding), the chunk's
+            // buffers cleared, then every element of the rows M[j][i] = e M[j][i], then
+            // fmaf(coefficient_l, k_l[i], .) for l = 0 .. C in order. Thread (rows 4 rt ..,
+            // elements 4 it ..): its tile is its own until the next segment's first barrier.
+            __syncthreads();
+            for (u32 x = tid; x < DNC_C * DNC_ROWS; x += blockDim.x) {
+                sv[x] = sfe[x / DNC_ROWS] * su[x];
+                su[x] = 0.0f;
+            }
+            __syncthreads();
+            const u32 rt = tid & 7u, it = tid >> 3;
+            const float e = se[DNC_C - 1u];
+            float acc[4][4];  // [element b][row a]
+#pragma unroll
+            for (u32 b = 0; b < 4u; ++b) {
+                const float4 mv = *reinterpret_cast<const float4*>(smt + dnc_mt(4u * it + b, rt));
+                acc[b][0] = e * mv.x, acc[b][1] = e * mv.y, acc[b][2] = e * mv.z,
+                acc[b][3] = e * mv.w;
+            }
+            for (u32 l = 0; l < DNC_C; ++l) {
+                const float4 cv = *reinterpret_cast<const float4*>(sv + l * DNC_ROWS + 4u * rt);
+                const float4 kv = *reinterpret_cast<const float4*>(skl + l * 128u + 4u * it);
+                const float ca[4] = {cv.x, cv.y, cv.z, cv.w};
+                const float ka[4] = {kv.x, kv.y, kv.z, kv.w};
+#pragma unroll
+                for (u32 b = 0; b < 4u; ++b)
+#pragma unroll
+                    for (u32 a = 0; a < 4u; ++a) acc[b][a] = fmaf(ca[a], ka[b], acc[b][a]);
+            }
+#pragma unroll
+            for (u32 b = 0; b < 4u; ++b)
+                *reinterpret_cast<float4*>(smt + dnc_mt(4u * it + b, rt)) =
+                    make_float4(acc[b][0], acc[b][1], acc[b][2], acc[b][3]);
+        }
+    }
+    __syncthreads();
+    for (u32 x = tid; x < 128u * (DNC_ROWS / 4u); x += blockDim.x) {
+        const u32 i = x % 128u, rg = x / 128u;
+        const float4 v4 = *reinterpret_cast<const float4*>(smt + dnc_mt(i, rg));
+        const float v[4] = {v4.x, v4.y, v4.z, v4.w};
+#pragma unroll
+        for (u32 q = 0; q < 4u; ++q) {
+            const u32 j = j0 + 4u * rg + q;
+            if (j < s && i < s) mh[(u64)j * s + i] = v[q];
+        }
+    }
+    for (u32 x = tid; x < DNC_C * DNC_ROWS; x += blockDim.x) {
+        const u32 l = x / DNC_ROWS, r = x % DNC_ROWS;
+        if (j0 + r < s) cu[((u64)h * DNC_C + l) * s + j0 + r] = su[x];
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    delta_net_chunk_finish_f32(float* __restrict__ ck, float* __restrict__ cf,
+                               float* __restrict__ ce, u32* __restrict__ clen,
+                               float* __restrict__ conv_out, const u32* __restrict__ info,
+                               const float* __restrict__ ge, const float* __restrict__ gf,
+                               const float* __restrict__ prep, const float* __restrict__ mixed,
+                               const float* __restrict__ conv_in, u32 n, u32 nseg, u32 hk,
+                               u32 hv, u32 s, u32 kc) {
+    bx_grid_begin();
+    const u32 h = blockIdx.x, tid = threadIdx.x;
+    const u32 cd = (2u * hk + hv) * s;
+    const u32 len0 = info[0];
+    const u32 len1 = (u32)(((u64)len0 + n) % DNC_C);
+    const u32 last = n <= DNC_C - len0 ? 0u : 1u + (n - (DNC_C - len0) - 1u) / DNC_C;
+    const DncSeg sg = dnc_segment(last, len0, n);
+    const u64 slot = (u64)h * nseg + last;
+    // At a boundary (len1 = 0) the chunk under way is empty: zeros.
+    for (u32 l = tid; l < DNC_C; l += blockDim.x)
+        cf[(u64)h * DNC_C + l] = l < len1 ? gf[slot * DNC_C + l] : 0.0f;
+    if (tid == 0u) {
+        ce[h] = len1 > 0u ? ge[slot * DNC_C + len1 - 1u] : 0.0f;
+        if (h == 0u) clen[0] = len1;
+    }
+    if (h < hk) {
+        for (u32 x = tid; x < DNC_C * s; x += blockDim.x) {
+            const u32 l = x / s, i = x - l * s;
+            float* dst = ck + ((u64)h * DNC_C + l) * s + i;
+            if (l >= len1)
+                *dst = 0.0f;
+            else if (l >= sg.cs)
+                *dst = prep[(u64)(sg.t0 + l - sg.cs) * cd + hk * s + h * s + i];
+        }
+    }
+    for (u32 x = tid; x < 3u * s; x += blockDim.x)
+        dn_write_window(conv_out, mixed, conv_in, dn_channel(x, s, h % hk, hk, h),
+                        dn_window_owner(x, s, h, hk), n, kc, cd);
+}
+
 extern "C" __global__ void delta_net_gate_f32(float* __restrict__ out,
                                               const float* __restrict__ normed,
                                               const float* __restrict__ z, u64 len) {

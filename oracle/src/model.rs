@@ -76,8 +76,8 @@ pub struct ModelArgs {
     /// once: the CPU reference's, the GPU paths then do not run).
     #[arg(long, default_value = "f32", value_parser = crate::parse_orders)]
     order: crate::Orders,
-    /// The DeltaNet layers' scan order: recurrence (every kernel's) or chunked (64-token
-    /// chunks, the CPU reference's alone: the GPU paths then do not run).
+    /// The DeltaNet layers' scan order: recurrence (the default) or chunked (64-token chunks:
+    /// the CPU reference's `scan_chunked_cpu`, the GPU's `delta_net_chunk_*` kernels).
     #[arg(long, default_value = "recurrence", value_parser = parse_scan_order)]
     scan_order: ScanOrder,
     /// Stop at the first divergence.
@@ -344,12 +344,6 @@ fn setup(a: &ModelArgs) -> Result<Setup> {
     if a.scan_order != ScanOrder::Recurrence && cfg.hybrid.is_none() {
         usage!("--scan-order chunked orders the DeltaNet layers' scan, and this model has none");
     }
-    if a.scan_order != ScanOrder::Recurrence && !cpu_named {
-        usage!(
-            "--scan-order chunked runs on the CPU paths only, and --paths {} names none",
-            a.paths.join(",")
-        );
-    }
     let prompt_ids = prompt(a.seed, n, cfg.vocab);
     println!("bitexact oracle: model");
     println!(
@@ -374,11 +368,6 @@ fn setup(a: &ModelArgs) -> Result<Setup> {
     let (dev, note) = match (dev, &cfg.hybrid) {
         (Some(_), _) if a.order != crate::Orders::F32 => {
             let why = "the kernels compute the f32 orders: --order exact runs the CPU paths only";
-            println!("device: not used ({why})");
-            (None, Some(why.to_string()))
-        }
-        (Some(_), Some(_)) if a.scan_order != ScanOrder::Recurrence => {
-            let why = "the scan kernels compute the recurrence: --scan-order chunked runs the CPU paths only";
             println!("device: not used ({why})");
             (None, Some(why.to_string()))
         }
@@ -525,6 +514,7 @@ fn run_paths(a: &ModelArgs, s: &Setup) -> Result<(Vec<Ran>, Option<Ran>)> {
         if a.attention_v2 {
             println!("gpu attention: the v2 kernels (asynchronous tile and split)");
         }
+        session.set_scan_order(dev, a.scan_order)?;
         session.set_scan(a.scan);
         if a.scan != ScanKernel::Auto {
             println!("gpu DeltaNet scan: {:?}", a.scan);
@@ -865,7 +855,7 @@ fn println_cmp(label: &str, what: &str, elements: usize, differing: u64, first: 
 }
 
 /// `--scan-order`: recurrence or chunked.
-fn parse_scan_order(s: &str) -> Result<ScanOrder, String> {
+pub(crate) fn parse_scan_order(s: &str) -> Result<ScanOrder, String> {
     match s {
         "recurrence" => Ok(ScanOrder::Recurrence),
         "chunked" => Ok(ScanOrder::Chunked),

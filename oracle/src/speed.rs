@@ -68,6 +68,10 @@ pub struct SpeedArgs {
     /// context grows to the longest phase.
     #[arg(long, default_value = "f32", value_parser = crate::parse_kv)]
     kv: bitexact::model::KvMode,
+    /// The solo rows' DeltaNet scan order: recurrence (the default) or chunked
+    /// (`Session::set_scan_order`; other bits, measured against f64 in BENCHMARKS.md).
+    #[arg(long, default_value = "recurrence", value_parser = crate::model::parse_scan_order)]
+    scan_order: bitexact::reference::model::ScanOrder,
     /// Also time batched decode: for each count S, S sequences each prefilled to every
     /// --decode-at context, then steps of S decode rows (one per sequence) through one
     /// BatchSession; the aggregate tokens/s.
@@ -135,6 +139,14 @@ struct Row {
     /// Solo rows with a KV cache other than f32: its `--kv` name.
     #[serde(skip_serializing_if = "Option::is_none")]
     kv: Option<&'static str>,
+    /// Solo rows of a hybrid model in the chunked scan order: `chunked`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scan_order: Option<&'static str>,
+}
+
+/// A solo row's `scan_order`: `chunked` when --scan-order says so.
+fn chunked_name(a: &SpeedArgs) -> Option<&'static str> {
+    (a.scan_order != bitexact::reference::model::ScanOrder::Recurrence).then_some("chunked")
 }
 
 /// Parameters one token touches: attention, router and the top-k experts of every layer, plus
@@ -270,6 +282,11 @@ fn copy_rate(dev: &Device) -> Result<f64> {
 }
 
 pub fn run(a: &SpeedArgs) -> Result<bool> {
+    if a.batched_only && a.scan_order != bitexact::reference::model::ScanOrder::Recurrence {
+        crate::output::usage!(
+            "--scan-order chunked applies to the solo rows, and --batched-only runs none (the batched session scans in the recurrence)"
+        );
+    }
     if a.batched_only && a.kv != bitexact::model::KvMode::F32 {
         crate::output::usage!(
             "--kv {} applies to the solo rows, and --batched-only runs none (the batched session keeps an f32 cache)",
@@ -354,9 +371,19 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
         batched(a, &dev, &model, &cfg, &mut rows)?;
         return finish_json(a, &rows);
     }
+    if a.scan_order != bitexact::reference::model::ScanOrder::Recurrence && cfg.hybrid.is_none() {
+        crate::output::usage!(
+            "--scan-order chunked orders the DeltaNet layers' scan, and {} has none",
+            cfg.name
+        );
+    }
     let mut s = Session::with_kv_mode(&dev, &model, a.kv)?;
     if a.kv != bitexact::model::KvMode::F32 {
         println!("KV cache: {} (solo rows)", crate::kv_name(a.kv));
+    }
+    s.set_scan_order(&dev, a.scan_order)?;
+    if a.scan_order != bitexact::reference::model::ScanOrder::Recurrence {
+        println!("DeltaNet scan order: chunked (solo rows)");
     }
     s.set_scan(a.scan);
     if a.scan != bitexact::kernels::delta_net::ScanKernel::Auto {
@@ -413,6 +440,7 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
             sequences: None,
             context: None,
             kv: (a.kv != bitexact::model::KvMode::F32).then(|| crate::kv_name(a.kv)),
+            scan_order: chunked_name(a),
         });
         let ideal = 2.0 * params * n as f64 / (bf16_rate * 1e12);
         println!(
@@ -491,6 +519,7 @@ pub fn run(a: &SpeedArgs) -> Result<bool> {
                 sequences: None,
                 context: None,
                 kv: (a.kv != bitexact::model::KvMode::F32).then(|| crate::kv_name(a.kv)),
+                scan_order: chunked_name(a),
             });
             // Kernels in one step: those of the captured graph (one launch a step), or the
             // eager launches per step.
@@ -667,6 +696,7 @@ fn batched(
                     sequences: Some(n_seq),
                     context: Some(c),
                     kv: None,
+                    scan_order: None,
                 });
                 println!(
                     "| {phase} | {} | {n_seq} | {:.2} ms (min {:.2}, max {:.2}) | {:.1} | {:.1} | {launches:.0} | {:.1} MB |",
@@ -753,6 +783,7 @@ fn batched(
                     sequences: Some(n_seq),
                     context: Some(c),
                     kv: None,
+                    scan_order: None,
                 });
             }
         }

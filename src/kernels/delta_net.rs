@@ -1,15 +1,20 @@
 //! `delta_net_scan`, `delta_net_gate` (kernels `cuda/delta_net.cu`, reference
 //! [`crate::reference::delta_net`]): the recurrent steps of the Gated DeltaNet mixer on the
-//! device, and the state a sequence carries between calls.
+//! device, in either scan order, and the state a sequence carries between calls.
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
+use cudarc::driver::DevicePtr;
 
 use super::{as_u32, dims, geometry};
 use crate::device::{Device, Family};
 use crate::error::{check_shape, Error, Result};
-use crate::launch::args::delta_net::{GateArgs, PrepArgs, ScanArgs, ScanV1Args};
+use crate::launch::args::delta_net::{
+    ChunkFinishArgs, ChunkGramArgs, ChunkScanArgs, GateArgs, PrepArgs, ScanArgs, ScanV1Args,
+};
 use crate::launch::{In, Out};
-use crate::spec::delta_net::{DeltaNetConfig, DeltaNetState, DeltaNetWeights};
+use crate::spec::delta_net::{
+    ChunkedState, DeltaNetConfig, DeltaNetState, DeltaNetWeights, ScanOrder, SCAN_CHUNK,
+};
 use crate::tensor::GpuTensor;
 
 /// Head dims the scan kernel takes (a column of the state in the registers of 4 threads, one
@@ -51,36 +56,85 @@ impl GpuDeltaNetConsts {
 /// A sequence's recurrent state on the device: the convolution window, the scan's second
 /// window (it reads one and writes the other: several blocks read a key head's channels; the
 /// new window is then copied back, so that a captured decode step reads and writes the same
-/// buffers on every replay) and the `[Hv, S, S]` matrices.
+/// buffers on every replay), the `[Hv, S, S]` matrices and, in the chunked order, the chunk
+/// under way.
 pub struct GpuDeltaNetState {
     cfg: DeltaNetConfig,
     conv: GpuTensor<f32>,
     conv_next: GpuTensor<f32>,
     m: GpuTensor<f32>,
+    chunk: Option<Box<ChunkBuffers>>,
+}
+
+/// The chunk under way of the chunked order ([`ChunkedState`]'s buffers, zeros past its
+/// length): `k: [Hk, C, S]`, `u: [Hv, C, S]`, `f: [Hv, C]`, `e: [Hv]` and the length `len:
+/// [1]`, kept on the device so that a captured decode step reads it.
+struct ChunkBuffers {
+    k: GpuTensor<f32>,
+    u: GpuTensor<f32>,
+    f: GpuTensor<f32>,
+    e: GpuTensor<f32>,
+    len: GpuTensor<u32>,
 }
 
 impl GpuDeltaNetState {
-    /// The state before the first token (zeros).
+    /// The state before the first token (zeros), for the recurrence
+    /// ([`ScanOrder::Recurrence`]).
     pub fn new(dev: &Device, cfg: &DeltaNetConfig) -> Result<Self> {
+        Self::with_order(dev, cfg, ScanOrder::Recurrence)
+    }
+
+    /// The state before the first token (zeros) for the scan order `order`: every call on it
+    /// computes that order ([`delta_net_scan_with`]).
+    pub fn with_order(dev: &Device, cfg: &DeltaNetConfig, order: ScanOrder) -> Result<Self> {
         cfg.validate()?;
         let (kc1, cd, s) = (cfg.conv_kernel - 1, cfg.conv_dim(), cfg.head_dim);
+        let (hk, hv, c) = (cfg.k_heads, cfg.v_heads, SCAN_CHUNK);
         let rows = kc1.max(1);
+        let chunk = match order {
+            ScanOrder::Recurrence => None,
+            ScanOrder::Chunked => Some(Box::new(ChunkBuffers {
+                k: GpuTensor::zeros(dev, &[hk, c, s])?,
+                u: GpuTensor::zeros(dev, &[hv, c, s])?,
+                f: GpuTensor::zeros(dev, &[hv, c])?,
+                e: GpuTensor::zeros(dev, &[hv])?,
+                len: GpuTensor::zeros(dev, &[1])?,
+            })),
+        };
         Ok(GpuDeltaNetState {
             cfg: cfg.clone(),
             conv: GpuTensor::zeros(dev, &[rows, cd])?,
             conv_next: GpuTensor::zeros(dev, &[rows, cd])?,
             m: GpuTensor::zeros(dev, &[cfg.v_heads, s, s])?,
+            chunk,
         })
+    }
+
+    /// The scan order this state is kept in.
+    pub fn order(&self) -> ScanOrder {
+        match self.chunk {
+            None => ScanOrder::Recurrence,
+            Some(_) => ScanOrder::Chunked,
+        }
     }
 
     /// Back to the state before the first token (zeros), on the device's stream.
     pub fn clear(&mut self, dev: &Device) -> Result<()> {
-        dev.stream().memset_zeros(self.conv.slice_mut())?;
-        dev.stream().memset_zeros(self.m.slice_mut())?;
+        let st = dev.stream();
+        st.memset_zeros(self.conv.slice_mut())?;
+        st.memset_zeros(self.m.slice_mut())?;
+        if let Some(c) = &mut self.chunk {
+            st.memset_zeros(c.k.slice_mut())?;
+            st.memset_zeros(c.u.slice_mut())?;
+            st.memset_zeros(c.f.slice_mut())?;
+            st.memset_zeros(c.e.slice_mut())?;
+            st.memset_zeros(c.len.slice_mut())?;
+        }
         Ok(())
     }
 
-    /// The state on the host, as the CPU reference holds it.
+    /// The window and the matrices on the host, as the CPU reference holds them (in the
+    /// chunked order, the matrices at the last chunk boundary: [`ChunkedState::base`]).
     pub fn to_host(&self) -> Result<DeltaNetState> {
         let cfg = &self.cfg;
         let mut conv = self.conv.to_host()?;
@@ -88,6 +142,25 @@ impl GpuDeltaNetState {
         Ok(DeltaNetState {
             conv,
             m: self.m.to_host()?,
+        })
+    }
+
+    /// The whole chunked-order state on the host, as [`ChunkedState`] holds it; an error for
+    /// a state kept in the recurrence.
+    pub fn to_host_chunked(&self) -> Result<ChunkedState> {
+        let c = self.chunk.as_ref().ok_or_else(|| {
+            Error::invalid(
+                "GpuDeltaNetState::to_host_chunked",
+                "the state is kept in the recurrence, not the chunked order",
+            )
+        })?;
+        Ok(ChunkedState {
+            base: self.to_host()?,
+            len: c.len.to_host()?[0] as usize,
+            k: c.k.to_host()?,
+            u: c.u.to_host()?,
+            f: c.f.to_host()?,
+            e: c.e.to_host()?,
         })
     }
 }
@@ -151,7 +224,12 @@ pub fn delta_net_scan(
     delta_net_scan_with(dev, ScanKernel::Auto, consts, state, mixed, b, a, eps, o)
 }
 
-/// [`delta_net_scan`] with the kernel chosen by the caller.
+/// [`delta_net_scan`] with the kernel chosen by the caller. A state kept in the chunked order
+/// ([`GpuDeltaNetState::with_order`]) runs the chunked order's kernels whatever `kernel` says
+/// (its choices are the recurrence's): `delta_net_prep_f32`, then `delta_net_chunk_gram_f32`,
+/// `delta_net_chunk_scan_f32` and `delta_net_chunk_finish_f32`, the bits of
+/// [`crate::reference::delta_net::scan_chunked_cpu`]; a mixer too wide for the prep is then an
+/// error.
 #[allow(clippy::too_many_arguments)]
 pub fn delta_net_scan_with(
     dev: &Device,
@@ -186,6 +264,29 @@ pub fn delta_net_scan_with(
         return Ok(());
     }
     let fits = prep_smem_bytes(c) <= PREP_MAX_SMEM;
+    if state.chunk.is_some() {
+        if !fits {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "the chunked order's prep needs {} bytes of shared memory for conv_dim {cd} \
+                     (at most {PREP_MAX_SMEM})",
+                    prep_smem_bytes(c)
+                ),
+            ));
+        }
+        return scan_chunked(
+            dev,
+            consts,
+            state,
+            mixed,
+            b,
+            a,
+            eps,
+            o,
+            [hk32, hv32, s32, kc32],
+        );
+    }
     let second = match kernel {
         ScanKernel::Auto if n >= SCAN_V2_MIN_TOKENS && fits => Some("delta_net_scan3_f32"),
         ScanKernel::Auto | ScanKernel::V1 => None,
@@ -266,43 +367,16 @@ fn scan_v2(
     dims: [u32; 5],
 ) -> Result<()> {
     let [n32, hk32, hv32, s32, kc32] = dims;
-    let (n, hv, cd) = (n32 as usize, hv32 as usize, consts.cfg.conv_dim());
-    let mut prep = GpuTensor::<f32>::output(dev, &[n, cd])?;
-    let mut gates = GpuTensor::<f32>::output(dev, &[n, hv, 2])?;
-    let f = dev.function_with(Family::DeltaNet, "delta_net_prep_f32", |f| {
-        f.set_attribute(
-            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            PREP_MAX_SMEM as i32,
-        )?;
-        Ok(())
-    })?;
-    let smem = prep_smem_bytes(&consts.cfg);
-    let cfg = geometry(
-        (n32, 1, 1),
-        (256, 1, 1),
-        as_u32("delta_net_scan", "prep shared memory", smem)?,
-    );
-    let args = PrepArgs {
-        prep: Out::of(dev, prep.slice_mut()),
-        gates: Out::of(dev, gates.slice_mut()),
-        mixed: In::of(dev, mixed.slice()),
-        bg: In::of(dev, b.slice()),
-        ag: In::of(dev, a.slice()),
-        conv_w: In::of(dev, consts.conv.slice()),
-        conv_in: In::of(dev, state.conv.slice()),
-        dt_bias: In::of(dev, consts.dt_bias.slice()),
-        ssm_a: In::of(dev, consts.ssm_a.slice()),
-        hk: hk32,
-        hv: hv32,
-        s: s32,
-        kc: kc32,
+    let (prep, gates) = prep_launch(
+        dev,
+        consts,
+        &state.conv,
+        mixed.slice(),
+        b.slice(),
+        a.slice(),
         eps,
-    };
-    // SAFETY: mixed [n, conv_dim], b and a [n, Hv] (checked by the caller), prep [n,
-    // conv_dim] and gates [n, Hv, 2] allocated here, the window [max(Kc - 1, 1), conv_dim] and
-    // the constants of this config; a block per token, its shared memory the token's conv_dim
-    // channels and 5 floats per q and k vector.
-    unsafe { dev.launch_kernel(&f, cfg, &args) }?;
+        n32 as usize,
+    )?;
     let f = dev.function(Family::DeltaNet, scan)?;
     // v2: a block per value head, 4 threads a column; v3, v5, v6: 32 columns a block, 128
     // threads.
@@ -334,6 +408,216 @@ fn scan_v2(
     unsafe { dev.launch_kernel(&f, cfg, &args) }?;
     dev.stream()
         .memcpy_dtod(state.conv_next.slice(), state.conv.slice_mut())?;
+    Ok(())
+}
+
+/// `delta_net_prep_f32` over the `n` tokens of `mixed: [n, conv_dim]`, `b, a: [n, Hv]` (views
+/// checked by the caller) after the window `conv`: returns `prep: [n, conv_dim]` (unit q, unit
+/// k, v) and `gates: [n, Hv, 2]` (beta, decay).
+#[allow(clippy::too_many_arguments)]
+fn prep_launch(
+    dev: &Device,
+    consts: &GpuDeltaNetConsts,
+    conv: &GpuTensor<f32>,
+    mixed: &impl DevicePtr<f32>,
+    b: &impl DevicePtr<f32>,
+    a: &impl DevicePtr<f32>,
+    eps: f32,
+    n: usize,
+) -> Result<(GpuTensor<f32>, GpuTensor<f32>)> {
+    const OP: &str = "delta_net_scan";
+    let c = &consts.cfg;
+    let (s, hk, hv, kc, cd) = c.scan_dims();
+    let mut prep = GpuTensor::<f32>::output(dev, &[n, cd])?;
+    let mut gates = GpuTensor::<f32>::output(dev, &[n, hv, 2])?;
+    let f = dev.function_with(Family::DeltaNet, "delta_net_prep_f32", |f| {
+        f.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            PREP_MAX_SMEM as i32,
+        )?;
+        Ok(())
+    })?;
+    let smem = as_u32(OP, "prep shared memory", prep_smem_bytes(c))?;
+    let cfg = geometry((as_u32(OP, "tokens", n)?, 1, 1), (256, 1, 1), smem);
+    let args = PrepArgs {
+        prep: Out::of(dev, prep.slice_mut()),
+        gates: Out::of(dev, gates.slice_mut()),
+        mixed: In::of(dev, mixed),
+        bg: In::of(dev, b),
+        ag: In::of(dev, a),
+        conv_w: In::of(dev, consts.conv.slice()),
+        conv_in: In::of(dev, conv.slice()),
+        dt_bias: In::of(dev, consts.dt_bias.slice()),
+        ssm_a: In::of(dev, consts.ssm_a.slice()),
+        hk: as_u32(OP, "k_heads", hk)?,
+        hv: as_u32(OP, "v_heads", hv)?,
+        s: as_u32(OP, "head_dim", s)?,
+        kc: as_u32(OP, "conv_kernel", kc)?,
+        eps,
+    };
+    // SAFETY: mixed [n, conv_dim], b and a [n, Hv] (checked by the caller), prep [n,
+    // conv_dim] and gates [n, Hv, 2] allocated here, the window [max(Kc - 1, 1), conv_dim] and
+    // the constants of this config; a block per token, its shared memory the token's conv_dim
+    // channels and 5 floats per q and k vector (at most PREP_MAX_SMEM, checked by the caller).
+    unsafe { dev.launch_kernel(&f, cfg, &args) }?;
+    Ok((prep, gates))
+}
+
+/// Tokens a call of the chunked order's kernels takes at most: a longer call runs as several
+/// (the order's bits do not depend on how the tokens are cut), so that the tables of A and B
+/// (`[Hv, segments, C, C]` each) stay within 34 MiB a table for 32 value heads.
+const CHUNKED_MAX_CALL: usize = 4096;
+
+/// Shared memory of `delta_net_chunk_gram_f32`: keys and queries `[C][129]`, the factors
+/// `[C][C]`, the decays `[C]`.
+const GRAM_SMEM: usize = (2 * SCAN_CHUNK * 129 + SCAN_CHUNK * SCAN_CHUNK + SCAN_CHUNK) * 4;
+
+/// Shared memory of `delta_net_chunk_scan_f32`: the rows `[128][32]`, keys and queries
+/// transposed `[128][C]` and keys `[C][128]`, A and B `[C][C]`, u and v `[C][32]`, the dots'
+/// tables `[2][32][72]`, e, beta and F `[C]`.
+const CHUNK_SCAN_SMEM: usize = (128 * 32
+    + 3 * 128 * SCAN_CHUNK
+    + 2 * SCAN_CHUNK * SCAN_CHUNK
+    + 2 * SCAN_CHUNK * 32
+    + 2 * 32 * 72
+    + 3 * SCAN_CHUNK)
+    * 4;
+
+/// The chunked order ([`crate::reference::delta_net::scan_chunked_cpu`]'s bits) over `n`
+/// tokens, in calls of at most [`CHUNKED_MAX_CALL`]. Shapes checked by the caller; `dims` =
+/// Hk, Hv, S, Kc.
+#[allow(clippy::too_many_arguments)]
+fn scan_chunked(
+    dev: &Device,
+    consts: &GpuDeltaNetConsts,
+    state: &mut GpuDeltaNetState,
+    mixed: &GpuTensor<f32>,
+    b: &GpuTensor<f32>,
+    a: &GpuTensor<f32>,
+    eps: f32,
+    o: &mut GpuTensor<f32>,
+    dims: [u32; 4],
+) -> Result<()> {
+    const OP: &str = "delta_net_scan";
+    const C: usize = SCAN_CHUNK;
+    let [hk32, hv32, s32, kc32] = dims;
+    let (hv, s, cd) = (hv32 as usize, s32 as usize, consts.cfg.conv_dim());
+    let n_all = mixed.dims()[0];
+    let gram = dev.function_with(Family::DeltaNet, "delta_net_chunk_gram_f32", |f| {
+        f.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            GRAM_SMEM as i32,
+        )?;
+        Ok(())
+    })?;
+    let scan = dev.function_with(Family::DeltaNet, "delta_net_chunk_scan_f32", |f| {
+        f.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            CHUNK_SCAN_SMEM as i32,
+        )?;
+        Ok(())
+    })?;
+    let finish = dev.function(Family::DeltaNet, "delta_net_chunk_finish_f32")?;
+    for t0 in (0..n_all).step_by(CHUNKED_MAX_CALL) {
+        let n = (n_all - t0).min(CHUNKED_MAX_CALL);
+        let nseg = n.div_ceil(C) + 1;
+        let (n32, nseg32) = (n as u32, nseg as u32);
+        let mx = mixed.slice().slice(t0 * cd..(t0 + n) * cd);
+        let bv = b.slice().slice(t0 * hv..(t0 + n) * hv);
+        let av = a.slice().slice(t0 * hv..(t0 + n) * hv);
+        let (prep, gates) = prep_launch(dev, consts, &state.conv, &mx, &bv, &av, eps, n)?;
+        let mut ta = GpuTensor::<f32>::output(dev, &[hv, nseg, C, C])?;
+        let mut tb = GpuTensor::<f32>::output(dev, &[hv, nseg, C, C])?;
+        let mut te = GpuTensor::<f32>::output(dev, &[hv, nseg, C])?;
+        let mut tf = GpuTensor::<f32>::output(dev, &[hv, nseg, C])?;
+        let mut info = GpuTensor::<u32>::output(dev, &[1])?;
+        let ch = state.chunk.as_mut().ok_or_else(|| {
+            Error::invalid(
+                OP,
+                "the state is kept in the recurrence, not the chunked order",
+            )
+        })?;
+        let args = ChunkGramArgs {
+            ga: Out::of(dev, ta.slice_mut()),
+            gb: Out::of(dev, tb.slice_mut()),
+            ge: Out::of(dev, te.slice_mut()),
+            gf: Out::of(dev, tf.slice_mut()),
+            info: Out::of(dev, info.slice_mut()),
+            prep: In::of(dev, prep.slice()),
+            gates: In::of(dev, gates.slice()),
+            ck: In::of(dev, ch.k.slice()),
+            cf: In::of(dev, ch.f.slice()),
+            ce: In::of(dev, ch.e.slice()),
+            clen: In::of(dev, ch.len.slice()),
+            n: n32,
+            hk: hk32,
+            hv: hv32,
+            s: s32,
+        };
+        let cfg = geometry((hv32, nseg32, 1), (256, 1, 1), GRAM_SMEM as u32);
+        // SAFETY: prep [n, conv_dim] and gates [n, Hv, 2] written above on this stream; the
+        // chunk under way k [Hk, C, S], f [Hv, C], e [Hv], len [1] of this config (S <= 128);
+        // the tables [Hv, nseg, C, C] and [Hv, nseg, C] allocated here for nseg = ceil(n / C) +
+        // 1 segments (the grid's y), each block writing its own (head, segment) slot; info [1]
+        // written by block (0, 0) alone.
+        unsafe { dev.launch_kernel(&gram, cfg, &args) }?;
+        let mut ov = o.slice_mut().slice_mut(t0 * hv * s..(t0 + n) * hv * s);
+        let args = ChunkScanArgs {
+            o: Out::of(dev, &mut ov),
+            m: Out::of(dev, state.m.slice_mut()),
+            cu: Out::of(dev, ch.u.slice_mut()),
+            ga: In::of(dev, ta.slice()),
+            gb: In::of(dev, tb.slice()),
+            ge: In::of(dev, te.slice()),
+            gf: In::of(dev, tf.slice()),
+            prep: In::of(dev, prep.slice()),
+            gates: In::of(dev, gates.slice()),
+            ck: In::of(dev, ch.k.slice()),
+            clen: In::of(dev, ch.len.slice()),
+            n: n32,
+            nseg: nseg32,
+            hk: hk32,
+            hv: hv32,
+            s: s32,
+        };
+        let cfg = geometry(
+            (hv32, s32.div_ceil(32), 1),
+            (256, 1, 1),
+            CHUNK_SCAN_SMEM as u32,
+        );
+        // SAFETY: o's rows t0 .. t0 + n of [n, Hv, S], the matrices [Hv, S, S] and u [Hv, C,
+        // S] written by block (h, 32 rows) for its own rows alone; the tables written by the
+        // launch above, every live segment's slot; prep, gates, the keys k [Hk, C, S] and len
+        // read only; 256 threads (8 warps of 4 rows of 8 lanes), S <= 128.
+        unsafe { dev.launch_kernel(&scan, cfg, &args) }?;
+        let args = ChunkFinishArgs {
+            ck: Out::of(dev, ch.k.slice_mut()),
+            cf: Out::of(dev, ch.f.slice_mut()),
+            ce: Out::of(dev, ch.e.slice_mut()),
+            clen: Out::of(dev, ch.len.slice_mut()),
+            conv_out: Out::of(dev, state.conv_next.slice_mut()),
+            info: In::of(dev, info.slice()),
+            ge: In::of(dev, te.slice()),
+            gf: In::of(dev, tf.slice()),
+            prep: In::of(dev, prep.slice()),
+            mixed: In::of(dev, &mx),
+            conv_in: In::of(dev, state.conv.slice()),
+            n: n32,
+            nseg: nseg32,
+            hk: hk32,
+            hv: hv32,
+            s: s32,
+            kc: kc32,
+        };
+        let cfg = geometry((hv32, 1, 1), (256, 1, 1), 0);
+        // SAFETY: block h writes f and e of head h, k of key head h (h < Hk) and head h's
+        // window channels (q and k of key head h where h < Hk), block 0 the length; the
+        // length this call started from is read from info (the gram's copy), not from len;
+        // the tables of the last segment written by the gram; the two windows distinct.
+        unsafe { dev.launch_kernel(&finish, cfg, &args) }?;
+        dev.stream()
+            .memcpy_dtod(state.conv_next.slice(), state.conv.slice_mut())?;
+    }
     Ok(())
 }
 

@@ -42,6 +42,7 @@ use crate::model::moe_block::GpuMoeBlock;
 use crate::quant::fastscan::FastScanSpec;
 use crate::quant::QuantMatrix;
 use crate::spec::config::{check_tokens, KvMode, ModelConfig};
+use crate::spec::delta_net::ScanOrder;
 use crate::spec::trace::Trace;
 use crate::spec::weights::{LayerWeights, Mixer, ModelWeights};
 use crate::tensor::GpuTensor;
@@ -297,6 +298,8 @@ pub struct Session<'m> {
     kv_mode: KvMode,
     /// The coded caches' shared rows and scratch (`None` with an f32 cache).
     coded: Option<CodedScratch>,
+    /// The DeltaNet layers' scan order ([`Session::set_scan_order`]).
+    scan_order: ScanOrder,
 }
 
 impl<'m> Session<'m> {
@@ -363,7 +366,39 @@ impl<'m> Session<'m> {
             kernels: Kernels::default(),
             kv_mode: kv,
             coded,
+            scan_order: ScanOrder::Recurrence,
         })
+    }
+
+    /// The order of the DeltaNet layers' scan: [`ScanOrder::Recurrence`] (the default, every
+    /// [`ScanKernel`]'s) or [`ScanOrder::Chunked`] (the `delta_net_chunk_*` kernels, the bits of
+    /// [`crate::reference::model::CpuSession::set_scan_order`] set alike, on every path). Only
+    /// before the first token (or after a reset); a model without DeltaNet layers keeps its
+    /// bits either way. The captured decode step is dropped.
+    pub fn set_scan_order(&mut self, dev: &Device, order: ScanOrder) -> Result<()> {
+        if self.pos != 0 {
+            return Err(Error::invalid(
+                "Session::set_scan_order",
+                "the scan order is set before the first token",
+            ));
+        }
+        if let Some(dn) = self.model.cfg.delta_net() {
+            for st in &mut self.states {
+                if let LayerState::DeltaNet(d) = st {
+                    if d.order() != order {
+                        *d = GpuDeltaNetState::with_order(dev, &dn, order)?;
+                    }
+                }
+            }
+        }
+        self.scan_order = order;
+        self.graph = None;
+        Ok(())
+    }
+
+    /// The DeltaNet layers' scan order.
+    pub fn scan_order(&self) -> ScanOrder {
+        self.scan_order
     }
 
     /// How the attention layers keep keys and values.
@@ -516,19 +551,31 @@ impl<'m> Session<'m> {
 
     /// Every DeltaNet layer's recurrent state after the tokens taken, in layer order: its
     /// convolution window, then its delta-rule matrices (empty for a model without DeltaNet
-    /// layers): [`crate::reference::model::CpuSession::recurrent_state`]'s layout, to compare
-    /// bit for bit.
+    /// layers; in the chunked order the matrices at the last boundary, then the chunk under
+    /// way's keys, u, factors and decays): [`crate::reference::model::CpuSession::recurrent_state`]'s
+    /// layout, to compare bit for bit.
     pub fn recurrent_state(&self) -> Result<Vec<f32>> {
         let mut out = Vec::new();
         for st in &self.states {
             if let LayerState::DeltaNet(d) = st {
-                let h = d.to_host()?;
-                if self.clear_states {
-                    // Reset, not yet zeroed on the device: the state before the first token.
-                    out.resize(out.len() + h.conv.len() + h.m.len(), 0.0);
-                } else {
-                    out.extend(h.conv);
-                    out.extend(h.m);
+                let parts = match d.order() {
+                    ScanOrder::Recurrence => {
+                        let h = d.to_host()?;
+                        vec![h.conv, h.m]
+                    }
+                    ScanOrder::Chunked => {
+                        let h = d.to_host_chunked()?;
+                        vec![h.base.conv, h.base.m, h.k, h.u, h.f, h.e]
+                    }
+                };
+                for p in parts {
+                    if self.clear_states {
+                        // Reset, not yet zeroed on the device: the state before the first
+                        // token.
+                        out.resize(out.len() + p.len(), 0.0);
+                    } else {
+                        out.extend(p);
+                    }
                 }
             }
         }

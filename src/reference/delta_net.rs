@@ -31,16 +31,19 @@
 //! Every reduction is a canonical dot (4 partials over 32-blocks) or the norm's lane chains:
 //! a GPU kernel holds a column `M[j]` in the registers of 4 lanes, one 32-block each.
 //!
-//! [`scan_chunked_cpu`] is a second order of steps 2 to 5 (not the default, no kernel yet): the
-//! same mathematics cut into chunks of [`SCAN_CHUNK`] tokens, whose work within a chunk is
-//! matrix products, measured against f64 beside this one.
+//! [`scan_chunked_cpu`] is a second order of steps 2 to 5 (not the default; the GPU's
+//! `delta_net_chunk_*` kernels compute it): the same mathematics cut into chunks of
+//! [`SCAN_CHUNK`] tokens, whose work within a chunk is matrix products, measured against f64
+//! beside this one.
 
 use crate::error::{Error, Result};
 use crate::math::{exp, sigmoid, silu, softplus};
 use crate::reference::gemm::{dot_f32, gemm_with, GemmOrder};
 use crate::reference::norm::rmsnorm;
 
-pub use crate::spec::delta_net::{DeltaNetConfig, DeltaNetState, DeltaNetWeights};
+pub use crate::spec::delta_net::{
+    ChunkedState, DeltaNetConfig, DeltaNetState, DeltaNetWeights, ScanOrder, SCAN_CHUNK,
+};
 
 /// `u * (1 / sqrt(dot_f32(u, u) + eps))`, in place.
 fn l2_normalize(u: &mut [f32], eps: f32) {
@@ -128,60 +131,11 @@ fn gates(w: &DeltaNetWeights, b: f32, a: f32, h: usize) -> (f32, f32) {
     (sigmoid(b), softplus(a + w.dt_bias[h]) * w.ssm_a[h])
 }
 
-/// The order of steps 2 to 5 in a model's DeltaNet layers.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum ScanOrder {
-    /// Token by token ([`scan_cpu`]): the default, every GPU scan's.
-    #[default]
-    Recurrence,
-    /// Chunks of [`SCAN_CHUNK`] tokens ([`scan_chunked_cpu`]): the CPU only, to measure it.
-    Chunked,
-}
-
-/// Tokens per chunk of the chunked order ([`scan_chunked_cpu`]).
-pub const SCAN_CHUNK: usize = 64;
-
-/// What the chunked order carries from token to token: the convolution window and, per value
-/// head, the delta-rule matrix at the last chunk boundary (`base`, [`DeltaNetState`]'s layout),
-/// and the tokens of the chunk under way: their unit keys per key head `k: [Hk, C, S]`, and per
-/// value head their corrected values `u: [Hv, C, S]`, their decay factors to the latest token
-/// `f: [Hv, C]` and the decay since the boundary `e: [Hv]` (`C` = [`SCAN_CHUNK`]; entries past
-/// `len`, and everything at a boundary, are zero).
-#[derive(Clone, Debug, PartialEq)]
-pub struct ChunkedState {
-    /// The window and the matrices at the last boundary.
-    pub base: DeltaNetState,
-    /// Tokens of the chunk under way (below `C`).
-    pub len: usize,
-    /// `[Hk, C, S]`.
-    pub k: Vec<f32>,
-    /// `[Hv, C, S]`.
-    pub u: Vec<f32>,
-    /// `[Hv, C]`.
-    pub f: Vec<f32>,
-    /// `[Hv]`.
-    pub e: Vec<f32>,
-}
-
-impl ChunkedState {
-    /// The state before the first token.
-    pub fn new(cfg: &DeltaNetConfig) -> Self {
-        let (s, hk, hv) = (cfg.head_dim, cfg.k_heads, cfg.v_heads);
-        ChunkedState {
-            base: DeltaNetState::new(cfg),
-            len: 0,
-            k: vec![0.0; hk * SCAN_CHUNK * s],
-            u: vec![0.0; hv * SCAN_CHUNK * s],
-            f: vec![0.0; hv * SCAN_CHUNK],
-            e: vec![0.0; hv],
-        }
-    }
-}
-
 /// Steps 2 to 5 in the chunked order: the same mathematics as [`scan_cpu`] (not its bits), in
 /// an order whose work within a chunk is matrix products and whose serial chain per token is
-/// one fma per earlier token of the chunk. Not the default: it exists to measure its accuracy
-/// against f64 beside the recurrence's (issue 27) before any kernel computes it.
+/// one fma per earlier token of the chunk. Not the default: its accuracy against f64 stands
+/// beside the recurrence's in BENCHMARKS.md; the GPU's `delta_net_chunk_*` kernels
+/// (`cuda/delta_net.cu`) compute these bits.
 ///
 /// The tokens are cut into chunks of `C` = [`SCAN_CHUNK`] by their index in the sequence, so
 /// a prompt taken at once, in any pieces or one token at a time gives the same bits. Per value

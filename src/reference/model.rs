@@ -179,8 +179,8 @@ impl<'w> CpuSession<'w> {
     }
 
     /// The order of the DeltaNet layers' scan ([`ScanOrder::Recurrence`], every kernel's, by
-    /// default). The chunked order exists on the CPU only, to measure it. Only before the
-    /// first token.
+    /// default). The GPU computes either ([`crate::model::transformer::Session::set_scan_order`]). Only
+    /// before the first token.
     pub fn set_scan_order(&mut self, order: ScanOrder) -> Result<()> {
         if self.pos != 0 {
             return Err(Error::invalid(

@@ -136,3 +136,55 @@ impl DeltaNetState {
         }
     }
 }
+
+/// The order of steps 2 to 5 in a model's DeltaNet layers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ScanOrder {
+    /// Token by token ([`crate::reference::delta_net::scan_cpu`]): the default, every GPU
+    /// scan version's.
+    #[default]
+    Recurrence,
+    /// Chunks of [`SCAN_CHUNK`] tokens ([`crate::reference::delta_net::scan_chunked_cpu`]):
+    /// not the default; the GPU's `delta_net_chunk_*` kernels compute it.
+    Chunked,
+}
+
+/// Tokens per chunk of the chunked order ([`crate::reference::delta_net::scan_chunked_cpu`]).
+pub const SCAN_CHUNK: usize = 64;
+
+/// What the chunked order carries from token to token: the convolution window and, per value
+/// head, the delta-rule matrix at the last chunk boundary (`base`, [`DeltaNetState`]'s layout),
+/// and the tokens of the chunk under way: their unit keys per key head `k: [Hk, C, S]`, and per
+/// value head their corrected values `u: [Hv, C, S]`, their decay factors to the latest token
+/// `f: [Hv, C]` and the decay since the boundary `e: [Hv]` (`C` = [`SCAN_CHUNK`]; entries past
+/// `len`, and everything at a boundary, are zero).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChunkedState {
+    /// The window and the matrices at the last boundary.
+    pub base: DeltaNetState,
+    /// Tokens of the chunk under way (below `C`).
+    pub len: usize,
+    /// `[Hk, C, S]`.
+    pub k: Vec<f32>,
+    /// `[Hv, C, S]`.
+    pub u: Vec<f32>,
+    /// `[Hv, C]`.
+    pub f: Vec<f32>,
+    /// `[Hv]`.
+    pub e: Vec<f32>,
+}
+
+impl ChunkedState {
+    /// The state before the first token.
+    pub fn new(cfg: &DeltaNetConfig) -> Self {
+        let (s, hk, hv) = (cfg.head_dim, cfg.k_heads, cfg.v_heads);
+        ChunkedState {
+            base: DeltaNetState::new(cfg),
+            len: 0,
+            k: vec![0.0; hk * SCAN_CHUNK * s],
+            u: vec![0.0; hv * SCAN_CHUNK * s],
+            f: vec![0.0; hv * SCAN_CHUNK],
+            e: vec![0.0; hv],
+        }
+    }
+}

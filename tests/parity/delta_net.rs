@@ -6,7 +6,10 @@ use bitexact::kernels::delta_net::{
     ScanKernel,
 };
 use bitexact::quant::WeightFormat;
-use bitexact::reference::delta_net::{scan_cpu, DeltaNetConfig, DeltaNetState, DeltaNetWeights};
+use bitexact::reference::delta_net::{
+    scan_chunked_cpu, scan_cpu, ChunkedState, DeltaNetConfig, DeltaNetState, DeltaNetWeights,
+    ScanOrder, SCAN_CHUNK,
+};
 use bitexact::{Error, GpuTensor};
 
 use crate::common::{assert_bits_eq, gpu, poison, values};
@@ -132,6 +135,139 @@ proptest::proptest! {
         };
         case(kernel, &cfg(64, hk, hk * mult, s, kc), n, chunk, seed);
     }
+}
+
+/// `n` tokens through the GPU's chunked order (`delta_net_chunk_*`) in calls of `pieces` (cycled)
+/// against one CPU [`scan_chunked_cpu`] of all of them: every call's outputs, then the whole
+/// state (window, matrices at the boundary, the chunk under way and its length).
+fn chunked_case(c: &DeltaNetConfig, n: usize, pieces: &[usize], seed: u64) {
+    let Some(dev) = gpu() else { return };
+    let w = DeltaNetWeights::generate(c, seed, 500).unwrap();
+    let (cd, hv, s) = (c.conv_dim(), c.v_heads, c.head_dim);
+    let mixed = values(seed ^ 1, n * cd, 2.0, 0.0);
+    let b = values(seed ^ 2, n * hv, 2.0, 0.0);
+    let a = values(seed ^ 3, n * hv, 2.0, 0.0);
+    let mut want_state = ChunkedState::new(c);
+    let want = scan_chunked_cpu(&w, &mut want_state, &mixed, &b, &a, n, 1e-6);
+    let consts = GpuDeltaNetConsts::upload(dev, &w).unwrap();
+    let mut st = GpuDeltaNetState::with_order(dev, c, ScanOrder::Chunked).unwrap();
+    assert_eq!(st.order(), ScanOrder::Chunked);
+    let mut got = Vec::with_capacity(want.len());
+    let (mut t0, mut i) = (0, 0);
+    while t0 < n {
+        let m = pieces[i % pieces.len()].min(n - t0);
+        let up = |x: &[f32], width: usize| {
+            GpuTensor::from_host(dev, &x[t0 * width..(t0 + m) * width], &[m, width]).unwrap()
+        };
+        let mut o = GpuTensor::from_host(dev, &poison(m * hv * s), &[m, hv, s]).unwrap();
+        // The kernel choice is the recurrence's: a chunked state runs its own kernels.
+        delta_net_scan_with(
+            dev,
+            ScanKernel::V1,
+            &consts,
+            &mut st,
+            &up(&mixed, cd),
+            &up(&b, hv),
+            &up(&a, hv),
+            1e-6,
+            &mut o,
+        )
+        .unwrap();
+        got.extend(o.to_host().unwrap());
+        t0 += m;
+        i += 1;
+    }
+    let what = format!("chunked {c:?} n={n} pieces={pieces:?}");
+    assert_bits_eq(&format!("{what}: o"), &got, &want);
+    let gs = st.to_host_chunked().unwrap();
+    assert_eq!(gs.len, want_state.len, "{what}: length");
+    assert_bits_eq(
+        &format!("{what}: window"),
+        &gs.base.conv,
+        &want_state.base.conv,
+    );
+    assert_bits_eq(&format!("{what}: matrices"), &gs.base.m, &want_state.base.m);
+    assert_bits_eq(&format!("{what}: keys"), &gs.k, &want_state.k);
+    assert_bits_eq(&format!("{what}: u"), &gs.u, &want_state.u);
+    assert_bits_eq(&format!("{what}: factors"), &gs.f, &want_state.f);
+    assert_bits_eq(&format!("{what}: decay"), &gs.e, &want_state.e);
+}
+
+/// The chunked order on the GPU equals its CPU reference bit for bit, outputs and state: head
+/// dims 16 (one partial block), 48, 100 (a partial fourth block) and 128 (the Qwen3.6 shape, 16
+/// key heads, 32 value heads); token counts one short of a chunk, a chunk, one past it and
+/// several; calls of one token (decode), of 7, of a chunk, of 100, of all at once, and mixed
+/// pieces that start and end inside chunks. 4,100 tokens in one call cross the wrapper's split
+/// into calls of 4,096.
+#[test]
+fn chunked_order_matches_reference() {
+    let c = SCAN_CHUNK;
+    for (cf, n) in [
+        (cfg(64, 2, 4, 16, 4), 2 * c + 5),
+        (cfg(64, 1, 3, 48, 2), c + 1),
+        (cfg(64, 2, 2, 100, 1), c - 1),
+        (cfg(2048, 16, 32, 128, 4), 3 * c + 9),
+    ] {
+        for pieces in [&[n][..], &[1], &[7], &[c], &[100], &[5, c + 3, 1, 30]] {
+            chunked_case(&cf, n, pieces, (n * 3 + pieces[0]) as u64);
+        }
+    }
+    for n in [c - 1, c, c + 1] {
+        chunked_case(&cfg(256, 2, 4, 128, 4), n, &[n], 70 + n as u64);
+    }
+    chunked_case(&cfg(64, 1, 2, 16, 4), 4100, &[4100], 9);
+    chunked_case(&cfg(64, 1, 2, 16, 4), 4100, &[4095, 5], 10);
+}
+
+proptest::proptest! {
+    #![proptest_config(crate::common::gpu_cases(16))]
+
+    /// Any small mixer shape (head dims 3-128, windows 1-4) and any two call sizes, in the
+    /// chunked order.
+    #[test]
+    fn chunked_shapes_match_reference(
+        hk in 1usize..=4, mult in 1usize..=3, s in 3usize..=128, kc in 1usize..=4,
+        n in 1usize..=200, p1 in 1usize..=80, p2 in 1usize..=80, seed in 0u64..1000,
+    ) {
+        chunked_case(&cfg(64, hk, hk * mult, s, kc), n, &[p1, p2], seed);
+    }
+}
+
+/// A chunked state after a reset is the state before the first token, and a recurrence
+/// state refuses to be read as a chunked one.
+#[test]
+fn chunked_state_clears_and_orders_are_kept_apart() {
+    let Some(dev) = gpu() else { return };
+    let c = cfg(64, 2, 4, 16, 4);
+    let w = DeltaNetWeights::generate(&c, 5, 500).unwrap();
+    let consts = GpuDeltaNetConsts::upload(dev, &w).unwrap();
+    let mut st = GpuDeltaNetState::with_order(dev, &c, ScanOrder::Chunked).unwrap();
+    let (cd, hv, s) = (c.conv_dim(), c.v_heads, c.head_dim);
+    let n = 70;
+    let t = |seed: u64, w: usize| {
+        GpuTensor::from_host(dev, &values(seed, n * w, 1.0, 0.0), &[n, w]).unwrap()
+    };
+    let mut o = GpuTensor::zeros(dev, &[n, hv, s]).unwrap();
+    delta_net_scan(
+        dev,
+        &consts,
+        &mut st,
+        &t(1, cd),
+        &t(2, hv),
+        &t(3, hv),
+        1e-6,
+        &mut o,
+    )
+    .unwrap();
+    assert_ne!(st.to_host_chunked().unwrap(), ChunkedState::new(&c));
+    st.clear(dev).unwrap();
+    assert_eq!(st.to_host_chunked().unwrap(), ChunkedState::new(&c));
+    let plain = GpuDeltaNetState::new(dev, &c).unwrap();
+    assert_eq!(plain.order(), ScanOrder::Recurrence);
+    assert!(matches!(
+        plain.to_host_chunked(),
+        Err(Error::InvalidArgument { .. })
+    ));
 }
 
 /// A mixer too wide for v2's prep (conv_dim 52,224 channels: 204 KB of shared memory): Auto

@@ -457,6 +457,90 @@ fn hybrid_every_path_equals_cpu() {
     }
 }
 
+/// The hybrid decoder in the chunked scan order (`Session::set_scan_order`): the CPU reference's
+/// chunked order one token at a time == at once == in chunks of 7 (150 tokens: two chunk
+/// boundaries of 64 crossed inside calls); the GPU's `delta_net_chunk_*` kernels give those bits
+/// on every path, at every layer, at the logits and in the recurrent state (the chunk under way
+/// included), through graph-replayed decode steps and after a reset. The order is refused once
+/// a token has been taken.
+#[test]
+fn hybrid_chunked_order_equals_cpu() {
+    use bitexact::reference::model::ScanOrder;
+    let cfg = ModelConfig::preset("tiny-hybrid", WeightFormat::Q8_0).unwrap();
+    let w = ModelWeights::generate(&cfg, 4, None).unwrap();
+    let tokens = tokens_of(&cfg);
+    let cpu = |n: usize, chunk: usize| {
+        let mut cs = CpuSession::new(&w);
+        cs.set_scan_order(ScanOrder::Chunked).unwrap();
+        let mut t = Trace::default();
+        for step in tokens[..n].chunks(chunk) {
+            cs.forward(step, &mut t).unwrap();
+        }
+        (t, cs.recurrent_state())
+    };
+    let (seq, cpu_state) = cpu(tokens.len(), 1);
+    for chunk in [150, 7] {
+        let (t, st) = cpu(tokens.len(), chunk);
+        same(&format!("chunked order, cpu chunk {chunk}"), &seq, &t);
+        assert_bits_eq(
+            &format!("chunked order, cpu chunk {chunk}: state"),
+            &st,
+            &cpu_state,
+        );
+    }
+    // Another order than the recurrence's: the logits differ somewhere.
+    let recurrence = cpu_run(&w, &tokens, None);
+    assert_ne!(
+        recurrence.logits, seq.logits,
+        "the chunked order is another order"
+    );
+    let Some(dev) = gpu() else { return };
+    let model = GpuModel::load(dev, &w).unwrap();
+    for chunk in [1usize, 150, 7, 64] {
+        let mut s = Session::new(dev, &model).unwrap();
+        s.set_scan_order(dev, ScanOrder::Chunked).unwrap();
+        assert_eq!(s.scan_order(), ScanOrder::Chunked);
+        let mut t = Trace::default();
+        for step in tokens.chunks(chunk) {
+            s.forward(dev, step, Some(&mut t)).unwrap();
+        }
+        let what = format!("chunked order, gpu chunk {chunk}");
+        same(&what, &seq, &t);
+        assert_bits_eq(
+            &format!("{what}: recurrent state"),
+            &s.recurrent_state().unwrap(),
+            &cpu_state,
+        );
+        assert!(matches!(
+            s.set_scan_order(dev, ScanOrder::Recurrence),
+            Err(Error::InvalidArgument { .. })
+        ));
+    }
+    let vocab = cfg.vocab;
+    let mut s = Session::new(dev, &model).unwrap();
+    s.set_scan_order(dev, ScanOrder::Chunked).unwrap();
+    for round in 0..2 {
+        s.prefill(dev, &tokens[..60]).unwrap();
+        for (i, &t) in tokens[60..80].iter().enumerate() {
+            s.decode(dev, t).unwrap();
+            let at = 60 + i;
+            assert_bits_eq(
+                &format!("chunked order decode (round {round}) at {at}"),
+                &s.logits().unwrap(),
+                &seq.logits[at * vocab..(at + 1) * vocab],
+            );
+        }
+        assert!(s.stats().graph_replays > 0, "decode ran as graph replays");
+        assert_eq!(s.stats().graph_error, None);
+        assert_bits_eq(
+            &format!("chunked order state after decode (round {round})"),
+            &s.recurrent_state().unwrap(),
+            &cpu(80, 80).1,
+        );
+        s.reset();
+    }
+}
+
 /// The hybrid test's prompt.
 fn tokens_of(cfg: &ModelConfig) -> Vec<u32> {
     prompt(4, 150, cfg.vocab)
