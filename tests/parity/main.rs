@@ -11,6 +11,7 @@ mod attention;
 mod batch;
 mod delta_net;
 mod elementwise;
+mod emulate;
 mod fastscan;
 mod faults;
 mod gemm;

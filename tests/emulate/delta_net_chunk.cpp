@@ -1,0 +1,86 @@
+// The chunked DeltaNet order's launches (delta_net_prep_f32, delta_net_chunk_gram_f32,
+// delta_net_chunk_scan_f32, delta_net_chunk_finish_f32, the window's copy) under cuda_emu.h, in
+// the order and geometry src/kernels/delta_net.rs's scan_chunked launches them, over a case
+// written by tests/parity/emulate.rs:
+//   in:  u32 hk hv s kc n pieces, u32 piece[pieces], then f32 vectors (u32 length first):
+//        conv_w dt_bias ssm_a mixed b a
+//   out: f32 vectors o conv m k u f e, then u32 len
+#include <cstdio>
+#include <fstream>
+
+#include "cuda_emu.h"
+#include "family.h"
+
+static std::ifstream in;
+static u32 rd_u() {
+    u32 v = 0;
+    in.read(reinterpret_cast<char*>(&v), 4);
+    return v;
+}
+static std::vector<float> rd_v() {
+    std::vector<float> v(rd_u());
+    in.read(reinterpret_cast<char*>(v.data()), 4 * v.size());
+    return v;
+}
+
+int main(int argc, char** argv) {
+    if (argc != 3) return 2;
+    in.open(argv[1], std::ios::binary);
+    const u32 hk = rd_u(), hv = rd_u(), s = rd_u(), kc = rd_u(), n = rd_u(), np = rd_u();
+    std::vector<u32> pieces(np);
+    for (auto& p : pieces) p = rd_u();
+    const auto conv_w = rd_v(), dt_bias = rd_v(), ssm_a = rd_v(), mixed = rd_v(), bg = rd_v(),
+               ag = rd_v();
+    if (!in || np == 0) return 3;
+    const u32 C = 64, cd = (2 * hk + hv) * s, rows = kc > 1 ? kc - 1 : 1;
+    const float poison = __uint_as_float(0x7fa5a5a5u);
+    std::vector<float> conv(rows * cd, 0.f), conv_next(rows * cd, 0.f), m(hv * s * s, 0.f);
+    std::vector<float> ck(hk * C * s, 0.f), cu(hv * C * s, 0.f), cf(hv * C, 0.f), ce(hv, 0.f);
+    std::vector<u32> clen(1, 0);
+    std::vector<float> o_all;
+    for (u32 t0 = 0, i = 0; t0 < n; ++i) {
+        const u32 cnt = std::min(pieces[i % np], n - t0);
+        const float* mx = mixed.data() + (size_t)t0 * cd;
+        const float* b = bg.data() + (size_t)t0 * hv;
+        const float* a = ag.data() + (size_t)t0 * hv;
+        std::vector<float> prep(cnt * cd, poison), gates(cnt * hv * 2, poison),
+            o(cnt * hv * s, poison);
+        emu_launch({cnt, 1, 1}, 256, (cd + 10 * hk) * 4, [&] {
+            delta_net_prep_f32(prep.data(), gates.data(), mx, b, a, conv_w.data(), conv.data(),
+                               dt_bias.data(), ssm_a.data(), hk, hv, s, kc, 1e-6f);
+        });
+        const u32 nseg = (cnt + C - 1) / C + 1;
+        std::vector<float> ga(hv * nseg * C * C, poison), gb(ga), ge(hv * nseg * C, poison),
+            gf(ge);
+        std::vector<u32> info(1, 0xa5a5a5a5u);
+        emu_launch({hv, nseg, 1}, 256, (2 * C * 129 + C * C + C) * 4, [&] {
+            delta_net_chunk_gram_f32(ga.data(), gb.data(), ge.data(), gf.data(), info.data(),
+                                     prep.data(), gates.data(), ck.data(), cf.data(), ce.data(),
+                                     clen.data(), cnt, hk, hv, s);
+        });
+        const size_t scan_smem =
+            (128 * 32 + 3 * 128 * C + 2 * C * C + 2 * C * 32 + 2 * 32 * 72 + 3 * C) * 4;
+        emu_launch({hv, (s + 31) / 32, 1}, 256, scan_smem, [&] {
+            delta_net_chunk_scan_f32(o.data(), m.data(), cu.data(), ga.data(), gb.data(),
+                                     ge.data(), gf.data(), prep.data(), gates.data(), ck.data(),
+                                     clen.data(), cnt, nseg, hk, hv, s);
+        });
+        emu_launch({hv, 1, 1}, 256, 0, [&] {
+            delta_net_chunk_finish_f32(ck.data(), cf.data(), ce.data(), clen.data(),
+                                       conv_next.data(), info.data(), ge.data(), gf.data(),
+                                       prep.data(), mx, conv.data(), cnt, nseg, hk, hv, s, kc);
+        });
+        conv = conv_next;
+        o_all.insert(o_all.end(), o.begin(), o.end());
+        t0 += cnt;
+    }
+    conv.resize((size_t)(kc - 1) * cd);
+    std::ofstream out(argv[2], std::ios::binary);
+    for (const auto* v : {&o_all, &conv, &m, &ck, &cu, &cf, &ce}) {
+        const u32 len = v->size();
+        out.write(reinterpret_cast<const char*>(&len), 4);
+        out.write(reinterpret_cast<const char*>(v->data()), 4 * v->size());
+    }
+    out.write(reinterpret_cast<const char*>(clen.data()), 4);
+    return out ? 0 : 4;
+}
