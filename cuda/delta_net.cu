@@ -717,8 +717,8 @@ extern "C" __global__ void __launch_bounds__(128)
 //                               call's tokens inside one chunk) what does not depend on the
 //                               matrices: the decay factors F_l(c), the decays since the boundary
 //                               e_c and the tables A[l][c] = F_l(c) dot(k_l, k_c) (l < c) and
-//                               B[l][c] = F_l(c) dot(k_l, q_c) (l < c), B[c][c] = dot(k_c, q_c);
-//                               every segment at once.
+//                               B[l][c] = F_l(c) dot(k_l, q_c) (l < c), B[c][c] = dot(k_c, q_c)
+//                               (a 4 x 4 tile of them a thread); every segment at once.
 //   delta_net_chunk_scan_f32    grid (Hv, ceil(S / 32)), 256 threads: 32 rows j of a head's
 //                               matrix, the segments in order: the rows' dots with the segment's
 //                               keys and queries (4 x 4 register tiles), the corrected values
@@ -761,10 +761,34 @@ __device__ __forceinline__ DncSeg dnc_segment(u32 g, u32 len0, u32 n) {
     return sg;
 }
 
-// The canonical dot of two staged s-vectors (partial p over elements 32 p .., bx_tree4).
-__device__ __forceinline__ float dnc_dot(const float* x, const float* y, u32 s) {
-    return bx_tree4(dn_partial(x, y, 0u, s), dn_partial(x, y, 1u, s), dn_partial(x, y, 2u, s),
-                    dn_partial(x, y, 3u, s));
+// The canonical dots of the staged rows x[4 lt + a] and y[4 ct + b] (row stride DNC_SP) for a,
+// b < 4: each partial p an fmaf chain over elements 32 p .. in order, out[a][b] = bx_tree4.
+__device__ __forceinline__ void dnc_tile_dots(const float* x, const float* y, u32 lt, u32 ct,
+                                              u32 s, float (&out)[4][4]) {
+    float part[4][4][4];
+#pragma unroll
+    for (u32 p = 0; p < 4u; ++p) {
+#pragma unroll
+        for (u32 a = 0; a < 4u; ++a)
+#pragma unroll
+            for (u32 b = 0; b < 4u; ++b) part[p][a][b] = 0.0f;
+        for (u32 i = 32u * p; i < min(32u * p + 32u, s); ++i) {
+            float xa[4], yb[4];
+#pragma unroll
+            for (u32 a = 0; a < 4u; ++a) xa[a] = x[(4u * lt + a) * DNC_SP + i];
+#pragma unroll
+            for (u32 b = 0; b < 4u; ++b) yb[b] = y[(4u * ct + b) * DNC_SP + i];
+#pragma unroll
+            for (u32 a = 0; a < 4u; ++a)
+#pragma unroll
+                for (u32 b = 0; b < 4u; ++b) part[p][a][b] = fmaf(yb[b], xa[a], part[p][a][b]);
+        }
+    }
+#pragma unroll
+    for (u32 a = 0; a < 4u; ++a)
+#pragma unroll
+        for (u32 b = 0; b < 4u; ++b)
+            out[a][b] = bx_tree4(part[0][a][b], part[1][a][b], part[2][a][b], part[3][a][b]);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
@@ -825,23 +849,36 @@ extern "C" __global__ void __launch_bounds__(256)
         }
     }
     __syncthreads();
-    for (u32 x = tid; x < DNC_C * DNC_C; x += blockDim.x) {
-        const u32 l = x / DNC_C, c = x % DNC_C;
-        float av = 0.0f, bv = 0.0f;
-        if (c >= sg.cs && c < sg.ce && l <= c) {
-            const float* kl = sk + l * DNC_SP;
-            const float* qc = sq + c * DNC_SP;
-            if (l < c) {
-                const float f = sf[l * DNC_C + c];
-                av = f * dnc_dot(kl, sk + c * DNC_SP, s);
-                bv = f * dnc_dot(kl, qc, s);
-            } else {
-                bv = dnc_dot(kl, qc, s);
+    // Thread (lt, ct): the entries l = 4 lt + a, c = 4 ct + b; a tile wholly above the
+    // diagonal (l > c) or outside the segment is zeros.
+    const u32 lt = tid >> 4, ct = tid & 15u;
+    float av[4][4] = {}, bv[4][4] = {};
+    if (lt <= ct && 4u * ct + 3u >= sg.cs && 4u * ct < sg.ce) {
+        float kk[4][4], kq[4][4];
+        dnc_tile_dots(sk, sk, lt, ct, s, kk);
+        dnc_tile_dots(sk, sq, lt, ct, s, kq);
+#pragma unroll
+        for (u32 a = 0; a < 4u; ++a)
+#pragma unroll
+            for (u32 b = 0; b < 4u; ++b) {
+                const u32 l = 4u * lt + a, c = 4u * ct + b;
+                if (c >= sg.cs && c < sg.ce && l < c) {
+                    const float f = sf[l * DNC_C + c];
+                    av[a][b] = f * kk[a][b];
+                    bv[a][b] = f * kq[a][b];
+                } else if (c >= sg.cs && c < sg.ce && l == c) {
+                    bv[a][b] = kq[a][b];
+                }
             }
-        }
-        ga[slot * DNC_C * DNC_C + x] = av;
-        gb[slot * DNC_C * DNC_C + x] = bv;
     }
+#pragma unroll
+    for (u32 a = 0; a < 4u; ++a)
+#pragma unroll
+        for (u32 b = 0; b < 4u; ++b) {
+            const u64 at = slot * DNC_C * DNC_C + (4u * lt + a) * DNC_C + 4u * ct + b;
+            ga[at] = av[a][b];
+            gb[at] = bv[a][b];
+        }
 }
 
 // delta_net_chunk_scan_f32's transposed tiles, [128][ROWS] rows and [128][C] keys or queries:

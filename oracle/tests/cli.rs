@@ -489,7 +489,7 @@ fn outputs_and_exit_codes_follow_the_rules() {
         ),
         (
             s(&words(
-                "model --preset tiny-hybrid --scan-order chunked --paths gpu-seq,gpu-batched",
+                "speed --scan-order chunked --batched-only --sequences 2",
             )),
             2,
         ),
