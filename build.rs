@@ -45,6 +45,12 @@ const LISTS: &[(&str, &str, &[&str], &str)] = &[
         &[],
         "ChunkFinishArgs",
     ),
+    (
+        "delta_net",
+        "delta_net_chunk_decode_f32",
+        &[],
+        "ChunkDecodeArgs",
+    ),
     ("elementwise", "add_f32", &[], "AddArgs"),
     ("elementwise", "gather_rows_f32", &[], "GatherArgs"),
     ("fastscan", "fastscan_encode", &[], "EncodeArgs"),

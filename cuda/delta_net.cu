@@ -5,6 +5,8 @@
 //                        S x S state (updated in place) -> o [n, Hv, S]; the convolution's new
 //                        window is written to conv_out (the old one, conv_in, is read only).
 //   delta_net_gate_f32   out[i] = normed[i] * silu(z[i]) (step 6, after the per-head rmsnorm).
+//   delta_net_chunk_*    steps 2-5 in the chunked order (scan_chunked_cpu; ScanOrder::Chunked,
+//                        not the default): other bits, chunks of 64 tokens as matrix products.
 // Reference: src/reference/delta_net.rs (scan_cpu, forward_cpu); the order of every step is
 // stated there. The family's mutant breaks every kernel but the prep: the scans' kv tree (it
 // differs only when partial 3 is not empty, head dims above 96: 128 in the tests) and the
@@ -26,6 +28,10 @@
 //   delta_net_scan6_f32  v6: v5 with token t's output dot and token t + 1's kv dot in one walk
 //                        (two independent chains) where S = 128 (v3's loop otherwise).
 //   delta_net_gate_f32   v1: grid-stride loop.
+//   delta_net_chunk_gram_f32, _scan_f32, _finish_f32  v1 of the chunked order (after the prep):
+//                        per-segment tables in parallel, then the segments in order (see below);
+//   delta_net_chunk_decode_f32  v1: a one-token call in one launch, the last block writing the
+//                        state every block reads.
 
 #include "common.cuh"
 
@@ -726,6 +732,8 @@ extern "C" __global__ void __launch_bounds__(128)
 //                               by shuffles), and at a chunk's end the fold into the rows.
 //   delta_net_chunk_finish_f32  grid (Hv), 256 threads: the chunk under way's keys, factors,
 //                               decay and length, and the convolution's window.
+// A call of one token (a decode step) runs delta_net_chunk_decode_f32 instead, the same bits in
+// one launch (below).
 // The state: m [Hv, S, S], the matrices at the last boundary; of the chunk under way ck [Hk, C,
 // S] its unit keys, cu [Hv, C, S] its corrected values (u[h][l][j]), cf [Hv, C] its factors to
 // its latest token, ce [Hv] the decay since the boundary (zeros past its length) and clen its
@@ -1157,6 +1165,196 @@ extern "C" __global__ void __launch_bounds__(256)
     for (u32 x = tid; x < 3u * s; x += blockDim.x)
         dn_write_window(conv_out, mixed, conv_in, dn_channel(x, s, h % hk, hk, h),
                         dn_window_owner(x, s, h, hk), n, kc, cd);
+}
+
+// delta_net_chunk_decode_f32: one token (a decode step) of the chunked order in one launch, the
+// bits of the four launches above for n = 1. Grid (Hv, ceil(S / 32)), 256 threads; block (h,
+// 32 rows) runs steps 2-4 for what it reads (q and k of key head h % Hk, v of its rows, the
+// gates of h: the prep's operations), then, with t = clen the token's position in its chunk:
+// F_l = cf[h][l] d (l < t), e = t ? ce[h] d : d, A_l = F_l dot(k_l, k), B_l = F_l dot(k_l, q),
+// B_t = dot(k, q); per row w = e dot(M_j, k) then fmaf(A_l, u_l[j], .) for l < t, u_t[j] =
+// (v_j - w) beta, r = e dot(M_j, q) then fmaf(B_l, u_l[j], .) for l <= t, o_j = r / sqrt(S);
+// at t = C - 1 the fold of its rows. The state every block reads (clen, cf, ce, ck) is written
+// by the last block to finish (an integer ticket), so no block reads a value of this step;
+// the key k_t by block (kh, 0) into position t, which no block reads.
+//   dynamic shared memory: keys [C][SP], q, k [SP] each, rows [32][SP], A, B [C], the fold's
+//   coefficients [C][32], the conv outputs [2 S + 32], 8 norm partials, the flag.
+
+extern "C" __global__ void __launch_bounds__(256)
+    delta_net_chunk_decode_f32(float* __restrict__ o, float* __restrict__ m, float* __restrict__ cu,
+                               float* __restrict__ ck, float* __restrict__ cf,
+                               float* __restrict__ ce, u32* __restrict__ clen,
+                               u32* __restrict__ ticket, float* __restrict__ conv_out,
+                               const float* __restrict__ mixed, const float* __restrict__ bg,
+                               const float* __restrict__ ag, const float* __restrict__ conv_w,
+                               const float* __restrict__ conv_in,
+                               const float* __restrict__ dt_bias,
+                               const float* __restrict__ ssm_a, u32 hk, u32 hv, u32 s, u32 kc,
+                               float eps) {
+    bx_grid_begin();
+    extern __shared__ float dnc_d[];
+    float* sk = dnc_d;                   // [C][SP] keys of positions 0 .. t
+    float* sq = sk + DNC_C * DNC_SP;     // [SP] the unit q
+    float* skt = sq + DNC_SP;            // [SP] the unit k (also row t of sk)
+    float* sm = skt + DNC_SP;            // [ROWS][SP] the block's rows
+    float* sa = sm + DNC_ROWS * DNC_SP;  // [C] A
+    float* sb = sa + DNC_C;              // [C] B
+    float* sco = sb + DNC_C;             // [C][ROWS] u, then the fold's coefficients
+    float* sy = sco + DNC_C * DNC_ROWS;  // [2 * 128 + ROWS] conv outputs: q | k | v rows
+    float* snp = sy + 2u * 128u + DNC_ROWS;  // [8] norm partials of q, k
+    float* sflag = snp + 8u;                 // [1] the last block's flag
+    const u32 h = blockIdx.x, tid = threadIdx.x, kh = h % hk;
+    const u32 j0 = blockIdx.y * DNC_ROWS;
+    const u32 cd = (2u * hk + hv) * s;
+    const float scale = 1.0f / sqrtf((float)s);
+    const u32 t = *clen;
+    // 2. Convolution + SiLU of q, k (key head kh) and v (rows j0 ..), as the prep.
+    for (u32 x = tid; x < 2u * s + DNC_ROWS; x += blockDim.x) {
+        u32 ch;
+        if (x < s) ch = kh * s + x;
+        else if (x < 2u * s) ch = hk * s + kh * s + (x - s);
+        else if (j0 + (x - 2u * s) < s) ch = 2u * hk * s + h * s + j0 + (x - 2u * s);
+        else continue;
+        float y = 0.0f;
+        for (u32 tp = 0; tp < kc; ++tp) {
+            const float in = tp + 1u == kc ? mixed[ch] : conv_in[(u64)tp * cd + ch];
+            y = fmaf(conv_w[(u64)ch * kc + tp], in, y);
+        }
+        sy[x < 2u * s ? (x < s ? x : 128u + (x - s)) : 256u + (x - 2u * s)] = bx_silu(y);
+    }
+    __syncthreads();
+    // 3. The norms of q and k: 4 partials each (dn_partial), then the scale.
+    if (tid < 8u) snp[tid] = dn_partial(sy + (tid >> 2) * 128u, sy + (tid >> 2) * 128u, tid & 3u, s);
+    __syncthreads();
+    {
+        const float dq = (snp[0] + snp[1]) + (snp[2] + snp[3]);
+        const float dk = (snp[4] + snp[5]) + (snp[6] + snp[7]);
+        const float iq = 1.0f / sqrtf(dq + eps), ik = 1.0f / sqrtf(dk + eps);
+        for (u32 i = tid; i < DNC_SP; i += blockDim.x) {
+            sq[i] = i < s ? sy[i] * iq : 0.0f;
+            const float kv = i < s ? sy[128u + i] * ik : 0.0f;
+            skt[i] = kv;
+            sk[t * DNC_SP + i] = kv;
+        }
+    }
+    // 4. The gates.
+    const float beta = bx_sigmoid(bg[h]);
+    const float d = bx_exp(bx_softplus(ag[h] + dt_bias[h]) * ssm_a[h]);
+    const float e = t == 0u ? d : ce[h] * d;
+    // The chunk's earlier keys, the block's rows, the earlier u of its rows.
+    for (u32 x = tid; x < t * s; x += blockDim.x) {
+        const u32 l = x / s, i = x - l * s;
+        sk[l * DNC_SP + i] = ck[((u64)kh * DNC_C + l) * s + i];
+    }
+    for (u32 x = tid; x < DNC_ROWS * s; x += blockDim.x) {
+        const u32 r = x / s, i = x - r * s;
+        sm[r * DNC_SP + i] = j0 + r < s ? m[((u64)h * s + j0 + r) * s + i] : 0.0f;
+    }
+    for (u32 x = tid; x < DNC_C * DNC_ROWS; x += blockDim.x) {
+        const u32 l = x / DNC_ROWS, r = x % DNC_ROWS;
+        sco[x] = l < t && j0 + r < s ? cu[((u64)h * DNC_C + l) * s + j0 + r] : 0.0f;
+    }
+    __syncthreads();
+    // A_l, B_l (l < t), B_t: a dot a thread.
+    for (u32 x = tid; x < 2u * t + 1u; x += blockDim.x) {
+        const u32 l = x >> 1;
+        const float* kl = sk + l * DNC_SP;
+        const float* y = (x & 1u) || l == t ? sq : skt;
+        const float dd = bx_tree4(dn_partial(kl, y, 0u, s), dn_partial(kl, y, 1u, s),
+                                  dn_partial(kl, y, 2u, s), dn_partial(kl, y, 3u, s));
+        if (l == t) {
+            sb[t] = dd;  // x = 2 t: k_t . q_t
+        } else {
+            const float f = cf[(u64)h * DNC_C + l] * d;
+            if (x & 1u) sb[l] = f * dd;
+            else sa[l] = f * dd;
+        }
+    }
+    __syncthreads();
+    // The rows: thread r < 32 walks row j0 + r (both dots, then the chains).
+    if (tid < DNC_ROWS && j0 + tid < s) {
+        const u32 r = tid, j = j0 + r;
+        const float* mr = sm + r * DNC_SP;
+        float w = e * bx_tree4(dn_partial(mr, skt, 0u, s), dn_partial(mr, skt, 1u, s),
+                               dn_partial(mr, skt, 2u, s), dn_partial(mr, skt, 3u, s));
+        float rr = e * bx_tree4(dn_partial(mr, sq, 0u, s), dn_partial(mr, sq, 1u, s),
+                                dn_partial(mr, sq, 2u, s), dn_partial(mr, sq, 3u, s));
+        for (u32 l = 0; l < t; ++l) w = fmaf(sa[l], sco[l * DNC_ROWS + r], w);
+        const float u = (sy[256u + r] - w) * beta;
+        sco[t * DNC_ROWS + r] = u;
+        for (u32 l = 0; l < t; ++l) rr = fmaf(sb[l], sco[l * DNC_ROWS + r], rr);
+        rr = fmaf(sb[t], u, rr);
+        o[(u64)h * s + j] = rr * scale;
+    }
+    __syncthreads();
+    if (t + 1u == DNC_C) {
+        // The fold of the whole chunk into the rows: coefficients F_l u_l[j] (F_t = 1), every
+        // element e M[j][i], then fmaf(coefficient_l, k_l[i], .) for l = 0 .. C in order.
+        for (u32 x = tid; x < DNC_C * DNC_ROWS; x += blockDim.x) {
+            const u32 l = x / DNC_ROWS;
+            const float f = l == t ? 1.0f : cf[(u64)h * DNC_C + l] * d;
+            sco[x] = f * sco[x];
+        }
+        __syncthreads();
+        for (u32 x = tid; x < DNC_ROWS * s; x += blockDim.x) {
+            const u32 r = x / s, i = x - r * s;
+            float acc = e * sm[r * DNC_SP + i];
+            for (u32 l = 0; l < DNC_C; ++l) acc = fmaf(sco[l * DNC_ROWS + r], sk[l * DNC_SP + i], acc);
+            if (j0 + r < s) m[((u64)h * s + j0 + r) * s + i] = acc;
+        }
+        for (u32 x = tid; x < DNC_C * DNC_ROWS; x += blockDim.x) {
+            const u32 l = x / DNC_ROWS, r = x % DNC_ROWS;
+            if (j0 + r < s) cu[((u64)h * DNC_C + l) * s + j0 + r] = 0.0f;
+        }
+    } else {
+        if (tid < DNC_ROWS && j0 + tid < s)
+            cu[((u64)h * DNC_C + t) * s + j0 + tid] = sco[t * DNC_ROWS + tid];
+        // Position t of the key head's keys, by its first block; no block reads position t.
+        if (h < hk && blockIdx.y == 0u)
+            for (u32 i = tid; i < s; i += blockDim.x) ck[((u64)kh * DNC_C + t) * s + i] = skt[i];
+    }
+    // The window: q and k channels of key head h by block (h < Hk, 0), v of the block's rows.
+    for (u32 x = tid; x < 2u * s + DNC_ROWS; x += blockDim.x) {
+        u32 ch;
+        bool own;
+        if (x < 2u * s) {
+            ch = x < s ? kh * s + x : hk * s + kh * s + (x - s);
+            own = h < hk && blockIdx.y == 0u;
+        } else {
+            ch = 2u * hk * s + h * s + j0 + (x - 2u * s);
+            own = j0 + (x - 2u * s) < s;
+        }
+        dn_write_window(conv_out, mixed, conv_in, ch, own, 1u, kc, cd);
+    }
+    // The last block to finish writes what every block read: the factors, decays and length
+    // (zeros after a fold, with the keys).
+    __syncthreads();
+    if (tid == 0u) {
+        __threadfence();
+        const u32 mine = atomicAdd(ticket, 1u);
+        sflag[0] = mine + 1u == gridDim.x * gridDim.y ? 1.0f : 0.0f;
+    }
+    __syncthreads();
+    if (sflag[0] != 0.0f) {
+        __threadfence();
+        const bool fold = t + 1u == DNC_C;
+        for (u32 x = tid; x < hv * DNC_C; x += blockDim.x) {
+            const u32 hh = x / DNC_C, l = x % DNC_C;
+            const float dh = bx_exp(bx_softplus(ag[hh] + dt_bias[hh]) * ssm_a[hh]);
+            cf[x] = fold ? 0.0f : l < t ? cf[x] * dh : l == t ? 1.0f : 0.0f;
+        }
+        __syncthreads();
+        for (u32 hh = tid; hh < hv; hh += blockDim.x) {
+            const float dh = bx_exp(bx_softplus(ag[hh] + dt_bias[hh]) * ssm_a[hh]);
+            ce[hh] = fold ? 0.0f : t == 0u ? dh : ce[hh] * dh;
+        }
+        if (fold)
+            for (u32 x = tid; x < hk * DNC_C * s; x += blockDim.x) ck[x] = 0.0f;
+        if (tid == 0u) {
+            clen[0] = fold ? 0u : t + 1u;
+            ticket[0] = 0u;
+        }
+    }
 }
 
 extern "C" __global__ void delta_net_gate_f32(float* __restrict__ out,

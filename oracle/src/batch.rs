@@ -17,8 +17,8 @@ use bitexact::model::{
     ModelWeights, Schedule, SeqId, SeqSpec, Trace, PAGE,
 };
 use bitexact::quant::WeightFormat;
-use bitexact::reference::batch::run_schedule_with;
 use bitexact::reference::expert_parallel::ExpertParallel;
+use bitexact::reference::model::ScanOrder;
 use bitexact::spec::exchange::{ExpertPartition, Loopback};
 use bitexact::spec::serve::BatchDecoder;
 use serde::Serialize;
@@ -58,6 +58,10 @@ pub struct BatchArgs {
     /// the device path then does not run).
     #[arg(long, default_value = "f32", value_parser = crate::parse_orders)]
     order: crate::Orders,
+    /// The DeltaNet layers' scan order of every path: recurrence (the default) or chunked
+    /// (hybrid presets).
+    #[arg(long, default_value = "recurrence", value_parser = crate::model::parse_scan_order)]
+    scan_order: ScanOrder,
     /// Expert-parallel ranks of the CPU batched path (virtual ranks in this process, rows
     /// exchanged through the loopback transport; 1: every expert on one rank).
     #[arg(long, default_value_t = 1, value_parser = parse_positive)]
@@ -104,6 +108,12 @@ pub fn run(a: &BatchArgs) -> Result<bool> {
             a.max_len,
             a.preset,
             cfg.max_context
+        );
+    }
+    if a.scan_order != ScanOrder::Recurrence && cfg.hybrid.is_none() {
+        crate::output::usage!(
+            "--scan-order chunked orders the DeltaNet layers' scan, and {} has none",
+            a.preset
         );
     }
     // The seeded sequences: lengths 1..=max_len, prompts 1..=len.
@@ -160,11 +170,16 @@ pub fn run(a: &BatchArgs) -> Result<bool> {
         }
     };
     println!(
-        "bitexact oracle: batch, {} ({}), seed {}, {} orders",
+        "bitexact oracle: batch, {} ({}), seed {}, {} orders{}",
         a.preset,
         a.format,
         a.seed,
-        a.order.name()
+        a.order.name(),
+        if a.scan_order == ScanOrder::Chunked {
+            ", the chunked scan order"
+        } else {
+            ""
+        }
     );
     println!(
         "schedule (seed {}): {} sequences, {} tokens, {} steps, {} mixing prompt chunks with \
@@ -206,6 +221,7 @@ pub fn run(a: &BatchArgs) -> Result<bool> {
         let ep = ExpertParallel::new(&w, a.partition, Box::new(Loopback::new(a.ranks, a.seed)?))?;
         let mut s = CpuBatchSession::new(&w, schedule.n_pages)?;
         s.set_orders(attn, gemm);
+        s.set_scan_order(a.scan_order)?;
         s.set_expert_parallel(ep)?;
         let got = drive(&mut s, &schedule, &streams, cfg.dim, cfg.vocab)?;
         let ep = s.expert_parallel().expect("set above");
@@ -239,12 +255,16 @@ pub fn run(a: &BatchArgs) -> Result<bool> {
         );
         got
     } else {
-        run_schedule_with(&w, &schedule, &streams, attn, gemm)?
+        let mut s = CpuBatchSession::new(&w, schedule.n_pages)?;
+        s.set_orders(attn, gemm);
+        s.set_scan_order(a.scan_order)?;
+        drive(&mut s, &schedule, &streams, cfg.dim, cfg.vocab)?
     };
     paths.push(("cpu-batched", t0.elapsed().as_secs_f64(), batched, reused));
     if a.ranks == 1 {
         let mut s = CpuBatchSession::new(&w, schedule.n_pages)?;
         s.set_orders(attn, gemm);
+        s.set_scan_order(a.scan_order)?;
         let t0 = Instant::now();
         let got = serve(&mut s, &schedule, &streams)?;
         served.push(("cpu-served", t0.elapsed().as_secs_f64(), got, String::new()));
@@ -252,6 +272,7 @@ pub fn run(a: &BatchArgs) -> Result<bool> {
     if let Some(dev) = &dev {
         let model = GpuModel::load(dev, &w)?;
         let mut session = BatchSession::new(dev, &model, pages)?;
+        session.set_scan_order(a.scan_order)?;
         let t0 = Instant::now();
         let mut runner = OnDevice {
             dev,
@@ -263,6 +284,7 @@ pub fn run(a: &BatchArgs) -> Result<bool> {
         // fresh session, the traced one's pages freed first.
         drop(session);
         let mut session = BatchSession::new(dev, &model, pages)?;
+        session.set_scan_order(a.scan_order)?;
         let t0 = Instant::now();
         let got = serve(
             &mut OnDevice {
@@ -289,6 +311,7 @@ pub fn run(a: &BatchArgs) -> Result<bool> {
             let mut t = Trace::default();
             let mut s = CpuSession::new(&w);
             s.set_orders(attn, gemm);
+            s.set_scan_order(a.scan_order)?;
             s.run(toks, &mut t).map(|()| t)
         })
         .collect::<bitexact::Result<_>>()?;

@@ -9,7 +9,8 @@ use super::{as_u32, dims, geometry};
 use crate::device::{Device, Family};
 use crate::error::{check_shape, Error, Result};
 use crate::launch::args::delta_net::{
-    ChunkFinishArgs, ChunkGramArgs, ChunkScanArgs, GateArgs, PrepArgs, ScanArgs, ScanV1Args,
+    ChunkDecodeArgs, ChunkFinishArgs, ChunkGramArgs, ChunkScanArgs, GateArgs, PrepArgs, ScanArgs,
+    ScanV1Args,
 };
 use crate::launch::{In, Out};
 use crate::spec::delta_net::{
@@ -68,13 +69,15 @@ pub struct GpuDeltaNetState {
 
 /// The chunk under way of the chunked order ([`ChunkedState`]'s buffers, zeros past its
 /// length): `k: [Hk, C, S]`, `u: [Hv, C, S]`, `f: [Hv, C]`, `e: [Hv]` and the length `len:
-/// [1]`, kept on the device so that a captured decode step reads it.
+/// [1]`, kept on the device so that a captured decode step reads it; `ticket: [1]`, zero between
+/// launches, counts the decode kernel's finished blocks.
 struct ChunkBuffers {
     k: GpuTensor<f32>,
     u: GpuTensor<f32>,
     f: GpuTensor<f32>,
     e: GpuTensor<f32>,
     len: GpuTensor<u32>,
+    ticket: GpuTensor<u32>,
 }
 
 impl GpuDeltaNetState {
@@ -99,6 +102,7 @@ impl GpuDeltaNetState {
                 f: GpuTensor::zeros(dev, &[hv, c])?,
                 e: GpuTensor::zeros(dev, &[hv])?,
                 len: GpuTensor::zeros(dev, &[1])?,
+                ticket: GpuTensor::zeros(dev, &[1])?,
             })),
         };
         Ok(GpuDeltaNetState {
@@ -129,6 +133,7 @@ impl GpuDeltaNetState {
             st.memset_zeros(c.f.slice_mut())?;
             st.memset_zeros(c.e.slice_mut())?;
             st.memset_zeros(c.len.slice_mut())?;
+            st.memset_zeros(c.ticket.slice_mut())?;
         }
         Ok(())
     }
@@ -483,9 +488,16 @@ const CHUNK_SCAN_SMEM: usize = (128 * 32
     + 3 * SCAN_CHUNK)
     * 4;
 
+/// Shared memory of `delta_net_chunk_decode_f32`: keys `[C][129]`, q and k `[129]`, the rows
+/// `[32][129]`, A and B `[C]`, u `[C][32]`, the conv outputs `[2 * 128 + 32]`, 8 norm partials
+/// and the flag.
+const CHUNK_DECODE_SMEM: usize =
+    (SCAN_CHUNK * 129 + 2 * 129 + 32 * 129 + 2 * SCAN_CHUNK + SCAN_CHUNK * 32 + 2 * 128 + 32 + 9)
+        * 4;
+
 /// The chunked order ([`crate::reference::delta_net::scan_chunked_cpu`]'s bits) over `n`
-/// tokens, in calls of at most [`CHUNKED_MAX_CALL`]. Shapes checked by the caller; `dims` =
-/// Hk, Hv, S, Kc.
+/// tokens, in calls of at most [`CHUNKED_MAX_CALL`]; a call of one token (a decode step) in one
+/// launch, `delta_net_chunk_decode_f32`. Shapes checked by the caller; `dims` = Hk, Hv, S, Kc.
 #[allow(clippy::too_many_arguments)]
 fn scan_chunked(
     dev: &Device,
@@ -503,6 +515,9 @@ fn scan_chunked(
     let [hk32, hv32, s32, kc32] = dims;
     let (hv, s, cd) = (hv32 as usize, s32 as usize, consts.cfg.conv_dim());
     let n_all = mixed.dims()[0];
+    if n_all == 1 {
+        return chunk_decode(dev, consts, state, mixed, b, a, eps, o, dims);
+    }
     let gram = dev.function_with(Family::DeltaNet, "delta_net_chunk_gram_f32", |f| {
         f.set_attribute(
             CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -618,6 +633,74 @@ fn scan_chunked(
         dev.stream()
             .memcpy_dtod(state.conv_next.slice(), state.conv.slice_mut())?;
     }
+    Ok(())
+}
+
+/// One token of the chunked order in one launch (`delta_net_chunk_decode_f32`, the bits of
+/// the four launches for n = 1), then the window's copy. Shapes checked by the caller.
+#[allow(clippy::too_many_arguments)]
+fn chunk_decode(
+    dev: &Device,
+    consts: &GpuDeltaNetConsts,
+    state: &mut GpuDeltaNetState,
+    mixed: &GpuTensor<f32>,
+    b: &GpuTensor<f32>,
+    a: &GpuTensor<f32>,
+    eps: f32,
+    o: &mut GpuTensor<f32>,
+    dims: [u32; 4],
+) -> Result<()> {
+    const OP: &str = "delta_net_scan";
+    let [hk32, hv32, s32, kc32] = dims;
+    let f = dev.function_with(Family::DeltaNet, "delta_net_chunk_decode_f32", |f| {
+        f.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            CHUNK_DECODE_SMEM as i32,
+        )?;
+        Ok(())
+    })?;
+    let ch = state.chunk.as_mut().ok_or_else(|| {
+        Error::invalid(
+            OP,
+            "the state is kept in the recurrence, not the chunked order",
+        )
+    })?;
+    let args = ChunkDecodeArgs {
+        o: Out::of(dev, o.slice_mut()),
+        m: Out::of(dev, state.m.slice_mut()),
+        cu: Out::of(dev, ch.u.slice_mut()),
+        ck: Out::of(dev, ch.k.slice_mut()),
+        cf: Out::of(dev, ch.f.slice_mut()),
+        ce: Out::of(dev, ch.e.slice_mut()),
+        clen: Out::of(dev, ch.len.slice_mut()),
+        ticket: Out::of(dev, ch.ticket.slice_mut()),
+        conv_out: Out::of(dev, state.conv_next.slice_mut()),
+        mixed: In::of(dev, mixed.slice()),
+        bg: In::of(dev, b.slice()),
+        ag: In::of(dev, a.slice()),
+        conv_w: In::of(dev, consts.conv.slice()),
+        conv_in: In::of(dev, state.conv.slice()),
+        dt_bias: In::of(dev, consts.dt_bias.slice()),
+        ssm_a: In::of(dev, consts.ssm_a.slice()),
+        hk: hk32,
+        hv: hv32,
+        s: s32,
+        kc: kc32,
+        eps,
+    };
+    let cfg = geometry(
+        (hv32, s32.div_ceil(32), 1),
+        (256, 1, 1),
+        CHUNK_DECODE_SMEM as u32,
+    );
+    // SAFETY: mixed [1, conv_dim], b and a [1, Hv], o [1, Hv, S] (checked by the caller); the
+    // matrices [Hv, S, S] and u [Hv, C, S] written by block (h, 32 rows) for its rows alone;
+    // position t of k [Hk, C, S] by block (kh, 0), which no block reads; f, e, len and (after
+    // a fold) k by the last block to take a ticket, once every block has read them; the two
+    // windows distinct, each channel written by one block; S <= 128.
+    unsafe { dev.launch_kernel(&f, cfg, &args) }?;
+    dev.stream()
+        .memcpy_dtod(state.conv_next.slice(), state.conv.slice_mut())?;
     Ok(())
 }
 

@@ -18,6 +18,7 @@ use crate::model::transformer::{
     forward_layers, reserve_scratch, BlockTables, GpuModel, Memory, PagedDevice, PagedRows,
     PagedSegment, ShortBlock,
 };
+use crate::spec::delta_net::ScanOrder;
 use crate::spec::paged::{BatchPlan, BatchToken, PagedSequences, SeqId, PAGE};
 use crate::spec::trace::Trace;
 use crate::tensor::{GpuTensor, HostStage};
@@ -41,6 +42,8 @@ pub struct BatchSession<'m> {
     /// The previous decode step's key: a key is captured on its second step in a row.
     last_key: Option<GraphKey>,
     stats: BatchStats,
+    /// The DeltaNet layers' scan order ([`BatchSession::set_scan_order`]).
+    scan_order: ScanOrder,
 }
 
 /// How many step graphs a [`BatchSession`] keeps: the row counts a serving loop cycles
@@ -171,6 +174,7 @@ impl<'m> BatchSession<'m> {
             cache: Vec::new(),
             last_key: None,
             stats: BatchStats::default(),
+            scan_order: ScanOrder::Recurrence,
         })
     }
 
@@ -198,12 +202,34 @@ impl<'m> BatchSession<'m> {
         &self.stats
     }
 
+    /// The order of every sequence's DeltaNet scan (the recurrence by default;
+    /// [`crate::model::transformer::Session::set_scan_order`]'s, so that a sequence keeps its
+    /// solo bits): only while the session has no sequence.
+    pub fn set_scan_order(&mut self, order: ScanOrder) -> Result<()> {
+        if !self.mem.dn.is_empty() {
+            return Err(Error::invalid(
+                "BatchSession::set_scan_order",
+                "the scan order is set before the first sequence joins",
+            ));
+        }
+        self.scan_order = order;
+        Ok(())
+    }
+
+    /// The DeltaNet layers' scan order.
+    pub fn scan_order(&self) -> ScanOrder {
+        self.scan_order
+    }
+
     /// A new, empty sequence (its DeltaNet states allocated, zeroed).
     pub fn add_sequence(&mut self, dev: &Device) -> Result<SeqId> {
         let c = self.model.config();
+        let order = self.scan_order;
         let states = (0..c.n_layers)
             .map(|l| match c.delta_net() {
-                Some(dn) if !c.is_attention_layer(l) => GpuDeltaNetState::new(dev, &dn).map(Some),
+                Some(dn) if !c.is_attention_layer(l) => {
+                    GpuDeltaNetState::with_order(dev, &dn, order).map(Some)
+                }
                 _ => Ok(None),
             })
             .collect::<Result<Vec<_>>>()?;
@@ -587,9 +613,19 @@ impl<'m> BatchSession<'m> {
         self.seqs.len(seq)?;
         let mut out = Vec::new();
         for st in self.mem.dn[&seq].iter().flatten() {
-            let h = st.to_host()?;
-            out.extend(h.conv);
-            out.extend(h.m);
+            match st.order() {
+                ScanOrder::Recurrence => {
+                    let h = st.to_host()?;
+                    out.extend(h.conv);
+                    out.extend(h.m);
+                }
+                ScanOrder::Chunked => {
+                    let h = st.to_host_chunked()?;
+                    for p in [h.base.conv, h.base.m, h.k, h.u, h.f, h.e] {
+                        out.extend(p);
+                    }
+                }
+            }
         }
         Ok(out)
     }

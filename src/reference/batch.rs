@@ -14,10 +14,13 @@ use std::collections::BTreeMap;
 use crate::error::{check_indices, Error, Result};
 use crate::reference;
 use crate::reference::attention::AttnOrder;
-use crate::reference::delta_net::{self, DeltaNetState, DeltaNetWeights};
+use crate::reference::delta_net::{self, ChunkedState, DeltaNetState, DeltaNetWeights, ScanOrder};
 use crate::reference::expert_parallel::ExpertParallel;
 use crate::reference::gemm::GemmOrder;
-use crate::reference::model::{flat_states, forward_rows, new_states, store_kv, Memory, RopeTable};
+use crate::reference::model::{
+    flat_chunked, flat_states, forward_rows, new_chunked_states, new_states, store_kv, Memory,
+    RopeTable,
+};
 use crate::spec::config::ModelConfig;
 use crate::spec::paged::{BatchPlan, BatchToken, PagedSequences, SeqId, PAGE};
 use crate::spec::schedule::{drive, BatchRunner, Schedule};
@@ -71,6 +74,9 @@ struct PagedMemory {
     v: Vec<Vec<f32>>,
     slots: usize,
     dn: BTreeMap<SeqId, Vec<Option<DeltaNetState>>>,
+    /// With [`ScanOrder::Chunked`], each sequence's chunked-order states (in place of `dn`'s).
+    chunked: BTreeMap<SeqId, Vec<Option<ChunkedState>>>,
+    order: ScanOrder,
     attn: AttnOrder,
     gemm: GemmOrder,
     ep: Option<ExpertParallel>,
@@ -114,6 +120,8 @@ impl<'w> CpuBatchSession<'w> {
                 v: attn.iter().map(|&a| cache(a)).collect::<Result<_>>()?,
                 slots,
                 dn: BTreeMap::new(),
+                chunked: BTreeMap::new(),
+                order: ScanOrder::Recurrence,
                 attn: AttnOrder::default(),
                 gemm: GemmOrder::Chain,
                 ep: None,
@@ -150,10 +158,27 @@ impl<'w> CpuBatchSession<'w> {
         self.mem.ep.as_ref()
     }
 
+    /// The order of the DeltaNet layers' scan for every sequence
+    /// ([`crate::reference::model::CpuSession::set_scan_order`]'s): only while the session has
+    /// no sequence.
+    pub fn set_scan_order(&mut self, order: ScanOrder) -> Result<()> {
+        if !self.mem.dn.is_empty() {
+            return Err(Error::invalid(
+                "CpuBatchSession::set_scan_order",
+                "the scan order is set before the first sequence joins",
+            ));
+        }
+        self.mem.order = order;
+        Ok(())
+    }
+
     /// A new, empty sequence.
     pub fn add_sequence(&mut self) -> SeqId {
         let id = self.seqs.add();
         self.mem.dn.insert(id, new_states(self.w));
+        if self.mem.order == ScanOrder::Chunked {
+            self.mem.chunked.insert(id, new_chunked_states(self.w));
+        }
         id
     }
 
@@ -161,6 +186,7 @@ impl<'w> CpuBatchSession<'w> {
     pub fn remove_sequence(&mut self, seq: SeqId) -> Result<()> {
         self.seqs.remove(seq)?;
         self.mem.dn.remove(&seq);
+        self.mem.chunked.remove(&seq);
         Ok(())
     }
 
@@ -204,7 +230,10 @@ impl<'w> CpuBatchSession<'w> {
     /// layout.
     pub fn recurrent_state(&self, seq: SeqId) -> Result<Vec<f32>> {
         self.seqs.len(seq)?;
-        Ok(flat_states(&self.mem.dn[&seq]))
+        Ok(match self.mem.chunked.get(&seq) {
+            Some(ch) => flat_chunked(ch),
+            None => flat_states(&self.mem.dn[&seq]),
+        })
     }
 }
 
@@ -282,13 +311,21 @@ impl Memory for PagedStep<'_> {
                 .iter()
                 .flat_map(|&i| x[i * d..(i + 1) * d].iter().copied())
                 .collect();
-            let states = self
-                .mem
-                .dn
-                .get_mut(seq)
-                .expect("a live sequence has states");
-            let st = states[l].as_mut().expect("a DeltaNet layer has a state");
-            let o = delta_net::forward_cpu_with(self.mem.gemm, dw, st, &xs, rows.len(), eps)?;
+            let o = match self.mem.chunked.get_mut(seq) {
+                Some(ch) => {
+                    let st = ch[l].as_mut().expect("a DeltaNet layer has a state");
+                    delta_net::forward_chunked_cpu(self.mem.gemm, dw, st, &xs, rows.len(), eps)?
+                }
+                None => {
+                    let states = self
+                        .mem
+                        .dn
+                        .get_mut(seq)
+                        .expect("a live sequence has states");
+                    let st = states[l].as_mut().expect("a DeltaNet layer has a state");
+                    delta_net::forward_cpu_with(self.mem.gemm, dw, st, &xs, rows.len(), eps)?
+                }
+            };
             for (r, &i) in rows.iter().enumerate() {
                 out[i * d..(i + 1) * d].copy_from_slice(&o[r * d..(r + 1) * d]);
             }

@@ -190,15 +190,7 @@ impl<'w> CpuSession<'w> {
         }
         self.mem.chunked = match order {
             ScanOrder::Recurrence => Vec::new(),
-            ScanOrder::Chunked => self
-                .w
-                .layers
-                .iter()
-                .map(|l| match &l.mixer {
-                    Mixer::DeltaNet(d) => Some(ChunkedState::new(&d.cfg)),
-                    Mixer::Attention(_) => None,
-                })
-                .collect(),
+            ScanOrder::Chunked => new_chunked_states(self.w),
         };
         Ok(())
     }
@@ -270,22 +262,7 @@ impl<'w> CpuSession<'w> {
         if self.mem.chunked.is_empty() {
             return flat_states(&self.mem.dn);
         }
-        self.mem
-            .chunked
-            .iter()
-            .flatten()
-            .flat_map(|st| {
-                let b = &st.base;
-                b.conv
-                    .iter()
-                    .chain(&b.m)
-                    .chain(&st.k)
-                    .chain(&st.u)
-                    .chain(&st.f)
-                    .chain(&st.e)
-            })
-            .copied()
-            .collect()
+        flat_chunked(&self.mem.chunked)
     }
 }
 
@@ -320,6 +297,38 @@ pub(crate) fn new_states(w: &ModelWeights) -> Vec<Option<DeltaNetState>> {
             Mixer::DeltaNet(d) => Some(DeltaNetState::new(&d.cfg)),
             Mixer::Attention(_) => None,
         })
+        .collect()
+}
+
+/// The chunked order's states of each layer of `w` (`None` for attention layers).
+pub(crate) fn new_chunked_states(w: &ModelWeights) -> Vec<Option<ChunkedState>> {
+    w.layers
+        .iter()
+        .map(|l| match &l.mixer {
+            Mixer::DeltaNet(d) => Some(ChunkedState::new(&d.cfg)),
+            Mixer::Attention(_) => None,
+        })
+        .collect()
+}
+
+/// Chunked-order states flattened as [`CpuSession::recurrent_state`] gives them: per DeltaNet
+/// layer its window, the matrices at the last boundary, then the chunk under way's keys,
+/// corrected values, factors and decays.
+pub(crate) fn flat_chunked(states: &[Option<ChunkedState>]) -> Vec<f32> {
+    states
+        .iter()
+        .flatten()
+        .flat_map(|st| {
+            let b = &st.base;
+            b.conv
+                .iter()
+                .chain(&b.m)
+                .chain(&st.k)
+                .chain(&st.u)
+                .chain(&st.f)
+                .chain(&st.e)
+        })
+        .copied()
         .collect()
 }
 

@@ -19,6 +19,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -69,6 +70,15 @@ inline std::vector<float> emu_dynamic;
 inline float* emu_dynamic_smem() { return emu_dynamic.data(); }
 
 inline void __syncthreads() { emu_block->bar->arrive_and_wait(); }
+// Blocks never overlap: a fence has nothing to order, an atomic nothing to race with.
+inline void __threadfence() {}
+inline unsigned atomicAdd(unsigned* p, unsigned v) {
+    static std::mutex mu;
+    std::lock_guard<std::mutex> g(mu);
+    const unsigned old = *p;
+    *p = old + v;
+    return old;
+}
 inline float __shfl_sync(unsigned, float v, unsigned src) {
     EmuWarp& w = *emu_block->warps[threadIdx.x / 32u];
     w.v[threadIdx.x & 31u] = v;

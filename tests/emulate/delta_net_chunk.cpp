@@ -1,7 +1,8 @@
 // The chunked DeltaNet order's launches (delta_net_prep_f32, delta_net_chunk_gram_f32,
-// delta_net_chunk_scan_f32, delta_net_chunk_finish_f32, the window's copy) under cuda_emu.h, in
-// the order and geometry src/kernels/delta_net.rs's scan_chunked launches them, over a case
-// written by tests/parity/emulate.rs:
+// delta_net_chunk_scan_f32, delta_net_chunk_finish_f32, the window's copy; a call of one token:
+// delta_net_chunk_decode_f32 and the copy) under cuda_emu.h, in the order and geometry
+// src/kernels/delta_net.rs's scan_chunked launches them, over a case written by
+// tests/parity/emulate.rs:
 //   in:  u32 hk hv s kc n pieces, u32 piece[pieces], then f32 vectors (u32 length first):
 //        conv_w dt_bias ssm_a mixed b a
 //   out: f32 vectors o conv m k u f e, then u32 len
@@ -36,7 +37,7 @@ int main(int argc, char** argv) {
     const float poison = __uint_as_float(0x7fa5a5a5u);
     std::vector<float> conv(rows * cd, 0.f), conv_next(rows * cd, 0.f), m(hv * s * s, 0.f);
     std::vector<float> ck(hk * C * s, 0.f), cu(hv * C * s, 0.f), cf(hv * C, 0.f), ce(hv, 0.f);
-    std::vector<u32> clen(1, 0);
+    std::vector<u32> clen(1, 0), ticket(1, 0);
     std::vector<float> o_all;
     for (u32 t0 = 0, i = 0; t0 < n; ++i) {
         const u32 cnt = std::min(pieces[i % np], n - t0);
@@ -45,6 +46,20 @@ int main(int argc, char** argv) {
         const float* a = ag.data() + (size_t)t0 * hv;
         std::vector<float> prep(cnt * cd, poison), gates(cnt * hv * 2, poison),
             o(cnt * hv * s, poison);
+        if (cnt == 1) {
+            const size_t smem = (C * 129 + 2 * 129 + 32 * 129 + 2 * C + C * 32 + 2 * 128 + 32 + 8 + 1) * 4;
+            emu_launch({hv, (s + 31) / 32, 1}, 256, smem, [&] {
+                delta_net_chunk_decode_f32(o.data(), m.data(), cu.data(), ck.data(), cf.data(),
+                                           ce.data(), clen.data(), ticket.data(),
+                                           conv_next.data(), mx, b, a, conv_w.data(),
+                                           conv.data(), dt_bias.data(), ssm_a.data(), hk, hv, s,
+                                           kc, 1e-6f);
+            });
+            conv = conv_next;
+            o_all.insert(o_all.end(), o.begin(), o.end());
+            t0 += cnt;
+            continue;
+        }
         emu_launch({cnt, 1, 1}, 256, (cd + 10 * hk) * 4, [&] {
             delta_net_prep_f32(prep.data(), gates.data(), mx, b, a, conv_w.data(), conv.data(),
                                dt_bias.data(), ssm_a.data(), hk, hv, s, kc, 1e-6f);
@@ -82,5 +97,6 @@ int main(int argc, char** argv) {
         out.write(reinterpret_cast<const char*>(v->data()), 4 * v->size());
     }
     out.write(reinterpret_cast<const char*>(clen.data()), 4);
+    if (ticket[0] != 0) return 5;  // the last block resets it
     return out ? 0 : 4;
 }

@@ -428,6 +428,81 @@ fn gpu_schedules_equal_solo() {
     }
 }
 
+/// The chunked scan order in the batched sessions (`set_scan_order`): a twelve-sequence
+/// schedule on the hybrid model (sequences up to 139 tokens: chunk boundaries of 64 crossed in
+/// prompt chunks and in decode rows) gives every sequence the bits of its solo run in the chunked
+/// order, on the CPU reference and on the device; the order is refused once a sequence has
+/// joined.
+#[test]
+fn chunked_order_schedules_equal_solo() {
+    use bitexact::reference::model::ScanOrder;
+    let w = tiny("tiny-hybrid", WeightFormat::F32, 5);
+    let seqs = twelve();
+    let streams = streams(&w.cfg, &seqs, 3);
+    let (schedule, c) = (13u64..)
+        .map(|seed| {
+            let s = Schedule::random(seed, &seqs, 16, 10, 24).unwrap();
+            let c = s.counts();
+            (s, c)
+        })
+        .find(|(_, c)| c.max_batch >= 8 && c.mixed_steps > 0 && c.pages_reused > 0)
+        .unwrap();
+    let solo_chunked = |toks: &[u32]| {
+        let mut s = CpuSession::new(&w);
+        s.set_scan_order(ScanOrder::Chunked).unwrap();
+        let mut t = Trace::default();
+        s.run(toks, &mut t).unwrap();
+        t
+    };
+    let same = |got: &[Trace], what: &str| {
+        for (i, (t, toks)) in got.iter().zip(&streams).enumerate() {
+            let want = solo_chunked(toks);
+            if let Some((l, p, e)) = first_divergence(&want, t, w.cfg.dim) {
+                panic!(
+                    "{what}: sequence {i} first differs at position {p}, layer {l}, element {e}"
+                );
+            }
+            assert_bits_eq(
+                &format!("{what}: sequence {i}: logits"),
+                &t.logits,
+                &want.logits,
+            );
+        }
+    };
+    let mut cpu = CpuBatchSession::new(&w, schedule.n_pages).unwrap();
+    cpu.set_scan_order(ScanOrder::Chunked).unwrap();
+    let (got, reused) = drive(&mut cpu, &schedule, &streams, w.cfg.dim, w.cfg.vocab).unwrap();
+    assert_eq!(reused, c.pages_reused);
+    same(&got, "cpu batched, chunked order");
+    // The recurrence's solo bits differ (another order).
+    assert_ne!(
+        solo(&w, &streams[0]).logits,
+        solo_chunked(&streams[0]).logits
+    );
+    let mut late = CpuBatchSession::new(&w, 4).unwrap();
+    late.add_sequence();
+    assert!(matches!(
+        late.set_scan_order(ScanOrder::Chunked),
+        Err(Error::InvalidArgument { .. })
+    ));
+    let Some(dev) = gpu() else { return };
+    let model = GpuModel::load(dev, &w).unwrap();
+    let mut session = BatchSession::new(dev, &model, schedule.n_pages).unwrap();
+    session.set_scan_order(ScanOrder::Chunked).unwrap();
+    let mut runner = OnDevice {
+        dev,
+        session: &mut session,
+    };
+    let (got, _) = drive(&mut runner, &schedule, &streams, w.cfg.dim, w.cfg.vocab).unwrap();
+    same(&got, "gpu batched, chunked order");
+    let mut late = BatchSession::new(dev, &model, 4).unwrap();
+    late.add_sequence(dev).unwrap();
+    assert!(matches!(
+        late.set_scan_order(ScanOrder::Chunked),
+        Err(Error::InvalidArgument { .. })
+    ));
+}
+
 /// Without a trace the device session returns each sequence's last-row logits, in order of
 /// first appearance: the CPU's bits; a refused batch (an unknown sequence, a skipped
 /// position) writes nothing and the next step still gives the solo bits.

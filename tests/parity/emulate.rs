@@ -210,18 +210,19 @@ const PARTS: [&str; 8] = [
     "o", "window", "matrices", "keys", "u", "factors", "decay", "length",
 ];
 
-/// The chunked order's kernels (`delta_net_chunk_*` after the prep), emulated, equal
-/// `scan_chunked_cpu` in the outputs and the whole state: head dims 3, 16, 48 (a partial second
-/// block), 100 (a partial fourth) and 128; windows 1-4; token counts around one and two chunk
-/// boundaries; calls of all tokens, one (decode), 7, a chunk and mixed pieces that start and end
-/// inside chunks.
+/// The chunked order's kernels (`delta_net_chunk_*` after the prep; a call of one token the
+/// one-launch `delta_net_chunk_decode_f32`), emulated, equal `scan_chunked_cpu` in the outputs
+/// and the whole state: head dims 3, 16, 20, 40, 48 (a partial second block), 100 (a partial
+/// fourth) and 128; windows 1-4; token counts around one and two chunk boundaries; calls of all
+/// tokens, one (decode, a chunk folded by the decode kernel), 7, a chunk and mixed pieces that
+/// start and end inside chunks.
 #[test]
 fn emulated_delta_net_chunked_equals_reference() {
     let Some(driver) = chunk_driver(false) else {
         return;
     };
     let c = SCAN_CHUNK;
-    let cases: [(DeltaNetConfig, usize, &[usize]); 9] = [
+    let cases: [(DeltaNetConfig, usize, &[usize]); 11] = [
         (cfg(2, 4, 16, 4), 2 * c + 5, &[2 * c + 5]),
         (cfg(2, 4, 16, 4), 2 * c + 5, &[1]),
         (cfg(2, 4, 16, 4), 2 * c + 5, &[5, c + 3, 1, 30]),
@@ -231,6 +232,8 @@ fn emulated_delta_net_chunked_equals_reference() {
         (cfg(1, 2, 128, 4), c, &[c]),
         (cfg(1, 2, 128, 4), c + 1, &[40, 25]),
         (cfg(3, 9, 20, 3), 90, &[80, 13]),
+        (cfg(1, 2, 128, 4), c + 3, &[60, 1]),
+        (cfg(2, 6, 40, 2), c + 2, &[1]),
     ];
     for (i, (cf, n, pieces)) in cases.iter().enumerate() {
         let (got, want) = run_chunked(driver, cf, *n, pieces, 20 + i as u64);
