@@ -494,7 +494,10 @@ fn outputs_and_exit_codes_follow_the_rules() {
             2,
         ),
         (with(&tiny, &["--scan-order", "chunked"]), 2), // tiny has no DeltaNet layer
-        (s(&words("batch --cpu --preset tiny --scan-order chunked")), 2),
+        (
+            s(&words("batch --cpu --preset tiny --scan-order chunked")),
+            2,
+        ),
         (
             with(&tiny, &["--paths", "cpu,cpu-batched", "--chunk", "1"]),
             2,

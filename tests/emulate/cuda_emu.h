@@ -36,6 +36,9 @@ struct EmuDim {
 inline thread_local EmuDim threadIdx, blockIdx;
 inline EmuDim blockDim, gridDim;
 
+struct uint4 {
+    unsigned x, y, z, w;
+};
 struct float2 {
     float x, y;
 };
@@ -79,6 +82,19 @@ inline unsigned atomicAdd(unsigned* p, unsigned v) {
     *p = old + v;
     return old;
 }
+// f16 conversions (the PTX cvt instructions the Rust side rewrites into these calls): round to
+// nearest even, as cvt.rn.f16.f32; exact the other way.
+inline unsigned short emu_f32_to_f16(float f) {
+    const _Float16 h = static_cast<_Float16>(f);
+    unsigned short r;
+    std::memcpy(&r, &h, 2);
+    return r;
+}
+inline float emu_f16_to_f32(unsigned short b) {
+    _Float16 h;
+    std::memcpy(&h, &b, 2);
+    return static_cast<float>(h);
+}
 inline float __shfl_sync(unsigned, float v, unsigned src) {
     EmuWarp& w = *emu_block->warps[threadIdx.x / 32u];
     w.v[threadIdx.x & 31u] = v;
@@ -87,6 +103,7 @@ inline float __shfl_sync(unsigned, float v, unsigned src) {
     w.bar.arrive_and_wait();
     return r;
 }
+inline void __syncwarp() { emu_block->warps[threadIdx.x / 32u]->bar.arrive_and_wait(); }
 inline float __shfl_xor_sync(unsigned m, float v, unsigned x) {
     return __shfl_sync(m, v, (threadIdx.x & 31u) ^ x);
 }

@@ -9,9 +9,10 @@
 //! (`tests/emulate/*.cpp`) that launches the kernels as `src/kernels/` does. Without a compiler
 //! the tests print `SKIP: no C++ compiler` and pass, unless `BITEXACT_REQUIRE_EMU=1`.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::Mutex;
 
 use bitexact::quant::WeightFormat;
 use bitexact::reference::delta_net::{
@@ -51,14 +52,15 @@ fn compiler() -> Option<String> {
 fn build(family: &str, driver: &str, mutant: bool) -> Option<PathBuf> {
     let cxx = compiler()?;
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
-        "emulate-{family}-{}",
+        "emulate-{family}-{}-{}",
+        driver.trim_end_matches(".cpp"),
         if mutant { "mutant" } else { "plain" }
     ));
     std::fs::create_dir_all(&dir).unwrap();
     let read = |p: &str| std::fs::read_to_string(Path::new(ROOT).join(p)).unwrap();
     let mut text = read("cuda/common.cuh");
     text.push('\n');
-    text.push_str(&dynamic_shared(&read(&format!("cuda/{family}.cu"))));
+    text.push_str(&for_host(&read(&format!("cuda/{family}.cu"))));
     let text = text.replace("#include \"common.cuh\"", "");
     std::fs::write(dir.join("family.h"), text).unwrap();
     let bin = dir.join("driver");
@@ -90,36 +92,45 @@ fn build(family: &str, driver: &str, mutant: bool) -> Option<PathBuf> {
     Some(bin)
 }
 
-/// `extern __shared__ [__align__(N)] float NAME[];` as the emulator's dynamic shared memory.
-fn dynamic_shared(src: &str) -> String {
+/// A family's source as the host compiler takes it: `extern __shared__ [__align__(N)] float
+/// NAME[];` as the emulator's dynamic shared memory, the PTX f16 conversions as its calls.
+fn for_host(src: &str) -> String {
     src.lines()
         .map(|line| {
             let t = line.trim_start();
-            match t.strip_prefix("extern __shared__ ") {
-                Some(rest) => {
-                    let rest = rest
-                        .trim_start_matches(|c: char| c != 'f')
-                        .strip_prefix("float ")
-                        .expect("a float array");
-                    let name = &rest[..rest.find('[').expect("NAME[]")];
-                    format!("    float* {name} = emu_dynamic_smem();")
+            if let Some(rest) = t.strip_prefix("extern __shared__ ") {
+                let rest = rest
+                    .trim_start_matches(|c: char| c != 'f')
+                    .strip_prefix("float ")
+                    .expect("a float array");
+                let name = &rest[..rest.find('[').expect("NAME[]")];
+                return format!("    float* {name} = emu_dynamic_smem();");
+            }
+            match t {
+                r#"asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));"# => {
+                    "    h = emu_f32_to_f16(f);".into()
                 }
-                None => line.to_string(),
+                r#"asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));"# => {
+                    "    f = emu_f16_to_f32(h);".into()
+                }
+                _ => line.to_string(),
             }
         })
         .collect::<Vec<_>>()
         .join("\n")
 }
 
-/// The driver built once per process (as the mutant when `BITEXACT_MUTANT=delta_net`, as the
-/// device layer compiles the family), and once more as the mutant for the self-check.
-fn chunk_driver(mutant: bool) -> Option<&'static Path> {
-    static PLAIN: OnceLock<Option<PathBuf>> = OnceLock::new();
-    static MUTANT: OnceLock<Option<PathBuf>> = OnceLock::new();
-    let env_mutant = std::env::var("BITEXACT_MUTANT").is_ok_and(|v| v == "delta_net");
-    let cell = if mutant { &MUTANT } else { &PLAIN };
-    cell.get_or_init(|| build("delta_net", "delta_net_chunk.cpp", mutant || env_mutant))
-        .as_deref()
+/// `family`'s driver `file`, built once per process (as the family's mutant when `mutant`, or
+/// when `BITEXACT_MUTANT` names the family, as the device layer compiles it).
+fn driver(family: &str, file: &str, mutant: bool) -> Option<PathBuf> {
+    static BUILT: Mutex<BTreeMap<String, Option<PathBuf>>> = Mutex::new(BTreeMap::new());
+    let mutant = mutant || std::env::var("BITEXACT_MUTANT").is_ok_and(|v| v == family);
+    let key = format!("{family}/{file}/{mutant}");
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    built
+        .entry(key)
+        .or_insert_with(|| build(family, file, mutant))
+        .clone()
 }
 
 /// The emulated chunked scan's outputs and final state over `n` tokens in calls of `pieces`
@@ -164,16 +175,8 @@ fn run_chunked(
         case.extend((v.len() as u32).to_le_bytes());
         v.iter().for_each(|x| case.extend(x.to_le_bytes()));
     }
-    let dir = driver.parent().unwrap();
     let tag = format!("{seed}-{n}-{}-{}", c.head_dim, pieces.len());
-    let (inp, outp) = (
-        dir.join(format!("in-{tag}")),
-        dir.join(format!("out-{tag}")),
-    );
-    std::fs::write(&inp, case).unwrap();
-    let run = Command::new(driver).arg(&inp).arg(&outp).output().unwrap();
-    assert!(run.status.success(), "the emulated driver failed: {run:?}");
-    let bytes = std::fs::read(&outp).unwrap();
+    let bytes = run_driver(driver, &case, &tag);
     let words: Vec<u32> = bytes
         .chunks(4)
         .map(|w| u32::from_le_bytes(w.try_into().unwrap()))
@@ -190,9 +193,23 @@ fn run_chunked(
         at += 1 + len;
     }
     got.push(vec![f32::from_bits(words[at])]);
+    (got, want)
+}
+
+/// Runs `driver` on the case bytes `case` (files tagged `tag` beside it): its output bytes.
+fn run_driver(driver: &Path, case: &[u8], tag: &str) -> Vec<u8> {
+    let dir = driver.parent().unwrap();
+    let (inp, outp) = (
+        dir.join(format!("in-{tag}")),
+        dir.join(format!("out-{tag}")),
+    );
+    std::fs::write(&inp, case).unwrap();
+    let run = Command::new(driver).arg(&inp).arg(&outp).output().unwrap();
+    assert!(run.status.success(), "the emulated driver failed: {run:?}");
+    let bytes = std::fs::read(&outp).unwrap();
     let _ = std::fs::remove_file(inp);
     let _ = std::fs::remove_file(outp);
-    (got, want)
+    bytes
 }
 
 fn cfg(k_heads: usize, v_heads: usize, head_dim: usize, conv: usize) -> DeltaNetConfig {
@@ -218,7 +235,7 @@ const PARTS: [&str; 8] = [
 /// start and end inside chunks.
 #[test]
 fn emulated_delta_net_chunked_equals_reference() {
-    let Some(driver) = chunk_driver(false) else {
+    let Some(driver) = driver("delta_net", "delta_net_chunk.cpp", false) else {
         return;
     };
     let c = SCAN_CHUNK;
@@ -236,7 +253,7 @@ fn emulated_delta_net_chunked_equals_reference() {
         (cfg(2, 6, 40, 2), c + 2, &[1]),
     ];
     for (i, (cf, n, pieces)) in cases.iter().enumerate() {
-        let (got, want) = run_chunked(driver, cf, *n, pieces, 20 + i as u64);
+        let (got, want) = run_chunked(&driver, cf, *n, pieces, 20 + i as u64);
         for ((part, g), w) in PARTS.iter().zip(&got).zip(&want) {
             assert_bits_eq(
                 &format!("emulated chunked {cf:?} n={n} pieces={pieces:?}: {part}"),
@@ -251,10 +268,10 @@ fn emulated_delta_net_chunked_equals_reference() {
 /// kernels that can fail.
 #[test]
 fn emulated_delta_net_chunked_mutant_is_caught() {
-    let Some(driver) = chunk_driver(true) else {
+    let Some(driver) = driver("delta_net", "delta_net_chunk.cpp", true) else {
         return;
     };
-    let (got, want) = run_chunked(driver, &cfg(1, 2, 128, 4), 70, &[70], 5);
+    let (got, want) = run_chunked(&driver, &cfg(1, 2, 128, 4), 70, &[70], 5);
     assert!(
         got[..7]
             .iter()
@@ -262,4 +279,114 @@ fn emulated_delta_net_chunked_mutant_is_caught() {
             .any(|(g, w)| g.iter().zip(w).any(|(a, b)| a.to_bits() != b.to_bits())),
         "the mutant's bits equal the reference's"
     );
+}
+
+/// The session's coded-cache writers (`fastscan_encode` from the staging rows, the position
+/// read on the device; `f16kv_write`), emulated, equal the reference's encoding and f16 bits:
+/// head dims 64, 128 and 256, 3 and 4 bits, runs of positions that start and end inside tiles
+/// and cross them, one position (a decode step); caches that start full of other bytes (an
+/// untouched nibble or row must keep them); rows with NaN, infinities and subnormals.
+#[test]
+fn emulated_fastscan_writers_equal_reference() {
+    use bitexact::quant::fastscan::{codebook, FastScanSpec};
+    use bitexact::reference::fastscan::{encode, f16_bits};
+    let Some(driver) = driver("fastscan", "fastscan_write.cpp", false) else {
+        return;
+    };
+    for (i, &(d, bits, n_kv, cap, pos0, n)) in [
+        (64usize, 4u32, 2usize, 96usize, 0usize, 5usize),
+        (128, 3, 3, 128, 37, 40),
+        (256, 4, 1, 64, 31, 2),
+        (128, 4, 2, 96, 63, 1),
+        (64, 3, 1, 64, 0, 64),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let seed = 40 + i as u64;
+        let spec = FastScanSpec::new(d, bits, seed).unwrap();
+        let cb = codebook(d, bits);
+        let rows_k = values(seed ^ 1, n_kv * cap * d, 2.0, 0.02);
+        let rows_v = values(seed ^ 2, n_kv * cap * d, 2.0, 0.02);
+        let hb = spec.cache_bytes(cap);
+        let bytes = |salt: u64, len: usize| -> Vec<u8> {
+            values(seed ^ salt, len, 1.0, 0.0)
+                .iter()
+                .map(|v| (v.to_bits() >> 7) as u8)
+                .collect()
+        };
+        let (cache_k, cache_v) = (bytes(3, n_kv * hb), bytes(4, n_kv * hb));
+        let halves = |salt: u64| -> Vec<u16> {
+            values(seed ^ salt, n_kv * cap * d, 1.0, 0.0)
+                .iter()
+                .map(|v| (v.to_bits() >> 9) as u16)
+                .collect()
+        };
+        let (kc, vc) = (halves(5), halves(6));
+        let mut want = [cache_k.clone(), cache_v.clone()];
+        for (w, rows) in want.iter_mut().zip([&rows_k, &rows_v]) {
+            for h in 0..n_kv {
+                let x = &rows[(h * cap + pos0) * d..(h * cap + pos0 + n) * d];
+                encode(&spec, &cb, &mut w[h * hb..(h + 1) * hb], x, pos0);
+            }
+        }
+        let mut want_f16 = [kc.clone(), vc.clone()];
+        for (w, rows) in want_f16.iter_mut().zip([&rows_k, &rows_v]) {
+            for h in 0..n_kv {
+                for p in pos0..pos0 + n {
+                    for j in 0..d {
+                        let at = (h * cap + p) * d + j;
+                        w[at] = f16_bits(rows[at]);
+                    }
+                }
+            }
+        }
+        let mut case = Vec::new();
+        for v in [d, n_kv, cap, spec.tile_bytes(), hb, pos0, n] {
+            case.extend((v as u32).to_le_bytes());
+        }
+        case.extend(spec.inv_sqrt_d().to_le_bytes());
+        let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let u16s = |v: &[u16]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        for (raw, len) in [
+            (f32s(&spec.signs()), d),
+            (f32s(&cb.bounds), cb.bounds.len()),
+            (f32s(&rows_k), rows_k.len()),
+            (f32s(&rows_v), rows_v.len()),
+            (cache_k.clone(), cache_k.len()),
+            (cache_v.clone(), cache_v.len()),
+            (u16s(&kc), kc.len()),
+            (u16s(&vc), vc.len()),
+        ] {
+            case.extend((len as u32).to_le_bytes());
+            case.extend(raw);
+        }
+        let out = run_driver(&driver, &case, &format!("fastscan-{i}"));
+        let mut at = 0;
+        let mut take = |width: usize| -> Vec<u8> {
+            let len = u32::from_le_bytes(out[at..at + 4].try_into().unwrap()) as usize;
+            let v = out[at + 4..at + 4 + len * width].to_vec();
+            at += 4 + len * width;
+            v
+        };
+        let what = format!("emulated fastscan writers D={d} bits={bits} pos {pos0}..+{n}");
+        for (part, w) in ["K codes", "V codes"].iter().zip(&want) {
+            let got = take(1);
+            let diff = got.iter().zip(w).filter(|(a, b)| a != b).count();
+            assert_eq!(
+                diff,
+                0,
+                "{what}: {part}: {diff} of {} bytes differ",
+                w.len()
+            );
+        }
+        for (part, w) in ["K f16", "V f16"].iter().zip(&want_f16) {
+            let got: Vec<u16> = take(2)
+                .chunks(2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                .collect();
+            let diff = got.iter().zip(w).filter(|(a, b)| a != b).count();
+            assert_eq!(diff, 0, "{what}: {part}: {diff} of {} differ", w.len());
+        }
+    }
 }
