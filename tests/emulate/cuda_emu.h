@@ -11,8 +11,12 @@
 //   - Kernels become inline functions: those a driver does not call are never emitted (their
 //     PTX inline assembly is parsed, not assembled). Static __shared__ arrays become statics
 //     (one block runs at a time); griddepcontrol sits behind __CUDA_ARCH__, undefined here.
+//     The PTX a called kernel needs is rewritten by the test: f16 conversions as calls below,
+//     cp.async copies as plain copies (complete at once: a subset of what the GPU may do,
+//     never seen before the kernel's own wait and barrier would allow).
 // What it cannot see: races between blocks (they never overlap), the memory model, timing.
 #pragma once
+#include <algorithm>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -59,9 +63,10 @@ inline unsigned long long min(unsigned long long a, unsigned long long b) { retu
 inline unsigned __cvta_generic_to_shared(const void*) { return 0; }
 
 struct EmuWarp {
-    std::barrier<> bar{32};
+    std::barrier<> bar;
     float v[32];
     int p[32];
+    explicit EmuWarp(std::ptrdiff_t lanes) : bar(lanes) {}
 };
 struct EmuBlock {
     std::unique_ptr<std::barrier<>> bar;
@@ -117,7 +122,8 @@ inline bool __any_sync(unsigned, bool pred) {
     return r;
 }
 
-// Runs `kernel` over grid (x, y) with `threads` threads a block (a multiple of 32) and
+// Runs `kernel` over grid (x, y) with `threads` threads a block (a last partial warp's lanes
+// exchange among themselves) and
 // `smem_bytes` of dynamic shared memory: one set of threads walks the blocks in order, a barrier
 // between blocks. A kernel that returns early must do so for the whole block.
 inline void emu_launch(EmuDim grid, unsigned threads, size_t smem_bytes,
@@ -126,7 +132,8 @@ inline void emu_launch(EmuDim grid, unsigned threads, size_t smem_bytes,
     blockDim = {threads, 1, 1};
     EmuBlock blk;
     blk.bar = std::make_unique<std::barrier<>>(threads);
-    for (unsigned w = 0; w < threads / 32u; ++w) blk.warps.push_back(std::make_unique<EmuWarp>());
+    for (unsigned w = 0; w * 32u < threads; ++w)
+        blk.warps.push_back(std::make_unique<EmuWarp>(std::min(32u, threads - 32u * w)));
     emu_block = &blk;
     emu_dynamic.assign(smem_bytes / 4 + 4, __uint_as_float(0x7fa5a5a5u));
     std::barrier<> between(threads);

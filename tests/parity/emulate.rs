@@ -93,7 +93,8 @@ fn build(family: &str, driver: &str, mutant: bool) -> Option<PathBuf> {
 }
 
 /// A family's source as the host compiler takes it: `extern __shared__ [__align__(N)] float
-/// NAME[];` as the emulator's dynamic shared memory, the PTX f16 conversions as its calls.
+/// NAME[];` as the emulator's dynamic shared memory, the PTX f16 conversions as its calls, the
+/// cp.async copies as plain copies (their groups and waits as nothing).
 fn for_host(src: &str) -> String {
     src.lines()
         .map(|line| {
@@ -118,6 +119,27 @@ fn for_host(src: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
+        .replace(
+            r#"asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(gmem));"#,
+            "std::memcpy(smem, gmem, 4);",
+        )
+        .replace(
+            r#"asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dst), "l"(gmem));"#,
+            "std::memcpy(smem, gmem, 8);",
+        )
+        .replace(
+            r#"asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem));"#,
+            "std::memcpy(smem, gmem, 16);",
+        )
+        .replace(r#"asm volatile("cp.async.commit_group;");"#, ";")
+        .replace(
+            r#"asm volatile("cp.async.wait_group 0;" ::: "memory");"#,
+            ";",
+        )
+        .replace(
+            r#"asm volatile("cp.async.wait_group 1;" ::: "memory");"#,
+            ";",
+        )
 }
 
 /// `family`'s driver `file`, built once per process (as the family's mutant when `mutant`, or
@@ -387,6 +409,70 @@ fn emulated_fastscan_writers_equal_reference() {
                 .collect();
             let diff = got.iter().zip(w).filter(|(a, b)| a != b).count();
             assert_eq!(diff, 0, "{what}: {part}: {diff} of {} differ", w.len());
+        }
+    }
+}
+
+/// The recurrence's scans (v1; the prep then v2, v3, v5 and v6), emulated, equal `scan_cpu`
+/// in the outputs, the window and the matrices: head dims 16, 48 and 128 (v5's and v6's
+/// whole-block path), token counts around v3's 16-token staging (16, 17, 33), calls of all
+/// tokens, one and five. v5 and v6 had run on no GPU when this was written.
+#[test]
+fn emulated_delta_net_scans_equal_reference() {
+    use bitexact::reference::delta_net::{scan_cpu, DeltaNetState};
+    let Some(driver) = driver("delta_net", "delta_net_scan.cpp", false) else {
+        return;
+    };
+    let cases: [(DeltaNetConfig, usize, &[usize]); 6] = [
+        (cfg(2, 4, 16, 4), 23, &[23]),
+        (cfg(2, 4, 16, 4), 23, &[1]),
+        (cfg(1, 3, 48, 2), 9, &[5]),
+        (cfg(1, 2, 128, 4), 16, &[16]),
+        (cfg(1, 2, 128, 4), 17, &[17]),
+        (cfg(2, 2, 128, 1), 33, &[33]),
+    ];
+    for (i, (c, n, pieces)) in cases.iter().enumerate() {
+        let seed = 60 + i as u64;
+        let w = DeltaNetWeights::generate(c, seed, 500).unwrap();
+        let (cd, hv) = (c.conv_dim(), c.v_heads);
+        let mixed = values(seed ^ 1, n * cd, 2.0, 0.0);
+        let b = values(seed ^ 2, n * hv, 2.0, 0.0);
+        let a = values(seed ^ 3, n * hv, 2.0, 0.0);
+        let mut st = DeltaNetState::new(c);
+        let o = scan_cpu(&w, &mut st, &mixed, &b, &a, *n, 1e-6);
+        for version in [1u32, 2, 3, 5, 6] {
+            let mut case = Vec::new();
+            let dims = [
+                version as usize,
+                c.k_heads,
+                hv,
+                c.head_dim,
+                c.conv_kernel,
+                *n,
+            ];
+            for v in dims.iter().chain([&pieces.len()]).chain(pieces.iter()) {
+                case.extend((*v as u32).to_le_bytes());
+            }
+            for v in [&w.conv, &w.dt_bias, &w.ssm_a, &mixed, &b, &a] {
+                case.extend((v.len() as u32).to_le_bytes());
+                v.iter().for_each(|x| case.extend(x.to_le_bytes()));
+            }
+            let bytes = run_driver(&driver, &case, &format!("scan-{i}-{version}"));
+            let words: Vec<f32> = bytes
+                .chunks(4)
+                .map(|w| f32::from_bits(u32::from_le_bytes(w.try_into().unwrap())))
+                .collect();
+            let mut at = 0;
+            let what = format!("emulated scan v{version} {c:?} n={n} pieces={pieces:?}");
+            for (part, want) in [("o", &o), ("window", &st.conv), ("matrices", &st.m)] {
+                let len = words[at].to_bits() as usize;
+                assert_bits_eq(
+                    &format!("{what}: {part}"),
+                    &words[at + 1..at + 1 + len],
+                    want,
+                );
+                at += 1 + len;
+            }
         }
     }
 }
