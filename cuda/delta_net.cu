@@ -748,6 +748,7 @@ extern "C" __global__ void __launch_bounds__(128)
 #define DNC_ROWS 32u
 #define DNC_SP 129u  // a staged row of up to 128 floats, padded: rows l and l + 1 in other banks
 #define DNC_PR 72u   // a row of the dots' table: 4 adjacent rows' lanes in 4 banks apart
+#define DNC_FP 65u   // a row of the gram's factors: thread l's row l in its own bank
 
 // The call's tokens t0 .. t0 + (ce - cs) at chunk positions cs .. ce; live if any.
 struct DncSeg {
@@ -810,8 +811,8 @@ extern "C" __global__ void __launch_bounds__(256)
     extern __shared__ float dnc_g[];
     float* sk = dnc_g;                // [C][SP] keys of positions 0 .. ce
     float* sq = sk + DNC_C * DNC_SP;  // [C][SP] queries of positions cs .. ce
-    float* sf = sq + DNC_C * DNC_SP;  // [C][C] F_l(c) at [l][c]
-    float* sd = sf + DNC_C * DNC_C;   // [C] decays
+    float* sf = sq + DNC_C * DNC_SP;  // [C][FP] F_l(c) at [l][c]
+    float* sd = sf + DNC_C * DNC_FP;  // [C] decays
     const u32 h = blockIdx.x, g = blockIdx.y, tid = threadIdx.x, kh = h % hk;
     const u32 cd = (2u * hk + hv) * s;
     const u32 len0 = *clen;
@@ -845,7 +846,7 @@ extern "C" __global__ void __launch_bounds__(256)
         for (u32 c = 0; c < DNC_C; ++c) {
             const bool on = c >= sg.cs && c < sg.ce && c >= l;
             if (on && c > l) f = f * sd[c];
-            sf[l * DNC_C + c] = on ? f : 0.0f;
+            sf[l * DNC_FP + c] = on ? f : 0.0f;
         }
         gf[slot * DNC_C + l] = l < sg.ce ? f : 0.0f;
     } else if (tid == DNC_C) {
@@ -871,7 +872,7 @@ extern "C" __global__ void __launch_bounds__(256)
             for (u32 b = 0; b < 4u; ++b) {
                 const u32 l = 4u * lt + a, c = 4u * ct + b;
                 if (c >= sg.cs && c < sg.ce && l < c) {
-                    const float f = sf[l * DNC_C + c];
+                    const float f = sf[l * DNC_FP + c];
                     av[a][b] = f * kk[a][b];
                     bv[a][b] = f * kq[a][b];
                 } else if (c >= sg.cs && c < sg.ce && l == c) {

@@ -474,8 +474,8 @@ fn prep_launch(
 const CHUNKED_MAX_CALL: usize = 4096;
 
 /// Shared memory of `delta_net_chunk_gram_f32`: keys and queries `[C][129]`, the factors
-/// `[C][C]`, the decays `[C]`.
-const GRAM_SMEM: usize = (2 * SCAN_CHUNK * 129 + SCAN_CHUNK * SCAN_CHUNK + SCAN_CHUNK) * 4;
+/// `[C][65]`, the decays `[C]`.
+const GRAM_SMEM: usize = (2 * SCAN_CHUNK * 129 + SCAN_CHUNK * 65 + SCAN_CHUNK) * 4;
 
 /// Shared memory of `delta_net_chunk_scan_f32`: the rows `[128][32]`, keys and queries
 /// transposed `[128][C]` and keys `[C][128]`, A and B `[C][C]`, u and v `[C][32]`, the dots'
@@ -518,21 +518,14 @@ fn scan_chunked(
     if n_all == 1 {
         return chunk_decode(dev, consts, state, mixed, b, a, eps, o, dims);
     }
-    let gram = dev.function_with(Family::DeltaNet, "delta_net_chunk_gram_f32", |f| {
-        f.set_attribute(
-            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            GRAM_SMEM as i32,
-        )?;
-        Ok(())
-    })?;
-    let scan = dev.function_with(Family::DeltaNet, "delta_net_chunk_scan_f32", |f| {
-        f.set_attribute(
-            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            CHUNK_SCAN_SMEM as i32,
-        )?;
-        Ok(())
-    })?;
-    let finish = dev.function(Family::DeltaNet, "delta_net_chunk_finish_f32")?;
+    // The tables, once for the longest call: a later call never allocates after the state
+    // has moved. A call writes the slots of its live segments and reads no other.
+    let nseg_max = n_all.min(CHUNKED_MAX_CALL).div_ceil(C) + 1;
+    let mut ta = GpuTensor::<f32>::output(dev, &[hv, nseg_max, C, C])?;
+    let mut tb = GpuTensor::<f32>::output(dev, &[hv, nseg_max, C, C])?;
+    let mut te = GpuTensor::<f32>::output(dev, &[hv, nseg_max, C])?;
+    let mut tf = GpuTensor::<f32>::output(dev, &[hv, nseg_max, C])?;
+    let mut info = GpuTensor::<u32>::output(dev, &[1])?;
     for t0 in (0..n_all).step_by(CHUNKED_MAX_CALL) {
         let n = (n_all - t0).min(CHUNKED_MAX_CALL);
         let nseg = n.div_ceil(C) + 1;
@@ -541,16 +534,18 @@ fn scan_chunked(
         let bv = b.slice().slice(t0 * hv..(t0 + n) * hv);
         let av = a.slice().slice(t0 * hv..(t0 + n) * hv);
         let (prep, gates) = prep_launch(dev, consts, &state.conv, &mx, &bv, &av, eps, n)?;
-        let mut ta = GpuTensor::<f32>::output(dev, &[hv, nseg, C, C])?;
-        let mut tb = GpuTensor::<f32>::output(dev, &[hv, nseg, C, C])?;
-        let mut te = GpuTensor::<f32>::output(dev, &[hv, nseg, C])?;
-        let mut tf = GpuTensor::<f32>::output(dev, &[hv, nseg, C])?;
-        let mut info = GpuTensor::<u32>::output(dev, &[1])?;
         let ch = state.chunk.as_mut().ok_or_else(|| {
             Error::invalid(
                 OP,
                 "the state is kept in the recurrence, not the chunked order",
             )
+        })?;
+        let gram = dev.function_with(Family::DeltaNet, "delta_net_chunk_gram_f32", |f| {
+            f.set_attribute(
+                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                GRAM_SMEM as i32,
+            )?;
+            Ok(())
         })?;
         let args = ChunkGramArgs {
             ga: Out::of(dev, ta.slice_mut()),
@@ -572,11 +567,19 @@ fn scan_chunked(
         let cfg = geometry((hv32, nseg32, 1), (256, 1, 1), GRAM_SMEM as u32);
         // SAFETY: prep [n, conv_dim] and gates [n, Hv, 2] written above on this stream; the
         // chunk under way k [Hk, C, S], f [Hv, C], e [Hv], len [1] of this config (S <= 128);
-        // the tables [Hv, nseg, C, C] and [Hv, nseg, C] allocated here for nseg = ceil(n / C) +
-        // 1 segments (the grid's y), each block writing its own (head, segment) slot; info [1]
-        // written by block (0, 0) alone.
+        // the tables hold Hv x nseg_max >= Hv x nseg slots of [C, C] and [C] (nseg = ceil(n /
+        // C) + 1 segments, the grid's y), each live block writing its own slot h * nseg + g (a
+        // dead segment's slot is left as it was and read by no launch); info [1] written by
+        // block (0, 0) alone.
         unsafe { dev.launch_kernel(&gram, cfg, &args) }?;
         let mut ov = o.slice_mut().slice_mut(t0 * hv * s..(t0 + n) * hv * s);
+        let scan = dev.function_with(Family::DeltaNet, "delta_net_chunk_scan_f32", |f| {
+            f.set_attribute(
+                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                CHUNK_SCAN_SMEM as i32,
+            )?;
+            Ok(())
+        })?;
         let args = ChunkScanArgs {
             o: Out::of(dev, &mut ov),
             m: Out::of(dev, state.m.slice_mut()),
@@ -605,6 +608,7 @@ fn scan_chunked(
         // launch above, every live segment's slot; prep, gates, the keys k [Hk, C, S] and len
         // read only; 256 threads (8 warps of 4 rows of 8 lanes), S <= 128.
         unsafe { dev.launch_kernel(&scan, cfg, &args) }?;
+        let finish = dev.function(Family::DeltaNet, "delta_net_chunk_finish_f32")?;
         let args = ChunkFinishArgs {
             ck: Out::of(dev, ch.k.slice_mut()),
             cf: Out::of(dev, ch.f.slice_mut()),

@@ -68,7 +68,7 @@ int main(int argc, char** argv) {
         std::vector<float> ga(hv * nseg * C * C, poison), gb(ga), ge(hv * nseg * C, poison),
             gf(ge);
         std::vector<u32> info(1, 0xa5a5a5a5u);
-        emu_launch({hv, nseg, 1}, 256, (2 * C * 129 + C * C + C) * 4, [&] {
+        emu_launch({hv, nseg, 1}, 256, (2 * C * 129 + C * 65 + C) * 4, [&] {
             delta_net_chunk_gram_f32(ga.data(), gb.data(), ge.data(), gf.data(), info.data(),
                                      prep.data(), gates.data(), ck.data(), cf.data(), ce.data(),
                                      clen.data(), cnt, hk, hv, s);
