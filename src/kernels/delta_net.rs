@@ -2,10 +2,9 @@
 //! [`crate::reference::delta_net`]): the recurrent steps of the Gated DeltaNet mixer on the
 //! device, in either scan order, and the state a sequence carries between calls.
 
-use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::DevicePtr;
 
-use super::{as_u32, dims, geometry};
+use super::{as_u32, dims, function_with_dynamic_smem, geometry};
 use crate::device::{Device, Family};
 use crate::error::{check_shape, Error, Result};
 use crate::launch::args::delta_net::{
@@ -66,6 +65,9 @@ pub struct GpuDeltaNetState {
     m: GpuTensor<f32>,
     chunk: Option<Box<ChunkBuffers>>,
 }
+
+/// Why a recurrence state cannot run or read as a chunked one.
+const NOT_CHUNKED: &str = "the state is kept in the recurrence, not the chunked order";
 
 /// The chunk under way of the chunked order ([`ChunkedState`]'s buffers, zeros past its
 /// length): `k: [Hk, C, S]`, `u: [Hv, C, S]`, `f: [Hv, C]`, `e: [Hv]` and the length `len:
@@ -150,15 +152,29 @@ impl GpuDeltaNetState {
         })
     }
 
+    /// The state on the host, flattened as the CPU sessions' `recurrent_state` give one
+    /// layer's: the window and the matrices, then in the chunked order the chunk under way's
+    /// keys, corrected values, factors and decays.
+    pub fn to_host_flat(&self) -> Result<Vec<f32>> {
+        Ok(match self.order() {
+            ScanOrder::Recurrence => {
+                let h = self.to_host()?;
+                [h.conv, h.m].concat()
+            }
+            ScanOrder::Chunked => {
+                let h = self.to_host_chunked()?;
+                [h.base.conv, h.base.m, h.k, h.u, h.f, h.e].concat()
+            }
+        })
+    }
+
     /// The whole chunked-order state on the host, as [`ChunkedState`] holds it; an error for
     /// a state kept in the recurrence.
     pub fn to_host_chunked(&self) -> Result<ChunkedState> {
-        let c = self.chunk.as_ref().ok_or_else(|| {
-            Error::invalid(
-                "GpuDeltaNetState::to_host_chunked",
-                "the state is kept in the recurrence, not the chunked order",
-            )
-        })?;
+        let c = self
+            .chunk
+            .as_ref()
+            .ok_or_else(|| Error::invalid("GpuDeltaNetState::to_host_chunked", NOT_CHUNKED))?;
         Ok(ChunkedState {
             base: self.to_host()?,
             len: c.len.to_host()?[0] as usize,
@@ -435,13 +451,7 @@ fn prep_launch(
     let (s, hk, hv, kc, cd) = c.scan_dims();
     let mut prep = GpuTensor::<f32>::output(dev, &[n, cd])?;
     let mut gates = GpuTensor::<f32>::output(dev, &[n, hv, 2])?;
-    let f = dev.function_with(Family::DeltaNet, "delta_net_prep_f32", |f| {
-        f.set_attribute(
-            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            PREP_MAX_SMEM as i32,
-        )?;
-        Ok(())
-    })?;
+    let f = function_with_dynamic_smem(dev, Family::DeltaNet, "delta_net_prep_f32", PREP_MAX_SMEM)?;
     let smem = as_u32(OP, "prep shared memory", prep_smem_bytes(c))?;
     let cfg = geometry((as_u32(OP, "tokens", n)?, 1, 1), (256, 1, 1), smem);
     let args = PrepArgs {
@@ -534,19 +544,16 @@ fn scan_chunked(
         let bv = b.slice().slice(t0 * hv..(t0 + n) * hv);
         let av = a.slice().slice(t0 * hv..(t0 + n) * hv);
         let (prep, gates) = prep_launch(dev, consts, &state.conv, &mx, &bv, &av, eps, n)?;
-        let ch = state.chunk.as_mut().ok_or_else(|| {
-            Error::invalid(
-                OP,
-                "the state is kept in the recurrence, not the chunked order",
-            )
-        })?;
-        let gram = dev.function_with(Family::DeltaNet, "delta_net_chunk_gram_f32", |f| {
-            f.set_attribute(
-                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                GRAM_SMEM as i32,
-            )?;
-            Ok(())
-        })?;
+        let ch = state
+            .chunk
+            .as_mut()
+            .ok_or_else(|| Error::invalid(OP, NOT_CHUNKED))?;
+        let gram = function_with_dynamic_smem(
+            dev,
+            Family::DeltaNet,
+            "delta_net_chunk_gram_f32",
+            GRAM_SMEM,
+        )?;
         let args = ChunkGramArgs {
             ga: Out::of(dev, ta.slice_mut()),
             gb: Out::of(dev, tb.slice_mut()),
@@ -573,13 +580,12 @@ fn scan_chunked(
         // block (0, 0) alone.
         unsafe { dev.launch_kernel(&gram, cfg, &args) }?;
         let mut ov = o.slice_mut().slice_mut(t0 * hv * s..(t0 + n) * hv * s);
-        let scan = dev.function_with(Family::DeltaNet, "delta_net_chunk_scan_f32", |f| {
-            f.set_attribute(
-                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                CHUNK_SCAN_SMEM as i32,
-            )?;
-            Ok(())
-        })?;
+        let scan = function_with_dynamic_smem(
+            dev,
+            Family::DeltaNet,
+            "delta_net_chunk_scan_f32",
+            CHUNK_SCAN_SMEM,
+        )?;
         let args = ChunkScanArgs {
             o: Out::of(dev, &mut ov),
             m: Out::of(dev, state.m.slice_mut()),
@@ -656,19 +662,16 @@ fn chunk_decode(
 ) -> Result<()> {
     const OP: &str = "delta_net_scan";
     let [hk32, hv32, s32, kc32] = dims;
-    let f = dev.function_with(Family::DeltaNet, "delta_net_chunk_decode_f32", |f| {
-        f.set_attribute(
-            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            CHUNK_DECODE_SMEM as i32,
-        )?;
-        Ok(())
-    })?;
-    let ch = state.chunk.as_mut().ok_or_else(|| {
-        Error::invalid(
-            OP,
-            "the state is kept in the recurrence, not the chunked order",
-        )
-    })?;
+    let f = function_with_dynamic_smem(
+        dev,
+        Family::DeltaNet,
+        "delta_net_chunk_decode_f32",
+        CHUNK_DECODE_SMEM,
+    )?;
+    let ch = state
+        .chunk
+        .as_mut()
+        .ok_or_else(|| Error::invalid(OP, NOT_CHUNKED))?;
     let args = ChunkDecodeArgs {
         o: Out::of(dev, o.slice_mut()),
         m: Out::of(dev, state.m.slice_mut()),

@@ -21,6 +21,7 @@ pub mod row_scale;
 
 use cudarc::driver::LaunchConfig;
 
+use crate::device::{Device, Family};
 use crate::error::{Error, Result};
 
 /// Largest grid y dimension CUDA allows; row-parallel kernels launch once per chunk of rows.
@@ -55,6 +56,23 @@ pub(crate) fn dims<const R: usize>(
 
 /// Threads per block of the row-parallel elementwise kernels.
 pub(crate) const ROW_THREADS: u32 = 256;
+
+/// `family`'s kernel `name`, allowed `bytes` of dynamic shared memory (beyond the default 48
+/// KB), the attribute set once, when the kernel is first loaded.
+pub(crate) fn function_with_dynamic_smem(
+    dev: &Device,
+    family: Family,
+    name: &'static str,
+    bytes: usize,
+) -> Result<cudarc::driver::CudaFunction> {
+    dev.function_with(family, name, |f| {
+        f.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )?;
+        Ok(())
+    })
+}
 
 /// A launch's geometry: `grid` blocks of `block` threads and `smem` bytes of dynamic shared
 /// memory.

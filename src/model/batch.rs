@@ -613,19 +613,7 @@ impl<'m> BatchSession<'m> {
         self.seqs.len(seq)?;
         let mut out = Vec::new();
         for st in self.mem.dn[&seq].iter().flatten() {
-            match st.order() {
-                ScanOrder::Recurrence => {
-                    let h = st.to_host()?;
-                    out.extend(h.conv);
-                    out.extend(h.m);
-                }
-                ScanOrder::Chunked => {
-                    let h = st.to_host_chunked()?;
-                    for p in [h.base.conv, h.base.m, h.k, h.u, h.f, h.e] {
-                        out.extend(p);
-                    }
-                }
-            }
+            out.extend(st.to_host_flat()?);
         }
         Ok(out)
     }

@@ -558,24 +558,12 @@ impl<'m> Session<'m> {
         let mut out = Vec::new();
         for st in &self.states {
             if let LayerState::DeltaNet(d) = st {
-                let parts = match d.order() {
-                    ScanOrder::Recurrence => {
-                        let h = d.to_host()?;
-                        vec![h.conv, h.m]
-                    }
-                    ScanOrder::Chunked => {
-                        let h = d.to_host_chunked()?;
-                        vec![h.base.conv, h.base.m, h.k, h.u, h.f, h.e]
-                    }
-                };
-                for p in parts {
-                    if self.clear_states {
-                        // Reset, not yet zeroed on the device: the state before the first
-                        // token.
-                        out.resize(out.len() + p.len(), 0.0);
-                    } else {
-                        out.extend(p);
-                    }
+                let flat = d.to_host_flat()?;
+                if self.clear_states {
+                    // Reset, not yet zeroed on the device: the state before the first token.
+                    out.resize(out.len() + flat.len(), 0.0);
+                } else {
+                    out.extend(flat);
                 }
             }
         }

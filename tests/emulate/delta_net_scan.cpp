@@ -8,31 +8,20 @@
 #include <cstdio>
 #include <fstream>
 
+#include "case_io.h"
 #include "cuda_emu.h"
 #include "family.h"
 
-static std::ifstream in;
-static u32 rd_u() {
-    u32 v = 0;
-    in.read(reinterpret_cast<char*>(&v), 4);
-    return v;
-}
-static std::vector<float> rd_v() {
-    std::vector<float> v(rd_u());
-    in.read(reinterpret_cast<char*>(v.data()), 4 * v.size());
-    return v;
-}
-
 int main(int argc, char** argv) {
     if (argc != 3) return 2;
-    in.open(argv[1], std::ios::binary);
-    const u32 version = rd_u(), hk = rd_u(), hv = rd_u(), s = rd_u(), kc = rd_u(), n = rd_u(),
-              np = rd_u();
+    CaseIn in(argv[1]);
+    const u32 version = in.u(), hk = in.u(), hv = in.u(), s = in.u(), kc = in.u(), n = in.u(),
+              np = in.u();
     std::vector<u32> pieces(np);
-    for (auto& p : pieces) p = rd_u();
-    const auto conv_w = rd_v(), dt_bias = rd_v(), ssm_a = rd_v(), mixed = rd_v(), bg = rd_v(),
-               ag = rd_v();
-    if (!in || np == 0) return 3;
+    for (auto& p : pieces) p = in.u();
+    const auto conv_w = in.vec<float>(), dt_bias = in.vec<float>(), ssm_a = in.vec<float>(), mixed = in.vec<float>(), bg = in.vec<float>(),
+               ag = in.vec<float>();
+    if (!in.in || np == 0) return 3;
     const u32 cd = (2 * hk + hv) * s, rows = kc > 1 ? kc - 1 : 1;
     const float poison = __uint_as_float(0x7fa5a5a5u);
     std::vector<float> conv(rows * cd, 0.f), conv_next(rows * cd, 0.f), m(hv * s * s, 0.f);
@@ -77,10 +66,6 @@ int main(int argc, char** argv) {
     }
     conv.resize((size_t)(kc - 1) * cd);
     std::ofstream out(argv[2], std::ios::binary);
-    for (const auto* v : {&o_all, &conv, &m}) {
-        const u32 len = v->size();
-        out.write(reinterpret_cast<const char*>(&len), 4);
-        out.write(reinterpret_cast<const char*>(v->data()), 4 * v->size());
-    }
+    for (const auto* v : {&o_all, &conv, &m}) write_vec(out, *v);
     return out ? 0 : 4;
 }

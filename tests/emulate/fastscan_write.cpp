@@ -8,38 +8,22 @@
 #include <cstdio>
 #include <fstream>
 
+#include "case_io.h"
 #include "cuda_emu.h"
 #include "family.h"
 
-static std::ifstream in;
-static u32 rd_u() {
-    u32 v = 0;
-    in.read(reinterpret_cast<char*>(&v), 4);
-    return v;
-}
-template <class T> static std::vector<T> rd_v() {
-    std::vector<T> v(rd_u());
-    in.read(reinterpret_cast<char*>(v.data()), sizeof(T) * v.size());
-    return v;
-}
-template <class T> static void wr_v(std::ofstream& out, const std::vector<T>& v) {
-    const u32 len = v.size();
-    out.write(reinterpret_cast<const char*>(&len), 4);
-    out.write(reinterpret_cast<const char*>(v.data()), sizeof(T) * v.size());
-}
-
 int main(int argc, char** argv) {
     if (argc != 3) return 2;
-    in.open(argv[1], std::ios::binary);
-    const u32 D = rd_u(), n_kv = rd_u(), cap = rd_u(), tile_bytes = rd_u(), head_bytes = rd_u();
-    const u32 pos0 = rd_u(), n = rd_u();
+    CaseIn in(argv[1]);
+    const u32 D = in.u(), n_kv = in.u(), cap = in.u(), tile_bytes = in.u(), head_bytes = in.u();
+    const u32 pos0 = in.u(), n = in.u();
     float k = 0.f;
-    in.read(reinterpret_cast<char*>(&k), 4);
-    const auto signs = rd_v<float>(), bounds = rd_v<float>(), rows_k = rd_v<float>(),
-               rows_v = rd_v<float>();
-    auto cache_k = rd_v<u8>(), cache_v = rd_v<u8>();
-    auto kc = rd_v<u16>(), vc = rd_v<u16>();
-    if (!in) return 3;
+    in.in.read(reinterpret_cast<char*>(&k), 4);
+    const auto signs = in.vec<float>(), bounds = in.vec<float>(), rows_k = in.vec<float>(),
+               rows_v = in.vec<float>();
+    auto cache_k = in.vec<u8>(), cache_v = in.vec<u8>();
+    auto kc = in.vec<u16>(), vc = in.vec<u16>();
+    if (!in.in) return 3;
     std::vector<u32> pos(n);
     for (u32 i = 0; i < n; ++i) pos[i] = pos0 + i;
     const u32 slots = ((n + 32 - 2) / 32 + 1) * 16;
@@ -56,9 +40,9 @@ int main(int argc, char** argv) {
                     cap);
     });
     std::ofstream out(argv[2], std::ios::binary);
-    wr_v(out, cache_k);
-    wr_v(out, cache_v);
-    wr_v(out, kc);
-    wr_v(out, vc);
+    write_vec(out, cache_k);
+    write_vec(out, cache_v);
+    write_vec(out, kc);
+    write_vec(out, vc);
     return out ? 0 : 4;
 }

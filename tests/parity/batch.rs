@@ -7,7 +7,7 @@ use bitexact::model::batch::OnDevice;
 use bitexact::model::schedule::drive;
 use bitexact::model::{
     first_divergence, prompt, BatchSession, BatchToken, CpuBatchSession, CpuSession, GpuModel,
-    ModelConfig, ModelWeights, Schedule, SeqSpec, Trace, PAGE,
+    ModelConfig, ModelWeights, Schedule, ScheduleCounts, SeqSpec, Trace, PAGE,
 };
 use bitexact::quant::WeightFormat;
 use bitexact::reference::batch::run_schedule;
@@ -69,6 +69,19 @@ fn twelve() -> Vec<SeqSpec> {
             prompt: 1 + (17 * i) % 40,
         })
         .collect()
+}
+
+/// The first schedule of `seqs` from seed 13 that batches 8 sequences at once, mixes prompt
+/// chunks with decode tokens and reuses pages (the oracle's rule), and its counts.
+fn mixing_schedule(seqs: &[SeqSpec]) -> (Schedule, ScheduleCounts) {
+    (13u64..)
+        .map(|seed| {
+            let s = Schedule::random(seed, seqs, 16, 10, 24).unwrap();
+            let c = s.counts();
+            (s, c)
+        })
+        .find(|(_, c)| c.max_batch >= 8 && c.mixed_steps > 0 && c.pages_reused > 0)
+        .unwrap()
 }
 
 fn tiny(name: &str, fmt: WeightFormat, seed: u64) -> ModelWeights {
@@ -401,16 +414,7 @@ fn gpu_schedules_equal_solo() {
     ] {
         let w = tiny(name, fmt, 5);
         let model = GpuModel::load(dev, &w).unwrap();
-        // The first seed from 13 whose schedule batches 8 sequences at once, mixes chunks with
-        // decode tokens and reuses pages (the oracle's rule).
-        let (schedule, c) = (13u64..)
-            .map(|seed| {
-                let s = Schedule::random(seed, &seqs, 16, 10, 24).unwrap();
-                let c = s.counts();
-                (s, c)
-            })
-            .find(|(_, c)| c.max_batch >= 8 && c.mixed_steps > 0 && c.pages_reused > 0)
-            .unwrap();
+        let (schedule, c) = mixing_schedule(&seqs);
         assert!(
             c.max_batch >= 8 && c.mixed_steps > 0 && c.pages_reused > 0,
             "{c:?}"
@@ -439,14 +443,7 @@ fn chunked_order_schedules_equal_solo() {
     let w = tiny("tiny-hybrid", WeightFormat::F32, 5);
     let seqs = twelve();
     let streams = streams(&w.cfg, &seqs, 3);
-    let (schedule, c) = (13u64..)
-        .map(|seed| {
-            let s = Schedule::random(seed, &seqs, 16, 10, 24).unwrap();
-            let c = s.counts();
-            (s, c)
-        })
-        .find(|(_, c)| c.max_batch >= 8 && c.mixed_steps > 0 && c.pages_reused > 0)
-        .unwrap();
+    let (schedule, c) = mixing_schedule(&seqs);
     let solo_chunked = |toks: &[u32]| {
         let mut s = CpuSession::new(&w);
         s.set_scan_order(ScanOrder::Chunked).unwrap();

@@ -25,12 +25,59 @@ fn cfg(dim: usize, k_heads: usize, v_heads: usize, head_dim: usize, conv: usize)
     }
 }
 
+/// A scan's inputs over all its tokens: `mixed: [n, conv_dim]`, `b, a: [n, Hv]`.
+struct Inputs<'a> {
+    cfg: &'a DeltaNetConfig,
+    mixed: &'a [f32],
+    b: &'a [f32],
+    a: &'a [f32],
+}
+
+/// The tokens of `x` through `st` in calls of `pieces` (cycled), each output poisoned first:
+/// every call's outputs in order.
+fn scan_in_calls(
+    dev: &bitexact::Device,
+    kernel: ScanKernel,
+    consts: &GpuDeltaNetConsts,
+    st: &mut GpuDeltaNetState,
+    x: &Inputs,
+    pieces: &[usize],
+) -> Vec<f32> {
+    let (cd, hv, s) = (x.cfg.conv_dim(), x.cfg.v_heads, x.cfg.head_dim);
+    let n = x.b.len() / hv;
+    let mut got = Vec::with_capacity(n * hv * s);
+    let (mut t0, mut i) = (0, 0);
+    while t0 < n {
+        let m = pieces[i % pieces.len()].min(n - t0);
+        let up = |v: &[f32], width: usize| {
+            GpuTensor::from_host(dev, &v[t0 * width..(t0 + m) * width], &[m, width]).unwrap()
+        };
+        let mut o = GpuTensor::from_host(dev, &poison(m * hv * s), &[m, hv, s]).unwrap();
+        delta_net_scan_with(
+            dev,
+            kernel,
+            consts,
+            st,
+            &up(x.mixed, cd),
+            &up(x.b, hv),
+            &up(x.a, hv),
+            1e-6,
+            &mut o,
+        )
+        .unwrap();
+        got.extend(o.to_host().unwrap());
+        t0 += m;
+        i += 1;
+    }
+    got
+}
+
 /// `n` tokens through the GPU scan (`kernel`) in chunks of `chunk` against one CPU scan of all
 /// of them: every chunk's outputs and the final state (window and matrices).
 fn case(kernel: ScanKernel, c: &DeltaNetConfig, n: usize, chunk: usize, seed: u64) {
     let Some(dev) = gpu() else { return };
     let w = DeltaNetWeights::generate(c, seed, 500).unwrap();
-    let (cd, hv, s) = (c.conv_dim(), c.v_heads, c.head_dim);
+    let (cd, hv) = (c.conv_dim(), c.v_heads);
     let mixed = values(seed ^ 1, n * cd, 2.0, 0.0);
     let b = values(seed ^ 2, n * hv, 2.0, 0.0);
     let a = values(seed ^ 3, n * hv, 2.0, 0.0);
@@ -38,27 +85,13 @@ fn case(kernel: ScanKernel, c: &DeltaNetConfig, n: usize, chunk: usize, seed: u6
     let want = scan_cpu(&w, &mut want_state, &mixed, &b, &a, n, 1e-6);
     let consts = GpuDeltaNetConsts::upload(dev, &w).unwrap();
     let mut st = GpuDeltaNetState::new(dev, c).unwrap();
-    let mut got = Vec::with_capacity(want.len());
-    for t0 in (0..n).step_by(chunk) {
-        let m = chunk.min(n - t0);
-        let up = |x: &[f32], width: usize| {
-            GpuTensor::from_host(dev, &x[t0 * width..(t0 + m) * width], &[m, width]).unwrap()
-        };
-        let mut o = GpuTensor::from_host(dev, &poison(m * hv * s), &[m, hv, s]).unwrap();
-        delta_net_scan_with(
-            dev,
-            kernel,
-            &consts,
-            &mut st,
-            &up(&mixed, cd),
-            &up(&b, hv),
-            &up(&a, hv),
-            1e-6,
-            &mut o,
-        )
-        .unwrap();
-        got.extend(o.to_host().unwrap());
-    }
+    let inputs = Inputs {
+        cfg: c,
+        mixed: &mixed,
+        b: &b,
+        a: &a,
+    };
+    let got = scan_in_calls(dev, kernel, &consts, &mut st, &inputs, &[chunk]);
     let what = format!("scan {kernel:?} {c:?} n={n} chunk={chunk}");
     assert_bits_eq(&format!("{what}: o"), &got, &want);
     let gs = st.to_host().unwrap();
@@ -143,7 +176,7 @@ proptest::proptest! {
 fn chunked_case(c: &DeltaNetConfig, n: usize, pieces: &[usize], seed: u64) {
     let Some(dev) = gpu() else { return };
     let w = DeltaNetWeights::generate(c, seed, 500).unwrap();
-    let (cd, hv, s) = (c.conv_dim(), c.v_heads, c.head_dim);
+    let (cd, hv) = (c.conv_dim(), c.v_heads);
     let mixed = values(seed ^ 1, n * cd, 2.0, 0.0);
     let b = values(seed ^ 2, n * hv, 2.0, 0.0);
     let a = values(seed ^ 3, n * hv, 2.0, 0.0);
@@ -152,31 +185,14 @@ fn chunked_case(c: &DeltaNetConfig, n: usize, pieces: &[usize], seed: u64) {
     let consts = GpuDeltaNetConsts::upload(dev, &w).unwrap();
     let mut st = GpuDeltaNetState::with_order(dev, c, ScanOrder::Chunked).unwrap();
     assert_eq!(st.order(), ScanOrder::Chunked);
-    let mut got = Vec::with_capacity(want.len());
-    let (mut t0, mut i) = (0, 0);
-    while t0 < n {
-        let m = pieces[i % pieces.len()].min(n - t0);
-        let up = |x: &[f32], width: usize| {
-            GpuTensor::from_host(dev, &x[t0 * width..(t0 + m) * width], &[m, width]).unwrap()
-        };
-        let mut o = GpuTensor::from_host(dev, &poison(m * hv * s), &[m, hv, s]).unwrap();
-        // The kernel choice is the recurrence's: a chunked state runs its own kernels.
-        delta_net_scan_with(
-            dev,
-            ScanKernel::V1,
-            &consts,
-            &mut st,
-            &up(&mixed, cd),
-            &up(&b, hv),
-            &up(&a, hv),
-            1e-6,
-            &mut o,
-        )
-        .unwrap();
-        got.extend(o.to_host().unwrap());
-        t0 += m;
-        i += 1;
-    }
+    let inputs = Inputs {
+        cfg: c,
+        mixed: &mixed,
+        b: &b,
+        a: &a,
+    };
+    // The kernel choice is the recurrence's: a chunked state runs its own kernels.
+    let got = scan_in_calls(dev, ScanKernel::V1, &consts, &mut st, &inputs, pieces);
     let what = format!("chunked {c:?} n={n} pieces={pieces:?}");
     assert_bits_eq(&format!("{what}: o"), &got, &want);
     let gs = st.to_host_chunked().unwrap();
